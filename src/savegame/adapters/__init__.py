@@ -1,0 +1,1 @@
+"""Framework adapters (torch, keras, RNG); each imported lazily."""

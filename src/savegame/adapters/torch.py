@@ -1,0 +1,305 @@
+"""PyTorch: tensors in and out of tensor files, and modules / optimizers restored in place.
+
+Imported only when torch is already imported by the user (``sys.modules``), so the core never pays for
+torch. Tensors of every dtype safetensors has a code for are stored under that code; ``complex128``,
+``complex32`` and ``float8_e8m0fnu`` are stored as views (see :mod:`savegame.dtypes`). Not storable:
+quantized tensors, sub-byte types (``uint1``..``uint7``, ``int1``..``int7``), sparse / nested / meta
+tensors and tensor subclasses other than ``nn.Parameter`` (DTensor is handled by the distributed module).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import InvalidManifestError, StateMismatchError, UnsupportedTypeError
+from ..tree import Encoder, Path, format_path
+
+# torch dtype -> (stored code, logical name or None, trailing dimension)
+_CODES: dict[torch.dtype, tuple[str, str | None, int]] = {
+    torch.float64: ("F64", None, 1),
+    torch.float32: ("F32", None, 1),
+    torch.float16: ("F16", None, 1),
+    torch.bfloat16: ("BF16", None, 1),
+    torch.int64: ("I64", None, 1),
+    torch.int32: ("I32", None, 1),
+    torch.int16: ("I16", None, 1),
+    torch.int8: ("I8", None, 1),
+    torch.uint8: ("U8", None, 1),
+    torch.bool: ("BOOL", None, 1),
+    torch.complex64: ("C64", None, 1),
+    torch.complex128: ("F64", "complex128", 2),
+    torch.complex32: ("F16", "complex32", 2),
+}
+for _name, _code in (
+    ("uint16", "U16"),
+    ("uint32", "U32"),
+    ("uint64", "U64"),
+    ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e5m2", "F8_E5M2"),
+    ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
+    ("float8_e5m2fnuz", "F8_E5M2FNUZ"),
+):
+    if hasattr(torch, _name):
+        _CODES[getattr(torch, _name)] = (_code, None, 1)
+if hasattr(torch, "float8_e8m0fnu"):
+    _CODES[torch.float8_e8m0fnu] = ("U8", "float8_e8m0fnu", 1)
+
+_FROM_CODE: dict[str, torch.dtype] = {code: dt for dt, (code, logical, _) in _CODES.items() if logical is None}
+_FROM_LOGICAL: dict[str, torch.dtype] = {
+    logical: dt for dt, (_, logical, _) in _CODES.items() if logical is not None
+}
+
+MapLocation = (
+    str | torch.device | Mapping[str, str] | Callable[[torch.Tensor, str], torch.Tensor] | None
+)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def encode_hook(obj: object, path: Path, enc: Encoder) -> dict[str, Any] | None:
+    """Tree-codec hook: skeleton nodes for tensors, dtypes, sizes and devices."""
+    if isinstance(obj, torch.dtype):
+        return {"$": "torch.dtype", "v": _dtype_name(obj)}
+    if type(obj) is torch.Size:
+        return {"$": "torch.Size", "v": [int(d) for d in obj]}
+    if isinstance(obj, torch.device):
+        return {"$": "torch.device", "v": str(obj)}
+    if not isinstance(obj, torch.Tensor):
+        return None
+    where = format_path(path)
+    if not enc.allow_arrays:
+        raise UnsupportedTypeError(f"{where}: tensors are not allowed here (metadata is JSON-like)")
+    if type(obj) not in (torch.Tensor, torch.nn.Parameter):
+        raise UnsupportedTypeError(
+            f"{where}: cannot store tensor subclass {type(obj)!r} (use its local or full tensor)"
+        )
+    if obj.layout != torch.strided or obj.is_nested:
+        raise UnsupportedTypeError(f"{where}: cannot store a {obj.layout} tensor (convert it to dense first)")
+    if obj.device.type == "meta":
+        raise UnsupportedTypeError(f"{where}: cannot store a meta tensor (it has no data)")
+    spec = _CODES.get(obj.dtype)
+    if spec is None:
+        raise UnsupportedTypeError(f"{where}: cannot store dtype {obj.dtype} (quantized and sub-byte types)")
+    code, logical, trailing = spec
+    node: dict[str, Any] = {"$": "tensor"}
+    if logical is not None:
+        node["dtype"] = logical
+        node["shape"] = list(obj.shape)
+    if isinstance(obj, torch.nn.Parameter):
+        node["param"] = True
+        node["requires_grad"] = bool(obj.requires_grad)
+    elif obj.requires_grad:
+        node["requires_grad"] = True
+    if obj.device.type != "cpu":
+        node["device"] = str(obj.device)
+    identity = None
+    if obj.numel() > 0:
+        identity = (
+            "torch",
+            obj.untyped_storage().data_ptr(),
+            obj.storage_offset(),
+            tuple(obj.shape),
+            obj.stride(),
+            obj.dtype,
+            str(obj.device),
+        )
+        alias = enc.alias_of(identity)
+        if alias is not None:
+            node["key"] = alias
+            return node
+    t = obj.detach()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    elif enc.copy or not t.is_contiguous():
+        t = t.clone(memory_format=torch.contiguous_format)
+    if not t.is_contiguous():
+        t = t.contiguous()
+    shape = tuple(t.shape) if trailing == 1 else (*t.shape, trailing)
+    if t.numel() == 0:
+        data = memoryview(b"")
+    else:
+        data = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
+    node["key"] = enc.add_array(path, code, tuple(int(d) for d in shape), data, t, identity)
+    return node
+
+
+def decode_tags() -> dict[str, Callable[[Any], object]]:
+    """Skeleton tags for torch values that are not tensors."""
+
+    def dtype(v: Any) -> torch.dtype:
+        if not isinstance(v, str) or not isinstance(getattr(torch, v, None), torch.dtype):
+            raise InvalidManifestError(f"unknown torch dtype {str(v)[:40]!r}")
+        result: torch.dtype = getattr(torch, v)
+        return result
+
+    def size(v: Any) -> torch.Size:
+        if not isinstance(v, list) or not all(type(d) is int for d in v) or len(v) > 64:
+            raise InvalidManifestError("invalid torch.Size")
+        return torch.Size(v)
+
+    def device(v: Any) -> torch.device:
+        if not isinstance(v, str) or len(v) > 64:
+            raise InvalidManifestError("invalid torch.device")
+        try:
+            return torch.device(v)
+        except RuntimeError:
+            raise InvalidManifestError(f"invalid torch.device {v!r}") from None
+
+    return {"torch.dtype": dtype, "torch.Size": size, "torch.device": device}
+
+
+def tensor_from_bytes(
+    node: Mapping[str, Any], raw: np.ndarray, code: str, shape: tuple[int, ...], where: str,
+    map_location: MapLocation,
+) -> torch.Tensor:
+    """Build the tensor of a ``tensor`` node from its stored bytes (a uint8 view, not copied)."""
+    logical = node.get("dtype")
+    if logical is not None:
+        dtype = _FROM_LOGICAL.get(logical) if isinstance(logical, str) else None
+        lshape = node.get("shape")
+        if dtype is None:
+            raise InvalidManifestError(f"{where}: unknown logical tensor dtype {str(logical)[:40]!r}")
+        if not isinstance(lshape, list) or not all(type(d) is int and d >= 0 for d in lshape):
+            raise InvalidManifestError(f"{where}: invalid logical shape")
+        target_shape = tuple(lshape)
+    else:
+        dt = _FROM_CODE.get(code)
+        if dt is None:
+            raise InvalidManifestError(f"{where}: dtype {code} is not available in this torch")
+        dtype, target_shape = dt, shape
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    count = 1
+    for d in target_shape:
+        count *= d
+    if count * itemsize != raw.size:
+        raise InvalidManifestError(f"{where}: shape {list(target_shape)} x {dtype} does not match the stored bytes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only buffers (verify=False paths) are fine
+        base = torch.from_numpy(raw) if raw.size else torch.empty(0, dtype=torch.uint8)
+    tensor = base.view(dtype).reshape(target_shape)
+    tensor = _place(tensor, node.get("device"), map_location)
+    if node.get("param"):
+        return torch.nn.Parameter(tensor, requires_grad=bool(node.get("requires_grad", True)))
+    if node.get("requires_grad") and tensor.is_floating_point():
+        tensor.requires_grad_(True)
+    return tensor
+
+
+def _place(tensor: torch.Tensor, saved: object, map_location: MapLocation) -> torch.Tensor:
+    saved_device = saved if isinstance(saved, str) else "cpu"
+    if map_location is None:
+        if saved_device == "cpu":
+            return tensor
+        try:
+            return tensor.to(saved_device)
+        except (RuntimeError, AssertionError) as exc:
+            warnings.warn(
+                f"tensor was saved on {saved_device}, which is not available here ({exc}); loading it on the "
+                "CPU (pass map_location to choose)",
+                stacklevel=4,
+            )
+            return tensor
+    if callable(map_location):
+        return map_location(tensor, saved_device)
+    if isinstance(map_location, Mapping):
+        dest = map_location.get(saved_device, saved_device)
+        return tensor if dest == "cpu" else tensor.to(dest)
+    dest_device = torch.device(map_location)
+    return tensor if dest_device.type == "cpu" else tensor.to(dest_device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# In-place restore of modules
+
+
+@dataclass
+class ModuleReport:
+    """How a state matched a module: keys only in the model, only in the checkpoint, or shaped differently."""
+
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+    mismatched_keys: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    loaded_keys: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.missing_keys or self.unexpected_keys or self.mismatched_keys)
+
+    def describe(self, where: str) -> str:
+        parts = []
+        if self.missing_keys:
+            parts.append(f"missing from the checkpoint: {_short(self.missing_keys)}")
+        if self.unexpected_keys:
+            parts.append(f"not in the model: {_short(self.unexpected_keys)}")
+        if self.mismatched_keys:
+            shapes = [f"{k} (checkpoint {list(a)} vs model {list(b)})" for k, a, b in self.mismatched_keys]
+            parts.append(f"shape mismatch: {_short(shapes)}")
+        return f"{where}: " + "; ".join(parts)
+
+
+def _short(names: list[str], n: int = 8) -> str:
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def _strip_ddp_prefix(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> dict[str, Any]:
+    """Make ``module.``-prefixed (DDP) keys match a plain model and back."""
+    prefix = "module."
+    saved_has = bool(saved) and all(k.startswith(prefix) for k in saved)
+    expected_has = bool(expected) and all(k.startswith(prefix) for k in expected)
+    if saved_has and not expected_has:
+        return {k[len(prefix) :]: v for k, v in saved.items()}
+    if expected_has and not saved_has:
+        return {prefix + k: v for k, v in saved.items()}
+    return dict(saved)
+
+
+def restore_module(module: torch.nn.Module, state: object, *, strict: bool, where: str) -> ModuleReport:
+    """Load ``state`` into ``module`` in place; strict refuses any mismatch before changing anything."""
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
+        raise StateMismatchError(f"{where}: checkpoint holds {type(state).__name__}, not a module state dict")
+    expected = module.state_dict()
+    saved = _strip_ddp_prefix(state, expected)
+    report = ModuleReport()
+    report.missing_keys = [k for k in expected if k not in saved]
+    report.unexpected_keys = [k for k in saved if k not in expected]
+    usable: dict[str, Any] = {}
+    for k, v in saved.items():
+        if k not in expected:
+            continue
+        want = expected[k]
+        if isinstance(v, torch.Tensor) and isinstance(want, torch.Tensor) and tuple(v.shape) != tuple(want.shape):
+            report.mismatched_keys.append((k, tuple(v.shape), tuple(want.shape)))
+            continue
+        usable[k] = v
+    if strict and not report.clean:
+        raise StateMismatchError(report.describe(where) + " (pass strict=False to load what matches)", report)
+    try:
+        module.load_state_dict(usable, strict=False)
+    except RuntimeError as exc:
+        raise StateMismatchError(f"{where}: {exc}", report) from None
+    report.loaded_keys = list(usable)
+    return report
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, state: object, *, where: str) -> None:
+    """Load an optimizer state dict, turning torch's ValueError into a :class:`StateMismatchError`."""
+    if not isinstance(state, Mapping):
+        raise StateMismatchError(f"{where}: checkpoint holds {type(state).__name__}, not an optimizer state")
+    try:
+        optimizer.load_state_dict(dict(state))
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise StateMismatchError(f"{where}: optimizer state does not match this optimizer: {exc}") from None
+
+
+def capture_module(module: torch.nn.Module) -> dict[str, Any]:
+    """A module's parameters and buffers (a plain dict, keys as in ``state_dict()``)."""
+    return dict(module.state_dict())

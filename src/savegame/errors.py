@@ -1,0 +1,108 @@
+"""The exceptions savegame raises.
+
+Every error is a subclass of :class:`CheckpointError`, so ``except savegame.CheckpointError`` catches
+everything the library raises on purpose. Each subclass names one kind of problem; the message says
+what is wrong and where (the checkpoint path, the file, the key path inside the state).
+
+Some subclasses also derive from the matching built-in exception (``TypeError``, ``ValueError``,
+``FileNotFoundError``, ``OSError``) so code written against the built-ins keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackgroundSaveError",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CommitError",
+    "ConfigError",
+    "CorruptCheckpointError",
+    "HashMismatchError",
+    "InvalidManifestError",
+    "InvalidNameError",
+    "InvalidTensorFileError",
+    "LockedError",
+    "MissingFileError",
+    "NotACheckpointError",
+    "StateMismatchError",
+    "StorageError",
+    "TruncatedFileError",
+    "UnsupportedFormatError",
+    "UnsupportedTypeError",
+]
+
+
+class CheckpointError(Exception):
+    """Base class of every error savegame raises on purpose."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The path (or the checkpoint asked for by name, ``latest`` or ``best``) does not exist."""
+
+
+class NotACheckpointError(CheckpointError):
+    """The path exists but is not a committed savegame checkpoint (no ``manifest.json``)."""
+
+
+class UnsupportedFormatError(CheckpointError):
+    """The manifest was written by a newer (or unknown) format version than this library reads."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """The checkpoint exists but its content is damaged or inconsistent."""
+
+
+class InvalidManifestError(CorruptCheckpointError):
+    """``manifest.json`` is not valid JSON, or breaks the schema or a size limit."""
+
+
+class InvalidTensorFileError(CorruptCheckpointError):
+    """A tensor file's header is malformed or lies (offsets, shapes, dtypes, sizes)."""
+
+
+class MissingFileError(CorruptCheckpointError):
+    """A file the manifest lists is not in the checkpoint."""
+
+
+class TruncatedFileError(CorruptCheckpointError):
+    """A file is shorter (or longer) than the manifest says."""
+
+
+class HashMismatchError(CorruptCheckpointError):
+    """A file's content hash differs from the one recorded in the manifest."""
+
+
+class UnsupportedTypeError(CheckpointError, TypeError):
+    """A value in the state cannot be stored exactly (the message names its path in the state)."""
+
+
+class StateMismatchError(CheckpointError):
+    """A strict load found missing, unexpected or shape-mismatched keys; ``report`` has the details."""
+
+    def __init__(self, message: str, report: object = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class InvalidNameError(CheckpointError, ValueError):
+    """A checkpoint, item or template name is not allowed (separators, ``..``, unknown placeholders)."""
+
+
+class StorageError(CheckpointError, OSError):
+    """An I/O operation failed (disk full, I/O error, permission); nothing partial is visible."""
+
+
+class CommitError(StorageError):
+    """Publishing a finished checkpoint failed; the staging data was removed, older checkpoints kept."""
+
+
+class LockedError(CheckpointError):
+    """Another live process holds the writer lock of this checkpoint directory."""
+
+
+class BackgroundSaveError(CheckpointError):
+    """A save running in the background failed; raised at the next call that can report it."""
+
+
+class ConfigError(CheckpointError, ValueError):
+    """A configuration value (parameter file, command line, constructor option) is invalid."""

@@ -1,0 +1,298 @@
+"""A streaming, hashing writer and a strict, bounded reader for safetensors files.
+
+Layout (the safetensors format, so ``safetensors.safe_open`` reads our files unchanged)::
+
+    8 bytes   little-endian u64 N, the header length
+    N bytes   JSON header {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}
+              padded with spaces so the data starts 8-byte aligned
+    ...       the tensor bytes, back to back, in header order
+
+Why our own writer instead of ``safetensors.*.save_file``: it streams each tensor's memory straight to
+the file (no second full copy of the state in memory), hashes the bytes as they go out (no second pass),
+and writes through any :class:`Sink` (a local file, a staging buffer, a multipart upload). Tensors are
+ordered by element size, largest first, so every tensor starts aligned to its element size.
+
+The reader trusts nothing: the header length, JSON, dtypes, shapes and offsets are all checked against
+hard limits and the real file size before a single tensor is touched, so a hostile file cannot make us
+allocate without bound or read outside the file.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+
+import numpy as np
+
+from .dtypes import ITEMSIZE, numpy_dtype
+from .errors import InvalidTensorFileError, TruncatedFileError
+from .hashing import Hasher, new_hasher
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+"""Largest header we read (the same limit as the safetensors library)."""
+
+MAX_NDIM = 64
+MAX_NAME_CHARS = 4096
+ALIGNMENT = 8
+_COALESCE_BYTES = 1 << 20  # small tensors are gathered into writes of about this size
+_LARGE_WRITE = 64 << 20  # large tensors are written in slices of this size (bounded syscalls)
+
+
+class Sink(Protocol):
+    """Where a tensor file's bytes go. ``write`` must write everything it is given."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> object: ...
+
+
+@dataclass(frozen=True)
+class TensorData:
+    """One tensor ready to write: its safetensors code, shape and C-contiguous little-endian bytes."""
+
+    name: str
+    code: str
+    shape: tuple[int, ...]
+    data: memoryview  # format "B", len == prod(shape) * ITEMSIZE[code]
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """What the manifest records about a tensor file."""
+
+    bytes: int
+    hash: str
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One header entry, validated: the data lives at ``[begin, end)`` of the data section."""
+
+    name: str
+    code: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def order_for_alignment(tensors: Sequence[TensorData]) -> list[TensorData]:
+    """Largest element size first (stable), so each tensor's offset is a multiple of its element size."""
+    return sorted(tensors, key=lambda t: -ITEMSIZE[t.code])
+
+
+def build_header(tensors: Sequence[TensorData], metadata: dict[str, str] | None = None) -> bytes:
+    """The 8-byte length prefix plus the padded JSON header for ``tensors`` in the given order."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for t in tensors:
+        end = offset + len(t.data)
+        header[t.name] = {"dtype": t.code, "shape": list(t.shape), "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    pad = (-(8 + len(raw))) % ALIGNMENT
+    raw += b" " * pad
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_tensor_file(
+    sink: Sink, tensors: Sequence[TensorData], *, metadata: dict[str, str] | None = None
+) -> WrittenFile:
+    """Write ``tensors`` (already in file order) to ``sink``; return the size and hash of what was written.
+
+    Small tensors are coalesced into ~1 MiB writes; large ones are written straight from their memory
+    in 64 MiB slices, never copied.
+    """
+    hasher = new_hasher()
+    header = build_header(tensors, metadata)
+    total = 0
+    pending = bytearray(header)
+
+    def emit(chunk: bytes | bytearray | memoryview) -> None:
+        hasher.update(chunk)
+        sink.write(chunk)
+
+    for t in tensors:
+        n = len(t.data)
+        if n < _COALESCE_BYTES // 4:
+            pending += t.data
+            if len(pending) >= _COALESCE_BYTES:
+                emit(pending)
+                total += len(pending)
+                pending = bytearray()
+            continue
+        if pending:
+            emit(pending)
+            total += len(pending)
+            pending = bytearray()
+        for start in range(0, n, _LARGE_WRITE):
+            emit(t.data[start : start + _LARGE_WRITE])
+        total += n
+    if pending:
+        emit(pending)
+        total += len(pending)
+    return WrittenFile(bytes=total, hash=hasher.hexdigest())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading
+
+
+def _fail(where: str, what: str) -> InvalidTensorFileError:
+    return InvalidTensorFileError(f"{where}: {what}")
+
+
+def parse_header(prefix_and_header: bytes, file_size: int, where: str) -> tuple[int, list[TensorInfo]]:
+    """Validate a header against ``file_size``; return the data section's start and the entries.
+
+    ``prefix_and_header`` holds the 8-byte prefix followed by (at least) the header bytes.
+    """
+    if file_size < 8 or len(prefix_and_header) < 8:
+        raise TruncatedFileError(f"{where}: {file_size} bytes, too short for a tensor file header")
+    (n,) = struct.unpack("<Q", prefix_and_header[:8])
+    if n > MAX_HEADER_BYTES:
+        raise _fail(where, f"header length {n} exceeds the limit of {MAX_HEADER_BYTES} bytes")
+    if 8 + n > file_size:
+        raise TruncatedFileError(f"{where}: header length {n} runs past the end of the {file_size}-byte file")
+    raw = prefix_and_header[8 : 8 + n]
+    if len(raw) != n:
+        raise TruncatedFileError(f"{where}: header cut short")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _fail(where, f"header is not valid JSON ({exc.__class__.__name__}: {str(exc)[:200]})") from None
+    if not isinstance(header, dict):
+        raise _fail(where, "header is not a JSON object")
+    data_start = 8 + n
+    data_len = file_size - data_start
+    infos: list[TensorInfo] = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in entry.items()
+            ):
+                raise _fail(where, "__metadata__ must map strings to strings")
+            continue
+        infos.append(_parse_entry(name, entry, where))
+    infos.sort(key=lambda i: (i.begin, i.end))
+    expected = 0
+    for info in infos:
+        if info.begin != expected:
+            kind = "overlaps the previous tensor" if info.begin < expected else "leaves a gap before it"
+            raise _fail(where, f"tensor {info.name!r} at offset {info.begin} {kind} (expected {expected})")
+        expected = info.end
+    if expected != data_len:
+        if expected > data_len:
+            raise TruncatedFileError(
+                f"{where}: tensors need {expected} data bytes but the file holds {data_len}"
+            )
+        raise _fail(where, f"{data_len - expected} unexplained bytes after the last tensor")
+    return data_start, infos
+
+
+def _parse_entry(name: str, entry: object, where: str) -> TensorInfo:
+    if len(name) > MAX_NAME_CHARS:
+        raise _fail(where, f"tensor name of {len(name)} characters exceeds {MAX_NAME_CHARS}")
+    if not isinstance(entry, dict):
+        raise _fail(where, f"entry for {name!r} is not an object")
+    code = entry.get("dtype")
+    shape = entry.get("shape")
+    offsets = entry.get("data_offsets")
+    if not isinstance(code, str) or code not in ITEMSIZE:
+        raise _fail(where, f"tensor {name!r} has unsupported dtype {str(code)[:40]!r}")
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM:
+        raise _fail(where, f"tensor {name!r} has an invalid shape")
+    if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in shape):
+        raise _fail(where, f"tensor {name!r} has an invalid dimension in shape {str(shape)[:100]}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
+        raise _fail(where, f"tensor {name!r} has invalid data_offsets")
+    begin, end = offsets
+    if begin < 0 or end < begin:
+        raise _fail(where, f"tensor {name!r} has data_offsets [{begin}, {end}] out of order")
+    count = 1
+    for d in shape:
+        count *= d  # Python ints: no overflow; the comparison below bounds it
+    if count * ITEMSIZE[code] != end - begin:
+        raise _fail(
+            where,
+            f"tensor {name!r}: shape {shape} x {code} needs {count * ITEMSIZE[code]} bytes "
+            f"but data_offsets give {end - begin}",
+        )
+    return TensorInfo(name=name, code=code, shape=tuple(shape), begin=begin, end=end)
+
+
+class TensorFileReader:
+    """A validated, memory-mapped tensor file. Arrays it returns are views of the mapping.
+
+    The mapping is copy-on-write (``ACCESS_COPY``): arrays are writable, writes never reach the file,
+    and pages are read from the page cache only when touched. Views are aligned to their element size
+    only; :mod:`savegame.api` copies them into fresh memory unless the consumer copies anyway.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, where: str | None = None) -> None:
+        self.path = os.fspath(path)
+        self.where = where or self.path
+        with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) == 8:
+                (n,) = struct.unpack("<Q", prefix)
+                if n <= MAX_HEADER_BYTES and 8 + n <= size:
+                    prefix += f.read(n)
+            self.data_start, infos = parse_header(prefix, size, self.where)
+            self.size = size
+            self._mmap: mmap.mmap | None = None
+            if size > 0:
+                self._mmap = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+        self.tensors: dict[str, TensorInfo] = {i.name: i for i in infos}
+
+    def hash(self) -> str:
+        """Hash of the whole file (reads every byte)."""
+        hasher: Hasher = new_hasher()
+        if self._mmap is not None:
+            view = memoryview(self._mmap)
+            try:
+                for start in range(0, self.size, _LARGE_WRITE):
+                    hasher.update(view[start : start + _LARGE_WRITE])
+            finally:
+                view.release()
+        return hasher.hexdigest()
+
+    def raw(self, name: str) -> np.ndarray:
+        """The bytes of tensor ``name`` as a 1-D uint8 array (a view of the mapping, no copy)."""
+        info = self.tensors[name]
+        if info.nbytes == 0 or self._mmap is None:
+            return np.empty(0, dtype=np.uint8)
+        return np.frombuffer(self._mmap, dtype=np.uint8, count=info.nbytes, offset=self.data_start + info.begin)
+
+    def array(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as a NumPy array of its stored dtype and shape (a view, no copy)."""
+        info = self.tensors[name]
+        return self.raw(name).view(numpy_dtype(info.code)).reshape(info.shape)
+
+    def names(self) -> Iterable[str]:
+        return self.tensors.keys()
+
+
+def read_exact(f: BinaryIO, n: int) -> bytes:
+    """Read exactly ``n`` bytes or fewer at end of file."""
+    chunks = []
+    while n > 0:
+        chunk = f.read(n)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
