@@ -9,15 +9,12 @@ header) and rebuilds the state, or restores it into live objects in place.
 from __future__ import annotations
 
 import os
-import platform
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from . import __version__
-from .capture import LoadReport, kind_of, live_object_hook, restore
+from .capture import LoadReport, restore
 from .errors import (
     CheckpointNotFoundError,
     HashMismatchError,
@@ -25,131 +22,23 @@ from .errors import (
     MissingFileError,
     NotACheckpointError,
     StateMismatchError,
-    StorageError,
     TruncatedFileError,
-    UnsupportedTypeError,
 )
-from .manifest import FileEntry, ItemEntry, Manifest, dump_manifest, parse_manifest, utc_now
+from .manifest import Manifest, parse_manifest
 from .storage.base import MANIFEST, STAGING_PREFIX
 from .storage.local import LocalStorage, check_checkpoint_name
-from .tensorfile import TensorFileReader, order_for_alignment, write_tensor_file
-from .tree import ArrayHook, ArrayRecord, Decoder, Encoder, Path, encode_plain, format_path, numpy_from_node
+from .tensorfile import TensorFileReader
+from .tree import Decoder, Path, format_path, numpy_from_node
+from .writer import EncodedItem, encode_state, save_in_background, save_now, write_items
+
+__all__ = ["EncodedItem", "encode_state", "load", "read_manifest", "save", "verify", "write_items"]
 
 PathLike = str | os.PathLike[str]
 _SAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
 # ---------------------------------------------------------------------------------------------------
-# Save
-
-
-@dataclass
-class EncodedItem:
-    """One top-level item after capture and encoding, ready to write."""
-
-    name: str
-    kind: str
-    skeleton: Any
-    records: list[ArrayRecord]
-    file: str | None
-
-
-def make_encoder(*, copy: bool, key_skip: int = 1) -> Encoder:
-    """An encoder with the framework hooks for what is imported in this process."""
-    hooks: list[ArrayHook] = []
-    if "torch" in sys.modules:
-        from .adapters.torch import encode_hook
-
-        hooks.append(encode_hook)
-    hooks.append(live_object_hook)
-    return Encoder(copy=copy, array_hooks=hooks, key_skip=key_skip)
-
-
-def encode_state(state: Mapping[str, Any], *, copy: bool = False) -> list[EncodedItem]:
-    """Capture and encode every item of ``state`` (no I/O).
-
-    ``copy=True`` snapshots every array into fresh host memory, so the live objects may change as soon
-    as this returns (background saves).
-    """
-    if not isinstance(state, Mapping):
-        raise UnsupportedTypeError(
-            f"state must be a dict of items (e.g. {{'model': model, 'optimizer': opt}}), not {type(state).__name__}"
-        )
-    items: list[EncodedItem] = []
-    used_files: set[str] = {MANIFEST}
-    for name, value in state.items():
-        if type(name) is not str or not name or len(name) > 1024:
-            raise UnsupportedTypeError(f"item names must be non-empty strings (<= 1024 chars), got {name!r}")
-        enc = make_encoder(copy=copy)
-        skeleton = enc.encode(value, (name,))
-        file = None
-        if enc.records:
-            file = _file_name(name, used_files)
-            used_files.add(file)
-        items.append(EncodedItem(name, kind_of(value), skeleton, enc.records, file))
-    return items
-
-
-def _file_name(item: str, used: set[str]) -> str:
-    stem = _SAFE_FILE_CHARS.sub("_", item)[:120].lstrip(".") or "item"
-    candidate = f"{stem}.safetensors"
-    n = 1
-    while candidate in used:
-        n += 1
-        candidate = f"{stem}-{n}.safetensors"
-    return candidate
-
-
-def library_versions() -> dict[str, str]:
-    versions = {"savegame": __version__, "python": platform.python_version()}
-    for mod in ("numpy", "torch", "keras", "tensorflow", "jax"):
-        m = sys.modules.get(mod)
-        if m is not None and isinstance(getattr(m, "__version__", None), str):
-            versions[mod] = m.__version__
-    return versions
-
-
-def write_items(
-    storage: LocalStorage,
-    name: str,
-    items: list[EncodedItem],
-    *,
-    metadata: Mapping[str, Any] | None,
-    progress: Mapping[str, Any] | None,
-    overwrite: bool,
-) -> tuple[str, Manifest]:
-    """Write encoded items as checkpoint ``name`` of ``storage``; return its path and manifest."""
-    meta_node = encode_plain(dict(metadata or {}), "metadata")
-    progress_node = encode_plain(dict(progress), "progress") if progress is not None else None
-    txn = storage.begin(name, overwrite=overwrite)
-    try:
-        files: dict[str, FileEntry] = {}
-        for item in items:
-            if item.file is None:
-                continue
-            sink = txn.open(item.file)
-            written = write_tensor_file(sink, order_for_alignment([r.data for r in item.records]))
-            files[item.file] = FileEntry(bytes=written.bytes, hash=written.hash)
-        created = utc_now()
-        entries = {i.name: ItemEntry(kind=i.kind, file=i.file, skeleton=i.skeleton) for i in items}
-        raw = dump_manifest(
-            created=created,
-            versions=library_versions(),
-            metadata=meta_node,
-            progress=progress_node,
-            files=files,
-            items=entries,
-        )
-    except OSError as exc:
-        txn.abort()
-        raise StorageError(
-            exc.errno, f"writing checkpoint {name} in {storage.root} failed: {exc.strerror or exc}"
-        ) from exc
-    except BaseException:
-        txn.abort()
-        raise
-    final = txn.commit(raw)
-    return final, parse_manifest(raw, os.path.join(final, MANIFEST))
+# Save (the write path lives in writer.py and background.py)
 
 
 def save(
@@ -159,7 +48,8 @@ def save(
     metadata: Mapping[str, Any] | None = None,
     progress: Mapping[str, Any] | None = None,
     overwrite: bool = True,
-) -> Manifest:
+    background: bool = False,
+) -> Any:
     """Save ``state`` as the checkpoint directory ``path``, atomically and durably.
 
     ``state`` maps item names to live objects (``nn.Module``, optimizers, schedulers, ``GradScaler``,
@@ -171,18 +61,27 @@ def save(
     ``progress``: JSON-like training progress (epoch, step, metrics...), used by the Checkpointer.
     ``overwrite``: replace an existing checkpoint at ``path`` (atomically: the old one stays complete until
     the new one is committed); with False an existing ``path`` raises :class:`CommitError`.
+    ``background``: return as soon as the state is copied to host memory and write it in a background
+    thread; returns a :class:`~savegame.background.PendingSave` whose ``result()`` waits for the commit
+    and returns the manifest (or raises :class:`BackgroundSaveError`). At most one background save is in
+    flight: the next one first waits for it.
 
-    When ``save`` returns, the checkpoint is on stable storage (files, manifest and the directory entry
-    were fsynced) and a power loss cannot take it back. If ``save`` raises, nothing new is visible at
-    ``path`` and whatever was there before is unchanged.
+    Returns the :class:`Manifest` (sync). When a sync ``save`` returns (or a background save's
+    ``result()`` does), the checkpoint is on stable storage (files, manifest and the directory entry
+    were fsynced) and a power loss cannot take it back. If it fails, nothing new is visible at ``path``
+    and whatever was there before is unchanged.
     """
     full = os.path.abspath(os.fspath(path))
     root, name = os.path.split(full.rstrip(os.sep))
     check_checkpoint_name(name)
-    items = encode_state(state)
-    _, manifest = write_items(
-        LocalStorage(root), name, items, metadata=metadata, progress=progress, overwrite=overwrite
-    )
+    storage = LocalStorage(root)
+    if background:
+        from .background import default_writer
+
+        return save_in_background(
+            default_writer(), storage, name, state, metadata=metadata, progress=progress, overwrite=overwrite
+        )
+    _, manifest = save_now(storage, name, state, metadata=metadata, progress=progress, overwrite=overwrite)
     return manifest
 
 

@@ -77,10 +77,14 @@ class Encoder:
 
     ``copy``: snapshot array bytes into fresh host memory (for background saves, so later changes to the
     live tensors cannot change what is written). Otherwise arrays are referenced without copying.
+    ``allocate``: where copies go: ``allocate(nbytes, pinned) -> buffer`` (a uint8 NumPy array, or a
+    pinned uint8 torch tensor when ``pinned``); reused snapshot buffers in background saves.
     ``allow_arrays``: False for metadata, which must be plain JSON-like data.
     """
 
     copy: bool = False
+    allocate: Callable[[int, bool], Any] | None = None
+    needs_sync: bool = False  # set by hooks that started asynchronous device-to-host copies
     allow_arrays: bool = True
     key_skip: int = 0  # leading path components left out of array keys (the item name)
     array_hooks: list[ArrayHook] = field(default_factory=list)
@@ -109,6 +113,19 @@ class Encoder:
         if identity is not None:
             self._seen[identity] = key
         return key
+
+    def host_buffer(self, nbytes: int) -> np.ndarray:
+        """A uint8 host buffer of ``nbytes`` for a copy (from the snapshot pool when there is one)."""
+        if self.allocate is not None and nbytes > 0:
+            buf: np.ndarray = self.allocate(nbytes, False)
+            return buf
+        return np.empty(nbytes, dtype=np.uint8)
+
+    def host_copy_numpy(self, arr: np.ndarray) -> np.ndarray:
+        """A C-contiguous copy of ``arr`` in a host buffer."""
+        dest = self.host_buffer(arr.nbytes).view(arr.dtype).reshape(arr.shape)
+        np.copyto(dest, arr)
+        return dest
 
     # -- the walk -------------------------------------------------------------------------------------
     def encode(self, obj: object, path: Path = ()) -> Any:
@@ -180,7 +197,7 @@ class Encoder:
         if arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         elif self.copy or not arr.flags.c_contiguous:
-            arr = np.array(arr, order="C", copy=True)
+            arr = self.host_copy_numpy(arr)
         trailing = NUMPY_VIEW_TYPES[logical].trailing if logical is not None else 1
         shape = arr.shape if trailing == 1 else (*arr.shape, trailing)
         flat = arr.reshape(-1).view(np.uint8) if arr.size else np.empty(0, np.uint8)

@@ -115,13 +115,7 @@ def encode_hook(obj: object, path: Path, enc: Encoder) -> dict[str, Any] | None:
         if alias is not None:
             node["key"] = alias
             return node
-    t = obj.detach()
-    if t.device.type != "cpu":
-        t = t.to("cpu")
-    elif enc.copy or not t.is_contiguous():
-        t = t.clone(memory_format=torch.contiguous_format)
-    if not t.is_contiguous():
-        t = t.contiguous()
+    t = _host_tensor(obj.detach(), enc)
     shape = tuple(t.shape) if trailing == 1 else (*t.shape, trailing)
     if t.numel() == 0:
         data = memoryview(b"")
@@ -129,6 +123,28 @@ def encode_hook(obj: object, path: Path, enc: Encoder) -> dict[str, Any] | None:
         data = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
     node["key"] = enc.add_array(path, code, tuple(int(d) for d in shape), data, t, identity)
     return node
+
+
+def _host_tensor(t: torch.Tensor, enc: Encoder) -> torch.Tensor:
+    """A contiguous CPU tensor with ``t``'s values: ``t`` itself when no copy is needed (sync save of a
+    contiguous CPU tensor), else a copy into a snapshot buffer (pinned + non-blocking from CUDA)."""
+    on_cpu = t.device.type == "cpu"
+    if on_cpu and not enc.copy and t.is_contiguous():
+        return t
+    nbytes = t.numel() * t.element_size()
+    if nbytes == 0:
+        return torch.empty(t.shape, dtype=t.dtype)
+    if not on_cpu and t.device.type == "cuda" and enc.allocate is not None:
+        pinned: torch.Tensor = enc.allocate(nbytes, True)
+        dest = pinned.view(t.dtype).reshape(t.shape)
+        dest.copy_(t, non_blocking=True)
+        enc.needs_sync = True
+        return dest
+    if not on_cpu:
+        return t.to("cpu").contiguous()
+    dest = torch.from_numpy(enc.host_buffer(nbytes)).view(t.dtype).reshape(t.shape)
+    dest.copy_(t)
+    return dest
 
 
 def decode_tags() -> dict[str, Callable[[Any], object]]:

@@ -1,0 +1,244 @@
+"""The write path: capture and encode a state, stream it into a storage transaction, commit.
+
+``save_now`` does both phases in the caller's thread (zero-copy: tensor memory goes straight to the file).
+``save_in_background`` takes a snapshot into reusable host buffers in the caller's thread and hands the
+persist phase to a :class:`~savegame.background.BackgroundWriter`.
+
+Every save logs (logger ``savegame``, level INFO) its size, blocking time and throughput.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from . import __version__
+from .background import BackgroundWriter, PendingSave, Snapshot
+from .capture import kind_of, live_object_hook
+from .errors import StorageError, UnsupportedTypeError
+from .manifest import FileEntry, ItemEntry, Manifest, dump_manifest, parse_manifest, utc_now
+from .progress import ProgressBar
+from .storage.base import MANIFEST, Storage
+from .tensorfile import order_for_alignment, write_tensor_file
+from .tree import ArrayHook, ArrayRecord, Encoder, encode_plain
+
+log = logging.getLogger("savegame")
+_SAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
+@dataclass
+class EncodedItem:
+    """One top-level item after capture and encoding, ready to write."""
+
+    name: str
+    kind: str
+    skeleton: Any
+    records: list[ArrayRecord]
+    file: str | None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(r.data.data) for r in self.records)
+
+
+@dataclass(frozen=True)
+class EncodedExtras:
+    """Metadata and progress, encoded (so later changes by the caller cannot alter them)."""
+
+    metadata: Any
+    progress: Any
+
+    @classmethod
+    def encode(cls, metadata: Mapping[str, Any] | None, progress: Mapping[str, Any] | None) -> EncodedExtras:
+        return cls(
+            metadata=encode_plain(dict(metadata or {}), "metadata"),
+            progress=encode_plain(dict(progress), "progress") if progress is not None else None,
+        )
+
+
+def make_encoder(
+    *, copy: bool, key_skip: int = 1, allocate: Callable[[int, bool], Any] | None = None
+) -> Encoder:
+    """An encoder with the framework hooks for what is imported in this process."""
+    hooks: list[ArrayHook] = []
+    if "torch" in sys.modules:
+        from .adapters.torch import encode_hook
+
+        hooks.append(encode_hook)
+    hooks.append(live_object_hook)
+    return Encoder(copy=copy, array_hooks=hooks, key_skip=key_skip, allocate=allocate)
+
+
+def encode_state(
+    state: Mapping[str, Any], *, copy: bool = False, allocate: Callable[[int, bool], Any] | None = None
+) -> list[EncodedItem]:
+    """Capture and encode every item of ``state`` (no I/O).
+
+    ``copy=True`` snapshots every array into host memory (from ``allocate`` when given), so the live
+    objects may change as soon as this returns (background saves). Device-to-host copies are complete
+    when this returns.
+    """
+    if not isinstance(state, Mapping):
+        raise UnsupportedTypeError(
+            f"state must be a dict of items (e.g. {{'model': model, 'optimizer': opt}}), not {type(state).__name__}"
+        )
+    items: list[EncodedItem] = []
+    used_files: set[str] = {MANIFEST}
+    needs_sync = False
+    for name, value in state.items():
+        if type(name) is not str or not name or len(name) > 1024:
+            raise UnsupportedTypeError(f"item names must be non-empty strings (<= 1024 chars), got {name!r}")
+        enc = make_encoder(copy=copy, allocate=allocate)
+        skeleton = enc.encode(value, (name,))
+        needs_sync = needs_sync or enc.needs_sync
+        file = None
+        if enc.records:
+            file = _file_name(name, used_files)
+            used_files.add(file)
+        items.append(EncodedItem(name, kind_of(value), skeleton, enc.records, file))
+    if needs_sync:
+        import torch
+
+        torch.cuda.synchronize()
+    return items
+
+
+def _file_name(item: str, used: set[str]) -> str:
+    stem = _SAFE_FILE_CHARS.sub("_", item)[:120].lstrip(".") or "item"
+    candidate = f"{stem}.safetensors"
+    n = 1
+    while candidate in used:
+        n += 1
+        candidate = f"{stem}-{n}.safetensors"
+    return candidate
+
+
+def library_versions() -> dict[str, str]:
+    """Versions recorded in the manifest: savegame, Python and the frameworks imported."""
+    versions = {"savegame": __version__, "python": platform.python_version()}
+    for mod in ("numpy", "torch", "keras", "tensorflow", "jax"):
+        m = sys.modules.get(mod)
+        if m is not None and isinstance(getattr(m, "__version__", None), str):
+            versions[mod] = m.__version__
+    return versions
+
+
+class _CountingSink:
+    """Forwards writes to a storage sink and advances a progress display."""
+
+    def __init__(self, sink: Any, progress: ProgressBar) -> None:
+        self._sink = sink
+        self._progress = progress
+
+    def write(self, data: bytes | bytearray | memoryview) -> object:
+        result = self._sink.write(data)
+        self._progress.advance(len(data))
+        return result
+
+
+def write_encoded(
+    storage: Storage, name: str, items: list[EncodedItem], extras: EncodedExtras, *, overwrite: bool,
+    blocking_seconds: float | None = None,
+) -> tuple[str, Manifest]:
+    """Write encoded items as checkpoint ``name`` of ``storage``; commit; return its path and manifest."""
+    start = time.perf_counter()
+    total = sum(i.nbytes for i in items)
+    progress = ProgressBar(f"saving {name}", total)
+    txn = storage.begin(name, overwrite=overwrite)
+    try:
+        files: dict[str, FileEntry] = {}
+        for item in items:
+            if item.file is None:
+                continue
+            sink = txn.open(item.file)
+            records = order_for_alignment([r.data for r in item.records])
+            written = write_tensor_file(_CountingSink(sink, progress), records)
+            files[item.file] = FileEntry(bytes=written.bytes, hash=written.hash)
+        entries = {i.name: ItemEntry(kind=i.kind, file=i.file, skeleton=i.skeleton) for i in items}
+        raw = dump_manifest(
+            created=utc_now(),
+            versions=library_versions(),
+            metadata=extras.metadata,
+            progress=extras.progress,
+            files=files,
+            items=entries,
+        )
+    except OSError as exc:
+        txn.abort()
+        progress.close()
+        raise StorageError(exc.errno, f"writing checkpoint {name} failed: {exc.strerror or exc}") from exc
+    except BaseException:
+        txn.abort()
+        progress.close()
+        raise
+    try:
+        final = txn.commit(raw)
+    finally:
+        progress.close()
+    elapsed = time.perf_counter() - start
+    blocked = elapsed if blocking_seconds is None else blocking_seconds
+    log.info(
+        "saved %s: %d bytes in %.3f s (%.1f MB/s), training blocked %.3f s",
+        final, total, elapsed, total / max(elapsed, 1e-9) / 1e6, blocked,
+    )
+    return final, parse_manifest(raw, os.path.join(final, MANIFEST))
+
+
+def write_items(
+    storage: Storage,
+    name: str,
+    items: list[EncodedItem],
+    *,
+    metadata: Mapping[str, Any] | None,
+    progress: Mapping[str, Any] | None,
+    overwrite: bool,
+) -> tuple[str, Manifest]:
+    """Write encoded items as checkpoint ``name`` of ``storage``; return its path and manifest."""
+    return write_encoded(storage, name, items, EncodedExtras.encode(metadata, progress), overwrite=overwrite)
+
+
+def save_now(
+    storage: Storage, name: str, state: Mapping[str, Any], *, metadata: Mapping[str, Any] | None,
+    progress: Mapping[str, Any] | None, overwrite: bool,
+) -> tuple[str, Manifest]:
+    """Synchronous save: capture, encode (no copies) and write in the caller's thread."""
+    extras = EncodedExtras.encode(metadata, progress)
+    return write_encoded(storage, name, encode_state(state), extras, overwrite=overwrite)
+
+
+def save_in_background(
+    writer: BackgroundWriter, storage: Storage, name: str, state: Mapping[str, Any], *,
+    metadata: Mapping[str, Any] | None, progress: Mapping[str, Any] | None, overwrite: bool,
+    on_commit: Callable[[str, Manifest], None] | None = None,
+) -> PendingSave:
+    """Snapshot ``state`` now (blocking only for the host copy), write and commit in the background.
+
+    Waits first for the previous background save of ``writer`` (raising its error if it failed). The
+    returned handle's ``result()`` gives the :class:`Manifest` once committed. ``on_commit(path, manifest)``
+    runs in the writer thread after the commit (the Checkpointer uses it for retention).
+    """
+    writer.wait()
+    start = time.perf_counter()
+    snapshot = Snapshot(writer.pool)
+    try:
+        items = encode_state(state, copy=True, allocate=snapshot.take)
+        extras = EncodedExtras.encode(metadata, progress)
+    except BaseException:
+        snapshot.release()
+        raise
+    blocking = time.perf_counter() - start
+
+    def persist() -> Manifest:
+        final, manifest = write_encoded(storage, name, items, extras, overwrite=overwrite, blocking_seconds=blocking)
+        if on_commit is not None:
+            on_commit(final, manifest)
+        return manifest
+
+    return writer.submit(name, snapshot, persist, blocking_seconds=blocking)

@@ -1,0 +1,160 @@
+"""Background saves: snapshot then persist, one in flight, errors surfaced, buffers reused."""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import savegame
+from savegame.background import BackgroundWriter, PendingSave
+from savegame.errors import BackgroundSaveError
+from savegame.storage.local import FileOps, LocalStorage
+from savegame.writer import save_in_background
+
+
+class GatedOps(FileOps):
+    """Blocks every data write until ``gate`` is set (a slow disk under our control)."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.writes = 0
+
+    def write(self, fd: int, data: memoryview) -> int:
+        self.writes += 1
+        self.gate.wait(10)
+        return super().write(fd, data)
+
+
+class FullDisk(FileOps):
+    def write(self, fd: int, data: memoryview) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def model_state() -> dict[str, object]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 64)).sum().backward()
+    opt.step()
+    return {"model": model, "optimizer": opt, "epoch": 1}
+
+
+def test_background_save_returns_after_snapshot_and_ignores_later_changes(tmp_path: Path) -> None:
+    state = model_state()
+    model = state["model"]
+    assert isinstance(model, nn.Module)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    ops = GatedOps()
+    writer = BackgroundWriter()
+    pending = save_in_background(writer, LocalStorage(tmp_path, ops=ops), "c", state,
+                                 metadata=None, progress=None, overwrite=False)
+    assert isinstance(pending, PendingSave)
+    assert not pending.done()
+    assert not (tmp_path / "c").exists()  # "latest" does not advance before the commit
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(100.0)  # training goes on while the write is in flight
+    ops.gate.set()
+    manifest = pending.result(timeout=30)
+    assert isinstance(manifest, savegame.Manifest)
+    loaded = savegame.load(tmp_path / "c")["model"]
+    for k, v in expected.items():
+        assert torch.equal(loaded[k], v), k
+    writer.close()
+
+
+def test_public_background_flag(tmp_path: Path) -> None:
+    state = model_state()
+    pending = savegame.save(tmp_path / "c", state, background=True, metadata={"a": 1})
+    manifest = pending.result()
+    assert manifest.metadata == {"a": 1}
+    assert pending.blocking_seconds >= 0
+    savegame.verify(tmp_path / "c")
+
+
+def test_at_most_one_save_in_flight(tmp_path: Path) -> None:
+    ops = GatedOps()
+    writer = BackgroundWriter()
+    storage = LocalStorage(tmp_path, ops=ops)
+    first = save_in_background(writer, storage, "a", {"x": np.ones(1000)}, metadata=None, progress=None,
+                               overwrite=False)
+    returned = threading.Event()
+
+    def second() -> None:
+        save_in_background(writer, storage, "b", {"x": np.ones(1000)}, metadata=None, progress=None,
+                           overwrite=False)
+        returned.set()
+
+    t = threading.Thread(target=second)
+    t.start()
+    time.sleep(0.3)
+    assert not returned.is_set()  # waits for the first save to finish before taking its snapshot
+    assert not first.done()
+    ops.gate.set()
+    t.join(10)
+    assert returned.is_set()
+    writer.close()
+    assert LocalStorage(tmp_path).committed() == ["a", "b"]
+
+
+def test_background_error_is_raised_by_result_and_by_the_next_call(tmp_path: Path) -> None:
+    writer = BackgroundWriter()
+    storage = LocalStorage(tmp_path, ops=FullDisk())
+    pending = save_in_background(writer, storage, "c", {"x": np.ones(10)}, metadata=None, progress=None,
+                                 overwrite=False)
+    with pytest.raises(BackgroundSaveError, match="No space left"):
+        pending.result(timeout=10)
+    # Not consumed through the writer yet: the next save raises it before taking a snapshot.
+    with pytest.raises(BackgroundSaveError, match="No space left"):
+        save_in_background(writer, LocalStorage(tmp_path), "d", {"x": np.ones(10)}, metadata=None,
+                           progress=None, overwrite=False)
+    writer.wait()  # reported once only
+    assert LocalStorage(tmp_path).committed() == []
+    assert list(tmp_path.iterdir()) == []  # staging removed
+    writer.close()
+    with pytest.raises(BackgroundSaveError, match="closed"):
+        save_in_background(writer, LocalStorage(tmp_path), "e", {"x": np.ones(10)}, metadata=None,
+                           progress=None, overwrite=False)
+
+
+def test_close_raises_unreported_error(tmp_path: Path) -> None:
+    writer = BackgroundWriter()
+    save_in_background(writer, LocalStorage(tmp_path, ops=FullDisk()), "c", {"x": np.ones(10)},
+                       metadata=None, progress=None, overwrite=False)
+    with pytest.raises(BackgroundSaveError):
+        writer.close()
+
+
+def test_snapshot_buffers_are_reused(tmp_path: Path) -> None:
+    writer = BackgroundWriter()
+    storage = LocalStorage(tmp_path)
+    state = {"x": {"a": torch.ones(1000), "b": np.zeros(500)}}
+    save_in_background(writer, storage, "a", state, metadata=None, progress=None, overwrite=False).result()
+    free_before = sorted(id(b) for v in writer.pool._free.values() for b in v)
+    assert len(free_before) == 2
+    save_in_background(writer, storage, "b", state, metadata=None, progress=None, overwrite=False).result()
+    free_after = sorted(id(b) for v in writer.pool._free.values() for b in v)
+    assert free_before == free_after
+    for name in ("a", "b"):
+        loaded = savegame.load(tmp_path / name)["x"]
+        assert torch.equal(loaded["a"], torch.ones(1000)) and np.array_equal(loaded["b"], np.zeros(500))
+    writer.close()
+
+
+def test_snapshot_of_non_contiguous_and_numpy_views(tmp_path: Path) -> None:
+    base = torch.arange(20.0).reshape(4, 5)
+    arr = np.arange(30).reshape(5, 6)[:, ::2]
+    pending = savegame.save(tmp_path / "c", {"x": {"t": base.t(), "a": arr}}, background=True)
+    base.zero_()
+    arr[...] = 0
+    pending.result()
+    got = savegame.load(tmp_path / "c")["x"]
+    assert torch.equal(got["t"], torch.arange(20.0).reshape(4, 5).t())
+    assert np.array_equal(got["a"], np.arange(30).reshape(5, 6)[:, ::2])
