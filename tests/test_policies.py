@@ -530,10 +530,10 @@ def test_keep_best_min_max_ties_and_nan() -> None:
         info(5, metrics={"val_loss": 0.5, "val_acc": NAN}),
     ]
     assert KeepBest(1, "val_loss").keep(cps, now=0) == {"ckpt-4"}
-    assert KeepBest(2, "val_loss").keep(cps, now=0) == {"ckpt-4", "ckpt-5"}  # tie -> newer
+    assert KeepBest(2, "val_loss").keep(cps, now=0) == {"ckpt-4", "ckpt-1"}  # tie -> older (first to reach it)
     assert KeepBest(3, "val_loss").keep(cps, now=0) == {"ckpt-1", "ckpt-4", "ckpt-5"}
     assert KeepBest(10, "val_loss").keep(cps, now=0) == {"ckpt-1", "ckpt-4", "ckpt-5"}
-    assert KeepBest(1, "val_acc").keep(cps, now=0) == {"ckpt-2"}  # tie at 0.9 -> newer
+    assert KeepBest(1, "val_acc").keep(cps, now=0) == {"ckpt-1"}  # tie at 0.9 -> older
     assert KeepBest(1, "val_acc", mode="min").keep(cps, now=0) == {"ckpt-4"}
     assert KeepBest(1, "absent").keep(cps, now=0) == set()
 

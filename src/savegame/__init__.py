@@ -16,6 +16,8 @@ __version__ = "0.1.0"
 from .adapters.rng import RNGState
 from .api import load, read_manifest, save, verify
 from .capture import LoadReport, Stateful
+from .checkpointer import Checkpointer, CheckpointRecord, RestoredProgress, ResumeWarning, SaveResult
+from .config import CheckpointConfig
 from .errors import (
     BackgroundSaveError,
     CheckpointError,
@@ -41,8 +43,11 @@ from .manifest import FORMAT_VERSION, Manifest
 __all__ = [
     "FORMAT_VERSION",
     "BackgroundSaveError",
+    "CheckpointConfig",
     "CheckpointError",
     "CheckpointNotFoundError",
+    "CheckpointRecord",
+    "Checkpointer",
     "CommitError",
     "ConfigError",
     "CorruptCheckpointError",
@@ -56,6 +61,9 @@ __all__ = [
     "MissingFileError",
     "NotACheckpointError",
     "RNGState",
+    "RestoredProgress",
+    "ResumeWarning",
+    "SaveResult",
     "StateMismatchError",
     "Stateful",
     "StorageError",

@@ -8,27 +8,29 @@ header) and rebuilds the state, or restores it into live objects in place.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .capture import LoadReport, restore
+from .dtypes import logical_itemsize
 from .errors import (
-    CheckpointNotFoundError,
+    ConfigError,
     HashMismatchError,
     InvalidManifestError,
     MissingFileError,
-    NotACheckpointError,
     StateMismatchError,
     TruncatedFileError,
 )
 from .manifest import Manifest, parse_manifest
-from .storage.base import MANIFEST, STAGING_PREFIX
-from .storage.local import LocalStorage, check_checkpoint_name
-from .tensorfile import TensorFileReader
-from .tree import Decoder, Path, format_path, numpy_from_node
+from .storage import is_url, locate
+from .storage.base import MANIFEST, CheckpointReader, CheckpointRef
+from .storage.local import LocalCheckpointReader, open_local_checkpoint
+from .tensorfile import TensorFileReader, TensorInfo
+from .tree import Decoder, Path, format_path, numpy_from_node, valid_shape
 from .writer import EncodedItem, encode_state, save_in_background, save_now, write_items
 
 __all__ = ["EncodedItem", "encode_state", "load", "read_manifest", "save", "verify", "write_items"]
@@ -49,6 +51,7 @@ def save(
     progress: Mapping[str, Any] | None = None,
     overwrite: bool = True,
     background: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """Save ``state`` as the checkpoint directory ``path``, atomically and durably.
 
@@ -65,16 +68,15 @@ def save(
     thread; returns a :class:`~savegame.background.PendingSave` whose ``result()`` waits for the commit
     and returns the manifest (or raises :class:`BackgroundSaveError`). At most one background save is in
     flight: the next one first waits for it.
+    ``path`` may be an fsspec URL (``s3://bucket/run/NAME``; ``storage_options`` go to fsspec): the data
+    is uploaded first and the manifest last as the commit marker (see :mod:`savegame.storage.remote`).
 
     Returns the :class:`Manifest` (sync). When a sync ``save`` returns (or a background save's
     ``result()`` does), the checkpoint is on stable storage (files, manifest and the directory entry
     were fsynced) and a power loss cannot take it back. If it fails, nothing new is visible at ``path``
     and whatever was there before is unchanged.
     """
-    full = os.path.abspath(os.fspath(path))
-    root, name = os.path.split(full.rstrip(os.sep))
-    check_checkpoint_name(name)
-    storage = LocalStorage(root)
+    storage, name = locate(path, storage_options=storage_options)  # a local directory or an fsspec URL
     if background:
         from .background import default_writer
 
@@ -90,51 +92,97 @@ def save(
 
 
 def _checkpoint_dir(path: PathLike) -> str:
-    full = os.path.abspath(os.fspath(path))
-    if not os.path.lexists(full):
-        raise CheckpointNotFoundError(f"{full}: no such checkpoint")
-    if not os.path.isdir(full):
-        raise NotACheckpointError(f"{full}: not a directory (a savegame checkpoint is a directory)")
-    if os.path.basename(full).startswith(STAGING_PREFIX):
-        raise NotACheckpointError(f"{full}: an unfinished save (staging directory), not a checkpoint")
-    if not os.path.isfile(os.path.join(full, MANIFEST)):
-        raise NotACheckpointError(f"{full}: no {MANIFEST}, so not a committed savegame checkpoint")
-    return full
+    """The absolute path of a committed local checkpoint directory (raises if it is not one)."""
+    return open_local_checkpoint(path).where
 
 
-def read_manifest(path: PathLike) -> Manifest:
-    """Read and validate a checkpoint's manifest (no tensor data is read)."""
-    full = _checkpoint_dir(path)
-    where = os.path.join(full, MANIFEST)
-    with open(where, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        from .manifest import MAX_MANIFEST_BYTES
-
-        if size > MAX_MANIFEST_BYTES:
-            raise InvalidManifestError(f"{where}: manifest of {size} bytes exceeds {MAX_MANIFEST_BYTES}")
-        data = f.read()
-    return parse_manifest(data, where)
+Location = PathLike | CheckpointRef | CheckpointReader
+"""What the read functions accept: a local path, an fsspec URL (``s3://bucket/run/NAME``), a
+:class:`~savegame.storage.CheckpointRef` from a configured storage, or an opened reader."""
 
 
-def open_file(directory: str, manifest: Manifest, file: str, *, verify: bool) -> TensorFileReader:
-    """Open a data file of a checkpoint: exists, exact size, hash (if ``verify``), valid header."""
+def open_checkpoint(
+    path: Location, *, storage_options: Mapping[str, Any] | None = None, check: bool = True
+) -> CheckpointReader:
+    """Open a committed checkpoint for reading, wherever it lives (an opened reader is returned as is).
+
+    ``check=False`` skips the "is this a committed checkpoint" checks for local paths (the caller read
+    its manifest already).
+    """
+    if isinstance(path, CheckpointRef):
+        return path.storage.reader(path.name)
+    if not isinstance(path, (str, os.PathLike)):
+        return path
+    if is_url(path):
+        storage, name = locate(path, storage_options=storage_options)
+        return storage.reader(name)
+    if storage_options:
+        raise ConfigError(f"storage_options apply to URLs (s3://...), not to the local path {os.fspath(path)!r}")
+    if not check:
+        return LocalCheckpointReader(os.path.abspath(os.fspath(path)))
+    return open_local_checkpoint(path)
+
+
+def _manifest_of(checkpoint: CheckpointReader) -> Manifest:
+    return parse_manifest(checkpoint.manifest_bytes(), checkpoint.file_where(MANIFEST))
+
+
+def read_manifest(path: Location, *, storage_options: Mapping[str, Any] | None = None) -> Manifest:
+    """Read and validate a checkpoint's manifest (no tensor data is read).
+
+    ``path``: a local path, an fsspec URL (``s3://bucket/run/NAME``; ``storage_options`` go to fsspec)
+    or a :class:`~savegame.storage.CheckpointRef`.
+    """
+    checkpoint = open_checkpoint(path, storage_options=storage_options)
+    try:
+        return _manifest_of(checkpoint)
+    finally:
+        _close_if_opened(checkpoint, path)
+
+
+def _close_if_opened(checkpoint: CheckpointReader, path: Location) -> None:
+    """Release a reader this module opened for ``path`` (a reader the caller passed in stays open)."""
+    if checkpoint is not path:
+        close = getattr(checkpoint, "close", None)
+        if callable(close):
+            close()
+
+
+def open_file(checkpoint: Location, manifest: Manifest, file: str, *, verify: bool) -> TensorFileReader:
+    """Open a data file of a checkpoint: exists, exact size, hash (if ``verify``), valid header.
+
+    The whole file is one buffer: a copy-on-write memory map for a local file (pages are read when
+    touched), a downloaded buffer for a remote one. The hash is computed on that same buffer, so what
+    was verified is exactly what is decoded.
+    """
+    reader = open_checkpoint(checkpoint, check=False)
     entry = manifest.files[file]
-    where = os.path.join(directory, file)
-    if os.path.islink(where) or not os.path.isfile(where):
-        raise MissingFileError(f"{where}: listed in the manifest but missing (or not a regular file)")
-    size = os.path.getsize(where)
+    try:
+        size = reader.file_size(file)
+    except FileNotFoundError:
+        raise MissingFileError(
+            f"{reader.file_where(file)}: listed in the manifest but missing (or not a regular file)"
+        ) from None
+    where = reader.file_where(file)
     if size != entry.bytes:
         raise TruncatedFileError(f"{where}: {size} bytes, the manifest says {entry.bytes}")
+    try:
+        buffer = reader.read_file(file, size)
+    except FileNotFoundError:
+        raise MissingFileError(f"{where}: listed in the manifest but vanished while being read") from None
     if verify:
         from .hashing import new_hasher
 
         hasher = new_hasher()
-        with open(where, "rb") as f:
-            while chunk := f.read(16 << 20):
-                hasher.update(chunk)
+        view = memoryview(buffer)
+        try:
+            for start in range(0, size, 64 << 20):
+                hasher.update(view[start : start + (64 << 20)])
+        finally:
+            view.release()
         if hasher.hexdigest() != entry.hash:
             raise HashMismatchError(f"{where}: content hash differs from the manifest (file is corrupted)")
-    return TensorFileReader(where)
+    return TensorFileReader.from_buffer(buffer, where=where)
 
 
 class _ItemDecoder:
@@ -203,12 +251,29 @@ def _torch_available() -> bool:
 
 
 def decode_item(
-    directory: str, manifest: Manifest, name: str, *, verify: bool, map_location: Any = None,
+    checkpoint: Location, manifest: Manifest, name: str, *, verify: bool, map_location: Any = None,
+    as_numpy: bool | None = None, zero_copy: bool = False, storage_options: Mapping[str, Any] | None = None,
+) -> Any:
+    """Read one item of a checkpoint back into nested state.
+
+    ``checkpoint``: an opened reader, a :class:`~savegame.storage.CheckpointRef`, a URL or a local path
+    (whose manifest the caller already read as ``manifest``).
+    """
+    entry = manifest.items[name]
+    source = open_checkpoint(checkpoint, storage_options=storage_options, check=False)
+    try:
+        reader = open_file(source, manifest, entry.file, verify=verify) if entry.file else None
+    finally:
+        _close_if_opened(source, checkpoint)
+    return _decode_opened(reader, manifest, name, map_location=map_location, as_numpy=as_numpy, zero_copy=zero_copy)
+
+
+def _decode_opened(
+    reader: TensorFileReader | None, manifest: Manifest, name: str, *, map_location: Any = None,
     as_numpy: bool | None = None, zero_copy: bool = False,
 ) -> Any:
-    """Read one item of a checkpoint back into nested state."""
+    """Decode item ``name`` whose tensor file (if any) is already open and checked."""
     entry = manifest.items[name]
-    reader = open_file(directory, manifest, entry.file, verify=verify) if entry.file else None
     has_tensors = _has_torch_node(entry.skeleton, 0)
     numpy_only = as_numpy if as_numpy is not None else not (has_tensors and _torch_available())
     tags = {}
@@ -241,12 +306,13 @@ def _has_torch_node(node: Any, depth: int) -> bool:
 
 
 def load(
-    path: PathLike,
+    path: Location,
     target: Mapping[str, Any] | None = None,
     *,
     map_location: Any = None,
     strict: bool = True,
     verify: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """Load a checkpoint.
 
@@ -266,9 +332,20 @@ def load(
     (:class:`StateMismatchError`, raised before anything is changed); ``strict=False`` loads what matches
     and lists the rest in the report.
     ``verify``: check each file's content hash before using it (XXH3, ~20 GB/s).
+    ``path`` may be an fsspec URL (``s3://bucket/run/NAME``, ``storage_options`` go to fsspec): each file
+    is then downloaded into memory with parallel ranged reads and its hash checked on that buffer.
     """
-    directory = _checkpoint_dir(path)
-    manifest = read_manifest(directory)
+    directory = open_checkpoint(path, storage_options=storage_options)
+    try:
+        return _load(directory, target, map_location=map_location, strict=strict, verify=verify)
+    finally:
+        _close_if_opened(directory, path)
+
+
+def _load(
+    directory: CheckpointReader, target: Mapping[str, Any] | None, *, map_location: Any, strict: bool, verify: bool
+) -> Any:
+    manifest = _manifest_of(directory)
     if target is None:
         return {
             name: decode_item(directory, manifest, name, verify=verify, map_location=map_location)
@@ -281,48 +358,91 @@ def load(
     if absent:
         if strict:
             raise StateMismatchError(
-                f"{directory}: items {absent} are not in the checkpoint (it has {list(manifest.items)}); "
+                f"{directory.where}: items {absent} are not in the checkpoint (it has {list(manifest.items)}); "
                 "pass strict=False to load the rest",
             )
         report.missing_keys += absent
-    for name in manifest.items:
+    # Every file and skeleton is checked and decoded before anything is restored, so a damaged file
+    # found late cannot leave the target half-restored. Modules copy into their own parameters, so
+    # they read straight from the (copy-on-write) file mapping.
+    needed = [name for name in manifest.items if name in target or manifest.items[name].file is None]
+    files = {manifest.items[name].file for name in needed} - {None}
+    readers = {file: open_file(directory, manifest, file, verify=verify) for file in sorted(f for f in files if f)}
+    values: dict[str, Any] = {}
+    for name in needed:
+        file = manifest.items[name].file
+        direct = name in target and _is_module(target[name])
+        values[name] = _decode_opened(
+            readers[file] if file else None, manifest, name,
+            map_location=map_location if name in target else None, zero_copy=direct,
+        )
+    del readers
+    for name in needed:
         if name in target:
-            # Modules copy into their own parameters, so they can read straight from the file mapping.
-            direct = _is_module(target[name])
-            value = decode_item(
-                directory, manifest, name, verify=verify, map_location=map_location, zero_copy=direct
-            )
-            restore(target[name], value, strict=strict, path=(name,), report=report)
-        elif manifest.items[name].file is None:
-            report.state[name] = decode_item(directory, manifest, name, verify=verify)
+            restore(target[name], values.pop(name), strict=strict, path=(name,), report=report)
+        else:
+            report.state[name] = values.pop(name)
     if strict and not report.clean:
-        raise StateMismatchError(f"{directory}: state does not match the target: {report}", report)
+        raise StateMismatchError(f"{directory.where}: state does not match the target: {report}", report)
     return report
 
 
-def verify(path: PathLike) -> Manifest:
+def verify(path: Location, *, storage_options: Mapping[str, Any] | None = None) -> Manifest:
     """Check a checkpoint completely: manifest, every file's size and hash, headers, and references.
 
     Returns the manifest if everything is intact; raises a :class:`CorruptCheckpointError` subclass naming
-    the first problem otherwise. Detects any single flipped byte in any file of the checkpoint.
+    the first problem otherwise. Detects any single flipped byte in any file of the checkpoint. Files
+    are checked one at a time (a remote file is downloaded, checked and dropped before the next).
     """
-    directory = _checkpoint_dir(path)
-    manifest = read_manifest(directory)
-    readers = {file: open_file(directory, manifest, file, verify=True) for file in manifest.files}
+    checkpoint = open_checkpoint(path, storage_options=storage_options)
+    try:
+        manifest = _manifest_of(checkpoint)
+        tensors = {file: open_file(checkpoint, manifest, file, verify=True).tensors for file in manifest.files}
+    finally:
+        _close_if_opened(checkpoint, path)
     for name, entry in manifest.items.items():
-        reader = readers.get(entry.file) if entry.file else None
-        _check_references(entry.skeleton, reader, name)
+        _check_references(entry.skeleton, tensors.get(entry.file) if entry.file else None, name)
     return manifest
 
 
-def _check_references(skeleton: Any, reader: TensorFileReader | None, name: str) -> None:
-    from .tree import iter_array_nodes
+def _check_references(skeleton: Any, tensors: Mapping[str, Any] | TensorFileReader | None, name: str) -> None:
+    """Every array node of an item names a tensor of its file and agrees with its header (what ``load``
+    checks before building the array: logical dtype and shape against the stored bytes, scalars 0-d),
+    and the skeleton decodes."""
+    if isinstance(tensors, TensorFileReader):
+        tensors = tensors.tensors
 
-    for node in iter_array_nodes(skeleton):
-        key = node.get("key")
-        if not isinstance(key, str) or reader is None or key not in reader.tensors:
-            raise InvalidManifestError(f"{name}: array {str(key)[:80]!r} is not in the item's tensor file")
-    Decoder(resolve=lambda node, path: None, extra_tags=_any_tags()).decode(skeleton, (name,))
+    def check(node: dict[str, Any], path: Path) -> object:
+        where = format_path(path)
+        key = node["key"]
+        if tensors is None or key not in tensors:
+            raise InvalidManifestError(f"{where}: array {key[:80]!r} is not in the item's tensor file")
+        check_array_node(node, tensors[key], where)
+        return None
+
+    Decoder(resolve=check, extra_tags=_any_tags()).decode(skeleton, (name,))
+
+
+def check_array_node(node: Mapping[str, Any], info: TensorInfo, where: str) -> None:
+    """Check an array node of a skeleton against its tensor's header entry, without building the array."""
+    tag = node["$"]
+    logical = node.get("dtype")
+    shape: Sequence[int] = info.shape
+    if logical is not None:
+        itemsize = logical_itemsize(logical, tensor=tag == "tensor")
+        if itemsize is None:
+            raise InvalidManifestError(f"{where}: unknown logical dtype {str(logical)[:40]!r}")
+        lshape = node.get("shape")
+        if not valid_shape(lshape, itemsize):
+            raise InvalidManifestError(f"{where}: invalid logical shape {str(lshape)[:100]}")
+        assert isinstance(lshape, list)
+        if math.prod(lshape) * itemsize != info.nbytes:
+            raise InvalidManifestError(
+                f"{where}: logical shape {lshape} x {logical} does not match the stored {info.nbytes} bytes"
+            )
+        shape = lshape
+    if tag == "npscalar" and len(shape) != 0:
+        raise InvalidManifestError(f"{where}: a numpy scalar must have shape (), not {list(shape)[:8]}")
 
 
 def _any_tags() -> dict[str, Any]:

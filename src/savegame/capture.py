@@ -10,8 +10,9 @@ their memory.
 
 from __future__ import annotations
 
+import inspect
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -130,10 +131,14 @@ def restore(target: object, state: object, *, strict: bool, path: Path, report: 
         _copy_array(target, state, where, report)
         return
     if _is_stateful(target) and not isinstance(target, (dict, list, tuple)):
+        load: Callable[..., Any] = target.load_state_dict  # type: ignore[attr-defined]
+        takes_strict = _accepts_strict(load)
         try:
-            target.load_state_dict(state)  # type: ignore[attr-defined]
+            result = load(state, strict=strict) if takes_strict else load(state)
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise StateMismatchError(f"{where}: load_state_dict failed: {exc}") from exc
+        if takes_strict:
+            _merge_report(result, where, report)
         report.loaded.append(where)
         return
     if isinstance(target, dict) and isinstance(state, Mapping):
@@ -152,6 +157,40 @@ def restore(target: object, state: object, *, strict: bool, path: Path, report: 
         f"{where}: cannot load {type(state).__name__} into {type(target).__name__} in place "
         "(targets are modules, optimizers, Stateful objects, generators, tensors, arrays, and dicts/lists of them)"
     )
+
+
+def _accepts_strict(load: Callable[..., Any]) -> bool:
+    """Whether ``load_state_dict`` takes a ``strict`` keyword (``torch``-style and :class:`KerasState`)."""
+    try:
+        parameters = inspect.signature(load).parameters
+    except (TypeError, ValueError):
+        return False
+    param = parameters.get("strict")
+    return param is not None and param.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def _merge_report(result: object, where: str, report: LoadReport) -> None:
+    """Add what a non-strict ``load_state_dict`` reported as missing/unexpected/mismatched to ``report``.
+
+    Understands torch's ``(missing_keys, unexpected_keys)`` result and reports with ``missing``,
+    ``unexpected`` and ``mismatched`` lists (:class:`savegame.adapters.keras.KerasLoadReport`).
+    """
+    missing = getattr(result, "missing_keys", None)
+    if missing is None:
+        missing = getattr(result, "missing", None)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected is None:
+        unexpected = getattr(result, "unexpected", None)
+    mismatched = getattr(result, "mismatched", None)
+    if isinstance(missing, (list, tuple)):
+        report.missing_keys += [f"{where}.{k}" for k in missing]
+    if isinstance(unexpected, (list, tuple)):
+        report.unexpected_keys += [f"{where}.{k}" for k in unexpected]
+    if isinstance(mismatched, (list, tuple)):
+        for entry in mismatched:
+            if isinstance(entry, tuple) and len(entry) == 3:
+                name, saved, live = entry
+                report.mismatched_keys.append((f"{where}.{name}", tuple(saved), tuple(live)))
 
 
 def _copy_tensor(target: Any, state: object, where: str, report: LoadReport) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InvalidTensorFileError
+from .errors import InvalidManifestError, InvalidTensorFileError
 
 # safetensors code -> bytes per element. The codes are the ones safetensors' own readers accept.
 ITEMSIZE: dict[str, int] = {
@@ -119,8 +119,22 @@ def numpy_code(dtype: np.dtype[np.generic]) -> tuple[str, str | None]:
     raise KeyError(str(dtype))
 
 
+# Logical torch types stored as views (see savegame.adapters.torch), with their element sizes: what a
+# reader checks without importing torch.
+TORCH_VIEW_ITEMSIZE: dict[str, int] = {"complex128": 16, "complex32": 4, "float8_e8m0fnu": 1}
+
+
+def logical_itemsize(name: object, *, tensor: bool) -> int | None:
+    """Element size of a logical view-type name of a ``tensor`` (or NumPy) node; None if unknown."""
+    if not isinstance(name, str):
+        return None
+    if tensor:
+        return TORCH_VIEW_ITEMSIZE.get(name)
+    return np.dtype(name).itemsize if name in NUMPY_VIEW_TYPES else None
+
+
 def logical_numpy_dtype(name: str) -> np.dtype[np.generic]:
     """The NumPy dtype for a logical view-type name from a skeleton (fixed whitelist)."""
     if name not in NUMPY_VIEW_TYPES:
-        raise InvalidTensorFileError(f"unknown logical dtype {name!r}")
+        raise InvalidManifestError(f"unknown logical dtype {name[:40]!r}")
     return np.dtype(name)

@@ -25,21 +25,28 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidManifestError, UnsupportedFormatError
+from .errors import HashMismatchError, InvalidManifestError, UnsupportedFormatError, UnsupportedTypeError
 from .hashing import ALGORITHM, HEX_LENGTH, hash_bytes
-from .tree import decode_plain
+from .tree import MAX_DEPTH, decode_plain
 
 FORMAT = "savegame"
 FORMAT_VERSION = 1
-MAX_MANIFEST_BYTES = 512 * 1024 * 1024
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+"""Largest manifest read. Parsing costs a small multiple of the size (JSON objects are larger than their
+text), so this bounds what a hostile manifest can make a reader allocate."""
 MAX_ITEMS = 100_000
-_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,200}$")
-_HEX = re.compile(r"^[0-9a-f]+$")
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,200}")  # used with fullmatch: no trailing newline
+_HEX = re.compile(r"[0-9a-f]+")
+_FREE_CONTAINERS = 4096
+_MIN_BYTES_PER_CONTAINER = 12
+_BRACKETS = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 
 @dataclass(frozen=True)
@@ -114,15 +121,73 @@ def dump_manifest(
         "items": {name: {"kind": i.kind, "file": i.file, "skeleton": i.skeleton} for name, i in items.items()},
     }
     body["manifest_hash"] = hash_bytes(_canonical(body))
-    return _serialize(body)
+    data = _serialize(body)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise UnsupportedTypeError(
+            f"manifest of {len(data)} bytes exceeds {MAX_MANIFEST_BYTES} (too much metadata or non-array state; "
+            "store large data as arrays)"
+        )
+    check_manifest_cost(data, "manifest")
+    return data
 
 
 def parse_manifest(data: bytes, where: str) -> Manifest:
-    """Parse and validate untrusted manifest bytes; raise a specific error naming ``where``."""
+    """Parse and validate untrusted manifest bytes; raise a specific error naming ``where``.
+
+    The order matters: size and parse cost first (bounded memory), then the JSON, then the self hash
+    (so a damaged byte anywhere, the format version included, is reported as corruption), and only
+    then the meaning of the fields.
+    """
     if len(data) > MAX_MANIFEST_BYTES:
         raise InvalidManifestError(f"{where}: manifest of {len(data)} bytes exceeds {MAX_MANIFEST_BYTES}")
+    _check_parse_cost(data, where)
     try:
-        body = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+        return _parse_manifest(data, where)
+    except RecursionError:
+        # json.loads accepts nesting up to the interpreter's recursion limit; the encoders that check the
+        # hash and the canonical form run a few frames deeper. Either way such a file is not ours.
+        raise InvalidManifestError(f"{where}: manifest JSON is nested too deeply") from None
+
+
+def _check_parse_cost(data: bytes, where: str) -> None:
+    """Refuse manifests whose parse would cost far more memory than their size (many tiny containers).
+
+    Every JSON container becomes a Python list or dict of 70-250 bytes; in the canonical form savegame
+    writes (one value per indented line), a container costs more than 12 bytes of text on average, so
+    one every :data:`_MIN_BYTES_PER_CONTAINER` bytes is never reached by a real manifest. Counting
+    brackets over-counts the ones inside strings, which only makes the check stricter for them.
+    """
+    containers = data.count(b"[") + data.count(b"{")
+    if containers > _FREE_CONTAINERS and containers * _MIN_BYTES_PER_CONTAINER > len(data):
+        brackets = data.translate(_BRACKETS, _NOT_BRACKETS)  # only the brackets, "{" as "[": a copy <= 1/12 size
+        if b"[" * (MAX_DEPTH + 1) in brackets:
+            raise InvalidManifestError(f"{where}: manifest JSON is nested too deeply")
+        raise InvalidManifestError(
+            f"{where}: {containers} JSON containers in {len(data)} bytes: too dense for a savegame manifest "
+            "(its parse would cost many times the file's size)"
+        )
+
+
+def check_manifest_cost(data: bytes, what: str) -> None:
+    """Refuse to write a manifest that :func:`parse_manifest` would refuse to read (see _check_parse_cost)."""
+    try:
+        _check_parse_cost(data, what)
+    except InvalidManifestError as exc:
+        raise UnsupportedTypeError(
+            f"{exc}; store many small containers (e.g. lists of empty lists) as an array instead"
+        ) from None
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses as inf, which no savegame writes as a JSON number
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _parse_manifest(data: bytes, where: str) -> Manifest:
+    try:
+        body = json.loads(data.decode("utf-8"), parse_constant=_reject_constant, parse_float=_parse_float)
     except RecursionError:
         raise InvalidManifestError(f"{where}: manifest JSON is nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as exc:
@@ -132,25 +197,31 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
     if body.get("format") != FORMAT:
         raise InvalidManifestError(f"{where}: not a savegame manifest (format={str(body.get('format'))[:40]!r})")
     version = body.get("format_version")
+    stored_hash = body.pop("manifest_hash", None)
+    if not isinstance(stored_hash, str):
+        raise InvalidManifestError(f"{where}: manifest_hash missing")
+    try:
+        actual = hash_bytes(_canonical(body))
+    except ValueError as exc:  # a value JSON cannot hold exactly; not written by savegame
+        raise InvalidManifestError(f"{where}: manifest holds an invalid value ({str(exc)[:200]})") from None
+    if actual != stored_hash:
+        newer = ""
+        if type(version) is int and version > FORMAT_VERSION:
+            newer = f"; or written by a newer savegame (format version {version}, this one reads {FORMAT_VERSION})"
+        raise HashMismatchError(
+            f"{where}: manifest content does not match its manifest_hash (edited or corrupted{newer})"
+        )
     if type(version) is not int:
         raise InvalidManifestError(f"{where}: format_version missing or not an integer")
-    if version > FORMAT_VERSION or version < 1:
+    if version < 1:
+        raise InvalidManifestError(f"{where}: format version {version} was never written by savegame (corrupt)")
+    if version > FORMAT_VERSION:
         raise UnsupportedFormatError(
             f"{where}: format version {version} is not supported by this savegame (reads up to "
             f"{FORMAT_VERSION}); upgrade savegame to read it"
         )
-    stored_hash = body.pop("manifest_hash", None)
-    if not isinstance(stored_hash, str):
-        raise InvalidManifestError(f"{where}: manifest_hash missing")
-    actual = hash_bytes(_canonical(body))
-    if actual != stored_hash:
-        from .errors import HashMismatchError
-
-        raise HashMismatchError(f"{where}: manifest content does not match its manifest_hash (edited or corrupted)")
     body["manifest_hash"] = stored_hash
     if _serialize(body) != data:
-        from .errors import HashMismatchError
-
         raise HashMismatchError(f"{where}: manifest bytes are not in canonical form (edited or corrupted)")
     if body.get("hash_algorithm") != ALGORITHM:
         raise UnsupportedFormatError(f"{where}: unknown hash algorithm {str(body.get('hash_algorithm'))[:40]!r}")
@@ -162,10 +233,10 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
     items = _parse_items(body.get("items"), files, where)
     raw_metadata = body.get("metadata")
     raw_progress = body.get("progress")
-    metadata = decode_plain(raw_metadata) if raw_metadata is not None else {}
+    metadata = _decode_field(raw_metadata, "metadata", where) if raw_metadata is not None else {}
     if not isinstance(metadata, dict):
         raise InvalidManifestError(f"{where}: metadata must be a dict")
-    progress = decode_plain(raw_progress) if raw_progress is not None else None
+    progress = _decode_field(raw_progress, "progress", where) if raw_progress is not None else None
     if progress is not None and not isinstance(progress, dict):
         raise InvalidManifestError(f"{where}: progress must be a dict or null")
     return Manifest(
@@ -179,6 +250,13 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
         raw_metadata=raw_metadata,
         raw_progress=raw_progress,
     )
+
+
+def _decode_field(node: Any, name: str, where: str) -> Any:
+    try:
+        return decode_plain(node)
+    except InvalidManifestError as exc:
+        raise InvalidManifestError(f"{where}: {name}: {exc}") from None
 
 
 def _reject_constant(name: str) -> Any:
@@ -199,14 +277,14 @@ def _parse_files(value: object, where: str) -> dict[str, FileEntry]:
         raise InvalidManifestError(f"{where}: files must be an object of at most {MAX_ITEMS} entries")
     files = {}
     for name, entry in value.items():
-        if not _FILE_NAME.match(name) or name == "manifest.json":
+        if not isinstance(name, str) or not _FILE_NAME.fullmatch(name) or name == "manifest.json":
             raise InvalidManifestError(f"{where}: invalid file name {name[:80]!r} (no paths or hidden names)")
         if not isinstance(entry, dict):
             raise InvalidManifestError(f"{where}: files[{name!r}] must be an object")
         size, digest = entry.get("bytes"), entry.get("hash")
         if type(size) is not int or not 0 <= size < 2**62:
             raise InvalidManifestError(f"{where}: files[{name!r}].bytes must be a non-negative integer")
-        if not isinstance(digest, str) or len(digest) != HEX_LENGTH or not _HEX.match(digest):
+        if not isinstance(digest, str) or len(digest) != HEX_LENGTH or not _HEX.fullmatch(digest):
             raise InvalidManifestError(f"{where}: files[{name!r}].hash must be {HEX_LENGTH} hex digits")
         files[name] = FileEntry(bytes=size, hash=digest)
     return files

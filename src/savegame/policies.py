@@ -513,8 +513,8 @@ class KeepLast:
 class KeepBest:
     """Keep the ``k`` checkpoints with the best ``monitor`` value (direction from ``mode``).
 
-    Checkpoints lacking the metric, or where it is NaN or not a number, are never among the best. Ties go to the newer
-    checkpoint (larger sequence).
+    Checkpoints lacking the metric, or where it is NaN or not a number, are never among the best. Ties go to the older
+    checkpoint (smaller sequence), as for best tracking: a later equal value is not an improvement.
     """
 
     k: int
@@ -541,7 +541,7 @@ class KeepBest:
                 continue  # not a number: never among the best
             if math.isnan(value):
                 continue
-            scored.append((sign * value, -c.sequence, c.name))
+            scored.append((sign * value, c.sequence, c.name))
         scored.sort()
         return {name for _, _, name in scored[: self.k]}
 

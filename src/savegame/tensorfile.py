@@ -37,6 +37,9 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 """Largest header we read (the same limit as the safetensors library)."""
 
 MAX_NDIM = 64
+MAX_DIM = 2**62
+"""Bound on every dimension and on the byte size of the non-zero dimensions' product (NumPy and torch
+refuse larger arrays, even empty ones, with errors of their own)."""
 MAX_NAME_CHARS = 4096
 ALIGNMENT = 8
 _COALESCE_BYTES = 1 << 20  # small tensors are gathered into writes of about this size
@@ -210,8 +213,13 @@ def _parse_entry(name: str, entry: object, where: str) -> TensorInfo:
         raise _fail(where, f"tensor {name!r} has unsupported dtype {str(code)[:40]!r}")
     if not isinstance(shape, list) or len(shape) > MAX_NDIM:
         raise _fail(where, f"tensor {name!r} has an invalid shape")
-    if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in shape):
+    if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DIM for d in shape):
         raise _fail(where, f"tensor {name!r} has an invalid dimension in shape {str(shape)[:100]}")
+    nonzero = 1
+    for d in shape:
+        nonzero *= d or 1  # each factor < 2**62 and the product is checked at every step: stays small
+        if nonzero * ITEMSIZE[code] > MAX_DIM:
+            raise _fail(where, f"tensor {name!r} has a shape too large for any array: {str(shape)[:100]}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
@@ -234,16 +242,24 @@ def _parse_entry(name: str, entry: object, where: str) -> TensorInfo:
 
 
 class TensorFileReader:
-    """A validated, memory-mapped tensor file. Arrays it returns are views of the mapping.
+    """A validated tensor file held in a buffer. Arrays it returns are views of that buffer.
 
-    The mapping is copy-on-write (``ACCESS_COPY``): arrays are writable, writes never reach the file,
-    and pages are read from the page cache only when touched. Views are aligned to their element size
-    only; :mod:`savegame.api` copies them into fresh memory unless the consumer copies anyway.
+    ``TensorFileReader(path)`` memory-maps a local file copy-on-write (``ACCESS_COPY``): arrays are
+    writable, writes never reach the file, and pages are read from the page cache only when touched.
+    :meth:`from_buffer` wraps bytes that are already in memory (a file downloaded from object storage,
+    whose hash was checked on that very buffer). Either way the header is validated against the
+    buffer's real length before any tensor is touched. Views are aligned to their element size only;
+    :mod:`savegame.api` copies them into fresh memory unless the consumer copies anyway.
     """
+
+    path: str | None
+    where: str
+    size: int
+    data_start: int
+    tensors: dict[str, TensorInfo]
 
     def __init__(self, path: str | os.PathLike[str], *, where: str | None = None) -> None:
         self.path = os.fspath(path)
-        self.where = where or self.path
         with open(self.path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
@@ -251,18 +267,48 @@ class TensorFileReader:
                 (n,) = struct.unpack("<Q", prefix)
                 if n <= MAX_HEADER_BYTES and 8 + n <= size:
                     prefix += f.read(n)
-            self.data_start, infos = parse_header(prefix, size, self.where)
-            self.size = size
-            self._mmap: mmap.mmap | None = None
+            data_start, infos = parse_header(prefix, size, where or self.path)
+            mapping: mmap.mmap | None = None
             if size > 0:
-                self._mmap = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
-        self.tensors: dict[str, TensorInfo] = {i.name: i for i in infos}
+                mapping = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+        self._setup(mapping, size, data_start, infos, where or self.path)
+
+    @classmethod
+    def from_buffer(cls, buffer: bytes | bytearray | memoryview | mmap.mmap, *, where: str) -> TensorFileReader:
+        """Validate and wrap a whole tensor file that is already in memory (no copy).
+
+        ``buffer`` must hold exactly the file's bytes and must not change while the reader is used; a
+        ``bytearray`` (or writable mapping) gives writable arrays, ``bytes`` read-only ones.
+        """
+        view = memoryview(buffer)
+        size = view.nbytes
+        view.release()
+        prefix = bytes(buffer[:8])
+        if len(prefix) == 8:
+            (n,) = struct.unpack("<Q", prefix)
+            if n <= MAX_HEADER_BYTES and 8 + n <= size:
+                prefix = bytes(buffer[: 8 + n])
+        data_start, infos = parse_header(prefix, size, where)
+        reader = cls.__new__(cls)
+        reader.path = None
+        reader._setup(buffer if size > 0 else None, size, data_start, infos, where)
+        return reader
+
+    def _setup(
+        self, buffer: bytes | bytearray | memoryview | mmap.mmap | None, size: int, data_start: int,
+        infos: list[TensorInfo], where: str,
+    ) -> None:
+        self.where = where
+        self.size = size
+        self.data_start = data_start
+        self._buffer = buffer
+        self.tensors = {i.name: i for i in infos}
 
     def hash(self) -> str:
         """Hash of the whole file (reads every byte)."""
         hasher: Hasher = new_hasher()
-        if self._mmap is not None:
-            view = memoryview(self._mmap)
+        if self._buffer is not None:
+            view = memoryview(self._buffer)
             try:
                 for start in range(0, self.size, _LARGE_WRITE):
                     hasher.update(view[start : start + _LARGE_WRITE])
@@ -271,11 +317,11 @@ class TensorFileReader:
         return hasher.hexdigest()
 
     def raw(self, name: str) -> np.ndarray:
-        """The bytes of tensor ``name`` as a 1-D uint8 array (a view of the mapping, no copy)."""
+        """The bytes of tensor ``name`` as a 1-D uint8 array (a view of the buffer, no copy)."""
         info = self.tensors[name]
-        if info.nbytes == 0 or self._mmap is None:
+        if info.nbytes == 0 or self._buffer is None:
             return np.empty(0, dtype=np.uint8)
-        return np.frombuffer(self._mmap, dtype=np.uint8, count=info.nbytes, offset=self.data_start + info.begin)
+        return np.frombuffer(self._buffer, dtype=np.uint8, count=info.nbytes, offset=self.data_start + info.begin)
 
     def array(self, name: str) -> np.ndarray:
         """Tensor ``name`` as a NumPy array of its stored dtype and shape (a view, no copy)."""

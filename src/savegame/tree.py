@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import math
+import re
 import struct
 import sys
 from collections import OrderedDict
@@ -43,13 +44,14 @@ import numpy as np
 
 from .dtypes import NUMPY_VIEW_TYPES, logical_numpy_dtype, numpy_code, numpy_dtype
 from .errors import InvalidManifestError, UnsupportedTypeError
-from .tensorfile import TensorData
+from .tensorfile import MAX_DIM, MAX_NDIM, TensorData
 
 MAX_DEPTH = 200
 MAX_NODES = 50_000_000
 MAX_STRING = 64 * 1024 * 1024
 MAX_INT_DIGITS = 4000
 _SAFE_INT = 2**53
+_BIG_INT = re.compile(r"-?[0-9]+")  # used with fullmatch: ASCII digits only, no "--5", "²" or newline
 
 Path = tuple[object, ...]
 
@@ -248,10 +250,14 @@ class Decoder:
             return [self.decode(v, (*path, i)) for i, v in enumerate(node)]
         if t is not dict:
             raise InvalidManifestError(f"{format_path(path)}: unexpected skeleton node {t.__name__}")
-        tag = node.get("$")
-        if tag is None:
-            return {k: self.decode(v, (*path, k)) for k, v in node.items()}
-        return self._decode_tagged(tag, node, path)
+        if "$" not in node:
+            out = {}
+            for k, v in node.items():
+                if len(k) > MAX_STRING:
+                    raise InvalidManifestError(f"{format_path(path)}: dict key longer than {MAX_STRING}")
+                out[k] = self.decode(v, (*path, k))
+            return out
+        return self._decode_tagged(node["$"], node, path)
 
     def _decode_tagged(self, tag: object, node: dict[str, Any], path: Path) -> Any:
         where = format_path(path)
@@ -272,8 +278,8 @@ class Decoder:
             return out
         if tag == "int":
             digits = _field(node, "v", str, where)
-            if len(digits) > MAX_INT_DIGITS or not digits.lstrip("-").isdigit():
-                raise InvalidManifestError(f"{where}: invalid big int")
+            if len(digits) > MAX_INT_DIGITS or not _BIG_INT.fullmatch(digits):
+                raise InvalidManifestError(f"{where}: invalid big int {digits[:40]!r}")
             return int(digits)
         if tag == "float":
             bits = _field(node, "bits", str, where)
@@ -298,7 +304,10 @@ class Decoder:
             _field(node, "key", str, where)
             return self.resolve(node, path)
         if isinstance(tag, str) and tag in self.extra_tags:
-            return self.extra_tags[tag](node.get("v"))
+            try:
+                return self.extra_tags[tag](node.get("v"))
+            except InvalidManifestError as exc:
+                raise InvalidManifestError(f"{where}: {exc}") from None
         raise InvalidManifestError(f"{where}: unknown skeleton tag {str(tag)[:40]!r}")
 
 
@@ -313,12 +322,13 @@ def numpy_from_node(node: dict[str, Any], raw: np.ndarray, code: str, shape: tup
     """Build the NumPy value of an ``ndarray``/``npscalar`` node from its stored bytes."""
     logical = node.get("dtype")
     if logical is not None:
-        if not isinstance(logical, str):
-            raise InvalidManifestError(f"{where}: invalid logical dtype")
+        if not isinstance(logical, str) or logical not in NUMPY_VIEW_TYPES:
+            raise InvalidManifestError(f"{where}: unknown logical dtype {str(logical)[:40]!r}")
         dtype = logical_numpy_dtype(logical)
         lshape = node.get("shape")
-        if not isinstance(lshape, list) or not all(type(d) is int and d >= 0 for d in lshape):
-            raise InvalidManifestError(f"{where}: invalid logical shape")
+        if not valid_shape(lshape, dtype.itemsize):
+            raise InvalidManifestError(f"{where}: invalid logical shape {str(lshape)[:100]}")
+        assert isinstance(lshape, list)
         if math.prod(lshape) * dtype.itemsize != raw.size:
             raise InvalidManifestError(f"{where}: logical shape {lshape} x {dtype} does not match the stored bytes")
         arr = raw.view(dtype).reshape(lshape)
@@ -331,6 +341,17 @@ def numpy_from_node(node: dict[str, Any], raw: np.ndarray, code: str, shape: tup
             raise InvalidManifestError(f"{where}: a numpy scalar must have shape ()")
         return arr[()]
     return arr
+
+
+def valid_shape(shape: object, itemsize: int) -> bool:
+    """Whether ``shape`` (untrusted JSON) is a list of at most :data:`MAX_NDIM` non-negative ints whose
+    size in bytes fits an array, counting only the non-zero dimensions (an empty array with a giant
+    dimension is refused by NumPy)."""
+    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_NDIM:
+        return False
+    if not all(type(d) is int and 0 <= d < MAX_DIM for d in shape):
+        return False
+    return bool(math.prod(d for d in shape if d) * itemsize <= MAX_DIM)
 
 
 def iter_array_nodes(node: Any, depth: int = 0) -> Iterator[dict[str, Any]]:

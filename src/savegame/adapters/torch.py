@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidManifestError, StateMismatchError, UnsupportedTypeError
-from ..tree import Encoder, Path, format_path
+from ..tree import Encoder, Path, format_path, valid_shape
 
 # torch dtype -> (stored code, logical name or None, trailing dimension)
 _CODES: dict[torch.dtype, tuple[str, str | None, int]] = {
@@ -54,6 +54,11 @@ _FROM_CODE: dict[str, torch.dtype] = {code: dt for dt, (code, logical, _) in _CO
 _FROM_LOGICAL: dict[str, torch.dtype] = {
     logical: dt for dt, (_, logical, _) in _CODES.items() if logical is not None
 }
+
+_DTYPES: dict[str, torch.dtype] = {
+    name: value for name in dir(torch) if isinstance(value := getattr(torch, name, None), torch.dtype)
+}
+"""Every dtype this torch has, by the name ``_dtype_name`` stores (``float32``, ``int64``, ...)."""
 
 MapLocation = (
     str | torch.device | Mapping[str, str] | Callable[[torch.Tensor, str], torch.Tensor] | None
@@ -151,14 +156,14 @@ def decode_tags() -> dict[str, Callable[[Any], object]]:
     """Skeleton tags for torch values that are not tensors."""
 
     def dtype(v: Any) -> torch.dtype:
-        if not isinstance(v, str) or not isinstance(getattr(torch, v, None), torch.dtype):
+        result = _DTYPES.get(v) if isinstance(v, str) else None  # a fixed table: no getattr of file data
+        if result is None:
             raise InvalidManifestError(f"unknown torch dtype {str(v)[:40]!r}")
-        result: torch.dtype = getattr(torch, v)
         return result
 
     def size(v: Any) -> torch.Size:
-        if not isinstance(v, list) or not all(type(d) is int for d in v) or len(v) > 64:
-            raise InvalidManifestError("invalid torch.Size")
+        if not isinstance(v, list) or len(v) > 64 or not all(type(d) is int and 0 <= d < 2**63 for d in v):
+            raise InvalidManifestError(f"invalid torch.Size {str(v)[:100]}")
         return torch.Size(v)
 
     def device(v: Any) -> torch.device:
@@ -183,8 +188,9 @@ def tensor_from_bytes(
         lshape = node.get("shape")
         if dtype is None:
             raise InvalidManifestError(f"{where}: unknown logical tensor dtype {str(logical)[:40]!r}")
-        if not isinstance(lshape, list) or not all(type(d) is int and d >= 0 for d in lshape):
-            raise InvalidManifestError(f"{where}: invalid logical shape")
+        if not valid_shape(lshape, torch.empty((), dtype=dtype).element_size()):
+            raise InvalidManifestError(f"{where}: invalid logical shape {str(lshape)[:100]}")
+        assert isinstance(lshape, list)
         target_shape = tuple(lshape)
     else:
         dt = _FROM_CODE.get(code)

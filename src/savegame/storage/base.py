@@ -10,11 +10,16 @@ A *root* holds checkpoints, each a named folder of files. Writing one goes throu
    a filesystem, the manifest itself as the commit marker on an object store;
 4. on any error, ``txn.abort()`` removes everything the transaction wrote.
 
-Readers only ever list and open committed checkpoints.
+Readers only ever list and open committed checkpoints: ``storage.reader(name)`` gives a
+:class:`CheckpointReader` (manifest bytes, file sizes, whole files as buffers), and
+``storage.ref(name)`` a :class:`CheckpointRef` that ``savegame.load/verify/read_manifest`` accept.
+Implementations: :mod:`.local` (a directory) and :mod:`.remote` (any fsspec URL: S3, GCS, memory...).
 """
 
 from __future__ import annotations
 
+import mmap
+from dataclasses import dataclass
 from typing import Protocol
 
 MANIFEST = "manifest.json"
@@ -55,3 +60,95 @@ class Storage(Protocol):
     def quarantine(self, name: str) -> str: ...
 
     def cleanup(self) -> list[str]: ...
+
+    def path(self, name: str) -> str:
+        """The path or URL of checkpoint ``name`` (same as :meth:`url`; kept for the Checkpointer)."""
+        ...
+
+    # Reading (see :class:`CheckpointReader`)
+
+    def url(self, name: str) -> str:
+        """Where checkpoint ``name`` lives, for messages and records (a path or URL, never credentials)."""
+        ...
+
+    def exists(self, name: str) -> bool:
+        """Whether ``name`` is a committed checkpoint (its manifest exists)."""
+        ...
+
+    def reader(self, name: str) -> CheckpointReader:
+        """Open committed checkpoint ``name`` for reading.
+
+        Raises :class:`~savegame.errors.CheckpointNotFoundError` when nothing is there and
+        :class:`~savegame.errors.NotACheckpointError` when something is there but no manifest.
+        """
+        ...
+
+    def ref(self, name: str) -> CheckpointRef:
+        """A handle on checkpoint ``name`` that :mod:`savegame.api` functions accept in place of a path."""
+        ...
+
+
+class SharedTransaction(Transaction, Protocol):
+    """A transaction other processes can write files into (multi-process saves)."""
+
+    @property
+    def token(self) -> str:
+        """What the other processes pass to :meth:`SharedStorage.join` (a staging folder name, a prefix)."""
+        ...
+
+
+class SharedStorage(Storage, Protocol):
+    """A root that several processes write one checkpoint into: one begins and commits, all write.
+
+    Rank 0 calls ``begin(name)`` and sends ``txn.token`` to the other ranks; each calls ``join(name, token)``
+    and writes its own files through the returned transaction (never committing it); rank 0 writes the
+    manifest and commits once every rank has reported its files. See :mod:`savegame.distributed`.
+    """
+
+    def begin(self, name: str, *, overwrite: bool = False) -> SharedTransaction: ...
+
+    def join(self, name: str, token: str) -> Transaction: ...
+
+
+ReadBuffer = bytes | bytearray | memoryview | mmap.mmap
+"""The bytes of one whole file: a copy-on-write mapping locally, a downloaded buffer remotely."""
+
+
+class CheckpointReader(Protocol):
+    """One committed checkpoint opened for reading.
+
+    A reader is pinned to the manifest it read first: on an object store, where an overwrite uploads a
+    new version next to the old one, every file comes from the version that manifest describes.
+    """
+
+    where: str
+    """The checkpoint's path or URL, for messages."""
+
+    def manifest_bytes(self) -> bytes:
+        """The raw ``manifest.json`` (read once, at most :data:`~savegame.manifest.MAX_MANIFEST_BYTES`)."""
+        ...
+
+    def file_where(self, file: str) -> str:
+        """Path or URL of data file ``file``, for messages."""
+        ...
+
+    def file_size(self, file: str) -> int:
+        """Size of data file ``file`` in bytes; ``FileNotFoundError`` if it is missing."""
+        ...
+
+    def read_file(self, file: str, size: int) -> ReadBuffer:
+        """The whole of data file ``file``, which the caller checked is ``size`` bytes long."""
+        ...
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """Checkpoint ``name`` of ``storage``: what ``savegame.load/verify/read_manifest`` accept besides a
+    path or URL, so a caller holding a configured storage (e.g. a remote root with its options) reads
+    through it instead of building a new one."""
+
+    storage: Storage
+    name: str
+
+    def __str__(self) -> str:
+        return self.storage.url(self.name)

@@ -21,15 +21,26 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
 import shutil
 import socket
+import stat
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 
-from ..errors import CommitError, InvalidNameError, StorageError
-from .base import MANIFEST, QUARANTINE_PREFIX, STAGING_PREFIX, TRASH_PREFIX
+from ..errors import (
+    CheckpointNotFoundError,
+    CommitError,
+    InvalidManifestError,
+    InvalidNameError,
+    NotACheckpointError,
+    StorageError,
+    TruncatedFileError,
+)
+from .base import MANIFEST, QUARANTINE_PREFIX, STAGING_PREFIX, TRASH_PREFIX, CheckpointRef
 
 _RENAME_EXCHANGE = 2
 _STALE_FOREIGN_SECONDS = 24 * 3600
@@ -168,6 +179,11 @@ class LocalTransaction:
     _sinks: list[LocalFileSink] = field(default_factory=list)
     _done: bool = False
 
+    @property
+    def token(self) -> str:
+        """Names this transaction to other processes that write into it (:meth:`LocalStorage.join`)."""
+        return os.path.basename(self.staging)
+
     def open(self, file: str) -> LocalFileSink:
         check_checkpoint_name(file)
         if file == MANIFEST:
@@ -180,7 +196,12 @@ class LocalTransaction:
         return sink
 
     def commit(self, manifest: bytes) -> str:
-        """Write the manifest, make everything durable and publish; return the final path."""
+        """Write the manifest, make everything durable and publish; return the final path.
+
+        The root directory is fsynced after the rename and *before* an overwritten version is removed: if
+        that fsync fails the rename is undone (the old version, if any, is put back), so a failed commit
+        leaves nothing new visible, as the error says. Should the undo itself fail, the error says so.
+        """
         ops = self.storage.ops
         final = os.path.join(self.storage.root, self.name)
         try:
@@ -194,8 +215,7 @@ class LocalTransaction:
                 raise
             sink.close()
             ops.fsync_dir(self.staging)
-            self._publish(final)
-            ops.fsync_dir(self.storage.root)
+            old = self._publish(final)
         except OSError as exc:
             self.abort()
             raise CommitError(
@@ -204,19 +224,28 @@ class LocalTransaction:
         except BaseException:
             self.abort()
             raise
+        try:
+            ops.fsync_dir(self.storage.root)
+        except OSError as exc:
+            raise self._unpublish(final, old, exc) from exc
+        except BaseException:
+            self._unpublish(final, old, None)
+            raise
         self._done = True
+        if old is not None:
+            ops.rmtree(old)  # the overwritten version, moved aside; a crash here leaves debris for cleanup()
         return final
 
-    def _publish(self, final: str) -> None:
+    def _publish(self, final: str) -> str | None:
+        """Make the staging directory visible as ``final``; return where the overwritten version now is."""
         ops = self.storage.ops
         if not os.path.lexists(final):
             ops.rename(self.staging, final)  # fails (EEXIST/ENOTEMPTY) if someone else created it: no overwrite
-            return
+            return None
         if not self.overwrite:
             raise CommitError(errno.EEXIST, f"{final} already exists")
         if ops.exchange(self.staging, final):
-            ops.rmtree(self.staging)  # now holds the old checkpoint
-            return
+            return self.staging  # now holds the old checkpoint
         trash = os.path.join(self.storage.root, f"{TRASH_PREFIX}{self.name}-{uuid.uuid4().hex[:8]}")
         ops.rename(final, trash)
         try:
@@ -224,7 +253,46 @@ class LocalTransaction:
         except BaseException:
             ops.rename(trash, final)
             raise
-        ops.rmtree(trash)
+        return trash
+
+    def _unpublish(self, final: str, old: str | None, exc: OSError | None) -> CommitError:
+        """Undo :meth:`_publish` after the root fsync failed; return the error that says what is visible."""
+        ops = self.storage.ops
+        self._done = True
+        reason = (exc.strerror or str(exc)) if exc is not None else "interrupted"
+        code = exc.errno if exc is not None else errno.EINTR
+        new_at_final = True
+        try:
+            if old == self.staging:
+                if not ops.exchange(self.staging, final):  # swap back: the old version is at final again
+                    raise OSError(errno.ENOTSUP, "cannot exchange back")
+            else:
+                ops.rename(final, self.staging)
+                new_at_final = False
+                if old is not None:
+                    ops.rename(old, final)
+        except OSError as undo:
+            if new_at_final:
+                state = f"the new checkpoint is visible at {final} but may not survive a power loss"
+                if old is not None:
+                    state += f"; the previous version is at {old}"
+            else:
+                state = f"nothing is visible at {final}: the previous version is at {old}, the new one at "
+                state += self.staging
+            return CommitError(
+                code,
+                f"saving {final}: the fsync of {self.storage.root} after the rename failed ({reason}) and undoing "
+                f"the rename failed too ({undo.strerror or undo}): {state}",
+            )
+        for sink in self._sinks:
+            sink.discard()
+        ops.rmtree(self.staging)
+        return CommitError(
+            code,
+            f"saving {final} failed, nothing was published: the fsync of {self.storage.root} after the "
+            f"rename failed ({reason}), so the rename was undone"
+            + (" and the previous version put back" if old is not None else ""),
+        )
 
     def abort(self) -> None:
         if self._done:
@@ -233,6 +301,55 @@ class LocalTransaction:
         for sink in self._sinks:
             sink.discard()
         self.storage.ops.rmtree(self.staging)
+
+
+class JoinedTransaction:
+    """One process's share of a transaction another process began (multi-process saves).
+
+    Rank 0 calls :meth:`LocalStorage.begin` and hands ``txn.token`` to the other ranks; each calls
+    :meth:`LocalStorage.join` and writes its own files into the same staging directory (``close`` makes
+    each durable). Only the owner publishes, after every rank reported its files, so a participant's
+    :meth:`commit` refuses; :meth:`abort` removes only the files this participant created (the owner's
+    abort removes the whole staging directory).
+    """
+
+    def __init__(self, storage: LocalStorage, name: str, staging: str) -> None:
+        self.storage = storage
+        self.name = name
+        self.staging = staging
+        self._sinks: list[LocalFileSink] = []
+        self._done = False
+
+    @property
+    def token(self) -> str:
+        return os.path.basename(self.staging)
+
+    def open(self, file: str) -> LocalFileSink:
+        check_checkpoint_name(file)
+        if file == MANIFEST:
+            raise InvalidNameError(f"{MANIFEST} is written by the owner's commit(), not open()")
+        try:
+            sink = LocalFileSink(os.path.join(self.staging, file), self.storage.ops)
+        except OSError as exc:
+            raise _io_error(exc, f"cannot create {file} in {self.staging}") from exc
+        self._sinks.append(sink)
+        return sink
+
+    def commit(self, manifest: bytes) -> str:
+        raise CommitError(
+            errno.EPERM, f"only the process that began the transaction for {self.name} commits it (joined here)"
+        )
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        for sink in self._sinks:
+            sink.discard()
+            try:
+                os.unlink(sink.path)
+            except OSError:
+                pass
 
 
 class LocalStorage:
@@ -250,6 +367,23 @@ class LocalStorage:
     def path(self, name: str) -> str:
         return os.path.join(self.root, check_checkpoint_name(name))
 
+    def url(self, name: str) -> str:
+        """The checkpoint's directory path (the same as :meth:`path`)."""
+        return self.path(name)
+
+    def exists(self, name: str) -> bool:
+        """Whether ``name`` is a committed checkpoint (a directory with a manifest)."""
+        path = self.path(name)
+        return os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST))
+
+    def reader(self, name: str) -> LocalCheckpointReader:
+        """Open committed checkpoint ``name`` for reading (files are memory-mapped)."""
+        return open_local_checkpoint(self.path(name))
+
+    def ref(self, name: str) -> CheckpointRef:
+        """A handle on checkpoint ``name`` for ``savegame.load/verify/read_manifest``."""
+        return CheckpointRef(self, check_checkpoint_name(name))
+
     def begin(self, name: str, *, overwrite: bool = False) -> LocalTransaction:
         check_checkpoint_name(name)
         staging = os.path.join(
@@ -260,6 +394,24 @@ class LocalStorage:
         except OSError as exc:
             raise _io_error(exc, f"cannot create staging directory in {self.root}") from exc
         return LocalTransaction(self, name, staging, overwrite)
+
+    def join(self, name: str, token: str, *, timeout: float = 60.0) -> JoinedTransaction:
+        """Write into the transaction another process began with ``begin(name)`` (``token`` = its ``txn.token``).
+
+        Waits up to ``timeout`` seconds for the staging directory to become visible (on a shared
+        filesystem another host's new directory can show up late). The token must name a staging
+        directory directly inside this root, so a token received from elsewhere cannot point outside it.
+        """
+        check_checkpoint_name(name)
+        if not token.startswith(STAGING_PREFIX) or "/" in token or "\\" in token or "\0" in token or len(token) > 255:
+            raise InvalidNameError(f"{token[:80]!r} does not name a staging directory of {self.root}")
+        staging = os.path.join(self.root, token)
+        deadline = time.monotonic() + timeout
+        while not os.path.isdir(staging):
+            if time.monotonic() >= deadline:
+                raise StorageError(errno.ENOENT, f"staging directory {staging} did not appear within {timeout} s")
+            time.sleep(0.02)
+        return JoinedTransaction(self, name, staging)
 
     def committed(self) -> list[str]:
         """Names of committed checkpoints (folders with a manifest), sorted by name."""
@@ -359,3 +511,163 @@ def _staging_is_live(tag: str, host: str, entry: os.DirEntry[str]) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading
+
+
+def open_local_checkpoint(path: str | os.PathLike[str]) -> LocalCheckpointReader:
+    """Check that ``path`` is a committed checkpoint directory and open it for reading.
+
+    The directory is opened once, here, and every later read goes through that handle (``openat``), so
+    a reader sees one version even if the checkpoint is overwritten (swapped) while it reads.
+
+    Raises :class:`CheckpointNotFoundError` (nothing there), :class:`NotACheckpointError` (not a
+    directory, a staging directory, or no manifest that is a regular file).
+    """
+    full = os.path.abspath(os.fspath(path))
+    if not os.path.lexists(full):
+        raise CheckpointNotFoundError(f"{full}: no such checkpoint")
+    if os.path.basename(full).startswith(STAGING_PREFIX):
+        raise NotACheckpointError(f"{full}: an unfinished save (staging directory), not a checkpoint")
+    reader = LocalCheckpointReader(full)
+    try:
+        reader.dir_fd()
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{full}: no such checkpoint") from None
+    except NotADirectoryError:
+        raise NotACheckpointError(f"{full}: not a directory (a savegame checkpoint is a directory)") from None
+    except OSError as exc:
+        raise StorageError(exc.errno, f"{full}: cannot open the checkpoint: {exc.strerror or exc}") from exc
+    try:
+        st = os.stat(MANIFEST, dir_fd=reader.dir_fd(), follow_symlinks=False)
+    except FileNotFoundError:
+        reader.close()
+        raise NotACheckpointError(f"{full}: no {MANIFEST}, so not a committed savegame checkpoint") from None
+    except OSError as exc:
+        reader.close()
+        raise StorageError(exc.errno, f"{full}/{MANIFEST}: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(st.st_mode):
+        reader.close()
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+        raise NotACheckpointError(f"{os.path.join(full, MANIFEST)}: {kind}, so not a committed savegame checkpoint")
+    return reader
+
+
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+class LocalCheckpointReader:
+    """A checkpoint directory opened for reading: data files are memory-mapped copy-on-write, so a load
+    touches only the pages it uses and hashing reads straight from the page cache.
+
+    The directory is opened once (on first use; :func:`open_local_checkpoint` does it at once) and every
+    file is opened relative to it without following symlinks, so all reads come from one version of the
+    checkpoint even when it is overwritten meanwhile. :meth:`close` releases the handle (it is also
+    released when the reader is garbage-collected).
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.where = directory
+        self._fd: int | None = None
+        self._finalizer: weakref.finalize[[int], LocalCheckpointReader] | None = None
+
+    def dir_fd(self) -> int:
+        """The open directory (opened on first call)."""
+        if self._fd is None:
+            fd = os.open(self.where, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+            self._fd = fd
+            self._finalizer = weakref.finalize(self, os.close, fd)
+        return self._fd
+
+    def close(self) -> None:
+        """Release the directory handle (reading again reopens the path)."""
+        if self._finalizer is not None:
+            self._finalizer()
+        self._fd = None
+        self._finalizer = None
+
+    def __enter__(self) -> LocalCheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _open(self, file: str) -> int:
+        """A read-only descriptor of a regular file of the directory (never through a symlink)."""
+        try:
+            fd = os.open(file, _READ_FLAGS, dir_fd=self.dir_fd())
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EMLINK, errno.ENOTDIR, errno.ENOENT):
+                self._check_still_there(file)
+                raise FileNotFoundError(errno.ENOENT, "missing or not a regular file", self.file_where(file)) from None
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise FileNotFoundError(errno.ENOENT, "not a regular file", self.file_where(file))
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _check_still_there(self, file: str) -> None:
+        """Raise if the opened directory was removed or replaced at its path (an overwrite raced the read)."""
+        try:
+            here = os.fstat(self.dir_fd())
+            there = os.stat(self.where)
+        except OSError:
+            there = None
+        if there is None or (here.st_dev, here.st_ino) != (there.st_dev, there.st_ino) or here.st_nlink == 0:
+            raise NotACheckpointError(
+                f"{self.file_where(file)}: the checkpoint was removed or replaced while being read (overwritten?); "
+                "read it again"
+            )
+
+    def manifest_bytes(self) -> bytes:
+        from ..manifest import MAX_MANIFEST_BYTES
+
+        where = os.path.join(self.where, MANIFEST)
+        try:
+            fd = self._open(MANIFEST)
+        except FileNotFoundError:
+            raise NotACheckpointError(
+                f"{self.where}: no {MANIFEST} (or not a regular file), so not a committed savegame checkpoint"
+            ) from None
+        except OSError as exc:
+            raise StorageError(exc.errno, f"{where}: {exc.strerror or exc}") from exc
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_MANIFEST_BYTES:
+                raise InvalidManifestError(f"{where}: manifest of {size} bytes exceeds {MAX_MANIFEST_BYTES}")
+            return f.read(size + 1)  # +1: a file that grew since fstat fails the canonical-form check
+
+    def file_where(self, file: str) -> str:
+        return os.path.join(self.where, file)
+
+    def file_size(self, file: str) -> int:
+        """Size of a regular file (a symlink or anything else counts as missing)."""
+        where = self.file_where(file)
+        try:
+            st = os.stat(file, dir_fd=self.dir_fd(), follow_symlinks=False)
+        except FileNotFoundError:
+            self._check_still_there(file)
+            raise
+        if not stat.S_ISREG(st.st_mode):
+            raise FileNotFoundError(errno.ENOENT, "not a regular file", where)
+        return st.st_size
+
+    def read_file(self, file: str, size: int) -> mmap.mmap | bytes:
+        """A copy-on-write mapping of the whole file (writes to arrays never reach the file)."""
+        where = self.file_where(file)
+        fd = self._open(file)
+        try:
+            actual = os.fstat(fd).st_size
+            if actual != size:
+                raise TruncatedFileError(f"{where}: {actual} bytes, expected {size} (changed while reading)")
+            if size == 0:
+                return b""
+            return mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+        finally:
+            os.close(fd)

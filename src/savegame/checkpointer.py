@@ -1,0 +1,1527 @@
+"""The Checkpointer: when to save, what to keep, which one is best, and where to resume from.
+
+A training loop hands the Checkpointer its state and where it is (epoch, step, metrics); the
+Checkpointer asks its :class:`~savegame.policies.SavePolicy` whether to save, names the checkpoint from
+a template, writes it atomically into its directory, records progress and the best checkpoint so far in
+the manifest, then lets its :class:`~savegame.policies.KeepPolicy` thin out older checkpoints. After a
+crash, ``restore`` loads the newest checkpoint that passes verification (quarantining broken ones) and
+returns the progress so the loop continues where it stopped::
+
+    ckpt = Checkpointer("runs/exp", monitor="val_loss", every_n_epochs=1, keep_last=3)
+    state = {"model": model, "optimizer": opt, "sampler": sampler}
+    restored = ckpt.restore(state)                       # None on a fresh start
+    start = restored.epoch if restored else 0
+    for epoch in range(start, num_epochs):
+        train_one_epoch(...)
+        ckpt.step(state, epoch=epoch + 1, step=global_step, metrics={"val_loss": val_loss},
+                  final=epoch + 1 == num_epochs)
+
+Conventions (shared with :mod:`savegame.policies`): ``epoch`` counts **completed** epochs (pass
+``epoch + 1`` at the end of epoch ``epoch`` of a ``range`` loop; ``restored.epoch`` is then directly the
+``range`` start), ``step`` is the global number of optimizer steps.
+
+What the Checkpointer writes into each manifest's ``progress`` (readable by any process with
+:func:`savegame.read_manifest`)::
+
+    {"checkpointer": 1, "sequence": 12, "epoch": 4, "step": 1200, "metrics": {"val_loss": 0.31},
+     "epoch_end": true, "final": false, "weights_only": false, "pinned": false, "is_best": true,
+     "best": {"monitor": "val_loss", "mode": "min", "value": 0.31, "name": "epoch=004-step=001200",
+              "epoch": 4, "step": 1200}}
+
+Guarantees: a checkpoint is deleted only after a newer one was committed; the newest committed
+checkpoint, the best one and pinned ones are never deleted by retention; checkpoints the Checkpointer
+did not write (no ``progress.checkpointer``) are never deleted; an existing name is never overwritten
+(``-v1``, ``-v2``, ... are appended instead).
+"""
+
+from __future__ import annotations
+
+import builtins
+import datetime as _dt
+import errno
+import logging
+import math
+import os
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import MappingProxyType, TracebackType
+from typing import Any, Literal
+
+from . import api
+from .adapters.rng import RNGState
+from .autointerval import record_save_cost
+from .background import BackgroundWriter, PendingSave
+from .capture import kind_of
+from .coordination import Coordinator, coordinator_for
+from .errors import (
+    BackgroundSaveError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    CommitError,
+    ConfigError,
+    CorruptCheckpointError,
+    InvalidNameError,
+    StateMismatchError,
+    UnsupportedFormatError,
+)
+from .lock import ProcessShare
+from .manifest import Manifest
+from .naming import NameTemplate, unique_name, validate_name
+from .policies import (
+    AnyOf,
+    AtEnd,
+    CheckpointInfo,
+    EveryNEpochs,
+    EveryNSteps,
+    EveryTSeconds,
+    KeepAll,
+    KeepBest,
+    KeepLast,
+    KeepPolicy,
+    KeepUnion,
+    Never,
+    OnImprovement,
+    Progress,
+    SaveContext,
+    SavePolicy,
+    SkipFirstEpochs,
+    is_better,
+    resolve_mode,
+    select_for_deletion,
+)
+from .signals import DEFAULT_SIGNALS, PreemptionHandler
+from .storage import LocalStorage, storage_for
+from .storage.base import CheckpointRef
+from .writer import save_in_background
+
+__all__ = [
+    "AlignedSchedule",
+    "CheckpointRecord",
+    "Checkpointer",
+    "RestoredProgress",
+    "ResumeWarning",
+    "SaveResult",
+]
+
+log = logging.getLogger("savegame.checkpointer")
+
+PROGRESS_VERSION = 1
+"""Version of the ``progress`` layout the Checkpointer writes (``progress["checkpointer"]``)."""
+
+RNG_ITEM = "rng"
+"""Item name under which the global RNG state is added to full-state checkpoints."""
+
+Mode = Literal["auto", "min", "max"]
+Restart = Literal["auto", "required", "off"]
+SignalAction = Literal["exit", "reraise", "continue"]
+DISTRIBUTED_ITEM = "savegame.distributed"
+"""The layout item of checkpoints written by several ranks (see :mod:`savegame.distributed`)."""
+_MAX_NAME_ATTEMPTS = 1000
+
+
+class ResumeWarning(UserWarning):
+    """A checkpoint could not be used for resuming (it was quarantined) or resuming was partial."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Values returned to the caller
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """One committed checkpoint of the directory, as :meth:`Checkpointer.list` reports it.
+
+    ``sequence`` is the save counter (None for checkpoints not written by a Checkpointer), ``created``
+    the commit time (UTC), ``size`` the bytes of its data files, ``is_best`` / ``is_latest`` whether it
+    is the directory's best / newest checkpoint.
+    """
+
+    name: str
+    path: str
+    sequence: int | None
+    epoch: int | None
+    step: int | None
+    metrics: Mapping[str, float]
+    created: _dt.datetime
+    size: int
+    is_best: bool
+    is_latest: bool
+    weights_only: bool
+    pinned: bool
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """What a save did: the new checkpoint, whether it is the new best, what retention deleted.
+
+    ``seconds`` is how long training was blocked. For a background save (``background=True``)
+    ``pending`` is its handle (``pending.result()`` waits for the durable commit), ``size`` is None and
+    ``deleted`` is empty: retention runs once the commit is done, at the next save, ``wait()`` or
+    ``close()``.
+    """
+
+    name: str
+    path: str
+    epoch: int | None
+    step: int | None
+    metrics: Mapping[str, float]
+    is_best: bool
+    size: int | None
+    seconds: float
+    deleted: tuple[str, ...] = ()
+    pending: PendingSave | None = None
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """A background save submitted but not yet integrated (entries, best, retention)."""
+
+    name: str
+    handle: PendingSave
+
+
+@dataclass(frozen=True)
+class RestoredProgress:
+    """Where the restored checkpoint left off, so the training loop can continue.
+
+    ``epoch`` (completed epochs) and ``step`` are what was passed when it was saved; ``data`` holds the
+    values of the plain items of the state (ints, floats, dicts of numbers...) that cannot be updated
+    in place: ``restored.data["loss"]``. ``quarantined`` lists broken checkpoints moved aside on the way.
+    """
+
+    name: str
+    path: str
+    epoch: int | None
+    step: int | None
+    metrics: Mapping[str, float]
+    data: Mapping[str, Any] = field(default_factory=dict)
+    quarantined: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Best:
+    """The best checkpoint for the monitored metric (persisted in every manifest's progress)."""
+
+    monitor: str
+    mode: Literal["min", "max"]
+    value: float
+    name: str
+    epoch: int | None
+    step: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest form."""
+        return {
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "value": self.value,
+            "name": self.name,
+            "epoch": self.epoch,
+            "step": self.step,
+        }
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A committed checkpoint with its parsed progress (internal cache entry)."""
+
+    name: str
+    manifest: Manifest
+    ours: bool
+    sequence: int | None
+    epoch: int | None
+    step: int | None
+    metrics: Mapping[str, float]
+    epoch_end: bool
+    weights_only: bool
+    pinned: bool
+    best: _Best | None
+
+    @property
+    def created(self) -> float:
+        """Commit time as unix seconds."""
+        return self.manifest.created.timestamp()
+
+    def order(self) -> tuple[int, float, str]:
+        """Sort key, oldest first: Checkpointer sequence, then commit time (foreign ones first)."""
+        return (self.sequence if self.sequence is not None else -1, self.created, self.name)
+
+    def progress(self) -> Progress:
+        """The position as a save policy sees it; the time is unknown (another process's clock)."""
+        return Progress(
+            epoch=self.epoch, step=self.step, metrics=self.metrics, time=-math.inf, epoch_end=self.epoch_end
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing and checking values
+
+
+def _opt_int(value: object) -> int | None:
+    """A non-negative int from untrusted progress, or None."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+def _metric_map(value: object) -> dict[str, float]:
+    """Metrics from untrusted progress: string keys, numeric values (others dropped)."""
+    if not isinstance(value, Mapping):
+        return {}
+    out: dict[str, float] = {}
+    for key, raw in value.items():
+        if isinstance(key, str) and isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            out[key] = float(raw)
+    return out
+
+
+def _parse_best(value: object) -> _Best | None:
+    """The ``best`` field of a manifest's progress, or None if absent or malformed."""
+    if not isinstance(value, Mapping):
+        return None
+    monitor, mode, raw, name = value.get("monitor"), value.get("mode"), value.get("value"), value.get("name")
+    if not isinstance(monitor, str) or mode not in ("min", "max") or not isinstance(name, str):
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        return None
+    return _Best(monitor, "min" if mode == "min" else "max", float(raw), name,
+                 _opt_int(value.get("epoch")), _opt_int(value.get("step")))  # fmt: skip
+
+
+def _entry_from_manifest(name: str, manifest: Manifest) -> _Entry:
+    """Read what the Checkpointer needs from a manifest (foreign checkpoints have no progress)."""
+    progress = manifest.progress if isinstance(manifest.progress, Mapping) else {}
+    ours = progress.get("checkpointer") == PROGRESS_VERSION and _opt_int(progress.get("sequence")) is not None
+    return _Entry(
+        name=name,
+        manifest=manifest,
+        ours=ours,
+        sequence=_opt_int(progress.get("sequence")) if ours else None,
+        epoch=_opt_int(progress.get("epoch")),
+        step=_opt_int(progress.get("step")),
+        metrics=MappingProxyType(_metric_map(progress.get("metrics"))),
+        epoch_end=progress.get("epoch_end") is not False,
+        weights_only=progress.get("weights_only") is True,
+        pinned=progress.get("pinned") is True,
+        best=_parse_best(progress.get("best")) if ours else None,
+    )
+
+
+def coerce_metrics(metrics: Mapping[str, object] | None) -> dict[str, float]:
+    """Metrics as ``{name: float}``: accepts ints, floats, NumPy scalars and 0-d tensors.
+
+    Raises :class:`ConfigError` for non-string names and values that are not numbers, so a wrong
+    metric fails at the call that passed it, not when a later save tries to name a file after it.
+    """
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise ConfigError(f"metrics must be a dict of name -> number, got {type(metrics).__name__}")
+    out: dict[str, float] = {}
+    for key, raw in metrics.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"metric names must be non-empty strings, got {key!r}")
+        if isinstance(raw, (bool, str, bytes)):
+            raise ConfigError(f"metric {key!r} must be a number, got {raw!r}")
+        try:
+            out[key] = float(raw)  # type: ignore[arg-type]
+        except (TypeError, ValueError, RuntimeError):
+            raise ConfigError(f"metric {key!r} must be a number (or 0-d tensor), got {raw!r}") from None
+    return out
+
+
+def _check_count(name: str, value: int | None, *, minimum: int) -> None:
+    """ConfigError unless ``value`` is None or an int >= ``minimum``."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"Checkpointer: {name} must be an int >= {minimum} (or None), got {value!r}")
+
+
+def _find_improvement(policy: SavePolicy) -> OnImprovement | None:
+    """The first :class:`OnImprovement` inside a (composed) save policy, to infer ``monitor``."""
+    if isinstance(policy, OnImprovement):
+        return policy
+    if isinstance(policy, SkipFirstEpochs):
+        return _find_improvement(policy.policy)
+    if isinstance(policy, AnyOf):
+        for sub in policy.policies:
+            found = _find_improvement(sub)
+            if found is not None:
+                return found
+    return None
+
+
+def _find_keep_best(policy: KeepPolicy) -> KeepBest | None:
+    """The first :class:`KeepBest` inside a (composed) keep policy, to infer ``monitor``."""
+    if isinstance(policy, KeepBest):
+        return policy
+    if isinstance(policy, KeepUnion):
+        for sub in policy.policies:
+            found = _find_keep_best(sub)
+            if found is not None:
+                return found
+    return None
+
+
+@dataclass(frozen=True)
+class AlignedSchedule:
+    """Ask ``policy`` as if nothing had been saved yet, so a periodic schedule stays aligned.
+
+    :class:`~savegame.policies.EveryNEpochs` counts from the last save, whichever policy made it; a
+    save on improvement at epoch 3 would move "every 5 epochs" to 8, 13, ... Wrapped, it saves at
+    epochs 5, 10, 15 whatever else was saved in between (CANDLE's ``epoch % interval == 0``, Lightning's
+    ``every_n_epochs``), also after a restart. Used by the ``every_n_epochs`` knob.
+    """
+
+    policy: SavePolicy
+
+    def should_save(self, progress: Progress, context: SaveContext) -> bool:
+        """``policy``'s answer with ``last_saved`` hidden; at most once per epoch end."""
+        last = context.last_saved
+        if last is not None and last.epoch_end and last.epoch is not None and last.epoch == progress.epoch:
+            return False  # this epoch's end was saved already (repeated calls must not save again)
+        return self.policy.should_save(progress, SaveContext(None, context.best, context.started))
+
+
+def build_save_policy(
+    *,
+    monitor: str | None,
+    mode: Mode,
+    min_delta: float,
+    threshold: float | None,
+    every_n_epochs: int | None,
+    every_n_steps: int | None,
+    every_seconds: float | None,
+    save_best_only: bool,
+    save_at_end: bool | None,
+    skip_first_epochs: int,
+) -> SavePolicy:
+    """The save policy the convenience knobs of :class:`Checkpointer` describe (see its docstring)."""
+    _check_count("every_n_epochs", every_n_epochs, minimum=0)
+    _check_count("every_n_steps", every_n_steps, minimum=0)
+    _check_count("skip_first_epochs", skip_first_epochs, minimum=0)
+    if every_seconds is not None and (
+        isinstance(every_seconds, bool) or not isinstance(every_seconds, (int, float)) or every_seconds < 0
+    ):
+        raise ConfigError(f"Checkpointer: every_seconds must be a number >= 0 (or None), got {every_seconds!r}")
+    parts: list[SavePolicy] = []
+    if save_best_only:
+        if monitor is None:
+            raise ConfigError("Checkpointer: save_best_only=True needs monitor= (the metric to improve)")
+        if every_n_epochs or every_n_steps or every_seconds:
+            raise ConfigError(
+                "Checkpointer: save_best_only=True saves only on improvement; drop every_n_epochs / "
+                "every_n_steps / every_seconds, or use save_best_only=False to save on both"
+            )
+    else:
+        if every_n_epochs is None and every_n_steps is None and every_seconds is None:
+            every_n_epochs = 1
+        if every_n_epochs:
+            parts.append(AlignedSchedule(EveryNEpochs(every_n_epochs)))
+        if every_n_steps:
+            parts.append(EveryNSteps(every_n_steps))
+        if every_seconds:
+            parts.append(EveryTSeconds(float(every_seconds)))
+    if monitor is not None:
+        parts.append(OnImprovement(monitor, mode=mode, min_delta=min_delta, threshold=threshold))
+    policies: list[SavePolicy] = []
+    if parts:
+        inner: SavePolicy = parts[0] if len(parts) == 1 else AnyOf(*parts)
+        policies.append(SkipFirstEpochs(skip_first_epochs, inner) if skip_first_epochs else inner)
+    if save_at_end if save_at_end is not None else not save_best_only:
+        policies.append(AtEnd())
+    if not policies:
+        return Never()
+    return policies[0] if len(policies) == 1 else AnyOf(*policies)
+
+
+def build_keep_policy(*, monitor: str | None, mode: Mode, keep_last: int | None, keep_best: int | None) -> KeepPolicy:
+    """The keep policy of the ``keep_last`` / ``keep_best`` knobs (everything when neither is set)."""
+    _check_count("keep_last", keep_last, minimum=1)
+    _check_count("keep_best", keep_best, minimum=1)
+    parts: list[KeepPolicy] = []
+    if keep_last is not None:
+        parts.append(KeepLast(keep_last))
+    if keep_best is not None:
+        if monitor is None:
+            raise ConfigError("Checkpointer: keep_best needs monitor= (the metric that ranks checkpoints)")
+        parts.append(KeepBest(keep_best, monitor, mode=mode))
+    if not parts:
+        return KeepAll()
+    return parts[0] if len(parts) == 1 else KeepUnion(*parts)
+
+
+def _default_name(epoch: int | None, step: int | None, sequence: int) -> str:
+    """``epoch=004-step=001200``; the parts that are unknown are left out (``save-000007`` if both)."""
+    parts = []
+    if epoch is not None:
+        parts.append(f"epoch={epoch:03d}")
+    if step is not None:
+        parts.append(f"step={step:06d}")
+    return "-".join(parts) if parts else f"save-{sequence:06d}"
+
+
+def _is_live(value: object, depth: int = 0) -> bool:
+    """Whether ``value`` can be restored in place (a live object, tensor, array, or container of them)."""
+    if kind_of(value) != "data":
+        return True
+    if depth > 50:
+        return False
+    if isinstance(value, Mapping):
+        return bool(value) and all(_is_live(v, depth + 1) for v in value.values())
+    if isinstance(value, builtins.list):
+        return bool(value) and all(_is_live(v, depth + 1) for v in value)
+    return False
+
+
+def _is_weights(value: object) -> bool:
+    """Whether an item holds model weights for ``weights_only`` checkpoints: a ``torch.nn.Module``, or a
+    :class:`savegame.adapters.keras.KerasState` that leaves the optimizer out."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.nn.Module):
+        return True
+    keras_adapter = sys.modules.get("savegame.adapters.keras")
+    keras_state = getattr(keras_adapter, "KerasState", None)
+    return keras_state is not None and isinstance(value, keras_state) and not value.include_optimizer
+
+
+# --------------------------------------------------------------------------------------------------
+# The Checkpointer
+
+
+class Checkpointer:
+    """Saves, thins out and restores the checkpoints of one training run in ``directory``.
+
+    When to save -- either ``save=`` (any :class:`~savegame.policies.SavePolicy`, e.g.
+    ``AnyOf(EveryNSteps(500), OnImprovement("val_acc"))``) or the knobs below, not both:
+
+    * ``every_n_epochs``: save at the ends of epochs N, 2N, 3N, ... whatever else was saved in between
+      (``0``: never by epoch count). When no ``every_*`` knob is given and ``save_best_only`` is False,
+      it defaults to 1.
+    * ``every_n_steps``: save once N global steps have passed since the last save (also mid-epoch
+      calls); ``0``/None: off.
+    * ``every_seconds``: save when this much (monotonic) time has passed since the last save.
+    * ``save_best_only``: save only when ``monitor`` improves (Keras's ``save_best_only``; no periodic
+      saves allowed with it). Whatever the knobs, a ``monitor`` makes every improvement save, so the best
+      model is always on disk.
+    * ``save_at_end``: save at the final call (``step(..., final=True)`` or ``epoch == max_epochs``).
+      None (default) means True unless ``save_best_only``.
+    * ``skip_first_epochs``: no periodic or best saves before this many epochs completed (CANDLE's
+      ``ckpt_skip_epochs``); the end-of-training save still happens.
+
+    What to keep -- either ``keep=`` (any :class:`~savegame.policies.KeepPolicy`, e.g.
+    ``KeepUnion(KeepLast(3), KeepExponential())``) or the knobs, not both:
+
+    * ``keep_last``: keep the N newest; ``keep_best``: keep the K best by ``monitor``. Both: the union.
+      Neither: keep everything. In every case the newest and the best checkpoint and pinned ones
+      (``save(..., pin=True)``) are kept, and checkpoints not written by a Checkpointer are never
+      deleted. Retention runs right after each commit (never before it; for background saves, at the
+      next call that waits for the commit).
+
+    Best tracking:
+
+    * ``monitor``: the metric that defines "best" (e.g. ``"val_loss"``, ``"val_accuracy"``). When None
+      it is taken from an ``OnImprovement`` in ``save=`` or a ``KeepBest`` in ``keep=`` if present.
+    * ``mode``: ``"min"``, ``"max"`` or ``"auto"`` (from the name: accuracy-like metrics are maximised,
+      losses minimised; see :func:`savegame.policies.resolve_mode`).
+    * ``min_delta``: an improvement must exceed this; ``threshold``: the value to beat before any
+      checkpoint exists (Keras's ``initial_value_threshold``).
+      The best value and name are stored in every manifest, so they survive restarts.
+
+    Other options:
+
+    * ``name``: a template such as ``"mobilenet_v2_{epoch:02d}_{val_accuracy:.3f}"`` (placeholders
+      ``epoch``, ``step`` and metric names; checked now). None: ``epoch=004-step=001200``. When a save
+      lacks a value the template needs (a mid-epoch save without validation metrics), the default
+      name is used and a warning issued instead of failing the run.
+    * ``weights_only``: save only the ``nn.Module`` items of the state (no optimizer, no RNG).
+    * ``rng``: add :class:`savegame.RNGState` as item ``"rng"`` to full-state checkpoints (unless the
+      state already has an ``"rng"`` item) and restore it, so dropout and shuffles continue exactly.
+    * ``background``: block training only while the state is copied to host memory and write it in a
+      background thread (one save in flight; the next save, ``wait()``, ``restore`` and ``close()`` wait
+      for it). A failed background save raises :class:`BackgroundSaveError` at the next of those calls
+      (or the next ``step``); retention for a background save runs once it is committed, at that call.
+      Call ``close()`` (or use ``with``) so the last save completes before the process exits.
+    * ``restart``: what ``restore(state)`` (``which="latest"``) does: ``"auto"`` resumes from the newest
+      valid checkpoint if there is one, ``"required"`` raises :class:`CheckpointNotFoundError` if there
+      is none, ``"off"`` never resumes (returns None). Explicit ``which="best"``/names always load.
+    * ``verify``: check every file's hash before restoring (a failing newest checkpoint is quarantined
+      and the next one tried).
+    * ``max_epochs``: when given, an epoch-end call with ``epoch >= max_epochs`` counts as the final call.
+    * ``metadata``: JSON-like data stored in every manifest (run id, host, config...).
+    * ``clock``: monotonic seconds for ``every_seconds``; ``wall_clock``: unix seconds for time-based
+      retention (``KeepPerInterval``). Injectable for tests.
+
+    Where checkpoints live:
+
+    * ``directory``: a local path, or any fsspec URL (``s3://bucket/run``, ``gs://...``, ``memory://...``;
+      needs the ``s3`` extra) written with the manifest as commit marker (:mod:`savegame.storage.remote`).
+    * ``storage_options``: passed to fsspec for a URL ``directory`` (credentials, endpoint); never logged.
+    * ``mirror``: a URL (or path) that committed checkpoints are copied to in the background
+      (:class:`savegame.mirror.Mirror`): training resumes after the fast local commit, the upload follows;
+      local deletions by retention are mirrored once a newer checkpoint is there. ``restore`` then
+      resumes from the newest valid checkpoint of either side, so a fresh node with an empty disk
+      resumes from the mirror. ``mirror_options``: fsspec options for ``mirror``. ``close()`` waits
+      for the uploads.
+    * ``lock``: hold the directory's writer lock (:class:`savegame.lock.WriterLock`) from construction
+      to ``close()``, so a second writer process on the same local directory fails at once with
+      :class:`LockedError` naming the holder (a crashed holder's lock is released by the kernel).
+      Checkpointers of one process share it (a restart in a notebook is not a rival writer).
+      Read-only users (``list``, ``restore``) may pass False. Not used for URL roots.
+
+    Preemption (SLURM, Kubernetes: a signal, then SIGKILL some 30 s later):
+
+    * ``save_on_signal``: True for SIGTERM and SIGUSR1, or the signals to catch (names or numbers);
+      False (default) leaves signal handling alone. On such a signal the next ``step`` (a safe point:
+      the state is consistent there) saves a full checkpoint -- unless that call saved anyway -- waits
+      until it is durable, then acts per ``signal_action``: ``"exit"`` raises ``SystemExit``
+      (``signal_exit_code``, default 128 + the signal number), ``"reraise"`` ends the process by the
+      signal itself, ``"continue"`` keeps training. :meth:`between_steps` opts a region between steps
+      (data loading, evaluation) in to saving at once. Handlers need the main thread.
+
+    Several processes (``torch.distributed``): every rank constructs the Checkpointer and makes the same
+    calls. Rank 0 decides (whether to save, names, what to resume from, retention) and commits once all
+    ranks have written (:mod:`savegame.distributed`); replicated items are written once, sharded ones
+    (FSDP2, DTensor) by each rank, ``rng`` per rank. ``group``: the process group (None: the default
+    one; False: ignore torch.distributed and act as a single process). ``per_rank``: further items that
+    differ between ranks (a per-rank sampler). Saves are synchronous in a process group.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        save: SavePolicy | None = None,
+        keep: KeepPolicy | None = None,
+        monitor: str | None = None,
+        mode: Mode = "auto",
+        min_delta: float = 0.0,
+        threshold: float | None = None,
+        every_n_epochs: int | None = None,
+        every_n_steps: int | None = None,
+        every_seconds: float | None = None,
+        save_best_only: bool = False,
+        save_at_end: bool | None = None,
+        skip_first_epochs: int = 0,
+        keep_last: int | None = None,
+        keep_best: int | None = None,
+        name: str | None = None,
+        weights_only: bool = False,
+        rng: bool = True,
+        background: bool = False,
+        restart: Restart = "auto",
+        verify: bool = True,
+        max_epochs: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        storage_options: Mapping[str, Any] | None = None,
+        mirror: str | os.PathLike[str] | None = None,
+        mirror_options: Mapping[str, Any] | None = None,
+        lock: bool = True,
+        save_on_signal: bool | Iterable[int | str] = False,
+        signal_action: SignalAction = "exit",
+        signal_exit_code: int | None = None,
+        group: Any = None,
+        per_rank: Collection[str] = (),
+    ) -> None:
+        if restart not in ("auto", "required", "off"):
+            raise ConfigError(f"Checkpointer: restart must be 'auto', 'required' or 'off', got {restart!r}")
+        if mode not in ("auto", "min", "max"):
+            raise ConfigError(f"Checkpointer: mode must be 'auto', 'min' or 'max', got {mode!r}")
+        _check_count("max_epochs", max_epochs, minimum=1)
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise ConfigError(f"Checkpointer: metadata must be a dict, got {type(metadata).__name__}")
+        knobs_used = any(
+            v is not None for v in (every_n_epochs, every_n_steps, every_seconds, save_at_end)
+        ) or save_best_only or skip_first_epochs
+        if save is not None and knobs_used:
+            raise ConfigError(
+                "Checkpointer: pass either save= (a policy) or the every_*/save_best_only/save_at_end/"
+                "skip_first_epochs knobs, not both"
+            )
+        if keep is not None and (keep_last is not None or keep_best is not None):
+            raise ConfigError("Checkpointer: pass either keep= (a policy) or keep_last/keep_best, not both")
+        if save is not None and not isinstance(save, SavePolicy):
+            raise ConfigError(f"Checkpointer: save= must be a save policy, got {save!r}")
+        if keep is not None and not isinstance(keep, KeepPolicy):
+            raise ConfigError(f"Checkpointer: keep= must be a keep policy, got {keep!r}")
+
+        if monitor is None and save is not None:
+            found = _find_improvement(save)
+            if found is not None:
+                monitor, mode, min_delta = found.monitor, found.mode, found.min_delta
+                threshold = found.threshold if threshold is None else threshold
+        if monitor is None and keep is not None:
+            kept = _find_keep_best(keep)
+            if kept is not None:
+                monitor, mode = kept.monitor, kept.mode
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+            raise ConfigError(f"Checkpointer: monitor must be a metric name, got {monitor!r}")
+        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not min_delta >= 0:
+            raise ConfigError(f"Checkpointer: min_delta must be a number >= 0, got {min_delta!r}")
+
+        self.monitor = monitor
+        self.mode: Literal["min", "max"] | None = resolve_mode(monitor, mode) if monitor else None
+        self.min_delta = float(min_delta)
+        self.threshold = threshold
+        self.save_policy: SavePolicy = save if save is not None else build_save_policy(
+            monitor=monitor, mode=mode, min_delta=min_delta, threshold=threshold,
+            every_n_epochs=every_n_epochs, every_n_steps=every_n_steps, every_seconds=every_seconds,
+            save_best_only=save_best_only, save_at_end=save_at_end, skip_first_epochs=skip_first_epochs,
+        )  # fmt: skip
+        self.keep_policy: KeepPolicy = keep if keep is not None else build_keep_policy(
+            monitor=monitor, mode=mode, keep_last=keep_last, keep_best=keep_best
+        )
+        self.template = NameTemplate(name) if name is not None else None
+        self.weights_only = bool(weights_only)
+        self.rng = bool(rng)
+        self.restart: Restart = restart
+        self.verify = bool(verify)
+        self.max_epochs = max_epochs
+        self.background = bool(background)
+        self._writer: BackgroundWriter | None = None
+        self._in_flight: _InFlight | None = None
+        self.metadata: dict[str, Any] = dict(metadata or {})
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self.storage = storage_for(directory, storage_options=storage_options)
+        self.directory: str = getattr(self.storage, "root", None) or os.fspath(directory)
+        self.local = isinstance(self.storage, LocalStorage)
+        self.per_rank = tuple(per_rank)
+        self._coord: Coordinator = coordinator_for(group)
+        if self._coord.distributed and self.background:
+            log.warning("Checkpointer: background=True is not available in a process group; saving synchronously")
+            self.background = False
+        self._closed = False
+        self._entries: dict[str, _Entry] = {}
+        self._unreadable: dict[str, CheckpointError] = {}
+        self._max_sequence = 0
+        self._last_saved: Progress | None = None
+        self._saved_here = False
+        self._best: _Best | None = None
+        self._started = clock()
+        self.preempted: str | None = None
+        """The signal whose preemption save was made (with ``signal_action="continue"``), or None."""
+        self._lock: ProcessShare | None = None
+        self._mirror: Any = None
+        self._preemption: PreemptionHandler | None = None
+        if mirror is not None and not self.local:
+            raise ConfigError("Checkpointer: mirror= needs a local directory (it mirrors local checkpoints to a URL)")
+        try:
+            if lock and self.local and self._coord.is_coordinator:
+                self._lock = ProcessShare(self.directory)
+            self._coord.on_coordinator(self.storage.cleanup)
+            if mirror is not None and self._coord.is_coordinator:
+                from .mirror import Mirror
+
+                self._mirror = Mirror(self.directory, mirror, storage_options=mirror_options).start()
+            if save_on_signal is not False:
+                signals = DEFAULT_SIGNALS if save_on_signal is True else tuple(save_on_signal)  # type: ignore[arg-type]
+                self._preemption = PreemptionHandler(
+                    signals=signals, action=signal_action, exit_code=signal_exit_code
+                ).install()
+        except BaseException:
+            self._release()
+            raise
+        self._refresh()
+        newest = self._newest()
+        if newest is not None:
+            self._last_saved = newest.progress()
+
+    # ----------------------------------------------------------------------------------------------
+    # Presets
+
+    @classmethod
+    def preset(
+        cls,
+        preset: str,
+        directory: str | os.PathLike[str],
+        *,
+        monitor: str | None = None,
+        mode: Mode = "auto",
+        max_epochs: int | None = None,
+        name: str | None = None,
+        restart: Restart = "auto",
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Checkpointer:
+        """A Checkpointer for one of the training regimes ``"short"``, ``"normal"``, ``"long"``.
+
+        ``short`` saves once at the end; ``normal`` every epoch plus every improvement of ``monitor``,
+        keeping the 10 newest and the best; ``long`` every 5 epochs or 30 minutes plus improvements,
+        keeping the 20 newest, a log-spaced history and the best. See :mod:`savegame.config`.
+        """
+        from .config import preset_checkpointer
+
+        return preset_checkpointer(
+            preset, directory, monitor=monitor, mode=mode, max_epochs=max_epochs, name=name,
+            restart=restart, metadata=metadata,
+        )  # fmt: skip
+
+    # ----------------------------------------------------------------------------------------------
+    # Directory scan and best tracking
+
+    def _refresh(self) -> None:
+        """Sync the cache with the committed checkpoints of the directory and recompute the best."""
+        names = self.storage.committed()
+        present = set(names)
+        for gone in [n for n in self._entries if n not in present]:
+            del self._entries[gone]
+        for gone in [n for n in self._unreadable if n not in present]:
+            del self._unreadable[gone]
+        for name in names:
+            if name in self._entries or name in self._unreadable:
+                continue
+            try:
+                manifest = api.read_manifest(self._ref(name))
+            except (CorruptCheckpointError, UnsupportedFormatError) as exc:
+                log.warning("checkpoint %s: unreadable manifest, ignored: %s", name, exc)
+                self._unreadable[name] = exc
+                continue
+            except (CheckpointError, OSError) as exc:  # vanished meanwhile, permissions...
+                log.warning("checkpoint %s: cannot read its manifest: %s", name, exc)
+                continue
+            entry = _entry_from_manifest(name, manifest)
+            self._entries[name] = entry
+            if entry.sequence is not None:
+                self._max_sequence = max(self._max_sequence, entry.sequence)
+        self._best = self._resolve_best()
+
+    def _ref(self, name: str) -> str | CheckpointRef:
+        """What the :mod:`savegame.api` functions read checkpoint ``name`` through: its local path, or
+        a reference to it on the configured remote storage."""
+        return self.storage.path(name) if self.local else self.storage.ref(name)
+
+    def _sorted(self) -> builtins.list[_Entry]:
+        """Cached entries, oldest first."""
+        return sorted(self._entries.values(), key=_Entry.order)
+
+    def _newest(self) -> _Entry | None:
+        entries = self._sorted()
+        return entries[-1] if entries else None
+
+    def _resolve_best(self) -> _Best | None:
+        """The best checkpoint for the current monitor: as recorded by the newest manifest when that
+        checkpoint still exists, otherwise recomputed from the metrics of the existing checkpoints."""
+        if self.monitor is None or self.mode is None:
+            return None
+        ours = [e for e in self._sorted() if e.ours]
+        if ours:
+            recorded = ours[-1].best
+            if (
+                recorded is not None
+                and recorded.monitor == self.monitor
+                and recorded.mode == self.mode
+                and recorded.name in self._entries
+            ):
+                return recorded
+        best: _Best | None = None
+        for entry in ours:
+            value = entry.metrics.get(self.monitor)
+            if value is None:
+                continue
+            reference = best.value if best is not None else self.threshold
+            if is_better(value, reference, self.mode, self.min_delta):
+                best = _Best(self.monitor, self.mode, value, entry.name, entry.epoch, entry.step)
+        return best
+
+    def _record(self, entry: _Entry, newest: str | None) -> CheckpointRecord:
+        return CheckpointRecord(
+            name=entry.name,
+            path=self.storage.path(entry.name),
+            sequence=entry.sequence,
+            epoch=entry.epoch,
+            step=entry.step,
+            metrics=entry.metrics,
+            created=entry.manifest.created,
+            size=entry.manifest.total_bytes,
+            is_best=self._best is not None and self._best.name == entry.name,
+            is_latest=entry.name == newest,
+            weights_only=entry.weights_only,
+            pinned=entry.pinned,
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    # Introspection
+
+    def list(self) -> builtins.list[CheckpointRecord]:
+        """The committed checkpoints of the directory, oldest first (re-reads the directory).
+
+        A background save in flight is waited for first, so it is listed once committed.
+        """
+        self._settle()
+        self._refresh()
+        entries = self._sorted()
+        newest = entries[-1].name if entries else None
+        return [self._record(e, newest) for e in entries]
+
+    @property
+    def latest(self) -> CheckpointRecord | None:
+        """The newest committed checkpoint (not verified; ``restore`` verifies), or None."""
+        records = self.list()
+        return records[-1] if records else None
+
+    @property
+    def best(self) -> CheckpointRecord | None:
+        """The best checkpoint by ``monitor`` (None without a monitor or before any qualifies)."""
+        for record in self.list():
+            if record.is_best:
+                return record
+        return None
+
+    @property
+    def best_value(self) -> float | None:
+        """The best value of ``monitor`` so far (persisted across restarts), or None."""
+        self._settle()
+        self._refresh()
+        return self._best.value if self._best is not None else None
+
+    # ----------------------------------------------------------------------------------------------
+    # Saving
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointError(f"Checkpointer({self.directory!r}) is closed")
+
+    def step(
+        self,
+        state: Mapping[str, Any],
+        *,
+        epoch: int | None = None,
+        step: int | None = None,
+        metrics: Mapping[str, object] | None = None,
+        epoch_end: bool = True,
+        final: bool = False,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> SaveResult | None:
+        """Report progress; save if the save policy says so. Returns what was saved, or None.
+
+        ``epoch``: completed epochs (``epoch + 1`` at the end of epoch ``epoch`` of a ``range`` loop);
+        ``step``: global step; ``metrics``: e.g. ``{"val_loss": 0.3}`` (numbers or 0-d tensors);
+        ``epoch_end``: False for calls from inside an epoch (per-batch saves; epoch and improvement
+        policies ignore those); ``final``: the last call of training (``save_at_end``);
+        ``metadata``: extra JSON-like data for this checkpoint's manifest.
+        A save that fails raises and leaves every existing checkpoint as it was.
+        """
+        self._check_open()
+        if self._in_flight is not None and self._in_flight.handle.done():
+            self._settle()
+        if epoch_end and not final and self.max_epochs is not None and epoch is not None:
+            final = epoch >= self.max_epochs
+        progress = Progress(
+            epoch=epoch, step=step, metrics=coerce_metrics(metrics), time=self._clock(),
+            epoch_end=bool(epoch_end), final=bool(final),
+        )  # fmt: skip
+        context = SaveContext(
+            last_saved=self._last_saved,
+            best=self._best.value if self._best is not None else None,
+            started=self._started,
+        )
+        wanted = self.save_policy.should_save(progress, context) and not (
+            progress.final and self._already_saved(progress)
+        )
+        result = None
+        if self._coord.agree(wanted):
+            result = self._save(state, progress, name=None, metadata=metadata, pin=False)
+        if self._preemption is not None and self._coord.any(self._preemption.requested):
+            result = self._save_for_preemption(state, progress, result, metadata)
+        return result
+
+    # ----------------------------------------------------------------------------------------------
+    # Preemption
+
+    @property
+    def preemption(self) -> PreemptionHandler | None:
+        """The signal handler installed by ``save_on_signal`` (``.requested``, ``.signal_name``), or None."""
+        return self._preemption
+
+    def _save_for_preemption(
+        self, state: Mapping[str, Any], progress: Progress, result: SaveResult | None,
+        metadata: Mapping[str, Any] | None,
+    ) -> SaveResult | None:  # fmt: skip
+        """A preemption signal arrived (on any rank): make sure this state is durably saved, then act
+        per ``signal_action`` (exit, re-raise the signal, or return and keep training)."""
+        handler = self._preemption
+        assert handler is not None
+        started = time.monotonic()
+        name = handler.signal_name or "a signal on another rank"
+        if result is None:
+            extra = {**dict(metadata or {}), "preempted_by": name}
+            result = self._save(state, progress, name=None, metadata=extra, pin=False)
+        self._settle()  # a background save must be committed before the process goes
+        seconds = time.monotonic() - started
+        since = handler.seconds_since_signal()
+        log.warning(
+            "savegame: %s received; checkpoint %s durable %.2f s later (save and wait: %.2f s)",
+            name, result.name, since if since is not None else seconds, seconds,
+        )  # fmt: skip
+        handler.save_seconds = seconds
+        self.preempted = name
+        if handler.action != "continue":
+            self.close()
+        handler.exit()
+        return result
+
+    @contextmanager
+    def between_steps(
+        self,
+        state: Mapping[str, Any],
+        *,
+        epoch: int | None = None,
+        step: int | None = None,
+        metrics: Mapping[str, object] | None = None,
+    ) -> Iterator[None]:
+        """A region between training steps (waiting for data, evaluating) where a preemption signal saves
+        ``state`` at once instead of at the next ``step``; the body must not change the state.
+
+        Needs ``save_on_signal``; not available in a process group (a save there involves every rank).
+        """
+        if self._preemption is None:
+            raise ConfigError("Checkpointer.between_steps needs save_on_signal=True (or a list of signals)")
+        if self._coord.distributed:
+            raise ConfigError("Checkpointer.between_steps is not available in a process group; use step()")
+        progress = Progress(
+            epoch=epoch, step=step, metrics=coerce_metrics(metrics), time=self._clock(), epoch_end=False
+        )
+
+        def save(signum: int) -> None:
+            self._save(state, progress, name=None, metadata={"preempted_by": self._preemption.signal_name
+                                                              if self._preemption else signum}, pin=False)  # fmt: skip
+            self._settle()
+            if self._preemption is not None and self._preemption.action != "continue":
+                self.close()
+
+        with self._preemption.between_steps(save):
+            yield
+
+    def save(
+        self,
+        state: Mapping[str, Any],
+        *,
+        name: str | None = None,
+        epoch: int | None = None,
+        step: int | None = None,
+        metrics: Mapping[str, object] | None = None,
+        epoch_end: bool = True,
+        pin: bool = False,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> SaveResult:
+        """Save now, whatever the save policy says; same arguments as :meth:`step`.
+
+        ``name``: an explicit checkpoint name (validated; ``-v1``... appended if taken) instead of the
+        template. ``pin``: retention never deletes this checkpoint (and it does not count against
+        ``keep_last``). Best tracking and retention apply as for policy saves.
+        """
+        self._check_open()
+        if name is not None:
+            validate_name(name)
+        progress = Progress(
+            epoch=epoch, step=step, metrics=coerce_metrics(metrics), time=self._clock(),
+            epoch_end=bool(epoch_end), final=False,
+        )  # fmt: skip
+        return self._save(state, progress, name=name, metadata=metadata, pin=pin)
+
+    def _already_saved(self, progress: Progress) -> bool:
+        """True when this process's last save was at the same epoch and step (no duplicate end save)."""
+        last = self._last_saved
+        if not self._saved_here or last is None:
+            return False
+        if progress.epoch is None and progress.step is None:
+            return False
+        return last.epoch == progress.epoch and last.step == progress.step
+
+    def _items(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """The items to write: the whole state plus the RNGs, or only the modules for weights_only."""
+        if not isinstance(state, Mapping):
+            raise ConfigError(f"state must be a dict of items (e.g. {{'model': model}}), not {type(state).__name__}")
+        if self.weights_only:
+            items = {k: v for k, v in state.items() if _is_weights(v)}
+            if not items:
+                raise ConfigError(
+                    "weights_only=True but the state has no torch.nn.Module item to take weights from"
+                )
+            return items
+        items = dict(state)
+        if self.rng and RNG_ITEM not in items:
+            items[RNG_ITEM] = RNGState()
+        return items
+
+    def _name_for(self, progress: Progress, sequence: int, explicit: str | None) -> str:
+        """The checkpoint name before de-duplication."""
+        if explicit is not None:
+            return explicit
+        if self.template is not None:
+            try:
+                return self.template.format(epoch=progress.epoch, step=progress.step, metrics=progress.metrics)
+            except InvalidNameError as exc:
+                message = f"{exc}; using the default name for this checkpoint"
+                log.warning(message)
+                warnings.warn(message, stacklevel=4)
+        return _default_name(progress.epoch, progress.step, sequence)
+
+    def _new_best(self, progress: Progress, name: str) -> _Best | None:
+        """The best after saving ``progress`` as ``name`` (this one if it improves on the old best)."""
+        if self.monitor is None or self.mode is None:
+            return None
+        value = progress.metrics.get(self.monitor)
+        current = self._best
+        if value is not None:
+            reference = current.value if current is not None else self.threshold
+            if is_better(value, reference, self.mode, self.min_delta):
+                return _Best(self.monitor, self.mode, float(value), name, progress.epoch, progress.step)
+        return current
+
+    def _progress_json(
+        self, progress: Progress, sequence: int, best: _Best | None, name: str, pin: bool
+    ) -> dict[str, Any]:
+        """The ``progress`` dict stored in the manifest (layout in the module docstring)."""
+        return {
+            "checkpointer": PROGRESS_VERSION,
+            "sequence": sequence,
+            "epoch": progress.epoch,
+            "step": progress.step,
+            "metrics": dict(progress.metrics),
+            "epoch_end": progress.epoch_end,
+            "final": progress.final,
+            "weights_only": self.weights_only,
+            "pinned": pin,
+            "is_best": best is not None and best.name == name,
+            "best": best.to_json() if best is not None else None,
+        }
+
+    def _save(
+        self, state: Mapping[str, Any], progress: Progress, *, name: str | None,
+        metadata: Mapping[str, Any] | None, pin: bool,
+    ) -> SaveResult:  # fmt: skip
+        started = time.perf_counter()
+        self._settle()
+        items = self._items(state)
+        distributed = self._coord.distributed
+        encoded = None if self.background or distributed else api.encode_state(items)
+        self._refresh()
+        sequence = self._max_sequence + 1
+        base = self._name_for(progress, sequence, name)
+        meta = {**self.metadata, **dict(metadata or {})}
+        taken = set(self._entries) | set(self._unreadable)
+        for _ in range(_MAX_NAME_ATTEMPTS):
+            final_name = unique_name(base, taken)
+            best = self._new_best(progress, final_name)
+            payload = self._progress_json(progress, sequence, best, final_name, pin)
+            if encoded is None and not distributed:
+                return self._submit(final_name, items, meta, payload, progress, best, started)
+            try:
+                if encoded is None:
+                    path, manifest = self._write_distributed(final_name, items, meta, payload)
+                    final_name = manifest_name = os.path.basename(path.rstrip("/"))
+                    best = _entry_from_manifest(manifest_name, manifest).best
+                else:
+                    path, manifest = api.write_items(
+                        self.storage, final_name, encoded, metadata=meta, progress=payload, overwrite=False
+                    )
+            except CommitError as exc:
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):  # another writer took the name
+                    taken.add(final_name)
+                    continue
+                raise
+            break
+        else:
+            raise CheckpointError(f"could not find a free checkpoint name for {base!r} in {self.directory}")
+        self._committed(final_name, manifest)
+        self._max_sequence = max(self._max_sequence, self._entries[final_name].sequence or sequence)
+        self._last_saved = progress
+        self._saved_here = True
+        deleted = self._retain()
+        is_best = self._best is not None and self._best.name == final_name
+        seconds = time.perf_counter() - started
+        record_save_cost(self.save_policy, seconds)
+        log.info("saved checkpoint %s%s", path, " (best)" if is_best else "")
+        return SaveResult(
+            name=final_name, path=path, epoch=progress.epoch, step=progress.step,
+            metrics=MappingProxyType(dict(progress.metrics)), is_best=is_best,
+            size=manifest.total_bytes, seconds=seconds, deleted=tuple(deleted),
+        )  # fmt: skip
+
+    def _write_distributed(
+        self, name: str, items: Mapping[str, Any], metadata: Mapping[str, Any], payload: Mapping[str, Any]
+    ) -> tuple[str, Manifest]:
+        """Write ``items`` from every rank as one checkpoint (rank 0's name and progress count)."""
+        from . import distributed as sgd
+        from .coordination import Ranks
+
+        assert isinstance(self._coord, Ranks)
+        return sgd.write_state(
+            self.storage, name, items, metadata=metadata, progress=payload, overwrite=False,
+            per_rank=self.per_rank, context=self._coord.context,
+        )  # fmt: skip
+
+    def _committed(self, name: str, manifest: Manifest) -> None:
+        """Record a committed checkpoint in the cache, recompute the best, wake the mirror."""
+        self._entries[name] = _entry_from_manifest(name, manifest)
+        self._best = self._resolve_best()
+        if self._mirror is not None:
+            self._mirror.notify()
+
+    def _retain(self) -> builtins.list[str]:
+        """Apply retention after a commit, on the coordinating rank only; every rank forgets what went."""
+        deleted: builtins.list[str] = self._coord.on_coordinator(lambda: self._apply_retention(dry_run=False))
+        for name in deleted:
+            self._entries.pop(name, None)
+        if deleted and self._mirror is not None:
+            self._mirror.notify()
+        return deleted
+
+    def _submit(
+        self, name: str, items: Mapping[str, Any], metadata: Mapping[str, Any], payload: Mapping[str, Any],
+        progress: Progress, best: _Best | None, started: float,
+    ) -> SaveResult:  # fmt: skip
+        """Start a background save (snapshot now, write later); the Checkpointer's view is updated
+        optimistically (last save, best) and corrected from the directory if the save fails."""
+        if self._writer is None:
+            self._writer = BackgroundWriter(name=f"savegame-writer:{os.path.basename(self.directory)}")
+        handle = save_in_background(
+            self._writer, self.storage, name, items, metadata=metadata, progress=payload, overwrite=False
+        )
+        self._in_flight = _InFlight(name, handle)
+        self._max_sequence = max(self._max_sequence, int(payload["sequence"]))
+        self._last_saved = progress
+        self._saved_here = True
+        self._best = best
+        seconds = time.perf_counter() - started
+        record_save_cost(self.save_policy, handle.blocking_seconds)
+        log.info("saving checkpoint %s in the background", handle.path)
+        return SaveResult(
+            name=name, path=self.storage.path(name), epoch=progress.epoch, step=progress.step,
+            metrics=MappingProxyType(dict(progress.metrics)), is_best=best is not None and best.name == name,
+            size=None, seconds=seconds, pending=handle,
+        )  # fmt: skip
+
+    def _settle(self) -> builtins.list[str]:
+        """Wait for the background save in flight, integrate it and apply retention; return deletions.
+
+        A failed background save raises :class:`BackgroundSaveError` here, after the Checkpointer's
+        view (newest, best) was re-read from the directory.
+        """
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is None:
+            return []
+        try:
+            manifest = in_flight.handle.result()
+        except BackgroundSaveError:
+            if self._writer is not None:
+                self._writer.report_consumed(in_flight.handle)
+            self._refresh()
+            newest = self._newest()
+            self._last_saved = newest.progress() if newest is not None else None
+            self._saved_here = False
+            raise
+        self._committed(in_flight.name, manifest)
+        return self._retain()
+
+    def wait(self) -> builtins.list[str]:
+        """Wait for the background save in flight (if any) and run retention; return what it deleted."""
+        return self._settle()
+
+    # ----------------------------------------------------------------------------------------------
+    # Retention
+
+    def _doomed(self) -> builtins.list[str]:
+        """Names retention would delete now (see the class docstring for what is protected)."""
+        infos = [
+            CheckpointInfo(e.name, e.sequence, e.epoch, e.step, e.metrics, e.created)
+            for e in self._sorted()
+            if e.ours and not e.pinned and e.sequence is not None
+        ]
+        newest = self._newest()
+        best_name = self._best.name if self._best is not None else None
+        doomed = select_for_deletion(infos, self.keep_policy, now=self._wall_clock(), best_name=best_name)
+        return [c.name for c in doomed if newest is None or c.name != newest.name]
+
+    def _apply_retention(self, *, dry_run: bool) -> builtins.list[str]:
+        doomed = self._doomed()
+        if dry_run:
+            return doomed
+        deleted = []
+        for name in doomed:
+            try:
+                self.storage.delete(name)
+            except (CheckpointError, OSError) as exc:
+                message = f"retention could not delete checkpoint {name}: {exc}"
+                log.warning(message)
+                warnings.warn(message, stacklevel=3)
+                continue
+            self._entries.pop(name, None)
+            deleted.append(name)
+            log.info("retention deleted checkpoint %s", name)
+        return deleted
+
+    def prune(self, *, dry_run: bool = True) -> builtins.list[str]:
+        """Apply the keep policy to the directory now; return the names deleted (or that would be)."""
+        if not dry_run:
+            self._check_open()
+        self._settle()
+        self._refresh()
+        return self._apply_retention(dry_run=dry_run)
+
+    # ----------------------------------------------------------------------------------------------
+    # Restoring
+
+    def restore(
+        self,
+        state: Mapping[str, Any],
+        which: str = "latest",
+        *,
+        strict: bool = True,
+        map_location: Any = None,
+    ) -> RestoredProgress | None:
+        """Load a checkpoint into the live objects of ``state`` in place; return its progress.
+
+        ``which="latest"`` resumes according to ``restart`` (see the class docstring): it tries the
+        checkpoints newest first; one that fails verification (or whose manifest is corrupt) is
+        reported with a :class:`ResumeWarning` and a log message, moved aside with
+        ``storage.quarantine`` (renamed, never deleted) and the next older one is tried. It returns
+        None when there is nothing to resume from (``restart="auto"``/``"off"``).
+        ``which="best"`` or a checkpoint name loads exactly that checkpoint
+        (:class:`CheckpointNotFoundError` if absent, the verification error if it is damaged).
+
+        Items of ``state`` that are live objects (modules, optimizers, schedulers, samplers, tensors,
+        Stateful objects) are restored in place; plain values come back in ``RestoredProgress.data``.
+        ``strict``: a live item missing from the checkpoint, or parameters that differ, raise
+        :class:`StateMismatchError` (items a ``weights_only`` checkpoint never had are skipped with a
+        warning). ``map_location``: as for :func:`savegame.load`.
+        """
+        if not isinstance(state, Mapping):
+            raise ConfigError(f"state must be a dict of items, not {type(state).__name__}")
+        self._settle()
+        self._refresh()
+        if which == "latest":
+            return self._resume(state, strict=strict, map_location=map_location)
+        if which == "best":
+            if self._best is None or self._best.name not in self._entries:
+                raise CheckpointNotFoundError(
+                    f"{self.directory}: no best checkpoint"
+                    + ("" if self.monitor else " (no monitor= was given, so nothing is ranked)")
+                )
+            entry = self._entries[self._best.name]
+        else:
+            entry_or_none = self._entries.get(which)
+            if entry_or_none is None:
+                raise CheckpointNotFoundError(f"{self.directory}: no committed checkpoint named {which!r}")
+            entry = entry_or_none
+        if self._coord.distributed and self.verify:  # rank 0 checks; a damaged file raises on every rank
+            self._coord.on_coordinator(lambda: api.verify(self._ref(entry.name)) and None)
+            return self._load(entry, state, strict=strict, map_location=map_location, quarantined=(), verify=False)
+        return self._load(entry, state, strict=strict, map_location=map_location, quarantined=())
+
+    def _fetch_from_mirror(self) -> None:
+        """Bring the mirror's newest valid checkpoint here when it is newer than every local one."""
+        if self._mirror is None:
+            return
+        try:
+            self._mirror.restore_newest(verify=self.verify)
+        except (CheckpointError, OSError) as exc:
+            log.warning("Checkpointer(%s): could not look at the mirror %s: %s", self.directory, self._mirror, exc)
+        self._refresh()
+
+    def _pick_for_resume(self) -> dict[str, Any]:
+        """Rank 0's choice of the checkpoint all ranks resume from: the newest that verifies (broken
+        ones quarantined on the way). JSON, as it is broadcast: ``{"name": ..., "quarantined": [...]}``."""
+        self._fetch_from_mirror()
+        quarantined: builtins.list[str] = []
+        for name, exc in builtins.list(self._unreadable.items()):
+            if isinstance(exc, CorruptCheckpointError):
+                quarantined.append(self._quarantine(name, exc))
+        for entry in reversed(self._sorted()):
+            try:
+                (api.verify if self.verify else api.read_manifest)(self._ref(entry.name))
+            except CorruptCheckpointError as exc:
+                quarantined.append(self._quarantine(entry.name, exc))
+                continue
+            return {"name": entry.name, "quarantined": quarantined}
+        return {"name": None, "quarantined": quarantined}
+
+    def _resume(self, state: Mapping[str, Any], *, strict: bool, map_location: Any) -> RestoredProgress | None:
+        if self.restart == "off":
+            log.info("restart='off': not resuming from %s", self.directory)
+            return None
+        if self._coord.distributed:
+            return self._resume_together(state, strict=strict, map_location=map_location)
+        self._fetch_from_mirror()
+        quarantined: builtins.list[str] = []
+        for name, exc in builtins.list(self._unreadable.items()):
+            if isinstance(exc, CorruptCheckpointError):
+                quarantined.append(self._quarantine(name, exc))
+        for entry in reversed(self._sorted()):
+            try:
+                return self._load(entry, state, strict=strict, map_location=map_location,
+                                  quarantined=tuple(quarantined))  # fmt: skip
+            except CorruptCheckpointError as exc:
+                quarantined.append(self._quarantine(entry.name, exc))
+        self._refresh()
+        self._nothing_to_resume(quarantined)
+        return None
+
+    def _nothing_to_resume(self, quarantined: builtins.list[str]) -> None:
+        """Raise (``restart="required"``) or log that training starts fresh."""
+        detail = f" ({len(quarantined)} damaged checkpoint(s) quarantined)" if quarantined else ""
+        if self.restart == "required":
+            raise CheckpointNotFoundError(
+                f"{self.directory}: restart='required' but there is no valid checkpoint{detail}"
+            )
+        log.info("no checkpoint to resume from in %s%s: starting fresh", self.directory, detail)
+
+    def _resume_together(self, state: Mapping[str, Any], *, strict: bool, map_location: Any) -> RestoredProgress | None:
+        """Resume in a process group: rank 0 picks (and verifies), every rank loads the same one."""
+        choice = self._coord.on_coordinator(self._pick_for_resume)
+        self._refresh()
+        quarantined = [str(q) for q in choice["quarantined"]]
+        name = choice["name"]
+        if name is None:
+            self._nothing_to_resume(quarantined)
+            return None
+        entry = self._entries.get(str(name))
+        if entry is None:
+            raise CheckpointError(f"{self.directory}: rank 0 resumes from {name!r}, which this rank cannot read")
+        return self._load(entry, state, strict=strict, map_location=map_location,
+                          quarantined=tuple(quarantined), verify=False)  # fmt: skip
+
+    def _quarantine(self, name: str, exc: Exception) -> str:
+        """Move a damaged checkpoint aside (never delete it), warn and log; return its old name."""
+        try:
+            moved = self.storage.quarantine(name)
+        except (CheckpointError, OSError) as err:
+            moved = f"(could not quarantine: {err})"
+        message = f"checkpoint {name} in {self.directory} is damaged and was moved to {moved}: {exc}"
+        log.warning(message)
+        warnings.warn(message, ResumeWarning, stacklevel=4)
+        self._entries.pop(name, None)
+        self._unreadable.pop(name, None)
+        return name
+
+    def _load(
+        self, entry: _Entry, state: Mapping[str, Any], *, strict: bool, map_location: Any,
+        quarantined: tuple[str, ...], verify: bool | None = None,
+    ) -> RestoredProgress:  # fmt: skip
+        path = self.storage.path(entry.name)
+        source = self._ref(entry.name)
+        if self.verify if verify is None else verify:
+            manifest = api.verify(source)
+        else:
+            manifest = api.read_manifest(source)
+        layout = DISTRIBUTED_ITEM in manifest.items
+        if layout or self._coord.distributed:
+            from .distributed import item_names
+
+            saved = item_names(manifest)
+        else:
+            saved = set(manifest.items)
+        target = {k: v for k, v in state.items() if _is_live(v)}
+        if self.rng and RNG_ITEM in saved and RNG_ITEM not in state:
+            target[RNG_ITEM] = RNGState()
+        absent = [k for k in target if k not in saved]
+        if absent and (entry.weights_only or not strict):
+            message = f"checkpoint {entry.name} has no items {absent}; they were not restored"
+            log.warning(message)
+            warnings.warn(message, ResumeWarning, stacklevel=4)
+            target = {k: v for k, v in target.items() if k in saved}
+        elif absent:
+            raise StateMismatchError(
+                f"checkpoint {entry.name} has no items {absent} (it has {sorted(saved)}); "
+                "pass strict=False to restore the rest"
+            )
+        data: dict[str, Any] = {}
+        if layout or self._coord.distributed:
+            plain = {k: v for k, v in state.items() if k not in target and k in saved}
+            report = self._load_distributed(path, {**target, **plain}, strict=strict, map_location=map_location)
+            data = {k: report.state[k] for k in plain if k in report.state}
+        else:
+            report = api.load(source, target, strict=strict, verify=False, map_location=map_location)
+            for key in state:
+                if key in target or key not in saved:
+                    continue
+                if key in report.state:
+                    data[key] = report.state[key]
+                else:
+                    data[key] = api.decode_item(source, manifest, key, verify=False, map_location=map_location)
+        progress = _entry_from_manifest(entry.name, manifest)
+        self._last_saved = progress.progress()
+        self._saved_here = False
+        log.info("restored checkpoint %s (epoch=%s, step=%s)", path, progress.epoch, progress.step)
+        return RestoredProgress(
+            name=entry.name, path=path, epoch=progress.epoch, step=progress.step,
+            metrics=progress.metrics, data=MappingProxyType(data), quarantined=quarantined,
+        )  # fmt: skip
+
+    def _load_distributed(self, path: str, target: Mapping[str, Any], *, strict: bool, map_location: Any) -> Any:
+        """Restore a checkpoint written by several ranks (or restore on several ranks): every rank
+        its own per-rank items, sharded items resharded to this job's layout."""
+        from . import distributed as sgd
+        from .coordination import Ranks
+
+        context = self._coord.context if isinstance(self._coord, Ranks) else sgd.RankContext()
+        return sgd.load_state(path, target, strict=strict, verify=False, map_location=map_location, context=context)
+
+    # ----------------------------------------------------------------------------------------------
+    # Lifetime
+
+    def close(self) -> None:
+        """Wait for a background save in flight (raising its error), then stop accepting saves."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._settle()
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+            self._release()
+
+    def _release(self) -> None:
+        """Finish the mirror's uploads, restore the signal handlers, give the writer lock back."""
+        mirror, self._mirror = self._mirror, None
+        handler, self._preemption = self._preemption, None
+        lock, self._lock = self._lock, None
+        try:
+            if mirror is not None:
+                mirror.close(wait=True)
+        except (CheckpointError, OSError) as exc:
+            log.warning("Checkpointer(%s): the mirror did not finish: %s", self.directory, exc)
+        finally:
+            try:
+                if handler is not None and threading.current_thread() is threading.main_thread():
+                    handler.close()
+            finally:
+                if lock is not None:
+                    lock.release()
+
+    def __del__(self) -> None:
+        # A Checkpointer dropped without close() must not keep its directory locked for the rest of the
+        # process (the kernel would only release the flock at exit).
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            try:
+                lock.release()
+            except Exception:
+                pass
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:  # do not hide the exception that ended the block behind a background-save error
+            self.close()
+        except CheckpointError as err:
+            log.error("closing %r after an error: %s", self, err)
+
+    def __repr__(self) -> str:
+        return f"Checkpointer({self.directory!r}, monitor={self.monitor!r}, mode={self.mode!r})"

@@ -1,0 +1,502 @@
+"""A read-only view of a checkpoint root for the command line: list, rank, check, verify.
+
+:class:`savegame.checkpointer.Checkpointer` creates its directory and removes dead writers' staging
+leftovers when it is constructed; ``savegame ls``, ``verify``, ``plot`` and ``prune --dry-run`` must not
+change anything, so they read the root here instead. The rules mirror the Checkpointer exactly (and
+``tests/test_cli.py`` checks that they agree with ``Checkpointer.list()`` and ``prune(dry_run=True)``):
+
+* a checkpoint's progress is the manifest's ``progress`` in the layout documented in
+  :mod:`savegame.checkpointer`; it was written by a Checkpointer when ``progress.checkpointer`` is
+  :data:`~savegame.checkpointer.PROGRESS_VERSION` and ``progress.sequence`` a non-negative int;
+* order (oldest first): sequence (-1 for checkpoints not written by a Checkpointer), commit time, name;
+  the latest is the last readable one;
+* the best for a monitor: the best recorded by the newest Checkpointer manifest when it is for the same
+  monitor and mode and that checkpoint still exists, otherwise recomputed over the Checkpointer's
+  checkpoints (strict improvement, NaN never improves);
+* retention deletes what :func:`savegame.policies.select_for_deletion` selects among the Checkpointer's
+  unpinned checkpoints, never the newest nor the best.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from . import api
+from .checkpointer import PROGRESS_VERSION, build_keep_policy
+from .cli_common import UsageError, is_checkpoint_dir, local_path
+from .errors import (
+    CheckpointError,
+    HashMismatchError,
+    InvalidManifestError,
+    InvalidNameError,
+    MissingFileError,
+    TruncatedFileError,
+)
+from .hashing import new_hasher
+from .manifest import Manifest
+from .policies import CheckpointInfo, is_better, resolve_mode, select_for_deletion
+from .storage import is_url
+from .storage.base import MANIFEST, QUARANTINE_PREFIX, STAGING_PREFIX, TRASH_PREFIX
+from .tensorfile import TensorFileReader
+from .tree import Decoder, iter_array_nodes
+
+__all__ = ["Entry", "RecordedBest", "Root", "Scan", "check_references", "classify", "doomed_by_retention",
+           "resolve_checkpoint", "scan_root", "verify_checkpoint"]  # fmt: skip
+
+Status = Literal["ok", "unverified", "corrupt", "quarantined"]
+_CHUNK = 16 << 20
+
+
+@dataclass(frozen=True)
+class Root:
+    """A root of checkpoints: a local directory, or an fsspec URL (``storage`` is its RemoteStorage)."""
+
+    location: str
+    storage: Any = None
+
+    @property
+    def remote(self) -> bool:
+        """Whether the root is an fsspec URL."""
+        return self.storage is not None
+
+    @classmethod
+    def open(cls, arg: str) -> Root:
+        """The root an argument names; UsageError if it does not exist or is a checkpoint itself."""
+        if is_url(arg):
+            from .storage import storage_for
+
+            kind, _ = classify(arg)
+            if kind == "checkpoint":
+                raise UsageError(f"{arg} is a checkpoint, not a directory of checkpoints (try 'savegame inspect')")
+            storage: Any = storage_for(arg)
+            return cls(str(storage.root), storage)
+        root = local_path(arg)
+        if not os.path.isdir(root):
+            raise UsageError(f"{root}: no such directory" if not os.path.exists(root) else f"{root}: not a directory")
+        if is_checkpoint_dir(root):
+            raise UsageError(f"{root} is a checkpoint, not a directory of checkpoints (try 'savegame inspect {root}')")
+        return cls(root)
+
+    def where(self, name: str) -> str:
+        """Path or URL of folder ``name``."""
+        return f"{self.location}/{name}" if self.remote else os.path.join(self.location, name)
+
+    def ref(self, name: str) -> Any:
+        """What :mod:`savegame.api` reads checkpoint ``name`` through (a path, or a CheckpointRef)."""
+        return self.storage.ref(name) if self.remote else os.path.join(self.location, name)
+
+    def names(self) -> tuple[list[str], list[str], list[str]]:
+        """(committed, quarantined, staging/trash leftovers) folder names, sorted."""
+        if self.remote:
+            return list(self.storage.committed()), list(self.storage.quarantined()), []
+        return _committed_names(self.location)
+
+
+def classify(arg: str) -> tuple[str, str]:
+    """``("checkpoint" | "root" | "missing" | "other", location)`` for a path or URL argument."""
+    if is_url(arg):
+        from .storage import locate
+
+        try:
+            storage, name = locate(arg)
+        except InvalidNameError:
+            return "root", arg
+        return ("checkpoint" if storage.exists(name) else "root"), arg
+    path = local_path(arg)
+    if is_checkpoint_dir(path):
+        return "checkpoint", path
+    if os.path.isdir(path):
+        return "root", path
+    return ("missing" if not os.path.lexists(path) else "other"), path
+
+
+@dataclass(frozen=True)
+class RecordedBest:
+    """The ``best`` field of a Checkpointer manifest: the best checkpoint when that one was written."""
+
+    monitor: str
+    mode: Literal["min", "max"]
+    value: float
+    name: str
+    epoch: int | None
+    step: int | None
+
+
+@dataclass
+class Entry:
+    """One folder of the root: a committed checkpoint, or a quarantined one (``quarantined=True``)."""
+
+    name: str
+    path: str
+    manifest: Manifest | None
+    ref: Any = None
+    quarantined: bool = False
+    ours: bool = False
+    sequence: int | None = None
+    epoch: int | None = None
+    step: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    weights_only: bool = False
+    pinned: bool = False
+    recorded_best: RecordedBest | None = None
+    status: Status = "unverified"
+    problem: str | None = None
+    is_best: bool = False
+    is_latest: bool = False
+    mtime: float = 0.0
+
+    @property
+    def created(self) -> _dt.datetime | None:
+        """Commit time (UTC) from the manifest, None if it could not be read."""
+        return self.manifest.created if self.manifest is not None else None
+
+    @property
+    def timestamp(self) -> float:
+        """Commit time as unix seconds (the folder's mtime when the manifest is unreadable)."""
+        return self.manifest.created.timestamp() if self.manifest is not None else self.mtime
+
+    @property
+    def size(self) -> int:
+        """Bytes of the data files the manifest lists."""
+        return self.manifest.total_bytes if self.manifest is not None else 0
+
+    @property
+    def files(self) -> int:
+        """Number of data files the manifest lists."""
+        return len(self.manifest.files) if self.manifest is not None else 0
+
+    def order(self) -> tuple[int, float, str]:
+        """The Checkpointer's sort key, oldest first."""
+        return (self.sequence if self.sequence is not None else -1, self.timestamp, self.name)
+
+
+@dataclass
+class Scan:
+    """What a root holds: committed checkpoints (readable ones in order, unreadable ones last),
+    quarantined ones, staging and trash leftovers, and the monitor the best is ranked by."""
+
+    root: str
+    source: Root
+    entries: list[Entry]
+    quarantined: list[Entry]
+    leftovers: list[str]
+    monitor: str | None
+    mode: Literal["min", "max"] | None
+    best: Entry | None
+    latest: Entry | None
+
+    @property
+    def readable(self) -> list[Entry]:
+        """Committed checkpoints whose manifest could be read, oldest first."""
+        return [e for e in self.entries if e.manifest is not None]
+
+    def find(self, name: str) -> Entry | None:
+        """The committed checkpoint called ``name``, if any."""
+        for entry in self.entries:
+            if entry.name == name:
+                return entry
+        return None
+
+
+def _opt_int(value: object) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+def _metrics(value: object) -> dict[str, float]:
+    if not isinstance(value, Mapping):
+        return {}
+    return {k: float(v) for k, v in value.items()
+            if isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
+
+
+def _recorded_best(value: object) -> RecordedBest | None:
+    if not isinstance(value, Mapping):
+        return None
+    monitor, mode, raw, name = value.get("monitor"), value.get("mode"), value.get("value"), value.get("name")
+    if not isinstance(monitor, str) or mode not in ("min", "max") or not isinstance(name, str):
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        return None
+    return RecordedBest(monitor, "min" if mode == "min" else "max", float(raw), name,
+                        _opt_int(value.get("epoch")), _opt_int(value.get("step")))  # fmt: skip
+
+
+def fill_progress(entry: Entry) -> None:
+    """Copy what the manifest's ``progress`` says (epoch, step, metrics, best...) into ``entry``."""
+    manifest = entry.manifest
+    progress = manifest.progress if manifest is not None and isinstance(manifest.progress, Mapping) else {}
+    entry.ours = progress.get("checkpointer") == PROGRESS_VERSION and _opt_int(progress.get("sequence")) is not None
+    entry.sequence = _opt_int(progress.get("sequence")) if entry.ours else None
+    entry.epoch = _opt_int(progress.get("epoch"))
+    entry.step = _opt_int(progress.get("step"))
+    entry.metrics = _metrics(progress.get("metrics"))
+    entry.weights_only = progress.get("weights_only") is True
+    entry.pinned = progress.get("pinned") is True
+    entry.recorded_best = _recorded_best(progress.get("best")) if entry.ours else None
+
+
+def cheap_problem(ref: Any, manifest: Manifest) -> str | None:
+    """A problem visible without reading data (a file missing, of the wrong type or size), or None."""
+    reader = api.open_checkpoint(ref, check=False)
+    for file, info in manifest.files.items():
+        where = reader.file_where(file)
+        try:
+            size = reader.file_size(file)
+        except FileNotFoundError:
+            return f"{where}: listed in the manifest but missing (or not a regular file)"
+        except (CheckpointError, OSError) as exc:
+            return f"{where}: {exc}"
+        if size != info.bytes:
+            return f"{where}: {size} bytes, the manifest says {info.bytes}"
+    return None
+
+
+def _read(root: Root, name: str, *, quarantined: bool) -> Entry:
+    path = root.where(name)
+    mtime = 0.0
+    if not root.remote:
+        try:
+            mtime = os.stat(path).st_mtime
+        except OSError:
+            pass
+    entry = Entry(name=name, path=path, manifest=None, quarantined=quarantined, mtime=mtime)
+    if quarantined and root.remote:
+        entry.status = "quarantined"
+        return entry
+    entry.ref = path if quarantined else root.ref(name)
+    try:
+        entry.manifest = api.read_manifest(entry.ref)
+    except (CheckpointError, OSError) as exc:
+        entry.status = "quarantined" if quarantined else "corrupt"
+        entry.problem = str(exc)
+        return entry
+    fill_progress(entry)
+    problem = cheap_problem(entry.ref, entry.manifest)
+    if quarantined:
+        entry.status = "quarantined"
+        entry.problem = problem
+    elif problem is not None:
+        entry.status, entry.problem = "corrupt", problem
+    return entry
+
+
+def _committed_names(root: str) -> tuple[list[str], list[str], list[str]]:
+    """(committed, quarantined, leftovers) folder names of ``root``, like ``LocalStorage`` sees them."""
+    committed, quarantined, leftovers = [], [], []
+    for e in os.scandir(root):
+        if e.name.startswith(QUARANTINE_PREFIX):
+            quarantined.append(e.name)
+        elif e.name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
+            leftovers.append(e.name)
+        elif not e.name.startswith(".") and e.is_dir(follow_symlinks=False):
+            if os.path.isfile(os.path.join(e.path, MANIFEST)):
+                committed.append(e.name)
+    return sorted(committed), sorted(quarantined), sorted(leftovers)
+
+
+def rank_best(entries: list[Entry], monitor: str | None, mode: Literal["min", "max"] | None) -> Entry | None:
+    """The best of the readable ``entries`` (oldest first) for ``monitor`` (see the module docstring)."""
+    if monitor is None or mode is None:
+        return None
+    ours = [e for e in entries if e.ours and e.manifest is not None]
+    by_name = {e.name: e for e in entries if e.manifest is not None}
+    if ours:
+        recorded = ours[-1].recorded_best
+        if recorded is not None and recorded.monitor == monitor and recorded.mode == mode and recorded.name in by_name:
+            return by_name[recorded.name]
+    best: Entry | None = None
+    best_value: float | None = None
+    for entry in ours:
+        value = entry.metrics.get(monitor)
+        if value is not None and is_better(value, best_value, mode):
+            best, best_value = entry, value
+    return best
+
+
+def recorded_monitor(entries: list[Entry]) -> tuple[str, Literal["min", "max"]] | None:
+    """The monitor and mode of the newest Checkpointer manifest that records a best, if any."""
+    for entry in reversed(entries):
+        if entry.ours and entry.recorded_best is not None:
+            return entry.recorded_best.monitor, entry.recorded_best.mode
+    return None
+
+
+def scan_root(arg: str, *, monitor: str | None = None, mode: str = "auto") -> Scan:
+    """Read every manifest of the checkpoint root ``arg`` (a path or URL; no data files are read and
+    nothing is written).
+
+    ``monitor``: the metric that ranks the best (default: the one the run's Checkpointer recorded);
+    ``mode``: ``min``, ``max`` or ``auto`` (from the name, as the library decides).
+    """
+    root = arg if isinstance(arg, Root) else Root.open(arg)
+    committed, quarantined, leftovers = root.names()
+    entries = [_read(root, n, quarantined=False) for n in committed]
+    readable = sorted((e for e in entries if e.manifest is not None), key=Entry.order)
+    unreadable = sorted((e for e in entries if e.manifest is None), key=lambda e: (e.mtime, e.name))
+    quarantine = sorted((_read(root, n, quarantined=True) for n in quarantined),
+                        key=lambda e: (e.timestamp, e.name))  # fmt: skip
+    resolved: Literal["min", "max"] | None
+    if monitor is not None:
+        resolved = resolve_mode(monitor, mode)
+    else:
+        found = recorded_monitor(readable)
+        monitor, resolved = found if found is not None else (None, None)
+        if found is not None and mode != "auto":
+            resolved = resolve_mode(found[0], mode)
+    best = rank_best(readable, monitor, resolved)
+    latest = readable[-1] if readable else None
+    if best is not None:
+        best.is_best = True
+    if latest is not None:
+        latest.is_latest = True
+    return Scan(root.location, root, readable + unreadable, quarantine, leftovers, monitor, resolved, best, latest)
+
+
+def doomed_by_retention(
+    scan: Scan, *, keep_last: int | None, keep_best: int | None, now: float | None = None
+) -> list[Entry]:
+    """What ``Checkpointer(root, keep_last=..., keep_best=..., monitor=scan.monitor).prune()`` deletes.
+
+    Only checkpoints written by a Checkpointer and not pinned are candidates; the newest and the best
+    are always kept. Oldest first.
+    """
+    policy = build_keep_policy(monitor=scan.monitor, mode=scan.mode or "auto", keep_last=keep_last,
+                               keep_best=keep_best)  # fmt: skip
+    candidates = [e for e in scan.readable if e.ours and not e.pinned and e.sequence is not None]
+    infos = [CheckpointInfo(e.name, e.sequence, e.epoch, e.step, e.metrics, e.timestamp)
+             for e in candidates if e.sequence is not None]  # fmt: skip
+    best_name = scan.best.name if scan.best is not None else None
+    doomed = select_for_deletion(infos, policy, now=time.time() if now is None else now, best_name=best_name)
+    newest = scan.latest.name if scan.latest is not None else None
+    names = {c.name for c in doomed if c.name != newest}
+    return [e for e in candidates if e.name in names]
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolving a checkpoint argument
+
+
+def resolve_checkpoint(arg: str, which: str | None = None) -> str:
+    """The checkpoint (path or URL) an argument names.
+
+    ``arg`` is a checkpoint; or a root, with ``which`` = ``latest`` (default), ``best`` or a checkpoint
+    name; or ``ROOT/latest`` / ``ROOT/best`` when no checkpoint has that name.
+    """
+    kind, location = classify(arg)
+    if kind == "checkpoint":
+        if which is not None:
+            raise UsageError(f"{location} is a checkpoint; --which only applies to a directory of checkpoints")
+        return location
+    root_arg, pick = arg, which
+    if kind in ("missing", "root") and which is None:
+        parent, slash, base = arg.rstrip("/").rpartition("/")
+        parent = parent if slash else "."  # a bare "latest" / "best": in the current directory
+        if base in ("latest", "best") and parent and classify(parent)[0] == "root":
+            if kind == "missing" or (is_url(arg) and not _has_checkpoints(arg)):
+                root_arg, pick = parent, base
+    if kind == "missing" and root_arg == arg:
+        raise UsageError(f"{location}: no such checkpoint or directory")
+    if kind == "other":
+        raise UsageError(f"{location}: not a savegame checkpoint (a checkpoint is a directory with a {MANIFEST})")
+    scan = scan_root(root_arg)
+    pick = pick or "latest"
+    if not scan.readable:
+        raise UsageError(f"{scan.root}: not a checkpoint and holds no readable checkpoints")
+    if pick == "latest":
+        assert scan.latest is not None
+        return scan.latest.path
+    if pick == "best":
+        if scan.best is None:
+            raise UsageError(f"{scan.root}: no best checkpoint (no monitored metric was recorded)")
+        return scan.best.path
+    entry = scan.find(pick)
+    if entry is None:
+        names = ", ".join(e.name for e in scan.entries[:10])
+        raise UsageError(f"{scan.root}: no checkpoint named {pick!r} (found: {names})")
+    return entry.path
+
+
+def _has_checkpoints(url: str) -> bool:
+    from .storage import storage_for
+
+    return bool(storage_for(url).committed())
+
+
+# --------------------------------------------------------------------------------------------------
+# Verification with progress
+
+
+def verify_checkpoint(location: Any, *, progress: Callable[[int], None] | None = None) -> Manifest:
+    """What :func:`savegame.verify` checks (manifest, each file's size, hash and header, the references
+    of every item), reporting the bytes hashed to ``progress`` as it goes. Raises the library's
+    :class:`~savegame.CorruptCheckpointError` subclasses naming the first problem."""
+    reader = api.open_checkpoint(location)
+    manifest = api.read_manifest(reader)
+    tensors: dict[str, Any] = {}
+    for file, info in manifest.files.items():
+        where = reader.file_where(file)
+        try:
+            size = reader.file_size(file)
+        except FileNotFoundError:
+            raise MissingFileError(f"{where}: listed in the manifest but missing (or not a regular file)") from None
+        if size != info.bytes:
+            raise TruncatedFileError(f"{where}: {size} bytes, the manifest says {info.bytes}")
+        buffer = reader.read_file(file, size)
+        hasher = new_hasher()
+        view = memoryview(buffer)
+        try:
+            for start in range(0, size, _CHUNK):
+                hasher.update(view[start : start + _CHUNK])
+                if progress is not None:
+                    progress(min(_CHUNK, size - start))
+        finally:
+            view.release()
+        if hasher.hexdigest() != info.hash:
+            raise HashMismatchError(f"{where}: content hash differs from the manifest (file is corrupted)")
+        tensors[file] = TensorFileReader.from_buffer(buffer, where=where).tensors
+    for name, item in manifest.items.items():
+        check_references(item.skeleton, tensors.get(item.file) if item.file else None, name)
+    return manifest
+
+
+_ANY_TAGS: dict[str, Callable[[Any], object]] = {"torch.dtype": str, "torch.Size": list, "torch.device": str}
+
+
+def check_references(skeleton: Any, tensors: Mapping[str, Any] | None, name: str) -> None:
+    """Every array node of item ``name`` names a tensor of its file, and the skeleton decodes (what
+    :func:`savegame.verify` checks after the hashes); :class:`InvalidManifestError` otherwise."""
+    for node in iter_array_nodes(skeleton):
+        key = node.get("key")
+        if not isinstance(key, str) or tensors is None or key not in tensors:
+            raise InvalidManifestError(f"{name}: array {str(key)[:80]!r} is not in the item's tensor file")
+    Decoder(resolve=lambda node, path: None, extra_tags=_ANY_TAGS).decode(skeleton, (name,))
+
+
+def entry_summary(entry: Entry) -> dict[str, Any]:
+    """The JSON form of an entry (``savegame ls --json``)."""
+    created = entry.created
+    return {
+        "name": entry.name,
+        "path": entry.path,
+        "sequence": entry.sequence,
+        "epoch": entry.epoch,
+        "step": entry.step,
+        "metrics": dict(entry.metrics),
+        "created": created,
+        "age_seconds": round(time.time() - created.timestamp(), 3) if created is not None else None,
+        "size": entry.size,
+        "files": entry.files,
+        "is_best": entry.is_best,
+        "is_latest": entry.is_latest,
+        "pinned": entry.pinned,
+        "weights_only": entry.weights_only,
+        "status": entry.status,
+        "problem": entry.problem,
+    }

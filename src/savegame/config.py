@@ -1,0 +1,396 @@
+"""Checkpointer configuration: CANDLE-style parameter files, command-line overrides and presets.
+
+CANDLE benchmarks keep their hyperparameters in a *default-model file*, an INI file whose values are
+Python literals::
+
+    [Global_Params]
+    epochs=20
+    batch_size=64
+    learning_rate=0.001
+    dense=[128, 64]
+    ckpt_restart_mode='auto'
+    ckpt_save_interval=2
+    ckpt_save_best=True
+    ckpt_save_best_metric='val_accuracy'
+    ckpt_keep_limit=3
+
+:func:`read_parameter_file` reads it (values through :func:`ast.literal_eval` only, never ``eval``; a
+value that is not a literal stays a string), :func:`load_parameters` applies command-line overrides
+(``--ckpt_save_interval 5``, ``--epochs 3``, ``--config_file other.txt``) and
+:meth:`CheckpointConfig.from_params` turns the ``ckpt_*`` keys into a :class:`Checkpointer`.
+
+The keys keep CANDLE's meaning, without CANDLE's bugs:
+
+* ``ckpt_save_best_metric`` may be an accuracy-like metric: its direction comes from its name
+  (``val_accuracy`` is maximised) or ``ckpt_save_best_mode``; CANDLE started every metric at ``+inf``
+  and so never saved an improving accuracy.
+* ``ckpt_save_interval=0`` turns off *periodic* saves only; saves on improvement and the
+  end-of-training save still happen (CANDLE disabled every checkpoint, silently). The effect is logged.
+* ``ckpt_skip_epochs`` delays periodic and best saves, never the final one.
+* ``ckpt_keep_limit`` never deletes the newest or the best checkpoint; ``ckpt_keep_mode='exponential'``
+  (unimplemented in CANDLE) keeps a log-spaced history in addition to the ``ckpt_keep_limit`` newest.
+
+Extensions (all optional): ``ckpt_save_steps``, ``ckpt_save_seconds``, ``ckpt_save_best_mode``,
+``ckpt_preset`` (``short``/``normal``/``long``: its values are the defaults the other keys override)
+and ``ckpt_best_metric_last`` (CANDLE's value to beat after a restart). ``epochs``, when present, is
+the last epoch (its end is the final save).
+
+Presets for the three training regimes of the "save and resume your experiments" guide:
+
+* ``short`` (minutes to hours): one checkpoint, at the end of training.
+* ``normal`` (hours to a day): every epoch and every improvement; the 10 newest and the best are kept.
+* ``long`` (days to weeks): every 5 epochs or 30 minutes of wall time and every improvement; the 20
+  newest, a log-spaced history back to the start, and the best are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import configparser
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from .checkpointer import Checkpointer, Mode, Restart
+from .errors import ConfigError
+from .policies import KeepExponential, KeepLast, KeepPolicy, KeepUnion
+
+__all__ = [
+    "KEYS",
+    "PRESETS",
+    "CheckpointConfig",
+    "add_checkpoint_arguments",
+    "load_parameters",
+    "parse_value",
+    "preset_checkpointer",
+    "read_parameter_file",
+]
+
+log = logging.getLogger("savegame.config")
+
+KeepMode = Literal["linear", "exponential", "all"]
+
+
+@dataclass(frozen=True)
+class _Key:
+    """One configuration key: its value kind, the allowed choices and a help line."""
+
+    kind: Literal["str", "int", "float", "bool", "choice", "any"]
+    help: str
+    choices: tuple[str, ...] = ()
+    optional: bool = False
+
+
+KEYS: dict[str, _Key] = {
+    "ckpt_restart_mode": _Key(
+        "choice", "resume: off | auto (if a checkpoint exists) | required", ("off", "auto", "required")
+    ),
+    "ckpt_directory": _Key("str", "checkpoint directory (default ./save)"),
+    "ckpt_save_interval": _Key("int", "save every N epochs; 0 = no periodic saves (best/end saves still happen)"),
+    "ckpt_save_steps": _Key("int", "save every N global steps; 0 = off"),
+    "ckpt_save_seconds": _Key("float", "save every T seconds of wall time; 0 = off"),
+    "ckpt_skip_epochs": _Key("int", "no periodic or best saves before this many epochs"),
+    "ckpt_save_best": _Key("bool", "save whenever ckpt_save_best_metric improves"),
+    "ckpt_save_best_metric": _Key("str", "metric that defines the best checkpoint (e.g. val_loss, val_accuracy)"),
+    "ckpt_save_best_mode": _Key(
+        "choice", "direction of the metric: auto (from its name) | min | max", ("auto", "min", "max")
+    ),
+    "ckpt_best_metric_last": _Key("float", "value the metric must beat before any checkpoint exists", optional=True),
+    "ckpt_keep_mode": _Key(
+        "choice",
+        "linear (keep the newest N) | exponential (plus log-spaced history) | all",
+        ("linear", "exponential", "all"),
+    ),
+    "ckpt_keep_limit": _Key(
+        "int", "how many of the newest checkpoints to keep (the best is kept as well)", optional=True
+    ),
+    "ckpt_checksum": _Key("bool", "verify file hashes before restoring"),
+    "ckpt_save_weights_only": _Key("bool", "save only model weights (no optimizer, RNG or data position)"),
+    "ckpt_preset": _Key(
+        "choice", "defaults for a training regime: short | normal | long", ("short", "normal", "long"), optional=True
+    ),
+    "metadata": _Key("any", "free-form run description stored in every manifest", optional=True),
+}
+"""The configuration keys :meth:`CheckpointConfig.from_params` understands (others are ignored)."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """The ``ckpt_*`` settings, validated; :meth:`build` makes the :class:`Checkpointer`.
+
+    Field defaults are CANDLE's, except ``keep_limit`` (None: unlimited, CANDLE's 1000000),
+    ``checksum`` (True: verification is cheap and catches damaged files) and ``save_weights_only``
+    (False: resuming needs the optimizer and the RNGs).
+    """
+
+    restart_mode: Restart = "auto"
+    directory: str = "./save"
+    save_interval: int = 1
+    save_steps: int = 0
+    save_seconds: float = 0.0
+    skip_epochs: int = 0
+    save_best: bool = True
+    save_best_metric: str = "val_loss"
+    save_best_mode: Mode = "auto"
+    best_metric_last: float | None = None
+    keep_mode: KeepMode = "linear"
+    keep_limit: int | None = None
+    checksum: bool = True
+    save_weights_only: bool = False
+    preset: str | None = None
+    metadata: Any = None
+    max_epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("save_interval", "save_steps", "skip_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"ckpt_{name} must be an integer >= 0, got {value!r}")
+        if self.keep_limit is not None and (
+            isinstance(self.keep_limit, bool) or not isinstance(self.keep_limit, int) or self.keep_limit < 1
+        ):
+            raise ConfigError(f"ckpt_keep_limit must be an integer >= 1, got {self.keep_limit!r}")
+        seconds = self.save_seconds
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < math.inf:
+            raise ConfigError(f"ckpt_save_seconds must be a number >= 0, got {self.save_seconds!r}")
+        if self.save_best and not self.save_best_metric:
+            raise ConfigError("ckpt_save_best=True needs ckpt_save_best_metric (e.g. 'val_loss')")
+        if self.keep_mode == "all" and self.keep_limit is not None:
+            raise ConfigError("ckpt_keep_mode='all' keeps everything; remove ckpt_keep_limit or use 'linear'")
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], *, preset: str | None = None) -> CheckpointConfig:
+        """The configuration described by a parameter dict (parsed file plus overrides).
+
+        ``ckpt_*`` keys and ``metadata`` are read (an unknown ``ckpt_*`` key is an error, so a typo
+        cannot silently fall back to a default); ``epochs`` becomes ``max_epochs``; every other key is
+        left to the model. A preset (``ckpt_preset`` or ``preset=``) supplies the defaults.
+        """
+        unknown = sorted(k for k in params if k.startswith("ckpt_") and k not in KEYS)
+        if unknown:
+            raise ConfigError(f"unknown checkpoint keys {unknown}; known keys: {sorted(KEYS)}")
+        values = {k: _convert(k, params[k]) for k in KEYS if k in params}
+        chosen = values.get("ckpt_preset") or preset
+        base = PRESETS[_check_preset(chosen)] if chosen else cls()
+        changes: dict[str, Any] = {f"{k.removeprefix('ckpt_')}": v for k, v in values.items()}
+        if "epochs" in params:
+            epochs = _convert_int("epochs", params["epochs"])
+            changes["max_epochs"] = epochs if epochs > 0 else None
+        return replace(base, **changes)
+
+    def keep_policy(self) -> KeepPolicy | None:
+        """The keep policy of ``keep_mode`` / ``keep_limit`` (None: keep everything)."""
+        if self.keep_mode == "exponential":
+            history = KeepExponential()
+            return KeepUnion(history, KeepLast(self.keep_limit)) if self.keep_limit else history
+        if self.keep_mode == "linear" and self.keep_limit is not None:
+            return KeepLast(self.keep_limit)
+        return None
+
+    def build(self, *, directory: str | os.PathLike[str] | None = None, name: str | None = None) -> Checkpointer:
+        """The Checkpointer for this configuration (``directory`` overrides ``ckpt_directory``)."""
+        if self.save_interval == 0:
+            log.info(
+                "ckpt_save_interval=0: no periodic checkpoints; %s and the end-of-training checkpoint are still saved",
+                f"improvements of {self.save_best_metric}" if self.save_best else "no best tracking",
+            )
+        metadata = self.metadata
+        if metadata is not None and not isinstance(metadata, Mapping):
+            metadata = {"metadata": metadata}
+        return Checkpointer(
+            directory if directory is not None else self.directory,
+            keep=self.keep_policy(),
+            monitor=self.save_best_metric if self.save_best else None,
+            mode=self.save_best_mode,
+            threshold=self.best_metric_last,
+            every_n_epochs=self.save_interval,
+            every_n_steps=self.save_steps or None,
+            every_seconds=self.save_seconds or None,
+            save_at_end=True,
+            skip_first_epochs=self.skip_epochs,
+            name=name,
+            weights_only=self.save_weights_only,
+            restart=self.restart_mode,
+            verify=self.checksum,
+            max_epochs=self.max_epochs,
+            metadata=metadata,
+        )
+
+
+PRESETS: dict[str, CheckpointConfig] = {
+    "short": CheckpointConfig(save_interval=0, save_best=False, keep_mode="linear", keep_limit=1, preset="short"),
+    "normal": CheckpointConfig(save_interval=1, save_best=True, keep_mode="linear", keep_limit=10, preset="normal"),
+    "long": CheckpointConfig(
+        save_interval=5, save_seconds=1800.0, save_best=True, keep_mode="exponential", keep_limit=20, preset="long"
+    ),
+}
+"""The regimes of seed 003 as configurations (see the module docstring)."""
+
+
+def _check_preset(name: object) -> str:
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return name
+
+
+def preset_checkpointer(
+    preset: str,
+    directory: str | os.PathLike[str],
+    *,
+    monitor: str | None = None,
+    mode: Mode = "auto",
+    max_epochs: int | None = None,
+    name: str | None = None,
+    restart: Restart = "auto",
+    metadata: Mapping[str, Any] | None = None,
+) -> Checkpointer:
+    """A Checkpointer for a preset; the best is tracked (and saved) only when ``monitor`` is given."""
+    config = replace(
+        PRESETS[_check_preset(preset)],
+        save_best=PRESETS[preset].save_best and monitor is not None,
+        save_best_metric=monitor or "val_loss",
+        save_best_mode=mode,
+        max_epochs=max_epochs,
+        restart_mode=restart,
+        metadata=dict(metadata) if metadata is not None else None,
+    )
+    return config.build(directory=directory, name=name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Values
+
+
+_TRUE = {"true", "1", "yes", "on", "t", "y"}
+_FALSE = {"false", "0", "no", "off", "f", "n"}
+
+
+def _convert_int(key: str, value: Any) -> int:
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ConfigError(f"{key} must be an integer, got {value!r}") from None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    return value
+
+
+def _convert(key: str, value: Any) -> Any:
+    """Check and convert the value of a known key (strings from the command line are parsed)."""
+    spec = KEYS[key]
+    if value is None or (isinstance(value, str) and value.strip().lower() == "none" and spec.optional):
+        if spec.optional:
+            return None
+        raise ConfigError(f"{key} must not be None")
+    if spec.kind == "int":
+        return _convert_int(key, value)
+    if spec.kind == "float":
+        try:
+            number = float(value.strip()) if isinstance(value, str) else value
+        except ValueError:
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(number)
+    if spec.kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ConfigError(f"{key} must be True or False, got {value!r}")
+    if spec.kind == "choice":
+        text = value.strip().lower() if isinstance(value, str) else value
+        if text not in spec.choices:
+            raise ConfigError(f"{key} must be one of {list(spec.choices)}, got {value!r}")
+        return text
+    if spec.kind == "str":
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key} must be a non-empty string, got {value!r}")
+        return value
+    return value
+
+
+def parse_value(text: str) -> Any:
+    """A parameter value: a Python literal (``ast.literal_eval``, never ``eval``) or else the string."""
+    stripped = text.strip()
+    try:
+        return ast.literal_eval(stripped)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return stripped
+
+
+def read_parameter_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parameters of a CANDLE default-model file, all sections merged in file order.
+
+    Keys are lower-cased (as CANDLE's ConfigParser does); ``#`` and ``;`` start comment lines; values
+    are parsed with :func:`parse_value`. A missing or malformed file raises :class:`ConfigError`.
+    """
+    parser = configparser.ConfigParser(interpolation=None, comment_prefixes=("#", ";"), strict=False)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read parameter file {os.fspath(path)!r}: {exc}") from exc
+    except configparser.Error as exc:
+        raise ConfigError(f"parameter file {os.fspath(path)!r} is malformed: {exc}") from exc
+    params: dict[str, Any] = {}
+    for section in parser.sections():
+        for key, text in parser.items(section, raw=True):
+            params[key] = parse_value(text)
+    return params
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser, *, extra: Sequence[str] = ()) -> None:
+    """Add ``--ckpt_*`` / ``--metadata`` options (and ``--KEY`` for each of ``extra``) to ``parser``.
+
+    Options default to "not given" (``argparse.SUPPRESS``), so only what the user typed overrides the
+    parameter file. ``--ckpt-save-interval`` spellings are accepted too.
+    """
+    for key, spec in KEYS.items():
+        flags = [f"--{key}"] + ([f"--{key.replace('_', '-')}"] if "_" in key else [])
+        metavar = key.upper().removeprefix("CKPT_")
+        parser.add_argument(*flags, dest=key, default=argparse.SUPPRESS, metavar=metavar, help=spec.help)
+    for key in extra:
+        if key in KEYS or not key.isidentifier():
+            continue
+        parser.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, help=f"override {key} (a Python literal)")
+
+
+def load_parameters(
+    default_model: str | os.PathLike[str] | None,
+    argv: Sequence[str] | None = None,
+    *,
+    defaults: Mapping[str, Any] | None = None,
+    description: str | None = None,
+) -> dict[str, Any]:
+    """Parameters from ``defaults``, then the default-model file, then the command line (``argv``).
+
+    ``--config_file PATH`` on the command line replaces ``default_model``. Every key of the file can
+    be overridden with ``--KEY VALUE`` (parsed like file values), the ``ckpt_*`` keys always.
+    Unknown options are an error (argparse exits with status 2 and a usage message).
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config_file", "--config-file", dest="config_file", default=None)
+    known, _ = pre.parse_known_args(argv)
+    path = known.config_file or default_model
+    params: dict[str, Any] = dict(defaults or {})
+    if path is not None:
+        params.update(read_parameter_file(path))
+    parser = argparse.ArgumentParser(description=description, parents=[pre])
+    add_checkpoint_arguments(parser, extra=sorted(params))
+    namespace = parser.parse_args(argv)
+    for key, raw in vars(namespace).items():
+        if key == "config_file":
+            continue
+        params[key] = _convert(key, raw) if key in KEYS else parse_value(raw)
+    return params
+

@@ -1,0 +1,69 @@
+"""Smoke test of the benchmark harness (``make bench``): a ``--quick`` run with tiny sizes.
+
+No timing assertions: this checks that every workload and contender runs, that each loader really restores
+the saved state, and that the JSON, markdown and PNG reports are written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
+
+
+def test_quick_bench_writes_complete_reports(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    work = tmp_path / "work"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out), "--tmp", str(work)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    data = json.loads((out / "latest.json").read_text())
+    assert data["config"]["quick"] is True
+    reps = data["config"]["reps"]
+    assert reps == 2
+    assert set(data["workloads"]) == {"1gib-400", "transformer-adamw", "10k-tiny", "mlp-10k"}
+    for wl_name, wl in data["workloads"].items():
+        assert wl["state_bytes"] > 0 and wl["n_tensors"] > 0
+        contenders = wl["contenders"]
+        for name in ("savegame sync", "torch.save", "safetensors", "limit: write+fsync", "limit: memcpy (clone)"):
+            assert contenders[name]["status"] == "ok", (wl_name, name, contenders[name]["status"])
+        for name, entry in contenders.items():
+            status = entry["status"]
+            assert status == "ok" or status.startswith("n/a"), (wl_name, name, status)
+            if status != "ok":
+                continue
+            assert len(entry["samples"]["blocking"]) == reps
+            assert all(x >= 0 for x in entry["samples"]["blocking"])
+            if entry["samples"]["into_cold"]:
+                assert entry.get("verified") is True, (wl_name, name)  # load_into restored the exact bytes
+        sync = contenders["savegame sync"]
+        assert sync["bytes_on_disk"] >= wl["state_bytes"]
+        assert len(sync["samples"]["load_cold"]) == reps and len(sync["samples"]["into_warm"]) == reps
+
+    rss = data["workloads"]["1gib-400"]["contenders"]["savegame sync"]["rss"]
+    assert "error" not in rss, rss
+    assert rss["ratio"] >= 1.0 and rss["peak_rss"] > 0
+
+    targets = data["targets"]
+    assert targets and {"target", "workload", "value", "met"} <= set(targets[0])
+    assert any(t["workload"] == "mlp-10k" for t in targets)
+    assert set(data["ratios"]) == set(data["workloads"])
+
+    md = (out / "latest.md").read_text()
+    assert "## Targets" in md and "| savegame sync |" in md and "Machine:" in md
+    png = out / "latest.png"
+    assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not any(p.name.startswith(".tmp-bench-") for p in work.iterdir())  # temp checkpoints removed
