@@ -40,6 +40,7 @@ keras-tests: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.remote_upload --mib 1024
 
 crashtest: $(STAMP)
 	SAVEGAME_CRASH_TRIALS=500 $(BIN)/python -m pytest tests/crash -q

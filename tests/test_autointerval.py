@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +82,32 @@ def test_record_save_cost_reaches_nested_policies() -> None:
 def test_bad_parameters(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigError, match="AutoInterval"):
         AutoInterval(**kwargs)
+
+
+def test_checkpointer_every_auto_saves_at_the_measured_interval(tmp_path: Path) -> None:
+    """``Checkpointer(every="auto")``: the first step saves (measuring the cost), the next save comes once
+    the Young/Daly interval computed from that measured cost has passed on the (fake) clock."""
+    import torch
+
+    import savegame
+
+    now = [0.0]
+    model = torch.nn.Linear(64, 64)
+    ckpt = savegame.Checkpointer(tmp_path, every="auto", mtbf_seconds=3600, max_overhead=0.05, save_at_end=False,
+                                 clock=lambda: now[0])  # fmt: skip
+    policy = ckpt.save_policy
+    assert isinstance(policy, AutoInterval) and policy.mtbf == 3600 and policy.max_overhead == 0.05
+    assert ckpt.step({"model": model}, step=1, epoch_end=False) is not None
+    assert policy.cost is not None and policy.cost > 0  # the blocking time of that save
+    interval = policy.interval()
+    assert interval == max(1.0, daly_interval(policy.cost, 3600), policy.cost / 0.05)
+    now[0] = interval * 0.9
+    assert ckpt.step({"model": model}, step=2, epoch_end=False) is None
+    now[0] = interval * 1.01
+    assert ckpt.step({"model": model}, step=3, epoch_end=False) is not None
+    assert [r.step for r in ckpt.list()] == [1, 3]
+    ckpt.close()
+    with pytest.raises(savegame.ConfigError, match="every"):
+        savegame.Checkpointer(tmp_path / "x", every="sometimes")  # type: ignore[arg-type]
+    with pytest.raises(savegame.ConfigError, match="mtbf"):
+        savegame.Checkpointer(tmp_path / "y", every="auto", mtbf_seconds=-1)

@@ -162,13 +162,6 @@ def test_the_reader_poll_catches_a_protocol_that_publishes_early(tmp_path: Path)
     assert report.errors, f"the reader failed to notice torn checkpoints: {report.summary()}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: api.load / storage.local.LocalCheckpointReader resolve the checkpoint path again for the manifest "
-    "and for each file, so a load(verify=False) racing an overwrite (renameat2 exchange) silently returns the "
-    "manifest's structure of one save with the arrays of the next; opening the directory once and reading "
-    "with dir_fd (openat) would pin one version",
-)
 def test_unverified_reader_of_an_overwritten_name_never_gets_mixed_data(tmp_path: Path) -> None:
     writer = _writer(tmp_path, "overwrite", count=1500)
     report = poll(tmp_path, writer, name="last", verify=False, stop_on_wrong=True)

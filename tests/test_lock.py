@@ -26,8 +26,8 @@ WORKER = str(Path(__file__).parent / "crash" / "worker.py")
 class Holder:
     """A subprocess holding the writer lock of a root (``worker.py hold-lock``)."""
 
-    def __init__(self, root: Path, *, fork: bool = False) -> None:
-        args = [sys.executable, WORKER, "hold-lock", str(root)] + (["fork"] if fork else [])
+    def __init__(self, root: Path, *, fork: bool = False, command: str = "hold-lock") -> None:
+        args = [sys.executable, WORKER, command, str(root)] + (["fork"] if fork else [])
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, start_new_session=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -197,3 +197,24 @@ def test_fallback_never_breaks_a_record_of_another_host(tmp_path: Path) -> None:
     with pytest.raises(LockedError, match="some-other-node"):
         WriterLock(tmp_path).acquire()
     assert json.loads((tmp_path / HELD_FILE).read_text())["host"] == "some-other-node"
+
+
+def test_a_checkpointer_in_another_process_locks_the_directory(tmp_path: Path, holders: list[Holder]) -> None:
+    """The Checkpointer holds the lock for its lifetime: a second writer *process* gets LockedError naming
+    the holder; after the holder dies (SIGKILL) a new Checkpointer starts at once. Checkpointers of one
+    process share the lock (a restart in the same process is not a rival writer)."""
+    import savegame
+
+    holder = Holder(tmp_path, command="hold-checkpointer")
+    holders.append(holder)
+    with pytest.raises(LockedError, match=f"pid {holder.pid}"):
+        savegame.Checkpointer(tmp_path)
+    reader = savegame.Checkpointer(tmp_path, lock=False)  # read-only use needs no lock
+    assert reader.list() == []
+    holder.kill()
+    first = savegame.Checkpointer(tmp_path)
+    second = savegame.Checkpointer(tmp_path)  # same process: shares the lock
+    first.close()
+    assert read_lock_holder(tmp_path) is not None  # still held by `second`
+    second.close()
+    assert read_lock_holder(tmp_path) is None  # released with the last share

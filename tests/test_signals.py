@@ -331,6 +331,9 @@ def test_checkpointer_signal_options_are_checked(tmp_path: Path) -> None:
         assert signal.getsignal(signal.SIGTERM) is not before
         assert ckpt.preemption is not None and not ckpt.preemption.requested
     assert signal.getsignal(signal.SIGTERM) is before  # close() puts the old handlers back
+    with savegame.Checkpointer(tmp_path, save_on_signal="SIGUSR1") as ckpt:  # one signal by name
+        assert ckpt.preemption is not None and ckpt.preemption.signals == (signal.SIGUSR1,)
+        assert signal.getsignal(signal.SIGTERM) is before
 
 
 @pytest.mark.subprocess

@@ -54,7 +54,7 @@ from typing import Any, Literal
 
 from . import api
 from .adapters.rng import RNGState
-from .autointerval import record_save_cost
+from .autointerval import DEFAULT_MTBF_SECONDS, AutoInterval, record_save_cost
 from .background import BackgroundWriter, PendingSave
 from .capture import kind_of
 from .coordination import Coordinator, coordinator_for
@@ -401,8 +401,13 @@ def build_save_policy(
     save_best_only: bool,
     save_at_end: bool | None,
     skip_first_epochs: int,
+    every: Literal["auto"] | None = None,
+    mtbf_seconds: float = DEFAULT_MTBF_SECONDS,
+    max_overhead: float = 0.05,
 ) -> SavePolicy:
     """The save policy the convenience knobs of :class:`Checkpointer` describe (see its docstring)."""
+    if every not in (None, "auto"):
+        raise ConfigError(f"Checkpointer: every must be 'auto' or None, got {every!r}")
     _check_count("every_n_epochs", every_n_epochs, minimum=0)
     _check_count("every_n_steps", every_n_steps, minimum=0)
     _check_count("skip_first_epochs", skip_first_epochs, minimum=0)
@@ -414,14 +419,16 @@ def build_save_policy(
     if save_best_only:
         if monitor is None:
             raise ConfigError("Checkpointer: save_best_only=True needs monitor= (the metric to improve)")
-        if every_n_epochs or every_n_steps or every_seconds:
+        if every_n_epochs or every_n_steps or every_seconds or every:
             raise ConfigError(
                 "Checkpointer: save_best_only=True saves only on improvement; drop every_n_epochs / "
                 "every_n_steps / every_seconds, or use save_best_only=False to save on both"
             )
     else:
-        if every_n_epochs is None and every_n_steps is None and every_seconds is None:
+        if every_n_epochs is None and every_n_steps is None and every_seconds is None and every is None:
             every_n_epochs = 1
+        if every == "auto":
+            parts.append(AutoInterval(mtbf=mtbf_seconds, max_overhead=max_overhead))
         if every_n_epochs:
             parts.append(AlignedSchedule(EveryNEpochs(every_n_epochs)))
         if every_n_steps:
@@ -507,6 +514,10 @@ class Checkpointer:
     * ``every_n_steps``: save once N global steps have passed since the last save (also mid-epoch
       calls); ``0``/None: off.
     * ``every_seconds``: save when this much (monotonic) time has passed since the last save.
+    * ``every="auto"``: save at the Young/Daly optimal interval ``T = sqrt(2 C M)`` (Daly's refinement)
+      from the measured blocking cost ``C`` of each save and the mean time between failures
+      ``M = mtbf_seconds`` (default a day), never spending more than ``max_overhead`` (default 5 %) of the
+      time blocked in saves (:class:`savegame.autointerval.AutoInterval`).
     * ``save_best_only``: save only when ``monitor`` improves (Keras's ``save_best_only``; no periodic
       saves allowed with it). Whatever the knobs, a ``monitor`` makes every improvement save, so the best
       model is always on disk.
@@ -606,6 +617,9 @@ class Checkpointer:
         every_n_epochs: int | None = None,
         every_n_steps: int | None = None,
         every_seconds: float | None = None,
+        every: Literal["auto"] | None = None,
+        mtbf_seconds: float = DEFAULT_MTBF_SECONDS,
+        max_overhead: float = 0.05,
         save_best_only: bool = False,
         save_at_end: bool | None = None,
         skip_first_epochs: int = 0,
@@ -639,7 +653,7 @@ class Checkpointer:
         if metadata is not None and not isinstance(metadata, Mapping):
             raise ConfigError(f"Checkpointer: metadata must be a dict, got {type(metadata).__name__}")
         knobs_used = any(
-            v is not None for v in (every_n_epochs, every_n_steps, every_seconds, save_at_end)
+            v is not None for v in (every_n_epochs, every_n_steps, every_seconds, every, save_at_end)
         ) or save_best_only or skip_first_epochs
         if save is not None and knobs_used:
             raise ConfigError(
@@ -675,6 +689,7 @@ class Checkpointer:
             monitor=monitor, mode=mode, min_delta=min_delta, threshold=threshold,
             every_n_epochs=every_n_epochs, every_n_steps=every_n_steps, every_seconds=every_seconds,
             save_best_only=save_best_only, save_at_end=save_at_end, skip_first_epochs=skip_first_epochs,
+            every=every, mtbf_seconds=mtbf_seconds, max_overhead=max_overhead,
         )  # fmt: skip
         self.keep_policy: KeepPolicy = keep if keep is not None else build_keep_policy(
             monitor=monitor, mode=mode, keep_last=keep_last, keep_best=keep_best
@@ -723,7 +738,12 @@ class Checkpointer:
 
                 self._mirror = Mirror(self.directory, mirror, storage_options=mirror_options).start()
             if save_on_signal is not False:
-                signals = DEFAULT_SIGNALS if save_on_signal is True else tuple(save_on_signal)  # type: ignore[arg-type]
+                if save_on_signal is True:
+                    signals: tuple[int | str, ...] = DEFAULT_SIGNALS
+                elif isinstance(save_on_signal, (str, int)):  # one signal: "SIGTERM", 15
+                    signals = (save_on_signal,)
+                else:
+                    signals = tuple(save_on_signal)
                 self._preemption = PreemptionHandler(
                     signals=signals, action=signal_action, exit_code=signal_exit_code
                 ).install()
@@ -1457,14 +1477,21 @@ class Checkpointer:
             metrics=progress.metrics, data=MappingProxyType(data), quarantined=quarantined,
         )  # fmt: skip
 
-    def _load_distributed(self, path: str, target: Mapping[str, Any], *, strict: bool, map_location: Any) -> Any:
+    def _load_distributed(
+        self, path: str | CheckpointRef, target: Mapping[str, Any], *, strict: bool, map_location: Any
+    ) -> Any:
         """Restore a checkpoint written by several ranks (or restore on several ranks): every rank
-        its own per-rank items, sharded items resharded to this job's layout."""
+        its own per-rank items, sharded items resharded to this job's layout. ``path``: the checkpoint's
+        path as ``storage.path(name)`` gives it (or its reference); every rank reads through this
+        Checkpointer's configured storage (a remote root's credentials live in its storage_options)."""
         from . import distributed as sgd
         from .coordination import Ranks
 
+        source: str | CheckpointRef = path
+        if isinstance(path, str) and not self.local:  # ROOT/NAME as RemoteStorage.path(NAME) made it
+            source = self._ref(path.rstrip("/").rsplit("/", 1)[-1])
         context = self._coord.context if isinstance(self._coord, Ranks) else sgd.RankContext()
-        return sgd.load_state(path, target, strict=strict, verify=False, map_location=map_location, context=context)
+        return sgd.load_state(source, target, strict=strict, verify=False, map_location=map_location, context=context)
 
     # ----------------------------------------------------------------------------------------------
     # Lifetime

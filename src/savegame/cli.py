@@ -88,7 +88,7 @@ def _mode_option(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``savegame`` argument parser (``demo`` is listed but its arguments go to ``savegame.demo``)."""
+    """The ``savegame`` argument parser (``demo`` passes its options on to :func:`savegame.demo.main`)."""
     parser = _Parser(
         prog="savegame",
         description="Crash-safe, verified, pickle-free training checkpoints: look at, check, compare, clean up "

@@ -57,7 +57,7 @@ from torch.futures import Future
 from .adapters.torch import encode_hook, tensor_from_bytes
 from .errors import InvalidManifestError, StateMismatchError, UnsupportedTypeError
 from .manifest import FileEntry, Manifest
-from .storage.base import Transaction
+from .storage.base import CheckpointReader, Transaction
 from .tensorfile import TensorFileReader, order_for_alignment, write_tensor_file
 from .writer import make_encoder
 
@@ -401,8 +401,9 @@ class SavegameStorageWriter(StorageWriter):
 class _Files:
     """Tensor files of one checkpoint opened on demand, each checked (size, hash, header) once."""
 
-    def __init__(self, directory: str, manifest: Manifest, *, verify: bool) -> None:
-        self.directory = directory
+    def __init__(self, checkpoint: CheckpointReader | str, manifest: Manifest, *, verify: bool) -> None:
+        self.checkpoint = checkpoint
+        self.directory = checkpoint if isinstance(checkpoint, str) else checkpoint.where  # for messages
         self.manifest = manifest
         self.verify = verify
         self._open: dict[str, TensorFileReader] = {}
@@ -414,7 +415,7 @@ class _Files:
                 raise InvalidManifestError(f"{where}: file {file[:80]!r} is not listed in the manifest")
             from .api import open_file
 
-            reader = open_file(self.directory, self.manifest, file, verify=self.verify)
+            reader = open_file(self.checkpoint, self.manifest, file, verify=self.verify)
             self._open[file] = reader
         return reader
 
@@ -450,10 +451,10 @@ class SavegameStorageReader(StorageReader):
     hash-checked safetensors files. Never unpickles anything and refuses ``BYTE_IO`` reads."""
 
     def __init__(
-        self, directory: str, manifest: Manifest, tensors: Sequence[TensorRecord], *, verify: bool
+        self, checkpoint: CheckpointReader | str, manifest: Manifest, tensors: Sequence[TensorRecord], *, verify: bool
     ) -> None:
         super().__init__()
-        self.files = _Files(directory, manifest, verify=verify)
+        self.files = _Files(checkpoint, manifest, verify=verify)
         self.records = {r.fqn: r for r in tensors}
         self.chunks: dict[tuple[str, tuple[int, ...]], ChunkRecord] = {
             (r.fqn, c.offsets): c for r in tensors for c in r.chunks

@@ -76,8 +76,9 @@ from .errors import (
     UnsupportedTypeError,
 )
 from .manifest import FileEntry, ItemEntry, Manifest, dump_manifest, parse_manifest, utc_now
-from .storage.base import MANIFEST, Storage, Transaction
-from .storage.local import LocalStorage, check_checkpoint_name
+from .storage import locate
+from .storage.base import MANIFEST, CheckpointReader, CheckpointRef, Storage, Transaction
+from .storage.local import check_checkpoint_name
 from .tensorfile import order_for_alignment, write_tensor_file
 from .tree import decode_plain
 from .writer import EncodedExtras, encode_state, library_versions, make_encoder
@@ -357,8 +358,13 @@ class _Fqns:
 # Saving
 
 
+Location = str | os.PathLike[str] | CheckpointRef
+"""Where a distributed checkpoint is: a local path, an fsspec URL (``s3://bucket/run/NAME``) or a
+:class:`~savegame.storage.base.CheckpointRef` (``storage.ref(name)`` of a configured storage)."""
+
+
 def save(
-    path: str | os.PathLike[str],
+    path: Location,
     state: Mapping[str, Any],
     *,
     metadata: Mapping[str, Any] | None = None,
@@ -366,24 +372,24 @@ def save(
     overwrite: bool = True,
     per_rank: Collection[str] = (),
     group: Any = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Manifest:
-    """Save ``state`` from every rank as the checkpoint directory ``path``; call it on all ranks alike.
+    """Save ``state`` from every rank as the checkpoint ``path``; call it on all ranks alike.
 
-    ``path`` must be the same on every rank (a shared filesystem across nodes). Items are written as the
-    module docstring says; ``per_rank`` names further items every rank saves separately (a per-rank data
-    sampler, say). ``group``: the process group (None: the default one). When it returns on any rank the
-    checkpoint is committed and durable; if any rank fails, every rank raises and nothing is visible.
-    Returns the committed manifest (the same on every rank).
+    ``path`` must be the same on every rank: a directory on a filesystem every rank sees (shared across
+    nodes), an object-store URL (``s3://bucket/run/NAME``, ``storage_options`` go to fsspec; every rank
+    uploads its own files into the version folder rank 0 began) or a ``CheckpointRef`` of a configured
+    storage. Items are written as the module docstring says; ``per_rank`` names further items every rank
+    saves separately (a per-rank data sampler, say). ``group``: the process group (None: the default
+    one). When it returns on any rank the checkpoint is committed and durable; if any rank fails, every
+    rank raises and nothing is visible. Returns the committed manifest (the same on every rank).
     """
-    if "://" in os.fspath(path):
-        raise ConfigError(
-            f"{os.fspath(path)[:80]}: distributed saves to a URL need a storage whose transactions other ranks "
-            "can join; pass such a storage to write_state()"
-        )
-    full = os.path.abspath(os.fspath(path))
-    root, name = os.path.split(full.rstrip(os.sep))
-    check_checkpoint_name(name)
-    storage = LocalStorage(root)
+    if isinstance(path, CheckpointRef):
+        if storage_options:
+            raise ConfigError("storage_options apply to URLs; a CheckpointRef's storage is configured already")
+        storage, name = path.storage, path.name
+    else:
+        storage, name = locate(path, storage_options=storage_options)
     _, manifest = write_state(
         storage, name, state, metadata=metadata, progress=progress, overwrite=overwrite, per_rank=per_rank,
         context=current_context(group),
@@ -490,6 +496,35 @@ def _write_and_commit(
     ctx: RankContext, storage: Storage, txn: Transaction | None, token: str, name: str, state: Mapping[str, Any],
     plan: Mapping[str, str], metadata: Mapping[str, Any] | None, progress: Mapping[str, Any] | None,
 ) -> tuple[str, Manifest]:  # fmt: skip
+    """Every rank: join (non-zero ranks), write, report; rank 0 commits. A participant's transaction is
+    aborted (its own files removed) when the save fails before rank 0 committed, and released after."""
+    joined = _Joined()
+    try:
+        result = _write_and_commit_as(ctx, storage, txn, joined, token, name, state, plan, metadata, progress)
+    except BaseException:
+        if joined.txn is not None and not joined.committed:
+            joined.txn.abort()
+        raise
+    finally:
+        finish = getattr(joined.txn, "finish", None)  # a remote participant's upload threads
+        if callable(finish):
+            finish()
+    return result
+
+
+@dataclass
+class _Joined:
+    """A non-zero rank's share of the transaction, and whether rank 0 committed it."""
+
+    txn: Transaction | None = None
+    committed: bool = False
+
+
+def _write_and_commit_as(
+    ctx: RankContext, storage: Storage, txn: Transaction | None, joined: _Joined, token: str, name: str,
+    state: Mapping[str, Any], plan: Mapping[str, str], metadata: Mapping[str, Any] | None,
+    progress: Mapping[str, Any] | None,
+) -> tuple[str, Manifest]:  # fmt: skip
     mine = txn
     files: dict[str, FileEntry] = {}
     items: dict[str, ItemEntry] = {}
@@ -502,7 +537,7 @@ def _write_and_commit(
             join = getattr(storage, "join", None)
             if join is None:
                 raise ConfigError(f"{type(storage).__name__} cannot be shared by several processes (no join())")
-            mine = join(name, token)
+            mine = joined.txn = join(name, token)
         local: dict[str, Any] = {}
         for item, how in plan.items():
             if how == "replicated" and ctx.is_coordinator:
@@ -566,8 +601,9 @@ def _write_and_commit(
         raise commit_error
     if "error" in verdict:
         raise CommitError(verdict.get("errno") or errno_mod.EIO, f"rank 0 could not commit {name}: {verdict['error']}")
+    joined.committed = True
     final = str(verdict["path"])
-    manifest = parse_manifest(str(verdict["manifest"]).encode(), os.path.join(final, MANIFEST))
+    manifest = parse_manifest(str(verdict["manifest"]).encode(), f"{final}/{MANIFEST}")
     log.info("rank %d: saved %s (%d ranks)", ctx.rank, final, ctx.world_size)
     return final, manifest
 
@@ -674,19 +710,20 @@ def item_names(manifest: Manifest) -> set[str]:
     return {n for n in manifest.items if n not in hidden} | set(layout.per_rank)
 
 
-def _sharded_item(directory: str, manifest: Manifest, name: str) -> ShardedItem:
-    node = api.decode_item(directory, manifest, name, verify=False)
-    return parse_sharded_item(node, f"{directory}: {name}")
+def _sharded_item(source: CheckpointReader, manifest: Manifest, name: str) -> ShardedItem:
+    node = api.decode_item(source, manifest, name, verify=False)
+    return parse_sharded_item(node, f"{source.where}: {name}")
 
 
 def restore(
-    path: str | os.PathLike[str],
+    path: Location,
     state: Mapping[str, Any],
     *,
     strict: bool = True,
     verify: bool = True,
     map_location: Any = None,
     group: Any = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> LoadReport:
     """Restore a checkpoint into the live objects of ``state`` in place; call it on all ranks alike.
 
@@ -697,20 +734,23 @@ def restore(
     restores too (every item then counts as replicated). Returns a :class:`LoadReport` (plain items in
     ``report.state``). ``strict``, ``verify`` and ``map_location`` are as in :func:`savegame.load`; a
     per-rank item missing for this rank (more ranks than when saved) is left alone with a
-    :class:`DistributedWarning`.
+    :class:`DistributedWarning`. ``path``: a local path, an object-store URL (``storage_options`` go
+    to fsspec) or a ``CheckpointRef`` (``storage.ref(name)`` of a configured storage, e.g. a
+    ``RemoteStorage`` holding credentials); each rank reads the files it needs itself.
     """
     return load_state(path, state, strict=strict, verify=verify, map_location=map_location,
-                      context=current_context(group))  # fmt: skip
+                      context=current_context(group), storage_options=storage_options)  # fmt: skip
 
 
 def load_state(
-    path: str | os.PathLike[str],
+    path: Location,
     target: Mapping[str, Any],
     *,
     strict: bool = True,
     verify: bool = True,
     map_location: Any = None,
     context: RankContext | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> LoadReport:
     """:func:`restore` for a given :class:`RankContext` (what the Checkpointer calls instead of ``api.load``).
 
@@ -720,18 +760,34 @@ def load_state(
     waiting: a :class:`CorruptCheckpointError` everywhere if any rank found damage.
     """
     ctx = context or current_context()
-    directory = _location(path)
+    where = _location(path)
     report = LoadReport()
     plan: _ShardedPlan | None = None
     failure: BaseException | None = None
+    source: CheckpointReader | None = None
     try:
-        plan = _load_local(ctx, directory, target, report, strict=strict, verify=verify, map_location=map_location)
+        # One reader for the whole restore: on an object store it is pinned to one version.
+        source = api.open_checkpoint(path, storage_options=storage_options)
+        where = source.where
+        plan = _load_local(ctx, source, target, report, strict=strict, verify=verify, map_location=map_location)
     except BaseException as exc:
         failure = exc
-    _agree(ctx, failure, f"restoring {directory}")
-    if plan is not None:
-        _load_sharded(ctx, directory, plan, target, report)
+    try:
+        _agree(ctx, failure, f"restoring {where}")
+        if plan is not None:
+            assert source is not None
+            _load_sharded(ctx, source, plan, target, report)
+    finally:
+        if source is not None:
+            _close(source)
     return report
+
+
+def _close(source: CheckpointReader) -> None:
+    """Release a reader opened here (a local one holds a directory handle)."""
+    close = getattr(source, "close", None)
+    if callable(close):
+        close()
 
 
 @dataclass
@@ -750,11 +806,12 @@ class _ShardedPlan:
 
 
 def _load_local(
-    ctx: RankContext, directory: str, target: Mapping[str, Any], report: LoadReport, *, strict: bool, verify: bool,
-    map_location: Any,
+    ctx: RankContext, source: CheckpointReader, target: Mapping[str, Any], report: LoadReport, *, strict: bool,
+    verify: bool, map_location: Any,
 ) -> _ShardedPlan | None:  # fmt: skip
     """Restore the replicated and per-rank items; return the plan of the sharded ones (no collectives)."""
-    manifest = api.read_manifest(directory)
+    directory = source.where
+    manifest = api.read_manifest(source)
     report.manifest = manifest
     if not isinstance(target, Mapping):
         raise StateMismatchError(f"target must be a dict of live objects, not {type(target).__name__}")
@@ -780,17 +837,17 @@ def _load_local(
                 log.warning(message)
         elif isinstance(obj, (int, float, str, bytes, tuple, type(None))):
             if name in manifest.items:  # a plain value: returned, not loaded in place (like the Checkpointer)
-                report.state[name] = api.decode_item(directory, manifest, name, verify=verify)
+                report.state[name] = api.decode_item(source, manifest, name, verify=verify)
             elif strict:
                 raise StateMismatchError(f"{directory}: item {name!r} is not in the checkpoint")
             else:
                 report.missing_keys.append(name)
         elif name in manifest.items and _is_sharded(obj):
-            full_models[name] = _full_model_state(directory, manifest, name, obj, report, verify=verify)
+            full_models[name] = _full_model_state(source, manifest, name, obj, report, verify=verify)
         else:
             plain[name] = obj
     if plain:
-        sub = api.load(directory, plain, map_location=map_location, strict=strict, verify=verify)
+        sub = api.load(source, plain, map_location=map_location, strict=strict, verify=verify)
         report.loaded += [_rename(x, renamed) for x in sub.loaded]
         report.missing_keys += [_rename(x, renamed) for x in sub.missing_keys]
         report.unexpected_keys += [_rename(x, renamed) for x in sub.unexpected_keys]
@@ -801,7 +858,7 @@ def _load_local(
         if strict and not report.clean:
             raise StateMismatchError(f"{directory}: state does not match the target: {report}", report)
         return None
-    saved = {name: _sharded_item(directory, manifest, name) for name in shard_targets}
+    saved = {name: _sharded_item(source, manifest, name) for name in shard_targets}
     plan = _ShardedPlan(manifest, saved, shard_targets, {}, {}, [], verify, strict, full_models)
     for name, sd in _sharded_state_dicts(shard_targets, target).items():
         _, tensors = split_tensors(sd, name)
@@ -823,25 +880,28 @@ def _load_local(
     return plan
 
 
-def _location(path: str | os.PathLike[str]) -> str:
-    """A local checkpoint as an absolute path; a URL (``s3://...``) unchanged, for savegame's readers."""
+def _location(path: Location) -> str:
+    """For messages before the checkpoint is open: an absolute path, a URL, a reference's URL."""
+    if isinstance(path, CheckpointRef):
+        return str(path)
     text = os.fspath(path)
     return text if "://" in text else os.path.abspath(text)
 
 
 def _full_model_state(
-    directory: str, manifest: Manifest, name: str, obj: object, report: LoadReport, *, verify: bool
+    source: CheckpointReader, manifest: Manifest, name: str, obj: object, report: LoadReport, *, verify: bool
 ) -> dict[str, Any]:
     """The full state of a model saved unsharded (by one process or DDP), checked against a sharded model
     (FSDP2) it is to be distributed into; only models can be (a plain optimizer state has no FQNs)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+    directory = source.where
     if not isinstance(obj, torch.nn.Module):
         raise StateMismatchError(
             f"{directory}: {name}: a sharded {type(obj).__name__} cannot be restored from a checkpoint saved "
             "unsharded (only models can; restore the model, then start the optimizer afresh)"
         )
-    value = api.decode_item(directory, manifest, name, verify=verify)
+    value = api.decode_item(source, manifest, name, verify=verify)
     if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
         raise StateMismatchError(f"{directory}: {name}: the checkpoint holds {type(value).__name__}, not a model state")
     if value and all(k.startswith("module.") for k in value):  # saved under DDP
@@ -864,7 +924,7 @@ def _rename(key: str, renamed: Mapping[str, str]) -> str:
 
 
 def _load_sharded(
-    ctx: RankContext, directory: str, plan: _ShardedPlan, everything: Mapping[str, Any], report: LoadReport
+    ctx: RankContext, source: CheckpointReader, plan: _ShardedPlan, everything: Mapping[str, Any], report: LoadReport
 ) -> None:
     """The collective part of a restore: DCP reads (and reshards) the tensors, then the live objects get
     their state through DCP's ``set_*_state_dict`` helpers."""
@@ -878,7 +938,7 @@ def _load_sharded(
         from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
         from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
-        reader = SavegameStorageReader(directory, plan.manifest, plan.records, verify=plan.verify)
+        reader = SavegameStorageReader(source, plan.manifest, plan.records, verify=plan.verify)
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
@@ -890,7 +950,7 @@ def _load_sharded(
             cause = _checkpoint_cause(exc)
             if cause is not None:
                 raise cause from exc
-            raise CheckpointError(f"{directory}: loading the sharded state failed: {exc}") from exc
+            raise CheckpointError(f"{source.where}: loading the sharded state failed: {exc}") from exc
     modules = {k: v for k, v in everything.items() if isinstance(v, torch.nn.Module)}
     options = StateDictOptions(strict=plan.strict)
     for name, full in plan.full_models.items():  # unsharded checkpoint -> sharded model: DCP distributes
@@ -905,7 +965,7 @@ def _load_sharded(
             try:
                 set_optimizer_state_dict(_owner_module(obj, modules, name), obj, restored, options=options)
             except (KeyError, ValueError, RuntimeError) as exc:
-                raise StateMismatchError(f"{directory}: {name}: optimizer state does not fit: {exc}") from exc
+                raise StateMismatchError(f"{source.where}: {name}: optimizer state does not fit: {exc}") from exc
         else:
             report.state[name] = restored  # tensors were filled in place; the full structure for reference
         report.loaded.append(name)
@@ -934,7 +994,11 @@ def _rebuild(item: ShardedItem, tensors: Mapping[PathKey, torch.Tensor], flat: M
 
 
 def load_full_state_dict(
-    path: str | os.PathLike[str], *, items: Collection[str] | None = None, verify: bool = True
+    path: Location,
+    *,
+    items: Collection[str] | None = None,
+    verify: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Read a checkpoint in one process, assembling sharded items into full (unsharded) tensors.
 
@@ -943,22 +1007,31 @@ def load_full_state_dict(
     ``{fqn: tensor}``, sharded optimizers in DCP's form (``state`` and ``param_groups`` keyed by parameter
     FQN, which ``torch.distributed.checkpoint.state_dict.set_optimizer_state_dict`` accepts); other items
     as :func:`savegame.load` returns them. ``items`` selects items (default: all but the layout item).
+    ``path``: a local path, an object-store URL (``storage_options`` go to fsspec) or a ``CheckpointRef``.
     """
-    directory = _location(path)
-    manifest = api.read_manifest(directory)
+    source = api.open_checkpoint(path, storage_options=storage_options)
+    try:
+        return _full_state(source, items, verify=verify)
+    finally:
+        _close(source)
+
+
+def _full_state(source: CheckpointReader, items: Collection[str] | None, *, verify: bool) -> dict[str, Any]:
+    directory = source.where
+    manifest = api.read_manifest(source)
     layout = read_layout(manifest, where=directory)
     sharded = set(layout.sharded) if layout else set()
     wanted = [n for n in manifest.items if n != LAYOUT_ITEM] if items is None else list(items)
     missing = [n for n in wanted if n not in manifest.items]
     if missing:
         raise StateMismatchError(f"{directory}: no items {missing} (it has {list(manifest.items)})")
-    files = _Files(directory, manifest, verify=verify)
+    files = _Files(source, manifest, verify=verify)
     out: dict[str, Any] = {}
     for name in wanted:
         if name not in sharded:
-            out[name] = api.decode_item(directory, manifest, name, verify=verify)
+            out[name] = api.decode_item(source, manifest, name, verify=verify)
             continue
-        item = _sharded_item(directory, manifest, name)
+        item = _sharded_item(source, manifest, name)
         full = {r.path: assemble_tensor(files, r) for r in item.tensors}
         out[name] = _rebuild(item, full, {r.fqn: full[r.path] for r in item.tensors})
     return out

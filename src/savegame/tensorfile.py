@@ -33,8 +33,13 @@ from .dtypes import ITEMSIZE, numpy_dtype
 from .errors import InvalidTensorFileError, TruncatedFileError
 from .hashing import Hasher, new_hasher
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-"""Largest header we read (the same limit as the safetensors library)."""
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+"""Largest header we write or read. Parsing a header costs up to ~15x its size in Python objects (one dict
+and one record per tensor), so this bounds what a forged file can make a reader allocate (~250 MB); it
+still holds ~200,000 tensors per item (safetensors itself allows 100 MiB)."""
+
+HEADER_PARSE_FACTOR = 16
+"""Upper bound of (memory allocated while parsing a header) / (header size), checked by the tests."""
 
 MAX_NDIM = 64
 MAX_DIM = 2**62
@@ -101,6 +106,13 @@ def build_header(tensors: Sequence[TensorData], metadata: dict[str, str] | None 
         header[t.name] = {"dtype": t.code, "shape": list(t.shape), "data_offsets": [offset, end]}
         offset = end
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(raw) > MAX_HEADER_BYTES - ALIGNMENT:
+        from .errors import UnsupportedTypeError
+
+        raise UnsupportedTypeError(
+            f"{len(tensors)} tensors need a safetensors header of {len(raw)} bytes, over the limit of "
+            f"{MAX_HEADER_BYTES} that readers accept: split the state into more items"
+        )
     pad = (-(8 + len(raw))) % ALIGNMENT
     raw += b" " * pad
     return struct.pack("<Q", len(raw)) + raw
@@ -215,11 +227,6 @@ def _parse_entry(name: str, entry: object, where: str) -> TensorInfo:
         raise _fail(where, f"tensor {name!r} has an invalid shape")
     if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DIM for d in shape):
         raise _fail(where, f"tensor {name!r} has an invalid dimension in shape {str(shape)[:100]}")
-    nonzero = 1
-    for d in shape:
-        nonzero *= d or 1  # each factor < 2**62 and the product is checked at every step: stays small
-        if nonzero * ITEMSIZE[code] > MAX_DIM:
-            raise _fail(where, f"tensor {name!r} has a shape too large for any array: {str(shape)[:100]}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
@@ -238,6 +245,12 @@ def _parse_entry(name: str, entry: object, where: str) -> TensorInfo:
             f"tensor {name!r}: shape {shape} x {code} needs {count * ITEMSIZE[code]} bytes "
             f"but data_offsets give {end - begin}",
         )
+    if count == 0:  # an empty tensor: its other dimensions must still make an array NumPy/torch can build
+        nonzero = 1
+        for d in shape:
+            nonzero *= d or 1
+        if nonzero * ITEMSIZE[code] > MAX_DIM:
+            raise _fail(where, f"empty tensor {name!r} has a shape too large for any array: {str(shape)[:100]}")
     return TensorInfo(name=name, code=code, shape=tuple(shape), begin=begin, end=end)
 
 

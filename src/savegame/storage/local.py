@@ -374,7 +374,7 @@ class LocalStorage:
     def exists(self, name: str) -> bool:
         """Whether ``name`` is a committed checkpoint (a directory with a manifest)."""
         path = self.path(name)
-        return os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST))
+        return os.path.isdir(path) and _is_regular_file(os.path.join(path, MANIFEST))
 
     def reader(self, name: str) -> LocalCheckpointReader:
         """Open committed checkpoint ``name`` for reading (files are memory-mapped)."""
@@ -414,7 +414,7 @@ class LocalStorage:
         return JoinedTransaction(self, name, staging)
 
     def committed(self) -> list[str]:
-        """Names of committed checkpoints (folders with a manifest), sorted by name."""
+        """Names of committed checkpoints (folders with a manifest that is a regular file), sorted by name."""
         try:
             entries = list(os.scandir(self.root))
         except FileNotFoundError:
@@ -423,7 +423,7 @@ class LocalStorage:
         for e in entries:
             if e.name.startswith(".") or not e.is_dir(follow_symlinks=False):
                 continue
-            if os.path.isfile(os.path.join(e.path, MANIFEST)):
+            if _is_regular_file(os.path.join(e.path, MANIFEST)):
                 names.append(e.name)
         return sorted(names)
 
@@ -515,6 +515,14 @@ def _staging_is_live(tag: str, host: str, entry: os.DirEntry[str]) -> bool:
 
 # ---------------------------------------------------------------------------------------------------
 # Reading
+
+
+def _is_regular_file(path: str) -> bool:
+    """Whether ``path`` is a regular file itself (a symlink to one is not: readers refuse it)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def open_local_checkpoint(path: str | os.PathLike[str]) -> LocalCheckpointReader:

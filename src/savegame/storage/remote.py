@@ -24,6 +24,12 @@ Writing (:meth:`RemoteStorage.begin`, :class:`RemoteTransaction`):
    new one, never a mix, because the old version's files are untouched until the new marker is in;
 5. delete the ``.staging`` marker and, after an overwrite, the older versions (manifest first).
 
+Several processes (a ``torch.distributed`` save, :mod:`savegame.distributed`) write one checkpoint:
+rank 0 begins and sends ``txn.token`` (its version folder) to the others, which :meth:`RemoteStorage.join`
+it and upload their own files into the same ``NAME/VERSION/`` (:class:`RemoteJoinedTransaction`: no
+marker of their own, never a commit); rank 0 writes the manifests and commits once every rank has
+reported its files, so a partial distributed checkpoint is never listed.
+
 A reader takes ``NAME/manifest.json`` and reads the files of the version whose own manifest has the
 same bytes (:class:`RemoteCheckpointReader`), so an overwrite running meanwhile cannot mix versions.
 
@@ -426,6 +432,42 @@ class RemoteStorage:
             raise CommitError(errno.EEXIST, f"{self.url(name)} already exists")
         return RemoteTransaction(self, name, overwrite=overwrite)
 
+    def join(self, name: str, token: str, *, timeout: float = 60.0) -> RemoteJoinedTransaction:
+        """Upload into the transaction another process began with ``begin(name)`` (``token`` = its
+        ``txn.token``, a version folder name): files go to ``NAME/<token>/``; only the owner commits.
+
+        The token must look like a version folder :meth:`begin` makes (``v<UTC time>-<random>``), so a
+        token received from elsewhere cannot point anywhere else (:class:`InvalidNameError` otherwise).
+        Waits up to ``timeout`` seconds for the owner's ``.staging`` marker to be readable, and refuses
+        (:class:`StorageError` ENOENT) a folder without one or whose marker names another checkpoint.
+        """
+        check_checkpoint_name(name)
+        if not isinstance(token, str) or not _VERSION_RE.match(token):
+            shown = token[:80] if isinstance(token, str) else type(token).__name__
+            raise InvalidNameError(f"{shown!r} does not name a version folder of {self.url(name)}")
+        where = self._where(self._key(name, token))
+        path = self._key(name, token, STAGING_MARKER)
+        deadline = time.monotonic() + timeout
+        delay = 0.02
+        while True:
+            try:
+                marker = json.loads(self._cat(path))
+                break
+            except FileNotFoundError:
+                if time.monotonic() >= deadline:
+                    raise StorageError(
+                        errno.ENOENT, f"{where}: no upload is running there (its owner's marker did not appear "
+                        f"within {timeout} s)"
+                    ) from None  # fmt: skip
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            except ValueError:
+                marker = None
+                break
+        if not isinstance(marker, dict) or marker.get("format") != "savegame-staging" or marker.get("name") != name:
+            raise StorageError(errno.ENOENT, f"{where}: not an upload of {name} in progress (unexpected marker)")
+        return RemoteJoinedTransaction(self, name, token, marker)
+
     def exists(self, name: str) -> bool:
         """Whether ``name`` is committed (its commit marker exists)."""
         return self._exists(self._key(check_checkpoint_name(name), MANIFEST))
@@ -803,20 +845,8 @@ class RemoteTransaction:
     """One checkpoint being uploaded into a fresh version folder (see the module docstring)."""
 
     def __init__(self, storage: RemoteStorage, name: str, *, overwrite: bool) -> None:
-        self.storage = storage
-        self.name = name
-        self.overwrite = overwrite
-        self.version = _new_version()
+        self._setup(storage, name, _new_version(), overwrite=overwrite)
         self.owner = uuid.uuid4().hex
-        self.prefix = storage._key(name, self.version)
-        self._sinks: list[_Sink] = []
-        self._done = False
-        self._started = time.time()
-        self._last_beat = 0.0
-        self._pool: ThreadPoolExecutor | None = None
-        self._slots = threading.BoundedSemaphore(storage.max_concurrency)
-        self._free: list[bytearray] = []
-        self._free_lock = threading.Lock()
         with _LIVE_LOCK:
             _LIVE_OWNERS.add(self.owner)
         try:
@@ -826,9 +856,27 @@ class RemoteTransaction:
                 _LIVE_OWNERS.discard(self.owner)
             raise
 
+    def _setup(self, storage: RemoteStorage, name: str, version: str, *, overwrite: bool) -> None:
+        """State shared with :class:`RemoteJoinedTransaction`: where the files go, the upload machinery."""
+        self.storage = storage
+        self.name = name
+        self.overwrite = overwrite
+        self.version = version
+        self.owner = ""
+        self.prefix = storage._key(name, version)
+        self._sinks: list[_Sink] = []
+        self._done = False
+        self._started = time.time()
+        self._last_beat = 0.0
+        self._pool: ThreadPoolExecutor | None = None
+        self._slots = threading.BoundedSemaphore(storage.max_concurrency)
+        self._free: list[bytearray] = []
+        self._free_lock = threading.Lock()
+
     @property
     def token(self) -> str:
-        """The version folder this transaction writes (for messages and tests)."""
+        """The version folder this transaction writes: what other processes pass to
+        :meth:`RemoteStorage.join` to upload their files into it (multi-process saves)."""
         return self.version
 
     def _beat(self, *, force: bool = False) -> None:
@@ -952,10 +1000,68 @@ class RemoteTransaction:
             log.warning("could not remove the aborted upload %s (cleanup() will): %s", where, exc)
 
 
+class RemoteJoinedTransaction(RemoteTransaction):
+    """One process's share of an upload another process began (multi-process saves).
+
+    Rank 0 calls :meth:`RemoteStorage.begin` and hands ``txn.token`` (its version folder) to the other
+    ranks; each calls :meth:`RemoteStorage.join` and uploads its own files into ``NAME/<token>/`` through
+    the same sinks (multipart on S3, parts in parallel, bounded memory). ``close`` on a sink completes
+    that file's upload. Only the owner publishes, after every rank reported its files, so :meth:`commit`
+    refuses (``CommitError`` EPERM). A participant writes no ``.staging`` marker of its own: the owner's
+    marker protects the folder from :meth:`RemoteStorage.cleanup`; while a participant uploads it
+    refreshes the heartbeat of that marker (so another rank's long upload keeps the folder alive while
+    the owner waits), never creating one. :meth:`abort` removes only this participant's files (the
+    owner's abort removes the whole version folder); :meth:`finish` releases the upload threads once
+    the files are reported (they stay, for the owner to commit or remove).
+    """
+
+    def __init__(self, storage: RemoteStorage, name: str, version: str, marker: Mapping[str, Any]) -> None:
+        self._setup(storage, name, version, overwrite=False)
+        self._marker = dict(marker)
+        self._last_beat = time.time()
+
+    def _beat(self, *, force: bool = False) -> None:
+        """Refresh the owner's heartbeat at most every ``heartbeat_seconds`` (its host and pid unchanged)."""
+        now = time.time()
+        if self._done or (not force and now - self._last_beat < self.storage.heartbeat_seconds):
+            return
+        self._last_beat = now
+        self._marker["heartbeat"] = now
+        try:
+            self.storage._put(f"{self.prefix}/{STAGING_MARKER}", json.dumps(self._marker).encode())
+        except (StorageError, OSError) as exc:  # the owner beats too; a missed refresh is not fatal
+            log.warning("could not refresh the heartbeat of %s: %s", self.storage._where(self.prefix), exc)
+
+    def commit(self, manifest: bytes) -> str:
+        raise CommitError(
+            errno.EPERM,
+            f"only the process that began the upload of {self.storage.url(self.name)} commits it (joined here)",
+        )
+
+    def finish(self) -> None:
+        """Release the upload threads and buffers; the uploaded files stay (the owner commits them)."""
+        if not self._done:
+            self._finish()
+
+    def abort(self) -> None:
+        """Stop this participant's uploads and delete the files it wrote (best effort)."""
+        if self._done:
+            return
+        for sink in self._sinks:
+            sink.discard()
+        self._finish()
+        try:
+            self.storage._rm(sink.path for sink in self._sinks)
+        except (StorageError, OSError) as exc:
+            log.warning("could not remove the files of an aborted participant in %s (cleanup() will): %s",
+                        self.storage._where(self.prefix), exc)  # fmt: skip
+
+
 class _Sink:
     """A data file being uploaded (the :class:`~savegame.storage.base.FileSink` protocol)."""
 
     bytes_written: int
+    path: str
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         raise NotImplementedError
@@ -1197,6 +1303,7 @@ class _StreamSink(_Sink):
     def __init__(self, txn: RemoteTransaction, path: str) -> None:
         self._txn = txn
         self._st = txn.storage
+        self.path = path
         self.where = self._st._where(path)
         self._st._ensure_parent(path)
         self._file: Any = self._st._call(f"creating {self.where}", self._st.fs.open, path, "wb",
