@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 import sys
 
+import keras
 import numpy as np
 from sklearn.datasets import load_digits
 
-import keras
 import savegame.keras
 from savegame.keras import ModelCheckpoint
 

@@ -17,9 +17,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import keras
 from sklearn.datasets import load_digits
 
-import keras
 from savegame.keras import ModelCheckpoint
 
 DEFAULT_MODEL = Path(__file__).with_name("keras_candle_default_model.txt")

@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 import sys
 
+import keras
 from sklearn.datasets import load_digits
 
-import keras
 import savegame.keras
 from savegame.keras import ModelCheckpoint
 

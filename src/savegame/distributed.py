@@ -21,11 +21,13 @@ The commit protocol is the local one stretched over ranks::
     rank 0: write manifest.json last, fsync, rename into place; broadcast the committed manifest
 
 so nothing is visible before every rank has finished writing, and a rank that dies anywhere leaves only
-a hidden staging directory (removed by the next writer's cleanup). Retention and deletion are left to
-rank 0 (the Checkpointer runs them there). Nothing is pickled: the collectives savegame itself issues
-carry lengths and UTF-8 JSON as uint8 tensors; DCP's own plan exchange between ranks uses
-``torch.distributed`` object collectives in memory, but no file holds a pickle and loading never
-unpickles file content.
+a hidden staging directory (removed by the next writer's cleanup). On an object store
+(:class:`~savegame.storage.remote.RemoteStorage`) the staging directory is the upload's version folder,
+joined by the other ranks with ``RemoteStorage.join``, and the commit is the manifest written last.
+Retention and deletion are left to rank 0 (the Checkpointer runs them there). Nothing is pickled: the
+collectives savegame itself issues carry lengths and UTF-8 JSON as uint8 tensors; DCP's own plan
+exchange between ranks uses ``torch.distributed`` object collectives in memory, but no file holds a
+pickle and loading never unpickles file content.
 
 Functions: :func:`save`, :func:`restore` (all ranks), :func:`load_full_state_dict` (any single process,
 e.g. to export a sharded checkpoint into a plain model), and :func:`write_state` / :func:`load_state` /
@@ -415,8 +417,8 @@ def write_state(
     are the committed ones, identical on every rank. A failure raises on every rank (the failing rank
     its own error, the others a :class:`CheckpointError` naming it; a refused commit raises
     :class:`CommitError` with the same errno everywhere, e.g. ``EEXIST`` when the name is taken).
-    ``storage`` must support ``join`` (:class:`~savegame.storage.base.SharedStorage`) when there are
-    several ranks.
+    ``storage`` must support ``join`` (:class:`~savegame.storage.base.SharedStorage`: ``LocalStorage`` on
+    a shared filesystem, ``RemoteStorage`` on an object store) when there are several ranks.
     """
     ctx = context or current_context()
     plan: dict[str, str] = {}

@@ -9,6 +9,8 @@ manifest; nothing that stores its own hash next to the data can be.
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 import xxhash
@@ -36,3 +38,49 @@ def new_hasher() -> Hasher:
 def hash_bytes(data: bytes | memoryview) -> str:
     """The hex digest of ``data`` in one call."""
     return xxhash.xxh3_128_hexdigest(data)
+
+
+_OFFLOAD_BYTES = 4 << 20
+"""Chunks at least this large are hashed on the worker thread (xxhash releases the GIL for them)."""
+
+_worker: ThreadPoolExecutor | None = None
+_worker_lock = threading.Lock()
+
+
+def _hash_worker() -> ThreadPoolExecutor:
+    global _worker
+    with _worker_lock:
+        if _worker is None:
+            _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="savegame-hash")
+        return _worker
+
+
+class OverlappedHasher:
+    """An incremental hasher whose large updates run on a worker thread, overlapping the caller's writes.
+
+    Updates are applied in call order (one FIFO worker). The caller must not modify a buffer after passing
+    it to :meth:`update` until :meth:`hexdigest` returned (the writers never do: every chunk is either
+    tensor memory that is not written during a save or a buffer that is not reused). Small updates while
+    nothing is queued are hashed inline (no thread handoff for small files).
+    """
+
+    def __init__(self) -> None:
+        self._hasher = new_hasher()
+        self._last: Future[None] | None = None
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        if self._last is None and len(data) < _OFFLOAD_BYTES:
+            self._hasher.update(data)
+            return
+        self._last = _hash_worker().submit(self._hasher.update, data)
+
+    def hexdigest(self) -> str:
+        if self._last is not None:
+            self._last.result()  # FIFO: every earlier update is done too
+            self._last = None
+        return self._hasher.hexdigest()
+
+
+def new_write_hasher() -> Hasher:
+    """A hasher for the write path: large chunks are hashed on a worker thread while the next is written."""
+    return OverlappedHasher()

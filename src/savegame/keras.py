@@ -48,9 +48,8 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import numpy as np
-
 import keras
+import numpy as np
 
 from .adapters.keras import (
     KerasLoadReport,

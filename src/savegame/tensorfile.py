@@ -31,7 +31,7 @@ import numpy as np
 
 from .dtypes import ITEMSIZE, numpy_dtype
 from .errors import InvalidTensorFileError, TruncatedFileError
-from .hashing import Hasher, new_hasher
+from .hashing import Hasher, new_hasher, new_write_hasher
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 """Largest header we write or read. Parsing a header costs up to ~15x its size in Python objects (one dict
@@ -126,7 +126,7 @@ def write_tensor_file(
     Small tensors are coalesced into ~1 MiB writes; large ones are written straight from their memory
     in 64 MiB slices, never copied.
     """
-    hasher = new_hasher()
+    hasher = new_write_hasher()  # large chunks hashed on a worker thread while the next one is written
     header = build_header(tensors, metadata)
     total = 0
     pending = bytearray(header)

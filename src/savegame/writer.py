@@ -10,12 +10,13 @@ Every save logs (logger ``savegame``, level INFO) its size, blocking time and th
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,11 +24,11 @@ from . import __version__
 from .background import BackgroundWriter, PendingSave, Snapshot
 from .capture import kind_of, live_object_hook
 from .errors import StorageError, UnsupportedTypeError
-from .manifest import FileEntry, ItemEntry, Manifest, dump_manifest, parse_manifest, utc_now
+from .manifest import FileEntry, ItemEntry, Manifest, dump_manifest, utc_now
 from .progress import ProgressBar
 from .storage.base import MANIFEST, Storage
 from .tensorfile import order_for_alignment, write_tensor_file
-from .tree import ArrayHook, ArrayRecord, Encoder, encode_plain
+from .tree import ArrayHook, ArrayRecord, Encoder, decode_plain, encode_plain
 
 log = logging.getLogger("savegame")
 _SAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
@@ -143,33 +144,90 @@ class _CountingSink:
         return result
 
 
+def _early_close(sink: Any) -> Callable[[], None] | None:
+    """For a local file sink: its ``close`` (fsync + close), to run on a worker thread while the next
+    file is written; the transaction's commit then finds it closed. None for other sinks."""
+    from .storage.local import LocalFileSink
+
+    return sink.close if type(sink) is LocalFileSink else None
+
+
+_fsync_worker: ThreadPoolExecutor | None = None
+_fsync_lock = threading.Lock()
+
+
+def _fsync_pool() -> ThreadPoolExecutor:
+    global _fsync_worker
+    with _fsync_lock:
+        if _fsync_worker is None:
+            _fsync_worker = ThreadPoolExecutor(max_workers=2, thread_name_prefix="savegame-fsync")
+        return _fsync_worker
+
+
+def _wait_all(futures: list[Future[None]]) -> None:
+    """Wait for every future, then raise the first error (never leave an fsync running behind an error)."""
+    first: BaseException | None = None
+    for f in futures:
+        try:
+            f.result()
+        except BaseException as exc:  # re-raised below, after every fsync finished
+            first = first or exc
+    futures.clear()
+    if first is not None:
+        raise first
+
+
 def write_encoded(
     storage: Storage, name: str, items: list[EncodedItem], extras: EncodedExtras, *, overwrite: bool,
     blocking_seconds: float | None = None,
 ) -> tuple[str, Manifest]:
-    """Write encoded items as checkpoint ``name`` of ``storage``; commit; return its path and manifest."""
+    """Write encoded items as checkpoint ``name`` of ``storage``; commit; return its path and manifest.
+
+    Each finished local file is fsynced on a worker thread while the next one is written; all of them
+    are complete before the manifest is written (the commit protocol is unchanged). The returned
+    :class:`Manifest` is the one built here, equal to what :func:`parse_manifest` reads back.
+    """
     start = time.perf_counter()
     total = sum(i.nbytes for i in items)
     progress = ProgressBar(f"saving {name}", total)
     txn = storage.begin(name, overwrite=overwrite)
+    closing: list[Future[None]] = []
     try:
-        files: dict[str, FileEntry] = {}
-        for item in items:
-            if item.file is None:
-                continue
-            sink = txn.open(item.file)
-            records = order_for_alignment([r.data for r in item.records])
-            written = write_tensor_file(_CountingSink(sink, progress), records)
-            files[item.file] = FileEntry(bytes=written.bytes, hash=written.hash)
-        entries = {i.name: ItemEntry(kind=i.kind, file=i.file, skeleton=i.skeleton) for i in items}
-        raw = dump_manifest(
-            created=utc_now(),
-            versions=library_versions(),
-            metadata=extras.metadata,
-            progress=extras.progress,
-            files=files,
-            items=entries,
-        )
+        try:
+            files: dict[str, FileEntry] = {}
+            for item in items:
+                if item.file is None:
+                    continue
+                sink = txn.open(item.file)
+                records = order_for_alignment([r.data for r in item.records])
+                written = write_tensor_file(_CountingSink(sink, progress), records)
+                files[item.file] = FileEntry(bytes=written.bytes, hash=written.hash)
+                close = _early_close(sink)
+                if close is not None:
+                    closing.append(_fsync_pool().submit(close))
+            entries = {i.name: ItemEntry(kind=i.kind, file=i.file, skeleton=i.skeleton) for i in items}
+            created = utc_now()
+            versions = library_versions()
+            raw = dump_manifest(
+                created=created,
+                versions=versions,
+                metadata=extras.metadata,
+                progress=extras.progress,
+                files=files,
+                items=entries,
+            )
+            manifest = Manifest(
+                created=created,
+                versions=versions,
+                metadata=decode_plain(extras.metadata) if extras.metadata is not None else {},
+                progress=decode_plain(extras.progress) if extras.progress is not None else None,
+                files=files,
+                items=entries,
+                raw_metadata=extras.metadata,
+                raw_progress=extras.progress,
+            )
+        finally:
+            _wait_all(closing)
     except OSError as exc:
         txn.abort()
         progress.close()
@@ -188,7 +246,7 @@ def write_encoded(
         "saved %s: %d bytes in %.3f s (%.1f MB/s), training blocked %.3f s",
         final, total, elapsed, total / max(elapsed, 1e-9) / 1e6, blocked,
     )
-    return final, parse_manifest(raw, os.path.join(final, MANIFEST))
+    return final, manifest
 
 
 def write_items(

@@ -14,9 +14,14 @@ TORCHRUN = Path(sys.executable).parent / "torchrun"
 LAUNCH_TIMEOUT = 120
 
 
-def torchrun(script: str, *args: str, nproc: int = 2, expect_ok: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run ``tests/distributed/<script>`` on ``nproc`` local processes (gloo, CPU); return the result."""
-    env = dict(os.environ)
+def torchrun(
+    script: str, *args: str, nproc: int = 2, expect_ok: bool = True, drop_env: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run ``tests/distributed/<script>`` on ``nproc`` local processes (gloo, CPU); return the result.
+
+    ``drop_env``: prefixes of environment variables the children must not see (``AWS_``: credentials).
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop_env)} if drop_env else dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), str(HERE), env.get("PYTHONPATH")) if p)
     env["OMP_NUM_THREADS"] = "1"
     env.setdefault("TORCHDYNAMO_DISABLE", "1")

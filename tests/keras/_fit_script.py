@@ -22,10 +22,9 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import keras
 import numpy as np
 from _kerashelp import arrays, configure_determinism, conv_model, digits
-
-import keras
 
 
 class Killer(keras.callbacks.Callback):  # type: ignore[misc]

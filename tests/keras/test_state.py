@@ -6,11 +6,11 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import keras
 import numpy as np
 import pytest
 from _kerashelp import BACKENDS, arrays, conv_model, digits, max_abs_diff, run_python
 
-import keras
 import savegame
 from savegame.adapters.keras import KerasLoadReport, KerasState, _key_variables
 from savegame.errors import StateMismatchError
@@ -26,14 +26,20 @@ def _trained(epochs: int = 1, **kwargs: object) -> keras.Model:
     return model
 
 
+@pytest.fixture(scope="module")
+def trained() -> keras.Model:
+    """One trained conv net shared by the tests that only read it (or load its own state back into it)."""
+    return _trained()
+
+
 def _all_variables(model: keras.Model) -> list[np.ndarray]:
     from savegame.adapters.keras import seed_generator_variables
 
     return arrays(model.weights) + arrays(model.optimizer.variables) + arrays(seed_generator_variables(model))
 
 
-def test_round_trip_into_fresh_model_is_exact(tmp_path: Path) -> None:
-    model = _trained()
+def test_round_trip_into_fresh_model_is_exact(tmp_path: Path, trained: keras.Model) -> None:
+    model = trained
     savegame.save(tmp_path / "ck", {"keras": KerasState(model)})
     fresh = conv_model()  # built in the same process: its layers are named dense_3... (structural match)
     assert not fresh.optimizer.built
@@ -47,8 +53,8 @@ def test_round_trip_into_fresh_model_is_exact(tmp_path: Path) -> None:
         assert a.shape == b.shape and np.array_equal(a, b)
 
 
-def test_state_is_plain_numpy_and_readable_without_keras(tmp_path: Path) -> None:
-    model = _trained()
+def test_state_is_plain_numpy_and_readable_without_keras(tmp_path: Path, trained: keras.Model) -> None:
+    model = trained
     state = KerasState(model).state_dict()
     assert state["backend"] == BACKEND
     assert all(isinstance(v, np.ndarray) for v in state["model"].values())
@@ -95,8 +101,8 @@ def test_continue_training_after_restore_equals_never_stopping(tmp_path: Path) -
         assert diff == 0.0
 
 
-def test_strict_mismatch_raises_with_report_and_nothing_changes(tmp_path: Path) -> None:
-    model = _trained()
+def test_strict_mismatch_raises_with_report_and_nothing_changes(tmp_path: Path, trained: keras.Model) -> None:
+    model = trained
     savegame.save(tmp_path / "ck", {"keras": KerasState(model)})
     other = conv_model(units=12, extra=True)
     other.build((None, 8, 8, 1))
@@ -110,8 +116,8 @@ def test_strict_mismatch_raises_with_report_and_nothing_changes(tmp_path: Path) 
     assert all(np.array_equal(a, b) for a, b in zip(before, arrays(other.weights)))
 
 
-def test_shape_mismatch_and_non_strict_load(tmp_path: Path) -> None:
-    model = _trained()
+def test_shape_mismatch_and_non_strict_load(tmp_path: Path, trained: keras.Model) -> None:
+    model = trained
     savegame.save(tmp_path / "ck", {"keras": KerasState(model)})
     raw = savegame.load(tmp_path / "ck")["keras"]
     other = conv_model(units=12)
@@ -166,8 +172,8 @@ def test_duplicate_paths_get_suffixes() -> None:
     assert keyed["block/w#1"] is two
 
 
-def test_seed_generators_and_global_rng_are_restored(tmp_path: Path) -> None:
-    model = _trained()
+def test_seed_generators_and_global_rng_are_restored(tmp_path: Path, trained: keras.Model) -> None:
+    model = trained
     keras.random.normal((2,))  # creates and advances the global SeedGenerator
     savegame.save(tmp_path / "ck", {"keras": KerasState(model)})
     expected_np = np.random.rand(3)

@@ -9,11 +9,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
 import pytest
 from _kerashelp import arrays, dense_model, iris
 
-import keras
 import savegame
 import savegame.keras as sk
 from savegame.adapters.keras import KerasState, seed_generator_variables

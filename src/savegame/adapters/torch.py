@@ -9,6 +9,7 @@ tensors and tensor subclasses other than ``nn.Parameter`` (DTensor is handled by
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -55,6 +56,8 @@ _FROM_LOGICAL: dict[str, torch.dtype] = {
     logical: dt for dt, (_, logical, _) in _CODES.items() if logical is not None
 }
 
+_ITEMSIZE: dict[torch.dtype, int] = {dt: int(getattr(dt, "itemsize", 0)) for dt in _CODES}
+
 _DTYPES: dict[str, torch.dtype] = {
     name: value for name in dir(torch) if isinstance(value := getattr(torch, name, None), torch.dtype)
 }
@@ -69,64 +72,74 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+_NUMPY_VIEWABLE = frozenset(
+    {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8,
+     torch.bool}
+)
+"""Dtypes whose ``Tensor.numpy()`` exports a plain single-character buffer format (a cheap byte view)."""
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
 def encode_hook(obj: object, path: Path, enc: Encoder) -> dict[str, Any] | None:
     """Tree-codec hook: skeleton nodes for tensors, dtypes, sizes and devices."""
-    if isinstance(obj, torch.dtype):
-        return {"$": "torch.dtype", "v": _dtype_name(obj)}
-    if type(obj) is torch.Size:
-        return {"$": "torch.Size", "v": [int(d) for d in obj]}
-    if isinstance(obj, torch.device):
-        return {"$": "torch.device", "v": str(obj)}
     if not isinstance(obj, torch.Tensor):
+        if isinstance(obj, torch.dtype):
+            return {"$": "torch.dtype", "v": _dtype_name(obj)}
+        if type(obj) is torch.Size:
+            return {"$": "torch.Size", "v": [int(d) for d in obj]}
+        if isinstance(obj, torch.device):
+            return {"$": "torch.device", "v": str(obj)}
         return None
-    where = format_path(path)
     if not enc.allow_arrays:
-        raise UnsupportedTypeError(f"{where}: tensors are not allowed here (metadata is JSON-like)")
-    if type(obj) not in (torch.Tensor, torch.nn.Parameter):
+        raise UnsupportedTypeError(f"{format_path(path)}: tensors are not allowed here (metadata is JSON-like)")
+    cls = type(obj)
+    if cls not in _PLAIN_TENSORS:
         raise UnsupportedTypeError(
-            f"{where}: cannot store tensor subclass {type(obj)!r} (use its local or full tensor)"
+            f"{format_path(path)}: cannot store tensor subclass {cls!r} (use its local or full tensor)"
         )
     if obj.layout != torch.strided or obj.is_nested:
-        raise UnsupportedTypeError(f"{where}: cannot store a {obj.layout} tensor (convert it to dense first)")
-    if obj.device.type == "meta":
-        raise UnsupportedTypeError(f"{where}: cannot store a meta tensor (it has no data)")
-    spec = _CODES.get(obj.dtype)
+        raise UnsupportedTypeError(
+            f"{format_path(path)}: cannot store a {obj.layout} tensor (convert it to dense first)"
+        )
+    device = obj.device
+    device_type = device.type
+    if device_type == "meta":
+        raise UnsupportedTypeError(f"{format_path(path)}: cannot store a meta tensor (it has no data)")
+    dtype = obj.dtype
+    spec = _CODES.get(dtype)
     if spec is None:
-        raise UnsupportedTypeError(f"{where}: cannot store dtype {obj.dtype} (quantized and sub-byte types)")
+        raise UnsupportedTypeError(
+            f"{format_path(path)}: cannot store dtype {dtype} (quantized and sub-byte types)"
+        )
     code, logical, trailing = spec
     node: dict[str, Any] = {"$": "tensor"}
+    shape = tuple(obj.shape)
     if logical is not None:
         node["dtype"] = logical
-        node["shape"] = list(obj.shape)
-    if isinstance(obj, torch.nn.Parameter):
+        node["shape"] = list(shape)
+    if cls is torch.nn.Parameter:
         node["param"] = True
         node["requires_grad"] = bool(obj.requires_grad)
     elif obj.requires_grad:
         node["requires_grad"] = True
-    if obj.device.type != "cpu":
-        node["device"] = str(obj.device)
+    if device_type != "cpu":
+        node["device"] = str(device)
     identity = None
-    if obj.numel() > 0:
-        identity = (
-            "torch",
-            obj.untyped_storage().data_ptr(),
-            obj.storage_offset(),
-            tuple(obj.shape),
-            obj.stride(),
-            obj.dtype,
-            str(obj.device),
-        )
+    numel = obj.numel()
+    if numel > 0:
+        identity = ("torch", obj.untyped_storage().data_ptr(), obj.storage_offset(), shape, obj.stride(), dtype, device)
         alias = enc.alias_of(identity)
         if alias is not None:
             node["key"] = alias
             return node
     t = _host_tensor(obj.detach(), enc)
-    shape = tuple(t.shape) if trailing == 1 else (*t.shape, trailing)
-    if t.numel() == 0:
+    if numel == 0:
         data = memoryview(b"")
+    elif dtype in _NUMPY_VIEWABLE:
+        data = memoryview(t.numpy()).cast("B")  # type: ignore[arg-type]
     else:
         data = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
-    node["key"] = enc.add_array(path, code, tuple(int(d) for d in shape), data, t, identity)
+    node["key"] = enc.add_array(path, code, shape if trailing == 1 else (*shape, trailing), data, t, identity)
     return node
 
 
@@ -197,15 +210,17 @@ def tensor_from_bytes(
         if dt is None:
             raise InvalidManifestError(f"{where}: dtype {code} is not available in this torch")
         dtype, target_shape = dt, shape
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    count = 1
-    for d in target_shape:
-        count *= d
-    if count * itemsize != raw.size:
+    itemsize = _ITEMSIZE.get(dtype) or torch.empty((), dtype=dtype).element_size()
+    if math.prod(target_shape) * itemsize != raw.size:
         raise InvalidManifestError(f"{where}: shape {list(target_shape)} x {dtype} does not match the stored bytes")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only buffers (verify=False paths) are fine
-        base = torch.from_numpy(raw) if raw.size else torch.empty(0, dtype=torch.uint8)
+    if not raw.size:
+        base = torch.empty(0, dtype=torch.uint8)
+    elif raw.flags.writeable:
+        base = torch.from_numpy(raw)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only buffers (verify=False paths) are fine
+            base = torch.from_numpy(raw)
     tensor = base.view(dtype).reshape(target_shape)
     tensor = _place(tensor, node.get("device"), map_location)
     if node.get("param"):
