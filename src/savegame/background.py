@@ -159,19 +159,22 @@ class BackgroundWriter:
         pending = PendingSave(future, path=path, blocking_seconds=blocking_seconds)
 
         def run() -> None:
+            # The buffers go back to the pool *before* the handle completes: the next save waits for the
+            # handle and then takes its snapshot, which must find them there (warm, already faulted-in
+            # memory) rather than race the release and allocate fresh ones.
             start = time.perf_counter()
             try:
                 result = job()
             except BaseException as exc:
+                snapshot.release()
                 log.error("background save of %s failed: %s", path, exc)
                 with self._lock:
                     self._unreported = exc
                 future.set_exception(exc)
             else:
+                snapshot.release()
                 log.debug("background save of %s committed in %.3f s", path, time.perf_counter() - start)
                 future.set_result(result)
-            finally:
-                snapshot.release()
 
         self._current = pending
         threading.Thread(target=run, name=self._name, daemon=True).start()

@@ -1457,7 +1457,7 @@ class Checkpointer:
         data: dict[str, Any] = {}
         if layout or self._coord.distributed:
             plain = {k: v for k, v in state.items() if k not in target and k in saved}
-            report = self._load_distributed(path, {**target, **plain}, strict=strict, map_location=map_location)
+            report = self._load_distributed(source, {**target, **plain}, strict=strict, map_location=map_location)
             data = {k: report.state[k] for k in plain if k in report.state}
         else:
             report = api.load(source, target, strict=strict, verify=False, map_location=map_location)
@@ -1481,17 +1481,14 @@ class Checkpointer:
         self, path: str | CheckpointRef, target: Mapping[str, Any], *, strict: bool, map_location: Any
     ) -> Any:
         """Restore a checkpoint written by several ranks (or restore on several ranks): every rank
-        its own per-rank items, sharded items resharded to this job's layout. ``path``: the checkpoint's
-        path as ``storage.path(name)`` gives it (or its reference); every rank reads through this
-        Checkpointer's configured storage (a remote root's credentials live in its storage_options)."""
+        its own per-rank items, sharded items resharded to this job's layout. ``path``: what
+        :meth:`_ref` gives (a local path, or a reference that reads through this Checkpointer's configured
+        storage: a remote root's credentials live in its storage_options)."""
         from . import distributed as sgd
         from .coordination import Ranks
 
-        source: str | CheckpointRef = path
-        if isinstance(path, str) and not self.local:  # ROOT/NAME as RemoteStorage.path(NAME) made it
-            source = self._ref(path.rstrip("/").rsplit("/", 1)[-1])
         context = self._coord.context if isinstance(self._coord, Ranks) else sgd.RankContext()
-        return sgd.load_state(source, target, strict=strict, verify=False, map_location=map_location, context=context)
+        return sgd.load_state(path, target, strict=strict, verify=False, map_location=map_location, context=context)
 
     # ----------------------------------------------------------------------------------------------
     # Lifetime

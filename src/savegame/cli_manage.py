@@ -28,8 +28,9 @@ from .cli_scan import Entry, Root, doomed_by_retention, scan_root
 from .errors import CheckpointError
 from .storage import is_url
 from .storage.base import QUARANTINE_PREFIX, STAGING_PREFIX, TRASH_PREFIX
+from .storage.local import staging_is_live
 
-__all__ = ["cmd_gc", "cmd_prune", "gc_plan", "staging_is_live"]
+__all__ = ["cmd_gc", "cmd_prune", "gc_plan"]
 
 
 def _describe(entry: Entry, monitor: str | None) -> str:
@@ -131,41 +132,6 @@ def _quarantine_time(name: str, path: str) -> float:
         return os.stat(path).st_mtime
     except OSError:
         return time.time()
-
-
-STALE_FOREIGN_SECONDS = 24 * 3600
-"""A staging folder of another host counts as abandoned once untouched for this long (as ``LocalStorage``)."""
-
-
-def staging_is_live(tag: str, host: str, entry: os.DirEntry[str], *, now: float | None = None) -> bool:
-    """Whether the staging folder ``entry`` (``.staging-HOST-PID-ID``; ``tag`` without the prefix) may
-    still be written: this host's writer process is running, or another host's folder is recent.
-
-    The same rule as :meth:`savegame.storage.local.LocalStorage.cleanup`, which ``gc`` runs to remove them.
-    """
-    parts = tag.rsplit("-", 2)
-    if len(parts) != 3:
-        return False
-    owner_host, pid_text, _ = parts
-    if owner_host != host:
-        try:
-            mtime = entry.stat(follow_symlinks=False).st_mtime
-        except OSError:
-            return False
-        return (time.time() if now is None else now) - mtime < STALE_FOREIGN_SECONDS
-    try:
-        pid = int(pid_text)
-    except ValueError:
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def gc_plan(root: str, *, older_than: float, now: float | None = None) -> list[dict[str, Any]]:

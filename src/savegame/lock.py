@@ -45,6 +45,7 @@ from types import TracebackType
 from typing import Any
 
 from .errors import LockedError, StorageError
+from .processes import pid_alive
 
 __all__ = ["LOCK_FILE", "LockHolder", "ProcessShare", "WriterLock", "read_lock_holder"]
 
@@ -74,7 +75,7 @@ class LockHolder:
         """Whether the holder process still runs: None when it is on another host (cannot tell)."""
         if self.host != socket.gethostname():
             return None
-        return _pid_alive(self.pid)
+        return pid_alive(self.pid)
 
     def describe(self) -> str:
         """``pid 4242 on host node17 (train.py, since 2026-11-22T08:01:02Z)``."""
@@ -100,18 +101,6 @@ class LockHolder:
             return None
         program, since, token = record.get("program", "?"), record.get("since", "?"), record.get("token", "")
         return cls(pid=pid, host=host[:255], program=str(program)[:200], since=str(since)[:40], token=str(token)[:64])
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
 
 
 def _program() -> str:

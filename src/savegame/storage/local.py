@@ -40,10 +40,11 @@ from ..errors import (
     StorageError,
     TruncatedFileError,
 )
+from ..processes import pid_alive
 from .base import MANIFEST, QUARANTINE_PREFIX, STAGING_PREFIX, TRASH_PREFIX, CheckpointRef
 
 _RENAME_EXCHANGE = 2
-_STALE_FOREIGN_SECONDS = 24 * 3600
+STALE_FOREIGN_SECONDS = 24 * 3600
 
 
 class FileOps:
@@ -472,7 +473,7 @@ class LocalStorage:
             return removed
         for e in entries:
             if e.name.startswith(STAGING_PREFIX):
-                if _staging_is_live(e.name[len(STAGING_PREFIX) :], host, e):
+                if staging_is_live(e.name[len(STAGING_PREFIX) :], host, e):
                     continue
                 self.ops.rmtree(e.path)
                 removed.append(e.name)
@@ -488,29 +489,25 @@ class LocalStorage:
         return removed
 
 
-def _staging_is_live(tag: str, host: str, entry: os.DirEntry[str]) -> bool:
+def staging_is_live(tag: str, host: str, entry: os.DirEntry[str], *, now: float | None = None) -> bool:
+    """Whether the staging folder ``entry`` (``.staging-HOST-PID-ID``; ``tag`` without the prefix) may
+    still be written: this host's writer process is running, or another host's folder was touched within
+    :data:`STALE_FOREIGN_SECONDS` (its owner cannot be checked from here)."""
     parts = tag.rsplit("-", 2)
     if len(parts) != 3:
         return False
     owner_host, pid_text, _ = parts
     if owner_host != host:
         try:
-            return time.time() - entry.stat(follow_symlinks=False).st_mtime < _STALE_FOREIGN_SECONDS
+            mtime = entry.stat(follow_symlinks=False).st_mtime
         except OSError:
             return False
+        return (time.time() if now is None else now) - mtime < STALE_FOREIGN_SECONDS
     try:
         pid = int(pid_text)
     except ValueError:
         return False
-    if pid == os.getpid():
-        return True  # our own (possibly another thread's) save in progress
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid == os.getpid() or pid_alive(pid)  # our own (possibly another thread's) save, or a live writer
 
 
 # ---------------------------------------------------------------------------------------------------

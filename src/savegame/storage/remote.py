@@ -85,6 +85,7 @@ from ..errors import (
     StorageError,
     TruncatedFileError,
 )
+from ..processes import pid_alive
 from .base import MANIFEST, QUARANTINE_PREFIX, CheckpointRef
 from .local import check_checkpoint_name
 
@@ -604,7 +605,7 @@ class RemoteStorage:
                         return True
                 host, pid = info.get("host"), info.get("pid")
                 if host == socket.gethostname() and isinstance(pid, int):
-                    return pid != os.getpid() and _pid_alive(pid)
+                    return pid != os.getpid() and pid_alive(pid)
                 beat = info.get("heartbeat")
                 if isinstance(beat, (int, float)):
                     return now - float(beat) < self.grace_seconds
@@ -707,16 +708,6 @@ class RemoteStorage:
             view.release()
             progress.close()
         return buf
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _mtime(info: Mapping[str, Any]) -> float | None:
