@@ -8,11 +8,12 @@ header) and rebuilds the state, or restores it into live objects in place.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from .capture import LoadReport, restore
@@ -148,12 +149,24 @@ def _close_if_opened(checkpoint: CheckpointReader, path: Location) -> None:
             close()
 
 
-def open_file(checkpoint: Location, manifest: Manifest, file: str, *, verify: bool) -> TensorFileReader:
+_DEFER_HASH_BYTES = 1 << 20
+"""Files at least this large are hashed on a worker thread when the caller collects deferred checks."""
+
+
+def open_file(
+    checkpoint: Location, manifest: Manifest, file: str, *, verify: bool,
+    deferred: list[Callable[[], None]] | None = None,
+) -> TensorFileReader:
     """Open a data file of a checkpoint: exists, exact size, hash (if ``verify``), valid header.
 
     The whole file is one buffer: a copy-on-write memory map for a local file (pages are read when
     touched), a downloaded buffer for a remote one. The hash is computed on that same buffer, so what
     was verified is exactly what is decoded.
+
+    ``deferred``: when given, the hash of a large file is computed on a worker thread while the caller
+    decodes, and a check that raises :class:`HashMismatchError` is appended to it; the caller must run
+    every check (:func:`_run_checks`) before it uses or returns anything decoded from the file. A header
+    that does not parse is reported as the hash mismatch it is, if it is one.
     """
     reader = open_checkpoint(checkpoint, check=False)
     entry = manifest.files[file]
@@ -170,6 +183,22 @@ def open_file(checkpoint: Location, manifest: Manifest, file: str, *, verify: bo
         buffer = reader.read_file(file, size)
     except FileNotFoundError:
         raise MissingFileError(f"{where}: listed in the manifest but vanished while being read") from None
+    if verify and deferred is not None and size >= _DEFER_HASH_BYTES:
+        from .hashing import hash_in_background
+
+        pending = hash_in_background(buffer, size)
+        expected = entry.hash
+
+        def check() -> None:
+            if pending.result() != expected:
+                raise HashMismatchError(f"{where}: content hash differs from the manifest (file is corrupted)")
+
+        deferred.append(check)
+        try:
+            return TensorFileReader.from_buffer(buffer, where=where)
+        except BaseException:
+            check()  # a damaged header is a hash mismatch: report that
+            raise
     if verify:
         from .hashing import new_hasher
 
@@ -346,11 +375,16 @@ def _load(
     directory: CheckpointReader, target: Mapping[str, Any] | None, *, map_location: Any, strict: bool, verify: bool
 ) -> Any:
     manifest = _manifest_of(directory)
+    checks: list[Callable[[], None]] = []  # large files are hashed on a worker while they are decoded
     if target is None:
-        return {
-            name: decode_item(directory, manifest, name, verify=verify, map_location=map_location)
-            for name in manifest.items
-        }
+        state: dict[str, Any] = {}
+        with _checked(checks):
+            for name, item in manifest.items.items():
+                opened = None
+                if item.file:
+                    opened = open_file(directory, manifest, item.file, verify=verify, deferred=checks)
+                state[name] = _decode_opened(opened, manifest, name, map_location=map_location)
+        return state
     if not isinstance(target, Mapping):
         raise StateMismatchError(f"target must be a dict of live objects, not {type(target).__name__}")
     report = LoadReport(manifest=manifest)
@@ -367,16 +401,20 @@ def _load(
     # they read straight from the (copy-on-write) file mapping.
     needed = [name for name in manifest.items if name in target or manifest.items[name].file is None]
     files = {manifest.items[name].file for name in needed} - {None}
-    readers = {file: open_file(directory, manifest, file, verify=verify) for file in sorted(f for f in files if f)}
     values: dict[str, Any] = {}
-    for name in needed:
-        file = manifest.items[name].file
-        direct = name in target and _is_module(target[name])
-        values[name] = _decode_opened(
-            readers[file] if file else None, manifest, name,
-            map_location=map_location if name in target else None, zero_copy=direct,
-        )
-    del readers
+    with _checked(checks):
+        readers = {
+            file: open_file(directory, manifest, file, verify=verify, deferred=checks)
+            for file in sorted(f for f in files if f)
+        }
+        for name in needed:
+            file = manifest.items[name].file
+            direct = name in target and _is_module(target[name])
+            values[name] = _decode_opened(
+                readers[file] if file else None, manifest, name,
+                map_location=map_location if name in target else None, zero_copy=direct,
+            )
+        del readers
     for name in needed:
         if name in target:
             restore(target[name], values.pop(name), strict=strict, path=(name,), report=report)
@@ -385,6 +423,31 @@ def _load(
     if strict and not report.clean:
         raise StateMismatchError(f"{directory.where}: state does not match the target: {report}", report)
     return report
+
+
+@contextlib.contextmanager
+def _checked(checks: list[Callable[[], None]]) -> Iterator[None]:
+    """Run every deferred hash check when the block ends, before its results are used; when the block
+    fails, a hash mismatch found meanwhile is what is reported (the damage explains the failure)."""
+    try:
+        yield
+    except BaseException:
+        _run_checks(checks)
+        raise
+    _run_checks(checks)
+
+
+def _run_checks(checks: list[Callable[[], None]]) -> None:
+    """Wait for every deferred hash check (none keeps running behind an error); raise the first failure."""
+    first: BaseException | None = None
+    for check in checks:
+        try:
+            check()
+        except BaseException as exc:  # re-raised below, once every check finished
+            first = first or exc
+    checks.clear()
+    if first is not None:
+        raise first
 
 
 def verify(path: Location, *, storage_options: Mapping[str, Any] | None = None) -> Manifest:

@@ -1286,7 +1286,11 @@ class Checkpointer:
             self._check_open()
         self._settle()
         self._refresh()
-        return self._apply_retention(dry_run=dry_run)
+        names: builtins.list[str] = self._coord.on_coordinator(lambda: self._apply_retention(dry_run=dry_run))
+        if not dry_run:
+            for name in names:
+                self._entries.pop(name, None)
+        return names
 
     # ----------------------------------------------------------------------------------------------
     # Restoring

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Protocol
+from typing import Any, Protocol
 
 import xxhash
 
@@ -84,3 +84,25 @@ class OverlappedHasher:
 def new_write_hasher() -> Hasher:
     """A hasher for the write path: large chunks are hashed on a worker thread while the next is written."""
     return OverlappedHasher()
+
+
+def hash_in_background(buffer: bytes | bytearray | memoryview | Any, size: int) -> Future[str]:
+    """Start hashing the first ``size`` bytes of ``buffer`` on the worker thread; the future gives the digest.
+
+    The buffer must stay unchanged until the future is done (loads decode from it meanwhile, reading only).
+    """
+
+    def run() -> str:
+        hasher = new_hasher()
+        view = memoryview(buffer)
+        try:
+            for start in range(0, size, _HASH_CHUNK):
+                hasher.update(view[start : start + _HASH_CHUNK])
+        finally:
+            view.release()
+        return hasher.hexdigest()
+
+    return _hash_worker().submit(run)
+
+
+_HASH_CHUNK = 64 << 20

@@ -63,6 +63,7 @@ from .api import load as _load_checkpoint
 from .api import read_manifest
 from .checkpointer import Checkpointer, RestoredProgress, build_keep_policy
 from .errors import CheckpointNotFoundError, ConfigError, NotACheckpointError, StateMismatchError
+from .lock import ProcessShare
 from .naming import validate_name
 from .policies import KeepPolicy, Never, resolve_mode
 
@@ -305,6 +306,19 @@ class _SavegameCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._handled_batch: tuple[int, int] | None = None
         self._handled_epoch: int | None = None
         self._resumed_from: RestoredProgress | None = None
+        self._lock: ProcessShare | None = None
+
+    def _hold_lock(self, directory: str) -> None:
+        """Hold the writer lock of ``directory`` while ``fit`` runs, so a second training *process*
+        writing there fails at once with :class:`~savegame.errors.LockedError` (callbacks of this
+        process share it). Released at the end of training."""
+        if self._lock is None:
+            self._lock = ProcessShare(directory)
+
+    def _release_lock(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
 
     # -- identity and registration -------------------------------------------------------------
 
@@ -455,6 +469,7 @@ class _SavegameCallback(keras.callbacks.Callback):  # type: ignore[misc]
             model._initial_epoch = None  # a later fit() must not start at the resumed epoch again
         self._resumed_from = None
         self._unregister()
+        self._release_lock()
 
     _skipping_start = 0
     _resume_epoch_rng: dict[str, Any] | None = None
@@ -790,6 +805,7 @@ class ModelCheckpoint(_SavegameCallback):
             # build them before training; TensorFlow's at the first step, then the first save checks).
             self.template.check_known(_metric_names(model))
         if self.native is None:
+            self._hold_lock(self.template.root)
             self._open()
             if self.resume and not any(isinstance(cb, BackupAndRestore) for cb in _siblings(model, self.params)):
                 assert self.checkpointer is not None
@@ -965,6 +981,7 @@ class BackupAndRestore(_SavegameCallback):
             raise ConfigError(
                 "BackupAndRestore: the model must be built before fit() (call it on a batch, or use keras.Input)"
             )
+        self._hold_lock(self.backup_dir)
         self._resumed_from = self._restore_full(self.checkpointer)
         if self._resumed_from is not None and self.verbose > 0:
             fit_epoch = self._resumed_from.epoch

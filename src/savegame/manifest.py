@@ -116,6 +116,10 @@ _encode_str = json.encoder.encode_basestring_ascii
 _NEWLINES = ["\n" + " " * i for i in range(MAX_DEPTH + 8)]
 
 
+def _newline(level: int) -> str:
+    return _NEWLINES[level] if level < len(_NEWLINES) else "\n" + " " * level
+
+
 def _indent1(obj: object) -> str:
     """``json.dumps(obj, indent=1, ensure_ascii=True, allow_nan=False)`` for str-keyed dicts, lists, tuples,
     str, int, float, bool and None (exact types; :class:`_NotPlain` otherwise)."""
@@ -127,7 +131,7 @@ def _indent1(obj: object) -> str:
 def _scalar(v: object) -> str | None:
     t = type(v)
     if t is str:
-        return _encode_str(v)
+        return _encode_str(v)  # type: ignore[arg-type]
     if v is None:
         return "null"
     if v is True:
@@ -155,7 +159,7 @@ def _emit(o: object, level: int, out: list[str]) -> None:
         if not o:
             out.append("{}")
             return
-        inner = _NEWLINES[level + 1]
+        inner = _newline(level + 1)
         sep = "," + inner
         out.append("{" + inner)
         first = True
@@ -170,14 +174,14 @@ def _emit(o: object, level: int, out: list[str]) -> None:
                 out.append(_encode_str(v))
             else:
                 _emit(v, level + 1, out)
-        out.append(_NEWLINES[level] + "}")
+        out.append(_newline(level) + "}")
         return
     if t is list or t is tuple:
         assert isinstance(o, (list, tuple))
         if not o:
             out.append("[]")
             return
-        inner = _NEWLINES[level + 1]
+        inner = _newline(level + 1)
         sep = "," + inner
         out.append("[" + inner)
         first = True
@@ -186,7 +190,7 @@ def _emit(o: object, level: int, out: list[str]) -> None:
                 out.append(sep)
             first = False
             _emit(v, level + 1, out)
-        out.append(_NEWLINES[level] + "]")
+        out.append(_newline(level) + "]")
         return
     raise _NotPlain
 

@@ -313,3 +313,34 @@ def test_load_errors_name_what_is_wrong(tmp_path: Path, trained: tuple[Any, Path
     ckpt = sk.ModelCheckpoint(str(tmp_path / "t" / "m_{epoch:02d}_{val_acc:.3f}"))
     with pytest.raises(ConfigError, match="val_acc"):
         dense_model().fit(x, y, epochs=1, validation_split=0.2, callbacks=[ckpt], verbose=0)
+
+
+def test_fit_holds_the_writer_lock_of_its_directory(tmp_path: Path) -> None:
+    """While ``fit`` runs, the callbacks hold the directory's writer lock: a fit whose directory another
+    process holds fails at once with LockedError naming it; the lock is released at the end of training,
+    so another process can take it."""
+    import subprocess
+    import sys
+
+    from savegame.errors import LockedError
+    from savegame.lock import WriterLock, read_lock_holder
+
+    worker = Path(__file__).resolve().parents[1] / "crash" / "worker.py"
+    x, y, xv, yv = iris()
+    model = dense_model()
+    busy = tmp_path / "busy"
+    holder = subprocess.Popen([sys.executable, str(worker), "hold-lock", str(busy)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().startswith("locked")
+        for callback in (sk.ModelCheckpoint(str(busy / "m_{epoch}")), sk.BackupAndRestore(str(busy))):
+            with pytest.raises(LockedError, match=f"pid {holder.pid}"):
+                model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])
+    finally:
+        holder.kill()
+        holder.wait()
+    free = tmp_path / "free"
+    checkpoint = sk.ModelCheckpoint(str(free / "m_{epoch}"))
+    model.fit(x, y, epochs=1, validation_data=(xv, yv), verbose=0, callbacks=[checkpoint])
+    assert read_lock_holder(free) is None  # released at the end of training
+    with WriterLock(free):  # and free for anyone
+        pass
