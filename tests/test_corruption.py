@@ -34,6 +34,7 @@ from savegame.errors import (
 )
 from savegame.manifest import MAX_MANIFEST_BYTES
 from savegame.storage.local import LocalStorage
+from savegame.tensorfile import MAX_HEADER_BYTES
 
 Helper = Callable[..., Any]
 
@@ -564,7 +565,7 @@ def test_header_claiming_length_2_to_the_60(small_checkpoint: Path, resign: Help
 def test_header_claiming_a_larger_header_than_the_file(small_checkpoint: Path, resign: Helper) -> None:
     file = small_checkpoint / "model.safetensors"
     with open(file, "r+b") as f:
-        f.write(struct.pack("<Q", 90 * 2**20))  # under the 100 MiB limit, far beyond this file
+        f.write(struct.pack("<Q", MAX_HEADER_BYTES - 4096))  # under the header limit, far beyond this file
     resign(small_checkpoint)
     for _, fn in _all_readers(small_checkpoint):
         _bounded(fn, TruncatedFileError, str(file))

@@ -9,6 +9,7 @@ manifest; nothing that stores its own hash next to the data can be.
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
@@ -53,6 +54,18 @@ def _hash_worker() -> ThreadPoolExecutor:
         if _worker is None:
             _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="savegame-hash")
         return _worker
+
+
+def _forget_worker_after_fork() -> None:
+    """A forked child has none of the parent's threads: it must start its own worker, not queue jobs to a
+    thread that does not exist there (and wait for them forever)."""
+    global _worker, _worker_lock
+    _worker = None
+    _worker_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_worker_after_fork)
 
 
 class OverlappedHasher:

@@ -10,6 +10,7 @@ Every save logs (logger ``savegame``, level INFO) its size, blocking time and th
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import re
 import sys
@@ -162,6 +163,17 @@ def _fsync_pool() -> ThreadPoolExecutor:
         if _fsync_worker is None:
             _fsync_worker = ThreadPoolExecutor(max_workers=2, thread_name_prefix="savegame-fsync")
         return _fsync_worker
+
+
+def _forget_pool_after_fork() -> None:
+    """A forked child has none of the parent's threads: it starts its own pool (see hashing.py)."""
+    global _fsync_worker, _fsync_lock
+    _fsync_worker = None
+    _fsync_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def _wait_all(futures: list[Future[None]]) -> None:

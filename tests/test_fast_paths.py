@@ -1,0 +1,111 @@
+"""The performance paths keep the guarantees: the manifest a save returns is the one a reader parses; the
+fast manifest serializer is byte-identical to ``json.dumps(indent=1)``; hashes computed on worker threads
+still catch corruption (and a forked child gets its own workers); early fsyncs are complete at commit."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import savegame
+from savegame import manifest as M
+from savegame.errors import HashMismatchError
+
+
+def _state() -> dict[str, Any]:
+    model = torch.nn.Sequential(torch.nn.Linear(600, 700), torch.nn.Linear(700, 10))  # ~1.7 MB: hashed on a worker
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(2, 600)).sum().backward()
+    opt.step()
+    return {"model": model, "optimizer": opt, "extra": {"big": np.arange(600_000, dtype=np.float64), "n": 3}}
+
+
+def test_returned_manifest_equals_the_parsed_one(tmp_path: Path) -> None:
+    returned = savegame.save(tmp_path / "c", _state(), metadata={"lr": 0.1, "tags": ["a", "é"]}, progress={"epoch": 2})
+    parsed = savegame.read_manifest(tmp_path / "c")
+    assert returned == parsed
+    assert returned.raw_metadata == parsed.raw_metadata and returned.raw_progress == parsed.raw_progress
+
+
+def _random_tree(rng: random.Random, depth: int = 0) -> Any:
+    r = rng.random()
+    if depth > 6 or r < 0.5:
+        return rng.choice([None, True, False, 0, -7, 2**80, 1.5, -0.0, 1e300, 5e-324, "", 'q"\\\n\té中😀\x00', 3.25])
+    if r < 0.75:
+        return [_random_tree(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    if r < 0.85:
+        return tuple(_random_tree(rng, depth + 1) for _ in range(rng.randint(0, 3)))
+    keys = [rng.choice(["a", "$", "ké", "", "z z"]) + str(i) for i in range(rng.randint(0, 4))]
+    return {k: _random_tree(rng, depth + 1) for k in keys}
+
+
+def test_fast_serializer_is_byte_identical_to_json_dumps() -> None:
+    rng = random.Random(5)
+    for _ in range(2000):
+        obj = {"x": _random_tree(rng)}
+        assert M._serialize(obj) == json.dumps(obj, indent=1, ensure_ascii=True, allow_nan=False).encode() + b"\n"
+    deep: Any = 1
+    for _ in range(400):
+        deep = [deep]
+    assert M._serialize({"d": deep}) == json.dumps({"d": deep}, indent=1).encode() + b"\n"
+    for odd in ({1: 2}, {"a": [{None: 1, 2.5: "x"}]}):  # non-string keys: left to json.dumps
+        assert M._serialize(odd) == json.dumps(odd, indent=1).encode() + b"\n"
+    with pytest.raises(ValueError):
+        M._serialize({"a": float("nan")})
+
+
+@pytest.mark.parametrize("where", ["data", "header"])
+@pytest.mark.parametrize("target", [False, True])
+def test_worker_thread_hash_catches_a_flipped_byte(tmp_path: Path, where: str, target: bool) -> None:
+    state = _state()
+    savegame.save(tmp_path / "c", state)
+    file = tmp_path / "c" / "model.safetensors"
+    assert file.stat().st_size >= 1 << 20
+    data = bytearray(file.read_bytes())
+    pos = 20 if where == "header" else len(data) - 1000
+    data[pos] ^= 0x40
+    file.write_bytes(bytes(data))
+    before = [p.detach().clone() for p in state["model"].parameters()]
+    with pytest.raises(HashMismatchError):
+        savegame.load(tmp_path / "c", {"model": state["model"]} if target else None)
+    assert all(torch.equal(a, b) for a, b in zip(before, state["model"].parameters()))  # nothing restored
+
+
+def test_round_trip_through_the_fast_paths(tmp_path: Path) -> None:
+    state = _state()
+    savegame.save(tmp_path / "c", state)
+    loaded = savegame.load(tmp_path / "c")
+    for k, v in state["model"].state_dict().items():
+        assert torch.equal(loaded["model"][k], v)
+    assert np.array_equal(loaded["extra"]["big"], state["extra"]["big"])
+    fresh = torch.nn.Sequential(torch.nn.Linear(600, 700), torch.nn.Linear(700, 10))
+    savegame.load(tmp_path / "c", {"model": fresh})
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), state["model"].parameters()))
+    pending = savegame.save(tmp_path / "d", state, background=True)
+    assert pending.result() == savegame.read_manifest(tmp_path / "d")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_saves_and_loads_work_in_a_forked_child(tmp_path: Path) -> None:
+    state = {"x": np.ones(3 << 20, dtype=np.uint8), "y": {"z": np.arange(10)}}
+    savegame.save(tmp_path / "parent", state)  # starts the hash and fsync workers in this process
+    savegame.load(tmp_path / "parent")
+    pid = os.fork()
+    if pid == 0:  # the child must not queue work to the parent's threads, which it does not have
+        code = 1
+        try:
+            savegame.save(tmp_path / "child", state)
+            savegame.load(tmp_path / "child")
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    savegame.verify(tmp_path / "child")
