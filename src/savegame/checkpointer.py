@@ -262,14 +262,14 @@ class _Entry:
 # Parsing and checking values
 
 
-def _opt_int(value: object) -> int | None:
+def progress_int(value: object) -> int | None:
     """A non-negative int from untrusted progress, or None."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         return None
     return value
 
 
-def _metric_map(value: object) -> dict[str, float]:
+def progress_metrics(value: object) -> dict[str, float]:
     """Metrics from untrusted progress: string keys, numeric values (others dropped)."""
     if not isinstance(value, Mapping):
         return {}
@@ -290,21 +290,21 @@ def _parse_best(value: object) -> _Best | None:
     if isinstance(raw, bool) or not isinstance(raw, (int, float)):
         return None
     return _Best(monitor, "min" if mode == "min" else "max", float(raw), name,
-                 _opt_int(value.get("epoch")), _opt_int(value.get("step")))  # fmt: skip
+                 progress_int(value.get("epoch")), progress_int(value.get("step")))  # fmt: skip
 
 
 def _entry_from_manifest(name: str, manifest: Manifest) -> _Entry:
     """Read what the Checkpointer needs from a manifest (foreign checkpoints have no progress)."""
     progress = manifest.progress if isinstance(manifest.progress, Mapping) else {}
-    ours = progress.get("checkpointer") == PROGRESS_VERSION and _opt_int(progress.get("sequence")) is not None
+    ours = progress.get("checkpointer") == PROGRESS_VERSION and progress_int(progress.get("sequence")) is not None
     return _Entry(
         name=name,
         manifest=manifest,
         ours=ours,
-        sequence=_opt_int(progress.get("sequence")) if ours else None,
-        epoch=_opt_int(progress.get("epoch")),
-        step=_opt_int(progress.get("step")),
-        metrics=MappingProxyType(_metric_map(progress.get("metrics"))),
+        sequence=progress_int(progress.get("sequence")) if ours else None,
+        epoch=progress_int(progress.get("epoch")),
+        step=progress_int(progress.get("step")),
+        metrics=MappingProxyType(progress_metrics(progress.get("metrics"))),
         epoch_end=progress.get("epoch_end") is not False,
         weights_only=progress.get("weights_only") is True,
         pinned=progress.get("pinned") is True,

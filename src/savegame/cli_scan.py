@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from . import api
-from .checkpointer import PROGRESS_VERSION, build_keep_policy
+from .checkpointer import PROGRESS_VERSION, build_keep_policy, progress_int, progress_metrics
 from .cli_common import UsageError, is_checkpoint_dir, local_path
 from .errors import (
     CheckpointError,
@@ -203,19 +203,6 @@ class Scan:
         return None
 
 
-def _opt_int(value: object) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        return None
-    return value
-
-
-def _metrics(value: object) -> dict[str, float]:
-    if not isinstance(value, Mapping):
-        return {}
-    return {k: float(v) for k, v in value.items()
-            if isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
-
-
 def _recorded_best(value: object) -> RecordedBest | None:
     if not isinstance(value, Mapping):
         return None
@@ -225,18 +212,18 @@ def _recorded_best(value: object) -> RecordedBest | None:
     if isinstance(raw, bool) or not isinstance(raw, (int, float)):
         return None
     return RecordedBest(monitor, "min" if mode == "min" else "max", float(raw), name,
-                        _opt_int(value.get("epoch")), _opt_int(value.get("step")))  # fmt: skip
+                        progress_int(value.get("epoch")), progress_int(value.get("step")))  # fmt: skip
 
 
 def fill_progress(entry: Entry) -> None:
     """Copy what the manifest's ``progress`` says (epoch, step, metrics, best...) into ``entry``."""
     manifest = entry.manifest
     progress = manifest.progress if manifest is not None and isinstance(manifest.progress, Mapping) else {}
-    entry.ours = progress.get("checkpointer") == PROGRESS_VERSION and _opt_int(progress.get("sequence")) is not None
-    entry.sequence = _opt_int(progress.get("sequence")) if entry.ours else None
-    entry.epoch = _opt_int(progress.get("epoch"))
-    entry.step = _opt_int(progress.get("step"))
-    entry.metrics = _metrics(progress.get("metrics"))
+    entry.ours = progress.get("checkpointer") == PROGRESS_VERSION and progress_int(progress.get("sequence")) is not None
+    entry.sequence = progress_int(progress.get("sequence")) if entry.ours else None
+    entry.epoch = progress_int(progress.get("epoch"))
+    entry.step = progress_int(progress.get("step"))
+    entry.metrics = progress_metrics(progress.get("metrics"))
     entry.weights_only = progress.get("weights_only") is True
     entry.pinned = progress.get("pinned") is True
     entry.recorded_best = _recorded_best(progress.get("best")) if entry.ours else None
