@@ -9,10 +9,12 @@ header) and rebuilds the state, or restores it into live objects in place.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +29,7 @@ from .errors import (
     TruncatedFileError,
 )
 from .manifest import Manifest, parse_manifest
+from .progress import ProgressBar
 from .storage import is_url, locate
 from .storage.base import MANIFEST, CheckpointReader, CheckpointRef
 from .storage.local import LocalCheckpointReader, open_local_checkpoint
@@ -36,6 +39,7 @@ from .writer import EncodedItem, encode_state, save_in_background, save_now, wri
 
 __all__ = ["EncodedItem", "encode_state", "load", "read_manifest", "save", "verify", "write_items"]
 
+log = logging.getLogger("savegame")
 PathLike = str | os.PathLike[str]
 _SAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
 
@@ -374,7 +378,27 @@ def load(
 def _load(
     directory: CheckpointReader, target: Mapping[str, Any] | None, *, map_location: Any, strict: bool, verify: bool
 ) -> Any:
+    """Load with a progress bar (on a terminal, for loads over ~2 s) and one log line with the throughput."""
     manifest = _manifest_of(directory)
+    started = time.perf_counter()
+    wanted = manifest.items if target is None else [n for n in manifest.items if n in target]
+    total = sum(manifest.files[f].bytes for f in {manifest.items[n].file for n in wanted} if f)
+    bar = ProgressBar(f"loading {directory.where}", total)
+    try:
+        result = _load_items(directory, manifest, target, map_location=map_location, strict=strict, verify=verify,
+                             progress=bar)  # fmt: skip
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - started
+    rate = total / max(seconds, 1e-9) / 1e6
+    log.info("loaded %s: %d bytes in %.3f s (%.0f MB/s)", directory.where, total, seconds, rate)
+    return result
+
+
+def _load_items(
+    directory: CheckpointReader, manifest: Manifest, target: Mapping[str, Any] | None, *, map_location: Any,
+    strict: bool, verify: bool, progress: ProgressBar,
+) -> Any:  # fmt: skip
     checks: list[Callable[[], None]] = []  # large files are hashed on a worker while they are decoded
     if target is None:
         state: dict[str, Any] = {}
@@ -383,6 +407,7 @@ def _load(
                 opened = None
                 if item.file:
                     opened = open_file(directory, manifest, item.file, verify=verify, deferred=checks)
+                    progress.advance(manifest.files[item.file].bytes)
                 state[name] = _decode_opened(opened, manifest, name, map_location=map_location)
         return state
     if not isinstance(target, Mapping):
@@ -403,10 +428,10 @@ def _load(
     files = {manifest.items[name].file for name in needed} - {None}
     values: dict[str, Any] = {}
     with _checked(checks):
-        readers = {
-            file: open_file(directory, manifest, file, verify=verify, deferred=checks)
-            for file in sorted(f for f in files if f)
-        }
+        readers: dict[str, TensorFileReader] = {}
+        for data_file in sorted(f for f in files if f):
+            readers[data_file] = open_file(directory, manifest, data_file, verify=verify, deferred=checks)
+            progress.advance(manifest.files[data_file].bytes)
         for name in needed:
             file = manifest.items[name].file
             direct = name in target and _is_module(target[name])
