@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 
 import numpy as np
 
@@ -19,9 +20,13 @@ def main() -> None:
     url, options, mib = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
     original = remote._MultipartSink._put_part
 
+    lock = threading.Lock()
+
     def announcing(self: remote._MultipartSink, number: int, body: bytearray | memoryview, recycle: bool) -> None:
         original(self, number, body, recycle)
-        print(f"PART {number}", flush=True)
+        with lock:  # parts finish on several threads: one whole line each (print writes text and "\n" apart)
+            sys.stdout.write(f"PART {number}\n")
+            sys.stdout.flush()
 
     remote._MultipartSink._put_part = announcing  # type: ignore[method-assign]
     state = {"model": {"w": np.random.default_rng(0).random((mib << 20) // 8)}, "epoch": 2}
