@@ -204,7 +204,7 @@ class RestoredProgress:
 
 
 @dataclass(frozen=True)
-class _Best:
+class RecordedBest:
     """The best checkpoint for the monitored metric (persisted in every manifest's progress)."""
 
     monitor: str
@@ -240,7 +240,7 @@ class _Entry:
     epoch_end: bool
     weights_only: bool
     pinned: bool
-    best: _Best | None
+    best: RecordedBest | None
 
     @property
     def created(self) -> float:
@@ -280,7 +280,7 @@ def progress_metrics(value: object) -> dict[str, float]:
     return out
 
 
-def _parse_best(value: object) -> _Best | None:
+def parse_best(value: object) -> RecordedBest | None:
     """The ``best`` field of a manifest's progress, or None if absent or malformed."""
     if not isinstance(value, Mapping):
         return None
@@ -289,7 +289,7 @@ def _parse_best(value: object) -> _Best | None:
         return None
     if isinstance(raw, bool) or not isinstance(raw, (int, float)):
         return None
-    return _Best(monitor, "min" if mode == "min" else "max", float(raw), name,
+    return RecordedBest(monitor, "min" if mode == "min" else "max", float(raw), name,
                  progress_int(value.get("epoch")), progress_int(value.get("step")))  # fmt: skip
 
 
@@ -308,7 +308,7 @@ def _entry_from_manifest(name: str, manifest: Manifest) -> _Entry:
         epoch_end=progress.get("epoch_end") is not False,
         weights_only=progress.get("weights_only") is True,
         pinned=progress.get("pinned") is True,
-        best=_parse_best(progress.get("best")) if ours else None,
+        best=parse_best(progress.get("best")) if ours else None,
     )
 
 
@@ -720,7 +720,7 @@ class Checkpointer:
         self._max_sequence = 0
         self._last_saved: Progress | None = None
         self._saved_here = False
-        self._best: _Best | None = None
+        self._best: RecordedBest | None = None
         self._started = clock()
         self.preempted: str | None = None
         """The signal whose preemption save was made (with ``signal_action="continue"``), or None."""
@@ -826,7 +826,7 @@ class Checkpointer:
         entries = self._sorted()
         return entries[-1] if entries else None
 
-    def _resolve_best(self) -> _Best | None:
+    def _resolve_best(self) -> RecordedBest | None:
         """The best checkpoint for the current monitor: as recorded by the newest manifest when that
         checkpoint still exists, otherwise recomputed from the metrics of the existing checkpoints."""
         if self.monitor is None or self.mode is None:
@@ -841,14 +841,14 @@ class Checkpointer:
                 and recorded.name in self._entries
             ):
                 return recorded
-        best: _Best | None = None
+        best: RecordedBest | None = None
         for entry in ours:
             value = entry.metrics.get(self.monitor)
             if value is None:
                 continue
             reference = best.value if best is not None else self.threshold
             if is_better(value, reference, self.mode, self.min_delta):
-                best = _Best(self.monitor, self.mode, value, entry.name, entry.epoch, entry.step)
+                best = RecordedBest(self.monitor, self.mode, value, entry.name, entry.epoch, entry.step)
         return best
 
     def _record(self, entry: _Entry, newest: str | None) -> CheckpointRecord:
@@ -905,6 +905,13 @@ class Checkpointer:
     # ----------------------------------------------------------------------------------------------
     # Saving
 
+    def _progress(
+        self, epoch: int | None, step: int | None, metrics: Mapping[str, object] | None, *, epoch_end: bool, final: bool
+    ) -> Progress:
+        """Where training is now, as the policies see it (metrics checked, time from ``clock``)."""
+        return Progress(epoch=epoch, step=step, metrics=coerce_metrics(metrics), time=self._clock(),
+                        epoch_end=bool(epoch_end), final=bool(final))  # fmt: skip
+
     def _check_open(self) -> None:
         if self._closed:
             raise CheckpointError(f"Checkpointer({self.directory!r}) is closed")
@@ -934,10 +941,7 @@ class Checkpointer:
             self._settle()
         if epoch_end and not final and self.max_epochs is not None and epoch is not None:
             final = epoch >= self.max_epochs
-        progress = Progress(
-            epoch=epoch, step=step, metrics=coerce_metrics(metrics), time=self._clock(),
-            epoch_end=bool(epoch_end), final=bool(final),
-        )  # fmt: skip
+        progress = self._progress(epoch, step, metrics, epoch_end=epoch_end, final=final)
         context = SaveContext(
             last_saved=self._last_saved,
             best=self._best.value if self._best is not None else None,
@@ -1006,9 +1010,7 @@ class Checkpointer:
             raise ConfigError("Checkpointer.between_steps needs save_on_signal=True (or a list of signals)")
         if self._coord.distributed:
             raise ConfigError("Checkpointer.between_steps is not available in a process group; use step()")
-        progress = Progress(
-            epoch=epoch, step=step, metrics=coerce_metrics(metrics), time=self._clock(), epoch_end=False
-        )
+        progress = self._progress(epoch, step, metrics, epoch_end=False, final=False)
 
         def save(signum: int) -> None:
             self._save(state, progress, name=None, metadata={"preempted_by": self._preemption.signal_name
@@ -1041,10 +1043,7 @@ class Checkpointer:
         self._check_open()
         if name is not None:
             validate_name(name)
-        progress = Progress(
-            epoch=epoch, step=step, metrics=coerce_metrics(metrics), time=self._clock(),
-            epoch_end=bool(epoch_end), final=False,
-        )  # fmt: skip
+        progress = self._progress(epoch, step, metrics, epoch_end=epoch_end, final=False)
         return self._save(state, progress, name=name, metadata=metadata, pin=pin)
 
     def _already_saved(self, progress: Progress) -> bool:
@@ -1085,7 +1084,7 @@ class Checkpointer:
                 warnings.warn(message, stacklevel=4)
         return _default_name(progress.epoch, progress.step, sequence)
 
-    def _new_best(self, progress: Progress, name: str) -> _Best | None:
+    def _new_best(self, progress: Progress, name: str) -> RecordedBest | None:
         """The best after saving ``progress`` as ``name`` (this one if it improves on the old best)."""
         if self.monitor is None or self.mode is None:
             return None
@@ -1094,11 +1093,11 @@ class Checkpointer:
         if value is not None:
             reference = current.value if current is not None else self.threshold
             if is_better(value, reference, self.mode, self.min_delta):
-                return _Best(self.monitor, self.mode, float(value), name, progress.epoch, progress.step)
+                return RecordedBest(self.monitor, self.mode, float(value), name, progress.epoch, progress.step)
         return current
 
     def _progress_json(
-        self, progress: Progress, sequence: int, best: _Best | None, name: str, pin: bool
+        self, progress: Progress, sequence: int, best: RecordedBest | None, name: str, pin: bool
     ) -> dict[str, Any]:
         """The ``progress`` dict stored in the manifest (layout in the module docstring)."""
         return {
@@ -1198,7 +1197,7 @@ class Checkpointer:
 
     def _submit(
         self, name: str, items: Mapping[str, Any], metadata: Mapping[str, Any], payload: Mapping[str, Any],
-        progress: Progress, best: _Best | None, started: float,
+        progress: Progress, best: RecordedBest | None, started: float,
     ) -> SaveResult:  # fmt: skip
         """Start a background save (snapshot now, write later); the Checkpointer's view is updated
         optimistically (last save, best) and corrected from the directory if the save fails."""

@@ -27,7 +27,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from . import api
-from .checkpointer import PROGRESS_VERSION, build_keep_policy, progress_int, progress_metrics
+from .checkpointer import (
+    PROGRESS_VERSION,
+    RecordedBest,
+    build_keep_policy,
+    parse_best,
+    progress_int,
+    progress_metrics,
+)
 from .cli_common import UsageError, is_checkpoint_dir, local_path
 from .errors import (
     CheckpointError,
@@ -115,18 +122,6 @@ def classify(arg: str) -> tuple[str, str]:
     return ("missing" if not os.path.lexists(path) else "other"), path
 
 
-@dataclass(frozen=True)
-class RecordedBest:
-    """The ``best`` field of a Checkpointer manifest: the best checkpoint when that one was written."""
-
-    monitor: str
-    mode: Literal["min", "max"]
-    value: float
-    name: str
-    epoch: int | None
-    step: int | None
-
-
 @dataclass
 class Entry:
     """One folder of the root: a committed checkpoint, or a quarantined one (``quarantined=True``)."""
@@ -203,18 +198,6 @@ class Scan:
         return None
 
 
-def _recorded_best(value: object) -> RecordedBest | None:
-    if not isinstance(value, Mapping):
-        return None
-    monitor, mode, raw, name = value.get("monitor"), value.get("mode"), value.get("value"), value.get("name")
-    if not isinstance(monitor, str) or mode not in ("min", "max") or not isinstance(name, str):
-        return None
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
-        return None
-    return RecordedBest(monitor, "min" if mode == "min" else "max", float(raw), name,
-                        progress_int(value.get("epoch")), progress_int(value.get("step")))  # fmt: skip
-
-
 def fill_progress(entry: Entry) -> None:
     """Copy what the manifest's ``progress`` says (epoch, step, metrics, best...) into ``entry``."""
     manifest = entry.manifest
@@ -226,7 +209,7 @@ def fill_progress(entry: Entry) -> None:
     entry.metrics = progress_metrics(progress.get("metrics"))
     entry.weights_only = progress.get("weights_only") is True
     entry.pinned = progress.get("pinned") is True
-    entry.recorded_best = _recorded_best(progress.get("best")) if entry.ours else None
+    entry.recorded_best = parse_best(progress.get("best")) if entry.ours else None
 
 
 def cheap_problem(ref: Any, manifest: Manifest) -> str | None:
