@@ -109,3 +109,70 @@ def test_saves_and_loads_work_in_a_forked_child(tmp_path: Path) -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     savegame.verify(tmp_path / "child")
+
+
+def _mapped_ranges(file: Path) -> list[tuple[int, int]]:
+    """Address ranges where this process maps ``file`` (from /proc/self/maps)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].strip() == str(file):
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def test_optimizer_state_loads_as_private_aligned_views_of_the_file(tmp_path: Path) -> None:
+    """An optimizer keeps the tensors ``load_state_dict`` gets: they are views of the copy-on-write file
+    mapping (no copy) where 64-byte aligned, like a fresh allocation; training then changes them without
+    changing the file, and the resumed run is bit-identical to the uninterrupted one."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    x, y = torch.randn(16, 64), torch.randint(0, 3, (16,))
+
+    def step(m: torch.nn.Module, o: torch.optim.Optimizer) -> None:
+        o.zero_grad()
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        o.step()
+
+    step(model, opt)
+    savegame.save(tmp_path / "c", {"model": model, "optimizer": opt})
+    file_hash_before = savegame.read_manifest(tmp_path / "c").files["optimizer.safetensors"].hash
+
+    fresh = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.01)
+    savegame.load(tmp_path / "c", {"model": fresh, "optimizer": fresh_opt})
+    state = [s for s in fresh_opt.state.values()]
+    moments = [s[k] for s in state for k in ("exp_avg", "exp_avg_sq")]
+    assert moments and all(t.data_ptr() % 64 == 0 for t in moments)
+    if Path("/proc/self/maps").exists():  # Linux: the moments live in the file mapping itself (no copy)
+        ranges = _mapped_ranges((tmp_path / "c" / "optimizer.safetensors").resolve())
+        assert ranges
+        in_file = [any(a <= t.data_ptr() < b for a, b in ranges) for t in moments]
+        assert in_file == [t.nbytes % 64 == 0 for t in moments]  # the last bias (12 bytes) is a copy
+    for _ in range(3):
+        step(model, opt)
+        step(fresh, fresh_opt)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+    for a, b in zip(opt.state.values(), fresh_opt.state.values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    savegame.verify(tmp_path / "c")  # training wrote to the views, never to the file
+    assert savegame.read_manifest(tmp_path / "c").files["optimizer.safetensors"].hash == file_hash_before
+    again = savegame.load(tmp_path / "c")
+    assert not torch.equal(again["optimizer"]["state"][0]["exp_avg"], fresh_opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_optimizer_views_are_not_restored_from_a_damaged_file(tmp_path: Path) -> None:
+    state = _state()
+    savegame.save(tmp_path / "c", state)
+    file = tmp_path / "c" / "optimizer.safetensors"
+    data = bytearray(file.read_bytes())
+    data[-5] ^= 0x01
+    file.write_bytes(bytes(data))
+    opt = state["optimizer"]
+    before = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    with pytest.raises(HashMismatchError):
+        savegame.load(tmp_path / "c", {"model": state["model"], "optimizer": opt})
+    for p, s in opt.state.items():
+        assert all(torch.equal(v, before[id(p)][k]) for k, v in s.items())

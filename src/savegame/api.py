@@ -16,7 +16,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from .capture import LoadReport, restore
 from .dtypes import logical_itemsize
@@ -34,7 +34,7 @@ from .storage import is_url, locate
 from .storage.base import MANIFEST, CheckpointReader, CheckpointRef
 from .storage.local import LocalCheckpointReader, open_local_checkpoint
 from .tensorfile import TensorFileReader, TensorInfo
-from .tree import Decoder, Path, format_path, numpy_from_node, valid_shape
+from .tree import Decoder, Path, Where, format_path, numpy_from_node, valid_shape
 from .writer import EncodedItem, encode_state, save_in_background, save_now, write_items
 
 __all__ = ["EncodedItem", "encode_state", "load", "read_manifest", "save", "verify", "write_items"]
@@ -218,39 +218,49 @@ def open_file(
     return TensorFileReader.from_buffer(buffer, where=where)
 
 
+ZeroCopy = bool | Literal["aligned"]
+"""Whether decoded arrays may be views of the file's buffer: never (``False``: fresh memory), always
+(``True``: the consumer copies them anyway, e.g. into a module's parameters), or ``"aligned"``: views where
+they are 64-byte aligned in memory (what a fresh allocation would give), copies elsewhere."""
+
+
 class _ItemDecoder:
     """Resolves array nodes of one item against its tensor file; identical keys give the same object."""
 
     def __init__(
-        self, reader: TensorFileReader | None, item: str, *, map_location: Any, as_numpy: bool, zero_copy: bool
+        self, reader: TensorFileReader | None, item: str, *, map_location: Any, as_numpy: bool, zero_copy: ZeroCopy
     ) -> None:
         self.reader = reader
+        self.tensors = reader.tensors if reader is not None else {}
         self.item = item
         self.map_location = map_location
         self.as_numpy = as_numpy
         self.zero_copy = zero_copy
         self.cache: dict[tuple[str, str], object] = {}
-
-    def __call__(self, node: dict[str, Any], path: Path) -> object:
-        where = format_path(path)
-        key = node["key"]
-        cached = self.cache.get((node["$"], key))
-        if cached is not None:
-            return cached
-        if self.reader is None or key not in self.reader.tensors:
-            raise InvalidManifestError(f"{where}: array {key!r} is not in the item's tensor file")
-        info = self.reader.tensors[key]
-        raw = self.reader.raw(key)
-        if not self.zero_copy:
-            raw = _aligned_copy(raw, torch_memory=node["$"] == "tensor" and not self.as_numpy)
-        value: object
-        if node["$"] == "tensor" and not self.as_numpy:
+        self.make_tensor: Callable[..., object] | None = None
+        if not as_numpy:
             from .adapters.torch import tensor_from_bytes
 
-            value = tensor_from_bytes(node, raw, info.code, info.shape, where, self.map_location)
+            self.make_tensor = tensor_from_bytes
+
+    def __call__(self, node: dict[str, Any], path: Path) -> object:
+        tag, key = node["$"], node["key"]
+        cached = self.cache.get((tag, key))
+        if cached is not None:
+            return cached
+        info = self.tensors.get(key)
+        if info is None or self.reader is None:
+            raise InvalidManifestError(f"{format_path(path)}: array {key!r} is not in the item's tensor file")
+        raw = self.reader.raw(key)
+        zero_copy = self.zero_copy
+        if zero_copy is not True and not (zero_copy == "aligned" and self.reader.aligned(key)):
+            raw = _aligned_copy(raw, torch_memory=tag == "tensor" and not self.as_numpy)
+        value: object
+        if tag == "tensor" and self.make_tensor is not None:
+            value = self.make_tensor(node, raw, info.code, info.shape, Where(path), self.map_location)
         else:
-            value = numpy_from_node(node, raw, info.code, info.shape, where)
-        self.cache[(node["$"], key)] = value
+            value = numpy_from_node(node, raw, info.code, info.shape, Where(path))
+        self.cache[(tag, key)] = value
         return value
 
 
@@ -285,7 +295,7 @@ def _torch_available() -> bool:
 
 def decode_item(
     checkpoint: Location, manifest: Manifest, name: str, *, verify: bool, map_location: Any = None,
-    as_numpy: bool | None = None, zero_copy: bool = False, storage_options: Mapping[str, Any] | None = None,
+    as_numpy: bool | None = None, zero_copy: ZeroCopy = False, storage_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """Read one item of a checkpoint back into nested state.
 
@@ -303,7 +313,7 @@ def decode_item(
 
 def _decode_opened(
     reader: TensorFileReader | None, manifest: Manifest, name: str, *, map_location: Any = None,
-    as_numpy: bool | None = None, zero_copy: bool = False,
+    as_numpy: bool | None = None, zero_copy: ZeroCopy = False,
 ) -> Any:
     """Decode item ``name`` whose tensor file (if any) is already open and checked."""
     entry = manifest.items[name]
@@ -319,9 +329,23 @@ def _decode_opened(
     return decoder.decode(entry.skeleton, (name,))
 
 
-def _is_module(obj: object) -> bool:
+def _zero_copy_for(target: object) -> ZeroCopy:
+    """How an item restored into ``target`` may share the file's memory.
+
+    A module copies the values into its own parameters: views of the file (``True``), no copy on our
+    side. A torch optimizer keeps the state tensors it is given (``load_state_dict`` only casts them to
+    the parameter's device and dtype): aligned views of the copy-on-write mapping (``"aligned"``), like
+    a safetensors load; its in-place updates then copy each page on first write, privately (the file
+    never changes). Anything else gets fresh memory.
+    """
     torch = sys.modules.get("torch")
-    return torch is not None and isinstance(obj, torch.nn.Module)
+    if torch is None:
+        return False
+    if isinstance(target, torch.nn.Module):
+        return True
+    if isinstance(target, torch.optim.Optimizer):
+        return "aligned"
+    return False
 
 
 def _has_torch_node(node: Any, depth: int) -> bool:
@@ -423,7 +447,8 @@ def _load_items(
         report.missing_keys += absent
     # Every file and skeleton is checked and decoded before anything is restored, so a damaged file
     # found late cannot leave the target half-restored. Modules copy into their own parameters, so
-    # they read straight from the (copy-on-write) file mapping.
+    # they read straight from the (copy-on-write) file mapping; an optimizer keeps the tensors it is
+    # given, so it gets views of the mapping where they are 64-byte aligned (see _zero_copy_for).
     needed = [name for name in manifest.items if name in target or manifest.items[name].file is None]
     files = {manifest.items[name].file for name in needed} - {None}
     values: dict[str, Any] = {}
@@ -434,10 +459,10 @@ def _load_items(
             progress.advance(manifest.files[data_file].bytes)
         for name in needed:
             file = manifest.items[name].file
-            direct = name in target and _is_module(target[name])
             values[name] = _decode_opened(
                 readers[file] if file else None, manifest, name,
-                map_location=map_location if name in target else None, zero_copy=direct,
+                map_location=map_location if name in target else None,
+                zero_copy=_zero_copy_for(target[name]) if name in target else False,
             )
         del readers
     for name in needed:

@@ -9,6 +9,8 @@ manifest; nothing that stores its own hash next to the data can be.
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,10 +47,14 @@ _OFFLOAD_BYTES = 4 << 20
 """Chunks at least this large are hashed on the worker thread (xxhash releases the GIL for them)."""
 
 _worker: ThreadPoolExecutor | None = None
+_readers: ThreadPoolExecutor | None = None
 _worker_lock = threading.Lock()
+_READ_WORKERS = max(1, min(4, os.cpu_count() or 1))
+"""Threads that hash the files of a load, one file each (xxhash releases the GIL)."""
 
 
 def _hash_worker() -> ThreadPoolExecutor:
+    """The write path's single FIFO hashing thread (updates of one file must run in order)."""
     global _worker
     with _worker_lock:
         if _worker is None:
@@ -56,11 +62,21 @@ def _hash_worker() -> ThreadPoolExecutor:
         return _worker
 
 
+def _read_workers() -> ThreadPoolExecutor:
+    """The load path's hashing threads: the files of a checkpoint are hashed in parallel."""
+    global _readers
+    with _worker_lock:
+        if _readers is None:
+            _readers = ThreadPoolExecutor(max_workers=_READ_WORKERS, thread_name_prefix="savegame-verify")
+        return _readers
+
+
 def _forget_worker_after_fork() -> None:
-    """A forked child has none of the parent's threads: it must start its own worker, not queue jobs to a
-    thread that does not exist there (and wait for them forever)."""
-    global _worker, _worker_lock
+    """A forked child has none of the parent's threads: it must start its own workers, not queue jobs to
+    threads that do not exist there (and wait for them forever)."""
+    global _worker, _readers, _worker_lock
     _worker = None
+    _readers = None
     _worker_lock = threading.Lock()
 
 
@@ -100,9 +116,12 @@ def new_write_hasher() -> Hasher:
 
 
 def hash_in_background(buffer: bytes | bytearray | memoryview | Any, size: int) -> Future[str]:
-    """Start hashing the first ``size`` bytes of ``buffer`` on the worker thread; the future gives the digest.
+    """Start hashing the first ``size`` bytes of ``buffer`` on a worker thread; the future gives the digest.
 
     The buffer must stay unchanged until the future is done (loads decode from it meanwhile, reading only).
+    Several files are hashed in parallel. For a memory map, the kernel is asked to read the next chunks
+    ahead of the one being hashed (``MADV_WILLNEED``): on a cold cache the disk then streams with a deep
+    queue instead of one readahead window per page fault, and memory stays bounded for any file size.
     """
 
     def run() -> str:
@@ -110,12 +129,24 @@ def hash_in_background(buffer: bytes | bytearray | memoryview | Any, size: int) 
         view = memoryview(buffer)
         try:
             for start in range(0, size, _HASH_CHUNK):
+                _read_ahead(buffer, start + _HASH_CHUNK, size)
                 hasher.update(view[start : start + _HASH_CHUNK])
         finally:
             view.release()
         return hasher.hexdigest()
 
-    return _hash_worker().submit(run)
+    _read_ahead(buffer, 0, size)
+    return _read_workers().submit(run)
 
 
 _HASH_CHUNK = 64 << 20
+_READ_AHEAD_CHUNKS = 2
+
+
+def _read_ahead(buffer: object, start: int, size: int) -> None:
+    """Ask the kernel to start reading ``_READ_AHEAD_CHUNKS`` chunks of a mapping from ``start`` (async)."""
+    if not isinstance(buffer, mmap.mmap) or start >= size:
+        return
+    length = min(_READ_AHEAD_CHUNKS * _HASH_CHUNK, size - start)
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # advice only; e.g. not on this platform
+        buffer.madvise(mmap.MADV_WILLNEED, start, length)

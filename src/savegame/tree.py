@@ -61,6 +61,25 @@ def format_path(path: Path) -> str:
     return ".".join(str(p) for p in path) if path else "<root>"
 
 
+class Where:
+    """A position in a state that is formatted (:func:`format_path`) only when a message uses it.
+
+    Decoding visits every node of a skeleton; building each node's dotted path up front cost more than
+    the rest of the decode. ``f"{where}: ..."`` and ``str(where)`` give the formatted path.
+    """
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __str__(self) -> str:
+        return format_path(self.path)
+
+    def __format__(self, spec: str) -> str:
+        return format(format_path(self.path), spec)
+
+
 @dataclass
 class ArrayRecord:
     """An array found while encoding: the tensor-file entry plus what keeps its memory alive."""
@@ -260,7 +279,12 @@ class Decoder:
         return self._decode_tagged(node["$"], node, path)
 
     def _decode_tagged(self, tag: object, node: dict[str, Any], path: Path) -> Any:
-        where = format_path(path)
+        where = Where(path)
+        if tag == "tensor" or tag == "ndarray" or tag == "npscalar":  # the most common tagged nodes first
+            if self.resolve is None:
+                raise InvalidManifestError(f"{where}: arrays are not allowed here")
+            _field(node, "key", str, where)
+            return self.resolve(node, path)
         if tag == "tuple":
             return tuple(self.decode(v, (*path, i)) for i, v in enumerate(_field(node, "v", list, where)))
         if tag in ("dict", "odict"):
@@ -298,11 +322,6 @@ class Decoder:
                 return base64.b64decode(data, validate=True)
             except ValueError:
                 raise InvalidManifestError(f"{where}: invalid base64 bytes") from None
-        if tag in ("ndarray", "npscalar", "tensor"):
-            if self.resolve is None:
-                raise InvalidManifestError(f"{where}: arrays are not allowed here")
-            _field(node, "key", str, where)
-            return self.resolve(node, path)
         if isinstance(tag, str) and tag in self.extra_tags:
             try:
                 return self.extra_tags[tag](node.get("v"))
@@ -311,14 +330,16 @@ class Decoder:
         raise InvalidManifestError(f"{where}: unknown skeleton tag {str(tag)[:40]!r}")
 
 
-def _field(node: dict[str, Any], name: str, kind: type, where: str) -> Any:
+def _field(node: dict[str, Any], name: str, kind: type, where: str | Where) -> Any:
     value = node.get(name)
     if type(value) is not kind:
         raise InvalidManifestError(f"{where}: skeleton node field {name!r} must be {kind.__name__}")
     return value
 
 
-def numpy_from_node(node: dict[str, Any], raw: np.ndarray, code: str, shape: tuple[int, ...], where: str) -> Any:
+def numpy_from_node(
+    node: dict[str, Any], raw: np.ndarray, code: str, shape: tuple[int, ...], where: str | Where
+) -> Any:
     """Build the NumPy value of an ``ndarray``/``npscalar`` node from its stored bytes."""
     logical = node.get("dtype")
     if logical is not None:

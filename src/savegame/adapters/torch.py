@@ -10,6 +10,7 @@ tensors and tensor subclasses other than ``nn.Parameter`` (DTensor is handled by
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidManifestError, StateMismatchError, UnsupportedTypeError
-from ..tree import Encoder, Path, format_path, valid_shape
+from ..tree import Encoder, Path, Where, format_path, valid_shape
 
 # torch dtype -> (stored code, logical name or None, trailing dimension)
 _CODES: dict[torch.dtype, tuple[str, str | None, int]] = {
@@ -57,6 +58,17 @@ _FROM_LOGICAL: dict[str, torch.dtype] = {
 }
 
 _ITEMSIZE: dict[torch.dtype, int] = {dt: int(getattr(dt, "itemsize", 0)) for dt in _CODES}
+
+_NUMPY_SAME: dict[str, np.dtype[Any]] = {} if sys.byteorder != "little" else {
+    code: np.dtype(name)
+    for code, name in (
+        ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("C64", "complex64"), ("I64", "int64"),
+        ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"),
+    )
+}
+"""Codes whose NumPy dtype ``torch.from_numpy`` maps to the same torch dtype: their tensors are built with
+NumPy views (a fraction of the cost of torch's ``view``/``reshape`` calls, which add up over 10,000s of
+small tensors)."""
 
 _DTYPES: dict[str, torch.dtype] = {
     name: value for name in dir(torch) if isinstance(value := getattr(torch, name, None), torch.dtype)
@@ -191,10 +203,32 @@ def decode_tags() -> dict[str, Callable[[Any], object]]:
 
 
 def tensor_from_bytes(
-    node: Mapping[str, Any], raw: np.ndarray, code: str, shape: tuple[int, ...], where: str,
+    node: Mapping[str, Any], raw: np.ndarray, code: str, shape: tuple[int, ...], where: str | Where,
     map_location: MapLocation,
 ) -> torch.Tensor:
     """Build the tensor of a ``tensor`` node from its stored bytes (a uint8 view, not copied)."""
+    logical = node.get("dtype")
+    same = _NUMPY_SAME.get(code) if logical is None else None
+    if same is not None and raw.flags.writeable:
+        try:
+            tensor = torch.from_numpy(raw.view(same).reshape(shape))
+        except ValueError:  # the bytes do not hold that shape (readers check this; callers may not)
+            raise InvalidManifestError(f"{where}: shape {list(shape)} x {code} does not match its bytes") from None
+    else:
+        tensor = _tensor_from_raw(node, raw, code, shape, where)
+    tensor = _place(tensor, node.get("device"), map_location)
+    if node.get("param"):
+        return torch.nn.Parameter(tensor, requires_grad=bool(node.get("requires_grad", True)))
+    if node.get("requires_grad") and tensor.is_floating_point():
+        tensor.requires_grad_(True)
+    return tensor
+
+
+def _tensor_from_raw(
+    node: Mapping[str, Any], raw: np.ndarray, code: str, shape: tuple[int, ...], where: str | Where
+) -> torch.Tensor:
+    """The general case of :func:`tensor_from_bytes`: logical dtypes (stored as another code), dtypes NumPy
+    lacks (bfloat16, float8), read-only buffers."""
     logical = node.get("dtype")
     if logical is not None:
         dtype = _FROM_LOGICAL.get(logical) if isinstance(logical, str) else None
@@ -221,13 +255,7 @@ def tensor_from_bytes(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only buffers (verify=False paths) are fine
             base = torch.from_numpy(raw)
-    tensor = base.view(dtype).reshape(target_shape)
-    tensor = _place(tensor, node.get("device"), map_location)
-    if node.get("param"):
-        return torch.nn.Parameter(tensor, requires_grad=bool(node.get("requires_grad", True)))
-    if node.get("requires_grad") and tensor.is_floating_point():
-        tensor.requires_grad_(True)
-    return tensor
+    return base.view(dtype).reshape(target_shape)
 
 
 def _place(tensor: torch.Tensor, saved: object, map_location: MapLocation) -> torch.Tensor:
@@ -313,7 +341,7 @@ def restore_module(module: torch.nn.Module, state: object, *, strict: bool, wher
         if k not in expected:
             continue
         want = expected[k]
-        if isinstance(v, torch.Tensor) and isinstance(want, torch.Tensor) and tuple(v.shape) != tuple(want.shape):
+        if isinstance(v, torch.Tensor) and isinstance(want, torch.Tensor) and v.shape != want.shape:
             report.mismatched_keys.append((k, tuple(v.shape), tuple(want.shape)))
             continue
         usable[k] = v
