@@ -380,7 +380,10 @@ def load(
     With ``target`` (a dict of live objects with the same item names, e.g. ``{"model": model,
     "optimizer": opt}``): restore each in place and return a :class:`LoadReport`; items of the checkpoint
     not in ``target`` are returned in ``report.state`` only if they hold no arrays (epoch, loss, ...) and
-    are otherwise not read at all.
+    are otherwise not read at all. Every file's hash is checked before any target is changed. A module
+    copies the values into its parameters; a torch optimizer keeps the tensors it is given, so its state
+    becomes views of the privately mapped file where they are 64-byte aligned (no copy; training writes
+    copy each page on first write and never reach the file), fresh memory elsewhere.
 
     ``map_location``: like ``torch.load``: a device (``"cpu"``, ``"cuda:1"``), a dict from saved to new
     device, or ``fn(tensor, saved_device) -> tensor``. ``None`` puts tensors back on the device they were
