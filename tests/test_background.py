@@ -158,3 +158,41 @@ def test_snapshot_of_non_contiguous_and_numpy_views(tmp_path: Path) -> None:
     got = savegame.load(tmp_path / "c")["x"]
     assert torch.equal(got["t"], torch.arange(20.0).reshape(4, 5).t())
     assert np.array_equal(got["a"], np.arange(30).reshape(5, 6)[:, ::2])
+
+
+def test_snapshot_copies_on_the_worker_are_complete_when_save_returns(tmp_path: Path) -> None:
+    """Tensors are copied in batches on a worker thread while the state is walked (copyqueue.py): many
+    tensors and more than one batch of bytes, changed the moment the call returns, are written as they
+    were at the call."""
+    torch.manual_seed(1)
+    tensors = {f"t{i}": torch.randn(256, 97 + i % 5) for i in range(300)}  # ~30 MB, ~4 batches of 8 MiB
+    expected = {k: v.clone() for k, v in tensors.items()}
+    pending = savegame.save(tmp_path / "c", {"x": tensors}, background=True)
+    for v in tensors.values():
+        v.mul_(-3.0).add_(7.0)
+    pending.result(timeout=60)
+    loaded = savegame.load(tmp_path / "c")["x"]
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+def test_snapshot_that_fails_midway_waits_for_its_copies(tmp_path: Path) -> None:
+    from savegame.errors import UnsupportedTypeError
+    from savegame.writer import encode_state
+
+    class Pool:
+        def __init__(self) -> None:
+            self.taken: list[np.ndarray] = []
+
+        def take(self, nbytes: int, pinned: bool) -> np.ndarray:
+            buf = np.zeros(nbytes, dtype=np.uint8)
+            self.taken.append(buf)
+            return buf
+
+    pool = Pool()
+    big = [torch.full((1 << 20,), float(i)) for i in range(20)]  # 80 MB queued before the bad value
+    with pytest.raises(UnsupportedTypeError, match="bad"):
+        encode_state({"x": {"big": big, "bad": object()}}, copy=True, allocate=pool.take)
+    # encode_state returned only after every queued copy ran: each buffer holds its tensor's bytes
+    assert len(pool.taken) == 20
+    for i, buf in enumerate(pool.taken):
+        assert np.array_equal(buf.view(np.float32), np.full(1 << 20, float(i), np.float32))

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from .copyqueue import CopyQueue
 from .dtypes import NUMPY_VIEW_TYPES, logical_numpy_dtype, numpy_code, numpy_dtype
 from .errors import InvalidManifestError, UnsupportedTypeError
 from .tensorfile import MAX_DIM, MAX_NDIM, TensorData
@@ -107,6 +108,7 @@ class Encoder:
     allocate: Callable[[int, bool], Any] | None = None
     needs_sync: bool = False  # set by hooks that started asynchronous device-to-host copies
     allow_arrays: bool = True
+    copies: CopyQueue | None = None  # where host copies of a snapshot go (run on a worker; None: inline)
     key_skip: int = 0  # leading path components left out of array keys (the item name)
     array_hooks: list[ArrayHook] = field(default_factory=list)
     records: list[ArrayRecord] = field(default_factory=list)

@@ -24,6 +24,7 @@ from typing import Any
 from . import __version__
 from .background import BackgroundWriter, PendingSave, Snapshot
 from .capture import kind_of, live_object_hook
+from .copyqueue import CopyQueue
 from .errors import StorageError, UnsupportedTypeError
 from .manifest import FileEntry, ItemEntry, Manifest, dump_manifest, utc_now
 from .progress import ProgressBar
@@ -66,7 +67,8 @@ class EncodedExtras:
 
 
 def make_encoder(
-    *, copy: bool, key_skip: int = 1, allocate: Callable[[int, bool], Any] | None = None
+    *, copy: bool, key_skip: int = 1, allocate: Callable[[int, bool], Any] | None = None,
+    copies: CopyQueue | None = None,
 ) -> Encoder:
     """An encoder with the framework hooks for what is imported in this process."""
     hooks: list[ArrayHook] = []
@@ -75,7 +77,7 @@ def make_encoder(
 
         hooks.append(encode_hook)
     hooks.append(live_object_hook)
-    return Encoder(copy=copy, array_hooks=hooks, key_skip=key_skip, allocate=allocate)
+    return Encoder(copy=copy, array_hooks=hooks, key_skip=key_skip, allocate=allocate, copies=copies)
 
 
 def encode_state(
@@ -94,17 +96,22 @@ def encode_state(
     items: list[EncodedItem] = []
     used_files: set[str] = {MANIFEST}
     needs_sync = False
-    for name, value in state.items():
-        if type(name) is not str or not name or len(name) > 1024:
-            raise UnsupportedTypeError(f"item names must be non-empty strings (<= 1024 chars), got {name!r}")
-        enc = make_encoder(copy=copy, allocate=allocate)
-        skeleton = enc.encode(value, (name,))
-        needs_sync = needs_sync or enc.needs_sync
-        file = None
-        if enc.records:
-            file = _file_name(name, used_files)
-            used_files.add(file)
-        items.append(EncodedItem(name, kind_of(value), skeleton, enc.records, file))
+    copies = CopyQueue() if copy else None  # host copies overlap the walk (copyqueue.py)
+    try:
+        for name, value in state.items():
+            if type(name) is not str or not name or len(name) > 1024:
+                raise UnsupportedTypeError(f"item names must be non-empty strings (<= 1024 chars), got {name!r}")
+            enc = make_encoder(copy=copy, allocate=allocate, copies=copies)
+            skeleton = enc.encode(value, (name,))
+            needs_sync = needs_sync or enc.needs_sync
+            file = None
+            if enc.records:
+                file = _file_name(name, used_files)
+                used_files.add(file)
+            items.append(EncodedItem(name, kind_of(value), skeleton, enc.records, file))
+    finally:
+        if copies is not None:
+            copies.wait()  # also on error: the caller may recycle the buffers only once no copy runs
     if needs_sync:
         import torch
 

@@ -69,6 +69,9 @@ _NUMPY_SAME: dict[str, np.dtype[Any]] = {} if sys.byteorder != "little" else {
 """Codes whose NumPy dtype ``torch.from_numpy`` maps to the same torch dtype: their tensors are built with
 NumPy views (a fraction of the cost of torch's ``view``/``reshape`` calls, which add up over 10,000s of
 small tensors)."""
+_NUMPY_SAME_DTYPE: dict[torch.dtype, np.dtype[Any]] = {
+    _FROM_CODE[code]: dt for code, dt in _NUMPY_SAME.items() if code in _FROM_CODE
+}
 
 _DTYPES: dict[str, torch.dtype] = {
     name: value for name in dir(torch) if isinstance(value := getattr(torch, name, None), torch.dtype)
@@ -144,9 +147,11 @@ def encode_hook(obj: object, path: Path, enc: Encoder) -> dict[str, Any] | None:
         if alias is not None:
             node["key"] = alias
             return node
-    t = _host_tensor(obj.detach(), enc)
+    t, raw = _host_tensor(obj.detach(), enc)
     if numel == 0:
         data = memoryview(b"")
+    elif raw is not None:  # a snapshot buffer: its bytes are the tensor's
+        data = memoryview(raw)  # type: ignore[arg-type]
     elif dtype in _NUMPY_VIEWABLE:
         data = memoryview(t.numpy()).cast("B")  # type: ignore[arg-type]
     else:
@@ -155,26 +160,35 @@ def encode_hook(obj: object, path: Path, enc: Encoder) -> dict[str, Any] | None:
     return node
 
 
-def _host_tensor(t: torch.Tensor, enc: Encoder) -> torch.Tensor:
+def _host_tensor(t: torch.Tensor, enc: Encoder) -> tuple[torch.Tensor, np.ndarray | None]:
     """A contiguous CPU tensor with ``t``'s values: ``t`` itself when no copy is needed (sync save of a
-    contiguous CPU tensor), else a copy into a snapshot buffer (pinned + non-blocking from CUDA)."""
+    contiguous CPU tensor), else a copy into a snapshot buffer (pinned + non-blocking from CUDA). The
+    second value is the snapshot's uint8 host buffer when the copy went into one (its bytes, no view)."""
     on_cpu = t.device.type == "cpu"
     if on_cpu and not enc.copy and t.is_contiguous():
-        return t
+        return t, None
     nbytes = t.numel() * t.element_size()
     if nbytes == 0:
-        return torch.empty(t.shape, dtype=t.dtype)
+        return torch.empty(t.shape, dtype=t.dtype), None
     if not on_cpu and t.device.type == "cuda" and enc.allocate is not None:
         pinned: torch.Tensor = enc.allocate(nbytes, True)
         dest = pinned.view(t.dtype).reshape(t.shape)
         dest.copy_(t, non_blocking=True)
         enc.needs_sync = True
-        return dest
+        return dest, None
     if not on_cpu:
-        return t.to("cpu").contiguous()
-    dest = torch.from_numpy(enc.host_buffer(nbytes)).view(t.dtype).reshape(t.shape)
-    dest.copy_(t)
-    return dest
+        return t.to("cpu").contiguous(), None
+    buf = enc.host_buffer(nbytes)
+    same = _NUMPY_SAME_DTYPE.get(t.dtype)
+    if same is not None:  # NumPy views cost a fraction of torch's view/reshape calls
+        dest = torch.from_numpy(buf.view(same).reshape(t.shape))
+    else:
+        dest = torch.from_numpy(buf).view(t.dtype).reshape(t.shape)
+    if enc.copies is not None:
+        enc.copies.add(dest, t, nbytes)  # copied on the snapshot worker while the walk goes on
+    else:
+        dest.copy_(t)
+    return dest, buf
 
 
 def decode_tags() -> dict[str, Callable[[Any], object]]:
