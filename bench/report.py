@@ -148,8 +148,9 @@ def markdown(data: dict[str, Any], tgt: list[dict[str, Any]], rat: dict[str, Any
         "# savegame benchmark",
         "",
         f"Run {data['created']} in {data.get('elapsed_seconds', '?')} s with `python -m bench"
-        + (" --quick" if cfg["quick"] else "") + f"`: {cfg['reps']} repetitions per contender, contenders"
-        " interleaved round-robin in each repetition (order rotated), medians shown.",
+        + (" --quick" if cfg["quick"] else "") + f"`: {cfg['reps']} repetitions per contender (10x as many for"
+        " workloads under 16 MB), contenders interleaved round-robin in each repetition (order rotated), medians"
+        " shown.",
         "",
         f"Machine: {m.get('cpu', '?')}, {m.get('cpus', '?')} CPUs ({m.get('torch_threads', '?')} torch threads),"
         f" OMP_WAIT_POLICY={m.get('omp_wait_policy', '?')}, {m.get('ram_gib', '?')} GiB RAM, {m.get('filesystem', '?')}"
@@ -179,7 +180,8 @@ def markdown(data: dict[str, Any], tgt: list[dict[str, Any]], rat: dict[str, Any
         lines += [
             f"## {wl}: {w['description']} — {w['state_bytes'] / 1e6:.1f} MB, {w['n_tensors']} tensors",
             "",
-            f"Measured in {w.get('seconds', '?')} s; 1-min load average {_load(w.get('loadavg_before'))} before,"
+            f"Measured in {w.get('seconds', '?')} s ({w.get('reps', cfg['reps'])} repetitions); 1-min load average"
+            f" {_load(w.get('loadavg_before'))} before,"
             f" {_load(w.get('loadavg_after'))} after (other processes share the machine's"
             f" {m.get('cpus', '?')} CPUs).",
             "",

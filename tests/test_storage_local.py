@@ -146,3 +146,63 @@ def test_failure_while_writing_removes_staging(tmp_path: Path) -> None:
         write_items(LocalStorage(tmp_path, ops=FullDisk()), "c", encode_state({"x": np.ones(3)}),
                     metadata=None, progress=None, overwrite=False)
     assert list(tmp_path.iterdir()) == []
+
+
+class _SlowDataFsync(FileOps):
+    """fsync of data files blocks until ``gate`` is set; records what was published meanwhile."""
+
+    def __init__(self, root: Path) -> None:
+        import threading
+
+        self.gate = threading.Event()
+        self.root = root
+        self.fsyncs: list[int] = []
+        self.fail_errno: int | None = None
+
+    def fsync(self, fd: int) -> None:
+        if not os.readlink(f"/proc/self/fd/{fd}").endswith("manifest.json"):
+            self.fsyncs.append(fd)  # data files only
+            self.gate.wait(20)
+            if self.fail_errno is not None:
+                raise OSError(self.fail_errno, "injected")
+        super().fsync(fd)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_commit_waits_for_data_fsyncs_running_on_workers(tmp_path: Path) -> None:
+    """The manifest is fsynced while the data files' fsyncs still run on the writer's workers; nothing is
+    published until every one of them finished."""
+    import threading
+
+    from savegame.writer import save_now
+
+    ops = _SlowDataFsync(tmp_path)
+    storage = LocalStorage(tmp_path, ops=ops)
+    state = {"a": {"x": np.arange(1000.0)}, "b": {"y": np.ones(5)}}
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (save_now(storage, "c", state, metadata=None, progress=None,
+                                                       overwrite=False), done.set()))
+    thread.start()
+    assert not done.wait(1.0)  # blocked on the data fsyncs
+    assert not (tmp_path / "c").exists()
+    ops.gate.set()
+    thread.join(30)
+    assert done.is_set() and (tmp_path / "c").is_dir()
+    savegame.verify(tmp_path / "c")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_failed_data_fsync_on_a_worker_publishes_nothing_and_is_not_retried(tmp_path: Path) -> None:
+    from savegame.errors import StorageError
+    from savegame.writer import save_now
+
+    ops = _SlowDataFsync(tmp_path)
+    ops.fail_errno = errno.EIO
+    ops.gate.set()
+    storage = LocalStorage(tmp_path, ops=ops)
+    with pytest.raises(StorageError) as info:
+        save_now(storage, "c", {"a": {"x": np.arange(10.0)}}, metadata=None, progress=None, overwrite=False)
+    assert info.value.errno == errno.EIO
+    assert len(ops.fsyncs) == 1  # the failed data fsync was not tried again by the commit
+    assert not (tmp_path / "c").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # the staging directory is gone too

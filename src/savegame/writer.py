@@ -202,8 +202,8 @@ def write_encoded(
 ) -> tuple[str, Manifest]:
     """Write encoded items as checkpoint ``name`` of ``storage``; commit; return its path and manifest.
 
-    Each finished local file is fsynced on a worker thread while the next one is written; all of them
-    are complete before the manifest is written (the commit protocol is unchanged). The returned
+    Each finished local file is fsynced on a worker thread while the next one is written and while the
+    commit writes and fsyncs the manifest; the commit waits for all of them before it publishes. The returned
     :class:`Manifest` is the one built here, equal to what :func:`parse_manifest` reads back.
     """
     start = time.perf_counter()
@@ -245,8 +245,9 @@ def write_encoded(
                 raw_metadata=extras.metadata,
                 raw_progress=extras.progress,
             )
-        finally:
-            _wait_all(closing)
+        except BaseException:
+            _wait_all(closing)  # no fsync keeps running behind an error; a failed one is what is reported
+            raise
     except OSError as exc:
         txn.abort()
         progress.close()
@@ -256,8 +257,10 @@ def write_encoded(
         progress.close()
         raise
     try:
-        final = txn.commit(raw)
+        final = txn.commit(raw)  # waits for the data files' fsyncs (LocalFileSink.close) and reports theirs
     finally:
+        for future in closing:
+            future.exception()  # finished (the commit waited for each file); errors were raised by the commit
         progress.close()
     elapsed = time.perf_counter() - start
     blocked = elapsed if blocking_seconds is None else blocking_seconds

@@ -69,8 +69,8 @@ class RecordingOps(FileOps):
         self.log.append(("fsync", self._ids[fd]))
 
     def close(self, fd: int) -> None:
+        self._ids.pop(fd, None)  # first: once closed, another thread may get the same fd number at once
         self.base.close(fd)
-        self._ids.pop(fd, None)
 
     def mkdir(self, path: str) -> None:
         self.base.mkdir(path)

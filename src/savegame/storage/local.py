@@ -4,8 +4,10 @@ The commit protocol, step by step (each step's failure leaves older checkpoints 
 
 1. create ``ROOT/.staging-<host>-<pid>-<uuid>/`` (invisible to readers: names starting with ``.`` are
    never checkpoints);
-2. write each data file there and ``fsync`` it;
-3. write ``manifest.json`` last and ``fsync`` it, then ``fsync`` the staging directory;
+2. write each data file there and ``fsync`` it (the writer does this on worker threads, overlapped);
+3. write ``manifest.json`` and ``fsync`` it (overlapping the data files' fsyncs still running: nothing in
+   a staging directory is ever read), wait until every file is durable, then ``fsync`` the staging
+   directory;
 4. publish: ``rename(staging, ROOT/NAME)``. If NAME exists and overwriting was asked for, the two
    directories are swapped atomically (``renameat2(RENAME_EXCHANGE)``) and the old one removed after;
    where the kernel or filesystem lacks that, the old one is first renamed to ``.trash-...`` (a crash
@@ -26,6 +28,7 @@ import os
 import shutil
 import socket
 import stat
+import threading
 import time
 import uuid
 import weakref
@@ -129,13 +132,21 @@ def _io_error(exc: OSError, what: str) -> StorageError:
 
 
 class LocalFileSink:
-    """An unbuffered file written with large ``write`` calls and made durable by ``close``."""
+    """An unbuffered file written with large ``write`` calls and made durable by ``close``.
+
+    ``close`` may be called from several threads (the writer fsyncs finished files on a worker while the
+    commit waits for them): the first call fsyncs and closes, every later one waits for it to finish and
+    raises its error, if any (a failed fsync is never retried: its data may be lost).
+    """
 
     def __init__(self, path: str, ops: FileOps) -> None:
         self.path = path
         self._ops = ops
         self._fd: int | None = ops.open_new(path)
         self.bytes_written = 0
+        self._close_lock = threading.Lock()
+        self._closed = False
+        self._close_error: BaseException | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         assert self._fd is not None, "write after close"
@@ -151,22 +162,34 @@ class LocalFileSink:
         return total
 
     def close(self) -> None:
-        if self._fd is None:
-            return
-        fd, self._fd = self._fd, None
-        try:
-            self._ops.fsync(fd)
-        finally:
-            self._ops.close(fd)
+        with self._close_lock:
+            if self._closed:
+                if self._close_error is not None:
+                    raise self._close_error
+                return
+            self._closed = True
+            fd, self._fd = self._fd, None
+            if fd is None:
+                return
+            try:
+                try:
+                    self._ops.fsync(fd)
+                finally:
+                    self._ops.close(fd)
+            except BaseException as exc:
+                self._close_error = exc
+                raise
 
     def discard(self) -> None:
-        """Close without fsync (after an error)."""
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        """Close without fsync (after an error); a close running on another thread is waited for."""
+        with self._close_lock:
+            self._closed = True
+            if self._fd is not None:
+                fd, self._fd = self._fd, None
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
 
 @dataclass
@@ -206,15 +229,15 @@ class LocalTransaction:
         ops = self.storage.ops
         final = os.path.join(self.storage.root, self.name)
         try:
+            # The manifest is fsynced while data files still being fsynced on the writer's workers finish
+            # (their close() below waits for those): on a journaling filesystem the flushes then share
+            # commits. Order within the staging directory does not matter: only the rename publishes.
+            manifest_sink = LocalFileSink(os.path.join(self.staging, MANIFEST), ops)
+            self._sinks.append(manifest_sink)
+            manifest_sink.write(manifest)
+            manifest_sink.close()
             for sink in self._sinks:
                 sink.close()
-            sink = LocalFileSink(os.path.join(self.staging, MANIFEST), ops)
-            try:
-                sink.write(manifest)
-            except BaseException:
-                sink.discard()
-                raise
-            sink.close()
             ops.fsync_dir(self.staging)
             old = self._publish(final)
         except OSError as exc:
