@@ -167,8 +167,8 @@ def render(figures: dict[tuple[str, str], Any], outcomes: dict[str, Any], trials
             "Faults injected at the 1st, 2nd, ... call of each kind until the save succeeded, over three "
             "scenarios (new name, overwrite with `renameat2`, overwrite without). Every one gave a typed "
             "`StorageError` with the injected errno, left nothing visible, the previous checkpoints intact "
-            "and the disk usage as before, and no failed fsync was retried - except the known bug below "
-            "(directory fsync after the rename).",
+            "and the disk usage as before (a failed fsync of the root after the rename included: the "
+            "rename is undone), and no failed fsync was retried.",
             "",
             "| call | " + " | ".join(errs) + " |",
             "|---|" + "---:|" * len(errs),
