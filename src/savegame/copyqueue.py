@@ -9,36 +9,16 @@ only when every copy is done (the save call returns after it, so the live tensor
 
 from __future__ import annotations
 
-import os
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
+
+from .workers import LazyPool
 
 _BATCH_BYTES = 8 << 20
 """Copies are handed to the worker in batches of about this many bytes (one handoff per batch)."""
 _BATCH_COUNT = 256
 
-_worker: ThreadPoolExecutor | None = None
-_lock = threading.Lock()
-
-
-def _copier() -> ThreadPoolExecutor:
-    global _worker
-    with _lock:
-        if _worker is None:
-            _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="savegame-snapshot")
-        return _worker
-
-
-def _forget_after_fork() -> None:
-    """A forked child has no worker thread: it starts its own on first use."""
-    global _worker, _lock
-    _worker = None
-    _lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_after_fork)
+_copier = LazyPool("savegame-snapshot", 1)
 
 
 def _run(batch: list[tuple[Any, Any]]) -> None:
@@ -63,7 +43,7 @@ class CopyQueue:
 
     def _flush(self) -> None:
         if self._batch:
-            self._futures.append(_copier().submit(_run, self._batch))
+            self._futures.append(_copier.get().submit(_run, self._batch))
             self._batch = []
             self._bytes = 0
 

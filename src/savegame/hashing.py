@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, Protocol
 
 import xxhash
+
+from .workers import LazyPool
 
 ALGORITHM = "xxh3_128"
 """Name recorded in every manifest, so a future format can change the algorithm."""
@@ -46,42 +47,11 @@ def hash_bytes(data: bytes | memoryview) -> str:
 _OFFLOAD_BYTES = 4 << 20
 """Chunks at least this large are hashed on the worker thread (xxhash releases the GIL for them)."""
 
-_worker: ThreadPoolExecutor | None = None
-_readers: ThreadPoolExecutor | None = None
-_worker_lock = threading.Lock()
 _READ_WORKERS = max(1, min(4, os.cpu_count() or 1))
-"""Threads that hash the files of a load, one file each (xxhash releases the GIL)."""
-
-
-def _hash_worker() -> ThreadPoolExecutor:
-    """The write path's single FIFO hashing thread (updates of one file must run in order)."""
-    global _worker
-    with _worker_lock:
-        if _worker is None:
-            _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="savegame-hash")
-        return _worker
-
-
-def _read_workers() -> ThreadPoolExecutor:
-    """The load path's hashing threads: the files of a checkpoint are hashed in parallel."""
-    global _readers
-    with _worker_lock:
-        if _readers is None:
-            _readers = ThreadPoolExecutor(max_workers=_READ_WORKERS, thread_name_prefix="savegame-verify")
-        return _readers
-
-
-def _forget_worker_after_fork() -> None:
-    """A forked child has none of the parent's threads: it must start its own workers, not queue jobs to
-    threads that do not exist there (and wait for them forever)."""
-    global _worker, _readers, _worker_lock
-    _worker = None
-    _readers = None
-    _worker_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_worker_after_fork)
+_writer_hash = LazyPool("savegame-hash", 1)
+"""The write path's single FIFO hashing thread (updates of one file must run in order)."""
+_load_hash = LazyPool("savegame-verify", _READ_WORKERS)
+"""The load path's hashing threads: the files of a checkpoint are hashed in parallel, one per thread."""
 
 
 class OverlappedHasher:
@@ -101,7 +71,7 @@ class OverlappedHasher:
         if self._last is None and len(data) < _OFFLOAD_BYTES:
             self._hasher.update(data)
             return
-        self._last = _hash_worker().submit(self._hasher.update, data)
+        self._last = _writer_hash.get().submit(self._hasher.update, data)
 
     def hexdigest(self) -> str:
         if self._last is not None:
@@ -136,7 +106,7 @@ def hash_in_background(buffer: bytes | bytearray | memoryview | Any, size: int) 
         return hasher.hexdigest()
 
     _read_ahead(buffer, 0, size)
-    return _read_workers().submit(run)
+    return _load_hash.get().submit(run)
 
 
 _HASH_CHUNK = 64 << 20

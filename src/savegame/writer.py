@@ -10,14 +10,12 @@ Every save logs (logger ``savegame``, level INFO) its size, blocking time and th
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import re
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +29,7 @@ from .progress import ProgressBar
 from .storage.base import MANIFEST, Storage
 from .tensorfile import order_for_alignment, write_tensor_file
 from .tree import ArrayHook, ArrayRecord, Encoder, decode_plain, encode_plain
+from .workers import LazyPool
 
 log = logging.getLogger("savegame")
 _SAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
@@ -160,27 +159,7 @@ def _early_close(sink: Any) -> Callable[[], None] | None:
     return sink.close if type(sink) is LocalFileSink else None
 
 
-_fsync_worker: ThreadPoolExecutor | None = None
-_fsync_lock = threading.Lock()
-
-
-def _fsync_pool() -> ThreadPoolExecutor:
-    global _fsync_worker
-    with _fsync_lock:
-        if _fsync_worker is None:
-            _fsync_worker = ThreadPoolExecutor(max_workers=2, thread_name_prefix="savegame-fsync")
-        return _fsync_worker
-
-
-def _forget_pool_after_fork() -> None:
-    """A forked child has none of the parent's threads: it starts its own pool (see hashing.py)."""
-    global _fsync_worker, _fsync_lock
-    _fsync_worker = None
-    _fsync_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+_fsyncs = LazyPool("savegame-fsync", 2)
 
 
 def _wait_all(futures: list[Future[None]]) -> None:
@@ -223,7 +202,7 @@ def write_encoded(
                 files[item.file] = FileEntry(bytes=written.bytes, hash=written.hash)
                 close = _early_close(sink)
                 if close is not None:
-                    closing.append(_fsync_pool().submit(close))
+                    closing.append(_fsyncs.get().submit(close))
             entries = {i.name: ItemEntry(kind=i.kind, file=i.file, skeleton=i.skeleton) for i in items}
             created = utc_now()
             versions = library_versions()
