@@ -28,6 +28,7 @@ from .errors import (
     StateMismatchError,
     TruncatedFileError,
 )
+from .gcpause import gc_paused
 from .manifest import Manifest, parse_manifest
 from .progress import ProgressBar
 from .storage import is_url, locate
@@ -81,14 +82,16 @@ def save(
     were fsynced) and a power loss cannot take it back. If it fails, nothing new is visible at ``path``
     and whatever was there before is unchanged.
     """
-    storage, name = locate(path, storage_options=storage_options)  # a local directory or an fsspec URL
     if background:
         from .background import default_writer
 
+        storage, name = locate(path, storage_options=storage_options)
         return save_in_background(
             default_writer(), storage, name, state, metadata=metadata, progress=progress, overwrite=overwrite
         )
-    _, manifest = save_now(storage, name, state, metadata=metadata, progress=progress, overwrite=overwrite)
+    with gc_paused():
+        storage, name = locate(path, storage_options=storage_options)  # a local directory or an fsspec URL
+        _, manifest = save_now(storage, name, state, metadata=metadata, progress=progress, overwrite=overwrite)
     return manifest
 
 
@@ -293,6 +296,7 @@ def _torch_available() -> bool:
     return True
 
 
+@gc_paused()
 def decode_item(
     checkpoint: Location, manifest: Manifest, name: str, *, verify: bool, map_location: Any = None,
     as_numpy: bool | None = None, zero_copy: ZeroCopy = False, storage_options: Mapping[str, Any] | None = None,
@@ -362,6 +366,7 @@ def _has_torch_node(node: Any, depth: int) -> bool:
     return False
 
 
+@gc_paused()
 def load(
     path: Location,
     target: Mapping[str, Any] | None = None,
@@ -503,6 +508,7 @@ def _run_checks(checks: list[Callable[[], None]]) -> None:
         raise first
 
 
+@gc_paused()
 def verify(path: Location, *, storage_options: Mapping[str, Any] | None = None) -> Manifest:
     """Check a checkpoint completely: manifest, every file's size and hash, headers, and references.
 

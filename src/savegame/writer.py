@@ -24,6 +24,7 @@ from .background import BackgroundWriter, PendingSave, Snapshot
 from .capture import kind_of, live_object_hook
 from .copyqueue import CopyQueue
 from .errors import StorageError, UnsupportedTypeError
+from .gcpause import gc_paused
 from .manifest import FileEntry, ItemEntry, Manifest, dump_manifest, utc_now
 from .progress import ProgressBar
 from .storage.base import MANIFEST, Storage
@@ -79,6 +80,7 @@ def make_encoder(
     return Encoder(copy=copy, array_hooks=hooks, key_skip=key_skip, allocate=allocate, copies=copies)
 
 
+@gc_paused()
 def encode_state(
     state: Mapping[str, Any], *, copy: bool = False, allocate: Callable[[int, bool], Any] | None = None
 ) -> list[EncodedItem]:
@@ -250,6 +252,7 @@ def write_encoded(
     return final, manifest
 
 
+@gc_paused()
 def write_items(
     storage: Storage,
     name: str,
@@ -284,20 +287,23 @@ def save_in_background(
     runs in the writer thread after the commit (the Checkpointer uses it for retention).
     """
     writer.wait()
-    start = time.perf_counter()
-    snapshot = Snapshot(writer.pool)
-    try:
-        items = encode_state(state, copy=True, allocate=snapshot.take)
-        extras = EncodedExtras.encode(metadata, progress)
-    except BaseException:
-        snapshot.release()
-        raise
-    blocking = time.perf_counter() - start
+    with gc_paused():  # not while waiting above: only while this thread copies and encodes
+        start = time.perf_counter()
+        snapshot = Snapshot(writer.pool)
+        try:
+            items = encode_state(state, copy=True, allocate=snapshot.take)
+            extras = EncodedExtras.encode(metadata, progress)
+        except BaseException:
+            snapshot.release()
+            raise
+        blocking = time.perf_counter() - start
 
-    def persist() -> Manifest:
-        final, manifest = write_encoded(storage, name, items, extras, overwrite=overwrite, blocking_seconds=blocking)
-        if on_commit is not None:
-            on_commit(final, manifest)
-        return manifest
+        def persist() -> Manifest:
+            final, manifest = write_encoded(
+                storage, name, items, extras, overwrite=overwrite, blocking_seconds=blocking
+            )
+            if on_commit is not None:
+                on_commit(final, manifest)
+            return manifest
 
-    return writer.submit(name, snapshot, persist, blocking_seconds=blocking)
+        return writer.submit(name, snapshot, persist, blocking_seconds=blocking)
