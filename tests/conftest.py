@@ -48,8 +48,9 @@ def resign_manifest(ckpt: str | Path, mutate: Mutator | None = None, *, rehash: 
                 entry["hash"] = hash_bytes(data)
     if mutate is not None:
         mutate(body)
-    body["manifest_hash"] = hash_bytes(manifest_mod._canonical(body))
-    path.write_bytes(manifest_mod._serialize(body))
+    data = manifest_mod.sign_manifest(body)
+    path.write_bytes(data)
+    body["manifest_hash"] = json.loads(data)["manifest_hash"]
     return body
 
 

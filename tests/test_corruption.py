@@ -118,11 +118,11 @@ def test_leftover_staging_directory_is_invisible_to_load(small_checkpoint: Path)
 
 
 def test_manifest_from_a_newer_format(small_checkpoint: Path, resign: Helper) -> None:
-    resign(small_checkpoint, lambda b: b.update(format_version=2))
+    resign(small_checkpoint, lambda b: b.update(format_version=3))
     manifest = str(small_checkpoint / "manifest.json")
     readers = [*_all_readers(small_checkpoint), ("read_manifest", lambda: savegame.read_manifest(small_checkpoint))]
     for name, fn in readers:
-        err = _expect(UnsupportedFormatError, fn, manifest, "version 2")
+        err = _expect(UnsupportedFormatError, fn, manifest, "version 3")
         assert not isinstance(err, CorruptCheckpointError), name
 
 
@@ -216,10 +216,10 @@ def test_manifest_edited_without_resigning_is_a_hash_mismatch(small_checkpoint: 
     manifest.write_bytes(original.replace(b'"lr": 0.01', b'"lr": 0.02'))
     for _, fn in _all_readers(small_checkpoint):
         _expect(HashMismatchError, fn, str(manifest))
-    # Same content, re-indented: the hash over the content still matches, the bytes are not canonical.
+    # Same content, re-indented: the hash covers the bytes, so this is an edit too.
     manifest.write_bytes(json.dumps(json.loads(original), indent=2).encode() + b"\n")
     for _, fn in _all_readers(small_checkpoint):
-        _expect(HashMismatchError, fn, str(manifest), "canonical")
+        _expect(HashMismatchError, fn, str(manifest), "manifest_hash")
 
 
 def test_file_hash_entry_mismatch(small_checkpoint: Path, resign: Helper) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 import savegame
 from savegame import manifest as M
@@ -61,9 +62,14 @@ def _dump(**overrides: Any) -> bytes:
 
 
 def _sign(body: dict[str, Any]) -> bytes:
-    """Serialize ``body`` the way savegame does, with a fresh manifest_hash over its content."""
-    body = dict(body)
-    body.pop("manifest_hash", None)
+    """Serialize ``body`` the way savegame does, with a fresh manifest_hash over its bytes."""
+    return M.sign_manifest(body)
+
+
+def _sign_format_1(body: dict[str, Any]) -> bytes:
+    """Serialize ``body`` as format 1 did: manifest_hash over the canonical JSON of the content."""
+    body = {k: v for k, v in body.items() if k != "manifest_hash"}
+    body["format_version"] = 1
     body["manifest_hash"] = hash_bytes(M._canonical(body))
     return M._serialize(body)
 
@@ -111,8 +117,12 @@ def test_dump_is_deterministic_canonical_and_self_hashed() -> None:
     assert data.endswith(b"\n") and data.isascii()
     body = json.loads(data)
     assert M._serialize(body) == data
+    assert body["format_version"] == M.FORMAT_VERSION == 2
+    assert list(body)[-1] == "manifest_hash"
     stored = body.pop("manifest_hash")
-    assert stored == hash_bytes(M._canonical(body))
+    # Format 2: the hash covers every byte of the file before its own hex digits (which end the file).
+    assert data.endswith(f'"manifest_hash": "{stored}"\n}}\n'.encode())
+    assert stored == hash_bytes(data[: len(data) - len(stored) - len(b'"\n}\n')])
     assert len(stored) == 32 and int(stored, 16) >= 0
     assert _sign(body) == data
 
@@ -140,13 +150,41 @@ NON_CANONICAL: dict[str, Callable[[bytes], bytes]] = {
 
 
 @pytest.mark.parametrize("case", list(NON_CANONICAL))
-def test_same_content_in_other_bytes_is_rejected(case: str) -> None:
-    data = _dump()
+@pytest.mark.parametrize("version", [1, 2])
+def test_same_content_in_other_bytes_is_rejected(case: str, version: int) -> None:
+    data = _dump() if version == 2 else _sign_format_1(json.loads(_dump()))
+    assert parse_manifest(data, WHERE).format_version == version
     other = NON_CANONICAL[case](data)
     assert other != data and json.loads(other) == json.loads(data)
-    with pytest.raises(HashMismatchError, match="canonical") as info:
+    # Format 2 hashes the bytes; format 1 hashed the content and required the canonical bytes.
+    with pytest.raises(HashMismatchError, match="manifest_hash" if version == 2 else "canonical") as info:
         parse_manifest(other, WHERE)
     assert WHERE in str(info.value)
+
+
+def test_format_1_is_still_read() -> None:
+    body = json.loads(_dump())
+    old = parse_manifest(_sign_format_1(body), WHERE)
+    new = parse_manifest(_dump(), WHERE)
+    assert old.format_version == 1 and new.format_version == 2
+    assert (old.created, old.files, old.items, old.progress) == (new.created, new.files, new.items, new.progress)
+    with pytest.raises(HashMismatchError, match="manifest_hash"):
+        parse_manifest(_sign_format_1(body).replace(b'"step": 1200', b'"step": 1201'), WHERE)
+    # A format-2 file whose version digit was damaged into 1 is checked the format-1 way: a mismatch.
+    with pytest.raises(HashMismatchError):
+        parse_manifest(_dump().replace(b'"format_version": 2', b'"format_version": 1'), WHERE)
+
+
+def test_saved_checkpoint_with_a_format_1_manifest_loads(tmp_path: Path) -> None:
+    model = torch.nn.Linear(3, 2)
+    savegame.save(tmp_path / "ckpt", {"model": model, "epoch": 4})
+    manifest = tmp_path / "ckpt" / "manifest.json"
+    manifest.write_bytes(_sign_format_1(json.loads(manifest.read_bytes())))
+    assert savegame.verify(tmp_path / "ckpt").format_version == 1
+    fresh = torch.nn.Linear(3, 2)
+    report = savegame.load(tmp_path / "ckpt", {"model": fresh})
+    assert report.state == {"epoch": 4}
+    assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, model.bias)
 
 
 def test_content_edit_is_a_hash_mismatch() -> None:
@@ -162,7 +200,7 @@ def test_content_edit_is_a_hash_mismatch() -> None:
 # Versions
 
 
-@pytest.mark.parametrize("version", [2, 3, 10**9])
+@pytest.mark.parametrize("version", [3, 4, 10**9])
 def test_newer_format_version(version: int) -> None:
     body = _body()
     body["format_version"] = version

@@ -231,7 +231,7 @@ def _preempt(
 ) -> tuple[int, float, str]:
     proc = _start_preempt_child(tmp_path, action, mode, checkpointer)
     try:
-        _wait_for_line(proc, after)
+        seen = _wait_for_line(proc, after)  # part of the output: the save may happen at this very step
         sent = time.monotonic()
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=GRACE_SECONDS)
@@ -240,7 +240,7 @@ def _preempt(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    return proc.returncode, elapsed, out + err
+    return proc.returncode, elapsed, seen + out + err
 
 
 def _saved_step(root: Path) -> int:

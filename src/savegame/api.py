@@ -321,7 +321,8 @@ def _decode_opened(
 ) -> Any:
     """Decode item ``name`` whose tensor file (if any) is already open and checked."""
     entry = manifest.items[name]
-    has_tensors = _has_torch_node(entry.skeleton, 0)
+    # A module's or optimizer's state holds tensors: no need to walk its skeleton to find out.
+    has_tensors = entry.kind.startswith("torch.") or _has_torch_node(entry.skeleton, 0)
     numpy_only = as_numpy if as_numpy is not None else not (has_tensors and _torch_available())
     tags = {}
     if not numpy_only:

@@ -1,10 +1,10 @@
 """The manifest: ``manifest.json``, written last, describes a checkpoint completely.
 
-Example (format 1)::
+Example (format 2)::
 
     {
      "format": "savegame",
-     "format_version": 1,
+     "format_version": 2,
      "created": "2026-11-22T07:31:59.123456Z",
      "versions": {"savegame": "0.1.0", "python": "3.11.7", "numpy": "2.4.6", "torch": "2.13.0"},
      "hash_algorithm": "xxh3_128",
@@ -13,12 +13,17 @@ Example (format 1)::
      "files": {"model.safetensors": {"bytes": 1234, "hash": "<hex>"}},
      "items": {"model": {"kind": "torch.nn.Module", "file": "model.safetensors", "skeleton": {...}},
                "epoch": {"kind": "data", "file": null, "skeleton": 7}},
-     "manifest_hash": "<hex>"           hash of everything above (canonical JSON)
+     "manifest_hash": "<hex>"           hash of every byte of the file before these hex digits
     }
 
+The file is ``json.dumps(body, indent=1, ensure_ascii=True)`` plus a newline, ``manifest_hash`` last.
+Format 1 (still read) hashed the content instead: the canonical compact JSON of the body with sorted keys,
+and required the bytes to be exactly the serialization of that content. Format 2 hashes the bytes
+themselves, which detects the same edits (a changed value, another indentation, a reordered key) without
+re-serializing the whole manifest on every read.
+
 The manifest is untrusted input when read: size, JSON nesting, every field's type and every limit are
-checked, and the file's bytes must be exactly the canonical serialization of its content, so a single
-flipped byte anywhere in it is detected.
+checked, and its hash covers every byte of it, so a single flipped byte anywhere in it is detected.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from .hashing import ALGORITHM, HEX_LENGTH, hash_bytes
 from .tree import MAX_DEPTH, decode_plain
 
 FORMAT = "savegame"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The format this savegame writes; it reads every format from 1 up to this one."""
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 """Largest manifest read. Parsing costs a small multiple of the size (JSON objects are larger than their
 text), so this bounds what a hostile manifest can make a reader allocate."""
@@ -47,6 +53,10 @@ _FREE_CONTAINERS = 4096
 _MIN_BYTES_PER_CONTAINER = 12
 _BRACKETS = bytes.maketrans(b"{}", b"[]")
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_HASH_KEY = b',\n "manifest_hash": "'  # the file's last entry: _HASH_KEY + hex digits + _END
+_END = b'"\n}\n'
+_TAIL_BYTES = len(_HASH_KEY) + HEX_LENGTH + len(_END)
+_CREATED = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
 
 
 @dataclass(frozen=True)
@@ -106,6 +116,24 @@ def _serialize(obj: Mapping[str, Any]) -> bytes:
         return _indent1(obj).encode() + b"\n"
     except _NotPlain:
         return json.dumps(obj, indent=1, ensure_ascii=True, allow_nan=False).encode() + b"\n"
+
+
+def sign_manifest(body: Mapping[str, Any]) -> bytes:
+    """The file form of a manifest ``body`` with its format-2 ``manifest_hash`` (any old one replaced):
+    the XXH3-128 of every byte before the hash's hex digits, which end the file."""
+    text = _serialize({**{k: v for k, v in body.items() if k != "manifest_hash"}, "manifest_hash": ""})
+    prefix = text[: -len(_END)]
+    return prefix + hash_bytes(prefix).encode() + _END
+
+
+def _signed_bytes(data: bytes) -> bool:
+    """Whether ``data`` ends with a format-2 ``manifest_hash`` that matches every byte before it."""
+    if len(data) < _TAIL_BYTES or not data.endswith(_END) or data[-_TAIL_BYTES:][: len(_HASH_KEY)] != _HASH_KEY:
+        return False
+    signed = len(data) - HEX_LENGTH - len(_END)
+    with memoryview(data) as view:
+        actual = hash_bytes(view[:signed])
+    return data[signed : signed + HEX_LENGTH] == actual.encode()
 
 
 class _NotPlain(Exception):
@@ -216,8 +244,7 @@ def dump_manifest(
         "files": {name: {"bytes": f.bytes, "hash": f.hash} for name, f in files.items()},
         "items": {name: {"kind": i.kind, "file": i.file, "skeleton": i.skeleton} for name, i in items.items()},
     }
-    body["manifest_hash"] = hash_bytes(_canonical(body))
-    data = _serialize(body)
+    data = sign_manifest(body)
     if len(data) > MAX_MANIFEST_BYTES:
         raise UnsupportedTypeError(
             f"manifest of {len(data)} bytes exceeds {MAX_MANIFEST_BYTES} (too much metadata or non-array state; "
@@ -282,6 +309,7 @@ def _parse_float(text: str) -> float:
 
 
 def _parse_manifest(data: bytes, where: str) -> Manifest:
+    signed = _signed_bytes(data)
     try:
         body = json.loads(data.decode("utf-8"), parse_constant=_reject_constant, parse_float=_parse_float)
     except RecursionError:
@@ -296,17 +324,13 @@ def _parse_manifest(data: bytes, where: str) -> Manifest:
     stored_hash = body.pop("manifest_hash", None)
     if not isinstance(stored_hash, str):
         raise InvalidManifestError(f"{where}: manifest_hash missing")
-    try:
-        actual = hash_bytes(_canonical(body))
-    except ValueError as exc:  # a value JSON cannot hold exactly; not written by savegame
-        raise InvalidManifestError(f"{where}: manifest holds an invalid value ({str(exc)[:200]})") from None
-    if actual != stored_hash:
+    if type(version) is int and version == 1:
+        _check_format_1(body, stored_hash, data, where)
+    elif not signed:
         newer = ""
         if type(version) is int and version > FORMAT_VERSION:
             newer = f"; or written by a newer savegame (format version {version}, this one reads {FORMAT_VERSION})"
-        raise HashMismatchError(
-            f"{where}: manifest content does not match its manifest_hash (edited or corrupted{newer})"
-        )
+        raise HashMismatchError(f"{where}: manifest bytes do not match its manifest_hash (edited or corrupted{newer})")
     if type(version) is not int:
         raise InvalidManifestError(f"{where}: format_version missing or not an integer")
     if version < 1:
@@ -316,9 +340,6 @@ def _parse_manifest(data: bytes, where: str) -> Manifest:
             f"{where}: format version {version} is not supported by this savegame (reads up to "
             f"{FORMAT_VERSION}); upgrade savegame to read it"
         )
-    body["manifest_hash"] = stored_hash
-    if _serialize(body) != data:
-        raise HashMismatchError(f"{where}: manifest bytes are not in canonical form (edited or corrupted)")
     if body.get("hash_algorithm") != ALGORITHM:
         raise UnsupportedFormatError(f"{where}: unknown hash algorithm {str(body.get('hash_algorithm'))[:40]!r}")
     created = _parse_time(body.get("created"), where)
@@ -348,6 +369,19 @@ def _parse_manifest(data: bytes, where: str) -> Manifest:
     )
 
 
+def _check_format_1(body: dict[str, Any], stored_hash: str, data: bytes, where: str) -> None:
+    """Format 1's checks: the hash of the content's canonical compact JSON, then the bytes must be exactly
+    the serialization of that content (another indentation or key order is an edit the hash cannot see)."""
+    try:
+        actual = hash_bytes(_canonical(body))
+    except ValueError as exc:  # a value JSON cannot hold exactly; not written by savegame
+        raise InvalidManifestError(f"{where}: manifest holds an invalid value ({str(exc)[:200]})") from None
+    if actual != stored_hash:
+        raise HashMismatchError(f"{where}: manifest content does not match its manifest_hash (edited or corrupted)")
+    if _serialize({**body, "manifest_hash": stored_hash}) != data:
+        raise HashMismatchError(f"{where}: manifest bytes are not in canonical form (edited or corrupted)")
+
+
 def _decode_field(node: Any, name: str, where: str) -> Any:
     try:
         return decode_plain(node)
@@ -363,7 +397,9 @@ def _parse_time(value: object, where: str) -> _dt.datetime:
     if not isinstance(value, str) or len(value) > 40:
         raise InvalidManifestError(f"{where}: created must be an ISO-8601 UTC time string")
     try:
-        return _dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=_dt.timezone.utc)
+        if not _CREATED.fullmatch(value):
+            raise ValueError(value)
+        return _dt.datetime.fromisoformat(value[:-1]).replace(tzinfo=_dt.timezone.utc)
     except ValueError:
         raise InvalidManifestError(f"{where}: created {value!r} is not an ISO-8601 UTC time") from None
 

@@ -669,7 +669,7 @@ class LocalCheckpointReader:
             size = os.fstat(f.fileno()).st_size
             if size > MAX_MANIFEST_BYTES:
                 raise InvalidManifestError(f"{where}: manifest of {size} bytes exceeds {MAX_MANIFEST_BYTES}")
-            return f.read(size + 1)  # +1: a file that grew since fstat fails the canonical-form check
+            return f.read(size + 1)  # +1: a file that grew since fstat fails the hash check
 
     def file_where(self, file: str) -> str:
         return os.path.join(self.where, file)
