@@ -658,6 +658,44 @@ def test_corrupted_newest_is_quarantined_and_previous_restored(tmp_path: Path, t
     assert resumer.save(fresh.state, epoch=2).name == "epoch=002"
 
 
+def test_verified_resume_reads_each_file_once(
+    tmp_path: Path, trainer: Trainer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from savegame.storage.local import LocalCheckpointReader
+
+    ckpt = Checkpointer(tmp_path)
+    trainer.train_step()
+    ckpt.save({**trainer.state, "stats": {"seen": torch.arange(5)}}, epoch=1)
+    reads: list[str] = []
+    original = LocalCheckpointReader.read_file
+
+    def counting(self: LocalCheckpointReader, file: str, size: int) -> object:
+        reads.append(file)
+        return original(self, file, size)
+
+    monkeypatch.setattr(LocalCheckpointReader, "read_file", counting)
+    fresh = Trainer(seed=3)
+    restored = Checkpointer(tmp_path).restore({**fresh.state, "stats": None})
+    assert restored is not None and torch.equal(restored.data["stats"]["seen"], torch.arange(5))
+    assert all(torch.equal(a, b) for a, b in zip(trainer.model.parameters(), fresh.model.parameters()))
+    # Verified once each: load checks the files it restores from, the rest are checked before it.
+    assert sorted(reads) == ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "stats.safetensors"]
+
+
+def test_damage_in_an_item_not_restored_still_fails_the_resume(tmp_path: Path, trainer: Trainer) -> None:
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save({**trainer.state, "stats": {"seen": torch.arange(5)}}, epoch=1)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train_step()
+    ckpt.save({**trainer.state, "stats": {"seen": torch.arange(5)}}, epoch=2)
+    _flip_byte(tmp_path / "epoch=002" / "stats.safetensors")
+    fresh = Trainer(seed=4)
+    with pytest.warns(ResumeWarning, match="epoch=002"):
+        restored = Checkpointer(tmp_path).restore(fresh.state)  # "stats" is not asked for, still verified
+    assert restored is not None and restored.name == "epoch=001" and restored.quarantined == ("epoch=002",)
+    assert all(torch.equal(a, b) for a, b in zip(before, fresh.model.parameters()))
+
+
 def test_corrupted_manifest_is_quarantined(tmp_path: Path, trainer: Trainer) -> None:
     ckpt = Checkpointer(tmp_path)
     ckpt.save(trainer.state, epoch=1)

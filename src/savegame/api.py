@@ -15,7 +15,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 from .capture import LoadReport, restore
@@ -312,10 +312,10 @@ def decode_item(
         reader = open_file(source, manifest, entry.file, verify=verify) if entry.file else None
     finally:
         _close_if_opened(source, checkpoint)
-    return _decode_opened(reader, manifest, name, map_location=map_location, as_numpy=as_numpy, zero_copy=zero_copy)
+    return decode_opened(reader, manifest, name, map_location=map_location, as_numpy=as_numpy, zero_copy=zero_copy)
 
 
-def _decode_opened(
+def decode_opened(
     reader: TensorFileReader | None, manifest: Manifest, name: str, *, map_location: Any = None,
     as_numpy: bool | None = None, zero_copy: ZeroCopy = False,
 ) -> Any:
@@ -441,7 +441,7 @@ def _load_items(
                 if item.file:
                     opened = open_file(directory, manifest, item.file, verify=verify, deferred=checks)
                     progress.advance(manifest.files[item.file].bytes)
-                state[name] = _decode_opened(opened, manifest, name, map_location=map_location)
+                state[name] = decode_opened(opened, manifest, name, map_location=map_location)
         return state
     if not isinstance(target, Mapping):
         raise StateMismatchError(f"target must be a dict of live objects, not {type(target).__name__}")
@@ -468,7 +468,7 @@ def _load_items(
             progress.advance(manifest.files[data_file].bytes)
         for name in needed:
             file = manifest.items[name].file
-            values[name] = _decode_opened(
+            values[name] = decode_opened(
                 readers[file] if file else None, manifest, name,
                 map_location=map_location if name in target else None,
                 zero_copy=_zero_copy_for(target[name]) if name in target else False,
@@ -520,12 +520,30 @@ def verify(path: Location, *, storage_options: Mapping[str, Any] | None = None) 
     checkpoint = open_checkpoint(path, storage_options=storage_options)
     try:
         manifest = _manifest_of(checkpoint)
-        tensors = {file: open_file(checkpoint, manifest, file, verify=True).tensors for file in manifest.files}
+        verify_files(checkpoint, manifest, manifest.files)
     finally:
         _close_if_opened(checkpoint, path)
-    for name, entry in manifest.items.items():
-        _check_references(entry.skeleton, tensors.get(entry.file) if entry.file else None, name)
     return manifest
+
+
+@gc_paused()
+def verify_files(checkpoint: Location, manifest: Manifest, files: Iterable[str]) -> dict[str, TensorFileReader]:
+    """What :func:`verify` checks, for the data ``files`` of ``checkpoint`` only: each file's size, hash and
+    header, and the references of the items stored in them (and of the items without a file). Returns the
+    checked files, opened (:func:`decode_opened` reads items from them without reading them again).
+
+    ``load(..., verify=True)`` checks the files it reads the same way; together they check a whole
+    checkpoint in one pass over each file (what the Checkpointer's resume does).
+    """
+    source = open_checkpoint(checkpoint, check=False)
+    try:
+        readers = {file: open_file(source, manifest, file, verify=True) for file in files}
+    finally:
+        _close_if_opened(source, checkpoint)
+    for name, entry in manifest.items.items():
+        if entry.file is None or entry.file in readers:
+            _check_references(entry.skeleton, readers[entry.file] if entry.file else None, name)
+    return readers
 
 
 def _check_references(skeleton: Any, tensors: Mapping[str, Any] | TensorFileReader | None, name: str) -> None:

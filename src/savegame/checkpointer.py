@@ -1432,10 +1432,8 @@ class Checkpointer:
     ) -> RestoredProgress:  # fmt: skip
         path = self.storage.path(entry.name)
         source = self._ref(entry.name)
-        if self.verify if verify is None else verify:
-            manifest = api.verify(source)
-        else:
-            manifest = api.read_manifest(source)
+        verifying = self.verify if verify is None else verify
+        manifest = api.read_manifest(source)
         layout = DISTRIBUTED_ITEM in manifest.items
         if layout or self._coord.distributed:
             from .distributed import item_names
@@ -1446,6 +1444,12 @@ class Checkpointer:
         target = {k: v for k, v in state.items() if _is_live(v)}
         if self.rng and RNG_ITEM in saved and RNG_ITEM not in state:
             target[RNG_ITEM] = RNGState()
+        checked: dict[str, Any] = {}  # files verified here, opened: data items are decoded from them
+        if verifying and (layout or self._coord.distributed):
+            api.verify(source)
+        elif verifying:  # one pass over each file: load checks the files it reads, before restoring anything
+            read_by_load = {manifest.items[k].file for k in target if k in manifest.items}
+            checked = api.verify_files(source, manifest, [f for f in manifest.files if f not in read_by_load])
         absent = [k for k in target if k not in saved]
         if absent and (entry.weights_only or not strict):
             message = f"checkpoint {entry.name} has no items {absent}; they were not restored"
@@ -1463,12 +1467,15 @@ class Checkpointer:
             report = self._load_distributed(source, {**target, **plain}, strict=strict, map_location=map_location)
             data = {k: report.state[k] for k in plain if k in report.state}
         else:
-            report = api.load(source, target, strict=strict, verify=False, map_location=map_location)
+            report = api.load(source, target, strict=strict, verify=verifying, map_location=map_location)
             for key in state:
                 if key in target or key not in saved:
                     continue
+                file = manifest.items[key].file
                 if key in report.state:
                     data[key] = report.state[key]
+                elif file in checked:
+                    data[key] = api.decode_opened(checked[file], manifest, key, map_location=map_location)
                 else:
                     data[key] = api.decode_item(source, manifest, key, verify=False, map_location=map_location)
         progress = _entry_from_manifest(entry.name, manifest)
