@@ -20,7 +20,7 @@ import gc
 import threading
 from collections.abc import Iterator
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: a signal handler that saves may interrupt this thread inside it
 _depth = 0
 _was_enabled = False
 
