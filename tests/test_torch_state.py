@@ -245,6 +245,62 @@ def test_strict_load_reports_and_changes_nothing(tmp_path: Path) -> None:
     assert torch.equal(other[0].weight, src[0].weight)  # the matching layer was loaded
 
 
+class _Versioned(nn.Module):
+    """A module whose _load_from_state_dict rewrites the state (like BatchNorm's version upgrade)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(3))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        state_dict[prefix + "w"] = state_dict[prefix + "w"] * 2
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def test_module_restore_copies_directly_only_when_load_state_dict_would_do_nothing_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plain module trees are restored by copying into each parameter (torch's load_state_dict re-filters
+    the state dict for every submodule); anything that customises loading still goes through it."""
+    calls: list[str] = []
+    original = nn.Module.load_state_dict
+
+    def counting(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        calls.append(type(self).__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "load_state_dict", counting)
+    src = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), _Versioned())
+    src[0].weight.data.normal_()
+    src[1].running_mean.add_(3.0)
+    src[2].w.data.fill_(1.5)
+    savegame.save(tmp_path / "c", {"plain": src[0], "bn": src[1], "custom": src[2]})
+
+    plain = nn.Linear(4, 8).double()  # a copy_ converts dtypes, as load_state_dict does
+    savegame.load(tmp_path / "c", {"plain": plain})
+    assert calls == []
+    assert torch.equal(plain.weight, src[0].weight.double()) and plain.weight.dtype == torch.float64
+    assert plain.weight.requires_grad and isinstance(plain.weight, nn.Parameter)
+
+    bn = nn.BatchNorm1d(8)
+    savegame.load(tmp_path / "c", {"bn": bn})  # overrides _load_from_state_dict: torch's path
+    assert calls == ["BatchNorm1d"] and torch.equal(bn.running_mean, src[1].running_mean)
+
+    custom = _Versioned()
+    savegame.load(tmp_path / "c", {"custom": custom})
+    assert calls[-1] == "_Versioned" and torch.equal(custom.w, torch.full((3,), 3.0))  # its rewrite ran
+
+    hooked = nn.Linear(4, 8)
+    seen: list[str] = []
+    hooked.register_load_state_dict_post_hook(lambda module, keys: seen.append("post"))
+    savegame.load(tmp_path / "c", {"plain": hooked})
+    assert seen == ["post"] and torch.equal(hooked.weight, src[0].weight)
+
+    lazy = nn.LazyLinear(8)  # initialised by a load-state-dict pre-hook
+    savegame.load(tmp_path / "c", {"plain": lazy}, strict=False)
+    assert torch.equal(lazy.weight, src[0].weight)
+
+
 def test_missing_item_in_checkpoint_is_strict(tmp_path: Path) -> None:
     model = make_model()
     savegame.save(tmp_path / "c", {"model": model})

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parameter import is_lazy
 
 from ..errors import InvalidManifestError, StateMismatchError, UnsupportedTypeError
 from ..tree import Encoder, Path, Where, format_path, valid_shape
@@ -345,7 +346,7 @@ def restore_module(module: torch.nn.Module, state: object, *, strict: bool, wher
     """Load ``state`` into ``module`` in place; strict refuses any mismatch before changing anything."""
     if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
         raise StateMismatchError(f"{where}: checkpoint holds {type(state).__name__}, not a module state dict")
-    expected = module.state_dict()
+    expected = module.state_dict(keep_vars=True)
     saved = _strip_ddp_prefix(state, expected)
     report = ModuleReport()
     report.missing_keys = [k for k in expected if k not in saved]
@@ -355,18 +356,65 @@ def restore_module(module: torch.nn.Module, state: object, *, strict: bool, wher
         if k not in expected:
             continue
         want = expected[k]
-        if isinstance(v, torch.Tensor) and isinstance(want, torch.Tensor) and v.shape != want.shape:
+        if (
+            isinstance(v, torch.Tensor) and isinstance(want, torch.Tensor) and not is_lazy(want)
+            and v.shape != want.shape
+        ):  # an uninitialised (lazy) parameter takes its shape from the state, as in load_state_dict
             report.mismatched_keys.append((k, tuple(v.shape), tuple(want.shape)))
             continue
         usable[k] = v
     if strict and not report.clean:
         raise StateMismatchError(report.describe(where) + " (pass strict=False to load what matches)", report)
     try:
-        module.load_state_dict(usable, strict=False)
+        if _plain_module_tree(module) and _plain_pairs(usable, expected):
+            with torch.no_grad():
+                for k, v in usable.items():
+                    expected[k].copy_(v)
+        else:
+            module.load_state_dict(usable, strict=False)
     except RuntimeError as exc:
         raise StateMismatchError(f"{where}: {exc}", report) from None
     report.loaded_keys = list(usable)
     return report
+
+
+_BASE_LOAD = torch.nn.Module._load_from_state_dict
+_BASE_SET_EXTRA = torch.nn.Module.set_extra_state
+
+
+def _plain_module_tree(module: torch.nn.Module) -> bool:
+    """Whether ``load_state_dict`` would do nothing but ``param.copy_(value)`` for each key of this tree.
+
+    True when no module of the tree overrides ``_load_from_state_dict`` (BatchNorm's version upgrade,
+    quantized modules) or ``set_extra_state``, none has load-state-dict pre/post hooks (lazy modules,
+    user hooks) and torch is not set to swap tensors on load. Copying directly then has the same
+    effect without torch's per-module prefix filtering of the whole state dict (quadratic in depth).
+    """
+    if torch.__future__.get_swap_module_params_on_conversion():
+        return False
+    for m in module.modules():
+        cls = type(m)
+        if (
+            cls._load_from_state_dict is not _BASE_LOAD
+            or cls.set_extra_state is not _BASE_SET_EXTRA
+            or m._load_state_dict_pre_hooks
+            or m._load_state_dict_post_hooks
+        ):
+            return False
+    return True
+
+
+def _plain_pairs(usable: Mapping[str, Any], expected: Mapping[str, Any]) -> bool:
+    """Whether every value and its destination are plain tensors of the same shape (no meta destination,
+    whose copy torch turns into a warning; no tensor subclass with its own copy semantics)."""
+    for k, v in usable.items():
+        dest = expected[k]
+        if type(v) not in _PLAIN_TENSORS or type(dest) not in _PLAIN_TENSORS or dest.is_meta or v.shape != dest.shape:
+            return False
+    return True
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, state: object, *, where: str) -> None:
