@@ -17,7 +17,7 @@ import torch
 
 import savegame
 from savegame import manifest as manifest_mod
-from savegame.hashing import hash_bytes
+from savegame.hashing import hash_buffer
 
 Mutator = Callable[[dict[str, Any]], None]
 
@@ -45,7 +45,7 @@ def resign_manifest(ckpt: str | Path, mutate: Mutator | None = None, *, rehash: 
             if file.is_file():
                 data = file.read_bytes()
                 entry["bytes"] = len(data)
-                entry["hash"] = hash_bytes(data)
+                entry["hash"] = hash_buffer(data, len(data), body.get("hash_chunk_bytes"))
     if mutate is not None:
         mutate(body)
     data = manifest_mod.sign_manifest(body)

@@ -118,11 +118,12 @@ def test_leftover_staging_directory_is_invisible_to_load(small_checkpoint: Path)
 
 
 def test_manifest_from_a_newer_format(small_checkpoint: Path, resign: Helper) -> None:
-    resign(small_checkpoint, lambda b: b.update(format_version=3))
+    newer = savegame.FORMAT_VERSION + 1
+    resign(small_checkpoint, lambda b: b.update(format_version=newer))
     manifest = str(small_checkpoint / "manifest.json")
     readers = [*_all_readers(small_checkpoint), ("read_manifest", lambda: savegame.read_manifest(small_checkpoint))]
     for name, fn in readers:
-        err = _expect(UnsupportedFormatError, fn, manifest, "version 3")
+        err = _expect(UnsupportedFormatError, fn, manifest, f"version {newer}")
         assert not isinstance(err, CorruptCheckpointError), name
 
 

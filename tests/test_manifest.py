@@ -117,10 +117,11 @@ def test_dump_is_deterministic_canonical_and_self_hashed() -> None:
     assert data.endswith(b"\n") and data.isascii()
     body = json.loads(data)
     assert M._serialize(body) == data
-    assert body["format_version"] == M.FORMAT_VERSION == 2
+    assert body["format_version"] == M.FORMAT_VERSION == 3
+    assert body["hash_chunk_bytes"] == savegame.hashing.HASH_CHUNK_BYTES
     assert list(body)[-1] == "manifest_hash"
     stored = body.pop("manifest_hash")
-    # Format 2: the hash covers every byte of the file before its own hex digits (which end the file).
+    # Since format 2: the hash covers every byte of the file before its own hex digits (which end the file).
     assert data.endswith(f'"manifest_hash": "{stored}"\n}}\n'.encode())
     assert stored == hash_bytes(data[: len(data) - len(stored) - len(b'"\n}\n')])
     assert len(stored) == 32 and int(stored, 16) >= 0
@@ -150,14 +151,14 @@ NON_CANONICAL: dict[str, Callable[[bytes], bytes]] = {
 
 
 @pytest.mark.parametrize("case", list(NON_CANONICAL))
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 3])
 def test_same_content_in_other_bytes_is_rejected(case: str, version: int) -> None:
-    data = _dump() if version == 2 else _sign_format_1(json.loads(_dump()))
+    data = _dump() if version == 3 else _sign_format_1(json.loads(_dump()))
     assert parse_manifest(data, WHERE).format_version == version
     other = NON_CANONICAL[case](data)
     assert other != data and json.loads(other) == json.loads(data)
-    # Format 2 hashes the bytes; format 1 hashed the content and required the canonical bytes.
-    with pytest.raises(HashMismatchError, match="manifest_hash" if version == 2 else "canonical") as info:
+    # Formats 2 and 3 hash the bytes; format 1 hashed the content and required the canonical bytes.
+    with pytest.raises(HashMismatchError, match="manifest_hash" if version == 3 else "canonical") as info:
         parse_manifest(other, WHERE)
     assert WHERE in str(info.value)
 
@@ -166,13 +167,13 @@ def test_format_1_is_still_read() -> None:
     body = json.loads(_dump())
     old = parse_manifest(_sign_format_1(body), WHERE)
     new = parse_manifest(_dump(), WHERE)
-    assert old.format_version == 1 and new.format_version == 2
+    assert old.format_version == 1 and new.format_version == M.FORMAT_VERSION
     assert (old.created, old.files, old.items, old.progress) == (new.created, new.files, new.items, new.progress)
     with pytest.raises(HashMismatchError, match="manifest_hash"):
         parse_manifest(_sign_format_1(body).replace(b'"step": 1200', b'"step": 1201'), WHERE)
-    # A format-2 file whose version digit was damaged into 1 is checked the format-1 way: a mismatch.
+    # A newer file whose version digit was damaged into 1 is checked the format-1 way: a mismatch.
     with pytest.raises(HashMismatchError):
-        parse_manifest(_dump().replace(b'"format_version": 2', b'"format_version": 1'), WHERE)
+        parse_manifest(_dump().replace(b'"format_version": 3', b'"format_version": 1'), WHERE)
 
 
 def test_saved_checkpoint_with_a_format_1_manifest_loads(tmp_path: Path) -> None:
@@ -185,6 +186,38 @@ def test_saved_checkpoint_with_a_format_1_manifest_loads(tmp_path: Path) -> None
     report = savegame.load(tmp_path / "ckpt", {"model": fresh})
     assert report.state == {"epoch": 4}
     assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, model.bias)
+
+
+def _as_format_2(body: dict[str, Any]) -> bytes:
+    """A manifest as format 2 wrote it: no hash_chunk_bytes (every file hashed whole)."""
+    body = {k: v for k, v in body.items() if k not in ("manifest_hash", "hash_chunk_bytes")}
+    body["format_version"] = 2
+    return _sign(body)
+
+
+def test_format_2_is_still_read_with_whole_file_hashes(tmp_path: Path) -> None:
+    m = parse_manifest(_as_format_2(json.loads(_dump())), WHERE)
+    assert m.format_version == 2 and m.hash_chunk_bytes is None
+    assert parse_manifest(_dump(), WHERE).hash_chunk_bytes == savegame.hashing.HASH_CHUNK_BYTES
+    model = torch.nn.Linear(3, 2)
+    savegame.save(tmp_path / "ckpt", {"model": model, "epoch": 4})
+    manifest = tmp_path / "ckpt" / "manifest.json"
+    manifest.write_bytes(_as_format_2(json.loads(manifest.read_bytes())))  # files under one chunk: same hashes
+    assert savegame.verify(tmp_path / "ckpt").format_version == 2
+    fresh = torch.nn.Linear(3, 2)
+    assert savegame.load(tmp_path / "ckpt", {"model": fresh}).state == {"epoch": 4}
+    assert torch.equal(fresh.weight, model.weight)
+
+
+@pytest.mark.parametrize("chunk", [None, "67108864", 67108864.0, True, 0, 1 << 19, 3 << 20, 1 << 41, -(1 << 20)])
+def test_invalid_hash_chunk_bytes(chunk: Any) -> None:
+    body = _body()
+    body["hash_chunk_bytes"] = chunk
+    if chunk is None:
+        del body["hash_chunk_bytes"]
+    with pytest.raises(InvalidManifestError, match="hash_chunk_bytes") as info:
+        parse_manifest(_sign(body), WHERE)
+    assert WHERE in str(info.value)
 
 
 def test_content_edit_is_a_hash_mismatch() -> None:
@@ -200,7 +233,7 @@ def test_content_edit_is_a_hash_mismatch() -> None:
 # Versions
 
 
-@pytest.mark.parametrize("version", [3, 4, 10**9])
+@pytest.mark.parametrize("version", [4, 5, 10**9])
 def test_newer_format_version(version: int) -> None:
     body = _body()
     body["format_version"] = version

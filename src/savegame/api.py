@@ -29,6 +29,7 @@ from .errors import (
     TruncatedFileError,
 )
 from .gcpause import gc_paused
+from .hashing import hash_buffer, hash_in_background
 from .manifest import Manifest, parse_manifest
 from .progress import ProgressBar
 from .storage import is_url, locate
@@ -191,9 +192,7 @@ def open_file(
     except FileNotFoundError:
         raise MissingFileError(f"{where}: listed in the manifest but vanished while being read") from None
     if verify and deferred is not None and size >= _DEFER_HASH_BYTES:
-        from .hashing import hash_in_background
-
-        pending = hash_in_background(buffer, size)
+        pending = hash_in_background(buffer, size, manifest.hash_chunk_bytes)
         expected = entry.hash
 
         def check() -> None:
@@ -206,18 +205,8 @@ def open_file(
         except BaseException:
             check()  # a damaged header is a hash mismatch: report that
             raise
-    if verify:
-        from .hashing import new_hasher
-
-        hasher = new_hasher()
-        view = memoryview(buffer)
-        try:
-            for start in range(0, size, 64 << 20):
-                hasher.update(view[start : start + (64 << 20)])
-        finally:
-            view.release()
-        if hasher.hexdigest() != entry.hash:
-            raise HashMismatchError(f"{where}: content hash differs from the manifest (file is corrupted)")
+    if verify and hash_buffer(buffer, size, manifest.hash_chunk_bytes) != entry.hash:
+        raise HashMismatchError(f"{where}: content hash differs from the manifest (file is corrupted)")
     return TensorFileReader.from_buffer(buffer, where=where)
 
 

@@ -164,6 +164,7 @@ def describe_checkpoint(path: str, manifest: Manifest, only: str | None) -> dict
         "created": manifest.created,
         "format_version": manifest.format_version,
         "hash_algorithm": manifest.hash_algorithm,
+        "hash_chunk_bytes": manifest.hash_chunk_bytes,
         "versions": dict(manifest.versions),
         "metadata": manifest.metadata,
         "progress": manifest.progress,

@@ -44,7 +44,7 @@ from .errors import (
     MissingFileError,
     TruncatedFileError,
 )
-from .hashing import new_hasher
+from .hashing import FileHasher
 from .manifest import Manifest
 from .policies import CheckpointInfo, is_better, resolve_mode, select_for_deletion
 from .storage import is_url
@@ -419,7 +419,7 @@ def verify_checkpoint(location: Any, *, progress: Callable[[int], None] | None =
         if size != info.bytes:
             raise TruncatedFileError(f"{where}: {size} bytes, the manifest says {info.bytes}")
         buffer = reader.read_file(file, size)
-        hasher = new_hasher()
+        hasher = FileHasher(manifest.hash_chunk_bytes)
         view = memoryview(buffer)
         try:
             for start in range(0, size, _CHUNK):

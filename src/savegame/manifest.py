@@ -1,13 +1,14 @@
 """The manifest: ``manifest.json``, written last, describes a checkpoint completely.
 
-Example (format 2)::
+Example (format 3)::
 
     {
      "format": "savegame",
-     "format_version": 2,
+     "format_version": 3,
      "created": "2026-11-22T07:31:59.123456Z",
      "versions": {"savegame": "0.1.0", "python": "3.11.7", "numpy": "2.4.6", "torch": "2.13.0"},
      "hash_algorithm": "xxh3_128",
+     "hash_chunk_bytes": 67108864,      files longer than this are hashed in chunks (see savegame.hashing)
      "metadata": {...},                 user metadata (tree-encoded, JSON-like)
      "progress": {...} | null,          epoch / step / metrics / best, filled by the Checkpointer
      "files": {"model.safetensors": {"bytes": 1234, "hash": "<hex>"}},
@@ -20,7 +21,8 @@ The file is ``json.dumps(body, indent=1, ensure_ascii=True)`` plus a newline, ``
 Format 1 (still read) hashed the content instead: the canonical compact JSON of the body with sorted keys,
 and required the bytes to be exactly the serialization of that content. Format 2 hashes the bytes
 themselves, which detects the same edits (a changed value, another indentation, a reordered key) without
-re-serializing the whole manifest on every read.
+re-serializing the whole manifest on every read. Format 3 adds ``hash_chunk_bytes``: the hash of a data file
+longer than that is the hash of its chunks' digests, so one large file is verified on several cores.
 
 The manifest is untrusted input when read: size, JSON nesting, every field's type and every limit are
 checked, and its hash covers every byte of it, so a single flipped byte anywhere in it is detected.
@@ -36,12 +38,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import hashing
 from .errors import HashMismatchError, InvalidManifestError, UnsupportedFormatError, UnsupportedTypeError
-from .hashing import ALGORITHM, HEX_LENGTH, hash_bytes
+from .hashing import ALGORITHM, HEX_LENGTH, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, hash_bytes
 from .tree import MAX_DEPTH, decode_plain
 
 FORMAT = "savegame"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """The format this savegame writes; it reads every format from 1 up to this one."""
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 """Largest manifest read. Parsing costs a small multiple of the size (JSON objects are larger than their
@@ -88,6 +91,8 @@ class Manifest:
     items: Mapping[str, ItemEntry]
     format_version: int = FORMAT_VERSION
     hash_algorithm: str = ALGORITHM
+    hash_chunk_bytes: int | None = None
+    """Files longer than this have a chunked hash (:class:`~savegame.hashing.FileHasher`); None: whole files."""
     raw_metadata: Any = field(default=None, repr=False, compare=False)
     raw_progress: Any = field(default=None, repr=False, compare=False)
 
@@ -239,6 +244,7 @@ def dump_manifest(
         "created": created.astimezone(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         "versions": dict(versions),
         "hash_algorithm": ALGORITHM,
+        "hash_chunk_bytes": hashing.HASH_CHUNK_BYTES,  # what write_tensor_file hashed the files with
         "metadata": metadata,
         "progress": progress,
         "files": {name: {"bytes": f.bytes, "hash": f.hash} for name, f in files.items()},
@@ -342,6 +348,7 @@ def _parse_manifest(data: bytes, where: str) -> Manifest:
         )
     if body.get("hash_algorithm") != ALGORITHM:
         raise UnsupportedFormatError(f"{where}: unknown hash algorithm {str(body.get('hash_algorithm'))[:40]!r}")
+    chunk = _parse_chunk(body.get("hash_chunk_bytes"), where) if version >= 3 else None
     created = _parse_time(body.get("created"), where)
     versions = body.get("versions")
     if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
@@ -364,9 +371,19 @@ def _parse_manifest(data: bytes, where: str) -> Manifest:
         files=files,
         items=items,
         format_version=version,
+        hash_chunk_bytes=chunk,
         raw_metadata=raw_metadata,
         raw_progress=raw_progress,
     )
+
+
+def _parse_chunk(value: object, where: str) -> int:
+    if type(value) is not int or not MIN_CHUNK_BYTES <= value <= MAX_CHUNK_BYTES or value & (value - 1):
+        raise InvalidManifestError(
+            f"{where}: hash_chunk_bytes must be a power of two from {MIN_CHUNK_BYTES} to {MAX_CHUNK_BYTES}, "
+            f"not {str(value)[:40]}"
+        )
+    return value
 
 
 def _check_format_1(body: dict[str, Any], stored_hash: str, data: bytes, where: str) -> None:

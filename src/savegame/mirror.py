@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CheckpointError, CommitError, CorruptCheckpointError, HashMismatchError, TruncatedFileError
-from .hashing import new_hasher
-from .manifest import parse_manifest
+from .hashing import FileHasher
+from .manifest import FileEntry, parse_manifest
 from .storage import LocalStorage, storage_for
 from .storage.base import MANIFEST, CheckpointReader, Storage
 
@@ -241,7 +241,7 @@ class Mirror:
         try:
             for file, entry in manifest.files.items():
                 sink = txn.open(file)
-                hasher = new_hasher()
+                hasher = FileHasher(manifest.hash_chunk_bytes)
                 size = 0
                 with open(reader.file_where(file), "rb", buffering=0) as f:
                     chunk = bytearray(_READ_CHUNK)
@@ -331,7 +331,7 @@ class Mirror:
         txn = self.local.begin(name, overwrite=True)
         try:
             for file, entry in manifest.files.items():
-                _copy_verified(reader, file, entry.bytes, entry.hash, txn.open(file))
+                _copy_verified(reader, file, entry, manifest.hash_chunk_bytes, txn.open(file))
             return txn.commit(raw)
         except BaseException:
             txn.abort()
@@ -395,19 +395,21 @@ class Mirror:
         return None
 
 
-def _copy_verified(reader: CheckpointReader, file: str, size: int, expected_hash: str, sink: Any) -> None:
-    """Stream one file of ``reader`` into ``sink``, checking its size and hash."""
+def _copy_verified(reader: CheckpointReader, file: str, entry: FileEntry, chunk_bytes: int | None, sink: Any) -> None:
+    """Stream one file of ``reader`` into ``sink``, checking its size and hash (``chunk_bytes``: the
+    manifest's ``hash_chunk_bytes``)."""
     where = reader.file_where(file)
+    size = entry.bytes
     actual = reader.file_size(file)
     if actual != size:
         raise TruncatedFileError(f"{where}: {actual} bytes, the manifest says {size}")
     iter_file = getattr(reader, "iter_file", None)
     chunks: Iterator[Any] = iter_file(file, size) if callable(iter_file) else iter([reader.read_file(file, size)])
-    hasher = new_hasher()
+    hasher = FileHasher(chunk_bytes)
     for chunk in chunks:
         hasher.update(chunk)
         sink.write(chunk)
-    if hasher.hexdigest() != expected_hash:
+    if hasher.hexdigest() != entry.hash:
         raise HashMismatchError(f"{where}: content hash differs from the manifest (file is corrupted)")
 
 

@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from . import __version__
+from . import __version__, hashing
 from .background import BackgroundWriter, PendingSave, Snapshot
 from .capture import kind_of, live_object_hook
 from .copyqueue import CopyQueue
@@ -223,6 +223,7 @@ def write_encoded(
                 progress=decode_plain(extras.progress) if extras.progress is not None else None,
                 files=files,
                 items=entries,
+                hash_chunk_bytes=hashing.HASH_CHUNK_BYTES,
                 raw_metadata=extras.metadata,
                 raw_progress=extras.progress,
             )
