@@ -102,11 +102,12 @@ class FileHasher:
 _OFFLOAD_BYTES = 4 << 20
 """Chunks at least this large are hashed on the worker thread (xxhash releases the GIL for them)."""
 
-_READ_WORKERS = max(1, min(4, os.cpu_count() or 1))
+_READ_WORKERS = max(1, min(8, os.cpu_count() or 1))
 _writer_hash = LazyPool("savegame-hash", 1)
 """The write path's single FIFO hashing thread (updates of one file must run in order)."""
 _load_hash = LazyPool("savegame-verify", _READ_WORKERS)
-"""The load path's hashing threads: the files of a checkpoint are hashed in parallel, one per thread."""
+"""The load path's hashing threads: the files of a checkpoint, and the chunks of a large file, are hashed
+in parallel (up to 8 threads: XXH3 on more cores would only compete for memory bandwidth)."""
 
 
 class OverlappedHasher:
