@@ -282,6 +282,7 @@ def _one(c: C.Contender, wl: Any, path: str, entry: dict[str, Any], cache: Cache
          digest: str) -> None:
     s = entry["samples"]
     gc.collect()
+    os.sync()  # start every timed save on a quiet disk: no writeback or journal commit left by the previous one
     blocking, durable = c.save(wl, path)
     s["blocking"].append(blocking)
     s["durable"].append(durable)

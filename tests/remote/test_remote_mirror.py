@@ -12,6 +12,7 @@ from typing import Any
 
 import fsspec
 import numpy as np
+import pytest
 import torch
 
 import savegame
@@ -133,3 +134,28 @@ def test_restore_newest_picks_the_newest_valid_of_either_side(
     remote = RemoteStorage(remote_url, storage_options=s3_options)
     assert remote.committed() == ["c1"] and remote.quarantined()[0].startswith(".quarantine-c2-")
     assert restore_newest(tmp_path / "nothing", f"{bucket}/other", storage_options=s3_options) is None
+
+
+def test_mirror_checks_multi_chunk_files_both_ways(
+    tmp_path: Path, bucket: str, s3_options: dict[str, Any], monkeypatch: Any
+) -> None:
+    """Upload and restore stream each file through the manifest's chunked hash (files over hash_chunk_bytes)."""
+    from savegame import hashing
+    from savegame.errors import HashMismatchError
+
+    monkeypatch.setattr(hashing, "HASH_CHUNK_BYTES", hashing.MIN_CHUNK_BYTES)
+    local = tmp_path / "run"
+    weights = torch.randn(5 * hashing.MIN_CHUNK_BYTES // 4)
+    savegame.save(local / "big", {"model": {"w": weights}})
+    mirror = Mirror(local, f"{bucket}/run", storage_options=s3_options)
+    mirror.upload("big")
+    shutil.rmtree(local)
+    path = restore_newest(local, f"{bucket}/run", storage_options=s3_options)
+    assert torch.equal(savegame.load(path)["model"]["w"], weights)
+
+    data = Path(path) / "model.safetensors"
+    raw = bytearray(data.read_bytes())
+    raw[3 * hashing.MIN_CHUNK_BYTES + 5] ^= 0x01
+    data.write_bytes(bytes(raw))
+    with pytest.raises(HashMismatchError):
+        Mirror(local, f"{bucket}/run2", storage_options=s3_options).upload("big")  # a damaged file is not uploaded

@@ -405,3 +405,29 @@ def test_a_kept_reader_downloads_each_file_once_for_verify_then_load(
     assert state["n"] == 1 and state["a"]["w"].sum() == 10
     assert len(calls) == 2 and len(set(calls)) == 2
     assert savegame.load(storage.ref("c"))["b"]["w"].shape == (3,)
+
+
+def test_multi_chunk_files_round_trip_and_are_checked_per_chunk(
+    bucket: str, s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files longer than the manifest's hash_chunk_bytes are hashed chunk by chunk (in parallel) on the
+    downloaded buffer; a flipped byte in the middle chunk is still found before anything is restored."""
+    from savegame import hashing
+
+    monkeypatch.setattr(hashing, "HASH_CHUNK_BYTES", hashing.MIN_CHUNK_BYTES)
+    url = f"{bucket}/run/big"
+    weights = torch.randn(3 * hashing.MIN_CHUNK_BYTES // 4 + 100)  # just over three chunks
+    savegame.save(url, {"model": {"w": weights}}, storage_options=s3_options)
+    assert savegame.verify(url, storage_options=s3_options).hash_chunk_bytes == hashing.MIN_CHUNK_BYTES
+    assert torch.equal(savegame.load(url, storage_options=s3_options)["model"]["w"], weights)
+    fs = _fs(s3_options)
+    data_key = next(k for k in fs.find(url.removeprefix("s3://")) if k.endswith(".safetensors"))
+    raw = bytearray(fs.cat_file(data_key))
+    raw[hashing.MIN_CHUNK_BYTES + 17] ^= 0x01
+    fs.pipe_file(data_key, bytes(raw))
+    target = {"w": torch.zeros_like(weights)}
+    with pytest.raises(HashMismatchError, match="content hash differs"):
+        savegame.load(url, {"model": target}, storage_options=s3_options)
+    assert not target["w"].any()
+    with pytest.raises(HashMismatchError):
+        savegame.verify(url, storage_options=s3_options)
