@@ -78,7 +78,9 @@ def test_background_and_buffer_hashes_match_the_definition(size: int, tmp_path: 
             assert hash_in_background(m, size, C).result() == spec_hash(data, C)
 
 
-def test_the_chunks_of_one_file_are_hashed_as_separate_tasks_off_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_chunks_of_one_file_are_hashed_off_the_caller_in_one_lane_per_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     threads: list[str] = []
     one_shot = xxhash.xxh3_128_digest
 
@@ -91,6 +93,8 @@ def test_the_chunks_of_one_file_are_hashed_as_separate_tasks_off_the_caller(monk
     monkeypatch.setattr(hashing.xxhash, "xxh3_128_digest", recording)
     assert hash_buffer(data, len(data), C) == expected
     assert len(threads) == 9 and all(name.startswith("savegame-verify") for name in threads)
+    lanes = hash_in_background(data, len(data), C)._lanes  # bounded by the pool, not by the file's size
+    assert len(lanes) == min(9, hashing._READ_WORKERS)
 
 
 def test_hash_errors_are_raised_after_every_part_finished() -> None:

@@ -16,6 +16,7 @@ chunk has the plain XXH3-128 of its bytes, as in formats 1 and 2 (``hash_chunk_b
 from __future__ import annotations
 
 import contextlib
+import itertools
 import mmap
 import os
 from concurrent.futures import Future
@@ -143,59 +144,60 @@ def new_write_hasher() -> Hasher:
 
 
 class PendingHash:
-    """A file hash being computed on worker threads (:func:`hash_in_background`)."""
+    """A file hash being computed on worker threads (:func:`hash_in_background`): each lane hashes every
+    ``len(lanes)``-th chunk, so lane ``i`` holds the digests of chunks ``i, i + len(lanes), ...``."""
 
-    def __init__(self, parts: list[Future[bytes]]) -> None:
-        self._parts = parts
+    def __init__(self, lanes: list[Future[list[bytes]]]) -> None:
+        self._lanes = lanes
 
     def result(self) -> str:
-        """Wait for every part (none keeps running behind an error) and return the file's hash."""
-        digests: list[bytes] = []
+        """Wait for every lane (none keeps running behind an error) and return the file's hash."""
+        per_lane: list[list[bytes]] = []
         first: BaseException | None = None
-        for part in self._parts:
+        for lane in self._lanes:
             try:
-                digests.append(part.result())
-            except BaseException as exc:  # re-raised once every part finished
+                per_lane.append(lane.result())
+            except BaseException as exc:  # re-raised once every lane finished
                 first = first or exc
         if first is not None:
             raise first
-        return _combine(digests)
+        return _combine([d for row in itertools.zip_longest(*per_lane) for d in row if d is not None])
 
 
 def hash_in_background(buffer: bytes | bytearray | memoryview | Any, size: int, chunk_bytes: int | None) -> PendingHash:
     """Start hashing the first ``size`` bytes of ``buffer`` on worker threads, as :class:`FileHasher` would.
 
     The buffer must stay unchanged until the result is in (loads decode from it meanwhile, reading only).
-    The files of a checkpoint, and the chunks of a file larger than ``chunk_bytes``, are hashed in parallel.
-    For a memory map, the kernel is asked to read ahead of the part being hashed (``MADV_WILLNEED``): on a
-    cold cache the disk then streams with a deep queue instead of one readahead window per page fault,
-    and memory stays bounded for any file size.
+    The files of a checkpoint, and the chunks of a file larger than ``chunk_bytes`` (in at most one lane
+    per worker thread, whatever the file's size), are hashed in parallel. For a memory map, the kernel is
+    asked to read ahead of the part being hashed (``MADV_WILLNEED``): on a cold cache the disk then streams
+    with a deep queue instead of one readahead window per page fault, and memory stays bounded.
     """
 
-    def whole() -> bytes:
+    def whole() -> list[bytes]:
         hasher = xxhash.xxh3_128()
-        view = memoryview(buffer)
-        try:
+        with memoryview(buffer) as view:
             for start in range(0, size, _HASH_CHUNK):
                 _read_ahead(buffer, start + _HASH_CHUNK, size)
                 hasher.update(view[start : start + _HASH_CHUNK])
-        finally:
-            view.release()
-        return hasher.digest()
+        return [hasher.digest()]
 
-    def part(start: int, end: int) -> bytes:
-        _read_ahead(buffer, end, size)
-        view = memoryview(buffer)
-        try:
-            return xxhash.xxh3_128_digest(view[start:end])
-        finally:
-            view.release()
+    def lane(first: int, stride: int) -> list[bytes]:
+        assert chunk_bytes is not None
+        digests = []
+        with memoryview(buffer) as view:
+            for start in range(first * chunk_bytes, size, stride * chunk_bytes):
+                end = min(start + chunk_bytes, size)
+                _read_ahead(buffer, end, size)
+                digests.append(xxhash.xxh3_128_digest(view[start:end]))
+        return digests
 
     _read_ahead(buffer, 0, size)
     pool = _load_hash.get()
     if chunk_bytes is None or size <= chunk_bytes:
         return PendingHash([pool.submit(whole)])
-    return PendingHash([pool.submit(part, s, min(s + chunk_bytes, size)) for s in range(0, size, chunk_bytes)])
+    lanes = min(_READ_WORKERS, -(-size // chunk_bytes))
+    return PendingHash([pool.submit(lane, i, lanes) for i in range(lanes)])
 
 
 def hash_buffer(buffer: bytes | bytearray | memoryview | Any, size: int, chunk_bytes: int | None) -> str:
