@@ -195,7 +195,7 @@ savegame prune runs/exp --keep-last 3 --keep-best 2 --monitor val_accuracy
              "Write the tensors of one item (default: model) as a flat {name: tensor} file for other tools.\n"
              "The format follows the --to suffix:\n"
              "  .safetensors  exact bytes, every dtype safetensors has (bfloat16, float8 included)\n"
-             "  .pt / .pth    torch.save of a flat dict of tensors: loads with torch.load(weights_only=True)\n"
+             "  .pt / .pth    PyTorch's file format, a flat dict of plain tensors (opens with weights_only=True)\n"
              "  .npz          NumPy, no pickle (bfloat16/float8 widened to float32)\n"
              "  .weights.h5   Keras weights file; needs --keras-model (its layout follows the model's layers,\n"
              "                which a checkpoint does not record)\n"

@@ -8,8 +8,8 @@ destination's suffix:
 
 * ``.safetensors``: the stored bytes copied exactly (every dtype safetensors has, ``bfloat16`` and
   ``float8`` included); opens with ``safetensors.safe_open`` / ``safetensors.torch.load_file``.
-* ``.pt``: ``torch.save`` of a flat dict of plain tensors (no other objects), which
-  ``torch.load(path, weights_only=True)`` loads. Tensors tied in the checkpoint stay tied. Needs torch.
+* ``.pt``: PyTorch's own file format holding a flat dict of plain tensors (no other objects), so
+  PyTorch opens it in its weights-only mode. Tensors tied in the checkpoint stay tied. Needs torch.
 * ``.npz``: NumPy's zip of ``.npy`` files, written with ``allow_pickle=False`` (no object arrays);
   ``bfloat16``/``float8`` arrays, which NumPy cannot describe, are widened to ``float32`` (exactly).
 * ``.weights.h5``: Keras's weights file. Its layout follows the *model's* layer structure, which a

@@ -46,12 +46,6 @@ class Hasher(Protocol):
     def hexdigest(self) -> str: ...
 
 
-def new_hasher() -> Hasher:
-    """A fresh incremental hasher for :data:`ALGORITHM`."""
-    hasher: Hasher = xxhash.xxh3_128()
-    return hasher
-
-
 def hash_bytes(data: bytes | memoryview) -> str:
     """The hex digest of ``data`` in one call."""
     return xxhash.xxh3_128_hexdigest(data)

@@ -34,7 +34,7 @@ import numpy as np
 
 from .dtypes import ITEMSIZE, numpy_dtype
 from .errors import InvalidTensorFileError, TruncatedFileError
-from .hashing import Hasher, new_hasher, new_write_hasher
+from .hashing import hash_buffer, new_write_hasher
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 """Largest header we write or read. Parsing a header costs up to ~15x its size in Python objects (one dict
@@ -370,17 +370,10 @@ class TensorFileReader:
         """Whether tensor ``name``'s bytes start at a multiple of ``alignment`` in memory."""
         return (self._address + self.data_start + self.tensors[name].begin) % alignment == 0
 
-    def hash(self) -> str:
-        """Hash of the whole file (reads every byte)."""
-        hasher: Hasher = new_hasher()
-        if self._buffer is not None:
-            view = memoryview(self._buffer)
-            try:
-                for start in range(0, self.size, _LARGE_WRITE):
-                    hasher.update(view[start : start + _LARGE_WRITE])
-            finally:
-                view.release()
-        return hasher.hexdigest()
+    def hash(self, chunk_bytes: int | None = None) -> str:
+        """The file's hash as a manifest with ``hash_chunk_bytes = chunk_bytes`` records it (reads every byte;
+        ``None``: one stream over the whole file, as formats 1 and 2)."""
+        return hash_buffer(self._buffer if self._buffer is not None else b"", self.size, chunk_bytes)
 
     def raw(self, name: str) -> np.ndarray:
         """The bytes of tensor ``name`` as a 1-D uint8 array (a view of the buffer, no copy)."""
