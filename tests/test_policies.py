@@ -316,8 +316,8 @@ def test_on_improvement_missing_metric_names_metric_and_keys() -> None:
     policy = OnImprovement("val_acc")
     with pytest.raises(ConfigError, match=r"'val_acc'.*available: loss, val_loss"):
         policy.should_save(Progress(metrics={"val_loss": 1.0, "loss": 2.0}), FRESH)
-    with pytest.raises(ConfigError, match="available: none"):
-        policy.should_save(Progress(), FRESH)
+    # a call without any metrics (per batch) is not judged: no save on improvement, no error (issue 15)
+    assert not policy.should_save(Progress(), FRESH)
 
 
 def test_on_improvement_non_numeric_metric() -> None:

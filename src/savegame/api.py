@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
-from .capture import LoadReport, restore
+from .capture import LoadReport, restore_items
 from .dtypes import logical_itemsize
 from .errors import (
     ConfigError,
@@ -372,10 +372,15 @@ def load(
     torch tensors when torch is installed (NumPy arrays otherwise), in freshly allocated memory that does
     not depend on the files.
 
-    With ``target`` (a dict of live objects with the same item names, e.g. ``{"model": model,
-    "optimizer": opt}``): restore each in place and return a :class:`LoadReport`; items of the checkpoint
-    not in ``target`` are returned in ``report.state`` only if they hold no arrays (epoch, loss, ...) and
-    are otherwise not read at all. Every file's hash is checked before any target is changed. A module
+    With ``target`` (a dict of items, e.g. ``{"model": model, "optimizer": opt, "epoch": 0}``): restore
+    each in place and return a :class:`LoadReport`. The target is updated the way
+    ``torch.distributed.checkpoint.load`` updates its state dict: live objects get their state in
+    place, dicts and lists are filled in place (recursively), other values (``"epoch": 0``, tuples) are
+    replaced in the dict or list that holds them, and only once the whole state matched (see
+    :func:`savegame.capture.restore_items` for every case). Items of the target that hold no live
+    object are also returned in ``report.state``, and so are the items of the checkpoint not in
+    ``target`` if they hold no arrays (the others are not read at all). Every file's hash is checked
+    before any target is changed. A module
     copies the values into its parameters; a torch optimizer keeps the tensors it is given, so its state
     becomes views of the privately mapped file where they are 64-byte aligned (no copy; training writes
     copy each page on first write and never reach the file), fresh memory elsewhere.
@@ -383,9 +388,9 @@ def load(
     ``map_location``: like ``torch.load``: a device (``"cpu"``, ``"cuda:1"``), a dict from saved to new
     device, or ``fn(tensor, saved_device) -> tensor``. ``None`` puts tensors back on the device they were
     saved from when it exists (CPU otherwise, with a warning).
-    ``strict``: refuse to load into a target when keys are missing, unexpected or shaped differently
-    (:class:`StateMismatchError`, raised before anything is changed); ``strict=False`` loads what matches
-    and lists the rest in the report.
+    ``strict``: refuse to load into a target when keys are missing, unexpected, shaped differently or
+    of another type (:class:`StateMismatchError`, raised before anything is changed); ``strict=False``
+    loads what matches and lists the rest in the report.
     ``verify``: check each file's content hash before using it (XXH3, ~20 GB/s).
     ``path`` may be an fsspec URL (``s3://bucket/run/NAME``, ``storage_options`` go to fsspec): each file
     is then downloaded into memory with parallel ranged reads and its hash checked on that buffer.
@@ -464,12 +469,9 @@ def _load_items(
             )
         del readers
     for name in needed:
-        if name in target:
-            restore(target[name], values.pop(name), strict=strict, path=(name,), report=report)
-        else:
+        if name not in target:
             report.state[name] = values.pop(name)
-    if strict and not report.clean:
-        raise StateMismatchError(f"{directory.where}: state does not match the target: {report}", report)
+    restore_items(target, values, strict=strict, report=report, where=directory.where)
     return report
 
 

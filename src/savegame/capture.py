@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -84,10 +84,14 @@ def live_object_hook(obj: object, path: Path, enc: Encoder) -> dict[str, Any] | 
 class LoadReport:
     """The result of loading into live objects.
 
-    ``state``: the decoded values of the items that were not loaded in place (e.g. ``epoch``), by item.
+    ``state``: the decoded values of the items that hold no live object: those of the checkpoint that were
+    not in the target (e.g. ``epoch``) and the plain items of the target, which were also updated in place
+    (see :func:`restore_items`), by item.
     ``missing_keys`` / ``unexpected_keys``: qualified names (``model.fc.bias``) only in the target / only in
-    the checkpoint. ``mismatched_keys``: ``(name, checkpoint shape, target shape)``. ``loaded``: what was
-    restored in place. ``manifest``: the checkpoint's manifest.
+    the checkpoint. ``mismatched_keys``: ``(name, checkpoint shape, target shape)`` (a list's shape is its
+    length). ``mismatched_types``: ``(name, checkpoint type, target type)`` where the checkpoint holds
+    something that cannot go into the target (a number where the target has a dict); only non-strict
+    loads get that far. ``loaded``: what was restored. ``manifest``: the checkpoint's manifest.
     """
 
     state: dict[str, Any] = field(default_factory=dict)
@@ -96,21 +100,114 @@ class LoadReport:
     mismatched_keys: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     loaded: list[str] = field(default_factory=list)
     manifest: Any = field(default=None, repr=False)
+    mismatched_types: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
         """True when everything in the target was found and matched."""
-        return not (self.missing_keys or self.unexpected_keys or self.mismatched_keys)
+        return not (self.missing_keys or self.unexpected_keys or self.mismatched_keys or self.mismatched_types)
 
 
-def restore(target: object, state: object, *, strict: bool, path: Path, report: LoadReport) -> None:
-    """Put ``state`` into the live ``target`` in place, recording mismatches in ``report``."""
+Updates = list[tuple[Any, Any, Any]]
+"""Assignments ``container[key] = value`` a restore makes once the whole state matched (see
+:func:`restore_items`): plain values replaced in their dict or list."""
+
+
+def restore_items(
+    target: Mapping[str, Any], values: Mapping[str, Any], *, strict: bool, report: LoadReport, where: str
+) -> None:
+    """Restore the decoded items ``values`` into ``target`` (a dict of items), in place.
+
+    What happens to each value of the target, the way ``torch.distributed.checkpoint.load`` treats its
+    state dict:
+
+    * live objects (modules, optimizers, Stateful objects, generators, tensors, arrays) get their state
+      back in place, as they always did;
+    * dicts are filled in place, recursively; a key of the target that the checkpoint lacks is left as it
+      is and reported missing; a key only in the checkpoint is added to a dict of plain data (one that
+      holds no live object: it takes the checkpoint's content) and reported unexpected in a dict of live
+      objects;
+    * lists are filled in place element by element; a list of plain data whose length differs gets the
+      checkpoint's contents (``lst[:] = saved``), a list holding live objects reports a length mismatch;
+    * anything else (numbers, strings, None, tuples, ...) cannot change in place and is replaced in its
+      dict or list (``state["epoch"] = 11``); a read-only ``target`` mapping keeps its top-level values,
+      whose new values are in ``report.state``.
+
+    A type mismatch (a dict or a live object in the target, something else in the checkpoint) raises
+    :class:`StateMismatchError` when ``strict``, else is listed in ``report.mismatched_types`` and left
+    alone. Plain values are replaced only once the walk is over and, when ``strict``, the whole state
+    matched: a strict load that fails never changes them (live objects restored before the mismatch
+    was found keep their new state, as before). Plain items also go to ``report.state``.
+    """
+    updates: Updates = []
+    mutable = isinstance(target, MutableMapping)
+    for name, value in values.items():
+        current = target[name]
+        if not replaceable(current):
+            restore(current, value, strict=strict, path=(name,), report=report, updates=updates)
+        else:
+            if mutable:
+                updates.append((target, name, value))
+            report.loaded.append(name)
+        if not holds_live(current):
+            report.state[name] = value
+    if strict and not report.clean:
+        raise StateMismatchError(f"{where}: state does not match the target: {report}", report)
+    apply_updates(updates)
+
+
+def apply_updates(updates: Updates) -> None:
+    """Make the deferred assignments of a restore."""
+    for container, key, value in updates:
+        container[key] = value
+
+
+def holds_live(value: object, depth: int = 0) -> bool:
+    """Whether ``value`` is or contains a live object (module, optimizer, tensor, array, generator,
+    Stateful), i.e. is more than plain data."""
+    if kind_of(value) != "data":
+        return True
+    if depth > 100:
+        return False
+    if isinstance(value, Mapping):
+        return any(holds_live(v, depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(holds_live(v, depth + 1) for v in value)
+    return False
+
+
+def replaceable(value: object) -> bool:
+    """Whether ``value`` cannot take a saved state in place and is replaced in its container instead
+    (numbers, strings, None, tuples...; not dicts, lists or live objects)."""
+    return not isinstance(value, (MutableMapping, list)) and kind_of(value) == "data"
+
+
+def restore(
+    target: object, state: object, *, strict: bool, path: Path, report: LoadReport, updates: Updates | None = None
+) -> None:
+    """Put ``state`` into the live ``target`` in place, recording mismatches in ``report``.
+
+    ``updates``: where replacements of plain values inside dicts and lists are queued (see
+    :func:`restore_items`); made at once when None.
+    """
     where = format_path(path)
+    queue: Updates = [] if updates is None else updates
+    _restore(target, state, strict=strict, path=path, where=where, report=report, updates=queue)
+    if updates is None:
+        apply_updates(queue)
+
+
+def _restore(
+    target: object, state: object, *, strict: bool, path: Path, where: str, report: LoadReport, updates: Updates
+) -> None:
     torch = sys.modules.get("torch")
     if torch is not None:
         from .adapters import torch as torch_adapter
 
         if isinstance(target, torch.nn.Module):
+            if not isinstance(state, Mapping):
+                _type_mismatch(target, state, where=where, strict=strict, report=report)
+                return
             mod_report = torch_adapter.restore_module(target, state, strict=strict, where=where)
             report.missing_keys += [f"{where}.{k}" for k in mod_report.missing_keys]
             report.unexpected_keys += [f"{where}.{k}" for k in mod_report.unexpected_keys]
@@ -118,17 +215,20 @@ def restore(target: object, state: object, *, strict: bool, path: Path, report: 
             report.loaded.append(where)
             return
         if isinstance(target, torch.optim.Optimizer):
+            if not isinstance(state, Mapping):
+                _type_mismatch(target, state, where=where, strict=strict, report=report)
+                return
             torch_adapter.restore_optimizer(target, state, where=where)
             report.loaded.append(where)
             return
         if isinstance(target, torch.Tensor):
-            _copy_tensor(target, state, where, report)
+            _copy_tensor(target, state, where, report, strict=strict)
             return
     if restore_generator(target, state, where):
         report.loaded.append(where)
         return
     if isinstance(target, np.ndarray):
-        _copy_array(target, state, where, report)
+        _copy_array(target, state, where, report, strict=strict)
         return
     if _is_stateful(target) and not isinstance(target, (dict, list, tuple)):
         load: Callable[..., Any] = target.load_state_dict  # type: ignore[attr-defined]
@@ -141,22 +241,78 @@ def restore(target: object, state: object, *, strict: bool, path: Path, report: 
             _merge_report(result, where, report)
         report.loaded.append(where)
         return
-    if isinstance(target, dict) and isinstance(state, Mapping):
-        for key, sub in target.items():
-            if key in state:
-                restore(sub, state[key], strict=strict, path=(*path, key), report=report)
-            else:
-                report.missing_keys.append(format_path((*path, key)))
-        report.unexpected_keys += [format_path((*path, k)) for k in state if k not in target]
+    if isinstance(target, MutableMapping):
+        if not isinstance(state, Mapping):
+            _type_mismatch(target, state, where=where, strict=strict, report=report)
+            return
+        _restore_dict(target, state, strict=strict, path=path, report=report, updates=updates)
         return
-    if isinstance(target, list) and isinstance(state, (list, tuple)) and len(target) == len(state):
-        for i, (sub, value) in enumerate(zip(target, state)):
-            restore(sub, value, strict=strict, path=(*path, i), report=report)
+    if isinstance(target, list):
+        if not isinstance(state, (list, tuple)):
+            _type_mismatch(target, state, where=where, strict=strict, report=report)
+            return
+        _restore_list(target, state, strict=strict, path=path, where=where, report=report, updates=updates)
         return
     raise StateMismatchError(
         f"{where}: cannot load {type(state).__name__} into {type(target).__name__} in place "
-        "(targets are modules, optimizers, Stateful objects, generators, tensors, arrays, and dicts/lists of them)"
+        "(targets are modules, optimizers, Stateful objects, generators, tensors, arrays, and dicts/lists of "
+        "them; other values are replaced in the dict or list that holds them)"
     )
+
+
+def _restore_entry(
+    container: Any, key: object, current: object, value: object, *, strict: bool, path: Path,
+    report: LoadReport, updates: Updates,
+) -> None:  # fmt: skip
+    """Restore one value of a dict or list: in place if it can be, else replaced in ``container``."""
+    sub = (*path, key)
+    if not replaceable(current):
+        _restore(current, value, strict=strict, path=sub, where=format_path(sub), report=report, updates=updates)
+    else:
+        updates.append((container, key, value))
+
+
+def _restore_dict(
+    target: MutableMapping[Any, Any], state: Mapping[Any, Any], *, strict: bool, path: Path, report: LoadReport,
+    updates: Updates,
+) -> None:  # fmt: skip
+    for key, current in target.items():
+        if key in state:
+            _restore_entry(target, key, current, state[key], strict=strict, path=path, report=report, updates=updates)
+        else:
+            report.missing_keys.append(format_path((*path, key)))
+    extra = [k for k in state if k not in target]
+    if not extra:
+        return
+    if holds_live(target):
+        report.unexpected_keys += [format_path((*path, k)) for k in extra]
+    else:  # plain data takes the checkpoint's content
+        updates += [(target, k, state[k]) for k in extra]
+
+
+def _restore_list(
+    target: list[Any], state: Sequence[Any], *, strict: bool, path: Path, where: str, report: LoadReport,
+    updates: Updates,
+) -> None:  # fmt: skip
+    if len(target) == len(state):
+        for i, (current, value) in enumerate(zip(target, state)):
+            _restore_entry(target, i, current, value, strict=strict, path=path, report=report, updates=updates)
+    elif holds_live(target):
+        report.mismatched_keys.append((where, (len(state),), (len(target),)))
+    else:  # plain data takes the checkpoint's content
+        updates.append((target, slice(None), list(state)))
+
+
+def _type_mismatch(target: object, state: object, *, where: str, strict: bool, report: LoadReport) -> None:
+    """The checkpoint holds something that cannot go into ``target``: raise (strict) or report it."""
+    saved, live = type(state).__name__, type(target).__name__
+    if strict:
+        raise StateMismatchError(
+            f"{where}: the checkpoint holds {saved}, the target is {live}; pass strict=False to load the rest "
+            "(and leave this one as it is)",
+            report,
+        )
+    report.mismatched_types.append((where, saved, live))
 
 
 def _accepts_strict(load: Callable[..., Any]) -> bool:
@@ -193,11 +349,12 @@ def _merge_report(result: object, where: str, report: LoadReport) -> None:
                 report.mismatched_keys.append((f"{where}.{name}", tuple(saved), tuple(live)))
 
 
-def _copy_tensor(target: Any, state: object, where: str, report: LoadReport) -> None:
+def _copy_tensor(target: Any, state: object, where: str, report: LoadReport, *, strict: bool) -> None:
     import torch
 
     if not isinstance(state, torch.Tensor):
-        raise StateMismatchError(f"{where}: checkpoint holds {type(state).__name__}, target is a tensor")
+        _type_mismatch(target, state, where=where, strict=strict, report=report)
+        return
     if state.shape != target.shape:
         report.mismatched_keys.append((where, tuple(state.shape), tuple(target.shape)))
         return
@@ -206,9 +363,10 @@ def _copy_tensor(target: Any, state: object, where: str, report: LoadReport) -> 
     report.loaded.append(where)
 
 
-def _copy_array(target: np.ndarray, state: object, where: str, report: LoadReport) -> None:
+def _copy_array(target: np.ndarray, state: object, where: str, report: LoadReport, *, strict: bool) -> None:
     if not isinstance(state, np.ndarray):
-        raise StateMismatchError(f"{where}: checkpoint holds {type(state).__name__}, target is an array")
+        _type_mismatch(target, state, where=where, strict=strict, report=report)
+        return
     if state.shape != target.shape:
         report.mismatched_keys.append((where, tuple(state.shape), tuple(target.shape)))
         return

@@ -46,7 +46,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
@@ -56,7 +56,7 @@ from . import api
 from .adapters.rng import RNGState
 from .autointerval import DEFAULT_MTBF_SECONDS, AutoInterval, record_save_cost
 from .background import BackgroundWriter, PendingSave
-from .capture import kind_of
+from .capture import replaceable
 from .coordination import Coordinator, coordinator_for
 from .errors import (
     BackgroundSaveError,
@@ -90,7 +90,10 @@ from .policies import (
     SaveContext,
     SavePolicy,
     SkipFirstEpochs,
+    check_position,
+    check_threshold,
     is_better,
+    missing_monitor_message,
     resolve_mode,
     select_for_deletion,
 )
@@ -389,6 +392,11 @@ class AlignedSchedule:
         return self.policy.should_save(progress, SaveContext(None, context.best, context.started))
 
 
+def _finite_number(value: object) -> bool:
+    """Whether ``value`` is an int or float (not bool) other than NaN and the infinities."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def build_save_policy(
     *,
     monitor: str | None,
@@ -412,9 +420,16 @@ def build_save_policy(
     _check_count("every_n_steps", every_n_steps, minimum=0)
     _check_count("skip_first_epochs", skip_first_epochs, minimum=0)
     if every_seconds is not None and (
-        isinstance(every_seconds, bool) or not isinstance(every_seconds, (int, float)) or every_seconds < 0
+        isinstance(every_seconds, bool) or not isinstance(every_seconds, (int, float))
+        or not 0 <= every_seconds < math.inf
     ):
-        raise ConfigError(f"Checkpointer: every_seconds must be a number >= 0 (or None), got {every_seconds!r}")
+        raise ConfigError(f"Checkpointer: every_seconds must be a finite number >= 0 (or None), got {every_seconds!r}")
+    check_threshold("Checkpointer", "threshold", threshold)
+    if every == "auto":  # checked here so the messages name these arguments, not AutoInterval's
+        if not _finite_number(mtbf_seconds) or mtbf_seconds <= 0:
+            raise ConfigError(f"Checkpointer: mtbf_seconds must be a positive number of seconds, got {mtbf_seconds!r}")
+        if not _finite_number(max_overhead) or not 0 < max_overhead <= 1:
+            raise ConfigError(f"Checkpointer: max_overhead must be a fraction in (0, 1], got {max_overhead!r}")
     parts: list[SavePolicy] = []
     if save_best_only:
         if monitor is None:
@@ -472,19 +487,6 @@ def _default_name(epoch: int | None, step: int | None, sequence: int) -> str:
     if step is not None:
         parts.append(f"step={step:06d}")
     return "-".join(parts) if parts else f"save-{sequence:06d}"
-
-
-def _is_live(value: object, depth: int = 0) -> bool:
-    """Whether ``value`` can be restored in place (a live object, tensor, array, or container of them)."""
-    if kind_of(value) != "data":
-        return True
-    if depth > 50:
-        return False
-    if isinstance(value, Mapping):
-        return bool(value) and all(_is_live(v, depth + 1) for v in value.values())
-    if isinstance(value, builtins.list):
-        return bool(value) and all(_is_live(v, depth + 1) for v in value)
-    return False
 
 
 def _is_weights(value: object) -> bool:
@@ -678,8 +680,9 @@ class Checkpointer:
                 monitor, mode = kept.monitor, kept.mode
         if monitor is not None and (not isinstance(monitor, str) or not monitor):
             raise ConfigError(f"Checkpointer: monitor must be a metric name, got {monitor!r}")
-        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not min_delta >= 0:
-            raise ConfigError(f"Checkpointer: min_delta must be a number >= 0, got {min_delta!r}")
+        if not _finite_number(min_delta) or not min_delta >= 0:
+            raise ConfigError(f"Checkpointer: min_delta must be a finite number >= 0, got {min_delta!r}")
+        check_threshold("Checkpointer", "threshold", threshold)
 
         self.monitor = monitor
         self.mode: Literal["min", "max"] | None = resolve_mode(monitor, mode) if monitor else None
@@ -909,6 +912,8 @@ class Checkpointer:
         self, epoch: int | None, step: int | None, metrics: Mapping[str, object] | None, *, epoch_end: bool, final: bool
     ) -> Progress:
         """Where training is now, as the policies see it (metrics checked, time from ``clock``)."""
+        epoch = check_position("Checkpointer", "epoch", epoch)  # messages name the argument, not Progress
+        step = check_position("Checkpointer", "step", step)
         return Progress(epoch=epoch, step=step, metrics=coerce_metrics(metrics), time=self._clock(),
                         epoch_end=bool(epoch_end), final=bool(final))  # fmt: skip
 
@@ -923,7 +928,7 @@ class Checkpointer:
         epoch: int | None = None,
         step: int | None = None,
         metrics: Mapping[str, object] | None = None,
-        epoch_end: bool = True,
+        epoch_end: bool | None = None,
         final: bool = False,
         metadata: Mapping[str, Any] | None = None,
     ) -> SaveResult | None:
@@ -932,16 +937,27 @@ class Checkpointer:
         ``epoch``: completed epochs (``epoch + 1`` at the end of epoch ``epoch`` of a ``range`` loop);
         ``step``: global step; ``metrics``: e.g. ``{"val_loss": 0.3}`` (numbers or 0-d tensors);
         ``epoch_end``: False for calls from inside an epoch (per-batch saves; epoch and improvement
-        policies ignore those); ``final``: the last call of training (``save_at_end``);
+        policies ignore those); not given, the call counts as an epoch end for the epoch policies;
+        ``final``: the last call of training (``save_at_end``);
         ``metadata``: extra JSON-like data for this checkpoint's manifest.
+        With ``monitor=`` (save on improvement), a call without ``metrics=`` (per batch) does not judge
+        improvement (no save for it, no new best, no error); a call whose ``metrics=`` lacks the
+        monitored metric, or that says ``epoch_end=True`` without it, raises :class:`ConfigError`.
         A save that fails raises and leaves every existing checkpoint as it was.
         """
         self._check_open()
         if self._in_flight is not None and self._in_flight.handle.done():
             self._settle()
+        said_epoch_end = epoch_end is True
+        epoch_end = epoch_end is not False
         if epoch_end and not final and self.max_epochs is not None and epoch is not None:
             final = epoch >= self.max_epochs
         progress = self._progress(epoch, step, metrics, epoch_end=epoch_end, final=final)
+        improvement = _find_improvement(self.save_policy) if said_epoch_end else None
+        if improvement is not None and improvement.monitor not in progress.metrics:
+            raise ConfigError(
+                "Checkpointer.step(epoch_end=True): " + missing_monitor_message(improvement.monitor, progress.metrics)
+            )
         context = SaveContext(
             last_saved=self._last_saved,
             best=self._best.value if self._best is not None else None,
@@ -1312,11 +1328,15 @@ class Checkpointer:
         ``which="best"`` or a checkpoint name loads exactly that checkpoint
         (:class:`CheckpointNotFoundError` if absent, the verification error if it is damaged).
 
-        Items of ``state`` that are live objects (modules, optimizers, schedulers, samplers, tensors,
-        Stateful objects) are restored in place; plain values come back in ``RestoredProgress.data``.
-        ``strict``: a live item missing from the checkpoint, or parameters that differ, raise
-        :class:`StateMismatchError` (items a ``weights_only`` checkpoint never had are skipped with a
-        warning). ``map_location``: as for :func:`savegame.load`.
+        ``state`` is updated in place as :func:`savegame.load` updates its target (the way
+        ``torch.distributed.checkpoint.load`` does): live objects (modules, optimizers, schedulers,
+        samplers, tensors, Stateful objects) get their state back, dicts and lists are filled in place,
+        other values are replaced in ``state`` (``state["epoch"]`` is the saved epoch afterwards). The
+        items that hold no live object also come back in ``RestoredProgress.data``.
+        ``strict``: an item missing from the checkpoint, keys or parameters that differ, or a value of
+        another type raise :class:`StateMismatchError` before any plain value is replaced (items a
+        ``weights_only`` checkpoint never had are skipped with a warning). ``map_location``: as for
+        :func:`savegame.load`.
         """
         if not isinstance(state, Mapping):
             raise ConfigError(f"state must be a dict of items, not {type(state).__name__}")
@@ -1441,15 +1461,14 @@ class Checkpointer:
             saved = item_names(manifest)
         else:
             saved = set(manifest.items)
-        target = {k: v for k, v in state.items() if _is_live(v)}
+        target = dict(state)  # a copy: the RNG item may be added; plain items are copied back below
         if self.rng and RNG_ITEM in saved and RNG_ITEM not in state:
             target[RNG_ITEM] = RNGState()
-        checked: dict[str, Any] = {}  # files verified here, opened: data items are decoded from them
         if verifying and (layout or self._coord.distributed):
             api.verify(source)
         elif verifying:  # one pass over each file: load checks the files it reads, before restoring anything
             read_by_load = {manifest.items[k].file for k in target if k in manifest.items}
-            checked = api.verify_files(source, manifest, [f for f in manifest.files if f not in read_by_load])
+            api.verify_files(source, manifest, [f for f in manifest.files if f not in read_by_load])
         absent = [k for k in target if k not in saved]
         if absent and (entry.weights_only or not strict):
             message = f"checkpoint {entry.name} has no items {absent}; they were not restored"
@@ -1461,23 +1480,18 @@ class Checkpointer:
                 f"checkpoint {entry.name} has no items {absent} (it has {sorted(saved)}); "
                 "pass strict=False to restore the rest"
             )
-        data: dict[str, Any] = {}
         if layout or self._coord.distributed:
-            plain = {k: v for k, v in state.items() if k not in target and k in saved}
-            report = self._load_distributed(source, {**target, **plain}, strict=strict, map_location=map_location)
-            data = {k: report.state[k] for k in plain if k in report.state}
-        else:
+            report = self._load_distributed(source, target, strict=strict, map_location=map_location)
+            for key, value in report.state.items():  # top-level plain values come back, not replaced
+                if key in target and replaceable(target[key]):
+                    target[key] = value
+        else:  # plain items are filled in place or replaced in target (see savegame.load)
             report = api.load(source, target, strict=strict, verify=verifying, map_location=map_location)
+        if isinstance(state, MutableMapping):
             for key in state:
-                if key in target or key not in saved:
-                    continue
-                file = manifest.items[key].file
-                if key in report.state:
-                    data[key] = report.state[key]
-                elif file in checked:
-                    data[key] = api.decode_opened(checked[file], manifest, key, map_location=map_location)
-                else:
-                    data[key] = api.decode_item(source, manifest, key, verify=False, map_location=map_location)
+                if key in target and target[key] is not state[key]:
+                    state[key] = target[key]  # a plain value replaced (``state["epoch"]``)
+        data = {k: report.state[k] for k in state if k in report.state and k in target}
         progress = _entry_from_manifest(entry.name, manifest)
         self._last_saved = progress.progress()
         self._saved_here = False

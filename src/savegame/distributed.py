@@ -854,6 +854,7 @@ def _load_local(
         report.missing_keys += [_rename(x, renamed) for x in sub.missing_keys]
         report.unexpected_keys += [_rename(x, renamed) for x in sub.unexpected_keys]
         report.mismatched_keys += sub.mismatched_keys
+        report.mismatched_types += sub.mismatched_types
         hidden = sharded | {LAYOUT_ITEM}
         report.state.update({k: v for k, v in sub.state.items() if k not in hidden})
     if not shard_targets and not full_models:

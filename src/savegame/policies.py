@@ -144,6 +144,26 @@ def _check_min_delta(owner: str, min_delta: float) -> None:
         raise ConfigError(f"{owner}: min_delta must be a finite number >= 0, got {min_delta!r}")
 
 
+def check_threshold(owner: str, name: str, value: object) -> None:
+    """Raise :class:`ConfigError` unless ``value`` (an improvement threshold) is None or a number, not NaN."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ConfigError(f"{owner}: {name} must be a number (not NaN) or None, got {value!r}")
+
+
+def missing_monitor_message(monitor: str, metrics: Mapping[str, object], *, epoch_end: bool = True) -> str:
+    """What to say when the monitored metric is not among the ``metrics=`` of a call that is judged,
+    in the words of the arguments the user passes (``monitor=``, ``metrics=``, ``epoch_end=False``)."""
+    passed = ", ".join(sorted(metrics)) or "none"
+    where = "at epoch ends" if epoch_end else "at every call (every_step=True)"
+    hint = ", and epoch_end=False for calls inside an epoch (those do not judge improvement)" if epoch_end else ""
+    return (
+        f"the monitored metric {monitor!r} is not in metrics= (available: {passed}); pass "
+        f"metrics={{{monitor!r}: value}} {where} (check monitor= for a typo){hint}"
+    )
+
+
 def _frozen_metrics(metrics: Mapping[str, float]) -> Mapping[str, float]:
     """A read-only snapshot, so a value object never changes when the caller's dict does."""
     return MappingProxyType(dict(metrics))
@@ -169,12 +189,19 @@ class Progress:
 
     def __post_init__(self) -> None:
         for name in ("epoch", "step"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, (bool, int)) and hasattr(value, "__index__"):
-                value = operator.index(value)  # numpy / torch integer scalars -> int
-                object.__setattr__(self, name, value)
-            _check_count("Progress", name, value, minimum=0)
+            object.__setattr__(self, name, check_position("Progress", name, getattr(self, name)))
         object.__setattr__(self, "metrics", _frozen_metrics(self.metrics))
+
+
+def check_position(owner: str, name: str, value: object) -> int | None:
+    """``value`` as an epoch or step count: None, or an int >= 0 (NumPy / torch integer scalars are
+    converted); :class:`ConfigError` naming ``owner`` and ``name`` otherwise."""
+    if value is not None and not isinstance(value, (bool, int)) and hasattr(value, "__index__"):
+        value = operator.index(value)  # numpy / torch integer scalars -> int
+    if value is not None and not isinstance(value, int):
+        raise ConfigError(f"{owner}: {name} must be an int, got {value!r} ({type(value).__name__})")
+    _check_count(owner, name, value, minimum=0)
+    return value
 
 
 @dataclass(frozen=True)
@@ -353,9 +380,11 @@ class OnImprovement:
     The reference is ``context.best``; when that is None, ``threshold`` (Keras's
     ``initial_value_threshold``); when both are None, any non-NaN value saves. An improvement must
     exceed ``min_delta`` (see :func:`is_better`); NaN never improves. Only epoch-end calls are
-    evaluated unless ``every_step=True``. A missing metric at an evaluated call raises
-    :class:`ConfigError` naming it and the available keys: a typo in ``monitor`` must not silently
-    disable saving.
+    evaluated unless ``every_step=True``, and a call that passes no metrics at all (a per-batch
+    ``ckpt.step(state, step=s)``) is not judged: no save on improvement, no error. A call that passes
+    metrics without ``monitor`` raises :class:`ConfigError` naming it and the keys passed: a typo in
+    ``monitor`` must not silently disable saving. (The Checkpointer also raises for a call that says
+    ``epoch_end=True`` and passes no metrics.)
     """
 
     monitor: str
@@ -369,12 +398,7 @@ class OnImprovement:
         _check_monitor("OnImprovement", self.monitor)
         _check_mode("OnImprovement", self.mode)
         _check_min_delta("OnImprovement", self.min_delta)
-        if self.threshold is not None and (
-            isinstance(self.threshold, bool)
-            or not isinstance(self.threshold, (int, float))
-            or math.isnan(self.threshold)
-        ):
-            raise ConfigError(f"OnImprovement: threshold must be a number (not NaN) or None, got {self.threshold!r}")
+        check_threshold("OnImprovement", "threshold", self.threshold)
 
     @property
     def direction(self) -> Direction:
@@ -384,20 +408,16 @@ class OnImprovement:
     def value(self, progress: Progress) -> float:
         """The monitored value in ``progress.metrics`` (ConfigError if absent or not a number)."""
         if self.monitor not in progress.metrics:
-            available = ", ".join(sorted(progress.metrics)) or "none"
-            raise ConfigError(
-                f"OnImprovement: monitored metric {self.monitor!r} is not in the metrics passed "
-                f"(available: {available})"
-            )
+            raise ConfigError(missing_monitor_message(self.monitor, progress.metrics, epoch_end=progress.epoch_end))
         raw = progress.metrics[self.monitor]
         try:
             return float(raw)
         except (TypeError, ValueError):
-            raise ConfigError(f"OnImprovement: metric {self.monitor!r} is not a number: {raw!r}") from None
+            raise ConfigError(f"metrics=: the monitored metric {self.monitor!r} is not a number: {raw!r}") from None
 
     def should_save(self, progress: Progress, context: SaveContext) -> bool:
         """See the class docstring."""
-        if not (progress.epoch_end or self.every_step):
+        if not (progress.epoch_end or self.every_step) or not progress.metrics:
             return False
         value = self.value(progress)
         reference = context.best if context.best is not None else self.threshold

@@ -330,6 +330,39 @@ def _short(names: list[str], n: int = 8) -> str:
     return ", ".join(names[:n]) + more
 
 
+_COMPILED = "_orig_mod"
+"""The attribute ``torch.compile``'s ``OptimizedModule`` keeps the original module under: its state dict
+keys (and those of a model holding a compiled submodule) carry an extra ``_orig_mod.`` segment."""
+
+
+def _plain_name(key: str) -> str:
+    """A state-dict key without the ``_orig_mod.`` segments of ``torch.compile`` (``_orig_mod.fc.weight``
+    and ``enc._orig_mod.fc.weight`` -> ``fc.weight``, ``enc.fc.weight``)."""
+    if _COMPILED not in key:
+        return key
+    return ".".join(part for part in key.split(".") if part != _COMPILED)
+
+
+def plain_names(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` keyed by :func:`_plain_name` (as it would be without ``torch.compile``); unchanged when
+    that would merge two keys (a module that really has a submodule called ``_orig_mod``)."""
+    if not any(_COMPILED in k for k in state):
+        return dict(state)
+    renamed = {_plain_name(k): v for k, v in state.items()}
+    return renamed if len(renamed) == len(state) else dict(state)
+
+
+def _match_names(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> dict[str, Any]:
+    """``saved`` keyed by the names of ``expected`` (the target module's state dict) wherever they differ
+    only by ``torch.compile``'s ``_orig_mod.`` segments or DDP's ``module.`` prefix, either way round:
+    a compiled model's checkpoint loads into the plain model, a plain one into the compiled model, and
+    either into or out of DDP. Keys that match nothing keep their saved name (reported unexpected)."""
+    live = {_plain_name(k): k for k in expected}
+    if len(live) != len(expected):  # ambiguous without the segments: exact names only
+        live = {k: k for k in expected}
+    return {live.get(k, k): v for k, v in _strip_ddp_prefix(plain_names(saved), live).items()}
+
+
 def _strip_ddp_prefix(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> dict[str, Any]:
     """Make ``module.``-prefixed (DDP) keys match a plain model and back."""
     prefix = "module."
@@ -347,7 +380,7 @@ def restore_module(module: torch.nn.Module, state: object, *, strict: bool, wher
     if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
         raise StateMismatchError(f"{where}: checkpoint holds {type(state).__name__}, not a module state dict")
     expected = module.state_dict(keep_vars=True)
-    saved = _strip_ddp_prefix(state, expected)
+    saved = _match_names(state, expected)
     report = ModuleReport()
     report.missing_keys = [k for k in expected if k not in saved]
     report.unexpected_keys = [k for k in saved if k not in expected]
@@ -428,5 +461,7 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, state: object, *, where:
 
 
 def capture_module(module: torch.nn.Module) -> dict[str, Any]:
-    """A module's parameters and buffers (a plain dict, keys as in ``state_dict()``)."""
-    return dict(module.state_dict())
+    """A module's parameters and buffers (a plain dict, keys as in ``state_dict()``), under the names the
+    module has without ``torch.compile`` (no ``_orig_mod.``): the checkpoint of a compiled model is the
+    one of the plain model, and loads into either (see :func:`restore_module`)."""
+    return plain_names(module.state_dict())

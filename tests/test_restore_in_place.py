@@ -1,0 +1,190 @@
+"""Issue 15 item 9: ``restore(state)`` and ``load(path, target)`` update the plain entries of the state in
+place, the way ``torch.distributed.checkpoint.load`` does: dicts and lists filled in place, other values
+replaced in the dict or list holding them; missing keys and type mismatches follow the strict rules."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import savegame
+from savegame.checkpointer import Checkpointer, ResumeWarning
+from savegame.errors import StateMismatchError
+
+
+def make_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def trained(steps: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A real model and Adam optimizer after ``steps`` training steps."""
+    torch.manual_seed(0)
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return model, opt
+
+
+def fresh() -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(1)
+    model = make_model()
+    return model, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+
+def same_model(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_checkpointer_restore_updates_the_plain_entries_of_state(tmp_path: Path) -> None:
+    model, opt = trained(11)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save({"model": model, "optimizer": opt, "meta": {"step": 11, "lr": 0.01}, "epoch": 3,
+                   "history": [0.9, 0.5, 0.25], "pair": (1, 2), "best": 0.25}, epoch=3, step=11)  # fmt: skip
+    new_model, new_opt = fresh()
+    meta: dict[str, Any] = {"step": 0}
+    history: list[float] = []
+    state = {"model": new_model, "optimizer": new_opt, "meta": meta, "epoch": 0, "history": history,
+             "pair": None, "best": None}  # fmt: skip
+    restored = Checkpointer(tmp_path).restore(state)
+    assert restored is not None and restored.step == 11
+    assert same_model(new_model, model)
+    assert new_opt.state_dict()["state"][0]["step"] == torch.tensor(11.0)
+    # the plain entries say what the checkpoint says, and the containers are the same objects
+    assert state["epoch"] == 3 and state["best"] == 0.25 and state["pair"] == (1, 2)
+    assert state["meta"] is meta and meta == {"step": 11, "lr": 0.01}
+    assert state["history"] is history and history == [0.9, 0.5, 0.25]
+    assert state["model"] is new_model and state["optimizer"] is new_opt
+    # restored.data keeps giving the plain values
+    assert dict(restored.data) == {"meta": meta, "epoch": 3, "history": history, "pair": (1, 2), "best": 0.25}
+
+
+def test_load_into_a_target_fills_dicts_and_lists_in_place_and_replaces_the_rest(tmp_path: Path) -> None:
+    model, opt = trained(3)
+    saved = {
+        "model": model, "optimizer": opt, "epoch": 7,
+        "meta": {"step": 21, "inner": {"seen": [1, 2, 3], "lr": 0.5}, "tag": "run-b"},
+        "same_length": [10, {"a": 1}, (2, 3)], "longer": [1, 2, 3, 4], "arr": np.arange(3.0),
+        "npscalar": np.float32(1.5), "weights": {"w": torch.full((2,), 3.0)},
+    }  # fmt: skip
+    savegame.save(tmp_path / "c", saved)
+    new_model, new_opt = fresh()
+    inner: dict[str, Any] = {"seen": [0], "lr": 0.0}
+    meta: dict[str, Any] = {"step": 0, "inner": inner, "tag": None}
+    element: dict[str, Any] = {"a": 0}
+    same_length: list[Any] = [0, element, None]
+    longer = [1]
+    arr = np.zeros(3)
+    w = torch.zeros(2)
+    target = {"model": new_model, "optimizer": new_opt, "epoch": 0, "meta": meta, "same_length": same_length,
+              "longer": longer, "arr": arr, "npscalar": None, "weights": {"w": w}}  # fmt: skip
+    report = savegame.load(tmp_path / "c", target)
+    assert report.clean
+    assert same_model(new_model, model) and target["epoch"] == 7
+    assert target["meta"] is meta and meta["inner"] is inner
+    assert meta == {"step": 21, "inner": {"seen": [1, 2, 3], "lr": 0.5}, "tag": "run-b"}
+    assert target["same_length"] is same_length and same_length[1] is element
+    assert same_length == [10, {"a": 1}, (2, 3)]
+    assert target["longer"] is longer and longer == [1, 2, 3, 4]  # a plain list of another length: replaced contents
+    assert target["arr"] is arr and np.array_equal(arr, np.arange(3.0))  # arrays and tensors: copied into
+    assert target["weights"]["w"] is w and torch.equal(w, torch.full((2,), 3.0))
+    assert target["npscalar"] == np.float32(1.5)
+    # the plain items are also in report.state (items holding live objects are not)
+    assert set(report.state) == {"epoch", "meta", "same_length", "longer", "npscalar"}
+    assert report.state["epoch"] == 7
+
+
+def test_keys_only_in_the_target_are_left_and_strictly_refused_before_anything_plain_changes(tmp_path: Path) -> None:
+    model, _ = trained(2)
+    savegame.save(tmp_path / "c", {"model": model, "meta": {"step": 5}, "epoch": 2})
+    target = {"model": make_model(), "meta": {"step": 0, "added_later": 9}, "epoch": 0}
+    with pytest.raises(StateMismatchError, match=r"meta\.added_later") as raised:
+        savegame.load(tmp_path / "c", target)
+    assert raised.value.report is not None and raised.value.report.missing_keys == ["meta.added_later"]
+    assert target["meta"] == {"step": 0, "added_later": 9} and target["epoch"] == 0  # nothing plain replaced
+
+    report = savegame.load(tmp_path / "c", target, strict=False)
+    assert report.missing_keys == ["meta.added_later"]
+    assert target["meta"] == {"step": 5, "added_later": 9} and target["epoch"] == 2
+
+
+def test_extra_keys_of_a_plain_dict_are_added_but_reported_next_to_live_objects(tmp_path: Path) -> None:
+    savegame.save(tmp_path / "c", {"meta": {"step": 5, "lr": 0.1}, "nets": {"a": make_model(), "b": make_model()}})
+    meta: dict[str, Any] = {}
+    report = savegame.load(tmp_path / "c", {"meta": meta, "nets": {"a": make_model(), "b": make_model()}})
+    assert report.clean and meta == {"step": 5, "lr": 0.1}  # plain data takes the checkpoint's content
+    with pytest.raises(StateMismatchError, match=r"nets\.b"):
+        savegame.load(tmp_path / "c", {"meta": {}, "nets": {"a": make_model()}})
+    report = savegame.load(tmp_path / "c", {"meta": {}, "nets": {"a": make_model()}}, strict=False)
+    assert report.unexpected_keys == ["nets.b"]
+
+
+def test_a_list_of_live_objects_of_another_length_is_a_mismatch(tmp_path: Path) -> None:
+    first = make_model()
+    savegame.save(tmp_path / "c", {"nets": [first], "epoch": 4})
+    target: dict[str, Any] = {"nets": [make_model(), make_model()], "epoch": 0}
+    with pytest.raises(StateMismatchError, match="nets"):
+        savegame.load(tmp_path / "c", target)
+    assert target["epoch"] == 0 and len(target["nets"]) == 2
+    report = savegame.load(tmp_path / "c", target, strict=False)
+    assert report.mismatched_keys == [("nets", (1,), (2,))]
+    assert target["epoch"] == 4 and len(target["nets"]) == 2 and not same_model(target["nets"][0], first)
+
+
+@pytest.mark.parametrize(
+    ("saved", "live", "names"),
+    [
+        (5, {"step": 0}, ("int", "dict")),
+        ({"a": 1}, [1, 2], ("dict", "list")),
+        (3, torch.zeros(2), ("int", "Tensor")),
+        ([1.0, 2.0], np.zeros(2), ("list", "ndarray")),
+        (7, make_model(), ("int", "Sequential")),
+    ],
+)
+def test_type_mismatch_follows_the_strict_rules(
+    tmp_path: Path, saved: object, live: object, names: tuple[str, str]
+) -> None:
+    savegame.save(tmp_path / "c", {"meta": saved, "epoch": 1})
+    target = {"meta": live, "epoch": 0}
+    with pytest.raises(StateMismatchError, match=rf"meta: the checkpoint holds {names[0]}, the target is {names[1]}"):
+        savegame.load(tmp_path / "c", target)
+    assert target["meta"] is live and target["epoch"] == 0
+    report = savegame.load(tmp_path / "c", target, strict=False)
+    assert report.mismatched_types == [("meta", *names)] and not report.clean
+    assert target["meta"] is live and target["epoch"] == 1
+
+
+def test_a_read_only_target_mapping_keeps_its_values_and_reports_them(tmp_path: Path) -> None:
+    model, _ = trained(1)
+    savegame.save(tmp_path / "c", {"model": model, "epoch": 6, "meta": {"step": 6}})
+    meta = {"step": 0}
+    new_model = make_model()
+    report = savegame.load(tmp_path / "c", MappingProxyType({"model": new_model, "epoch": 0, "meta": meta}))
+    assert same_model(new_model, model) and meta == {"step": 6}
+    assert report.state["epoch"] == 6
+
+
+def test_checkpointer_strict_restore_refuses_a_plain_item_the_checkpoint_lacks(tmp_path: Path) -> None:
+    model, opt = trained(2)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save({"model": model, "optimizer": opt, "epoch": 2}, epoch=2)
+    new_model, new_opt = fresh()
+    state: dict[str, Any] = {"model": new_model, "optimizer": new_opt, "epoch": 0, "best_acc": 0.0}
+    with pytest.raises(StateMismatchError, match="best_acc"):
+        Checkpointer(tmp_path).restore(state)
+    assert state["epoch"] == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        restored = Checkpointer(tmp_path).restore(state, strict=False)
+    assert restored is not None and any(issubclass(w.category, ResumeWarning) for w in caught)
+    assert state["epoch"] == 2 and state["best_acc"] == 0.0 and same_model(new_model, model)
