@@ -72,6 +72,7 @@ def test_an_epoch_end_call_without_the_metric_names_the_arguments(tmp_path: Path
     assert "'val_loss'" in message and "metrics=" in message and "val_los" in message and "monitor=" in message
     assert not INTERNAL.search(message)
     assert ckpt.step(state, epoch=1, step=4, metrics={"x": 1.0}, epoch_end=False) is None  # mid-epoch: not judged
+    assert ckpt.step(state, epoch=1, step=5, epoch_end=0) is None  # a falsy epoch_end is not an epoch end
     assert ckpt.list() == []
     ckpt.close()
 

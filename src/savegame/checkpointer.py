@@ -193,8 +193,10 @@ class RestoredProgress:
     """Where the restored checkpoint left off, so the training loop can continue.
 
     ``epoch`` (completed epochs) and ``step`` are what was passed when it was saved; ``data`` holds the
-    values of the plain items of the state (ints, floats, dicts of numbers...) that cannot be updated
-    in place: ``restored.data["loss"]``. ``quarantined`` lists broken checkpoints moved aside on the way.
+    saved values of the plain items of the state (ints, floats, dicts of numbers...), which ``restore``
+    also put into the state itself (``restored.data["loss"] == state["loss"]``; a dict of the state is
+    filled in place and keeps keys the checkpoint lacks). ``quarantined`` lists broken checkpoints moved
+    aside on the way.
     """
 
     name: str
@@ -948,8 +950,8 @@ class Checkpointer:
         self._check_open()
         if self._in_flight is not None and self._in_flight.handle.done():
             self._settle()
-        said_epoch_end = epoch_end is True
-        epoch_end = epoch_end is not False
+        said_epoch_end = epoch_end is not None and bool(epoch_end)
+        epoch_end = True if epoch_end is None else bool(epoch_end)
         if epoch_end and not final and self.max_epochs is not None and epoch is not None:
             final = epoch >= self.max_epochs
         progress = self._progress(epoch, step, metrics, epoch_end=epoch_end, final=final)
