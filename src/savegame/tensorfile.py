@@ -33,7 +33,7 @@ from typing import BinaryIO, NamedTuple, Protocol
 import numpy as np
 
 from .dtypes import ITEMSIZE, numpy_dtype
-from .errors import InvalidTensorFileError, TruncatedFileError
+from .errors import InvalidNameError, InvalidTensorFileError, TruncatedFileError
 from .hashing import hash_buffer, new_write_hasher
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024
@@ -49,6 +49,9 @@ MAX_DIM = 2**62
 """Bound on every dimension and on the byte size of the non-zero dimensions' product (NumPy and torch
 refuse larger arrays, even empty ones, with errors of their own)."""
 MAX_NAME_CHARS = 4096
+"""Longest tensor name the reader accepts (the encoder writes at most ``tree.MAX_KEY_CHARS``)."""
+RESERVED_NAME = "__metadata__"
+"""The header key safetensors reserves for string metadata: never a tensor name."""
 ALIGNMENT = 64
 """The data section starts at a multiple of this (the header is padded with spaces, as safetensors allows);
 it is the alignment of torch's CPU allocations."""
@@ -112,9 +115,12 @@ def build_header(tensors: Sequence[TensorData], metadata: dict[str, str] | None 
     """The 8-byte length prefix plus the padded JSON header for ``tensors`` in the given order."""
     header: dict[str, object] = {}
     if metadata:
-        header["__metadata__"] = dict(metadata)
+        header[RESERVED_NAME] = dict(metadata)
     offset = 0
     for t in tensors:
+        check_tensor_name(t.name)
+        if t.name in header:
+            raise InvalidNameError(f"two tensors are named {t.name[:200]!r}: a tensor file holds one per name")
         end = offset + len(t.data)
         header[t.name] = {"dtype": t.code, "shape": list(t.shape), "data_offsets": [offset, end]}
         offset = end
@@ -129,6 +135,30 @@ def build_header(tensors: Sequence[TensorData], metadata: dict[str, str] | None 
     pad = (-(8 + len(raw))) % ALIGNMENT
     raw += b" " * pad
     return struct.pack("<Q", len(raw)) + raw
+
+
+def check_tensor_name(name: str) -> None:
+    """Refuse (:class:`InvalidNameError`) a name no reader would accept (see :func:`tensor_name_problem`)."""
+    problem = tensor_name_problem(name)
+    if problem is not None:
+        shown = name[:200].encode("utf-8", "backslashreplace").decode("utf-8")
+        raise InvalidNameError(f"tensor name {shown!r} {problem}")
+
+
+def tensor_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a tensor name (it is ``__metadata__``, longer than :data:`MAX_NAME_CHARS`,
+    or not encodable as UTF-8: a lone surrogate), or None if it can."""
+    problem = None
+    if name == RESERVED_NAME:
+        problem = "is reserved for the file's metadata"
+    elif len(name) > MAX_NAME_CHARS:
+        problem = f"has {len(name)} characters, over the {MAX_NAME_CHARS} that readers accept"
+    elif not name.isascii():
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            problem = "holds a lone surrogate, which UTF-8 (and so the file header) cannot encode"
+    return problem
 
 
 def write_tensor_file(
@@ -203,7 +233,7 @@ def parse_header(prefix_and_header: bytes, file_size: int, where: str) -> tuple[
     data_len = file_size - data_start
     infos: list[TensorInfo] = []
     for name, entry in header.items():
-        if name == "__metadata__":
+        if name == RESERVED_NAME:
             if not isinstance(entry, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in entry.items()
             ):
