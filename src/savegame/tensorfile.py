@@ -26,6 +26,7 @@ import json
 import mmap
 import os
 import struct
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple, Protocol
@@ -330,6 +331,51 @@ def _check_entry(name: str, entry: object, where: str) -> TensorInfo:
         if nonzero * ITEMSIZE[code] > MAX_DIM:
             raise _fail(where, f"empty tensor {name!r} has a shape too large for any array: {str(shape)[:100]}")
     return TensorInfo(name=name, code=code, shape=tuple(shape), begin=begin, end=end)
+
+
+# Filesystems on which ``write()`` always allocates what it writes (zeros included), so a hole in a data
+# file means it was not written by savegame: ext2/3/4, XFS, tmpfs. Others (ZFS and btrfs with compression,
+# network filesystems) may store written zeros as holes, so a legitimate file can look sparse there.
+_DENSE_FILESYSTEMS = frozenset({0xEF53, 0x58465342, 0x01021994})
+_SPARSE_SLACK = 1 << 20  # allocation may trail the size by a partial block or two (inline data, tails)
+
+
+def check_allocated(fd: int, size: int, where: str) -> None:
+    """Refuse (:class:`TruncatedFileError`) a data file whose bytes are mostly not stored (a sparse file).
+
+    savegame writes every byte of its files, so on a filesystem where writes always allocate (see
+    ``_DENSE_FILESYSTEMS``) a file with far fewer allocated bytes than its size was made another way
+    (``truncate``): a few KiB on disk that a forged manifest describes as a 2 GiB tensor would otherwise
+    cost its full size in memory to hash and then to load. Elsewhere nothing is refused (a compressing
+    filesystem may store written zeros as holes). One ``fstat`` for every file; the filesystem is only
+    looked up for a file that is sparse.
+    """
+    allocated = getattr(os.fstat(fd), "st_blocks", None)
+    if allocated is None or allocated * 512 + _SPARSE_SLACK >= size or _filesystem_type(fd) not in _DENSE_FILESYSTEMS:
+        return
+    raise TruncatedFileError(
+        f"{where}: only {allocated * 512} of its {size} bytes are stored (a sparse file; savegame writes every "
+        "byte, so the file was not written by it): refusing to read holes as data"
+    )
+
+
+def _filesystem_type(fd: int) -> int | None:
+    """``f_type`` of ``fstatfs(fd)`` on Linux (None elsewhere or if it cannot be had)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        class _StatFs(ctypes.Structure):
+            _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 256)]
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        buf = _StatFs()
+        if libc.fstatfs(fd, ctypes.byref(buf)) != 0:
+            return None
+        return int(buf.f_type) & 0xFFFFFFFF
+    except (OSError, AttributeError):
+        return None
 
 
 class TensorFileReader:
