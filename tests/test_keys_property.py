@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file as load_safetensors
 
@@ -68,8 +68,26 @@ nested = st.recursive(
     ),
     max_leaves=12,
 )
+arrays = st.one_of(numpy_arrays(), torch_tensors())
+
+
+@st.composite
+def models(draw: st.DrawFn) -> dict[str, Any]:
+    """An item with arrays under hostile keys; often with names that collide once joined with dots
+    (``{"a.b": x, "a": {"b": y}}``, ``{"0": x, "l": [y]}`` vs ``"l.0"``...)."""
+    model: dict[str, Any] = draw(st.dictionaries(keys, nested, max_size=4))
+    model.update(draw(st.dictionaries(keys, arrays, min_size=1, max_size=3)))
+    if draw(st.booleans()):
+        outer, inner = draw(st.sampled_from([("a", "b"), ("", ""), ("__metadata__", "x"), ("k" * 5000, "\udc80")]))
+        model[f"{outer}.{inner}"] = draw(arrays)
+        model[outer] = {inner: draw(arrays)} if draw(st.booleans()) else [draw(arrays)]
+        if isinstance(model[outer], list):
+            model[f"{outer}.0"] = draw(arrays)
+    return model
+
+
 states = st.fixed_dictionaries(
-    {"model": st.dictionaries(keys, nested, max_size=5)},
+    {"model": models()},
     optional={"__metadata__": nested, "a.b": nested, "1": nested},
 )
 
@@ -120,6 +138,8 @@ def check_export(checkpoint: Path, destination: Path, model: dict[str, Any]) -> 
         export_checkpoint(checkpoint, destination)
     except CheckpointError as exc:
         message = str(exc)
+        kind = "collision" if "two tensors" in message else "name"
+        event(f"{destination.suffix}: refused ({type(exc).__name__}, {kind})")
         if not arrays:
             assert "holds no tensors" in message
             return
@@ -130,6 +150,7 @@ def check_export(checkpoint: Path, destination: Path, model: dict[str, Any]) -> 
             assert "cannot be a" in message, message
         assert not destination.exists()
         return
+    event(f"{destination.suffix}: exported {'some' if arrays else 'no'} tensors")
     names = [name for name, _ in arrays]
     assert len(set(names)) == len(names), f"{destination.suffix}: colliding names {names} were exported"
     if destination.suffix == ".safetensors":
