@@ -172,9 +172,10 @@ def test_truncated_manifest_at_every_offset(small_checkpoint: Path) -> None:
 def test_bit_flipped_tensor_file_is_a_hash_mismatch(small_checkpoint: Path, train: Helper) -> None:
     file = small_checkpoint / "optimizer.safetensors"
     original = file.read_bytes()
-    for pos in (0, 9, len(original) // 2, len(original) - 1):  # length prefix, header, data
+    positions = (0, 9, len(original) // 2, len(original) - 1)  # length prefix, header, data
+    for pos, bit in [(p, b) for p in positions for b in range(8)][::3]:  # every bit, at every position
         damaged = bytearray(original)
-        damaged[pos] ^= 0x10
+        damaged[pos] ^= 1 << bit
         file.write_bytes(damaged)
         _expect(HashMismatchError, lambda: savegame.verify(small_checkpoint), str(file))
         _expect(HashMismatchError, lambda: savegame.load(small_checkpoint), str(file))
@@ -264,12 +265,14 @@ def test_verify_detects_every_flipped_byte_in_every_file(small_checkpoint: Path)
 
 
 def test_verify_detects_every_single_bit_flip_in_tensor_files(small_checkpoint: Path) -> None:
+    """Every byte, each of its 8 bits (a check that ignored a high bit, or the data past the header, would
+    let that flip through)."""
     escapes = []
     for file in (small_checkpoint / "model.safetensors", small_checkpoint / "optimizer.safetensors"):
         original = file.read_bytes()
         with open(file, "r+b") as f:
             for pos, byte in enumerate(original):
-                for x in (0x01,):
+                for x in (1 << bit for bit in range(8)):
                     f.seek(pos)
                     f.write(bytes([byte ^ x]))
                     f.flush()

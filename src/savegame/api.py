@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 from .capture import LoadReport, restore_items
+from .checks import check_item_value, check_tensor_node, tag_checkers
 from .dtypes import logical_itemsize
 from .errors import (
     ConfigError,
@@ -30,7 +31,7 @@ from .errors import (
 )
 from .gcpause import gc_paused
 from .hashing import hash_buffer, hash_in_background
-from .manifest import Manifest, parse_manifest
+from .manifest import ItemEntry, Manifest, parse_manifest
 from .progress import ProgressBar
 from .storage import is_url, locate
 from .storage.base import MANIFEST, CheckpointReader, CheckpointRef
@@ -320,7 +321,9 @@ def decode_opened(
         tags = decode_tags()
     resolver = _ItemDecoder(reader, name, map_location=map_location, as_numpy=numpy_only, zero_copy=zero_copy)
     decoder = Decoder(resolve=resolver, extra_tags=tags)
-    return decoder.decode(entry.skeleton, (name,))
+    value = decoder.decode(entry.skeleton, (name,))
+    check_item_value(entry.kind, value, name)
+    return value
 
 
 def _zero_copy_for(target: object) -> ZeroCopy:
@@ -533,14 +536,15 @@ def verify_files(checkpoint: Location, manifest: Manifest, files: Iterable[str])
         _close_if_opened(source, checkpoint)
     for name, entry in manifest.items.items():
         if entry.file is None or entry.file in readers:
-            _check_references(entry.skeleton, readers[entry.file] if entry.file else None, name)
+            check_item(entry, readers[entry.file] if entry.file else None, name)
     return readers
 
 
-def _check_references(skeleton: Any, tensors: Mapping[str, Any] | TensorFileReader | None, name: str) -> None:
+def check_item(entry: ItemEntry, tensors: Mapping[str, Any] | TensorFileReader | None, name: str) -> None:
     """Every array node of an item names a tensor of its file and agrees with its header (what ``load``
-    checks before building the array: logical dtype and shape against the stored bytes, scalars 0-d),
-    and the skeleton decodes."""
+    checks before building the array: logical dtype and shape against the stored bytes, scalars 0-d, a
+    tensor's device), the skeleton decodes with its torch values checked, and the item's value has the
+    structure of its kind (:mod:`savegame.checks`). ``savegame verify`` runs this too."""
     if isinstance(tensors, TensorFileReader):
         tensors = tensors.tensors
 
@@ -552,7 +556,8 @@ def _check_references(skeleton: Any, tensors: Mapping[str, Any] | TensorFileRead
         check_array_node(node, tensors[key], where)
         return None
 
-    Decoder(resolve=check, extra_tags=_any_tags()).decode(skeleton, (name,))
+    value = Decoder(resolve=check, extra_tags=tag_checkers()).decode(entry.skeleton, (name,))
+    check_item_value(entry.kind, value, name)
 
 
 def check_array_node(node: Mapping[str, Any], info: TensorInfo, where: str) -> None:
@@ -575,7 +580,5 @@ def check_array_node(node: Mapping[str, Any], info: TensorInfo, where: str) -> N
         shape = lshape
     if tag == "npscalar" and len(shape) != 0:
         raise InvalidManifestError(f"{where}: a numpy scalar must have shape (), not {list(shape)[:8]}")
-
-
-def _any_tags() -> dict[str, Any]:
-    return {"torch.dtype": lambda v: v, "torch.Size": lambda v: v, "torch.device": lambda v: v}
+    if tag == "tensor":
+        check_tensor_node(node, where)

@@ -39,7 +39,6 @@ from .cli_common import UsageError, is_checkpoint_dir, local_path
 from .errors import (
     CheckpointError,
     HashMismatchError,
-    InvalidManifestError,
     InvalidNameError,
     MissingFileError,
     TruncatedFileError,
@@ -50,9 +49,8 @@ from .policies import CheckpointInfo, is_better, resolve_mode, select_for_deleti
 from .storage import is_url
 from .storage.base import MANIFEST, QUARANTINE_PREFIX, STAGING_PREFIX, TRASH_PREFIX
 from .tensorfile import TensorFileReader
-from .tree import Decoder, iter_array_nodes
 
-__all__ = ["Entry", "RecordedBest", "Root", "Scan", "check_references", "classify", "doomed_by_retention",
+__all__ = ["Entry", "RecordedBest", "Root", "Scan", "classify", "doomed_by_retention",
            "resolve_checkpoint", "scan_root", "verify_checkpoint"]  # fmt: skip
 
 Status = Literal["ok", "unverified", "corrupt", "quarantined"]
@@ -432,21 +430,8 @@ def verify_checkpoint(location: Any, *, progress: Callable[[int], None] | None =
             raise HashMismatchError(f"{where}: content hash differs from the manifest (file is corrupted)")
         tensors[file] = TensorFileReader.from_buffer(buffer, where=where).tensors
     for name, item in manifest.items.items():
-        check_references(item.skeleton, tensors.get(item.file) if item.file else None, name)
+        api.check_item(item, tensors.get(item.file) if item.file else None, name)  # what savegame.verify checks
     return manifest
-
-
-_ANY_TAGS: dict[str, Callable[[Any], object]] = {"torch.dtype": str, "torch.Size": list, "torch.device": str}
-
-
-def check_references(skeleton: Any, tensors: Mapping[str, Any] | None, name: str) -> None:
-    """Every array node of item ``name`` names a tensor of its file, and the skeleton decodes (what
-    :func:`savegame.verify` checks after the hashes); :class:`InvalidManifestError` otherwise."""
-    for node in iter_array_nodes(skeleton):
-        key = node.get("key")
-        if not isinstance(key, str) or tensors is None or key not in tensors:
-            raise InvalidManifestError(f"{name}: array {str(key)[:80]!r} is not in the item's tensor file")
-    Decoder(resolve=lambda node, path: None, extra_tags=_ANY_TAGS).decode(skeleton, (name,))
 
 
 def entry_summary(entry: Entry) -> dict[str, Any]:

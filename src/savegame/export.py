@@ -18,6 +18,14 @@ destination's suffix:
   structural fallback of :class:`savegame.adapters.keras.KerasState`) and written with
   ``model.save_weights``. Needs Keras 3.
 
+Names must be unambiguous in the destination, so what a flat file cannot hold is refused with an
+:class:`~savegame.InvalidNameError` naming the state paths, before anything is written (never one tensor
+silently kept in place of another): two paths that give the same name (``{"a.b": x, "a": {"b": y}}`` both
+give ``a.b``), names the format reserves or cannot encode (``__metadata__`` and names over 4,096
+characters in ``.safetensors``; a lone surrogate in ``.safetensors`` and ``.npz``), and ``.npz`` member
+names that could leave the archive's folder when it is unzipped (absolute, ``..``, ``.`` or empty
+components, backslashes, NUL). Rename the key in the state, or export a part with ``item=``.
+
 Values that are not tensors (an optimizer's hyper-parameters, a step counter stored as an int) have no
 place in a weights file: they are left out and listed in :attr:`ExportResult.skipped`. Files are
 written to a temporary name in the destination directory, fsynced and renamed, so a crash never leaves
@@ -37,10 +45,10 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from . import api
-from .errors import CheckpointError, ConfigError, InvalidManifestError
+from .errors import CheckpointError, ConfigError, InvalidManifestError, InvalidNameError
 from .manifest import Manifest
 from .storage import is_url
-from .tensorfile import TensorData, TensorFileReader, order_for_alignment, write_tensor_file
+from .tensorfile import TensorData, TensorFileReader, order_for_alignment, tensor_name_problem, write_tensor_file
 from .tree import Decoder, numpy_from_node
 
 __all__ = [
@@ -48,10 +56,12 @@ __all__ = [
     "FORMATS",
     "ArrayLeaf",
     "ExportResult",
+    "check_unique_names",
     "dtype_name",
     "export_checkpoint",
     "flatten_skeleton",
     "format_for",
+    "npz_member",
     "select_item",
     "write_atomic",
 ]
@@ -292,7 +302,69 @@ class _FileSink:
         return self.f.write(data)
 
 
+def check_unique_names(arrays: Sequence[_Array]) -> None:
+    """Refuse two arrays that would get the same name in a flat file (one would silently replace the
+    other), naming both state paths."""
+    seen: dict[str, _Array] = {}
+    for a in arrays:
+        other = seen.setdefault(a.name, a)
+        if other is not a:
+            raise InvalidNameError(
+                f"{_shown(a.name)}: two tensors of the checkpoint get this name in a flat file, at state paths "
+                f"{_shown_path(other.leaf.path)} and {_shown_path(a.leaf.path)} (a dotted key such as 'a.b' next "
+                "to a nested 'a' -> 'b'); rename one of the keys in the saved state, or export only a part with "
+                "--item (item=)"
+            )
+
+
+def _shown(name: str) -> str:
+    """A name for a message: cut to 200 characters, lone surrogates and control characters escaped."""
+    return ascii(name[:200]) if not name.isprintable() or not name.isascii() else repr(name[:200])
+
+
+def _shown_path(path: Sequence[str]) -> str:
+    return "[" + ", ".join(_shown(p) for p in path) + "]"
+
+
+def _check_safetensors_names(arrays: Sequence[_Array]) -> None:
+    for a in arrays:
+        problem = tensor_name_problem(a.name)
+        if problem is not None:
+            raise InvalidNameError(
+                f"{_shown(a.name)}: cannot be a .safetensors tensor name (it {problem}); rename the key in the "
+                "saved state, or export to .pt"
+            )
+
+
+def npz_member(name: str) -> str:
+    """The ``.npz`` member name of array ``name`` (``name + ".npy"``), refusing (:class:`InvalidNameError`)
+    one that could land outside the folder an unzip tool extracts it to, or that zip cannot encode."""
+    escapes = "so unzipping it could write outside the destination folder"
+    problem = None
+    parts = name.split("/")
+    if name.startswith("/"):
+        problem = f"is an absolute path, {escapes}"
+    elif "\\" in name or "\x00" in name:
+        problem = f"holds a backslash or NUL, {escapes}"
+    elif any(p in ("", ".", "..") for p in parts):
+        problem = f"has an empty, '.' or '..' path component, {escapes}"
+    elif len(parts[0]) >= 2 and parts[0][1] == ":":
+        problem = f"starts with a drive letter, {escapes}"
+    else:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            problem = "holds a lone surrogate, which zip cannot encode"
+    if problem is not None:
+        raise InvalidNameError(
+            f"{_shown(name)}: cannot be an .npz member name (it {problem}); rename the key in the saved "
+            "state, or export to .safetensors or .pt"
+        )
+    return name + ".npy"
+
+
 def _write_safetensors(path: str, arrays: list[_Array], torch_style: bool) -> list[str]:
+    _check_safetensors_names(arrays)
     for a in arrays:
         if a.leaf.logical is not None:
             raise ConfigError(f"{a.name}: dtype {a.leaf.logical} has no safetensors type; export to .npz or .pt")
@@ -330,15 +402,16 @@ def _numpy_array(a: _Array) -> tuple[np.ndarray, bool]:
 
 
 def _write_npz(path: str, arrays: list[_Array]) -> list[str]:
+    members = [npz_member(a.name) for a in arrays]  # all checked before the file is begun
     converted = []
     with open(path, "wb") as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for a in arrays:
+        for a, member_name in zip(arrays, members):
             arr, widened = _numpy_array(a)
             if widened:
                 converted.append(f"{a.name}: {dtype_name(a.code, a.leaf.logical)} -> float32")
             if arr.dtype.hasobject:
                 raise ConfigError(f"{a.name}: object arrays cannot be exported")
-            with zf.open(a.name + ".npy", "w", force_zip64=True) as member:
+            with zf.open(member_name, "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, np.array(arr, order="C", copy=None), allow_pickle=False)
     return converted
 
@@ -383,7 +456,10 @@ def _write_keras(path: str, arrays: list[_Array], model: Any) -> list[str]:
     weights: dict[str, np.ndarray] = {}
     for a in arrays:
         arr, _ = _numpy_array(a)
-        weights["/".join(a.leaf.path) or a.name] = arr
+        name = "/".join(a.leaf.path) or a.name
+        if name in weights:
+            raise InvalidNameError(f"{_shown(name)}: two tensors of the checkpoint have this Keras variable path")
+        weights[name] = arr
     KerasState(model, include_optimizer=False, include_rng=False).load_state_dict(
         {"format": STATE_FORMAT, "model": weights}, strict=True
     )
@@ -439,6 +515,7 @@ def export_checkpoint(
             raise InvalidManifestError(f"{label}.{'.'.join(leaf.path)}: array {leaf.key!r} is not in {entry.file}")
         export_name = ".".join(leaf.path) if leaf.path else label
         arrays.append(_Array(export_name, leaf, info.code, info.shape, reader.raw(leaf.key)))
+    check_unique_names(arrays)
     torch_style = all(a.leaf.node.get("$") == "tensor" for a in arrays)
 
     converted: list[str] = []

@@ -26,6 +26,7 @@ import json
 import mmap
 import os
 import struct
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple, Protocol
@@ -33,7 +34,7 @@ from typing import BinaryIO, NamedTuple, Protocol
 import numpy as np
 
 from .dtypes import ITEMSIZE, numpy_dtype
-from .errors import InvalidTensorFileError, TruncatedFileError
+from .errors import InvalidNameError, InvalidTensorFileError, TruncatedFileError
 from .hashing import hash_buffer, new_write_hasher
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024
@@ -49,6 +50,9 @@ MAX_DIM = 2**62
 """Bound on every dimension and on the byte size of the non-zero dimensions' product (NumPy and torch
 refuse larger arrays, even empty ones, with errors of their own)."""
 MAX_NAME_CHARS = 4096
+"""Longest tensor name the reader accepts (the encoder writes at most ``tree.MAX_KEY_CHARS``)."""
+RESERVED_NAME = "__metadata__"
+"""The header key safetensors reserves for string metadata: never a tensor name."""
 ALIGNMENT = 64
 """The data section starts at a multiple of this (the header is padded with spaces, as safetensors allows);
 it is the alignment of torch's CPU allocations."""
@@ -112,9 +116,12 @@ def build_header(tensors: Sequence[TensorData], metadata: dict[str, str] | None 
     """The 8-byte length prefix plus the padded JSON header for ``tensors`` in the given order."""
     header: dict[str, object] = {}
     if metadata:
-        header["__metadata__"] = dict(metadata)
+        header[RESERVED_NAME] = dict(metadata)
     offset = 0
     for t in tensors:
+        check_tensor_name(t.name)
+        if t.name in header:
+            raise InvalidNameError(f"two tensors are named {t.name[:200]!r}: a tensor file holds one per name")
         end = offset + len(t.data)
         header[t.name] = {"dtype": t.code, "shape": list(t.shape), "data_offsets": [offset, end]}
         offset = end
@@ -129,6 +136,30 @@ def build_header(tensors: Sequence[TensorData], metadata: dict[str, str] | None 
     pad = (-(8 + len(raw))) % ALIGNMENT
     raw += b" " * pad
     return struct.pack("<Q", len(raw)) + raw
+
+
+def check_tensor_name(name: str) -> None:
+    """Refuse (:class:`InvalidNameError`) a name no reader would accept (see :func:`tensor_name_problem`)."""
+    problem = tensor_name_problem(name)
+    if problem is not None:
+        shown = name[:200].encode("utf-8", "backslashreplace").decode("utf-8")
+        raise InvalidNameError(f"tensor name {shown!r} {problem}")
+
+
+def tensor_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a tensor name (it is ``__metadata__``, longer than :data:`MAX_NAME_CHARS`,
+    or not encodable as UTF-8: a lone surrogate), or None if it can."""
+    problem = None
+    if name == RESERVED_NAME:
+        problem = "is reserved for the file's metadata"
+    elif len(name) > MAX_NAME_CHARS:
+        problem = f"has {len(name)} characters, over the {MAX_NAME_CHARS} that readers accept"
+    elif not name.isascii():
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            problem = "holds a lone surrogate, which UTF-8 (and so the file header) cannot encode"
+    return problem
 
 
 def write_tensor_file(
@@ -203,7 +234,7 @@ def parse_header(prefix_and_header: bytes, file_size: int, where: str) -> tuple[
     data_len = file_size - data_start
     infos: list[TensorInfo] = []
     for name, entry in header.items():
-        if name == "__metadata__":
+        if name == RESERVED_NAME:
             if not isinstance(entry, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in entry.items()
             ):
@@ -300,6 +331,51 @@ def _check_entry(name: str, entry: object, where: str) -> TensorInfo:
         if nonzero * ITEMSIZE[code] > MAX_DIM:
             raise _fail(where, f"empty tensor {name!r} has a shape too large for any array: {str(shape)[:100]}")
     return TensorInfo(name=name, code=code, shape=tuple(shape), begin=begin, end=end)
+
+
+# Filesystems on which ``write()`` always allocates what it writes (zeros included), so a hole in a data
+# file means it was not written by savegame: ext2/3/4, XFS, tmpfs. Others (ZFS and btrfs with compression,
+# network filesystems) may store written zeros as holes, so a legitimate file can look sparse there.
+_DENSE_FILESYSTEMS = frozenset({0xEF53, 0x58465342, 0x01021994})
+_SPARSE_SLACK = 1 << 20  # allocation may trail the size by a partial block or two (inline data, tails)
+
+
+def check_allocated(fd: int, size: int, where: str) -> None:
+    """Refuse (:class:`TruncatedFileError`) a data file whose bytes are mostly not stored (a sparse file).
+
+    savegame writes every byte of its files, so on a filesystem where writes always allocate (see
+    ``_DENSE_FILESYSTEMS``) a file with far fewer allocated bytes than its size was made another way
+    (``truncate``): a few KiB on disk that a forged manifest describes as a 2 GiB tensor would otherwise
+    cost its full size in memory to hash and then to load. Elsewhere nothing is refused (a compressing
+    filesystem may store written zeros as holes). One ``fstat`` for every file; the filesystem is only
+    looked up for a file that is sparse.
+    """
+    allocated = getattr(os.fstat(fd), "st_blocks", None)
+    if allocated is None or allocated * 512 + _SPARSE_SLACK >= size or _filesystem_type(fd) not in _DENSE_FILESYSTEMS:
+        return
+    raise TruncatedFileError(
+        f"{where}: only {allocated * 512} of its {size} bytes are stored (a sparse file; savegame writes every "
+        "byte, so the file was not written by it): refusing to read holes as data"
+    )
+
+
+def _filesystem_type(fd: int) -> int | None:
+    """``f_type`` of ``fstatfs(fd)`` on Linux (None elsewhere or if it cannot be had)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        class _StatFs(ctypes.Structure):
+            _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 256)]
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        buf = _StatFs()
+        if libc.fstatfs(fd, ctypes.byref(buf)) != 0:
+            return None
+        return int(buf.f_type) & 0xFFFFFFFF
+    except (OSError, AttributeError):
+        return None
 
 
 class TensorFileReader:

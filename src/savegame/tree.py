@@ -45,16 +45,34 @@ import numpy as np
 from .copyqueue import CopyQueue
 from .dtypes import NUMPY_VIEW_TYPES, logical_numpy_dtype, numpy_code, numpy_dtype
 from .errors import InvalidManifestError, UnsupportedTypeError
-from .tensorfile import MAX_DIM, MAX_NDIM, TensorData
+from .tensorfile import MAX_DIM, MAX_NAME_CHARS, MAX_NDIM, RESERVED_NAME, TensorData
 
 MAX_DEPTH = 200
 MAX_NODES = 50_000_000
 MAX_STRING = 64 * 1024 * 1024
 MAX_INT_DIGITS = 4000
+MAX_KEY_CHARS = 1024
+"""Longest tensor file entry name the encoder writes (well under what readers accept, leaving room for the
+``#n`` suffix of duplicates and keeping headers small)."""
+assert MAX_KEY_CHARS + 32 <= MAX_NAME_CHARS
 _SAFE_INT = 2**53
 _BIG_INT = re.compile(r"-?[0-9]+")  # used with fullmatch: ASCII digits only, no "--5", "²" or newline
 
 Path = tuple[object, ...]
+
+
+def tensor_key(path: Path) -> str:
+    """The tensor file entry name for an array at ``path``: its dotted path, made safe for any reader.
+
+    Lone surrogates (which UTF-8 cannot encode) are written as ``\\udc80`` escapes, and a name longer
+    than :data:`MAX_KEY_CHARS` is cut to that length, so that every reader (ours with its
+    :data:`~savegame.tensorfile.MAX_NAME_CHARS` limit, ``safetensors`` itself) accepts the header.
+    Uniqueness is the caller's job (:meth:`Encoder.add_array`).
+    """
+    name = ".".join(str(p) for p in path) or "_"
+    if not name.isascii():
+        name = name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return name[:MAX_KEY_CHARS]
 
 
 def format_path(path: Path) -> str:
@@ -124,11 +142,17 @@ class Encoder:
         self, path: Path, code: str, shape: tuple[int, ...], data: memoryview, keepalive: object,
         identity: tuple[object, ...] | None = None,
     ) -> str:
-        """Register bytes to store under a fresh key derived from ``path``; return the key."""
-        base = ".".join(str(p) for p in path[self.key_skip :]) or "_"
+        """Register bytes to store under a fresh key derived from ``path``; return the key.
+
+        The key is only a reference from the skeleton to the tensor file (the skeleton keeps the real
+        keys), so it is made safe for the file rather than exact: see :func:`tensor_key`. Keys that
+        come out equal (``{"a.b": x, "a": {"b": y}}``, or two long keys with a common prefix) get a
+        ``#2``, ``#3``... suffix; ``__metadata__`` is reserved by the format, so it always does.
+        """
+        base = tensor_key(path[self.key_skip :])
         key = base
         n = 1
-        while key in self._names:
+        while key in self._names or key == RESERVED_NAME:
             n += 1
             key = f"{base}#{n}"
         self._names.add(key)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.nn.parameter import is_lazy
 
+from ..checks import check_device, check_optimizer_state, check_size, check_tensor_node
 from ..errors import InvalidManifestError, StateMismatchError, UnsupportedTypeError
 from ..tree import Encoder, Path, Where, format_path, valid_shape
 
@@ -202,15 +203,11 @@ def decode_tags() -> dict[str, Callable[[Any], object]]:
         return result
 
     def size(v: Any) -> torch.Size:
-        if not isinstance(v, list) or len(v) > 64 or not all(type(d) is int and 0 <= d < 2**63 for d in v):
-            raise InvalidManifestError(f"invalid torch.Size {str(v)[:100]}")
-        return torch.Size(v)
+        return torch.Size(check_size(v))
 
     def device(v: Any) -> torch.device:
-        if not isinstance(v, str) or len(v) > 64:
-            raise InvalidManifestError("invalid torch.device")
         try:
-            return torch.device(v)
+            return torch.device(check_device(v))
         except RuntimeError:
             raise InvalidManifestError(f"invalid torch.device {v!r}") from None
 
@@ -222,6 +219,7 @@ def tensor_from_bytes(
     map_location: MapLocation,
 ) -> torch.Tensor:
     """Build the tensor of a ``tensor`` node from its stored bytes (a uint8 view, not copied)."""
+    check_tensor_node(node, where)
     logical = node.get("dtype")
     same = _NUMPY_SAME.get(code) if logical is None else None
     if same is not None and raw.flags.writeable:
@@ -451,12 +449,18 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, state: object, *, where: str) -> None:
-    """Load an optimizer state dict, turning torch's ValueError into a :class:`StateMismatchError`."""
+    """Load an optimizer state dict, turning torch's errors into a :class:`StateMismatchError`.
+
+    A state whose ``state`` or ``param_groups`` has the wrong structure can only come from a forged or
+    damaged manifest: that is an :class:`InvalidManifestError` (see :func:`savegame.checks.check_optimizer_state`).
+    """
     if not isinstance(state, Mapping):
         raise StateMismatchError(f"{where}: checkpoint holds {type(state).__name__}, not an optimizer state")
+    if "state" in state or "param_groups" in state:
+        check_optimizer_state(state, where)
     try:
         optimizer.load_state_dict(dict(state))
-    except (ValueError, KeyError, RuntimeError) as exc:
+    except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as exc:
         raise StateMismatchError(f"{where}: optimizer state does not match this optimizer: {exc}") from None
 
 

@@ -46,6 +46,7 @@ from ..errors import (
     TruncatedFileError,
 )
 from ..processes import pid_alive
+from ..tensorfile import check_allocated
 from .base import MANIFEST, QUARANTINE_PREFIX, STAGING_PREFIX, TRASH_PREFIX, CheckpointRef
 
 _RENAME_EXCHANGE = 2
@@ -722,6 +723,7 @@ class LocalCheckpointReader:
                 return b""
             if size <= SMALL_FILE_BYTES:
                 return _read_aligned(fd, size, where)
+            check_allocated(fd, size, where)  # a sparse file is not mapped (its holes would cost memory)
             return mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
         finally:
             os.close(fd)
