@@ -25,13 +25,15 @@ How it works:
   filesystems) fall back to an exclusively created ``ROOT/.lock.held`` (``link(2)``, atomic on NFS
   too). A crashed holder cannot remove it, so a record naming a dead process of *this* host is
   detected as stale and removed; records of other hosts are reported, never broken.
+* Platforms without :mod:`fcntl` (Windows) use that same fallback for every lock (``mode == "link"``),
+  so ``import savegame`` and the Checkpointer work there. All writers of one directory must then be on
+  such a platform or such a filesystem: a ``flock`` holder and a ``link`` holder do not see each other.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -46,6 +48,11 @@ from typing import Any
 
 from .errors import LockedError, StorageError
 from .processes import pid_alive
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; every lock is an exclusive lock record (see the module docstring)
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["LOCK_FILE", "LockHolder", "ProcessShare", "WriterLock", "read_lock_holder"]
 
@@ -110,6 +117,8 @@ def _program() -> str:
 
 def _flock(fd: int, operation: int) -> None:
     """``fcntl.flock`` (a module-level function so tests can simulate filesystems without it)."""
+    if fcntl is None:
+        raise OSError(errno.ENOSYS, "flock is not available on this platform")
     fcntl.flock(fd, operation)
 
 
@@ -216,6 +225,8 @@ class WriterLock:
         self._token = uuid.uuid4().hex
         me = LockHolder(pid=os.getpid(), host=socket.gethostname(), program=_program(),
                         since=_utc_now(), token=self._token)  # fmt: skip
+        if fcntl is None:
+            return self._try_link(me)
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
                          | getattr(os, "O_NOFOLLOW", 0), 0o644)  # fmt: skip
