@@ -1,8 +1,8 @@
 """``savegame demo`` where scikit-learn is not installed: one line saying what to install, exit 1.
 
-The missing package is simulated for real: a ``sitecustomize`` on ``PYTHONPATH`` puts an import hook
-first on ``sys.meta_path`` that refuses ``sklearn``, in the demo's process and in any process it would
-start, exactly as an environment without scikit-learn behaves.
+The missing package is simulated for real: a ``sitecustomize`` on ``PYTHONPATH`` makes the path finder
+report ``sklearn`` as not found, in the demo's process and in any process it would start, exactly as
+an environment without scikit-learn behaves.
 """
 
 from __future__ import annotations
@@ -19,17 +19,18 @@ pytestmark = pytest.mark.subprocess
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 BLOCKER = """\
-import sys
+from importlib.machinery import PathFinder
+
+_find_spec = PathFinder.find_spec.__func__
 
 
-class NoSklearn:
-    def find_spec(self, name, path=None, target=None):
-        if name == "sklearn" or name.startswith("sklearn."):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
+def find_spec(cls, name, path=None, target=None):
+    if name.split(".")[0] == "sklearn":
+        return None  # not found, as where it is not installed
+    return _find_spec(cls, name, path, target)
 
 
-sys.meta_path.insert(0, NoSklearn())
+PathFinder.find_spec = classmethod(find_spec)
 """
 
 
