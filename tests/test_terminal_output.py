@@ -24,6 +24,7 @@ import torch
 
 from savegame import manifest as M
 from savegame.checkpointer import Checkpointer
+from savegame.lock import LockHolder
 from savegame.safetext import escape_controls
 
 pytestmark = pytest.mark.subprocess
@@ -213,3 +214,13 @@ def test_quarantine_symlink_out_of_the_root_is_not_followed(tmp_path: Path) -> N
     verify = run("verify", root)
     assert verify.returncode == 0 and b"quarantine" not in verify.stdout, verify
     assert (root / ".quarantine-evil").is_symlink()  # nothing was changed either
+
+
+def test_lock_record_fields_are_escaped() -> None:
+    """The lock file names its holder; anyone can write it, and LockedError and the stale-lock warning
+    (logged, outside the CLI too) quote it."""
+    record = {"pid": 1, "host": f"node{CLEAR}", "program": f"train{TITLE}.py", "since": f"now{CSI8}", "token": "t"}
+    holder = LockHolder.from_json(json.dumps(record).encode())
+    assert holder is not None
+    assert not _BAD.findall(holder.describe()), holder.describe()
+    assert escape_controls(f"node{CLEAR}") in holder.describe()

@@ -48,6 +48,7 @@ from typing import Any
 
 from .errors import LockedError, StorageError
 from .processes import pid_alive
+from .safetext import escape_controls
 
 try:
     import fcntl
@@ -107,7 +108,9 @@ class LockHolder:
         if type(pid) is not int or not isinstance(host, str):
             return None
         program, since, token = record.get("program", "?"), record.get("since", "?"), record.get("token", "")
-        return cls(pid=pid, host=host[:255], program=str(program)[:200], since=str(since)[:40], token=str(token)[:64])
+        # Anyone can write the file: what is shown in messages and logs has its control characters escaped.
+        return cls(pid=pid, host=escape_controls(host[:255]), program=escape_controls(str(program)[:200]),
+                   since=escape_controls(str(since)[:40]), token=str(token)[:64])  # fmt: skip
 
 
 def _program() -> str:
