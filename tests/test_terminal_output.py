@@ -224,3 +224,17 @@ def test_lock_record_fields_are_escaped() -> None:
     assert holder is not None
     assert not _BAD.findall(holder.describe()), holder.describe()
     assert escape_controls(f"node{CLEAR}") in holder.describe()
+
+
+def test_gc_shows_hostile_leftover_names_escaped(tmp_path: Path, hostile_root: Path) -> None:
+    import shutil
+
+    root = tmp_path / "run"
+    shutil.copytree(hostile_root, root, symlinks=True)
+    (root / f".trash-del-evil{EVIL}-1234abcd").mkdir()
+    shutil.copytree(_folder(root, "third"), root / f".quarantine-q{EVIL}-20200101T000000-abcdef")
+    result = run("gc", root, "--dry-run", "--older-than", "0", "--color", "always")
+    assert result.returncode == 0, result
+    out = assert_terminal_safe(result.stdout, color=True)
+    assert_terminal_safe(result.stderr, color=True)
+    assert escape_controls(f".trash-del-evil{EVIL}") in out and escape_controls(f".quarantine-q{EVIL}") in out, out
