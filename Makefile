@@ -1,22 +1,32 @@
-# Two entry points: `make demo` and `make test`. Both create .venv on first use.
+# Two entry points: `make demo` and `make test`. Both create .venv on first use. `make demo` installs
+# only what the demo needs (torch and scikit-learn); `make test` installs everything on top of that
+# (TensorFlow, JAX, moto, the dev tools...). Each set has its stamp, named after the checksum of
+# pyproject.toml and this Makefile, so editing either reinstalls; the full set's stamp implies the demo's.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
+CHECKSUM := $(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
+DEMO_STAMP := $(VENV)/.demo-installed-$(CHECKSUM)
+STAMP := $(VENV)/.installed-$(CHECKSUM)
 KERAS_BACKENDS := torch tensorflow jax
 
 .PHONY: demo test lint typecheck unit keras-tests bench crashtest clean
 
-$(STAMP): pyproject.toml Makefile
+$(DEMO_STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[torch,keras,s3,plot,dev]' tensorflow-cpu jax 'moto[server]'
+	$(BIN)/python -m pip install -q -e '.[demo]'
+	rm -f $(VENV)/.demo-installed-*
+	touch $(DEMO_STAMP)
+
+$(STAMP): $(DEMO_STAMP)
+	$(BIN)/python -m pip install -q -e '.[demo,torch,keras,s3,plot,dev]' tensorflow-cpu jax 'moto[server]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/savegame demo
 
 test: $(STAMP) lint typecheck unit keras-tests

@@ -83,12 +83,81 @@ def test_lock_of_a_sigkilled_holder_is_free_and_reported_stale(tmp_path: Path, h
     assert WriterLock(tmp_path).acquire().previous is None  # nothing stale after a clean release
 
 
-def test_forked_children_do_not_keep_the_lock(tmp_path: Path, holders: list[Holder]) -> None:
-    """A DataLoader-style child forked by the holder survives it, but the lock dies with the holder."""
-    holder = Holder(tmp_path, fork=True)
-    holders.append(holder)
-    holder.kill()  # the forked child keeps running in the same session
+FORKING_HOLDER = """\
+import os, sys, time
+from savegame.errors import LockedError
+from savegame.lock import WriterLock
+
+root = sys.argv[1]
+lock = WriterLock(root).acquire()
+inherited = lock._fd
+parent = os.getpid()
+print("parent: locked", flush=True)
+if os.fork() == 0:  # a DataLoader-style worker
+    def say(line):
+        os.write(1, (line + "\\n").encode())  # one write: lines never interleave with the parent's
+    try:
+        os.fstat(inherited)
+        say("child: inherited descriptor still open")
+    except OSError:
+        say("child: inherited descriptor closed")
+    say(f"child: lock.held={lock.held} mode={lock.mode}")
+    try:
+        WriterLock(root).acquire()
+        say("child: took the lock while the parent holds it")
+    except LockedError as exc:
+        say(f"child: LockedError names parent={f'pid {parent} ' in str(exc)}")
+    say("child: ready")
+    deadline = time.monotonic() + 30
+    while os.getppid() == parent and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        own = WriterLock(root, timeout=5).acquire()
+    except LockedError:
+        say("child: still locked after the parent died")
+        os._exit(1)
+    say(f"child: acquired after the parent died, previous={own.previous.pid if own.previous else None}")
+    own.release()
+    say("child: exit 0")
+    os._exit(0)
+time.sleep(60)
+"""
+
+
+def test_forked_children_do_not_keep_the_lock(tmp_path: Path) -> None:
+    """A DataLoader-style child forked by the holder: its copy of the lock is closed at fork, so it is
+    locked out while the holder runs, survives the holder's SIGKILL, and can then take the lock itself
+    (it could not if its inherited descriptor still shared the flock)."""
+    proc = subprocess.Popen([sys.executable, "-c", FORKING_HOLDER, str(tmp_path)], stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        lines: list[str] = []
+        while "child: ready" not in lines:
+            line = proc.stdout.readline()
+            assert line, f"the holder or its child ended early: {lines}"
+            lines.append(line.strip())
+        proc.kill()  # SIGKILL the holder: the forked child keeps running, reparented
+        proc.wait()
+        rest = proc.stdout.read()  # until the child exits and closes the pipe
+        lines += [line.strip() for line in rest.splitlines()]
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    child = [line for line in lines if line.startswith("child:")]
+    assert child == [
+        "child: inherited descriptor closed",
+        "child: lock.held=False mode=None",
+        "child: LockedError names parent=True",
+        "child: ready",
+        f"child: acquired after the parent died, previous={proc.pid}",
+        "child: exit 0",
+    ], lines
+    assert lines[0] == "parent: locked"
     lock = WriterLock(tmp_path, timeout=5).acquire()
+    assert lock.previous is None  # the child released cleanly
     lock.release()
 
 

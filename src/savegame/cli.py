@@ -10,7 +10,9 @@ parser and turns errors into one line and an exit status:
 * 2: usage error (bad options, or a path that does not exist or is not what the command expects).
 
 Colour only on a terminal and never with ``NO_COLOR`` set; progress bars only on a terminal. Errors are
-one line, ``savegame: error: ...``; ``--debug`` adds the traceback.
+one line, ``savegame: error: ...``; ``--debug`` adds the traceback. Names, keys, metrics and versions come
+from files anyone could have written: every line printed shows their control characters as escapes
+(:func:`savegame.cli_common.terminal_text`); ``--json`` output is pure ASCII JSON.
 """
 
 from __future__ import annotations
@@ -23,7 +25,18 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TextIO
 
-from .cli_common import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, CLIError, ColorChoice, Context, UsageError, style_for
+from .cli_common import (
+    EXIT_OK,
+    EXIT_PROBLEM,
+    EXIT_USAGE,
+    CLIError,
+    ColorChoice,
+    Context,
+    UsageError,
+    shown,
+    style_for,
+    terminal_text,
+)
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -45,7 +58,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors (``savegame: error: ... (see 'savegame ls --help')``)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"savegame: error: {message} (see '{self.prog} --help')\n")
+        self.exit(EXIT_USAGE, f"savegame: error: {shown(message)} (see '{shown(self.prog)} --help')\n")
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -312,7 +325,7 @@ def _message(exc: BaseException) -> str:
         text = f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}"
     else:
         text = f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)"
-    return " ".join(text.split()) or type(exc).__name__
+    return shown(" ".join(text.split()) or type(exc).__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -356,8 +369,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ValueError):
             pass
         if debug:
-            traceback.print_exc()
-        print(f"savegame: {ctx.err_style.paint('error', 'red', 'bold')}: {_message(exc)}", file=sys.stderr)
+            print(terminal_text(traceback.format_exc(), color=False), end="", file=sys.stderr)
+        line = f"savegame: {ctx.err_style.paint('error', 'red', 'bold')}: {_message(exc)}"
+        print(terminal_text(line, color=ctx.err_style.color), file=sys.stderr)
         return _exit_code(exc)
     finally:
         logger.removeHandler(handler)
@@ -376,7 +390,8 @@ class _LogHandler(logging.Handler):
             if record.levelno >= logging.WARNING:
                 self.ctx.warn(record.getMessage())
             else:
-                print(f"savegame: {record.levelname.lower()}: {record.getMessage()}", file=self.ctx.err)
+                line = f"savegame: {record.levelname.lower()}: {shown(record.getMessage())}"
+                print(terminal_text(line, color=False), file=self.ctx.err)
         except Exception:  # pragma: no cover - never let logging break the command
             self.handleError(record)
 

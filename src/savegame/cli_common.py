@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TextIO
 
+from .safetext import escape_controls
 from .storage.base import MANIFEST
 
 __all__ = [
@@ -36,7 +37,9 @@ __all__ = [
     "local_path",
     "parse_duration",
     "render_table",
+    "shown",
     "style_for",
+    "terminal_text",
 ]
 
 ColorChoice = Literal["auto", "always", "never"]
@@ -83,6 +86,34 @@ class Style:
         """A checkpoint status coloured by meaning (ok green, corrupt red, ...)."""
         colour = {"ok": ("green",), "corrupt": ("red", "bold"), "unverified": ("dim",), "quarantined": ("magenta",)}
         return self.paint(status, *colour.get(status.strip(), ()))
+
+
+_OUR_CODE = "(?:" + "|".join(sorted({"0", *_CODES.values()}, key=len, reverse=True)) + ")"
+_OUR_SGR = re.compile(rf"\x1b\[{_OUR_CODE}(?:;{_OUR_CODE})*m")
+"""The colour sequences :meth:`Style.paint` writes (and no other escape sequence)."""
+
+
+def terminal_text(text: str, *, color: bool) -> str:
+    """A line (or lines) about to be printed, with every control character escaped (see
+    :mod:`savegame.safetext`) except newlines and, when ``color`` is on, the colour codes of
+    :class:`Style`. Every line the command line prints passes through here: the net under the
+    escaping of each untrusted field (:func:`shown`)."""
+    if not color:
+        return escape_controls(text, keep_newlines=True)
+    out: list[str] = []
+    pos = 0
+    for match in _OUR_SGR.finditer(text):
+        out.append(escape_controls(text[pos : match.start()], keep_newlines=True))
+        out.append(match.group())
+        pos = match.end()
+    out.append(escape_controls(text[pos:], keep_newlines=True))
+    return "".join(out)
+
+
+def shown(value: object) -> str:
+    """One untrusted field (a name, key, path, metric, version, error message) as text for one line:
+    control characters, newlines included, shown as escapes."""
+    return escape_controls(value if isinstance(value, str) else str(value))
 
 
 def style_for(stream: TextIO, choice: ColorChoice) -> Style:
@@ -140,7 +171,7 @@ def format_value(value: object, limit: int = 100) -> str:
         text = f"[{head}, ... ({len(value)} items)]"
     else:
         text = repr(value)
-    text = text.replace("\n", " ")
+    text = escape_controls(text.replace("\n", " "))
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -159,8 +190,10 @@ Cell = str | tuple[str, Callable[[str], str]]
 
 def render_table(header: Sequence[str], rows: Sequence[Sequence[Cell]], *, right: Sequence[int] = (),
                  style: Style = Style()) -> str:  # fmt: skip
-    """Columns padded to their widest cell; ``right``: indexes of right-aligned columns."""
-    texts = [[c if isinstance(c, str) else c[0] for c in row] for row in rows]
+    """Columns padded to their widest cell; ``right``: indexes of right-aligned columns. Header and cell
+    texts are shown with their control characters escaped (:func:`shown`)."""
+    header = [shown(h) for h in header]
+    texts = [[shown(c if isinstance(c, str) else c[0]) for c in row] for row in rows]
     widths = [len(h) for h in header]
     for row_texts in texts:
         for i, text in enumerate(row_texts):
@@ -241,14 +274,15 @@ def local_path(arg: str) -> str:
 
 
 def display_path(path: str) -> str:
-    """A path for people: relative to the current directory when it is inside it (URLs unchanged)."""
+    """A path for people: relative to the current directory when it is inside it (URLs unchanged),
+    control characters escaped (:func:`shown`)."""
     if _URL.match(path) or not os.path.isabs(path):
-        return path
+        return shown(path)
     try:
         relative = os.path.relpath(path)
     except ValueError:
-        return path
-    return path if relative.startswith("..") else relative
+        return shown(path)
+    return shown(path if relative.startswith("..") else relative)
 
 
 def is_checkpoint_dir(path: str) -> bool:
@@ -258,7 +292,10 @@ def is_checkpoint_dir(path: str) -> bool:
 
 @dataclass
 class Context:
-    """Where a subcommand writes: ``out`` (results) and ``err`` (notes, progress), each with its style."""
+    """Where a subcommand writes: ``out`` (results) and ``err`` (notes, progress), each with its style.
+
+    Every line goes through :func:`terminal_text`: a control character in it is printed as an escape,
+    whatever field it came from."""
 
     out: TextIO
     err: TextIO
@@ -269,12 +306,12 @@ class Context:
 
     def print(self, text: str = "") -> None:
         """A line of results on ``out``."""
-        print(text, file=self.out)
+        print(terminal_text(text, color=self.style.color), file=self.out)
 
     def note(self, text: str) -> None:
         """A one-line note on ``err`` (``savegame: note``), after what is already on ``out``."""
         self.out.flush()
-        print(f"savegame: {text}", file=self.err)
+        print(terminal_text(f"savegame: {text}", color=self.err_style.color), file=self.err)
 
     def warn(self, text: str) -> None:
         """A one-line warning on ``err`` (each distinct text once: the library both logs and warns)."""
@@ -282,7 +319,8 @@ class Context:
             return
         self._warned.add(text)
         self.out.flush()
-        print(f"savegame: {self.err_style.paint('warning', 'yellow')}: {text}", file=self.err)
+        line = f"savegame: {self.err_style.paint('warning', 'yellow')}: {shown(text)}"
+        print(terminal_text(line, color=self.err_style.color), file=self.err)
 
     def progress(self, label: str, total: int) -> Any:
         """A progress bar on ``err``, drawn only on a terminal (or with ``SAVEGAME_PROGRESS=1``)."""

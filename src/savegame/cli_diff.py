@@ -26,6 +26,7 @@ from .cli_common import (
     format_value,
     print_json,
     render_table,
+    shown,
 )
 from .cli_scan import resolve_checkpoint
 from .errors import CheckpointError
@@ -214,32 +215,33 @@ def cmd_diff(args: argparse.Namespace, ctx: Context) -> int:
     ctx.print(st.paint(f"--- a: {display_path(path_a)}", "red"))
     ctx.print(st.paint(f"+++ b: {display_path(path_b)}", "green"))
     for entry in result["progress"]:
-        ctx.print(f"progress  {entry['name']}: {entry['a']} -> {entry['b']}")
+        ctx.print(f"progress  {entry['name']}: {shown(entry['a'])} -> {shown(entry['b'])}")
     for entry in result["metrics"]:
         a, b = entry["a"], entry["b"]
         delta = ""
         if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
             delta = f"  ({b - a:+.4g})"
-        ctx.print(f"metric    {entry['name']}: {_fmt(a)} -> {_fmt(b)}{delta}")
+        ctx.print(f"metric    {shown(entry['name'])}: {_fmt(a)} -> {_fmt(b)}{delta}")
     for entry in result["metadata"]:
-        ctx.print(f"metadata  {entry['path']}: {_fmt(entry['a'])} -> {_fmt(entry['b'])}")
+        ctx.print(f"metadata  {shown(entry['path'])}: {_fmt(entry['a'])} -> {_fmt(entry['b'])}")
     for entry in result["versions"]:
-        ctx.print(st.paint(f"version   {entry['name']}: {entry['a']} -> {entry['b']} (not a difference)", "dim"))
+        change = f"{shown(entry['name'])}: {shown(entry['a'])} -> {shown(entry['b'])}"
+        ctx.print(st.paint(f"version   {change} (not a difference)", "dim"))
     for item in result["items"]["added"]:
-        ctx.print(st.paint(f"+ item {item}", "green"))
+        ctx.print(st.paint(f"+ item {shown(item)}", "green"))
     for item in result["items"]["removed"]:
-        ctx.print(st.paint(f"- item {item}", "red"))
+        ctx.print(st.paint(f"- item {shown(item)}", "red"))
     for entry in result["removed"]:
-        ctx.print(st.paint(f"- {entry['path']} ({entry['kind']})", "red"))
+        ctx.print(st.paint(f"- {shown(entry['path'])} ({entry['kind']})", "red"))
     for entry in result["added"]:
-        ctx.print(st.paint(f"+ {entry['path']} ({entry['kind']})", "green"))
+        ctx.print(st.paint(f"+ {shown(entry['path'])} ({entry['kind']})", "green"))
     for entry in result["retyped"]:
         a, b = entry["a"], entry["b"]
         if isinstance(a, dict) and isinstance(b, dict):
             what = f"{a['dtype']} {a['shape']} -> {b['dtype']} {b['shape']}"
         else:
             what = f"{a} -> {b}"
-        ctx.print(st.paint(f"! {entry['path']}: {what}", "yellow"))
+        ctx.print(st.paint(f"! {shown(entry['path'])}: {shown(what)}", "yellow"))
     if result["changed"]:
         rows: list[list[Cell]] = []
         for entry in result["changed"]:
@@ -249,7 +251,7 @@ def cmd_diff(args: argparse.Namespace, ctx: Context) -> int:
                          *numbers])  # fmt: skip
         ctx.print(render_table(["", "tensor", "dtype", "shape", "max abs", "rel"], rows, right=[4, 5], style=st))
     for entry in result["values"]:
-        ctx.print(f"{st.paint('~', 'yellow')} {entry['path']}: {_fmt(entry['a'])} -> {_fmt(entry['b'])}")
+        ctx.print(f"{st.paint('~', 'yellow')} {shown(entry['path'])}: {_fmt(entry['a'])} -> {_fmt(entry['b'])}")
     changed = len(result["changed"])
     summary = (f"{changed} tensor{'s' if changed != 1 else ''} changed, {result['unchanged_tensors']} unchanged, "
                f"{len(result['added'])} keys added, {len(result['removed'])} removed, "

@@ -23,6 +23,7 @@ from .cli_common import (
     local_path,
     parse_duration,
     print_json,
+    shown,
 )
 from .cli_scan import Entry, Root, doomed_by_retention, scan_root
 from .errors import CheckpointError
@@ -40,7 +41,7 @@ def _describe(entry: Entry, monitor: str | None) -> str:
     if entry.step is not None:
         parts.append(f"step {entry.step}")
     if monitor is not None and monitor in entry.metrics:
-        parts.append(f"{monitor}={format_metric(entry.metrics[monitor])}")
+        parts.append(f"{shown(monitor)}={format_metric(entry.metrics[monitor])}")
     return ", ".join(parts)
 
 
@@ -92,16 +93,16 @@ def cmd_prune(args: argparse.Namespace, ctx: Context) -> int:
         return EXIT_OK
     st = ctx.style
     verb = "would delete" if args.dry_run else "deleted"
-    width = max((len(e.name) for e in scan.readable), default=0)
+    width = max((len(shown(e.name)) for e in scan.readable), default=0)
     for e in scan.readable:
         describe = _describe(e, scan.monitor)
         if e.name in names:
-            ctx.print(f"{st.paint(verb.ljust(12), 'red')}  {e.name.ljust(width)}  {describe}".rstrip())
+            ctx.print(f"{st.paint(verb.ljust(12), 'red')}  {shown(e.name).ljust(width)}  {describe}".rstrip())
             continue
         reasons = [r for r, on in (("best", e.is_best), ("latest", e.is_latest), ("pinned", e.pinned),
                                    ("not written by a Checkpointer", not e.ours)) if on]  # fmt: skip
         note = f"  [{', '.join(reasons)}]" if reasons else ""
-        ctx.print(f"{'keep'.ljust(12)}  {e.name.ljust(width)}  {describe}{note}".rstrip())
+        ctx.print(f"{'keep'.ljust(12)}  {shown(e.name).ljust(width)}  {describe}{note}".rstrip())
     if args.dry_run:
         ctx.print(f"dry run: would delete {len(doomed)} of {len(scan.readable)} checkpoints "
                   f"({human_size(sum(e.size for e in doomed))}); nothing was deleted")  # fmt: skip
@@ -187,23 +188,23 @@ def cmd_gc(args: argparse.Namespace, ctx: Context) -> int:
         with WriterLock(root):
             plan = gc_plan(root, older_than=older_than)
             done = _gc_apply(root, plan, LocalStorage(root, create=False).cleanup())
-    shown = plan if args.dry_run else done
+    steps = plan if args.dry_run else done
     if args.json:
         print_json({"root": root, "dry_run": bool(args.dry_run), "older_than_seconds": older_than,
-                    "actions": shown}, ctx.out)  # fmt: skip
+                    "actions": steps}, ctx.out)  # fmt: skip
         return EXIT_OK
-    for step in shown:
+    for step in steps:
         if args.dry_run:
             action = f"would {step['action']}"
         else:
             action = step["action"].replace("remove", "removed", 1).replace("restore", "restored", 1)
-        ctx.print(f"{action:<16}  {step['name']}  ({step['reason']})")
-    if not shown:
-        ctx.print(f"nothing to clean in {root}")
+        ctx.print(f"{shown(action):<16}  {shown(step['name'])}  ({shown(step['reason'])})")
+    if not steps:
+        ctx.print(f"nothing to clean in {shown(root)}")
     elif args.dry_run:
-        ctx.print(f"dry run: {len(shown)} to clean; nothing was removed")
+        ctx.print(f"dry run: {len(steps)} to clean; nothing was removed")
     else:
-        ctx.print(f"cleaned {len(shown)} in {root}")
+        ctx.print(f"cleaned {len(steps)} in {shown(root)}")
     return EXIT_OK
 
 
@@ -241,8 +242,9 @@ def _gc_remote(args: argparse.Namespace, ctx: Context) -> int:
             for n in removed]}, ctx.out)  # fmt: skip
         return EXIT_OK
     for name in removed:
-        ctx.print(f"{'removed':<16}  {name}  (interrupted upload or delete)")
-    ctx.print(f"cleaned {len(removed)} in {root.location}" if removed else f"nothing to clean in {root.location}")
+        ctx.print(f"{'removed':<16}  {shown(name)}  (interrupted upload or delete)")
+    where = shown(root.location)
+    ctx.print(f"cleaned {len(removed)} in {where}" if removed else f"nothing to clean in {where}")
     if root.storage.quarantined():
         ctx.note("quarantined checkpoints of remote roots are not removed by gc; delete them with your storage tools")
     return EXIT_OK

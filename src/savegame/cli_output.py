@@ -6,7 +6,7 @@ import argparse
 import os
 
 from . import api
-from .cli_common import EXIT_OK, Context, UsageError, display_path, human_size, local_path, print_json
+from .cli_common import EXIT_OK, Context, UsageError, display_path, human_size, local_path, print_json, shown
 from .cli_scan import resolve_checkpoint
 from .errors import ConfigError
 from .export import export_checkpoint, format_for, load_keras_model, select_item
@@ -51,10 +51,10 @@ def cmd_export(args: argparse.Namespace, ctx: Context) -> int:
     ctx.print(f"wrote {display_path(result.path)} ({result.format}): {result.tensors} tensors of item {result.item!r}, "
               f"{human_size(result.bytes)}")  # fmt: skip
     if result.skipped:
-        shown = ", ".join(result.skipped[:8]) + (" ..." if len(result.skipped) > 8 else "")
-        ctx.note(f"left out {len(result.skipped)} values that are not tensors: {shown}")
+        names = ", ".join(shown(s) for s in result.skipped[:8]) + (" ..." if len(result.skipped) > 8 else "")
+        ctx.note(f"left out {len(result.skipped)} values that are not tensors: {names}")
     for line in result.converted:
-        ctx.note(f"converted {line} (NumPy has no such dtype)")
+        ctx.note(f"converted {shown(line)} (NumPy has no such dtype)")
     return EXIT_OK
 
 
@@ -70,13 +70,13 @@ def cmd_plot(args: argparse.Namespace, ctx: Context) -> int:
         return EXIT_OK
     parts = [f"{summary.count('saved')} saved"]
     if summary.best:
-        parts.append(f"best {summary.best}")
+        parts.append(f"best {shown(summary.best)}")
     if summary.count("deleted"):
         parts.append(f"{summary.count('deleted')} deleted (earlier bests)")
     if summary.count("quarantined"):
         parts.append(f"{summary.count('quarantined')} quarantined")
     if summary.deleted_unknown:
         parts.append(f"{summary.deleted_unknown} deleted without recorded values (not shown)")
-    what = f"{summary.metric} ({summary.mode}) over {summary.axis}"
+    what = f"{shown(summary.metric)} ({summary.mode}) over {summary.axis}"
     ctx.print(f"wrote {display_path(summary.path)}: {what}; {', '.join(parts)}")
     return EXIT_OK

@@ -23,6 +23,7 @@ from .cli_common import (
     jsonable,
     print_json,
     render_table,
+    shown,
 )
 from .cli_scan import Entry, classify, entry_summary, resolve_checkpoint, scan_root, verify_checkpoint
 from .errors import CheckpointError
@@ -79,18 +80,18 @@ def cmd_ls(args: argparse.Namespace, ctx: Context) -> int:
             "leftovers": scan.leftovers,
         }, ctx.out)  # fmt: skip
         return EXIT_PROBLEM if corrupt else EXIT_OK
-    shown = scan.entries + scan.quarantined
-    if not shown:
-        ctx.print(f"no checkpoints in {scan.root}")
+    listed = scan.entries + scan.quarantined
+    if not listed:
+        ctx.print(f"no checkpoints in {shown(scan.root)}")
         if scan.leftovers:
-            ctx.print(f"{len(scan.leftovers)} staging/trash leftovers (remove with 'savegame gc {scan.root}')")
+            ctx.print(f"{len(scan.leftovers)} staging/trash leftovers (remove with 'savegame gc {shown(scan.root)}')")
         return EXIT_OK
-    metrics, hidden = _metric_names(shown, scan.monitor, args.metrics)
+    metrics, hidden = _metric_names(listed, scan.monitor, args.metrics)
     st = ctx.style
     now = time.time()
     header = ["name", "epoch", "step", *metrics, "mark", "size", "age", "status"]
     rows: list[list[Cell]] = []
-    for e in shown:
+    for e in listed:
         marks = " ".join(m for m, on in (("best", e.is_best), ("latest", e.is_latest), ("pinned", e.pinned)) if on)
         created = e.created
         rows.append([
@@ -108,7 +109,7 @@ def cmd_ls(args: argparse.Namespace, ctx: Context) -> int:
     summary = [f"{len(scan.entries)} checkpoint{'s' if len(scan.entries) != 1 else ''}, "
                f"{human_size(sum(e.size for e in scan.entries))}"]  # fmt: skip
     if scan.best is not None and scan.monitor is not None:
-        summary.append(f"best by {scan.monitor} ({scan.mode}): {scan.best.name}")
+        summary.append(f"best by {shown(scan.monitor)} ({scan.mode}): {shown(scan.best.name)}")
     elif scan.monitor is None:
         summary.append("no monitored metric recorded (use --monitor to rank)")
     if scan.quarantined:
@@ -225,7 +226,7 @@ def cmd_inspect(args: argparse.Namespace, ctx: Context) -> int:
     ]  # fmt: skip
     width = max(len(k) for k, _ in head)
     for key, value in head:
-        ctx.print(f"{st.paint(key.ljust(width), 'bold')}  {value}")
+        ctx.print(f"{st.paint(key.ljust(width), 'bold')}  {shown(value)}")
     ctx.print()
     ctx.print(st.paint("items", "bold", "cyan"))
     item_rows: list[list[Cell]] = [
@@ -245,7 +246,7 @@ def cmd_inspect(args: argparse.Namespace, ctx: Context) -> int:
         ctx.print()
         ctx.print(st.paint("values (not tensors)", "bold", "cyan"))
         for v in info["values"]:
-            ctx.print(f"  {v['path']} = {format_value(v['value'])}")
+            ctx.print(f"  {shown(v['path'])} = {format_value(v['value'])}")
     return EXIT_OK
 
 
@@ -292,22 +293,23 @@ def cmd_verify(args: argparse.Namespace, ctx: Context) -> int:
         }, ctx.out)  # fmt: skip
     else:
         st = ctx.style
-        width = max((len(e.name) for e in targets), default=0)
+        width = max((len(shown(e.name)) for e in targets), default=0)
         for e in targets:
             if e.status == "ok":
                 detail = f"{e.files} files, {human_size(e.size)}"
-                ctx.print(f"{st.paint('ok     ', 'green')}  {e.name.ljust(width)}  {detail}")
+                ctx.print(f"{st.paint('ok     ', 'green')}  {shown(e.name).ljust(width)}  {detail}")
             else:
-                ctx.print(f"{st.paint('CORRUPT', 'red', 'bold')}  {e.name.ljust(width)}  {e.problem}")
+                ctx.print(f"{st.paint('CORRUPT', 'red', 'bold')}  {shown(e.name).ljust(width)}  {shown(e.problem)}")
         if quarantined:
-            ctx.print(f"{len(quarantined)} quarantined checkpoint(s) not verified: {', '.join(quarantined)}")
+            names = ", ".join(shown(q) for q in quarantined)
+            ctx.print(f"{len(quarantined)} quarantined checkpoint(s) not verified: {names}")
         if targets:
             ctx.print(f"{len(targets)} checkpoint{'s' if len(targets) != 1 else ''} verified: "
                       f"{len(targets) - len(corrupt)} ok, {len(corrupt)} corrupt")  # fmt: skip
     if not targets:
-        ctx.note(f"error: no checkpoints to verify in {path}")
+        ctx.note(f"error: no checkpoints to verify in {shown(path)}")
         return EXIT_PROBLEM
     if corrupt:
-        ctx.note(f"error: corrupt: {', '.join(e.name for e in corrupt)}")
+        ctx.note(f"error: corrupt: {', '.join(shown(e.name) for e in corrupt)}")
         return EXIT_PROBLEM
     return EXIT_OK

@@ -260,7 +260,8 @@ def _committed_names(root: str) -> tuple[list[str], list[str], list[str]]:
     committed, quarantined, leftovers = [], [], []
     for e in os.scandir(root):
         if e.name.startswith(QUARANTINE_PREFIX):
-            quarantined.append(e.name)
+            if e.is_dir(follow_symlinks=False):  # a symlink could point out of the root: never followed
+                quarantined.append(e.name)
         elif e.name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
             leftovers.append(e.name)
         elif not e.name.startswith(".") and e.is_dir(follow_symlinks=False):

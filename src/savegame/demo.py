@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import os
 import random
 import shutil
@@ -36,6 +37,9 @@ if TYPE_CHECKING:  # torch is imported when training starts, so ``--help`` and t
     from torch import nn
 
 __all__ = ["main", "parameter_hash", "train"]
+
+REQUIREMENTS = (("torch", "torch"), ("sklearn", "scikit-learn"))
+"""(module, pip package) the demo needs beyond savegame itself: ``pip install 'savegame[demo]'``."""
 
 BATCH_SIZE = 32
 SAVE_EVERY_STEPS = 16
@@ -232,6 +236,20 @@ def format_table(records: Sequence[CheckpointRecord]) -> str:
     return "\n".join(lines)
 
 
+def missing_requirements() -> list[str]:
+    """The pip names of the :data:`REQUIREMENTS` that cannot be imported here (found without importing
+    them, so the parent stays light: the training children import them)."""
+    missing = []
+    for module, package in REQUIREMENTS:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # an import hook refusing it; a module set to None
+            found = False
+        if not found:
+            missing.append(package)
+    return missing
+
+
 def run_demo(directory: str, *, epochs: int, seed: int, kill_at_step: int) -> int:
     """The whole demo (see the module docstring); returns the exit status."""
     started = time.monotonic()
@@ -314,6 +332,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     kill_at = args.kill_at_step if args.kill_at_step is not None else middle
     if not 0 < kill_at < args.epochs * steps_per_epoch:
         parser.error(f"--kill-at-step must be between 1 and {args.epochs * steps_per_epoch - 1}")
+    missing = missing_requirements()
+    if missing:
+        print(f"savegame demo: needs {' and '.join(missing)}, not installed here: pip install 'savegame[demo]' "
+              "(or run 'make demo' in the savegame repository)", file=sys.stderr)  # fmt: skip
+        return 1
     return run_demo(args.dir, epochs=args.epochs, seed=args.seed, kill_at_step=kill_at)
 
 

@@ -10,6 +10,8 @@ Some subclasses also derive from the matching built-in exception (``TypeError``,
 
 from __future__ import annotations
 
+from .safetext import escape_controls
+
 __all__ = [
     "BackgroundSaveError",
     "CheckpointError",
@@ -33,7 +35,15 @@ __all__ = [
 
 
 class CheckpointError(Exception):
-    """Base class of every error savegame raises on purpose."""
+    """Base class of every error savegame raises on purpose.
+
+    Messages quote names from checkpoints (folders, keys, metrics) that anyone could have written, so
+    ``str()`` shows their control characters as escapes (:func:`savegame.safetext.escape_controls`):
+    printing an error, or its traceback, cannot move the cursor or retitle the terminal.
+    """
+
+    def __str__(self) -> str:
+        return escape_controls(super().__str__(), keep_newlines=True)
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):

@@ -25,13 +25,15 @@ How it works:
   filesystems) fall back to an exclusively created ``ROOT/.lock.held`` (``link(2)``, atomic on NFS
   too). A crashed holder cannot remove it, so a record naming a dead process of *this* host is
   detected as stale and removed; records of other hosts are reported, never broken.
+* Platforms without :mod:`fcntl` (Windows) use that same fallback for every lock (``mode == "link"``),
+  so ``import savegame`` and the Checkpointer work there. All writers of one directory must then be on
+  such a platform or such a filesystem: a ``flock`` holder and a ``link`` holder do not see each other.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -46,6 +48,12 @@ from typing import Any
 
 from .errors import LockedError, StorageError
 from .processes import pid_alive
+from .safetext import escape_controls
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; every lock is an exclusive lock record (see the module docstring)
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["LOCK_FILE", "LockHolder", "ProcessShare", "WriterLock", "read_lock_holder"]
 
@@ -100,7 +108,9 @@ class LockHolder:
         if type(pid) is not int or not isinstance(host, str):
             return None
         program, since, token = record.get("program", "?"), record.get("since", "?"), record.get("token", "")
-        return cls(pid=pid, host=host[:255], program=str(program)[:200], since=str(since)[:40], token=str(token)[:64])
+        # Anyone can write the file: what is shown in messages and logs has its control characters escaped.
+        return cls(pid=pid, host=escape_controls(host[:255]), program=escape_controls(str(program)[:200]),
+                   since=escape_controls(str(since)[:40]), token=str(token)[:64])  # fmt: skip
 
 
 def _program() -> str:
@@ -110,6 +120,8 @@ def _program() -> str:
 
 def _flock(fd: int, operation: int) -> None:
     """``fcntl.flock`` (a module-level function so tests can simulate filesystems without it)."""
+    if fcntl is None:
+        raise OSError(errno.ENOSYS, "flock is not available on this platform")
     fcntl.flock(fd, operation)
 
 
@@ -216,6 +228,8 @@ class WriterLock:
         self._token = uuid.uuid4().hex
         me = LockHolder(pid=os.getpid(), host=socket.gethostname(), program=_program(),
                         since=_utc_now(), token=self._token)  # fmt: skip
+        if fcntl is None:
+            return self._try_link(me)
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
                          | getattr(os, "O_NOFOLLOW", 0), 0o644)  # fmt: skip

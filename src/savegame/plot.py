@@ -24,6 +24,7 @@ from typing import Literal
 from .cli_scan import Entry, scan_root
 from .errors import ConfigError
 from .export import write_atomic
+from .safetext import escape_controls
 
 __all__ = ["PlotSummary", "Point", "collect_history", "plot_history"]
 
@@ -153,11 +154,11 @@ def plot_history(
     best = next((p for p in points if p.is_best), None)
     if best is not None:
         ax.scatter([best.position(chosen) or 0], [best.value], marker="*", s=320, color="gold", edgecolors="black",
-                   linewidths=0.8, zorder=4, label=f"best: {best.name} ({best.value:.5g})")  # fmt: skip
+                   linewidths=0.8, zorder=4, label=f"best: {_plain(best.name)} ({best.value:.5g})")  # fmt: skip
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(chosen)
-    ax.set_ylabel(metric)
-    ax.set_title(title or f"{metric} ({direction}) in {root.rstrip('/').rpartition('/')[2] or root}")
+    ax.set_ylabel(_plain(metric))
+    ax.set_title(title or _plain(f"{metric} ({direction}) in {root.rstrip('/').rpartition('/')[2] or root}"))
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     notes = []
@@ -170,6 +171,12 @@ def plot_history(
     fig.tight_layout(rect=(0, 0.04 if notes else 0, 1, 1))
     write_atomic(dest, lambda path: fig.savefig(path, format=_format_of(dest)))
     return PlotSummary(dest, metric, direction, chosen, tuple(points), best.name if best else None, unknown)
+
+
+def _plain(text: str) -> str:
+    """Untrusted text (metric and checkpoint names) for the figure: control characters escaped, and
+    ``$`` escaped so that matplotlib does not parse it as mathtext (a stray ``$`` would fail the plot)."""
+    return escape_controls(text).replace("$", r"\$")
 
 
 def _format_of(path: str) -> str:

@@ -59,8 +59,11 @@ Action = Literal["exit", "reraise", "continue"]
 SaveCallback = Callable[[int], object]
 """``save(signum)``: writes the checkpoint; its return value is ignored."""
 
-DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
-_UNCATCHABLE = {signal.SIGKILL, signal.SIGSTOP}
+# SIGUSR1, SIGKILL and SIGSTOP do not exist on Windows: only the signals this platform has.
+DEFAULT_SIGNALS: tuple[signal.Signals, ...] = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)
+)
+_UNCATCHABLE: set[signal.Signals] = {getattr(signal, name) for name in ("SIGKILL", "SIGSTOP") if hasattr(signal, name)}
 
 
 class PreemptionError(CheckpointError, RuntimeError):
