@@ -104,14 +104,34 @@ def test_at_most_one_save_in_flight(tmp_path: Path) -> None:
     assert LocalStorage(tmp_path).committed() == ["a", "b"]
 
 
-def test_background_error_is_raised_by_result_and_by_the_next_call(tmp_path: Path) -> None:
+def test_background_error_delivered_by_result_is_not_raised_again(tmp_path: Path) -> None:
+    """An error the caller already got from ``result()`` does not poison the next, unrelated save."""
     writer = BackgroundWriter()
-    storage = LocalStorage(tmp_path, ops=FullDisk())
-    pending = save_in_background(writer, storage, "c", {"x": np.ones(10)}, metadata=None, progress=None,
-                                 overwrite=False)
+    pending = save_in_background(writer, LocalStorage(tmp_path, ops=FullDisk()), "c", {"x": np.ones(10)},
+                                 metadata=None, progress=None, overwrite=False)
     with pytest.raises(BackgroundSaveError, match="No space left"):
         pending.result(timeout=10)
-    # Not consumed through the writer yet: the next save raises it before taking a snapshot.
+    with pytest.raises(BackgroundSaveError, match="No space left"):
+        pending.result(timeout=10)  # the handle keeps saying what happened
+    nxt = save_in_background(writer, LocalStorage(tmp_path), "d", {"x": np.ones(10)}, metadata=None,
+                             progress=None, overwrite=False)
+    assert isinstance(nxt.result(timeout=10), savegame.Manifest)
+    writer.close()  # nothing left to report
+    assert LocalStorage(tmp_path).committed() == ["d"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # the failed save's staging was removed
+    with pytest.raises(BackgroundSaveError, match="closed"):
+        save_in_background(writer, LocalStorage(tmp_path), "e", {"x": np.ones(10)}, metadata=None,
+                           progress=None, overwrite=False)
+
+
+def test_background_error_nobody_collected_is_raised_by_the_next_call_once(tmp_path: Path) -> None:
+    writer = BackgroundWriter()
+    pending = save_in_background(writer, LocalStorage(tmp_path, ops=FullDisk()), "c", {"x": np.ones(10)},
+                                 metadata=None, progress=None, overwrite=False)
+    while not pending.done():
+        time.sleep(0.01)
+    # Never collected through the handle: the next save raises it before taking a snapshot (and is not
+    # written), exactly once.
     with pytest.raises(BackgroundSaveError, match="No space left"):
         save_in_background(writer, LocalStorage(tmp_path), "d", {"x": np.ones(10)}, metadata=None,
                            progress=None, overwrite=False)
@@ -119,9 +139,6 @@ def test_background_error_is_raised_by_result_and_by_the_next_call(tmp_path: Pat
     assert LocalStorage(tmp_path).committed() == []
     assert list(tmp_path.iterdir()) == []  # staging removed
     writer.close()
-    with pytest.raises(BackgroundSaveError, match="closed"):
-        save_in_background(writer, LocalStorage(tmp_path), "e", {"x": np.ones(10)}, metadata=None,
-                           progress=None, overwrite=False)
 
 
 def test_close_raises_unreported_error(tmp_path: Path) -> None:

@@ -1229,15 +1229,16 @@ class Checkpointer:
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is None:
             return []
+        seen = in_flight.handle.delivered  # the caller already got the error from the handle
         try:
             manifest = in_flight.handle.result()
         except BackgroundSaveError:
-            if self._writer is not None:
-                self._writer.report_consumed(in_flight.handle)
             self._refresh()
             newest = self._newest()
             self._last_saved = newest.progress() if newest is not None else None
             self._saved_here = False
+            if seen:
+                return []
             raise
         self._committed(in_flight.name, manifest)
         return self._retain()
@@ -1504,16 +1505,24 @@ class Checkpointer:
     # Lifetime
 
     def close(self) -> None:
-        """Wait for a background save in flight (raising its error), then stop accepting saves."""
+        """Wait for a background save in flight (raising its error), then stop accepting saves.
+
+        The save in flight is finished even when ``close`` runs after an exception or a Ctrl-C, or is
+        itself interrupted (then its writer waits again; at interpreter exit at the latest, see
+        :mod:`savegame.background`); the mirror, the signal handlers and the lock are released however
+        the wait ended.
+        """
         if self._closed:
             return
         self._closed = True
         try:
             self._settle()
         finally:
-            if self._writer is not None:
-                self._writer.close()
-            self._release()
+            try:
+                if self._writer is not None:
+                    self._writer.close()
+            finally:
+                self._release()
 
     def _release(self) -> None:
         """Finish the mirror's uploads, restore the signal handlers, give the writer lock back."""
