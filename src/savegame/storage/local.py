@@ -519,18 +519,25 @@ class LocalStorage:
         """A handle on checkpoint ``name`` for ``savegame.load/verify/read_manifest``."""
         return CheckpointRef(self, check_checkpoint_name(name))
 
+    def check_target(self, name: str, *, overwrite: bool) -> None:
+        """Raise now what saving ``name`` would raise at its commit because of what is at ``ROOT/NAME``:
+        :class:`OccupiedPathError` (not a checkpoint) or :class:`CommitError` (a checkpoint, and not
+        ``overwrite``). Changes nothing."""
+        path = self.path(name)
+        try:
+            check_save_target(path, overwrite=overwrite)
+        except OSError as exc:
+            if isinstance(exc, StorageError):
+                raise
+            raise _io_error(exc, f"cannot inspect {path}") from exc
+
     def begin(self, name: str, *, overwrite: bool = False) -> LocalTransaction:
         """Start writing checkpoint ``name`` into a staging directory (see the module docstring).
 
         Refuses at once (:class:`OccupiedPathError`), before anything is written, when ``ROOT/NAME`` holds
         something a checkpoint must not replace; the commit checks again.
         """
-        try:
-            check_save_target(self.path(name), overwrite=True)
-        except OSError as exc:
-            if isinstance(exc, StorageError):
-                raise
-            raise _io_error(exc, f"cannot inspect {self.path(name)}") from exc
+        self.check_target(name, overwrite=True)  # an existing checkpoint without overwrite: at the commit
         staging = os.path.join(
             self.root, f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         )

@@ -430,10 +430,10 @@ class RemoteStorage:
     def begin(self, name: str, *, overwrite: bool = False) -> RemoteTransaction:
         """Start uploading checkpoint ``name`` (see the module docstring for the protocol)."""
         check_checkpoint_name(name)
-        self._check_target(name, overwrite=overwrite)
+        self.check_target(name, overwrite=overwrite)
         return RemoteTransaction(self, name, overwrite=overwrite)
 
-    def _check_target(self, name: str, *, overwrite: bool) -> None:
+    def check_target(self, name: str, *, overwrite: bool) -> None:
         """Refuse to save over anything at ``ROOT/NAME`` but a committed savegame checkpoint (that one only
         with ``overwrite``): an object named NAME, objects under ``NAME/`` outside savegame's version
         folders, a ``NAME/manifest.json`` another program wrote (:class:`OccupiedPathError`). Nothing is
