@@ -8,7 +8,10 @@ The commit protocol, step by step (each step's failure leaves older checkpoints 
 3. write ``manifest.json`` and ``fsync`` it (overlapping the data files' fsyncs still running: nothing in
    a staging directory is ever read), wait until every file is durable, then ``fsync`` the staging
    directory;
-4. publish: ``rename(staging, ROOT/NAME)``. If NAME exists and overwriting was asked for, the two
+4. publish: ``rename(staging, ROOT/NAME)`` (which replaces at most an empty directory). Only a savegame
+   checkpoint is ever replaced: anything else at NAME (a file, a symlink, a non-empty directory without
+   a savegame manifest) raises :class:`OccupiedPathError` and is left untouched (checked by ``begin``,
+   again here, and once more on what a swap took out). If NAME exists and overwriting was asked for, the two
    directories are swapped atomically (``renameat2(RENAME_EXCHANGE)``) and the old one removed after;
    where the kernel or filesystem lacks that, the old one is first renamed to ``.trash-...`` (a crash
    in between leaves it there, complete, and :meth:`LocalStorage.cleanup` puts it back);

@@ -10,7 +10,9 @@ last: its manifest. Layout under a root ``s3://bucket/run``::
     run/NAME/VERSION/.staging           owner marker (host, pid, heartbeat) while the upload runs
     run/.quarantine-NAME-STAMP-RAND/    damaged checkpoints moved aside (copied, never listed or loaded)
 
-Writing (:meth:`RemoteStorage.begin`, :class:`RemoteTransaction`):
+Writing (:meth:`RemoteStorage.begin`, :class:`RemoteTransaction`; ``begin`` first refuses, with
+:class:`OccupiedPathError`, a NAME that is an object or holds objects that are not savegame's, see
+:meth:`RemoteStorage.check_target`):
 
 1. put ``NAME/VERSION/.staging`` (who is writing, refreshed while the upload runs);
 2. upload every data file into ``NAME/VERSION/`` (multipart, parts in parallel, bounded memory);
@@ -442,11 +444,11 @@ class RemoteStorage:
         url = self.url(name)
         top = self._key(name, MANIFEST)
         if self._exists(top):
+            if not starts_like_manifest(self._cat(top, 0, 256)):
+                raise self._occupied(url, f"a folder whose {MANIFEST} is not a savegame manifest")
             if not overwrite:
                 raise CommitError(errno.EEXIST, f"{url} already exists")
-            if starts_like_manifest(self._cat(top, 0, 256)):
-                return
-            raise self._occupied(url, f"an object {MANIFEST} that is not a savegame manifest")
+            return
         if self._exists(self._key(name)):
             raise self._occupied(url, "an object (a file)")
         objects = self._list(self._key(name))
