@@ -557,8 +557,10 @@ class Checkpointer:
     * ``background``: block training only while the state is copied to host memory and write it in a
       background thread (one save in flight; the next save, ``wait()``, ``restore`` and ``close()`` wait
       for it). A failed background save raises :class:`BackgroundSaveError` at the next of those calls
-      (or the next ``step``); retention for a background save runs once it is committed, at that call.
-      Call ``close()`` (or use ``with``) so the last save completes before the process exits.
+      (or the next ``step``), unless ``SaveResult.pending.result()`` already raised it; retention for a
+      background save runs once it is committed, at that call. Call ``close()`` (or use ``with``) so the
+      last save is integrated and retention applied; a save still in flight when the process ends is
+      finished at exit all the same (:mod:`savegame.background`).
     * ``restart``: what ``restore(state)`` (``which="latest"``) does: ``"auto"`` resumes from the newest
       valid checkpoint if there is one, ``"required"`` raises :class:`CheckpointNotFoundError` if there
       is none, ``"off"`` never resumes (returns None). Explicit ``which="best"``/names always load.
