@@ -46,11 +46,33 @@ def model_state() -> dict[str, object]:
     return {"model": model, "optimizer": opt, "epoch": 1}
 
 
-def test_background_save_returns_after_snapshot_and_ignores_later_changes(tmp_path: Path) -> None:
+def test_background_save_returns_after_snapshot_and_ignores_later_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deterministic: the writer thread cannot write a byte until the live tensors and arrays were
+    changed (``GatedOps``), and the snapshot's host copies run late on their worker (so a save that
+    returned before its copies finished would copy changed values): only a snapshot taken in full
+    before ``save`` returns, in memory of its own, is written as it was at the call."""
+    from savegame import copyqueue
+
+    copy_batch = copyqueue._run
+
+    def late_copies(batch: list[tuple[object, object]]) -> None:
+        time.sleep(0.2)
+        copy_batch(batch)
+
+    monkeypatch.setattr(copyqueue, "_run", late_copies)
     state = model_state()
     model = state["model"]
     assert isinstance(model, nn.Module)
+    arrays = {
+        "f": np.arange(1000, dtype=np.float32), "i": np.arange(24, dtype=np.int64).reshape(2, 3, 4),
+        "u8": np.frombuffer(bytes(range(200)), dtype=np.uint8).copy(),
+    }  # fmt: skip
+    assert all(a.flags.c_contiguous for a in arrays.values())
+    state["arrays"] = arrays
     expected = {k: v.clone() for k, v in model.state_dict().items()}
+    expected_arrays = {k: v.copy() for k, v in arrays.items()}
     ops = GatedOps()
     writer = BackgroundWriter()
     pending = save_in_background(writer, LocalStorage(tmp_path, ops=ops), "c", state,
@@ -61,12 +83,18 @@ def test_background_save_returns_after_snapshot_and_ignores_later_changes(tmp_pa
     with torch.no_grad():
         for p in model.parameters():
             p.add_(100.0)  # training goes on while the write is in flight
+    for a in arrays.values():
+        a += 7  # in place: the same memory
+    time.sleep(0.3)  # the copy worker's late batches would have run by now
+    assert not pending.done() and ops.writes <= 1  # the writer is still held before its first write
     ops.gate.set()
     manifest = pending.result(timeout=30)
     assert isinstance(manifest, savegame.Manifest)
-    loaded = savegame.load(tmp_path / "c")["model"]
+    loaded = savegame.load(tmp_path / "c")
     for k, v in expected.items():
-        assert torch.equal(loaded[k], v), k
+        assert torch.equal(loaded["model"][k], v), k
+    for k, v in expected_arrays.items():
+        assert np.array_equal(loaded["arrays"][k], v) and loaded["arrays"][k].dtype == v.dtype, k
     writer.close()
 
 
@@ -104,14 +132,34 @@ def test_at_most_one_save_in_flight(tmp_path: Path) -> None:
     assert LocalStorage(tmp_path).committed() == ["a", "b"]
 
 
-def test_background_error_is_raised_by_result_and_by_the_next_call(tmp_path: Path) -> None:
+def test_background_error_delivered_by_result_is_not_raised_again(tmp_path: Path) -> None:
+    """An error the caller already got from ``result()`` does not poison the next, unrelated save."""
     writer = BackgroundWriter()
-    storage = LocalStorage(tmp_path, ops=FullDisk())
-    pending = save_in_background(writer, storage, "c", {"x": np.ones(10)}, metadata=None, progress=None,
-                                 overwrite=False)
+    pending = save_in_background(writer, LocalStorage(tmp_path, ops=FullDisk()), "c", {"x": np.ones(10)},
+                                 metadata=None, progress=None, overwrite=False)
     with pytest.raises(BackgroundSaveError, match="No space left"):
         pending.result(timeout=10)
-    # Not consumed through the writer yet: the next save raises it before taking a snapshot.
+    with pytest.raises(BackgroundSaveError, match="No space left"):
+        pending.result(timeout=10)  # the handle keeps saying what happened
+    nxt = save_in_background(writer, LocalStorage(tmp_path), "d", {"x": np.ones(10)}, metadata=None,
+                             progress=None, overwrite=False)
+    assert isinstance(nxt.result(timeout=10), savegame.Manifest)
+    writer.close()  # nothing left to report
+    assert LocalStorage(tmp_path).committed() == ["d"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # the failed save's staging was removed
+    with pytest.raises(BackgroundSaveError, match="closed"):
+        save_in_background(writer, LocalStorage(tmp_path), "e", {"x": np.ones(10)}, metadata=None,
+                           progress=None, overwrite=False)
+
+
+def test_background_error_nobody_collected_is_raised_by_the_next_call_once(tmp_path: Path) -> None:
+    writer = BackgroundWriter()
+    pending = save_in_background(writer, LocalStorage(tmp_path, ops=FullDisk()), "c", {"x": np.ones(10)},
+                                 metadata=None, progress=None, overwrite=False)
+    while not pending.done():
+        time.sleep(0.01)
+    # Never collected through the handle: the next save raises it before taking a snapshot (and is not
+    # written), exactly once.
     with pytest.raises(BackgroundSaveError, match="No space left"):
         save_in_background(writer, LocalStorage(tmp_path), "d", {"x": np.ones(10)}, metadata=None,
                            progress=None, overwrite=False)
@@ -119,9 +167,6 @@ def test_background_error_is_raised_by_result_and_by_the_next_call(tmp_path: Pat
     assert LocalStorage(tmp_path).committed() == []
     assert list(tmp_path.iterdir()) == []  # staging removed
     writer.close()
-    with pytest.raises(BackgroundSaveError, match="closed"):
-        save_in_background(writer, LocalStorage(tmp_path), "e", {"x": np.ones(10)}, metadata=None,
-                           progress=None, overwrite=False)
 
 
 def test_close_raises_unreported_error(tmp_path: Path) -> None:

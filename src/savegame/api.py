@@ -33,7 +33,7 @@ from .gcpause import gc_paused
 from .hashing import hash_buffer, hash_in_background
 from .manifest import ItemEntry, Manifest, parse_manifest
 from .progress import ProgressBar
-from .storage import is_url, locate
+from .storage import LocalStorage, RemoteStorage, is_url, locate
 from .storage.base import MANIFEST, CheckpointReader, CheckpointRef
 from .storage.local import LocalCheckpointReader, open_local_checkpoint
 from .tensorfile import TensorFileReader, TensorInfo
@@ -69,13 +69,19 @@ def save(
     safetensors file; the rest lives in the manifest.
 
     ``metadata``: JSON-like data stored in the manifest (``read_manifest(path).metadata``).
-    ``progress``: JSON-like training progress (epoch, step, metrics...), used by the Checkpointer.
-    ``overwrite``: replace an existing checkpoint at ``path`` (atomically: the old one stays complete until
-    the new one is committed); with False an existing ``path`` raises :class:`CommitError`.
+    ``progress``: JSON-like training progress, a mapping (epoch, step, metrics...), used by the
+    Checkpointer; it is not a progress bar (that one shows on a terminal by itself for saves over 2 s;
+    ``SAVEGAME_PROGRESS=1`` forces it, ``=0`` turns it off).
+    ``overwrite``: replace an existing savegame checkpoint at ``path`` (atomically: the old one stays
+    complete until the new one is committed); with False an existing checkpoint raises :class:`CommitError`.
+    Anything else at ``path`` (a file, a symbolic link, a non-empty folder that is not a savegame
+    checkpoint) is never replaced: :class:`OccupiedPathError`, and it is left untouched. An empty folder
+    may be saved into.
     ``background``: return as soon as the state is copied to host memory and write it in a background
     thread; returns a :class:`~savegame.background.PendingSave` whose ``result()`` waits for the commit
     and returns the manifest (or raises :class:`BackgroundSaveError`). At most one background save is in
-    flight: the next one first waits for it.
+    flight: the next one first waits for it (and raises the error of a failed one nobody collected with
+    ``result()``). A save not waited for is finished at interpreter exit (or its failure printed on stderr).
     ``path`` may be an fsspec URL (``s3://bucket/run/NAME``; ``storage_options`` go to fsspec): the data
     is uploaded first and the manifest last as the commit marker (see :mod:`savegame.storage.remote`).
 
@@ -88,6 +94,8 @@ def save(
         from .background import default_writer
 
         storage, name = locate(path, storage_options=storage_options)
+        if isinstance(storage, (LocalStorage, RemoteStorage)):
+            storage.check_target(name, overwrite=overwrite)  # raised here, not only by the handle later
         return save_in_background(
             default_writer(), storage, name, state, metadata=metadata, progress=progress, overwrite=overwrite
         )

@@ -561,8 +561,10 @@ class Checkpointer:
     * ``background``: block training only while the state is copied to host memory and write it in a
       background thread (one save in flight; the next save, ``wait()``, ``restore`` and ``close()`` wait
       for it). A failed background save raises :class:`BackgroundSaveError` at the next of those calls
-      (or the next ``step``); retention for a background save runs once it is committed, at that call.
-      Call ``close()`` (or use ``with``) so the last save completes before the process exits.
+      (or the next ``step``), unless ``SaveResult.pending.result()`` already raised it; retention for a
+      background save runs once it is committed, at that call. Call ``close()`` (or use ``with``) so the
+      last save is integrated and retention applied; a save still in flight when the process ends is
+      finished at exit all the same (:mod:`savegame.background`).
     * ``restart``: what ``restore(state)`` (``which="latest"``) does: ``"auto"`` resumes from the newest
       valid checkpoint if there is one, ``"required"`` raises :class:`CheckpointNotFoundError` if there
       is none, ``"off"`` never resumes (returns None). Explicit ``which="best"``/names always load.
@@ -1247,15 +1249,16 @@ class Checkpointer:
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is None:
             return []
+        seen = in_flight.handle.delivered  # the caller already got the error from the handle
         try:
             manifest = in_flight.handle.result()
         except BackgroundSaveError:
-            if self._writer is not None:
-                self._writer.report_consumed(in_flight.handle)
             self._refresh()
             newest = self._newest()
             self._last_saved = newest.progress() if newest is not None else None
             self._saved_here = False
+            if seen:
+                return []
             raise
         self._committed(in_flight.name, manifest)
         return self._retain()
@@ -1520,16 +1523,24 @@ class Checkpointer:
     # Lifetime
 
     def close(self) -> None:
-        """Wait for a background save in flight (raising its error), then stop accepting saves."""
+        """Wait for a background save in flight (raising its error), then stop accepting saves.
+
+        The save in flight is finished even when ``close`` runs after an exception or a Ctrl-C, or is
+        itself interrupted (then its writer waits again; at interpreter exit at the latest, see
+        :mod:`savegame.background`); the mirror, the signal handlers and the lock are released however
+        the wait ended.
+        """
         if self._closed:
             return
         self._closed = True
         try:
             self._settle()
         finally:
-            if self._writer is not None:
-                self._writer.close()
-            self._release()
+            try:
+                if self._writer is not None:
+                    self._writer.close()
+            finally:
+                self._release()
 
     def _release(self) -> None:
         """Finish the mirror's uploads, restore the signal handlers, give the writer lock back."""

@@ -74,6 +74,7 @@ from .errors import (
     CorruptCheckpointError,
     InvalidManifestError,
     InvalidNameError,
+    OccupiedPathError,
     StateMismatchError,
     UnsupportedTypeError,
 )
@@ -461,7 +462,10 @@ def _begin(ctx: RankContext, storage: Storage, name: str, *, overwrite: bool) ->
         except BaseException as exc:
             if txn is not None:
                 txn.abort()
-            message = {"error": _describe(exc), "errno": getattr(exc, "errno", None)}
+            message = {
+                "error": _describe(exc), "errno": getattr(exc, "errno", None),
+                "occupied": isinstance(exc, OccupiedPathError),
+            }  # fmt: skip
             ctx.broadcast_json(message)
             raise
         ctx.broadcast_json(message)
@@ -469,7 +473,8 @@ def _begin(ctx: RankContext, storage: Storage, name: str, *, overwrite: bool) ->
     message = ctx.broadcast_json(None)
     if "error" in message:
         code = message.get("errno") or errno_mod.EIO
-        raise CommitError(code, f"rank 0 could not start saving {name}: {message['error']}")
+        kind = OccupiedPathError if message.get("occupied") else CommitError  # the same error on every rank
+        raise kind(code, f"rank 0 could not start saving {name}: {message['error']}")
     return None, str(message["token"])
 
 

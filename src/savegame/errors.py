@@ -26,6 +26,7 @@ __all__ = [
     "LockedError",
     "MissingFileError",
     "NotACheckpointError",
+    "OccupiedPathError",
     "StateMismatchError",
     "StorageError",
     "TruncatedFileError",
@@ -104,6 +105,12 @@ class StorageError(CheckpointError, OSError):
 
 class CommitError(StorageError):
     """Publishing a finished checkpoint failed; the staging data was removed, older checkpoints kept."""
+
+
+class OccupiedPathError(CommitError):
+    """A save's path holds something that is not a savegame checkpoint (a file, a symbolic link, a
+    non-empty folder without a savegame manifest): the save is refused and that path is left untouched.
+    ``overwrite=True`` replaces committed checkpoints only; an empty folder may be saved into."""
 
 
 class LockedError(CheckpointError):

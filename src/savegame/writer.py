@@ -23,7 +23,7 @@ from . import __version__, hashing
 from .background import BackgroundWriter, PendingSave, Snapshot
 from .capture import kind_of, live_object_hook
 from .copyqueue import CopyQueue
-from .errors import StorageError, UnsupportedTypeError
+from .errors import BackgroundSaveError, ConfigError, StorageError, UnsupportedTypeError
 from .gcpause import gc_paused
 from .manifest import FileEntry, ItemEntry, Manifest, dump_manifest, utc_now
 from .progress import ProgressBar
@@ -51,6 +51,16 @@ class EncodedItem:
         return sum(len(r.data.data) for r in self.records)
 
 
+_NOT_A_MAPPING = {
+    "progress": (
+        "progress= is where the run is, stored in the manifest (a mapping such as {{'epoch': 3, 'step': 1200, "
+        "'val_loss': 0.25}}), not a {value}; for a progress bar, set the environment variable SAVEGAME_PROGRESS=1 "
+        "(on a terminal one is shown by itself for saves that take more than 2 s)"
+    ),
+    "metadata": "metadata= must be a mapping of JSON-like data (such as {{'run': 'exp1'}}), not a {value}",
+}
+
+
 @dataclass(frozen=True)
 class EncodedExtras:
     """Metadata and progress, encoded (so later changes by the caller cannot alter them)."""
@@ -60,6 +70,9 @@ class EncodedExtras:
 
     @classmethod
     def encode(cls, metadata: Mapping[str, Any] | None, progress: Mapping[str, Any] | None) -> EncodedExtras:
+        for what, value in (("metadata", metadata), ("progress", progress)):
+            if value is not None and not isinstance(value, Mapping):
+                raise ConfigError(_NOT_A_MAPPING[what].format(value=type(value).__name__))
         return cls(
             metadata=encode_plain(dict(metadata or {}), "metadata"),
             progress=encode_plain(dict(progress), "progress") if progress is not None else None,
@@ -143,11 +156,14 @@ def library_versions() -> dict[str, str]:
 class _CountingSink:
     """Forwards writes to a storage sink and advances a progress display."""
 
-    def __init__(self, sink: Any, progress: ProgressBar) -> None:
+    def __init__(self, sink: Any, progress: ProgressBar, should_stop: Callable[[], bool] | None = None) -> None:
         self._sink = sink
         self._progress = progress
+        self._should_stop = should_stop
 
     def write(self, data: bytes | bytearray | memoryview) -> object:
+        if self._should_stop is not None and self._should_stop():
+            raise BackgroundSaveError(f"{self._progress.label}: aborted at interpreter exit (nothing was saved)")
         result = self._sink.write(data)
         self._progress.advance(len(data))
         return result
@@ -179,9 +195,12 @@ def _wait_all(futures: list[Future[None]]) -> None:
 
 def write_encoded(
     storage: Storage, name: str, items: list[EncodedItem], extras: EncodedExtras, *, overwrite: bool,
-    blocking_seconds: float | None = None,
+    blocking_seconds: float | None = None, should_stop: Callable[[], bool] | None = None,
 ) -> tuple[str, Manifest]:
     """Write encoded items as checkpoint ``name`` of ``storage``; commit; return its path and manifest.
+
+    ``should_stop``: checked before every write; when it says so the transaction is aborted (its staging
+    data removed) and :class:`BackgroundSaveError` raised (a background save stopped at interpreter exit).
 
     Each finished local file is fsynced on a worker thread while the next one is written and while the
     commit writes and fsyncs the manifest; the commit waits for all of them before it publishes. The returned
@@ -200,7 +219,7 @@ def write_encoded(
                     continue
                 sink = txn.open(item.file)
                 records = order_for_alignment([r.data for r in item.records])
-                written = write_tensor_file(_CountingSink(sink, progress), records)
+                written = write_tensor_file(_CountingSink(sink, progress, should_stop), records)
                 files[item.file] = FileEntry(bytes=written.bytes, hash=written.hash)
                 close = _early_close(sink)
                 if close is not None:
@@ -301,10 +320,11 @@ def save_in_background(
 
         def persist() -> Manifest:
             final, manifest = write_encoded(
-                storage, name, items, extras, overwrite=overwrite, blocking_seconds=blocking
+                storage, name, items, extras, overwrite=overwrite, blocking_seconds=blocking,
+                should_stop=writer.stop_requested,
             )
             if on_commit is not None:
                 on_commit(final, manifest)
             return manifest
 
-        return writer.submit(name, snapshot, persist, blocking_seconds=blocking)
+        return writer.submit(storage.path(name), snapshot, persist, blocking_seconds=blocking)

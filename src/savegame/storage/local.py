@@ -8,7 +8,10 @@ The commit protocol, step by step (each step's failure leaves older checkpoints 
 3. write ``manifest.json`` and ``fsync`` it (overlapping the data files' fsyncs still running: nothing in
    a staging directory is ever read), wait until every file is durable, then ``fsync`` the staging
    directory;
-4. publish: ``rename(staging, ROOT/NAME)``. If NAME exists and overwriting was asked for, the two
+4. publish: ``rename(staging, ROOT/NAME)`` (which replaces at most an empty directory). Only a savegame
+   checkpoint is ever replaced: anything else at NAME (a file, a symlink, a non-empty directory without
+   a savegame manifest) raises :class:`OccupiedPathError` and is left untouched (checked by ``begin``,
+   again here, and once more on what a swap took out). If NAME exists and overwriting was asked for, the two
    directories are swapped atomically (``renameat2(RENAME_EXCHANGE)``) and the old one removed after;
    where the kernel or filesystem lacks that, the old one is first renamed to ``.trash-...`` (a crash
    in between leaves it there, complete, and :meth:`LocalStorage.cleanup` puts it back);
@@ -25,6 +28,7 @@ import ctypes.util
 import errno
 import mmap
 import os
+import re
 import shutil
 import socket
 import stat
@@ -42,6 +46,7 @@ from ..errors import (
     InvalidManifestError,
     InvalidNameError,
     NotACheckpointError,
+    OccupiedPathError,
     StorageError,
     TruncatedFileError,
 )
@@ -126,6 +131,77 @@ def check_checkpoint_name(name: str) -> str:
             "and contain no '/', '\\' or NUL"
         )
     return name
+
+
+ABSENT = "absent"
+EMPTY_DIRECTORY = "empty directory"
+CHECKPOINT = "checkpoint"
+_SAVEGAME_MANIFEST = re.compile(rb'^\s*\{\s*"format"\s*:\s*"savegame"')
+"""How every manifest savegame writes begins (also a damaged one, whose tail no longer parses)."""
+
+
+def starts_like_manifest(head: bytes) -> bool:
+    """Whether ``head`` (the first bytes of a ``manifest.json``) is the start of a savegame manifest,
+    as opposed to another program's file of that common name."""
+    return _SAVEGAME_MANIFEST.match(head) is not None
+
+
+def occupant(path: str) -> str:
+    """What is at ``path``, as far as saving there goes: :data:`ABSENT`, :data:`EMPTY_DIRECTORY`,
+    :data:`CHECKPOINT` (a directory, not a link, whose ``manifest.json`` is a regular file that starts
+    like a savegame manifest), or a description of anything else ("a regular file", ...), which a save
+    must never replace."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return ABSENT
+    if stat.S_ISLNK(st.st_mode):
+        return "a symbolic link"
+    if stat.S_ISREG(st.st_mode):
+        return "a regular file"
+    if not stat.S_ISDIR(st.st_mode):
+        return "a special file"
+    with os.scandir(path) as entries:
+        if next(entries, None) is None:
+            return EMPTY_DIRECTORY
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(os.path.join(path, MANIFEST), flags)
+    except OSError:
+        return f"a non-empty directory without a savegame {MANIFEST}"
+    try:
+        head = os.read(fd, 256) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+    finally:
+        os.close(fd)
+    if starts_like_manifest(head):
+        return CHECKPOINT
+    return f"a non-empty directory whose {MANIFEST} is not a savegame manifest"
+
+
+def check_save_target(path: str, *, overwrite: bool) -> str:
+    """Refuse to save over anything at ``path`` but a committed checkpoint (and that one only with
+    ``overwrite``); return :func:`occupant`'s answer otherwise. Nothing is changed at ``path``.
+
+    Raises :class:`OccupiedPathError` for a file, a link or a non-empty directory that is not a
+    checkpoint, and :class:`CommitError` (EEXIST) for a checkpoint when ``overwrite`` is False.
+    """
+    kind = occupant(path)
+    if kind in (ABSENT, EMPTY_DIRECTORY):
+        return kind
+    if kind == CHECKPOINT:
+        if not overwrite:
+            raise CommitError(errno.EEXIST, f"{path} already exists")
+        return kind
+    raise occupied_error(path, kind)
+
+
+def occupied_error(path: str, kind: str) -> OccupiedPathError:
+    """The error for a save refused because ``path`` holds ``kind`` (see :func:`occupant`)."""
+    return OccupiedPathError(
+        errno.EEXIST,
+        f"{path} is {kind}, not a savegame checkpoint: nothing was saved and it was left untouched "
+        "(overwrite=True replaces savegame checkpoints only); save to another path, or move it away first",
+    )
 
 
 def _io_error(exc: OSError, what: str) -> StorageError:
@@ -243,6 +319,9 @@ class LocalTransaction:
                 sink.close()
             ops.fsync_dir(self.staging)
             old = self._publish(final)
+        except OccupiedPathError:
+            self.abort()
+            raise
         except OSError as exc:
             self.abort()
             raise CommitError(
@@ -264,23 +343,56 @@ class LocalTransaction:
         return final
 
     def _publish(self, final: str) -> str | None:
-        """Make the staging directory visible as ``final``; return where the overwritten version now is."""
+        """Make the staging directory visible as ``final``; return where the overwritten version now is.
+
+        Only nothing, an empty directory or (with ``overwrite``) a committed checkpoint is replaced
+        (:func:`check_save_target`). What was swapped out is checked again after the swap, so something
+        put there in between is swapped back, untouched, and refused.
+        """
         ops = self.storage.ops
-        if not os.path.lexists(final):
-            ops.rename(self.staging, final)  # fails (EEXIST/ENOTEMPTY) if someone else created it: no overwrite
+        if check_save_target(final, overwrite=self.overwrite) != CHECKPOINT:
+            # rename() replaces at most an empty directory: it fails (EEXIST/ENOTEMPTY) if anything
+            # appeared there meanwhile, and nothing is overwritten
+            ops.rename(self.staging, final)
             return None
-        if not self.overwrite:
-            raise CommitError(errno.EEXIST, f"{final} already exists")
         if ops.exchange(self.staging, final):
+            swapped = occupant(self.staging)
+            if swapped != CHECKPOINT:  # replaced between the check and the swap: put it back as it was
+                self._put_back(self.staging, final, swapped, exchange=True)
             return self.staging  # now holds the old checkpoint
         trash = os.path.join(self.storage.root, f"{TRASH_PREFIX}{self.name}-{uuid.uuid4().hex[:8]}")
         ops.rename(final, trash)
+        moved = occupant(trash)
+        if moved != CHECKPOINT:
+            self._put_back(trash, final, moved, exchange=False)
         try:
             ops.rename(self.staging, final)
         except BaseException:
             ops.rename(trash, final)
             raise
         return trash
+
+    def _put_back(self, moved: str, final: str, kind: str, *, exchange: bool) -> None:
+        """Undo a swap (or move aside) of ``final`` that found ``kind``, not a checkpoint, there; raise.
+
+        Should the undo fail, the transaction is marked done first so that no abort removes ``moved``
+        (it may hold what the user had at ``final``), and the error says where it is.
+        """
+        ops = self.storage.ops
+        try:
+            if exchange:
+                if not ops.exchange(moved, final):
+                    raise OSError(errno.ENOTSUP, "cannot exchange back")
+            else:
+                ops.rename(moved, final)
+        except OSError as exc:
+            self._done = True
+            raise CommitError(
+                exc.errno or errno.EIO,
+                f"saving {final}: {kind} appeared there during the commit and moving it back failed "
+                f"({exc.strerror or exc}); it is now at {moved}: move it back by hand",
+            ) from exc
+        raise occupied_error(final, kind)
 
     def _unpublish(self, final: str, old: str | None, exc: OSError | None) -> CommitError:
         """Undo :meth:`_publish` after the root fsync failed; return the error that says what is visible."""
@@ -411,8 +523,25 @@ class LocalStorage:
         """A handle on checkpoint ``name`` for ``savegame.load/verify/read_manifest``."""
         return CheckpointRef(self, check_checkpoint_name(name))
 
+    def check_target(self, name: str, *, overwrite: bool) -> None:
+        """Raise now what saving ``name`` would raise at its commit because of what is at ``ROOT/NAME``:
+        :class:`OccupiedPathError` (not a checkpoint) or :class:`CommitError` (a checkpoint, and not
+        ``overwrite``). Changes nothing."""
+        path = self.path(name)
+        try:
+            check_save_target(path, overwrite=overwrite)
+        except OSError as exc:
+            if isinstance(exc, StorageError):
+                raise
+            raise _io_error(exc, f"cannot inspect {path}") from exc
+
     def begin(self, name: str, *, overwrite: bool = False) -> LocalTransaction:
-        check_checkpoint_name(name)
+        """Start writing checkpoint ``name`` into a staging directory (see the module docstring).
+
+        Refuses at once (:class:`OccupiedPathError`), before anything is written, when ``ROOT/NAME`` holds
+        something a checkpoint must not replace; the commit checks again.
+        """
+        self.check_target(name, overwrite=True)  # an existing checkpoint without overwrite: at the commit
         staging = os.path.join(
             self.root, f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         )

@@ -10,7 +10,9 @@ last: its manifest. Layout under a root ``s3://bucket/run``::
     run/NAME/VERSION/.staging           owner marker (host, pid, heartbeat) while the upload runs
     run/.quarantine-NAME-STAMP-RAND/    damaged checkpoints moved aside (copied, never listed or loaded)
 
-Writing (:meth:`RemoteStorage.begin`, :class:`RemoteTransaction`):
+Writing (:meth:`RemoteStorage.begin`, :class:`RemoteTransaction`; ``begin`` first refuses, with
+:class:`OccupiedPathError`, a NAME that is an object or holds objects that are not savegame's, see
+:meth:`RemoteStorage.check_target`):
 
 1. put ``NAME/VERSION/.staging`` (who is writing, refreshed while the upload runs);
 2. upload every data file into ``NAME/VERSION/`` (multipart, parts in parallel, bounded memory);
@@ -82,12 +84,13 @@ from ..errors import (
     InvalidNameError,
     MissingFileError,
     NotACheckpointError,
+    OccupiedPathError,
     StorageError,
     TruncatedFileError,
 )
 from ..processes import pid_alive
 from .base import MANIFEST, QUARANTINE_PREFIX, CheckpointRef
-from .local import check_checkpoint_name
+from .local import check_checkpoint_name, starts_like_manifest
 
 log = logging.getLogger("savegame")
 
@@ -429,9 +432,41 @@ class RemoteStorage:
     def begin(self, name: str, *, overwrite: bool = False) -> RemoteTransaction:
         """Start uploading checkpoint ``name`` (see the module docstring for the protocol)."""
         check_checkpoint_name(name)
-        if not overwrite and self.exists(name):
-            raise CommitError(errno.EEXIST, f"{self.url(name)} already exists")
+        self.check_target(name, overwrite=overwrite)
         return RemoteTransaction(self, name, overwrite=overwrite)
+
+    def check_target(self, name: str, *, overwrite: bool) -> None:
+        """Refuse to save over anything at ``ROOT/NAME`` but a committed savegame checkpoint (that one only
+        with ``overwrite``): an object named NAME, objects under ``NAME/`` outside savegame's version
+        folders, a ``NAME/manifest.json`` another program wrote (:class:`OccupiedPathError`). Nothing is
+        written or deleted before this passes. An interrupted upload (version folders only) may be reused.
+        """
+        url = self.url(name)
+        top = self._key(name, MANIFEST)
+        if self._exists(top):
+            if not starts_like_manifest(self._cat(top, 0, 256)):
+                raise self._occupied(url, f"a folder whose {MANIFEST} is not a savegame manifest")
+            if not overwrite:
+                raise CommitError(errno.EEXIST, f"{url} already exists")
+            return
+        if self._exists(self._key(name)):
+            raise self._occupied(url, "an object (a file)")
+        objects = self._list(self._key(name))
+        ours = {p for files in self._versions(name, objects).values() for p in files.values()}
+        foreign = sorted(p for p in objects if p not in ours)
+        if foreign:
+            raise self._occupied(
+                url, f"a folder of {len(foreign)} object(s) that are not a savegame checkpoint (such as "
+                f"{self._where(foreign[0])})"
+            )  # fmt: skip
+
+    @staticmethod
+    def _occupied(url: str, kind: str) -> OccupiedPathError:
+        return OccupiedPathError(
+            errno.EEXIST,
+            f"{url} is {kind}: nothing was saved and it was left untouched (overwrite=True replaces savegame "
+            "checkpoints only); save to another name, or move it away first",
+        )
 
     def join(self, name: str, token: str, *, timeout: float = 60.0) -> RemoteJoinedTransaction:
         """Upload into the transaction another process began with ``begin(name)`` (``token`` = its
