@@ -1,4 +1,10 @@
-"""``savegame prune`` and ``savegame gc``: the commands that delete things (each with ``--dry-run``)."""
+"""``savegame prune`` and ``savegame gc``: the commands that delete things (each with ``--dry-run``).
+
+``prune`` applies ``--keep-last`` / ``--keep-best`` to each training run of the root separately (the
+run ids in the manifests; checkpoints older than run ids count as one run) and never deletes the
+newest checkpoint, a run's newest or best, nor any best the manifests record. A ``--monitor`` that no
+checkpoint recorded is an error (exit 2) and nothing is deleted.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ from .cli_common import (
     parse_duration,
     print_json,
 )
-from .cli_scan import Entry, Root, doomed_by_retention, scan_root
+from .cli_scan import Entry, Root, check_monitor_recorded, doomed_by_retention, scan_root
 from .errors import CheckpointError
 from .storage import is_url
 from .storage.base import QUARANTINE_PREFIX, STAGING_PREFIX, TRASH_PREFIX
@@ -55,6 +61,7 @@ def cmd_prune(args: argparse.Namespace, ctx: Context) -> int:
     root = scan.root
     if args.keep_best is not None and scan.monitor is None:
         raise UsageError("--keep-best needs --monitor METRIC (no monitored metric is recorded in the checkpoints)")
+    check_monitor_recorded(scan)  # a misspelt --monitor would rank nothing and let the real best go
     doomed = doomed_by_retention(scan, keep_last=args.keep_last, keep_best=args.keep_best)
     deleted: list[str] = []
     failed: list[str] = []
@@ -65,7 +72,7 @@ def cmd_prune(args: argparse.Namespace, ctx: Context) -> int:
         # (LockedError, naming it) rather than two processes applying retention at once.
         with Checkpointer(root, keep_last=args.keep_last, keep_best=args.keep_best, monitor=scan.monitor,
                           mode=scan.mode or "auto", restart="off") as checkpointer:  # fmt: skip
-            deleted = checkpointer.prune(dry_run=False)
+            deleted = checkpointer.prune(dry_run=False, all_runs=True)
         failed = [e.name for e in doomed if e.name not in deleted]
     elif not args.dry_run and doomed:
         # The Checkpointer works on local directories; a remote root gets the same selection, deleted
