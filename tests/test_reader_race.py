@@ -114,7 +114,9 @@ def test_readers_racing_a_pruning_writer_see_no_errors(tmp_path: Path) -> None:
         out, _ = writer.communicate(timeout=60)
     saves = int(out.strip() or 0)
     assert saves > 20, f"the writer saved only {saves} times: no race to speak of"
-    assert restores > 50 and polls[0] > 3
+    # the command's start-up (imports) takes a second or two on a loaded machine: few real polls, but
+    # each one lists the racing root, and scan_root (what ls runs) was polled thousands of times above
+    assert restores > 50 and scans > 50 and polls[0] >= 2
     assert not errors, f"{len(errors)} of {restores + len(errors)} restores/{scans} scans failed: {errors[:5]}"
     assert nones == 0, f"{nones} of {restores} restores returned None while checkpoints existed"
     assert not ls_failures, f"{len(ls_failures)} of {polls[0]} ls polls failed: {ls_failures[:3]}"

@@ -16,10 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from savegame import read_manifest
 from savegame.checkpointer import Checkpointer
+from savegame.errors import CheckpointNotFoundError
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -77,6 +79,8 @@ def test_a_fresh_run_has_its_own_best_and_never_deletes_the_earlier_run(tmp_path
     fresh = torch.nn.Linear(4, 2)
     with Checkpointer(root, monitor="val_loss", restart="off") as third:
         assert third.best is None  # a third fresh run has no best yet
+        with pytest.raises(CheckpointNotFoundError, match="restart='off' started a new run"):
+            third.restore({"model": fresh}, which="best")
     with Checkpointer(root, monitor="val_loss") as resumed:  # restart="auto": continues run 2
         assert resumed.run_id == second.run_id
         assert resumed.best is not None and resumed.best.name == "epoch=002-step=000002-v1"

@@ -1529,10 +1529,14 @@ class Checkpointer:
             return self._resume(state, strict=strict, map_location=map_location)
         if which == "best":
             if self._best is None or self._best.name not in self._entries:
-                raise CheckpointNotFoundError(
-                    f"{self.directory}: no best checkpoint"
-                    + ("" if self.monitor else " (no monitor= was given, so nothing is ranked)")
-                )
+                if not self.monitor:
+                    why = " (no monitor= was given, so nothing is ranked)"
+                elif self.restart == "off":
+                    why = (" of this run (restart='off' started a new run, which has none yet; an earlier run's "
+                           "checkpoints load by name)")  # fmt: skip
+                else:
+                    why = ""
+                raise CheckpointNotFoundError(f"{self.directory}: no best checkpoint{why}")
             entry = self._entries[self._best.name]
         else:
             entry_or_none = self._entries.get(which)
@@ -1583,6 +1587,7 @@ class Checkpointer:
             if isinstance(exc, CorruptCheckpointError):
                 quarantined.append(self._quarantine(name, exc))
         tried: set[str] = set(quarantined)
+        empty = 0
         for _ in range(_MAX_RESUME_ROUNDS):
             restored = self._resume_newest(state, tried, quarantined, strict=strict, map_location=map_location)
             if restored is not None:
@@ -1592,7 +1597,11 @@ class Checkpointer:
                 return restored.progress
             self._refresh()  # a writer may have committed newer checkpoints meanwhile: look again
             if all(name in tried for name in self._entries):
-                break
+                if self._entries or empty >= 2:
+                    break
+                empty += 1  # nothing listed: once more, 10 ms later (a listing overtaken by a writer)
+                time.sleep(0.01)
+                self._refresh()
         else:
             raise CheckpointError(
                 f"{self.directory}: the checkpoints were deleted faster than they could be read "

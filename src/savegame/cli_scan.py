@@ -298,17 +298,19 @@ def _committed_names(root: str) -> tuple[list[str], list[str], list[str]]:
     return sorted(committed), sorted(quarantined), sorted(leftovers)
 
 
-_RELIST_ROUNDS = 10
+_RELIST_ROUNDS = 100
+_EMPTY_RELISTS = 2
 
 
 def _read_committed(root: Root, committed: list[str]) -> list[Entry]:
     """The entries of the ``committed`` folders. When some vanished while being read (a writer's
     retention runs right after its commits), the root is listed again and the new folders are read
-    too, so the listing shows what the writer committed meanwhile rather than nothing."""
+    too, so the listing shows what the writer committed meanwhile rather than nothing; an empty
+    listing is taken again twice, 10 ms apart (a scan overtaken by a writer's saves and deletions)."""
     entries: list[Entry] = []
     seen: set[str] = set()
     todo = committed
-    for _ in range(_RELIST_ROUNDS):
+    for attempt in range(_RELIST_ROUNDS):
         vanished = False
         for name in todo:
             seen.add(name)
@@ -317,8 +319,10 @@ def _read_committed(root: Root, committed: list[str]) -> list[Entry]:
                 vanished = True
             else:
                 entries.append(entry)
-        if not vanished:
+        if not vanished and (entries or attempt >= _EMPTY_RELISTS):
             break
+        if not vanished:
+            time.sleep(0.01)
         todo = [n for n in root.names()[0] if n not in seen]
     return entries
 
