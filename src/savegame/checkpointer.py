@@ -1510,8 +1510,11 @@ class Checkpointer:
         ``which="latest"`` resumes according to ``restart`` (see the class docstring): it tries the
         checkpoints newest first; one that fails verification (or whose manifest is corrupt) is
         reported with a :class:`ResumeWarning` and a log message, moved aside with
-        ``storage.quarantine`` (renamed, never deleted) and the next older one is tried. It returns
-        None when there is nothing to resume from (``restart="auto"``/``"off"``).
+        ``storage.quarantine`` (renamed, never deleted; left in place by a Checkpointer with
+        ``lock=False``) and the next older one is tried. One that another process's retention deleted
+        while it was being read is not damage: the directory is listed again and the newest taken. It
+        returns None when there is nothing to resume from (``restart="auto"``/``"off"``), never while a
+        committed checkpoint that loads exists. Resuming continues the restored checkpoint's run.
         ``which="best"`` or a checkpoint name loads exactly that checkpoint
         (:class:`CheckpointNotFoundError` if absent, the verification error if it is damaged).
 
