@@ -151,6 +151,10 @@ def test_cli_prune_applies_to_each_run_separately(tmp_path: Path) -> None:
     root = tmp_path / "run"
     train(root, [0.3, 0.2, 0.4, 0.5])
     train(root, [0.9, 0.8, 0.7, 0.75], restart="off")
+    dry = cli("prune", root, "--keep-last", "1", "--dry-run").stdout.splitlines()
+    assert any(line.startswith("keep") and "epoch=002-step=000002 " in line and "[best of its run]" in line
+               for line in dry), dry  # fmt: skip
+    assert any("epoch=004-step=000004 " in line and "[newest of its run]" in line for line in dry), dry
     result = cli("prune", root, "--keep-last", "1", "--json")
     assert result.returncode == 0, result.stderr
     # each run keeps its newest and its best; nothing else of either run survives

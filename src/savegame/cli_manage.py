@@ -18,6 +18,7 @@ import time
 import uuid
 from typing import Any
 
+from .checkpointer import recorded_best_names
 from .cli_common import (
     EXIT_OK,
     Context,
@@ -99,6 +100,9 @@ def cmd_prune(args: argparse.Namespace, ctx: Context) -> int:
         return EXIT_OK
     st = ctx.style
     verb = "would delete" if args.dry_run else "deleted"
+    ours = [e for e in scan.readable if e.ours]
+    recorded = recorded_best_names((e.run, e.recorded_best) for e in ours)
+    run_newest = {e.run: e.name for e in ours}  # oldest first: the last one of each run stays
     width = max((len(e.name) for e in scan.readable), default=0)
     for e in scan.readable:
         describe = _describe(e, scan.monitor)
@@ -106,6 +110,9 @@ def cmd_prune(args: argparse.Namespace, ctx: Context) -> int:
             ctx.print(f"{st.paint(verb.ljust(12), 'red')}  {e.name.ljust(width)}  {describe}".rstrip())
             continue
         reasons = [r for r, on in (("best", e.is_best), ("latest", e.is_latest), ("pinned", e.pinned),
+                                   ("best of its run", e.name in recorded and not e.is_best),
+                                   ("newest of its run", e.ours and run_newest.get(e.run) == e.name
+                                    and not e.is_latest),
                                    ("not written by a Checkpointer", not e.ours)) if on]  # fmt: skip
         note = f"  [{', '.join(reasons)}]" if reasons else ""
         ctx.print(f"{'keep'.ljust(12)}  {e.name.ljust(width)}  {describe}{note}".rstrip())

@@ -119,7 +119,8 @@ def cmd_ls(args: argparse.Namespace, ctx: Context) -> int:
     elif scan.monitor is None:
         summary.append("no monitored metric recorded (use --monitor to rank)")
     if runs:
-        summary.append(f"{len({e.run for e in scan.readable})} runs (run -: no run id, written before run ids)")
+        run_ids = {e.run for e in scan.readable}
+        summary.append(f"{len(run_ids)} runs" + (" (run -: no run id)" if None in run_ids else ""))
     if scan.quarantined:
         summary.append(f"{len(scan.quarantined)} quarantined")
     if scan.leftovers:
