@@ -655,9 +655,10 @@ class Checkpointer:
     ``KeepUnion(KeepLast(3), KeepExponential())``) or the knobs, not both:
 
     * ``keep_last``: keep the N newest; ``keep_best``: keep the K best by ``monitor``. Both: the union.
-      Neither: keep everything. In every case the newest and the best checkpoint and pinned ones
-      (``save(..., pin=True)``) are kept, and checkpoints not written by a Checkpointer are never
-      deleted. Retention runs right after each commit (never before it; for background saves, at the
+      Neither: keep everything. Only the current run's checkpoints are candidates (see ``restart``). In
+      every case the newest and the best checkpoint, the bests recorded by any run's manifests and
+      pinned ones (``save(..., pin=True)``) are kept, and checkpoints not written by a Checkpointer are
+      never deleted. Retention runs right after each commit (never before it; for background saves, at the
       next call that waits for the commit).
 
     Best tracking:
