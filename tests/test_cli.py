@@ -251,7 +251,7 @@ def test_ls_table_and_json(torch_run: Path) -> None:
     assert info["best"] == "epoch=004-step=000032" and info["latest"] == "epoch=006-step=000048"
     types = {"name": str, "path": str, "sequence": int, "epoch": int, "step": int, "metrics": dict, "created": str,
              "age_seconds": float, "size": int, "files": int, "is_best": bool, "is_latest": bool, "pinned": bool,
-             "weights_only": bool, "status": str}  # fmt: skip
+             "weights_only": bool, "status": str, "run": str}  # fmt: skip
     for entry in info["checkpoints"]:
         assert set(entry) == set(types) | {"problem"}
         for key, kind in types.items():
@@ -293,15 +293,15 @@ def test_scan_agrees_with_the_checkpointer(run_copy: Path) -> None:
     from savegame.cli_scan import doomed_by_retention, scan_root
 
     scan = scan_root(str(run_copy))
-    records = Checkpointer(run_copy, monitor="val_loss", restart="off", lock=False).list()
+    records = Checkpointer(run_copy, monitor="val_loss", lock=False).list()  # continues the run: its best
     assert [e.name for e in scan.readable] == [r.name for r in records]
-    assert [(e.epoch, e.step, dict(e.metrics), e.is_best, e.is_latest) for e in scan.readable] == [
-        (r.epoch, r.step, dict(r.metrics), r.is_best, r.is_latest) for r in records
+    assert [(e.epoch, e.step, dict(e.metrics), e.is_best, e.is_latest, e.run) for e in scan.readable] == [
+        (r.epoch, r.step, dict(r.metrics), r.is_best, r.is_latest, r.run) for r in records
     ]
     for keep_last, keep_best in ((1, None), (1, 1), (2, None), (None, 2)):
         checkpointer = Checkpointer(run_copy, monitor="val_loss", keep_last=keep_last, keep_best=keep_best,
                                     lock=False)  # fmt: skip
-        expected = checkpointer.prune(dry_run=True)
+        expected = checkpointer.prune(dry_run=True, all_runs=True)
         assert [e.name for e in doomed_by_retention(scan, keep_last=keep_last, keep_best=keep_best)] == expected
 
 

@@ -23,15 +23,25 @@ Conventions (shared with :mod:`savegame.policies`): ``epoch`` counts **completed
 What the Checkpointer writes into each manifest's ``progress`` (readable by any process with
 :func:`savegame.read_manifest`)::
 
-    {"checkpointer": 1, "sequence": 12, "epoch": 4, "step": 1200, "metrics": {"val_loss": 0.31},
+    {"checkpointer": 1, "sequence": 12, "run": "20261201T213012-a1b2c3", "epoch": 4, "step": 1200,
+     "metrics": {"val_loss": 0.31},
      "epoch_end": true, "final": false, "weights_only": false, "pinned": false, "is_best": true,
      "best": {"monitor": "val_loss", "mode": "min", "value": 0.31, "name": "epoch=004-step=001200",
               "epoch": 4, "step": 1200}}
 
+``run`` identifies the training run that wrote the checkpoint: a Checkpointer continues the run of the
+newest checkpoint (``restart="auto"`` / ``"required"``) or starts a new one (``restart="off"``, or an
+empty directory). Best tracking and retention only look at the current run's checkpoints, so a fresh
+run in a used directory has its own best and never deletes an earlier run's checkpoints. Manifests
+written before run ids existed have no ``run``: they belong to no current run and retention never
+deletes them (a run resumed from them keeps their recorded best, though; ``savegame prune`` can
+thin them out).
+
 Guarantees: a checkpoint is deleted only after a newer one was committed; the newest committed
-checkpoint, the best one and pinned ones are never deleted by retention; checkpoints the Checkpointer
-did not write (no ``progress.checkpointer``) are never deleted; an existing name is never overwritten
-(``-v1``, ``-v2``, ... are appended instead).
+checkpoint, the best one, the best recorded by any run's manifests and pinned ones are never deleted
+by retention; checkpoints the Checkpointer did not write (no ``progress.checkpointer``) or another run
+wrote are never deleted; an existing name is never overwritten (``-v1``, ``-v2``, ... are appended
+instead).
 """
 
 from __future__ import annotations
@@ -42,6 +52,8 @@ import errno
 import logging
 import math
 import os
+import re
+import secrets
 import sys
 import threading
 import time
@@ -66,7 +78,9 @@ from .errors import (
     ConfigError,
     CorruptCheckpointError,
     InvalidNameError,
+    NotACheckpointError,
     StateMismatchError,
+    StorageError,
     UnsupportedFormatError,
 )
 from .lock import ProcessShare
@@ -98,8 +112,8 @@ from .policies import (
     select_for_deletion,
 )
 from .signals import DEFAULT_SIGNALS, PreemptionHandler
-from .storage import LocalStorage, storage_for
-from .storage.base import CheckpointRef
+from .storage import LocalStorage, is_url, storage_for
+from .storage.base import MANIFEST, CheckpointRef
 from .writer import save_in_background
 
 __all__ = [
@@ -125,6 +139,11 @@ SignalAction = Literal["exit", "reraise", "continue"]
 DISTRIBUTED_ITEM = "savegame.distributed"
 """The layout item of checkpoints written by several ranks (see :mod:`savegame.distributed`)."""
 _MAX_NAME_ATTEMPTS = 1000
+_MAX_RESUME_ROUNDS = 1000
+"""Re-listings ``restore`` makes while retention deletes the checkpoints it was about to read."""
+ALIASES = ("latest", "best")
+"""Names that ``savegame`` commands resolve inside a root (``ROOT/best``), never directories of their own."""
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 
 
 class ResumeWarning(UserWarning):
@@ -156,6 +175,8 @@ class CheckpointRecord:
     is_latest: bool
     weights_only: bool
     pinned: bool
+    run: str | None = None
+    """The run that wrote it (see the module docstring); None for checkpoints older than run ids."""
 
 
 @dataclass(frozen=True)
@@ -196,7 +217,7 @@ class RestoredProgress:
     saved values of the plain items of the state (ints, floats, dicts of numbers...), which ``restore``
     also put into the state itself (``restored.data["loss"] == state["loss"]``; a dict of the state is
     filled in place and keeps keys the checkpoint lacks). ``quarantined`` lists broken checkpoints moved
-    aside on the way.
+    aside on the way (skipped and left in place by a Checkpointer with ``lock=False``).
     """
 
     name: str
@@ -206,6 +227,14 @@ class RestoredProgress:
     metrics: Mapping[str, float]
     data: Mapping[str, Any] = field(default_factory=dict)
     quarantined: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Resumed:
+    """What ``restore`` resumed from: the progress returned to the caller and the run it belongs to."""
+
+    progress: RestoredProgress
+    run: str | None
 
 
 @dataclass(frozen=True)
@@ -246,6 +275,7 @@ class _Entry:
     weights_only: bool
     pinned: bool
     best: RecordedBest | None
+    run: str | None = None
 
     @property
     def created(self) -> float:
@@ -298,6 +328,99 @@ def parse_best(value: object) -> RecordedBest | None:
                  progress_int(value.get("epoch")), progress_int(value.get("step")))  # fmt: skip
 
 
+def new_run_id() -> str:
+    """A new run id: the UTC start time and a random suffix (``20261201T213012-a1b2c3``), sortable and unique."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def parse_run(value: object) -> str | None:
+    """The ``run`` field of untrusted progress: a short id of letters, digits and ``_.:-``, or None."""
+    if isinstance(value, str) and _RUN_ID.fullmatch(value):
+        return value
+    return None
+
+
+def recorded_best_names(bests: Iterable[tuple[str | None, RecordedBest | None]]) -> set[str]:
+    """The checkpoints that the manifests record as best: per run (``(run, best)`` pairs, oldest
+    first), the best named by its newest manifest that names one. Retention never deletes these,
+    whatever monitor or keep policy it was given."""
+    latest: dict[str | None, str] = {}
+    for run, best in bests:
+        if best is not None:
+            latest[run] = best.name
+    return set(latest.values())
+
+
+def best_by_metric(infos: Iterable[CheckpointInfo], monitor: str, mode: Literal["min", "max"]) -> str | None:
+    """The name of the first checkpoint (oldest first) with the best ``monitor`` value (strict improvement)."""
+    best: str | None = None
+    value: float | None = None
+    for info in infos:
+        raw = info.metrics.get(monitor)
+        if raw is not None and is_better(raw, value, mode):
+            best, value = info.name, raw
+    return best
+
+
+def plan_deletions(
+    groups: Mapping[str | None, Iterable[CheckpointInfo]], policy: KeepPolicy, *, now: float,
+    protected: Collection[str], monitor: str | None = None, mode: Literal["min", "max"] | None = None,
+) -> builtins.list[str]:  # fmt: skip
+    """What retention deletes, oldest first: ``policy`` applied to each run's candidates separately
+    (``groups``: run -> its deletable checkpoints, oldest first). Each run's newest, its best by
+    ``monitor`` (when given) and every ``protected`` name are kept."""
+    doomed: builtins.list[CheckpointInfo] = []
+    for infos in groups.values():
+        members = builtins.list(infos)
+        best = best_by_metric(members, monitor, mode) if monitor is not None and mode is not None else None
+        doomed.extend(select_for_deletion(members, policy, now=now, best_name=best))
+    doomed.sort(key=lambda c: c.sequence)
+    return [c.name for c in doomed if c.name not in protected]
+
+
+def recorded_metrics(metrics: Iterable[Mapping[str, float]], bests: Iterable[RecordedBest | None]) -> set[str]:
+    """Every metric name the given checkpoints recorded (their metrics and their recorded best's monitor)."""
+    names = {name for values in metrics for name in values}
+    names.update(best.monitor for best in bests if best is not None)
+    return names
+
+
+def unrecorded_monitor_error(where: str, monitor: str, recorded: Collection[str]) -> ConfigError:
+    """The error for pruning by a metric no checkpoint recorded (a typo would otherwise rank nothing
+    and let retention delete the real best)."""
+    known = ", ".join(repr(n) for n in sorted(recorded)) or "none"
+    return ConfigError(
+        f"{where}: no checkpoint recorded the metric {monitor!r} (recorded metrics: {known}); "
+        "check the spelling of the monitor. Nothing was deleted"
+    )
+
+
+def check_run_root(directory: str | os.PathLike[str]) -> None:
+    """Refuse a local path that is a checkpoint, or a ``latest``/``best`` alias of a root, as a
+    Checkpointer directory, before anything is written there (ConfigError naming the run root).
+
+    A committed checkpoint is read with ``savegame.load``; a Checkpointer there would find no
+    checkpoints in it (``restore`` returning None) and write its lock file into the checkpoint.
+    ``ROOT/best`` would become a real directory that hides the alias from ``savegame`` commands.
+    """
+    if isinstance(directory, str) and is_url(directory):
+        return
+    path = os.path.abspath(os.fspath(directory))
+    parent, base = os.path.split(path)
+    if os.path.isfile(os.path.join(path, MANIFEST)):
+        raise ConfigError(
+            f"Checkpointer: {path} is a checkpoint, not a directory of checkpoints; pass its run root "
+            f"{parent} (Checkpointer({parent!r}).restore(state, which={base!r}) loads this one, "
+            "savegame.load() reads it directly)"
+        )
+    if base in ALIASES and os.path.isdir(parent) and LocalStorage(parent, create=False).committed():
+        if not os.path.isdir(path) or not LocalStorage(path, create=False).committed():
+            raise ConfigError(
+                f"Checkpointer: {path} names the {base!r} checkpoint of the run root {parent}, not a "
+                f"directory of checkpoints; pass Checkpointer({parent!r}) and restore(state, which={base!r})"
+            )
+
+
 def _entry_from_manifest(name: str, manifest: Manifest) -> _Entry:
     """Read what the Checkpointer needs from a manifest (foreign checkpoints have no progress)."""
     progress = manifest.progress if isinstance(manifest.progress, Mapping) else {}
@@ -314,6 +437,7 @@ def _entry_from_manifest(name: str, manifest: Manifest) -> _Entry:
         weights_only=progress.get("weights_only") is True,
         pinned=progress.get("pinned") is True,
         best=parse_best(progress.get("best")) if ours else None,
+        run=parse_run(progress.get("run")) if ours else None,
     )
 
 
@@ -534,9 +658,10 @@ class Checkpointer:
     ``KeepUnion(KeepLast(3), KeepExponential())``) or the knobs, not both:
 
     * ``keep_last``: keep the N newest; ``keep_best``: keep the K best by ``monitor``. Both: the union.
-      Neither: keep everything. In every case the newest and the best checkpoint and pinned ones
-      (``save(..., pin=True)``) are kept, and checkpoints not written by a Checkpointer are never
-      deleted. Retention runs right after each commit (never before it; for background saves, at the
+      Neither: keep everything. Only the current run's checkpoints are candidates (see ``restart``). In
+      every case the newest and the best checkpoint, the bests recorded by any run's manifests and
+      pinned ones (``save(..., pin=True)``) are kept, and checkpoints not written by a Checkpointer are
+      never deleted. Retention runs right after each commit (never before it; for background saves, at the
       next call that waits for the commit).
 
     Best tracking:
@@ -567,7 +692,11 @@ class Checkpointer:
       finished at exit all the same (:mod:`savegame.background`).
     * ``restart``: what ``restore(state)`` (``which="latest"``) does: ``"auto"`` resumes from the newest
       valid checkpoint if there is one, ``"required"`` raises :class:`CheckpointNotFoundError` if there
-      is none, ``"off"`` never resumes (returns None). Explicit ``which="best"``/names always load.
+      is none; both continue the run of the newest checkpoint (its best, its retention). ``"off"``
+      never resumes (returns None) and starts a new run in the directory: its best is tracked from its
+      own saves only and its retention never deletes the checkpoints of earlier runs, which stay
+      (``savegame ls`` shows the run of each checkpoint). A name an earlier run used gets ``-v1``...
+      Explicit ``which="best"`` (this run's best) and names always load.
     * ``verify``: check every file's hash before restoring (a failing newest checkpoint is quarantined
       and the next one tried).
     * ``max_epochs``: when given, an epoch-end call with ``epoch >= max_epochs`` counts as the final call.
@@ -590,7 +719,11 @@ class Checkpointer:
       to ``close()``, so a second writer process on the same local directory fails at once with
       :class:`LockedError` naming the holder (a crashed holder's lock is released by the kernel).
       Checkpointers of one process share it (a restart in a notebook is not a rival writer).
-      Read-only users (``list``, ``restore``) may pass False. Not used for URL roots.
+      Read-only users (``list``, ``restore``) may pass False: such a Checkpointer does not own the
+      directory, so it never renames or removes anything there on its own (no clean-up of dead
+      writers' leftovers until its first save, no quarantine: a damaged checkpoint is skipped with a
+      warning and left in place), and a checkpoint that a writer's retention deletes while it is being
+      read is not damage: ``restore`` re-lists and takes the newest again. Not used for URL roots.
 
     Preemption (SLURM, Kubernetes: a signal, then SIGKILL some 30 s later):
 
@@ -651,6 +784,7 @@ class Checkpointer:
         group: Any = None,
         per_rank: Collection[str] = (),
     ) -> None:
+        check_run_root(directory)
         if restart not in ("auto", "required", "off"):
             raise ConfigError(f"Checkpointer: restart must be 'auto', 'required' or 'off', got {restart!r}")
         if mode not in ("auto", "min", "max"):
@@ -728,6 +862,10 @@ class Checkpointer:
         self._last_saved: Progress | None = None
         self._saved_here = False
         self._best: RecordedBest | None = None
+        self.run_id = ""
+        """The run this Checkpointer's saves belong to (decided once the directory was read)."""
+        self._owner = bool(lock)
+        self._cleaned = False
         self._started = clock()
         self.preempted: str | None = None
         """The signal whose preemption save was made (with ``signal_action="continue"``), or None."""
@@ -739,7 +877,8 @@ class Checkpointer:
         try:
             if lock and self.local and self._coord.is_coordinator:
                 self._lock = ProcessShare(self.directory)
-            self._coord.on_coordinator(self.storage.cleanup)
+            if self._owner:
+                self._clean_up()
             if mirror is not None and self._coord.is_coordinator:
                 from .mirror import Mirror
 
@@ -758,9 +897,26 @@ class Checkpointer:
             self._release()
             raise
         self._refresh()
+        self.run_id = str(self._coord.agree(self._initial_run_id()))
+        self._best = self._resolve_best()
         newest = self._newest()
-        if newest is not None:
+        if newest is not None and restart != "off":
             self._last_saved = newest.progress()
+
+    def _clean_up(self) -> None:
+        """Remove dead writers' leftovers once (the directory's owner does it at construction, a
+        Checkpointer without the lock before its first save)."""
+        if not self._cleaned:
+            self._cleaned = True
+            self._coord.on_coordinator(self.storage.cleanup)
+
+    def _initial_run_id(self) -> str:
+        """The newest checkpoint's run when resuming is allowed (``restart`` not ``"off"``), else a new run."""
+        if self.restart != "off":
+            ours = [e for e in self._sorted() if e.ours]
+            if ours and ours[-1].run is not None:
+                return ours[-1].run
+        return new_run_id()
 
     # ----------------------------------------------------------------------------------------------
     # Presets
@@ -808,11 +964,15 @@ class Checkpointer:
             try:
                 manifest = api.read_manifest(self._ref(name))
             except (CorruptCheckpointError, UnsupportedFormatError) as exc:
+                if not self.storage.exists(name):  # deleted by a writer's retention while being read
+                    continue
                 log.warning("checkpoint %s: unreadable manifest, ignored: %s", name, exc)
                 self._unreadable[name] = exc
                 continue
             except (CheckpointError, OSError) as exc:  # vanished meanwhile, permissions...
-                log.warning("checkpoint %s: cannot read its manifest: %s", name, exc)
+                vanished = not self.storage.exists(name)  # deleted by a writer's retention: not a problem
+                log.log(logging.DEBUG if vanished else logging.WARNING, "checkpoint %s: cannot read its manifest: %s",
+                        name, exc)  # fmt: skip
                 continue
             entry = _entry_from_manifest(name, manifest)
             self._entries[name] = entry
@@ -833,12 +993,25 @@ class Checkpointer:
         entries = self._sorted()
         return entries[-1] if entries else None
 
+    def _run_entries(self) -> builtins.list[_Entry]:
+        """The checkpoints of the current run, oldest first, whose best this Checkpointer tracks.
+
+        Before its first save, a Checkpointer that may resume (``restart`` not ``"off"``) takes the
+        newest checkpoint's run, also when that one has no run id (written before run ids existed).
+        """
+        ours = [e for e in self._sorted() if e.ours]
+        own = [e for e in ours if e.run == self.run_id]
+        if own or self.restart == "off" or not ours:
+            return own
+        return [e for e in ours if e.run == ours[-1].run]
+
     def _resolve_best(self) -> RecordedBest | None:
-        """The best checkpoint for the current monitor: as recorded by the newest manifest when that
-        checkpoint still exists, otherwise recomputed from the metrics of the existing checkpoints."""
+        """The best checkpoint of the current run for the monitor: as recorded by the run's newest
+        manifest when that checkpoint still exists, otherwise recomputed from the metrics of the run's
+        existing checkpoints."""
         if self.monitor is None or self.mode is None:
             return None
-        ours = [e for e in self._sorted() if e.ours]
+        ours = self._run_entries()
         if ours:
             recorded = ours[-1].best
             if (
@@ -872,6 +1045,7 @@ class Checkpointer:
             is_latest=entry.name == newest,
             weights_only=entry.weights_only,
             pinned=entry.pinned,
+            run=entry.run,
         )
 
     # ----------------------------------------------------------------------------------------------
@@ -1123,6 +1297,7 @@ class Checkpointer:
         return {
             "checkpointer": PROGRESS_VERSION,
             "sequence": sequence,
+            "run": self.run_id,
             "epoch": progress.epoch,
             "step": progress.step,
             "metrics": dict(progress.metrics),
@@ -1140,6 +1315,7 @@ class Checkpointer:
     ) -> SaveResult:  # fmt: skip
         started = time.perf_counter()
         self._settle()
+        self._clean_up()
         items = self._items(state)
         distributed = self._coord.distributed
         encoded = None if self.background or distributed else api.encode_state(items)
@@ -1270,20 +1446,37 @@ class Checkpointer:
     # ----------------------------------------------------------------------------------------------
     # Retention
 
-    def _doomed(self) -> builtins.list[str]:
-        """Names retention would delete now (see the class docstring for what is protected)."""
-        infos = [
-            CheckpointInfo(e.name, e.sequence, e.epoch, e.step, e.metrics, e.created)
-            for e in self._sorted()
-            if e.ours and not e.pinned and e.sequence is not None
-        ]
-        newest = self._newest()
-        best_name = self._best.name if self._best is not None else None
-        doomed = select_for_deletion(infos, self.keep_policy, now=self._wall_clock(), best_name=best_name)
-        return [c.name for c in doomed if newest is None or c.name != newest.name]
+    def _doomed(self, *, all_runs: bool = False) -> builtins.list[str]:
+        """Names retention would delete now: the keep policy applied to this run's checkpoints, or to
+        each run's separately (``all_runs``; each run's best by ``monitor`` kept too). Protected in
+        every case: the newest checkpoint, this run's best, the bests the manifests record, pinned
+        checkpoints and those not written by a Checkpointer (see the class docstring)."""
+        entries = self._sorted()
+        protected = recorded_best_names((e.run, e.best) for e in entries if e.ours)
+        if self._best is not None:
+            protected.add(self._best.name)
+        if entries:
+            protected.add(entries[-1].name)
+        groups: dict[str | None, builtins.list[CheckpointInfo]] = {}
+        for e in entries:
+            if not e.ours or e.pinned or e.sequence is None or not (all_runs or e.run == self.run_id):
+                continue
+            info = CheckpointInfo(e.name, e.sequence, e.epoch, e.step, e.metrics, e.created)
+            groups.setdefault(e.run, []).append(info)
+        return plan_deletions(groups, self.keep_policy, now=self._wall_clock(), protected=protected,
+                              monitor=self.monitor if all_runs else None, mode=self.mode)  # fmt: skip
 
-    def _apply_retention(self, *, dry_run: bool) -> builtins.list[str]:
-        doomed = self._doomed()
+    def _check_monitor_recorded(self, *, all_runs: bool) -> None:
+        """ConfigError when ``monitor`` is set but none of the checkpoints retention looks at recorded it."""
+        if self.monitor is None:
+            return
+        scope = [e for e in self._sorted() if e.ours and (all_runs or e.run == self.run_id)]
+        recorded = recorded_metrics((e.metrics for e in scope), (e.best for e in scope))
+        if scope and self.monitor not in recorded:
+            raise unrecorded_monitor_error(f"Checkpointer({self.directory!r})", self.monitor, recorded)
+
+    def _apply_retention(self, *, dry_run: bool, all_runs: bool = False) -> builtins.list[str]:
+        doomed = self._doomed(all_runs=all_runs)
         if dry_run:
             return doomed
         deleted = []
@@ -1300,13 +1493,23 @@ class Checkpointer:
             log.info("retention deleted checkpoint %s", name)
         return deleted
 
-    def prune(self, *, dry_run: bool = True) -> builtins.list[str]:
-        """Apply the keep policy to the directory now; return the names deleted (or that would be)."""
+    def prune(self, *, dry_run: bool = True, all_runs: bool = False) -> builtins.list[str]:
+        """Apply the keep policy now; return the names deleted (or that would be).
+
+        It applies to this run's checkpoints (as retention after each save does), or with ``all_runs``
+        to each run of the directory separately, checkpoints older than run ids forming one more run
+        (what ``savegame prune`` does). A ``monitor`` that none of those checkpoints recorded raises
+        :class:`ConfigError` (listing the metrics that are recorded) and deletes nothing. Whatever the
+        policy, the newest checkpoint, each run's recorded best and pinned checkpoints are kept.
+        """
         if not dry_run:
             self._check_open()
         self._settle()
         self._refresh()
-        names: builtins.list[str] = self._coord.on_coordinator(lambda: self._apply_retention(dry_run=dry_run))
+        self._check_monitor_recorded(all_runs=all_runs)
+        names: builtins.list[str] = self._coord.on_coordinator(
+            lambda: self._apply_retention(dry_run=dry_run, all_runs=all_runs)
+        )
         if not dry_run:
             for name in names:
                 self._entries.pop(name, None)
@@ -1328,8 +1531,11 @@ class Checkpointer:
         ``which="latest"`` resumes according to ``restart`` (see the class docstring): it tries the
         checkpoints newest first; one that fails verification (or whose manifest is corrupt) is
         reported with a :class:`ResumeWarning` and a log message, moved aside with
-        ``storage.quarantine`` (renamed, never deleted) and the next older one is tried. It returns
-        None when there is nothing to resume from (``restart="auto"``/``"off"``).
+        ``storage.quarantine`` (renamed, never deleted; left in place by a Checkpointer with
+        ``lock=False``) and the next older one is tried. One that another process's retention deleted
+        while it was being read is not damage: the directory is listed again and the newest taken. It
+        returns None when there is nothing to resume from (``restart="auto"``/``"off"``), never while a
+        committed checkpoint that loads exists. Resuming continues the restored checkpoint's run.
         ``which="best"`` or a checkpoint name loads exactly that checkpoint
         (:class:`CheckpointNotFoundError` if absent, the verification error if it is damaged).
 
@@ -1351,10 +1557,14 @@ class Checkpointer:
             return self._resume(state, strict=strict, map_location=map_location)
         if which == "best":
             if self._best is None or self._best.name not in self._entries:
-                raise CheckpointNotFoundError(
-                    f"{self.directory}: no best checkpoint"
-                    + ("" if self.monitor else " (no monitor= was given, so nothing is ranked)")
-                )
+                if not self.monitor:
+                    why = " (no monitor= was given, so nothing is ranked)"
+                elif self.restart == "off":
+                    why = (" of this run (restart='off' started a new run, which has none yet; an earlier run's "
+                           "checkpoints load by name)")  # fmt: skip
+                else:
+                    why = ""
+                raise CheckpointNotFoundError(f"{self.directory}: no best checkpoint{why}")
             entry = self._entries[self._best.name]
         else:
             entry_or_none = self._entries.get(which)
@@ -1404,14 +1614,54 @@ class Checkpointer:
         for name, exc in builtins.list(self._unreadable.items()):
             if isinstance(exc, CorruptCheckpointError):
                 quarantined.append(self._quarantine(name, exc))
-        for entry in reversed(self._sorted()):
-            try:
-                return self._load(entry, state, strict=strict, map_location=map_location,
-                                  quarantined=tuple(quarantined))  # fmt: skip
-            except CorruptCheckpointError as exc:
-                quarantined.append(self._quarantine(entry.name, exc))
-        self._refresh()
+        tried: set[str] = set(quarantined)
+        empty = 0
+        for _ in range(_MAX_RESUME_ROUNDS):
+            restored = self._resume_newest(state, tried, quarantined, strict=strict, map_location=map_location)
+            if restored is not None:
+                if restored.run is not None and not self._saved_here:
+                    self.run_id = restored.run  # resumed an older run (the newer ones were damaged)
+                    self._best = self._resolve_best()
+                return restored.progress
+            self._refresh()  # a writer may have committed newer checkpoints meanwhile: look again
+            if all(name in tried for name in self._entries):
+                if self._entries or empty >= 2:
+                    break
+                empty += 1  # nothing listed: once more, 10 ms later (a listing overtaken by a writer)
+                time.sleep(0.01)
+                self._refresh()
+        else:
+            raise CheckpointError(
+                f"{self.directory}: the checkpoints were deleted faster than they could be read "
+                f"({_MAX_RESUME_ROUNDS} attempts); is a writer's keep_last too small for its save rate?"
+            )
         self._nothing_to_resume(quarantined)
+        return None
+
+    def _resume_newest(
+        self, state: Mapping[str, Any], tried: set[str], quarantined: builtins.list[str], *, strict: bool,
+        map_location: Any,
+    ) -> _Resumed | None:  # fmt: skip
+        """Load the newest listed checkpoint not in ``tried`` that loads (damaged ones quarantined and
+        the next older one tried); None when none is left or one was deleted by a writer's retention
+        while being read -- not damage: the caller lists the directory again."""
+        for entry in reversed(self._sorted()):
+            if entry.name in tried:
+                continue
+            tried.add(entry.name)
+            try:
+                progress = self._load(entry, state, strict=strict, map_location=map_location,
+                                      quarantined=tuple(quarantined))  # fmt: skip
+            except (CorruptCheckpointError, NotACheckpointError, CheckpointNotFoundError, StorageError, OSError) as exc:
+                if not self.storage.exists(entry.name):
+                    log.info("checkpoint %s was deleted (by retention) while being restored; looking again", entry.name)
+                    self._entries.pop(entry.name, None)
+                    return None
+                if not isinstance(exc, CorruptCheckpointError):
+                    raise
+                quarantined.append(self._quarantine(entry.name, exc))
+                continue
+            return _Resumed(progress, entry.run)
         return None
 
     def _nothing_to_resume(self, quarantined: builtins.list[str]) -> None:
@@ -1439,7 +1689,18 @@ class Checkpointer:
                           quarantined=tuple(quarantined), verify=False)  # fmt: skip
 
     def _quarantine(self, name: str, exc: Exception) -> str:
-        """Move a damaged checkpoint aside (never delete it), warn and log; return its old name."""
+        """Move a damaged checkpoint aside (never delete it), warn and log; return its old name.
+
+        A Checkpointer without the writer lock (``lock=False``) does not own the directory and leaves
+        the checkpoint where it is: it only warns and skips it."""
+        if not self._owner:
+            message = (f"checkpoint {name} in {self.directory} is damaged and was skipped (left in place: "
+                       f"this Checkpointer has lock=False and does not own the directory): {exc}")  # fmt: skip
+            log.warning(message)
+            warnings.warn(message, ResumeWarning, stacklevel=4)
+            self._entries.pop(name, None)
+            self._unreadable.pop(name, None)
+            return name
         try:
             moved = self.storage.quarantine(name)
         except (CheckpointError, OSError) as err:

@@ -1,4 +1,10 @@
-"""``savegame prune`` and ``savegame gc``: the commands that delete things (each with ``--dry-run``)."""
+"""``savegame prune`` and ``savegame gc``: the commands that delete things (each with ``--dry-run``).
+
+``prune`` applies ``--keep-last`` / ``--keep-best`` to each training run of the root separately (the
+run ids in the manifests; checkpoints older than run ids count as one run) and never deletes the
+newest checkpoint, a run's newest or best, nor any best the manifests record. A ``--monitor`` that no
+checkpoint recorded is an error (exit 2) and nothing is deleted.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import time
 import uuid
 from typing import Any
 
+from .checkpointer import recorded_best_names
 from .cli_common import (
     EXIT_OK,
     Context,
@@ -25,7 +32,7 @@ from .cli_common import (
     print_json,
     shown,
 )
-from .cli_scan import Entry, Root, doomed_by_retention, scan_root
+from .cli_scan import Entry, Root, check_monitor_recorded, doomed_by_retention, scan_root
 from .errors import CheckpointError
 from .storage import is_url
 from .storage.base import QUARANTINE_PREFIX, STAGING_PREFIX, TRASH_PREFIX
@@ -56,6 +63,7 @@ def cmd_prune(args: argparse.Namespace, ctx: Context) -> int:
     root = scan.root
     if args.keep_best is not None and scan.monitor is None:
         raise UsageError("--keep-best needs --monitor METRIC (no monitored metric is recorded in the checkpoints)")
+    check_monitor_recorded(scan)  # a misspelt --monitor would rank nothing and let the real best go
     doomed = doomed_by_retention(scan, keep_last=args.keep_last, keep_best=args.keep_best)
     deleted: list[str] = []
     failed: list[str] = []
@@ -66,7 +74,7 @@ def cmd_prune(args: argparse.Namespace, ctx: Context) -> int:
         # (LockedError, naming it) rather than two processes applying retention at once.
         with Checkpointer(root, keep_last=args.keep_last, keep_best=args.keep_best, monitor=scan.monitor,
                           mode=scan.mode or "auto", restart="off") as checkpointer:  # fmt: skip
-            deleted = checkpointer.prune(dry_run=False)
+            deleted = checkpointer.prune(dry_run=False, all_runs=True)
         failed = [e.name for e in doomed if e.name not in deleted]
     elif not args.dry_run and doomed:
         # The Checkpointer works on local directories; a remote root gets the same selection, deleted
@@ -93,6 +101,9 @@ def cmd_prune(args: argparse.Namespace, ctx: Context) -> int:
         return EXIT_OK
     st = ctx.style
     verb = "would delete" if args.dry_run else "deleted"
+    ours = [e for e in scan.readable if e.ours]
+    recorded = recorded_best_names((e.run, e.recorded_best) for e in ours)
+    run_newest = {e.run: e.name for e in ours}  # oldest first: the last one of each run stays
     width = max((len(shown(e.name)) for e in scan.readable), default=0)
     for e in scan.readable:
         describe = _describe(e, scan.monitor)
@@ -100,6 +111,9 @@ def cmd_prune(args: argparse.Namespace, ctx: Context) -> int:
             ctx.print(f"{st.paint(verb.ljust(12), 'red')}  {shown(e.name).ljust(width)}  {describe}".rstrip())
             continue
         reasons = [r for r, on in (("best", e.is_best), ("latest", e.is_latest), ("pinned", e.pinned),
+                                   ("best of its run", e.name in recorded and not e.is_best),
+                                   ("newest of its run", e.ours and run_newest.get(e.run) == e.name
+                                    and not e.is_latest),
                                    ("not written by a Checkpointer", not e.ours)) if on]  # fmt: skip
         note = f"  [{', '.join(reasons)}]" if reasons else ""
         ctx.print(f"{'keep'.ljust(12)}  {shown(e.name).ljust(width)}  {describe}{note}".rstrip())

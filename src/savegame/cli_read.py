@@ -25,7 +25,7 @@ from .cli_common import (
     render_table,
     shown,
 )
-from .cli_scan import Entry, classify, entry_summary, resolve_checkpoint, scan_root, verify_checkpoint
+from .cli_scan import Entry, Root, classify, entry_summary, resolve_checkpoint, scan_root, verify_checkpoint
 from .errors import CheckpointError
 from .export import ArrayLeaf, dtype_name, flatten_skeleton
 from .manifest import Manifest
@@ -35,8 +35,10 @@ __all__ = ["cmd_inspect", "cmd_ls", "cmd_verify"]
 MAX_METRIC_COLUMNS = 6
 
 
-def _verify_entries(entries: list[Entry], ctx: Context) -> None:
-    """Hash-check every readable entry in place: status ``ok`` or ``corrupt`` with the problem."""
+def _verify_entries(entries: list[Entry], ctx: Context, source: Root | None = None) -> None:
+    """Hash-check every readable entry in place: status ``ok`` or ``corrupt`` with the problem. An
+    entry of root ``source`` that a writer's retention deleted meanwhile is removed from ``entries``
+    (gone, not damaged)."""
     todo = [e for e in entries if e.manifest is not None and e.status != "corrupt"]
     bar = ctx.progress("verifying", sum(e.size for e in todo))
     try:
@@ -44,6 +46,9 @@ def _verify_entries(entries: list[Entry], ctx: Context) -> None:
             try:
                 verify_checkpoint(entry.ref, progress=bar.advance)
             except (CheckpointError, OSError) as exc:
+                if source is not None and not source.still_committed(entry.name):
+                    entries.remove(entry)
+                    continue
                 entry.status, entry.problem = "corrupt", str(exc)
             else:
                 entry.status, entry.problem = "ok", None
@@ -69,7 +74,7 @@ def cmd_ls(args: argparse.Namespace, ctx: Context) -> int:
     """``savegame ls ROOT``."""
     scan = scan_root(args.root, monitor=args.monitor, mode=args.mode)
     if args.verify:
-        _verify_entries(scan.entries, ctx)
+        _verify_entries(scan.entries, ctx, scan.source)
     corrupt = [e for e in scan.entries if e.status == "corrupt"]
     if args.json:
         print_json({
@@ -89,7 +94,8 @@ def cmd_ls(args: argparse.Namespace, ctx: Context) -> int:
     metrics, hidden = _metric_names(listed, scan.monitor, args.metrics)
     st = ctx.style
     now = time.time()
-    header = ["name", "epoch", "step", *metrics, "mark", "size", "age", "status"]
+    runs = len({e.run for e in scan.entries if e.manifest is not None}) > 1  # a run column tells them apart
+    header = ["name", "epoch", "step", *metrics, "mark", "size", "age", "status", *(["run"] if runs else [])]
     rows: list[list[Cell]] = []
     for e in listed:
         marks = " ".join(m for m, on in (("best", e.is_best), ("latest", e.is_latest), ("pinned", e.pinned)) if on)
@@ -103,6 +109,7 @@ def cmd_ls(args: argparse.Namespace, ctx: Context) -> int:
             human_size(e.size) if e.manifest is not None else "-",
             human_age(now - created.timestamp()) if created is not None else "-",
             (e.status, st.status),
+            *([e.run or "-"] if runs else []),
         ])  # fmt: skip
     right = {1, 2, *range(3, 3 + len(metrics)), 4 + len(metrics), 5 + len(metrics)}
     ctx.print(render_table(header, rows, right=sorted(right), style=st))
@@ -112,6 +119,9 @@ def cmd_ls(args: argparse.Namespace, ctx: Context) -> int:
         summary.append(f"best by {shown(scan.monitor)} ({scan.mode}): {shown(scan.best.name)}")
     elif scan.monitor is None:
         summary.append("no monitored metric recorded (use --monitor to rank)")
+    if runs:
+        run_ids = {e.run for e in scan.readable}
+        summary.append(f"{len(run_ids)} runs" + (" (run -: no run id)" if None in run_ids else ""))
     if scan.quarantined:
         summary.append(f"{len(scan.quarantined)} quarantined")
     if scan.leftovers:
@@ -281,7 +291,7 @@ def cmd_verify(args: argparse.Namespace, ctx: Context) -> int:
     else:
         raise UsageError(f"{path}: no such checkpoint or directory" if kind == "missing"
                          else f"{path}: not a checkpoint or a directory of checkpoints")  # fmt: skip
-    _verify_entries(targets, ctx)
+    _verify_entries(targets, ctx, scan.source if kind == "root" else None)
     corrupt = [e for e in targets if e.status == "corrupt"]
     if args.json:
         print_json({

@@ -10,11 +10,15 @@ change anything, so they read the root here instead. The rules mirror the Checkp
   :data:`~savegame.checkpointer.PROGRESS_VERSION` and ``progress.sequence`` a non-negative int;
 * order (oldest first): sequence (-1 for checkpoints not written by a Checkpointer), commit time, name;
   the latest is the last readable one;
+* a checkpoint's run is ``progress.run`` (None for manifests older than run ids);
 * the best for a monitor: the best recorded by the newest Checkpointer manifest when it is for the same
-  monitor and mode and that checkpoint still exists, otherwise recomputed over the Checkpointer's
-  checkpoints (strict improvement, NaN never improves);
-* retention deletes what :func:`savegame.policies.select_for_deletion` selects among the Checkpointer's
-  unpinned checkpoints, never the newest nor the best.
+  monitor and mode and that checkpoint still exists, otherwise recomputed over the checkpoints of the
+  newest checkpoint's run (strict improvement, NaN never improves);
+* retention (``savegame prune``) is ``Checkpointer.prune(all_runs=True)``: the keep policy applied to
+  each run's unpinned Checkpointer checkpoints separately, never deleting the newest, the best, a
+  run's best by the monitor nor a best the manifests record;
+* a checkpoint that disappears while it is read (a writer's retention deleted it) is left out of the
+  listing, not reported as corrupt.
 """
 
 from __future__ import annotations
@@ -32,8 +36,13 @@ from .checkpointer import (
     RecordedBest,
     build_keep_policy,
     parse_best,
+    parse_run,
+    plan_deletions,
     progress_int,
     progress_metrics,
+    recorded_best_names,
+    recorded_metrics,
+    unrecorded_monitor_error,
 )
 from .cli_common import UsageError, is_checkpoint_dir, local_path
 from .errors import (
@@ -45,12 +54,12 @@ from .errors import (
 )
 from .hashing import FileHasher
 from .manifest import Manifest
-from .policies import CheckpointInfo, is_better, resolve_mode, select_for_deletion
+from .policies import CheckpointInfo, is_better, resolve_mode
 from .storage import is_url
 from .storage.base import MANIFEST, QUARANTINE_PREFIX, STAGING_PREFIX, TRASH_PREFIX
 from .tensorfile import TensorFileReader
 
-__all__ = ["Entry", "RecordedBest", "Root", "Scan", "classify", "doomed_by_retention",
+__all__ = ["Entry", "RecordedBest", "Root", "Scan", "check_monitor_recorded", "classify", "doomed_by_retention",
            "resolve_checkpoint", "scan_root", "verify_checkpoint"]  # fmt: skip
 
 Status = Literal["ok", "unverified", "corrupt", "quarantined"]
@@ -95,6 +104,13 @@ class Root:
         """What :mod:`savegame.api` reads checkpoint ``name`` through (a path, or a CheckpointRef)."""
         return self.storage.ref(name) if self.remote else os.path.join(self.location, name)
 
+    def still_committed(self, name: str) -> bool:
+        """Whether checkpoint ``name`` is still committed (a writer's retention may have deleted it)."""
+        if self.remote:
+            return bool(self.storage.exists(name))
+        path = os.path.join(self.location, name)
+        return os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST))
+
     def names(self) -> tuple[list[str], list[str], list[str]]:
         """(committed, quarantined, staging/trash leftovers) folder names, sorted."""
         if self.remote:
@@ -137,6 +153,7 @@ class Entry:
     weights_only: bool = False
     pinned: bool = False
     recorded_best: RecordedBest | None = None
+    run: str | None = None
     status: Status = "unverified"
     problem: str | None = None
     is_best: bool = False
@@ -208,6 +225,7 @@ def fill_progress(entry: Entry) -> None:
     entry.weights_only = progress.get("weights_only") is True
     entry.pinned = progress.get("pinned") is True
     entry.recorded_best = parse_best(progress.get("best")) if entry.ours else None
+    entry.run = parse_run(progress.get("run")) if entry.ours else None
 
 
 def cheap_problem(ref: Any, manifest: Manifest) -> str | None:
@@ -226,7 +244,16 @@ def cheap_problem(ref: Any, manifest: Manifest) -> str | None:
     return None
 
 
-def _read(root: Root, name: str, *, quarantined: bool) -> Entry:
+def _read(root: Root, name: str, *, quarantined: bool) -> Entry | None:
+    """The entry of folder ``name``; None when a committed checkpoint vanished while being read (a
+    writer's retention deleted it: that is not damage)."""
+    entry = _read_entry(root, name, quarantined=quarantined)
+    if not quarantined and entry.status == "corrupt" and not root.still_committed(name):
+        return None
+    return entry
+
+
+def _read_entry(root: Root, name: str, *, quarantined: bool) -> Entry:
     path = root.where(name)
     mtime = 0.0
     if not root.remote:
@@ -270,6 +297,35 @@ def _committed_names(root: str) -> tuple[list[str], list[str], list[str]]:
     return sorted(committed), sorted(quarantined), sorted(leftovers)
 
 
+_RELIST_ROUNDS = 100
+_EMPTY_RELISTS = 2
+
+
+def _read_committed(root: Root, committed: list[str]) -> list[Entry]:
+    """The entries of the ``committed`` folders. When some vanished while being read (a writer's
+    retention runs right after its commits), the root is listed again and the new folders are read
+    too, so the listing shows what the writer committed meanwhile rather than nothing; an empty
+    listing is taken again twice, 10 ms apart (a scan overtaken by a writer's saves and deletions)."""
+    entries: list[Entry] = []
+    seen: set[str] = set()
+    todo = committed
+    for attempt in range(_RELIST_ROUNDS):
+        vanished = False
+        for name in todo:
+            seen.add(name)
+            entry = _read(root, name, quarantined=False)
+            if entry is None:
+                vanished = True
+            else:
+                entries.append(entry)
+        if not vanished and (entries or attempt >= _EMPTY_RELISTS):
+            break
+        if not vanished:
+            time.sleep(0.01)
+        todo = [n for n in root.names()[0] if n not in seen]
+    return entries
+
+
 def rank_best(entries: list[Entry], monitor: str | None, mode: Literal["min", "max"] | None) -> Entry | None:
     """The best of the readable ``entries`` (oldest first) for ``monitor`` (see the module docstring)."""
     if monitor is None or mode is None:
@@ -277,6 +333,7 @@ def rank_best(entries: list[Entry], monitor: str | None, mode: Literal["min", "m
     ours = [e for e in entries if e.ours and e.manifest is not None]
     by_name = {e.name: e for e in entries if e.manifest is not None}
     if ours:
+        ours = [e for e in ours if e.run == ours[-1].run]  # the newest checkpoint's run
         recorded = ours[-1].recorded_best
         if recorded is not None and recorded.monitor == monitor and recorded.mode == mode and recorded.name in by_name:
             return by_name[recorded.name]
@@ -306,10 +363,10 @@ def scan_root(arg: str, *, monitor: str | None = None, mode: str = "auto") -> Sc
     """
     root = arg if isinstance(arg, Root) else Root.open(arg)
     committed, quarantined, leftovers = root.names()
-    entries = [_read(root, n, quarantined=False) for n in committed]
+    entries = _read_committed(root, committed)
     readable = sorted((e for e in entries if e.manifest is not None), key=Entry.order)
     unreadable = sorted((e for e in entries if e.manifest is None), key=lambda e: (e.mtime, e.name))
-    quarantine = sorted((_read(root, n, quarantined=True) for n in quarantined),
+    quarantine = sorted((_read_entry(root, n, quarantined=True) for n in quarantined),
                         key=lambda e: (e.timestamp, e.name))  # fmt: skip
     resolved: Literal["min", "max"] | None
     if monitor is not None:
@@ -331,21 +388,35 @@ def scan_root(arg: str, *, monitor: str | None = None, mode: str = "auto") -> Sc
 def doomed_by_retention(
     scan: Scan, *, keep_last: int | None, keep_best: int | None, now: float | None = None
 ) -> list[Entry]:
-    """What ``Checkpointer(root, keep_last=..., keep_best=..., monitor=scan.monitor).prune()`` deletes.
+    """What ``Checkpointer(root, keep_last=..., keep_best=..., monitor=scan.monitor).prune(all_runs=True)``
+    deletes, oldest first.
 
-    Only checkpoints written by a Checkpointer and not pinned are candidates; the newest and the best
-    are always kept. Oldest first.
+    Only checkpoints written by a Checkpointer and not pinned are candidates; the policy applies to
+    each run separately; the newest, the best, each run's newest and best and every best the manifests
+    record are always kept.
     """
     policy = build_keep_policy(monitor=scan.monitor, mode=scan.mode or "auto", keep_last=keep_last,
                                keep_best=keep_best)  # fmt: skip
-    candidates = [e for e in scan.readable if e.ours and not e.pinned and e.sequence is not None]
-    infos = [CheckpointInfo(e.name, e.sequence, e.epoch, e.step, e.metrics, e.timestamp)
-             for e in candidates if e.sequence is not None]  # fmt: skip
-    best_name = scan.best.name if scan.best is not None else None
-    doomed = select_for_deletion(infos, policy, now=time.time() if now is None else now, best_name=best_name)
-    newest = scan.latest.name if scan.latest is not None else None
-    names = {c.name for c in doomed if c.name != newest}
+    ours = [e for e in scan.readable if e.ours]
+    protected = recorded_best_names((e.run, e.recorded_best) for e in ours)
+    protected.update(e.name for e in (scan.best, scan.latest) if e is not None)
+    candidates = [e for e in ours if not e.pinned and e.sequence is not None]
+    groups: dict[str | None, list[CheckpointInfo]] = {}
+    for e in candidates:
+        if e.sequence is not None:
+            groups.setdefault(e.run, []).append(CheckpointInfo(e.name, e.sequence, e.epoch, e.step, e.metrics,
+                                                               e.timestamp))  # fmt: skip
+    names = set(plan_deletions(groups, policy, now=time.time() if now is None else now, protected=protected,
+                               monitor=scan.monitor, mode=scan.mode))  # fmt: skip
     return [e for e in candidates if e.name in names]
+
+
+def check_monitor_recorded(scan: Scan) -> None:
+    """ConfigError when the scan's monitor is one that none of the Checkpointer's checkpoints recorded."""
+    ours = [e for e in scan.readable if e.ours]
+    recorded = recorded_metrics((e.metrics for e in ours), (e.recorded_best for e in ours))
+    if scan.monitor is not None and ours and scan.monitor not in recorded:
+        raise unrecorded_monitor_error(scan.root, scan.monitor, recorded)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -453,6 +524,7 @@ def entry_summary(entry: Entry) -> dict[str, Any]:
         "is_latest": entry.is_latest,
         "pinned": entry.pinned,
         "weights_only": entry.weights_only,
+        "run": entry.run,
         "status": entry.status,
         "problem": entry.problem,
     }

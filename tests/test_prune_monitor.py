@@ -1,0 +1,106 @@
+"""Issue 15 item 3: pruning by a misspelt monitor must not delete the real best.
+
+``savegame prune --keep-best 1 --monitor val_los`` (a typo) used to rank nothing, keep only the newest and
+delete the others, best included, with exit 0. A monitor no checkpoint recorded is now an error
+(ConfigError listing the recorded metrics; exit 2 on the command line) that deletes nothing, and
+retention never deletes the best the manifests record, whatever monitor or keep policy it is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from savegame.checkpointer import Checkpointer
+from savegame.errors import ConfigError
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+LOSSES = [0.9, 0.5, 0.2, 0.4, 0.6]  # the best (0.2) is the third of five checkpoints
+BEST = "epoch=003-step=000030"
+
+
+def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m savegame.cli`` from this checkout."""
+    env = {**os.environ, "PYTHONPATH": SRC, "NO_COLOR": "1"}
+    return subprocess.run([sys.executable, "-m", "savegame.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=120)  # fmt: skip
+
+
+def names(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+
+
+@pytest.fixture
+def run_root(tmp_path: Path) -> Path:
+    """Five real checkpoints of a small model, monitored by val_loss (the best in the middle)."""
+    root = tmp_path / "run"
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Checkpointer(root, monitor="val_loss", every_n_epochs=1) as ckpt:
+        for epoch, loss in enumerate(LOSSES, start=1):
+            opt.zero_grad()
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            opt.step()
+            ckpt.step({"model": model, "optimizer": opt}, epoch=epoch, step=10 * epoch,
+                      metrics={"val_loss": loss, "val_acc": 1 - loss})  # fmt: skip
+        assert ckpt.best is not None and ckpt.best.name == BEST
+    assert len(names(root)) == 5
+    return root
+
+
+def test_cli_prune_with_a_misspelt_monitor_fails_and_deletes_nothing(run_root: Path) -> None:
+    before = names(run_root)
+    result = cli("prune", run_root, "--keep-best", "1", "--monitor", "val_los")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "val_los" in result.stderr and "'val_loss'" in result.stderr and "'val_acc'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert names(run_root) == before
+    dry = cli("prune", run_root, "--keep-last", "1", "--monitor", "val_los", "--dry-run", "--json")
+    assert dry.returncode == 2 and names(run_root) == before
+
+
+def test_cli_prune_by_another_recorded_metric_keeps_the_recorded_best(run_root: Path) -> None:
+    # val_acc ranks the same checkpoints the other way round: 0.8 (epoch 1) is its best; the run's
+    # recorded best (val_loss 0.2, epoch 3) must survive too, and the newest.
+    result = cli("prune", run_root, "--keep-best", "1", "--monitor", "val_acc", "--mode", "min", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert BEST not in report["deleted"]
+    assert BEST in names(run_root)
+    assert "epoch=005-step=000050" in names(run_root)
+
+
+def test_cli_prune_keep_last_never_deletes_the_recorded_best(run_root: Path) -> None:
+    result = cli("prune", run_root, "--keep-last", "1")
+    assert result.returncode == 0, result.stderr
+    assert names(run_root) == [BEST, "epoch=005-step=000050"]
+
+
+def test_api_prune_with_a_misspelt_monitor_raises_and_deletes_nothing(run_root: Path) -> None:
+    before = names(run_root)
+    with Checkpointer(run_root, monitor="val_los", mode="min", keep_best=1) as ckpt:
+        for dry_run in (True, False):
+            with pytest.raises(ConfigError, match=r"'val_los'.*recorded metrics: 'val_acc', 'val_loss'"):
+                ckpt.prune(dry_run=dry_run)
+    assert names(run_root) == before
+
+
+def test_api_prune_by_another_metric_keeps_the_recorded_best(run_root: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(run_root, copy)
+    with Checkpointer(copy, monitor="val_acc", mode="min", keep_best=1) as ckpt:
+        assert BEST not in ckpt.prune(dry_run=True)
+        deleted = ckpt.prune(dry_run=False)
+    assert BEST not in deleted and BEST in names(copy)
+    with Checkpointer(run_root, keep_last=1) as ckpt:  # no monitor at all: the recorded best stays
+        deleted = ckpt.prune(dry_run=False)
+    assert names(run_root) == [BEST, "epoch=005-step=000050"]
+    assert sorted(deleted) == ["epoch=001-step=000010", "epoch=002-step=000020", "epoch=004-step=000040"]
