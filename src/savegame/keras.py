@@ -651,7 +651,6 @@ class ModelCheckpoint(_SavegameCallback):
     ) -> None:
         super().__init__()
         self.strict_monitor = bool(strict_monitor)
-        self.every_n_epochs = _check_every_n_epochs(every_n_epochs, save_freq=save_freq, save_best_only=save_best_only)
         self.filepath = os.fspath(filepath)
         if mode not in ("auto", "min", "max"):
             warnings.warn(f"ModelCheckpoint mode '{mode}' is unknown, fallback to auto mode.", stacklevel=2)
@@ -666,6 +665,7 @@ class ModelCheckpoint(_SavegameCallback):
                 f"ModelCheckpoint: Unrecognized save_freq: {save_freq}. Expected save_freq are 'epoch' or "
                 "integer values >= 1 (a number of batches; Keras would save after every batch)"
             )
+        self.every_n_epochs = _check_every_n_epochs(every_n_epochs, save_freq=save_freq, save_best_only=save_best_only)
         self.monitor = monitor
         self.verbose = verbose
         self.save_best_only = bool(save_best_only)
