@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> None:
         monitor=params["ckpt_save_best_metric"],
         save_best_only=False,
         save_weights_only=params["ckpt_save_weights_only"],
-        save_freq="epoch" if params["ckpt_save_interval"] == 1 else int(params["ckpt_save_interval"]),
+        # ckpt_save_interval counts epochs (Keras's integer save_freq counts batches): every N-th epoch and
+        # the last one; 0 = the last one only. With ckpt_save_best, every improvement is saved too.
+        save_freq="epoch",
+        every_n_epochs=int(params["ckpt_save_interval"]),
         keep_last=params["ckpt_keep_limit"],
         keep_best=1 if params["ckpt_save_best"] else None,
         resume=params["ckpt_restart_mode"] != "off" and not params["ckpt_save_weights_only"],

@@ -30,6 +30,23 @@ The keys keep CANDLE's meaning, without CANDLE's bugs:
 * ``ckpt_keep_limit`` never deletes the newest or the best checkpoint; ``ckpt_keep_mode='exponential'``
   (unimplemented in CANDLE) keeps a log-spaced history in addition to the ``ckpt_keep_limit`` newest.
 
+CANDLE's names are accepted as CANDLE documents them: ``ckpt_metadata`` (a run description stored in
+every manifest; ``metadata``, the key CANDLE's code reads, is the same setting) and
+``ckpt_directory=None`` (what CANDLE's parser gives when the key is unset: ``<output_dir>/ckpts``, or
+``./save`` without ``output_dir``; an absent key stays ``./save``).
+
+Where savegame's defaults and meanings differ from CANDLE's parser (``candle.parsing_utils``):
+
+* ``ckpt_save_interval``: the parser's default is 0, savegame's 1 (save every epoch, the default of
+  CANDLE's checkpoint module); and 0 means no *periodic* saves (the best and the end are still saved),
+  where CANDLE saves nothing at all.
+* ``ckpt_keep_limit``: CANDLE applies it to the checkpoints the current process wrote and never deletes
+  those of an earlier process, so each restart adds up to N more; savegame applies it to the run's
+  checkpoints in the directory, those written before a restart included, so a restarted job keeps the
+  newest N (and the best) in total. The parser's default is 1000000, savegame's None (no limit).
+* ``ckpt_checksum``: False in CANDLE, True here; ``ckpt_save_weights_only``: False (as the parser;
+  CANDLE's checkpoint module says True).
+
 Extensions (all optional): ``ckpt_save_steps``, ``ckpt_save_seconds``, ``ckpt_save_best_mode``,
 ``ckpt_preset`` (``short``/``normal``/``long``: its values are the defaults the other keys override)
 and ``ckpt_best_metric_last`` (CANDLE's value to beat after a restart). ``epochs``, when present, is
@@ -89,7 +106,9 @@ KEYS: dict[str, _Key] = {
     "ckpt_restart_mode": _Key(
         "choice", "resume: off | auto (if a checkpoint exists) | required", ("off", "auto", "required")
     ),
-    "ckpt_directory": _Key("str", "checkpoint directory (default ./save)"),
+    "ckpt_directory": _Key(
+        "str", "checkpoint directory (default ./save; None: OUTPUT_DIR/ckpts, as CANDLE's parser)", optional=True
+    ),
     "ckpt_save_interval": _Key("int", "save every N epochs; 0 = no periodic saves (best/end saves still happen)"),
     "ckpt_save_steps": _Key("int", "save every N global steps; 0 = off"),
     "ckpt_save_seconds": _Key("float", "save every T seconds of wall time; 0 = off"),
@@ -113,7 +132,10 @@ KEYS: dict[str, _Key] = {
     "ckpt_preset": _Key(
         "choice", "defaults for a training regime: short | normal | long", ("short", "normal", "long"), optional=True
     ),
-    "metadata": _Key("any", "free-form run description stored in every manifest", optional=True),
+    "ckpt_metadata": _Key(
+        "any", "free-form run description (job id, hardware...) stored in every manifest", optional=True
+    ),
+    "metadata": _Key("any", "the same as ckpt_metadata (the name CANDLE's code reads)", optional=True),
 }
 """The configuration keys :meth:`CheckpointConfig.from_params` understands (others are ignored)."""
 
@@ -176,7 +198,12 @@ class CheckpointConfig:
         values = {k: _convert(k, params[k]) for k in KEYS if k in params}
         chosen = values.get("ckpt_preset") or preset
         base = PRESETS[_check_preset(chosen)] if chosen else cls()
+        metadata = _merged_metadata(values.pop("ckpt_metadata", None), values.pop("metadata", None))
         changes: dict[str, Any] = {f"{k.removeprefix('ckpt_')}": v for k, v in values.items()}
+        if metadata is not None:
+            changes["metadata"] = metadata
+        if "ckpt_directory" in values and values["ckpt_directory"] is None:
+            changes["directory"] = _candle_default_directory(params.get("output_dir"))
         if "epochs" in params:
             epochs = _convert_int("epochs", params["epochs"])
             changes["max_epochs"] = epochs if epochs > 0 else None
@@ -219,6 +246,27 @@ class CheckpointConfig:
             max_epochs=self.max_epochs,
             metadata=metadata,
         )
+
+
+def _merged_metadata(candle: Any, plain: Any) -> Any:
+    """The run description from ``ckpt_metadata`` (CANDLE's documented name) or ``metadata`` (what
+    CANDLE's code reads); both may be given only with the same value, so neither is silently dropped."""
+    if candle is not None and plain is not None and candle != plain:
+        raise ConfigError(
+            f"ckpt_metadata={candle!r} and metadata={plain!r} disagree: they are the same setting "
+            "(CANDLE documents ckpt_metadata and reads metadata); give one of them"
+        )
+    return candle if candle is not None else plain
+
+
+def _candle_default_directory(output_dir: object) -> str:
+    """Where CANDLE puts checkpoints when ``ckpt_directory`` is None: ``<output_dir>/ckpts``, or the
+    checkpoint module's own default ``./save`` when there is no ``output_dir`` either."""
+    if output_dir is None or output_dir == "":
+        return CheckpointConfig.directory
+    if not isinstance(output_dir, (str, os.PathLike)):
+        raise ConfigError(f"output_dir must be a path (ckpt_directory=None puts checkpoints in it), got {output_dir!r}")
+    return os.path.join(os.fspath(output_dir), "ckpts")
 
 
 PRESETS: dict[str, CheckpointConfig] = {

@@ -65,7 +65,7 @@ from .checkpointer import Checkpointer, RestoredProgress, build_keep_policy
 from .errors import CheckpointNotFoundError, ConfigError, NotACheckpointError, StateMismatchError
 from .lock import ProcessShare
 from .naming import validate_name
-from .policies import KeepPolicy, Never, resolve_mode
+from .policies import KeepPolicy, Never, is_better, resolve_mode
 
 __all__ = [
     "BackupAndRestore",
@@ -235,8 +235,8 @@ class _Template:
             return target.format(**values)
         except KeyError as exc:
             raise ConfigError(
-                f"ModelCheckpoint: filepath {self.filepath!r} needs {exc} which is not in the logs "
-                f"(available: {', '.join(sorted(values))})"
+                f'ModelCheckpoint: Failed to format this callback filepath: "{self.filepath}". Reason: {exc} '
+                f"is not in the logs (available: {', '.join(sorted(values))})"
             ) from None
 
 
@@ -609,10 +609,23 @@ class ModelCheckpoint(_SavegameCallback):
     case the best. ``resume``: at the start of ``fit``, restore the newest full-state checkpoint of this
     callback and continue from it (needs ``save_weights_only=False``; see also :class:`BackupAndRestore`).
     ``verify``: check hashes when restoring. ``metadata``: JSON-like data stored in every manifest.
+    ``every_n_epochs``: with ``save_freq="epoch"``, save at the end of every N-th epoch (1-based: N, 2N...)
+    and of the last epoch of ``fit``, instead of every epoch; 0 saves at the end of ``fit`` only. With
+    ``keep_best``, an epoch whose ``monitor`` improves on the best so far is saved too, so the best is
+    never an epoch that was skipped. (Keras's integer ``save_freq`` counts *batches*.)
+    ``strict_monitor``: with ``save_best_only``, a ``monitor`` absent from the logs at the first epoch
+    end raises :class:`ConfigError` instead of Keras's behaviour (the warning ``Can save best model only
+    with <monitor> available.`` and a save every time, the default).
+
+    The best by ``monitor`` is recorded in the checkpoints whenever ``monitor`` is in the logs, with or
+    without ``save_best_only``, so ``load_weights(model, root, which="best")`` finds it and retention
+    keeps it.
 
     Errors are raised early: a malformed or impossible ``filepath`` template at construction; a metric
     placeholder the model does not log at the start of ``fit``; a ``monitor`` absent from the logs at
-    the first epoch end when ``save_best_only`` (or ``keep_best``) needs it. ``best`` holds the best
+    the first epoch end when ``keep_best`` (or ``save_best_only`` with ``strict_monitor=True``) needs it.
+    Messages contain Keras's own phrases (``Unrecognized save_freq``...) and the errors are
+    :class:`ConfigError`, a ``ValueError`` as Keras raises. ``best`` holds the best
     value so far, as in Keras; ``checkpointer`` the underlying :class:`savegame.checkpointer.Checkpointer`.
     """
 
@@ -633,18 +646,26 @@ class ModelCheckpoint(_SavegameCallback):
         resume: bool = False,
         verify: bool = True,
         metadata: Mapping[str, Any] | None = None,
+        strict_monitor: bool = False,
+        every_n_epochs: int = 1,
     ) -> None:
         super().__init__()
+        self.strict_monitor = bool(strict_monitor)
         self.filepath = os.fspath(filepath)
         if mode not in ("auto", "min", "max"):
             warnings.warn(f"ModelCheckpoint mode '{mode}' is unknown, fallback to auto mode.", stacklevel=2)
             mode = "auto"
         if save_freq != "epoch" and (isinstance(save_freq, bool) or not isinstance(save_freq, int)):
             raise ConfigError(
-                f"ModelCheckpoint: unrecognized save_freq: {save_freq!r}. Expected 'epoch' or an integer"
+                f"ModelCheckpoint: Unrecognized save_freq: {save_freq}. Expected save_freq are 'epoch' or "
+                "integer values (a number of batches)"
             )
         if isinstance(save_freq, int) and save_freq < 1:
-            raise ConfigError(f"ModelCheckpoint: save_freq must be 'epoch' or an integer >= 1, got {save_freq}")
+            raise ConfigError(
+                f"ModelCheckpoint: Unrecognized save_freq: {save_freq}. Expected save_freq are 'epoch' or "
+                "integer values >= 1 (a number of batches; Keras would save after every batch)"
+            )
+        self.every_n_epochs = _check_every_n_epochs(every_n_epochs, save_freq=save_freq, save_best_only=save_best_only)
         self.monitor = monitor
         self.verbose = verbose
         self.save_best_only = bool(save_best_only)
@@ -658,12 +679,15 @@ class ModelCheckpoint(_SavegameCallback):
         if self.native == "weights" and not self.save_weights_only:
             raise ConfigError(
                 "ModelCheckpoint: a filepath ending in .weights.h5 holds weights only: pass "
-                f"save_weights_only=True or use another filepath. Received: filepath={self.filepath}"
+                "save_weights_only=True, or use another filepath (Keras: the filepath provided must end in "
+                "`.keras` (Keras model format); savegame also takes a checkpoint root). "
+                f"Received: filepath={self.filepath}"
             )
         if self.native in ("keras", "h5") and self.save_weights_only:
             raise ConfigError(
-                "ModelCheckpoint: with save_weights_only=True a Keras-native filepath must end in .weights.h5. "
-                f"Received: filepath={self.filepath}"
+                "ModelCheckpoint: When using `save_weights_only=True` in `ModelCheckpoint`, the filepath provided "
+                "must end in `.weights.h5` (Keras weights format) when it is a Keras-native file (or give a "
+                f"checkpoint root without .keras/.h5). Received: filepath={self.filepath}"
             )
         self.template = _Template(self.filepath, save_freq=save_freq, native=self.native is not None)
         if self.native is not None and (keep_last is not None or keep_best is not None or keep is not None):
@@ -720,25 +744,29 @@ class ModelCheckpoint(_SavegameCallback):
 
     # -- Keras's decision logic (keras/src/callbacks/model_checkpoint.py, monitor_callback.py) ---------
 
-    def _set_monitor_op(self) -> None:
+    def _direction(self) -> Literal["less", "greater"] | None:
+        """Keras's comparison for ``monitor`` from ``mode`` or, for ``"auto"``, the name (``*loss``) and
+        the compiled metrics' directions; None when it cannot be told (yet: metrics not built)."""
         if self.mode == "min":
-            self.monitor_op = "less"
-        elif self.mode == "max":
-            self.monitor_op = "greater"
-        else:
-            name = self.monitor.removeprefix("val_")
-            if name == "loss":
-                self.monitor_op = "less"
-            for metric in _compiled_metrics(self.model):
-                if metric.name == name and hasattr(metric, "_direction"):
-                    self.monitor_op = "greater" if metric._direction == "up" else "less"
-            if self.monitor_op is None:
-                raise ConfigError(
-                    f"ModelCheckpoint callback received monitor={self.monitor}, but Keras isn't able to "
-                    "automatically determine whether that metric should be maximized or minimized. Pass "
-                    "mode='max' in order to monitor based on the highest metric value, or pass mode='min' "
-                    "in order to use the lowest value."
-                )
+            return "less"
+        if self.mode == "max":
+            return "greater"
+        name = self.monitor.removeprefix("val_")
+        found: Literal["less", "greater"] | None = "less" if name == "loss" else None
+        for metric in _compiled_metrics(self.model):
+            if metric.name == name and hasattr(metric, "_direction"):
+                found = "greater" if metric._direction == "up" else "less"
+        return found
+
+    def _set_monitor_op(self) -> None:
+        self.monitor_op = self._direction()
+        if self.monitor_op is None:
+            raise ConfigError(
+                f"ModelCheckpoint callback received monitor={self.monitor}, but Keras isn't able to "
+                "automatically determine whether that metric should be maximized or minimized. Pass "
+                "`mode='max'` in order to monitor based on the highest metric value, or pass `mode='min'` "
+                "in order to use the lowest value."
+            )
 
     def _is_improvement(self, current: float, reference: float | None) -> bool:
         if reference is None:
@@ -815,13 +843,17 @@ class ModelCheckpoint(_SavegameCallback):
 
     def _open(self) -> Checkpointer:
         if self.checkpointer is None:
-            tracking = self.monitor if (self.save_best_only or self.keep_best is not None) else None
+            # The best by monitor is recorded whether or not it decides the saves (save_best_only), so
+            # load_weights(model, root, which="best") finds it; retention never deletes it.
+            tracking: str | None = self.monitor
+            ranked = self.save_best_only or self.keep_best is not None
             mode: Literal["auto", "min", "max"] = "auto"
-            if self.mode in ("min", "max"):
-                mode = "min" if self.mode == "min" else "max"
-            elif tracking is not None:
+            direction = self._direction()
+            if direction is not None:
+                mode = "min" if direction == "less" else "max"
+            else:
                 try:
-                    mode = resolve_mode(tracking, "auto")
+                    mode = resolve_mode(self.monitor, "auto")
                 except (ValueError, ConfigError):
                     mode = "auto"
             keep = self.keep
@@ -833,7 +865,7 @@ class ModelCheckpoint(_SavegameCallback):
             try:
                 self.checkpointer = Checkpointer(
                     self.template.root, save=Never(), keep=keep, monitor=tracking, mode=mode,
-                    threshold=self.initial_value_threshold if tracking else None,
+                    threshold=self.initial_value_threshold if ranked else None,
                     rng=False, verify=self.verify, metadata=metadata, lock=False,
                 )  # fmt: skip
             except ConfigError:
@@ -853,14 +885,40 @@ class ModelCheckpoint(_SavegameCallback):
             self._set_monitor_op()
         if not self._checked_first_epoch:
             self._checked_first_epoch = True
-            if (self.save_best_only or self.keep_best is not None) and self.monitor not in (logs or {}):
+            needs: str | None = None
+            if self.keep_best is not None:
+                needs = "keep_best"
+            elif self.save_best_only and self.strict_monitor:
+                needs = "save_best_only with strict_monitor=True"
+            if needs is not None and self.monitor not in (logs or {}):
+                # keep_best ranks checkpoints by the monitor: without it, retention could not tell the
+                # best, so that is always an error. save_best_only alone does as Keras does (warns and
+                # saves) unless strict_monitor=True.
                 raise ConfigError(
                     f"ModelCheckpoint: monitor={self.monitor!r} is not in the logs at the end of epoch {epoch + 1} "
-                    f"(available: {', '.join(sorted(logs or {})) or 'none'}); save_best_only needs it. "
+                    f"(available: {', '.join(sorted(logs or {})) or 'none'}); {needs} needs it. "
                     "Pass validation_data for val_* metrics, or monitor one of the available keys."
                 )
-        if self.save_freq == "epoch":
+        if self.save_freq == "epoch" and self._epoch_due(epoch, logs):
             self._save_model(epoch=epoch, batch=None, logs=logs)
+
+    def _epoch_due(self, epoch: int, logs: Mapping[str, Any] | None) -> bool:
+        """Whether the end of ``epoch`` (0-based) is a save point under ``every_n_epochs``."""
+        every, number = self.every_n_epochs, epoch + 1
+        if every == 1 or (every and number % every == 0):
+            return True
+        if number == (self.params or {}).get("epochs"):
+            return True  # the end of training is always saved
+        return self.keep_best is not None and self._improves(logs)
+
+    def _improves(self, logs: Mapping[str, Any] | None) -> bool:
+        """True when ``monitor`` in ``logs`` beats the best recorded so far (or the initial threshold)."""
+        checkpointer = self._open()
+        value = _plain((logs or {}).get(self.monitor))
+        if checkpointer.mode is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+            return False
+        best = checkpointer.best_value
+        return is_better(float(value), best if best is not None else self.initial_value_threshold, checkpointer.mode)
 
     def _save_model(self, *, epoch: int, batch: int | None, logs: Mapping[str, Any] | None) -> None:
         logs = dict(logs or {})
@@ -903,6 +961,24 @@ class ModelCheckpoint(_SavegameCallback):
         self.last_saved = result.path
 
 
+def _check_every_n_epochs(every: object, *, save_freq: SaveFreq, save_best_only: bool) -> int:
+    """``every_n_epochs`` validated: an integer >= 0, only with ``save_freq="epoch"``, not with
+    ``save_best_only`` (which saves every improvement and nothing else)."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ConfigError(f"ModelCheckpoint: every_n_epochs must be an integer >= 0, got {every!r}")
+    if every != 1 and save_freq != "epoch":
+        raise ConfigError(
+            f"ModelCheckpoint: every_n_epochs={every} needs save_freq='epoch' (an integer save_freq counts "
+            "batches); pass one of the two"
+        )
+    if every != 1 and save_best_only:
+        raise ConfigError(
+            f"ModelCheckpoint: every_n_epochs={every} does not combine with save_best_only=True, which saves "
+            "every improvement and nothing else; use keep_best=1 to also keep the best"
+        )
+    return every
+
+
 def _compiled_metrics(model: Any) -> list[Any]:
     found: list[Any] = []
     for metric in getattr(model, "metrics", []) or []:
@@ -941,12 +1017,15 @@ class BackupAndRestore(_SavegameCallback):
     ) -> None:
         super().__init__()
         if not backup_dir:
-            raise ConfigError("BackupAndRestore: empty backup_dir")
+            raise ConfigError(
+                "BackupAndRestore: Empty `backup_dir` argument passed (give the directory of the backups)"
+            )
         if save_freq is not False and save_freq != "epoch" and (
             isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1
         ):
             raise ConfigError(
-                f"BackupAndRestore: invalid save_freq={save_freq!r}: expected 'epoch', an integer >= 1 or False"
+                f"BackupAndRestore: Invalid value for argument `save_freq`. Received: save_freq={save_freq}. "
+                "Expected either 'epoch', an integer value >= 1 (a number of batches) or False (restore only)."
             )
         self.backup_dir = os.fspath(backup_dir)
         self.save_freq = save_freq

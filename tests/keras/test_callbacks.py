@@ -246,10 +246,11 @@ def test_unknown_metric_placeholder_fails_before_training(tmp_path: Path) -> Non
         assert ckpt._step == 0  # not a single batch was trained
 
 
-def test_monitor_absent_at_first_epoch_end_is_a_clear_error(tmp_path: Path) -> None:
+def test_monitor_absent_at_first_epoch_end_is_a_clear_error_with_strict_monitor(tmp_path: Path) -> None:
     x, y, _, _ = iris()
     model = dense_model()
-    ckpt = sk.ModelCheckpoint(str(tmp_path / "best"), monitor="val_accuracy", mode="max", save_best_only=True)
+    ckpt = sk.ModelCheckpoint(str(tmp_path / "best"), monitor="val_accuracy", mode="max", save_best_only=True,
+                              strict_monitor=True)
     with pytest.raises(ConfigError, match=r"monitor='val_accuracy' is not in the logs at the end of epoch 1"):
         model.fit(x, y, epochs=2, callbacks=[ckpt], verbose=0)
 

@@ -281,7 +281,7 @@ def test_non_strict_load_passes_through_savegame_load_and_checkpointer(
         (lambda d: sk.ModelCheckpoint(d + "/m", keep_last=2, keep=KeepLast(2)), ConfigError, "either"),
         (lambda d: sk.ModelCheckpoint(d + "/m_{epoch!r}"), ConfigError, "plain name"),
         (lambda d: sk.ModelCheckpoint(d + "/m_{epoch:.2f}_{loss:d}"), ConfigError, "format spec"),
-        (lambda d: sk.BackupAndRestore(""), ConfigError, "empty"),
+        (lambda d: sk.BackupAndRestore(""), ConfigError, "Empty `backup_dir`"),
         (lambda d: sk.BackupAndRestore(d + "/b", save_freq=0), ConfigError, "save_freq"),
         (lambda d: sk.load_weights(dense_model(), d + "/nothing"), CheckpointNotFoundError, "no such"),
     ],

@@ -55,6 +55,7 @@ __all__ = [
     "assign_variables",
     "capture_global_rng",
     "capture_variables",
+    "keep_rng_through_first_build",
     "restore_global_rng",
     "seed_generator_variables",
     "sync_jax_state",
@@ -292,6 +293,37 @@ def restore_global_rng(state: Mapping[str, Any]) -> list[str]:
     return restored
 
 
+_NEUTRAL_MARK = "_savegame_rng_neutral"
+
+
+def keep_rng_through_first_build(model: Any) -> None:
+    """Make the model's next symbolic build leave the process-wide generators as they are.
+
+    The first ``fit`` (or ``evaluate``) after ``compile`` builds the compiled metrics and loss from one
+    batch it takes from the input pipeline, which draws that epoch's order from the global generators
+    (NumPy's on the JAX backend, torch's on the torch backend) *before* ``on_train_begin``. In an
+    uninterrupted run that draw happened once, at the very start; after restoring a checkpoint's random
+    state into a freshly compiled model it would happen again and shift every later draw, so
+    ``fit(initial_epoch=...)`` would train on another data order than the run it continues. Wrapping the
+    build (once: the wrapper removes itself) to put the generators back afterwards keeps the restored
+    state for the epochs. Keras's private ``_symbolic_build`` is used only if present.
+    """
+    build = getattr(model, "_symbolic_build", None)
+    if not callable(build) or getattr(build, _NEUTRAL_MARK, False):
+        return
+
+    def neutral_build(*args: Any, **kwargs: Any) -> Any:
+        model.__dict__.pop("_symbolic_build", None)  # once: the class's method from now on
+        saved = {k: v for k, v in capture_global_rng().items() if k != "keras_global"}
+        try:
+            return build(*args, **kwargs)
+        finally:
+            restore_global_rng(saved)
+
+    setattr(neutral_build, _NEUTRAL_MARK, True)
+    model.__dict__["_symbolic_build"] = neutral_build
+
+
 # --------------------------------------------------------------------------------------------------
 # Matching and the report
 
@@ -516,6 +548,7 @@ class KerasState:
         rng = state.get("rng")
         if self.include_rng and isinstance(rng, Mapping):
             restored = restore_global_rng(rng)
+            keep_rng_through_first_build(self.model)
             report.notes.append(f"rng: restored {', '.join(restored) or 'nothing'}")
         _mark_jax_state_stale(self.model)
         return report
