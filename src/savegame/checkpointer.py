@@ -83,7 +83,7 @@ from .errors import (
     StorageError,
     UnsupportedFormatError,
 )
-from .lock import ProcessShare
+from .lock import ProcessShare, process_holds
 from .manifest import Manifest
 from .naming import NameTemplate, unique_name, validate_name
 from .policies import (
@@ -1691,9 +1691,10 @@ class Checkpointer:
     def _quarantine(self, name: str, exc: Exception) -> str:
         """Move a damaged checkpoint aside (never delete it), warn and log; return its old name.
 
-        A Checkpointer without the writer lock (``lock=False``) does not own the directory and leaves
-        the checkpoint where it is: it only warns and skips it."""
-        if not self._owner:
+        A Checkpointer without the writer lock (``lock=False``, in a process that does not hold the lock
+        otherwise) does not own the directory and leaves the checkpoint where it is: it only warns and
+        skips it."""
+        if not (self._owner or (self.local and process_holds(self.directory))):
             message = (f"checkpoint {name} in {self.directory} is damaged and was skipped (left in place: "
                        f"this Checkpointer has lock=False and does not own the directory): {exc}")  # fmt: skip
             log.warning(message)

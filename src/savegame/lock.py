@@ -426,6 +426,15 @@ _shares: dict[str, list[Any]] = {}
 _shares_guard = threading.Lock()
 
 
+def process_holds(root: str | os.PathLike[str]) -> bool:
+    """Whether this process holds the writer lock of ``root`` through a :class:`ProcessShare`.
+
+    A Checkpointer made with ``lock=False`` inside code that holds the lock (the Keras callbacks hold it
+    for the whole of ``fit``) acts for the owner: it may quarantine damaged checkpoints."""
+    with _shares_guard:
+        return os.path.realpath(os.fspath(root)) in _shares
+
+
 def _forget_shares_in_child() -> None:
     _shares.clear()
 
