@@ -8,6 +8,8 @@ Modes:
   ckpt-sigint     Checkpointer(background=True).save(...), then "train" (sleep) until SIGINT; the README's
                   plain ``ckpt.close()`` after the loop is never reached.
   ckpt-close      the same, but the loop's ``except KeyboardInterrupt`` calls ``ckpt.close()`` and re-raises.
+  ckpt-forgotten  Checkpointer(background=True, keep_last=1): epoch 1 committed, epoch 2 in flight when
+                  the script ends without ever calling ckpt.close().
   save-no-wait    savegame.save(..., background=True) and the script ends without waiting on the handle.
   save-fails-late the same, but the save fails at its commit (after its data was written): never collected.
 """
@@ -69,6 +71,13 @@ def main() -> None:
                 print("CLOSED", flush=True)
             raise
         ckpt.close()
+    elif mode == "ckpt-forgotten":
+        ckpt = savegame.Checkpointer(root, background=True, keep_last=1)
+        ckpt.save(state(), epoch=1)
+        ckpt.wait()
+        ckpt.storage.ops = SlowOps()  # type: ignore[attr-defined]
+        ckpt.save(state(), epoch=2)
+        print("SUBMITTED", flush=True)  # and the script ends without ckpt.close()
     elif mode in ("save-no-wait", "save-fails-late"):
         local.DEFAULT_OPS = SlowOps(fail_commit=mode == "save-fails-late")
         savegame.save(os.path.join(root, "c"), state(), background=True)

@@ -127,3 +127,17 @@ def test_background_save_failing_after_the_script_ended_is_reported_on_stderr(tm
     assert "the background save of" in err and str(tmp_path / "c") in err
     assert "nothing was saved there" in err and "injected" in err
     assert list(tmp_path.iterdir()) == []  # nothing visible, no staging debris
+
+
+def test_checkpointer_never_closed_is_closed_at_exit_with_retention_applied(tmp_path: Path) -> None:
+    proc = _start("ckpt-forgotten", tmp_path)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "finishing the background save" in err
+    # the save in flight was committed, and then integrated as close() would: keep_last=1 applied
+    assert savegame.storage.LocalStorage(tmp_path).committed() == ["epoch=002"]
+    _assert_committed(tmp_path / "epoch=002")
+    _no_staging(tmp_path)

@@ -282,6 +282,7 @@ def _say(stream: TextIO, line: str) -> None:
 _writers: weakref.WeakSet[BackgroundWriter] = weakref.WeakSet()
 _exit_hook_lock = threading.Lock()
 _exit_hook_installed = False
+_exit_callbacks: list[Callable[[], None]] = []
 
 
 def _finish_at_exit(writer: BackgroundWriter) -> None:
@@ -292,8 +293,22 @@ def _finish_at_exit(writer: BackgroundWriter) -> None:
     (registered after ``concurrent.futures`` registered its own) runs while the fsync and hashing pools
     the save needs still accept work. ``atexit`` is the fallback where that hook does not exist.
     """
-    global _exit_hook_installed
     _writers.add(writer)
+    _install_exit_hook()
+
+
+def close_at_exit(callback: Callable[[], None]) -> None:
+    """Call ``callback`` at interpreter exit, after the background saves in flight were finished.
+
+    The Checkpointer registers one such callback so that a Checkpointer never closed still gets its
+    last background save integrated (retention, mirror upload) at exit; an error it raises is printed
+    on stderr."""
+    _exit_callbacks.append(callback)
+    _install_exit_hook()
+
+
+def _install_exit_hook() -> None:
+    global _exit_hook_installed
     with _exit_hook_lock:
         if _exit_hook_installed:
             return
@@ -324,6 +339,11 @@ if hasattr(os, "register_at_fork"):
 def _finish_all_at_exit() -> None:
     for writer in list(_writers):
         writer.finish_at_exit(sys.stderr)
+    for callback in list(_exit_callbacks):
+        try:
+            callback()
+        except Exception as exc:  # at exit there is no caller left to raise to: say it
+            _say(sys.stderr, f"savegame: at exit: {exc}")
 
 
 _default_writer: BackgroundWriter | None = None

@@ -67,7 +67,7 @@ from typing import Any, Literal
 from . import api
 from .adapters.rng import RNGState
 from .autointerval import DEFAULT_MTBF_SECONDS, AutoInterval, record_save_cost
-from .background import BackgroundWriter, PendingSave
+from .background import BackgroundWriter, PendingSave, close_at_exit
 from .capture import replaceable
 from .coordination import Coordinator, coordinator_for
 from .errors import (
@@ -1403,6 +1403,7 @@ class Checkpointer:
             self._writer, self.storage, name, items, metadata=metadata, progress=payload, overwrite=False
         )
         self._in_flight = _InFlight(name, handle)
+        _settle_at_exit(self)
         self._max_sequence = max(self._max_sequence, int(payload["sequence"]))
         self._last_saved = progress
         self._saved_here = True
@@ -1423,6 +1424,7 @@ class Checkpointer:
         view (newest, best) was re-read from the directory.
         """
         in_flight, self._in_flight = self._in_flight, None
+        _unsettled.discard(self)
         if in_flight is None:
             return []
         seen = in_flight.handle.delivered  # the caller already got the error from the handle
@@ -1848,3 +1850,47 @@ class Checkpointer:
 
     def __repr__(self) -> str:
         return f"Checkpointer({self.directory!r}, monitor={self.monitor!r}, mode={self.mode!r})"
+
+
+
+_unsettled: set[Checkpointer] = set()
+_unsettled_hook = False
+
+
+def _settle_at_exit(checkpointer: Checkpointer) -> None:
+    """Close ``checkpointer`` at interpreter exit if its background save was never settled.
+
+    The background writer finishes the save in flight at exit by itself; closing the Checkpointer then
+    also integrates it (retention once it is committed, the mirror's upload, the lock given back), as
+    ``close()``, ``wait()`` or the next save would have. The reference held here (until the save is
+    settled) keeps a Checkpointer that went out of scope with a save in flight alive for that.
+    """
+    global _unsettled_hook
+    _unsettled.add(checkpointer)
+    if not _unsettled_hook:
+        _unsettled_hook = True
+        close_at_exit(_close_unsettled)
+
+
+def _close_unsettled() -> None:
+    for checkpointer in list(_unsettled):
+        if checkpointer._closed:
+            continue
+        log.info("Checkpointer(%s) was not closed: closing it at exit", checkpointer.directory)
+        try:
+            checkpointer.close()
+        except Exception as exc:  # no caller is left to raise to: say it, and close the others
+            try:
+                print(f"savegame: closing Checkpointer({checkpointer.directory}) at exit: {exc}",
+                      file=sys.stderr, flush=True)
+            except (OSError, ValueError):
+                pass
+
+
+def _forget_unsettled_after_fork() -> None:
+    """A forked child does not own its parent's Checkpointers: never close them at the child's exit."""
+    _unsettled.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_unsettled_after_fork)
