@@ -52,7 +52,6 @@ import errno
 import logging
 import math
 import os
-import re
 import secrets
 import sys
 import threading
@@ -89,7 +88,6 @@ from .naming import NameTemplate, unique_name, validate_name
 from .policies import (
     AnyOf,
     AtEnd,
-    CheckpointInfo,
     EveryNEpochs,
     EveryNSteps,
     EveryTSeconds,
@@ -109,8 +107,19 @@ from .policies import (
     is_better,
     missing_monitor_message,
     resolve_mode,
-    select_for_deletion,
 )
+from .run_index import ALIASES as ALIASES
+from .run_index import PROGRESS_VERSION as PROGRESS_VERSION
+from .run_index import IndexEntry, RunIndex, entry_from_manifest
+from .run_index import RecordedBest as RecordedBest
+from .run_index import parse_best as parse_best
+from .run_index import parse_run as parse_run
+from .run_index import plan_deletions as plan_deletions
+from .run_index import progress_int as progress_int
+from .run_index import progress_metrics as progress_metrics
+from .run_index import recorded_best_names as recorded_best_names
+from .run_index import recorded_metrics as recorded_metrics
+from .run_index import unrecorded_monitor_error as unrecorded_monitor_error
 from .signals import DEFAULT_SIGNALS, PreemptionHandler
 from .storage import LocalStorage, is_url, storage_for
 from .storage.base import MANIFEST, CheckpointRef
@@ -127,9 +136,6 @@ __all__ = [
 
 log = logging.getLogger("savegame.checkpointer")
 
-PROGRESS_VERSION = 1
-"""Version of the ``progress`` layout the Checkpointer writes (``progress["checkpointer"]``)."""
-
 RNG_ITEM = "rng"
 """Item name under which the global RNG state is added to full-state checkpoints."""
 
@@ -141,9 +147,6 @@ DISTRIBUTED_ITEM = "savegame.distributed"
 _MAX_NAME_ATTEMPTS = 1000
 _MAX_RESUME_ROUNDS = 1000
 """Re-listings ``restore`` makes while retention deletes the checkpoints it was about to read."""
-ALIASES = ("latest", "best")
-"""Names that ``savegame`` commands resolve inside a root (``ROOT/best``), never directories of their own."""
-_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 
 
 class ResumeWarning(UserWarning):
@@ -237,162 +240,13 @@ class _Resumed:
     run: str | None
 
 
-@dataclass(frozen=True)
-class RecordedBest:
-    """The best checkpoint for the monitored metric (persisted in every manifest's progress)."""
-
-    monitor: str
-    mode: Literal["min", "max"]
-    value: float
-    name: str
-    epoch: int | None
-    step: int | None
-
-    def to_json(self) -> dict[str, Any]:
-        """The manifest form."""
-        return {
-            "monitor": self.monitor,
-            "mode": self.mode,
-            "value": self.value,
-            "name": self.name,
-            "epoch": self.epoch,
-            "step": self.step,
-        }
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """A committed checkpoint with its parsed progress (internal cache entry)."""
-
-    name: str
-    manifest: Manifest
-    ours: bool
-    sequence: int | None
-    epoch: int | None
-    step: int | None
-    metrics: Mapping[str, float]
-    epoch_end: bool
-    weights_only: bool
-    pinned: bool
-    best: RecordedBest | None
-    run: str | None = None
-
-    @property
-    def created(self) -> float:
-        """Commit time as unix seconds."""
-        return self.manifest.created.timestamp()
-
-    def order(self) -> tuple[int, float, str]:
-        """Sort key, oldest first: Checkpointer sequence, then commit time (foreign ones first)."""
-        return (self.sequence if self.sequence is not None else -1, self.created, self.name)
-
-    def progress(self) -> Progress:
-        """The position as a save policy sees it; the time is unknown (another process's clock)."""
-        return Progress(
-            epoch=self.epoch, step=self.step, metrics=self.metrics, time=-math.inf, epoch_end=self.epoch_end
-        )
-
-
 # --------------------------------------------------------------------------------------------------
 # Parsing and checking values
-
-
-def progress_int(value: object) -> int | None:
-    """A non-negative int from untrusted progress, or None."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        return None
-    return value
-
-
-def progress_metrics(value: object) -> dict[str, float]:
-    """Metrics from untrusted progress: string keys, numeric values (others dropped)."""
-    if not isinstance(value, Mapping):
-        return {}
-    out: dict[str, float] = {}
-    for key, raw in value.items():
-        if isinstance(key, str) and isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            out[key] = float(raw)
-    return out
-
-
-def parse_best(value: object) -> RecordedBest | None:
-    """The ``best`` field of a manifest's progress, or None if absent or malformed."""
-    if not isinstance(value, Mapping):
-        return None
-    monitor, mode, raw, name = value.get("monitor"), value.get("mode"), value.get("value"), value.get("name")
-    if not isinstance(monitor, str) or mode not in ("min", "max") or not isinstance(name, str):
-        return None
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
-        return None
-    return RecordedBest(monitor, "min" if mode == "min" else "max", float(raw), name,
-                 progress_int(value.get("epoch")), progress_int(value.get("step")))  # fmt: skip
 
 
 def new_run_id() -> str:
     """A new run id: the UTC start time and a random suffix (``20261201T213012-a1b2c3``), sortable and unique."""
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
-
-
-def parse_run(value: object) -> str | None:
-    """The ``run`` field of untrusted progress: a short id of letters, digits and ``_.:-``, or None."""
-    if isinstance(value, str) and _RUN_ID.fullmatch(value):
-        return value
-    return None
-
-
-def recorded_best_names(bests: Iterable[tuple[str | None, RecordedBest | None]]) -> set[str]:
-    """The checkpoints that the manifests record as best: per run (``(run, best)`` pairs, oldest
-    first), the best named by its newest manifest that names one. Retention never deletes these,
-    whatever monitor or keep policy it was given."""
-    latest: dict[str | None, str] = {}
-    for run, best in bests:
-        if best is not None:
-            latest[run] = best.name
-    return set(latest.values())
-
-
-def best_by_metric(infos: Iterable[CheckpointInfo], monitor: str, mode: Literal["min", "max"]) -> str | None:
-    """The name of the first checkpoint (oldest first) with the best ``monitor`` value (strict improvement)."""
-    best: str | None = None
-    value: float | None = None
-    for info in infos:
-        raw = info.metrics.get(monitor)
-        if raw is not None and is_better(raw, value, mode):
-            best, value = info.name, raw
-    return best
-
-
-def plan_deletions(
-    groups: Mapping[str | None, Iterable[CheckpointInfo]], policy: KeepPolicy, *, now: float,
-    protected: Collection[str], monitor: str | None = None, mode: Literal["min", "max"] | None = None,
-) -> builtins.list[str]:  # fmt: skip
-    """What retention deletes, oldest first: ``policy`` applied to each run's candidates separately
-    (``groups``: run -> its deletable checkpoints, oldest first). Each run's newest, its best by
-    ``monitor`` (when given) and every ``protected`` name are kept."""
-    doomed: builtins.list[CheckpointInfo] = []
-    for infos in groups.values():
-        members = builtins.list(infos)
-        best = best_by_metric(members, monitor, mode) if monitor is not None and mode is not None else None
-        doomed.extend(select_for_deletion(members, policy, now=now, best_name=best))
-    doomed.sort(key=lambda c: c.sequence)
-    return [c.name for c in doomed if c.name not in protected]
-
-
-def recorded_metrics(metrics: Iterable[Mapping[str, float]], bests: Iterable[RecordedBest | None]) -> set[str]:
-    """Every metric name the given checkpoints recorded (their metrics and their recorded best's monitor)."""
-    names = {name for values in metrics for name in values}
-    names.update(best.monitor for best in bests if best is not None)
-    return names
-
-
-def unrecorded_monitor_error(where: str, monitor: str, recorded: Collection[str]) -> ConfigError:
-    """The error for pruning by a metric no checkpoint recorded (a typo would otherwise rank nothing
-    and let retention delete the real best)."""
-    known = ", ".join(repr(n) for n in sorted(recorded)) or "none"
-    return ConfigError(
-        f"{where}: no checkpoint recorded the metric {monitor!r} (recorded metrics: {known}); "
-        "check the spelling of the monitor. Nothing was deleted"
-    )
 
 
 def check_run_root(directory: str | os.PathLike[str]) -> None:
@@ -419,26 +273,6 @@ def check_run_root(directory: str | os.PathLike[str]) -> None:
                 f"Checkpointer: {path} names the {base!r} checkpoint of the run root {parent}, not a "
                 f"directory of checkpoints; pass Checkpointer({parent!r}) and restore(state, which={base!r})"
             )
-
-
-def _entry_from_manifest(name: str, manifest: Manifest) -> _Entry:
-    """Read what the Checkpointer needs from a manifest (foreign checkpoints have no progress)."""
-    progress = manifest.progress if isinstance(manifest.progress, Mapping) else {}
-    ours = progress.get("checkpointer") == PROGRESS_VERSION and progress_int(progress.get("sequence")) is not None
-    return _Entry(
-        name=name,
-        manifest=manifest,
-        ours=ours,
-        sequence=progress_int(progress.get("sequence")) if ours else None,
-        epoch=progress_int(progress.get("epoch")),
-        step=progress_int(progress.get("step")),
-        metrics=MappingProxyType(progress_metrics(progress.get("metrics"))),
-        epoch_end=progress.get("epoch_end") is not False,
-        weights_only=progress.get("weights_only") is True,
-        pinned=progress.get("pinned") is True,
-        best=parse_best(progress.get("best")) if ours else None,
-        run=parse_run(progress.get("run")) if ours else None,
-    )
 
 
 def coerce_metrics(metrics: Mapping[str, object] | None) -> dict[str, float]:
@@ -856,9 +690,8 @@ class Checkpointer:
             log.warning("Checkpointer: background=True is not available in a process group; saving synchronously")
             self.background = False
         self._closed = False
-        self._entries: dict[str, _Entry] = {}
-        self._unreadable: dict[str, CheckpointError] = {}
-        self._max_sequence = 0
+        self._index = RunIndex(self.storage)
+        """The Checkpointer's view of its directory (told about its own commits and deletions)."""
         self._last_saved: Progress | None = None
         self._saved_here = False
         self._best: RecordedBest | None = None
@@ -899,7 +732,7 @@ class Checkpointer:
         self._refresh()
         self.run_id = str(self._coord.agree(self._initial_run_id()))
         self._best = self._resolve_best()
-        newest = self._newest()
+        newest = self._index.latest
         if newest is not None and restart != "off":
             self._last_saved = newest.progress()
 
@@ -913,7 +746,7 @@ class Checkpointer:
     def _initial_run_id(self) -> str:
         """The newest checkpoint's run when resuming is allowed (``restart`` not ``"off"``), else a new run."""
         if self.restart != "off":
-            ours = [e for e in self._sorted() if e.ours]
+            ours = self._index.newest_run()
             if ours and ours[-1].run is not None:
                 return ours[-1].run
         return new_run_id()
@@ -951,87 +784,34 @@ class Checkpointer:
     # Directory scan and best tracking
 
     def _refresh(self) -> None:
-        """Sync the cache with the committed checkpoints of the directory and recompute the best."""
-        names = self.storage.committed()
-        present = set(names)
-        for gone in [n for n in self._entries if n not in present]:
-            del self._entries[gone]
-        for gone in [n for n in self._unreadable if n not in present]:
-            del self._unreadable[gone]
-        for name in names:
-            if name in self._entries or name in self._unreadable:
-                continue
-            try:
-                manifest = api.read_manifest(self._ref(name))
-            except (CorruptCheckpointError, UnsupportedFormatError) as exc:
-                if not self.storage.exists(name):  # deleted by a writer's retention while being read
-                    continue
+        """Sync the index with the committed checkpoints of the directory and recompute the best."""
+        for name, exc in self._index.refresh().items():
+            if isinstance(exc, (CorruptCheckpointError, UnsupportedFormatError)):
                 log.warning("checkpoint %s: unreadable manifest, ignored: %s", name, exc)
-                self._unreadable[name] = exc
-                continue
-            except (CheckpointError, OSError) as exc:  # vanished meanwhile, permissions...
-                vanished = not self.storage.exists(name)  # deleted by a writer's retention: not a problem
-                log.log(logging.DEBUG if vanished else logging.WARNING, "checkpoint %s: cannot read its manifest: %s",
-                        name, exc)  # fmt: skip
-                continue
-            entry = _entry_from_manifest(name, manifest)
-            self._entries[name] = entry
-            if entry.sequence is not None:
-                self._max_sequence = max(self._max_sequence, entry.sequence)
+            else:  # permissions...
+                log.warning("checkpoint %s: cannot read its manifest: %s", name, exc)
         self._best = self._resolve_best()
 
     def _ref(self, name: str) -> str | CheckpointRef:
         """What the :mod:`savegame.api` functions read checkpoint ``name`` through: its local path, or
         a reference to it on the configured remote storage."""
-        return self.storage.path(name) if self.local else self.storage.ref(name)
+        return self._index.ref(name)
 
-    def _sorted(self) -> builtins.list[_Entry]:
-        """Cached entries, oldest first."""
-        return sorted(self._entries.values(), key=_Entry.order)
-
-    def _newest(self) -> _Entry | None:
-        entries = self._sorted()
-        return entries[-1] if entries else None
-
-    def _run_entries(self) -> builtins.list[_Entry]:
+    def _run_entries(self) -> builtins.list[IndexEntry]:
         """The checkpoints of the current run, oldest first, whose best this Checkpointer tracks.
 
         Before its first save, a Checkpointer that may resume (``restart`` not ``"off"``) takes the
         newest checkpoint's run, also when that one has no run id (written before run ids existed).
         """
-        ours = [e for e in self._sorted() if e.ours]
-        own = [e for e in ours if e.run == self.run_id]
-        if own or self.restart == "off" or not ours:
-            return own
-        return [e for e in ours if e.run == ours[-1].run]
+        return self._index.run_entries(self.run_id, or_newest=self.restart != "off")
 
     def _resolve_best(self) -> RecordedBest | None:
-        """The best checkpoint of the current run for the monitor: as recorded by the run's newest
-        manifest when that checkpoint still exists, otherwise recomputed from the metrics of the run's
-        existing checkpoints."""
-        if self.monitor is None or self.mode is None:
-            return None
-        ours = self._run_entries()
-        if ours:
-            recorded = ours[-1].best
-            if (
-                recorded is not None
-                and recorded.monitor == self.monitor
-                and recorded.mode == self.mode
-                and recorded.name in self._entries
-            ):
-                return recorded
-        best: RecordedBest | None = None
-        for entry in ours:
-            value = entry.metrics.get(self.monitor)
-            if value is None:
-                continue
-            reference = best.value if best is not None else self.threshold
-            if is_better(value, reference, self.mode, self.min_delta):
-                best = RecordedBest(self.monitor, self.mode, value, entry.name, entry.epoch, entry.step)
-        return best
+        """The best checkpoint of the current run for the monitor (see :meth:`RunIndex.best`; with
+        this Checkpointer's ``min_delta`` and ``threshold``)."""
+        return self._index.best(self.monitor, self.mode, entries=self._run_entries(), min_delta=self.min_delta,
+                                threshold=self.threshold)  # fmt: skip
 
-    def _record(self, entry: _Entry, newest: str | None) -> CheckpointRecord:
+    def _record(self, entry: IndexEntry, newest: str | None) -> CheckpointRecord:
         return CheckpointRecord(
             name=entry.name,
             path=self.storage.path(entry.name),
@@ -1058,7 +838,7 @@ class Checkpointer:
         """
         self._settle()
         self._refresh()
-        entries = self._sorted()
+        entries = self._index.ordered()
         newest = entries[-1].name if entries else None
         return [self._record(e, newest) for e in entries]
 
@@ -1320,10 +1100,10 @@ class Checkpointer:
         distributed = self._coord.distributed
         encoded = None if self.background or distributed else api.encode_state(items)
         self._refresh()
-        sequence = self._max_sequence + 1
+        sequence = self._index.max_sequence + 1
         base = self._name_for(progress, sequence, name)
         meta = {**self.metadata, **dict(metadata or {})}
-        taken = set(self._entries) | set(self._unreadable)
+        taken = self._index.names()
         for _ in range(_MAX_NAME_ATTEMPTS):
             final_name = unique_name(base, taken)
             best = self._new_best(progress, final_name)
@@ -1334,7 +1114,7 @@ class Checkpointer:
                 if encoded is None:
                     path, manifest = self._write_distributed(final_name, items, meta, payload)
                     final_name = manifest_name = os.path.basename(path.rstrip("/"))
-                    best = _entry_from_manifest(manifest_name, manifest).best
+                    best = entry_from_manifest(manifest_name, manifest).best
                 else:
                     path, manifest = api.write_items(
                         self.storage, final_name, encoded, metadata=meta, progress=payload, overwrite=False
@@ -1348,7 +1128,6 @@ class Checkpointer:
         else:
             raise CheckpointError(f"could not find a free checkpoint name for {base!r} in {self.directory}")
         self._committed(final_name, manifest)
-        self._max_sequence = max(self._max_sequence, self._entries[final_name].sequence or sequence)
         self._last_saved = progress
         self._saved_here = True
         deleted = self._retain()
@@ -1377,7 +1156,7 @@ class Checkpointer:
 
     def _committed(self, name: str, manifest: Manifest) -> None:
         """Record a committed checkpoint in the cache, recompute the best, wake the mirror."""
-        self._entries[name] = _entry_from_manifest(name, manifest)
+        self._index.note_committed(name, manifest)
         self._best = self._resolve_best()
         if self._mirror is not None:
             self._mirror.notify()
@@ -1386,7 +1165,7 @@ class Checkpointer:
         """Apply retention after a commit, on the coordinating rank only; every rank forgets what went."""
         deleted: builtins.list[str] = self._coord.on_coordinator(lambda: self._apply_retention(dry_run=False))
         for name in deleted:
-            self._entries.pop(name, None)
+            self._index.note_gone(name)
         if deleted and self._mirror is not None:
             self._mirror.notify()
         return deleted
@@ -1404,7 +1183,7 @@ class Checkpointer:
         )
         self._in_flight = _InFlight(name, handle)
         _settle_at_exit(self)
-        self._max_sequence = max(self._max_sequence, int(payload["sequence"]))
+        self._index.max_sequence = max(self._index.max_sequence, int(payload["sequence"]))
         self._last_saved = progress
         self._saved_here = True
         self._best = best
@@ -1432,7 +1211,7 @@ class Checkpointer:
             manifest = in_flight.handle.result()
         except BackgroundSaveError:
             self._refresh()
-            newest = self._newest()
+            newest = self._index.latest
             self._last_saved = newest.progress() if newest is not None else None
             self._saved_here = False
             if seen:
@@ -1449,33 +1228,11 @@ class Checkpointer:
     # Retention
 
     def _doomed(self, *, all_runs: bool = False) -> builtins.list[str]:
-        """Names retention would delete now: the keep policy applied to this run's checkpoints, or to
-        each run's separately (``all_runs``; each run's best by ``monitor`` kept too). Protected in
-        every case: the newest checkpoint, this run's best, the bests the manifests record, pinned
-        checkpoints and those not written by a Checkpointer (see the class docstring)."""
-        entries = self._sorted()
-        protected = recorded_best_names((e.run, e.best) for e in entries if e.ours)
-        if self._best is not None:
-            protected.add(self._best.name)
-        if entries:
-            protected.add(entries[-1].name)
-        groups: dict[str | None, builtins.list[CheckpointInfo]] = {}
-        for e in entries:
-            if not e.ours or e.pinned or e.sequence is None or not (all_runs or e.run == self.run_id):
-                continue
-            info = CheckpointInfo(e.name, e.sequence, e.epoch, e.step, e.metrics, e.created)
-            groups.setdefault(e.run, []).append(info)
-        return plan_deletions(groups, self.keep_policy, now=self._wall_clock(), protected=protected,
-                              monitor=self.monitor if all_runs else None, mode=self.mode)  # fmt: skip
-
-    def _check_monitor_recorded(self, *, all_runs: bool) -> None:
-        """ConfigError when ``monitor`` is set but none of the checkpoints retention looks at recorded it."""
-        if self.monitor is None:
-            return
-        scope = [e for e in self._sorted() if e.ours and (all_runs or e.run == self.run_id)]
-        recorded = recorded_metrics((e.metrics for e in scope), (e.best for e in scope))
-        if scope and self.monitor not in recorded:
-            raise unrecorded_monitor_error(f"Checkpointer({self.directory!r})", self.monitor, recorded)
+        """Names retention would delete now (:meth:`RunIndex.doomed`): the keep policy applied to this
+        run's checkpoints, or to each run's separately (``all_runs``), this run's best kept too."""
+        return self._index.doomed(self.keep_policy, run=None if all_runs else self.run_id,
+                                  best=self._best.name if self._best is not None else None,
+                                  monitor=self.monitor, mode=self.mode, now=self._wall_clock())  # fmt: skip
 
     def _apply_retention(self, *, dry_run: bool, all_runs: bool = False) -> builtins.list[str]:
         doomed = self._doomed(all_runs=all_runs)
@@ -1490,7 +1247,7 @@ class Checkpointer:
                 log.warning(message)
                 warnings.warn(message, stacklevel=3)
                 continue
-            self._entries.pop(name, None)
+            self._index.note_gone(name)
             deleted.append(name)
             log.info("retention deleted checkpoint %s", name)
         return deleted
@@ -1508,13 +1265,14 @@ class Checkpointer:
             self._check_open()
         self._settle()
         self._refresh()
-        self._check_monitor_recorded(all_runs=all_runs)
+        self._index.check_monitor_recorded(self.monitor, run=None if all_runs else self.run_id,
+                                           where=f"Checkpointer({self.directory!r})")
         names: builtins.list[str] = self._coord.on_coordinator(
             lambda: self._apply_retention(dry_run=dry_run, all_runs=all_runs)
         )
         if not dry_run:
             for name in names:
-                self._entries.pop(name, None)
+                self._index.note_gone(name)
         return names
 
     # ----------------------------------------------------------------------------------------------
@@ -1558,7 +1316,7 @@ class Checkpointer:
         if which == "latest":
             return self._resume(state, strict=strict, map_location=map_location)
         if which == "best":
-            if self._best is None or self._best.name not in self._entries:
+            if self._best is None or self._best.name not in self._index.entries:
                 if not self.monitor:
                     why = " (no monitor= was given, so nothing is ranked)"
                 elif self.restart == "off":
@@ -1567,9 +1325,11 @@ class Checkpointer:
                 else:
                     why = ""
                 raise CheckpointNotFoundError(f"{self.directory}: no best checkpoint{why}")
-            entry = self._entries[self._best.name]
+            entry = self._index.entries[self._best.name]
         else:
-            entry_or_none = self._entries.get(which)
+            if which in self._index.unreadable:  # there but damaged: its error, not "not found"
+                self._index.note_committed(which, api.read_manifest(self._ref(which)))
+            entry_or_none = self._index.entries.get(which)
             if entry_or_none is None:
                 raise CheckpointNotFoundError(f"{self.directory}: no committed checkpoint named {which!r}")
             entry = entry_or_none
@@ -1593,10 +1353,10 @@ class Checkpointer:
         ones quarantined on the way). JSON, as it is broadcast: ``{"name": ..., "quarantined": [...]}``."""
         self._fetch_from_mirror()
         quarantined: builtins.list[str] = []
-        for name, exc in builtins.list(self._unreadable.items()):
+        for name, exc in builtins.list(self._index.unreadable.items()):
             if isinstance(exc, CorruptCheckpointError):
                 quarantined.append(self._quarantine(name, exc))
-        for entry in reversed(self._sorted()):
+        for entry in reversed(self._index.ordered()):
             try:
                 (api.verify if self.verify else api.read_manifest)(self._ref(entry.name))
             except CorruptCheckpointError as exc:
@@ -1613,7 +1373,7 @@ class Checkpointer:
             return self._resume_together(state, strict=strict, map_location=map_location)
         self._fetch_from_mirror()
         quarantined: builtins.list[str] = []
-        for name, exc in builtins.list(self._unreadable.items()):
+        for name, exc in builtins.list(self._index.unreadable.items()):
             if isinstance(exc, CorruptCheckpointError):
                 quarantined.append(self._quarantine(name, exc))
         tried: set[str] = set(quarantined)
@@ -1626,8 +1386,8 @@ class Checkpointer:
                     self._best = self._resolve_best()
                 return restored.progress
             self._refresh()  # a writer may have committed newer checkpoints meanwhile: look again
-            if all(name in tried for name in self._entries):
-                if self._entries or empty >= 2:
+            if all(name in tried for name in self._index.entries):
+                if self._index.entries or empty >= 2:
                     break
                 empty += 1  # nothing listed: once more, 10 ms later (a listing overtaken by a writer)
                 time.sleep(0.01)
@@ -1647,7 +1407,7 @@ class Checkpointer:
         """Load the newest listed checkpoint not in ``tried`` that loads (damaged ones quarantined and
         the next older one tried); None when none is left or one was deleted by a writer's retention
         while being read -- not damage: the caller lists the directory again."""
-        for entry in reversed(self._sorted()):
+        for entry in reversed(self._index.ordered()):
             if entry.name in tried:
                 continue
             tried.add(entry.name)
@@ -1657,7 +1417,7 @@ class Checkpointer:
             except (CorruptCheckpointError, NotACheckpointError, CheckpointNotFoundError, StorageError, OSError) as exc:
                 if not self.storage.exists(entry.name):
                     log.info("checkpoint %s was deleted (by retention) while being restored; looking again", entry.name)
-                    self._entries.pop(entry.name, None)
+                    self._index.note_gone(entry.name)
                     return None
                 if not isinstance(exc, CorruptCheckpointError):
                     raise
@@ -1684,7 +1444,7 @@ class Checkpointer:
         if name is None:
             self._nothing_to_resume(quarantined)
             return None
-        entry = self._entries.get(str(name))
+        entry = self._index.entries.get(str(name))
         if entry is None:
             raise CheckpointError(f"{self.directory}: rank 0 resumes from {name!r}, which this rank cannot read")
         return self._load(entry, state, strict=strict, map_location=map_location,
@@ -1701,8 +1461,7 @@ class Checkpointer:
                        f"this Checkpointer has lock=False and does not own the directory): {exc}")  # fmt: skip
             log.warning(message)
             warnings.warn(message, ResumeWarning, stacklevel=4)
-            self._entries.pop(name, None)
-            self._unreadable.pop(name, None)
+            self._index.note_gone(name)
             return name
         try:
             moved = self.storage.quarantine(name)
@@ -1711,12 +1470,11 @@ class Checkpointer:
         message = f"checkpoint {name} in {self.directory} is damaged and was moved to {moved}: {exc}"
         log.warning(message)
         warnings.warn(message, ResumeWarning, stacklevel=4)
-        self._entries.pop(name, None)
-        self._unreadable.pop(name, None)
+        self._index.note_gone(name)
         return name
 
     def _load(
-        self, entry: _Entry, state: Mapping[str, Any], *, strict: bool, map_location: Any,
+        self, entry: IndexEntry, state: Mapping[str, Any], *, strict: bool, map_location: Any,
         quarantined: tuple[str, ...], verify: bool | None = None,
     ) -> RestoredProgress:  # fmt: skip
         path = self.storage.path(entry.name)
@@ -1761,7 +1519,7 @@ class Checkpointer:
                 if key in target and target[key] is not state[key]:
                     state[key] = target[key]  # a plain value replaced (``state["epoch"]``)
         data = {k: report.state[k] for k in state if k in report.state and k in target}
-        progress = _entry_from_manifest(entry.name, manifest)
+        progress = entry_from_manifest(entry.name, manifest)
         self._last_saved = progress.progress()
         self._saved_here = False
         log.info("restored checkpoint %s (epoch=%s, step=%s)", path, progress.epoch, progress.step)

@@ -18,7 +18,6 @@ import time
 import uuid
 from typing import Any
 
-from .checkpointer import recorded_best_names
 from .cli_common import (
     EXIT_OK,
     Context,
@@ -34,6 +33,7 @@ from .cli_common import (
 )
 from .cli_scan import Entry, Root, check_monitor_recorded, doomed_by_retention, scan_root
 from .errors import CheckpointError
+from .run_index import recorded_best_names
 from .storage import is_url
 from .storage.base import QUARANTINE_PREFIX, STAGING_PREFIX, TRASH_PREFIX
 from .storage.local import staging_is_live

@@ -2,23 +2,12 @@
 
 :class:`savegame.checkpointer.Checkpointer` creates its directory and removes dead writers' staging
 leftovers when it is constructed; ``savegame ls``, ``verify``, ``plot`` and ``prune --dry-run`` must not
-change anything, so they read the root here instead. The rules mirror the Checkpointer exactly (and
-``tests/test_cli.py`` checks that they agree with ``Checkpointer.list()`` and ``prune(dry_run=True)``):
-
-* a checkpoint's progress is the manifest's ``progress`` in the layout documented in
-  :mod:`savegame.checkpointer`; it was written by a Checkpointer when ``progress.checkpointer`` is
-  :data:`~savegame.checkpointer.PROGRESS_VERSION` and ``progress.sequence`` a non-negative int;
-* order (oldest first): sequence (-1 for checkpoints not written by a Checkpointer), commit time, name;
-  the latest is the last readable one;
-* a checkpoint's run is ``progress.run`` (None for manifests older than run ids);
-* the best for a monitor: the best recorded by the newest Checkpointer manifest when it is for the same
-  monitor and mode and that checkpoint still exists, otherwise recomputed over the checkpoints of the
-  newest checkpoint's run (strict improvement, NaN never improves);
-* retention (``savegame prune``) is ``Checkpointer.prune(all_runs=True)``: the keep policy applied to
-  each run's unpinned Checkpointer checkpoints separately, never deleting the newest, the best, a
-  run's best by the monitor nor a best the manifests record;
-* a checkpoint that disappears while it is read (a writer's retention deleted it) is left out of the
-  listing, not reported as corrupt.
+change anything, so they read the root here instead, through the same :class:`~savegame.run_index.RunIndex`
+the Checkpointer keeps (entries, order, latest, best, what retention deletes, resolving ``latest`` /
+``best`` / a name: the rules are documented there). This module adds what only the command line shows:
+quarantined checkpoints, staging and trash leftovers, a cheap check of each checkpoint's file sizes and
+the status column. A checkpoint that disappears while it is read (a writer's retention deleted it) is
+left out of the listing, not reported as corrupt.
 """
 
 from __future__ import annotations
@@ -26,27 +15,16 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from . import api
-from .checkpointer import (
-    PROGRESS_VERSION,
-    RecordedBest,
-    build_keep_policy,
-    parse_best,
-    parse_run,
-    plan_deletions,
-    progress_int,
-    progress_metrics,
-    recorded_best_names,
-    recorded_metrics,
-    unrecorded_monitor_error,
-)
+from .checkpointer import build_keep_policy
 from .cli_common import UsageError, is_checkpoint_dir, local_path
 from .errors import (
     CheckpointError,
+    CheckpointNotFoundError,
     HashMismatchError,
     InvalidNameError,
     MissingFileError,
@@ -54,9 +32,10 @@ from .errors import (
 )
 from .hashing import FileHasher
 from .manifest import Manifest
-from .policies import CheckpointInfo, is_better, resolve_mode
+from .run_index import IndexEntry, RecordedBest, RunIndex, entry_from_manifest
 from .storage import is_url
 from .storage.base import MANIFEST, QUARANTINE_PREFIX, STAGING_PREFIX, TRASH_PREFIX
+from .storage.local import LocalStorage
 from .tensorfile import TensorFileReader
 
 __all__ = ["Entry", "RecordedBest", "Root", "Scan", "check_monitor_recorded", "classify", "doomed_by_retention",
@@ -111,11 +90,17 @@ class Root:
         path = os.path.join(self.location, name)
         return os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST))
 
-    def names(self) -> tuple[list[str], list[str], list[str]]:
-        """(committed, quarantined, staging/trash leftovers) folder names, sorted."""
+    def index(self) -> RunIndex:
+        """A :class:`RunIndex` of the root, read now (a local root through a storage that creates nothing)."""
+        index = RunIndex(self.storage if self.remote else LocalStorage(self.location, create=False))
+        index.refresh(relist=True)
+        return index
+
+    def aside(self) -> tuple[list[str], list[str]]:
+        """(quarantined, staging/trash leftovers) folder names, sorted (committed ones: :meth:`index`)."""
         if self.remote:
-            return list(self.storage.committed()), list(self.storage.quarantined()), []
-        return _committed_names(self.location)
+            return list(self.storage.quarantined()), []
+        return _aside_names(self.location)
 
 
 def classify(arg: str) -> tuple[str, str]:
@@ -199,6 +184,8 @@ class Scan:
     mode: Literal["min", "max"] | None
     best: Entry | None
     latest: Entry | None
+    index: RunIndex
+    """The root's index (the rules of best and retention)."""
 
     @property
     def readable(self) -> list[Entry]:
@@ -213,19 +200,13 @@ class Scan:
         return None
 
 
-def fill_progress(entry: Entry) -> None:
-    """Copy what the manifest's ``progress`` says (epoch, step, metrics, best...) into ``entry``."""
-    manifest = entry.manifest
-    progress = manifest.progress if manifest is not None and isinstance(manifest.progress, Mapping) else {}
-    entry.ours = progress.get("checkpointer") == PROGRESS_VERSION and progress_int(progress.get("sequence")) is not None
-    entry.sequence = progress_int(progress.get("sequence")) if entry.ours else None
-    entry.epoch = progress_int(progress.get("epoch"))
-    entry.step = progress_int(progress.get("step"))
-    entry.metrics = progress_metrics(progress.get("metrics"))
-    entry.weights_only = progress.get("weights_only") is True
-    entry.pinned = progress.get("pinned") is True
-    entry.recorded_best = parse_best(progress.get("best")) if entry.ours else None
-    entry.run = parse_run(progress.get("run")) if entry.ours else None
+def fill_progress(entry: Entry, known: IndexEntry) -> None:
+    """Copy what the index read from the manifest's ``progress`` (epoch, step, metrics, best...) into ``entry``."""
+    entry.manifest = known.manifest
+    entry.ours, entry.sequence, entry.epoch, entry.step = known.ours, known.sequence, known.epoch, known.step
+    entry.metrics = dict(known.metrics)
+    entry.weights_only, entry.pinned = known.weights_only, known.pinned
+    entry.recorded_best, entry.run = known.best, known.run
 
 
 def cheap_problem(ref: Any, manifest: Manifest) -> str | None:
@@ -244,114 +225,81 @@ def cheap_problem(ref: Any, manifest: Manifest) -> str | None:
     return None
 
 
-def _read(root: Root, name: str, *, quarantined: bool) -> Entry | None:
-    """The entry of folder ``name``; None when a committed checkpoint vanished while being read (a
+def _committed_entry(root: Root, index: RunIndex, name: str) -> Entry | None:
+    """The listing entry of committed checkpoint ``name``; None when it vanished while being read (a
     writer's retention deleted it: that is not damage)."""
-    entry = _read_entry(root, name, quarantined=quarantined)
-    if not quarantined and entry.status == "corrupt" and not root.still_committed(name):
-        return None
-    return entry
-
-
-def _read_entry(root: Root, name: str, *, quarantined: bool) -> Entry:
-    path = root.where(name)
-    mtime = 0.0
-    if not root.remote:
-        try:
-            mtime = os.stat(path).st_mtime
-        except OSError:
-            pass
-    entry = Entry(name=name, path=path, manifest=None, quarantined=quarantined, mtime=mtime)
-    if quarantined and root.remote:
-        entry.status = "quarantined"
+    entry = Entry(name=name, path=root.where(name), manifest=None, ref=root.ref(name), mtime=_mtime(root, name))
+    known = index.entries.get(name)
+    if known is None:
+        entry.status, entry.problem = "corrupt", str(index.unreadable[name])
         return entry
-    entry.ref = path if quarantined else root.ref(name)
+    fill_progress(entry, known)
     try:
-        entry.manifest = api.read_manifest(entry.ref)
+        problem = cheap_problem(entry.ref, known.manifest)
     except (CheckpointError, OSError) as exc:
-        entry.status = "quarantined" if quarantined else "corrupt"
-        entry.problem = str(exc)
-        return entry
-    fill_progress(entry)
-    problem = cheap_problem(entry.ref, entry.manifest)
-    if quarantined:
-        entry.status = "quarantined"
-        entry.problem = problem
-    elif problem is not None:
+        problem = str(exc)
+    if problem is not None:
+        if not root.still_committed(name):
+            return None
         entry.status, entry.problem = "corrupt", problem
     return entry
 
 
-def _committed_names(root: str) -> tuple[list[str], list[str], list[str]]:
-    """(committed, quarantined, leftovers) folder names of ``root``, like ``LocalStorage`` sees them."""
-    committed, quarantined, leftovers = [], [], []
+def _mtime(root: Root, name: str) -> float:
+    if root.remote:
+        return 0.0
+    try:
+        return os.stat(root.where(name)).st_mtime
+    except OSError:
+        return 0.0
+
+
+def _quarantined_entry(root: Root, name: str) -> Entry:
+    """The listing entry of quarantined folder ``name`` (its manifest read when local)."""
+    path = root.where(name)
+    entry = Entry(name=name, path=path, manifest=None, quarantined=True, mtime=_mtime(root, name),
+                  status="quarantined")  # fmt: skip
+    if root.remote:
+        return entry
+    entry.ref = path
+    try:
+        manifest = api.read_manifest(path)
+    except (CheckpointError, OSError) as exc:
+        entry.problem = str(exc)
+        return entry
+    fill_progress(entry, entry_from_manifest(name, manifest))
+    entry.problem = cheap_problem(path, manifest)
+    return entry
+
+
+def _aside_names(root: str) -> tuple[list[str], list[str]]:
+    """(quarantined, staging/trash leftovers) folder names of local ``root``."""
+    quarantined, leftovers = [], []
     for e in os.scandir(root):
         if e.name.startswith(QUARANTINE_PREFIX):
             if e.is_dir(follow_symlinks=False):  # a symlink could point out of the root: never followed
                 quarantined.append(e.name)
         elif e.name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
             leftovers.append(e.name)
-        elif not e.name.startswith(".") and e.is_dir(follow_symlinks=False):
-            if os.path.isfile(os.path.join(e.path, MANIFEST)):
-                committed.append(e.name)
-    return sorted(committed), sorted(quarantined), sorted(leftovers)
+    return sorted(quarantined), sorted(leftovers)
 
 
-_RELIST_ROUNDS = 100
-_EMPTY_RELISTS = 2
+_RESCANS = 100
 
 
-def _read_committed(root: Root, committed: list[str]) -> list[Entry]:
-    """The entries of the ``committed`` folders. When some vanished while being read (a writer's
-    retention runs right after its commits), the root is listed again and the new folders are read
-    too, so the listing shows what the writer committed meanwhile rather than nothing; an empty
-    listing is taken again twice, 10 ms apart (a scan overtaken by a writer's saves and deletions)."""
-    entries: list[Entry] = []
-    seen: set[str] = set()
-    todo = committed
-    for attempt in range(_RELIST_ROUNDS):
-        vanished = False
-        for name in todo:
-            seen.add(name)
-            entry = _read(root, name, quarantined=False)
-            if entry is None:
-                vanished = True
-            else:
-                entries.append(entry)
-        if not vanished and (entries or attempt >= _EMPTY_RELISTS):
-            break
+def _readable_entries(root: Root, index: RunIndex) -> list[Entry]:
+    """The listing entries of the index's readable checkpoints, oldest first. When some vanished
+    while their files were looked at (a writer's retention runs right after its commits), the root
+    is listed again, so the listing shows what the writer committed meanwhile rather than nothing."""
+    for _ in range(_RESCANS):
+        listed = [(e.name, _committed_entry(root, index, e.name)) for e in index.ordered()]
+        vanished = [name for name, entry in listed if entry is None]
         if not vanished:
-            time.sleep(0.01)
-        todo = [n for n in root.names()[0] if n not in seen]
-    return entries
-
-
-def rank_best(entries: list[Entry], monitor: str | None, mode: Literal["min", "max"] | None) -> Entry | None:
-    """The best of the readable ``entries`` (oldest first) for ``monitor`` (see the module docstring)."""
-    if monitor is None or mode is None:
-        return None
-    ours = [e for e in entries if e.ours and e.manifest is not None]
-    by_name = {e.name: e for e in entries if e.manifest is not None}
-    if ours:
-        ours = [e for e in ours if e.run == ours[-1].run]  # the newest checkpoint's run
-        recorded = ours[-1].recorded_best
-        if recorded is not None and recorded.monitor == monitor and recorded.mode == mode and recorded.name in by_name:
-            return by_name[recorded.name]
-    best: Entry | None = None
-    best_value: float | None = None
-    for entry in ours:
-        value = entry.metrics.get(monitor)
-        if value is not None and is_better(value, best_value, mode):
-            best, best_value = entry, value
-    return best
-
-
-def recorded_monitor(entries: list[Entry]) -> tuple[str, Literal["min", "max"]] | None:
-    """The monitor and mode of the newest Checkpointer manifest that records a best, if any."""
-    for entry in reversed(entries):
-        if entry.ours and entry.recorded_best is not None:
-            return entry.recorded_best.monitor, entry.recorded_best.mode
-    return None
+            break
+        for name in vanished:
+            index.note_gone(name)
+        index.refresh(relist=True)
+    return [entry for _, entry in listed if entry is not None]
 
 
 def scan_root(arg: str, *, monitor: str | None = None, mode: str = "auto") -> Scan:
@@ -362,27 +310,23 @@ def scan_root(arg: str, *, monitor: str | None = None, mode: str = "auto") -> Sc
     ``mode``: ``min``, ``max`` or ``auto`` (from the name, as the library decides).
     """
     root = arg if isinstance(arg, Root) else Root.open(arg)
-    committed, quarantined, leftovers = root.names()
-    entries = _read_committed(root, committed)
-    readable = sorted((e for e in entries if e.manifest is not None), key=Entry.order)
-    unreadable = sorted((e for e in entries if e.manifest is None), key=lambda e: (e.mtime, e.name))
-    quarantine = sorted((_read_entry(root, n, quarantined=True) for n in quarantined),
-                        key=lambda e: (e.timestamp, e.name))  # fmt: skip
-    resolved: Literal["min", "max"] | None
-    if monitor is not None:
-        resolved = resolve_mode(monitor, mode)
-    else:
-        found = recorded_monitor(readable)
-        monitor, resolved = found if found is not None else (None, None)
-        if found is not None and mode != "auto":
-            resolved = resolve_mode(found[0], mode)
-    best = rank_best(readable, monitor, resolved)
+    quarantined, leftovers = root.aside()
+    index = root.index()
+    readable = _readable_entries(root, index)
+    damaged = (_committed_entry(root, index, n) for n in index.unreadable)
+    unreadable = sorted((e for e in damaged if e is not None), key=lambda e: (e.mtime, e.name))
+    quarantine = sorted((_quarantined_entry(root, n) for n in quarantined), key=lambda e: (e.timestamp, e.name))
+    ranked, resolved = index.monitor_for(monitor, mode)
+    best_name = index.best(ranked, resolved)
+    by_name = {e.name: e for e in readable}
+    best = by_name.get(best_name.name) if best_name is not None else None
     latest = readable[-1] if readable else None
     if best is not None:
         best.is_best = True
     if latest is not None:
         latest.is_latest = True
-    return Scan(root.location, root, readable + unreadable, quarantine, leftovers, monitor, resolved, best, latest)
+    return Scan(root.location, root, readable + unreadable, quarantine, leftovers, ranked, resolved, best, latest,
+                index)  # fmt: skip
 
 
 def doomed_by_retention(
@@ -397,26 +341,14 @@ def doomed_by_retention(
     """
     policy = build_keep_policy(monitor=scan.monitor, mode=scan.mode or "auto", keep_last=keep_last,
                                keep_best=keep_best)  # fmt: skip
-    ours = [e for e in scan.readable if e.ours]
-    protected = recorded_best_names((e.run, e.recorded_best) for e in ours)
-    protected.update(e.name for e in (scan.best, scan.latest) if e is not None)
-    candidates = [e for e in ours if not e.pinned and e.sequence is not None]
-    groups: dict[str | None, list[CheckpointInfo]] = {}
-    for e in candidates:
-        if e.sequence is not None:
-            groups.setdefault(e.run, []).append(CheckpointInfo(e.name, e.sequence, e.epoch, e.step, e.metrics,
-                                                               e.timestamp))  # fmt: skip
-    names = set(plan_deletions(groups, policy, now=time.time() if now is None else now, protected=protected,
-                               monitor=scan.monitor, mode=scan.mode))  # fmt: skip
-    return [e for e in candidates if e.name in names]
+    names = scan.index.doomed(policy, run=None, best=scan.best.name if scan.best is not None else None,
+                              monitor=scan.monitor, mode=scan.mode, now=now)  # fmt: skip
+    return [e for e in (scan.find(n) for n in names) if e is not None]
 
 
 def check_monitor_recorded(scan: Scan) -> None:
     """ConfigError when the scan's monitor is one that none of the Checkpointer's checkpoints recorded."""
-    ours = [e for e in scan.readable if e.ours]
-    recorded = recorded_metrics((e.metrics for e in ours), (e.recorded_best for e in ours))
-    if scan.monitor is not None and ours and scan.monitor not in recorded:
-        raise unrecorded_monitor_error(scan.root, scan.monitor, recorded)
+    scan.index.check_monitor_recorded(scan.monitor, run=None, where=scan.root)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -445,22 +377,11 @@ def resolve_checkpoint(arg: str, which: str | None = None) -> str:
         raise UsageError(f"{location}: no such checkpoint or directory")
     if kind == "other":
         raise UsageError(f"{location}: not a savegame checkpoint (a checkpoint is a directory with a {MANIFEST})")
-    scan = scan_root(root_arg)
-    pick = pick or "latest"
-    if not scan.readable:
-        raise UsageError(f"{scan.root}: not a checkpoint and holds no readable checkpoints")
-    if pick == "latest":
-        assert scan.latest is not None
-        return scan.latest.path
-    if pick == "best":
-        if scan.best is None:
-            raise UsageError(f"{scan.root}: no best checkpoint (no monitored metric was recorded)")
-        return scan.best.path
-    entry = scan.find(pick)
-    if entry is None:
-        names = ", ".join(e.name for e in scan.entries[:10])
-        raise UsageError(f"{scan.root}: no checkpoint named {pick!r} (found: {names})")
-    return entry.path
+    root = Root.open(root_arg)
+    try:
+        return root.where(root.index().resolve(pick or "latest"))
+    except CheckpointNotFoundError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _has_checkpoints(url: str) -> bool:

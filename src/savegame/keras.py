@@ -66,6 +66,7 @@ from .errors import CheckpointNotFoundError, ConfigError, NotACheckpointError, S
 from .lock import ProcessShare
 from .naming import validate_name
 from .policies import KeepPolicy, Never, is_better, resolve_mode
+from .run_index import RunIndex
 
 __all__ = [
     "BackupAndRestore",
@@ -1109,36 +1110,17 @@ class BackupAndRestore(_SavegameCallback):
 # Loading and export
 
 
-def _resolve(path: str | os.PathLike[str], which: str) -> tuple[str, Checkpointer | None]:
-    """``(checkpoint directory, its Checkpointer or None)`` for a checkpoint, or a root plus ``which``."""
+def _resolve(path: str | os.PathLike[str], which: str) -> str:
+    """The checkpoint directory ``path`` names: a checkpoint, or a root plus ``which`` (``"latest"``,
+    ``"best"`` by the monitor and mode its manifests record, or a name; see :class:`RunIndex`).
+    Only reads: no lock, no clean-up, nothing written into the root."""
     full = os.path.abspath(os.fspath(path))
     if not os.path.exists(full):
         raise CheckpointNotFoundError(f"{full}: no such checkpoint or checkpoint directory")
     if os.path.isfile(os.path.join(full, "manifest.json")):
-        return full, None
-    checkpointer = Checkpointer(full, save=Never(), rng=False, lock=False)
-    latest = checkpointer.latest
-    if which == "best" and latest is not None:
-        # The best is recorded (with its monitor and mode) in the manifests of the run that wrote them.
-        progress = read_manifest(latest.path).progress or {}
-        best = progress.get("best") if isinstance(progress, Mapping) else None
-        if isinstance(best, Mapping) and best.get("monitor") and best.get("mode") in ("min", "max"):
-            checkpointer = Checkpointer(
-                full, save=Never(), rng=False, monitor=best["monitor"], mode=best["mode"], lock=False
-            )
-    if which == "latest":
-        record = checkpointer.latest
-    elif which == "best":
-        record = checkpointer.best
-        if record is None:
-            raise CheckpointNotFoundError(f"{full}: no best checkpoint (nothing was saved with a monitored metric)")
-    else:
-        matches = [r for r in checkpointer.list() if r.name == which]
-        record = matches[0] if matches else None
-    if record is None:
-        names = [r.name for r in checkpointer.list()]
-        raise CheckpointNotFoundError(f"{full}: no checkpoint {which!r} (found: {names})")
-    return record.path, checkpointer
+        return full
+    index = RunIndex.open(full)
+    return index.storage.path(index.resolve(which))
 
 
 def load_weights(
@@ -1165,7 +1147,7 @@ def load_weights(
     if _native_kind(full) is not None and os.path.isfile(full):
         model.load_weights(full)
         return None
-    directory, _ = _resolve(full, which)
+    directory = _resolve(full, which)
     manifest = read_manifest(directory)
     if _STATE_ITEM not in manifest.items:
         raise NotACheckpointError(f"{directory}: not a Keras checkpoint (items: {sorted(manifest.items)})")
@@ -1181,7 +1163,7 @@ def restore(
     model: Any, path: str | os.PathLike[str], *, which: str = "latest", strict: bool = True, verify: bool = True
 ) -> KerasLoadReport:
     """Restore the full training state (weights, optimizer, random state) of a checkpoint into ``model``."""
-    directory, _ = _resolve(path, which)
+    directory = _resolve(path, which)
     raw = _load_checkpoint(directory, verify=verify)
     if _STATE_ITEM not in raw:
         raise NotACheckpointError(f"{directory}: not a Keras checkpoint (items: {sorted(raw)})")
