@@ -227,3 +227,35 @@ def test_a_symlinked_manifest_is_not_listed_as_a_checkpoint_by_the_cli(root: Pat
     scan = scan_root(str(root))
     assert "linked" not in {e.name for e in scan.entries}
     assert "linked" not in {r.name for r in Checkpointer(root, lock=False).list()}
+
+
+# --------------------------------------------------------------------------------------------------
+# A remote root (fsspec memory://, in-process)
+
+
+def test_a_remote_root_through_the_storage_protocol(tmp_path: Path) -> None:
+    """The same answers through RemoteStorage; reading lists and reads objects, it writes none."""
+    fsspec = pytest.importorskip("fsspec")
+    url = f"memory://savegame-run-index-{os.getpid()}-{id(tmp_path)}/run"
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    with Checkpointer(url, monitor="val_loss", rng=False) as ckpt:
+        for epoch, loss in enumerate([0.5, 0.2, 0.4], start=1):
+            ckpt.step({"model": model}, epoch=epoch, metrics={"val_loss": loss})
+        expected = [r.name for r in ckpt.list()]
+    fs = fsspec.filesystem("memory")
+
+    def objects() -> dict[str, tuple[Any, Any]]:
+        found = fs.find(url.split("://", 1)[1], detail=True)
+        return {path: (info.get("size"), info.get("created")) for path, info in found.items()}
+
+    before = objects()
+    assert {path.rsplit("/", 2)[-2] for path in before if path.endswith("/manifest.json")} >= set(expected)
+    index = RunIndex.open(url)
+    assert [e.name for e in index.ordered()] == expected
+    assert index.resolve("latest") == expected[-1] and index.resolve("best") == expected[1]
+    assert [e.name for e in scan_root(url).readable] == expected
+    assert resolve_checkpoint(url, "best") == f"{url}/{expected[1]}"
+    policy = build_keep_policy(monitor="val_loss", mode="min", keep_last=1, keep_best=None)
+    assert index.doomed(policy, run=None, best=expected[1], monitor="val_loss", mode="min") == [expected[0]]
+    assert objects() == before
