@@ -20,6 +20,7 @@ from typing import Any
 from .errors import InvalidManifestError
 
 OPTIMIZER_KIND = "torch.optim.Optimizer"
+SHARDED_FORMAT = "savegame.sharded"  # the format tag of a sharded item's skeleton (savegame.dcp)
 """The item kind :func:`savegame.capture.kind_of` records for a torch optimizer."""
 
 MAX_NDIM = 64
@@ -98,8 +99,12 @@ def check_tensor_node(node: Mapping[str, Any], where: object) -> None:
 
 def check_item_value(kind: str, value: object, where: str) -> None:
     """What an item of ``kind`` must be once decoded (arrays may be None in verification): a torch
-    optimizer's state dict has the structure ``load_state_dict`` relies on."""
+    optimizer's state dict has the structure ``load_state_dict`` relies on. A sharded item (written by
+    :mod:`savegame.distributed`) wraps that state with its shard records: its ``state`` is checked."""
     if kind == OPTIMIZER_KIND:
+        if isinstance(value, Mapping) and value.get("format") == SHARDED_FORMAT:
+            value = value.get("state")
+            where = f"{where} (sharded)"
         check_optimizer_state(value, where)
 
 

@@ -55,6 +55,7 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from .adapters.torch import encode_hook, tensor_from_bytes
+from .checks import SHARDED_FORMAT
 from .errors import InvalidManifestError, StateMismatchError, UnsupportedTypeError
 from .manifest import FileEntry, Manifest
 from .storage.base import CheckpointReader, Transaction
@@ -73,7 +74,6 @@ __all__ = [
     "split_tensors",
 ]
 
-SHARDED_FORMAT = "savegame.sharded"
 SHARDED_VERSION = 1
 MAX_DIMS = 64
 MAX_CHUNKS = 1 << 20
