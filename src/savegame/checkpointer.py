@@ -472,6 +472,37 @@ def _check_count(name: str, value: int | None, *, minimum: int) -> None:
         raise ConfigError(f"Checkpointer: {name} must be an int >= {minimum} (or None), got {value!r}")
 
 
+class _UnjudgedEpochs:
+    """Warns once when a whole epoch went by without the monitored metric in any ``step()`` call.
+
+    Calls without ``metrics=`` are per-batch calls and do not judge improvement; so an epoch-end call
+    that forgets ``metrics=`` would make save-on-improvement silently never fire. Calls are grouped by
+    their ``epoch`` value (the per-batch calls of epoch e and the end call of epoch e-1, or of e, share
+    one value whichever way the loop counts); leaving a group in which no call carried the metric warns.
+    The first group seen is exempt: it may hold only per-batch calls (the first epoch, or after a resume).
+    """
+
+    def __init__(self) -> None:
+        self._epoch: int | None = None
+        self._judged = False
+        self._first = True
+        self._warned = False
+
+    def note(self, epoch: int, *, judged: bool, monitor: str) -> None:
+        if epoch != self._epoch:
+            if self._epoch is not None and not self._judged and not self._first and not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"Checkpointer.step: no call with epoch={self._epoch} passed metrics= with {monitor!r}, so "
+                    f"improvement of monitor={monitor!r} was not judged for that epoch (calls without metrics= "
+                    "count as per-batch calls); pass metrics={...} at the end of each epoch",
+                    UserWarning, stacklevel=4,
+                )  # fmt: skip
+            self._first = self._epoch is None
+            self._epoch, self._judged = epoch, False
+        self._judged = self._judged or judged
+
+
 def _find_improvement(policy: SavePolicy) -> OnImprovement | None:
     """The first :class:`OnImprovement` inside a (composed) save policy, to infer ``monitor``."""
     if isinstance(policy, OnImprovement):
@@ -867,6 +898,7 @@ class Checkpointer:
         self._owner = bool(lock)
         self._cleaned = False
         self._started = clock()
+        self._unjudged = _UnjudgedEpochs()
         self.preempted: str | None = None
         """The signal whose preemption save was made (with ``signal_action="continue"``), or None."""
         self._lock: ProcessShare | None = None
@@ -1131,7 +1163,10 @@ class Checkpointer:
         if epoch_end and not final and self.max_epochs is not None and epoch is not None:
             final = epoch >= self.max_epochs
         progress = self._progress(epoch, step, metrics, epoch_end=epoch_end, final=final)
-        improvement = _find_improvement(self.save_policy) if said_epoch_end else None
+        monitored = _find_improvement(self.save_policy)
+        if monitored is not None and epoch is not None:
+            self._unjudged.note(epoch, judged=monitored.monitor in progress.metrics, monitor=monitored.monitor)
+        improvement = monitored if said_epoch_end else None
         if improvement is not None and improvement.monitor not in progress.metrics:
             raise ConfigError(
                 "Checkpointer.step(epoch_end=True): " + missing_monitor_message(improvement.monitor, progress.metrics)
