@@ -1152,7 +1152,8 @@ class Checkpointer:
         ``metadata``: extra JSON-like data for this checkpoint's manifest.
         With ``monitor=`` (save on improvement), a call without ``metrics=`` (per batch) does not judge
         improvement (no save for it, no new best, no error); a call whose ``metrics=`` lacks the
-        monitored metric, or that says ``epoch_end=True`` without it, raises :class:`ConfigError`.
+        monitored metric, or that says ``epoch_end=True`` without it, raises :class:`ConfigError`; a
+        whole epoch whose calls never carried the metric warns once (an epoch end that forgot ``metrics=``).
         A save that fails raises and leaves every existing checkpoint as it was.
         """
         self._check_open()
