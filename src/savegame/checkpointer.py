@@ -216,7 +216,8 @@ class RestoredProgress:
     ``epoch`` (completed epochs) and ``step`` are what was passed when it was saved; ``data`` holds the
     saved values of the plain items of the state (ints, floats, dicts of numbers...), which ``restore``
     also put into the state itself (``restored.data["loss"] == state["loss"]``; a dict of the state is
-    filled in place and keeps keys the checkpoint lacks). ``quarantined`` lists broken checkpoints moved
+    filled in place and keeps keys the checkpoint lacks), and of the checkpoint's plain items that the
+    state did not name (read, not restored anywhere). ``quarantined`` lists broken checkpoints moved
     aside on the way (skipped and left in place by a Checkpointer with ``lock=False``).
     """
 
@@ -1584,7 +1585,9 @@ class Checkpointer:
         items that hold no live object also come back in ``RestoredProgress.data``.
         ``strict``: an item missing from the checkpoint, keys or parameters that differ, or a value of
         another type raise :class:`StateMismatchError` before any plain value is replaced (items a
-        ``weights_only`` checkpoint never had are skipped with a warning). ``map_location``: as for
+        ``weights_only`` checkpoint never had are skipped with a warning; an item whose value in ``state``
+        is None is a placeholder: it gets the saved value, and stays None if the checkpoint has none, with
+        no error). ``map_location``: as for
         :func:`savegame.load`.
         """
         if not isinstance(state, Mapping):
@@ -1774,6 +1777,8 @@ class Checkpointer:
         elif verifying:  # one pass over each file: load checks the files it reads, before restoring anything
             read_by_load = {manifest.items[k].file for k in target if k in manifest.items}
             api.verify_files(source, manifest, [f for f in manifest.files if f not in read_by_load])
+        # a None item is a placeholder ("read it if it was saved"): absent, it stays None, as asked
+        target = {k: v for k, v in target.items() if k in saved or v is not None}
         absent = [k for k in target if k not in saved]
         if absent and (entry.weights_only or not strict):
             message = f"checkpoint {entry.name} has no items {absent}; they were not restored"
@@ -1796,7 +1801,9 @@ class Checkpointer:
             for key in state:
                 if key in target and target[key] is not state[key]:
                     state[key] = target[key]  # a plain value replaced (``state["epoch"]``)
+        # the plain values of the state's items, then the plain items of the checkpoint it did not name
         data = {k: report.state[k] for k in state if k in report.state and k in target}
+        data.update({k: v for k, v in report.state.items() if k not in state and k not in target})
         progress = _entry_from_manifest(entry.name, manifest)
         self._last_saved = progress.progress()
         self._saved_here = False
