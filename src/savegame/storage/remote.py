@@ -850,6 +850,10 @@ class RemoteCheckpointReader:
         path = self.storage._key(self.name, version, file)
         return self.storage.iter_download(path, size, self.file_where(file))
 
+    def close(self) -> None:
+        """Nothing to release (each file is fetched when read)."""
+        return None
+
 
 # ---------------------------------------------------------------------------------------------------
 # Writing
@@ -999,6 +1003,11 @@ class RemoteTransaction:
         self._free.clear()
         with _LIVE_LOCK:
             _LIVE_OWNERS.discard(self.owner)
+
+    def finish(self) -> None:
+        """Nothing to do for the owner: :meth:`commit` and :meth:`abort` release the upload threads
+        (a joined participant's :meth:`RemoteJoinedTransaction.finish` does)."""
+        return None
 
     def abort(self) -> None:
         """Stop the uploads and remove the version folder (best effort: cleanup() finishes the job)."""
