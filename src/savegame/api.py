@@ -3,7 +3,8 @@
 ``save`` captures the state (live objects -> nested state), encodes each top-level item into a skeleton
 and its arrays, streams the arrays into one safetensors file per item inside a storage transaction, and
 commits with the manifest last. ``load`` reads the manifest, checks every file it touches (size, hash,
-header) and rebuilds the state, or restores it into live objects in place.
+header: :mod:`savegame.verifier`, which ``verify`` calls too) and rebuilds the state, or restores it into
+live objects in place.
 """
 
 from __future__ import annotations
