@@ -880,7 +880,7 @@ class Checkpointer:
         self._clock = clock
         self._wall_clock = wall_clock
         self.storage = storage_for(directory, storage_options=storage_options)
-        self.directory: str = getattr(self.storage, "root", None) or os.fspath(directory)
+        self.directory: str = self.storage.root
         self.local = isinstance(self.storage, LocalStorage)
         self.per_rank = tuple(per_rank)
         self._coord: Coordinator = coordinator_for(group)
@@ -890,6 +890,7 @@ class Checkpointer:
         self._closed = False
         self._entries: dict[str, _Entry] = {}
         self._unreadable: dict[str, CheckpointError] = {}
+        self._mirror_verified: tuple[str, Manifest] | None = None  # see _already_verified
         self._max_sequence = 0
         self._last_saved: Progress | None = None
         self._saved_here = False
@@ -1621,11 +1622,19 @@ class Checkpointer:
         """Bring the mirror's newest valid checkpoint here when it is newer than every local one."""
         if self._mirror is None:
             return
+        self._mirror_verified = None
         try:
             self._mirror.restore_newest(verify=self.verify)
+            self._mirror_verified = self._mirror.verified
         except (CheckpointError, OSError) as exc:
             log.warning("Checkpointer(%s): could not look at the mirror %s: %s", self.directory, self._mirror, exc)
         self._refresh()
+
+    def _already_verified(self, name: str, manifest: Manifest) -> bool:
+        """Whether the mirror's ``restore_newest`` just verified every file of checkpoint ``name`` with
+        exactly this ``manifest`` (resume then does not hash them a second time). Asked once per resume."""
+        verified, self._mirror_verified = self._mirror_verified, None
+        return verified == (name, manifest)
 
     def _pick_for_resume(self) -> dict[str, Any]:
         """Rank 0's choice of the checkpoint all ranks resume from: the newest that verifies (broken
@@ -1637,7 +1646,9 @@ class Checkpointer:
                 quarantined.append(self._quarantine(name, exc))
         for entry in reversed(self._sorted()):
             try:
-                (api.verify if self.verify else api.read_manifest)(self._ref(entry.name))
+                manifest = api.read_manifest(self._ref(entry.name))
+                if self.verify and not self._already_verified(entry.name, manifest):
+                    api.verify(self._ref(entry.name))
             except CorruptCheckpointError as exc:
                 quarantined.append(self._quarantine(entry.name, exc))
                 continue
@@ -1762,6 +1773,8 @@ class Checkpointer:
         source = self._ref(entry.name)
         verifying = self.verify if verify is None else verify
         manifest = api.read_manifest(source)
+        if self._already_verified(entry.name, manifest):
+            verifying = False  # the mirror hashed every file of this manifest moments ago
         layout = DISTRIBUTED_ITEM in manifest.items
         if layout or self._coord.distributed:
             from .distributed import item_names

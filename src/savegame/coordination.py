@@ -44,10 +44,6 @@ class Coordinator(Protocol):
         """Run ``fn`` on the coordinator only; its JSON-serializable result (or error) everywhere."""
         ...
 
-    def barrier(self) -> None:
-        """Wait until every process got here."""
-        ...
-
 
 class Solo:
     """A single process: every decision is its own."""
@@ -63,9 +59,6 @@ class Solo:
 
     def on_coordinator(self, fn: Callable[[], T]) -> T:
         return fn()
-
-    def barrier(self) -> None:
-        return None
 
 
 class Ranks:
@@ -88,9 +81,6 @@ class Ranks:
 
     def on_coordinator(self, fn: Callable[[], Any]) -> Any:
         return self.context.run_on_coordinator(fn)
-
-    def barrier(self) -> None:
-        self.context.barrier()
 
 
 def coordinator_for(group: Any = None) -> Coordinator:

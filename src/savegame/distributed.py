@@ -455,7 +455,7 @@ def _begin(ctx: RankContext, storage: Storage, name: str, *, overwrite: bool) ->
     if ctx.is_coordinator:
         try:
             txn = storage.begin(name, overwrite=overwrite)
-            token = getattr(txn, "token", None)
+            token = txn.token
             if ctx.world_size > 1 and not isinstance(token, str):
                 raise ConfigError(f"{type(storage).__name__} cannot be shared by several processes (no txn.token)")
             message = {"token": token or ""}
@@ -513,9 +513,8 @@ def _write_and_commit(
             joined.txn.abort()
         raise
     finally:
-        finish = getattr(joined.txn, "finish", None)  # a remote participant's upload threads
-        if callable(finish):
-            finish()
+        if joined.txn is not None:
+            joined.txn.finish()  # a remote participant's upload threads
     return result
 
 
@@ -541,10 +540,7 @@ def _write_and_commit_as(
     # 1. Local phase, no collectives: join, write replicated (rank 0) and per-rank items, split sharded state.
     try:
         if mine is None:
-            join = getattr(storage, "join", None)
-            if join is None:
-                raise ConfigError(f"{type(storage).__name__} cannot be shared by several processes (no join())")
-            mine = joined.txn = join(name, token)
+            mine = joined.txn = storage.join(name, token)  # the protocol's default refuses: not shareable
         local: dict[str, Any] = {}
         for item, how in plan.items():
             if how == "replicated" and ctx.is_coordinator:
@@ -792,9 +788,7 @@ def load_state(
 
 def _close(source: CheckpointReader) -> None:
     """Release a reader opened here (a local one holds a directory handle)."""
-    close = getattr(source, "close", None)
-    if callable(close):
-        close()
+    source.close()
 
 
 @dataclass

@@ -298,13 +298,11 @@ def save_now(
 def save_in_background(
     writer: BackgroundWriter, storage: Storage, name: str, state: Mapping[str, Any], *,
     metadata: Mapping[str, Any] | None, progress: Mapping[str, Any] | None, overwrite: bool,
-    on_commit: Callable[[str, Manifest], None] | None = None,
 ) -> PendingSave:
     """Snapshot ``state`` now (blocking only for the host copy), write and commit in the background.
 
     Waits first for the previous background save of ``writer`` (raising its error if it failed). The
-    returned handle's ``result()`` gives the :class:`Manifest` once committed. ``on_commit(path, manifest)``
-    runs in the writer thread after the commit (the Checkpointer uses it for retention).
+    returned handle's ``result()`` gives the :class:`Manifest` once committed.
     """
     writer.wait()
     with gc_paused():  # not while waiting above: only while this thread copies and encodes
@@ -319,12 +317,10 @@ def save_in_background(
         blocking = time.perf_counter() - start
 
         def persist() -> Manifest:
-            final, manifest = write_encoded(
+            _, manifest = write_encoded(
                 storage, name, items, extras, overwrite=overwrite, blocking_seconds=blocking,
                 should_stop=writer.stop_requested,
             )
-            if on_commit is not None:
-                on_commit(final, manifest)
             return manifest
 
         return writer.submit(storage.path(name), snapshot, persist, blocking_seconds=blocking)

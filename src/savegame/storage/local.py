@@ -36,6 +36,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -342,6 +343,10 @@ class LocalTransaction:
             ops.rmtree(old)  # the overwritten version, moved aside; a crash here leaves debris for cleanup()
         return final
 
+    def finish(self) -> None:
+        """Nothing to release: :meth:`commit` and :meth:`abort` end the transaction."""
+        return None
+
     def _publish(self, final: str) -> str | None:
         """Make the staging directory visible as ``final``; return where the overwritten version now is.
 
@@ -489,6 +494,10 @@ class JoinedTransaction:
                 os.unlink(sink.path)
             except OSError:
                 pass
+
+    def finish(self) -> None:
+        """Nothing to release (each file was made durable by its sink's ``close``)."""
+        return None
 
 
 class LocalStorage:
@@ -715,6 +724,9 @@ def open_local_checkpoint(path: str | os.PathLike[str]) -> LocalCheckpointReader
     return reader
 
 
+ITER_PIECE_BYTES = 32 << 20
+"""The largest piece :meth:`LocalCheckpointReader.iter_file` reads at once."""
+
 SMALL_FILE_BYTES = 256 << 10
 """Data files up to this size are read into memory rather than mapped (see ``read_file``)."""
 
@@ -837,6 +849,26 @@ class LocalCheckpointReader:
         if not stat.S_ISREG(st.st_mode):
             raise FileNotFoundError(errno.ENOENT, "not a regular file", where)
         return st.st_size
+
+    def iter_file(self, file: str, size: int) -> Iterator[memoryview]:
+        """The file in order, in pieces of up to :data:`ITER_PIECE_BYTES` read into one reused buffer
+        (each piece is valid until the next is asked for); a file that is not ``size`` bytes long
+        raises :class:`TruncatedFileError`."""
+        where = self.file_where(file)
+        fd = self._open(file)
+        try:
+            buffer = memoryview(bytearray(min(ITER_PIECE_BYTES, size)))
+            done = 0
+            while done < size:
+                got = os.readv(fd, [buffer[: size - done]])
+                if got == 0:
+                    raise TruncatedFileError(f"{where}: ended after {done} of {size} bytes (changed while reading)")
+                done += got
+                yield buffer[:got]
+            if os.fstat(fd).st_size != size:
+                raise TruncatedFileError(f"{where}: not {size} bytes (changed while reading)")
+        finally:
+            os.close(fd)
 
     def read_file(self, file: str, size: int) -> mmap.mmap | memoryview | bytes:
         """The whole file as private memory: a copy-on-write mapping (writes to arrays never reach the

@@ -526,14 +526,10 @@ class RemoteStorage:
                 found.add(top)
         return sorted(found)
 
-    def reader(self, name: str, *, keep_files: bool = False) -> RemoteCheckpointReader:
-        """Open committed checkpoint ``name`` (the manifest is fetched now, data files when read).
-
-        ``keep_files``: keep each downloaded file in memory, so ``verify(reader)`` followed by
-        ``load(reader, verify=False)`` downloads every file once (memory: the whole checkpoint).
-        """
+    def reader(self, name: str) -> RemoteCheckpointReader:
+        """Open committed checkpoint ``name`` (the manifest is fetched now, data files when read)."""
         check_checkpoint_name(name)
-        reader = RemoteCheckpointReader(self, name, keep_files=keep_files)
+        reader = RemoteCheckpointReader(self, name)
         reader.manifest_bytes()
         return reader
 
@@ -770,12 +766,10 @@ def _new_version() -> str:
 class RemoteCheckpointReader:
     """A committed remote checkpoint opened for reading, pinned to the version its manifest names."""
 
-    def __init__(self, storage: RemoteStorage, name: str, *, keep_files: bool = False) -> None:
+    def __init__(self, storage: RemoteStorage, name: str) -> None:
         self.storage = storage
         self.name = name
         self.where = storage.url(name)
-        self.keep_files = keep_files
-        self._kept: dict[str, bytearray] = {}
         self._manifest: bytes | None = None
         self._version: str | None = None
         self._sizes: dict[str, int] = {}
@@ -846,21 +840,19 @@ class RemoteCheckpointReader:
         return sizes[file]
 
     def read_file(self, file: str, size: int) -> bytearray:
-        kept = self._kept.get(file)
-        if kept is not None and len(kept) == size:
-            return kept
         version, _ = self.resolve()
         path = self.storage._key(self.name, version, file)
-        data = self.storage.download(path, size, self.file_where(file))
-        if self.keep_files:
-            self._kept[file] = data
-        return data
+        return self.storage.download(path, size, self.file_where(file))
 
     def iter_file(self, file: str, size: int) -> Iterator[memoryview]:
         """The file in order, in windows (see :meth:`RemoteStorage.iter_download`)."""
         version, _ = self.resolve()
         path = self.storage._key(self.name, version, file)
         return self.storage.iter_download(path, size, self.file_where(file))
+
+    def close(self) -> None:
+        """Nothing to release (each file is fetched when read)."""
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1011,6 +1003,11 @@ class RemoteTransaction:
         self._free.clear()
         with _LIVE_LOCK:
             _LIVE_OWNERS.discard(self.owner)
+
+    def finish(self) -> None:
+        """Nothing to do for the owner: :meth:`commit` and :meth:`abort` release the upload threads
+        (a joined participant's :meth:`RemoteJoinedTransaction.finish` does)."""
+        return None
 
     def abort(self) -> None:
         """Stop the uploads and remove the version folder (best effort: cleanup() finishes the job)."""
