@@ -11,13 +11,13 @@ their memory.
 from __future__ import annotations
 
 import inspect
-import sys
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from .adapters import torch_if_imported
 from .adapters.rng import capture_generator, restore_generator
 from .errors import StateMismatchError, UnsupportedTypeError
 from .tree import Encoder, Path, format_path
@@ -34,7 +34,7 @@ class Stateful(Protocol):
 
 def kind_of(obj: object) -> str:
     """A short description of what an item was, recorded in the manifest (informational only)."""
-    torch = sys.modules.get("torch")
+    torch = torch_if_imported()
     if torch is not None:
         if isinstance(obj, torch.nn.Module):
             return "torch.nn.Module"
@@ -58,7 +58,7 @@ def _is_stateful(obj: object) -> bool:
 
 def live_object_hook(obj: object, path: Path, enc: Encoder) -> dict[str, Any] | None:
     """Tree-codec hook: replace live objects by their state, then encode that state."""
-    torch = sys.modules.get("torch")
+    torch = torch_if_imported()
     if torch is not None and isinstance(obj, torch.nn.Module):
         from .adapters.torch import capture_module
 
@@ -200,7 +200,7 @@ def restore(
 def _restore(
     target: object, state: object, *, strict: bool, path: Path, where: str, report: LoadReport, updates: Updates
 ) -> None:
-    torch = sys.modules.get("torch")
+    torch = torch_if_imported()
     if torch is not None:
         from .adapters import torch as torch_adapter
 
