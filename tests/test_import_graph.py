@@ -45,10 +45,10 @@ LAYERS: dict[str, str] = {
     "savegame.checks": "format",
     # storage: protocol, local, remote, mirror
     "savegame.storage": "storage", "savegame.storage.base": "storage", "savegame.storage.local": "storage",
-    "savegame.storage.remote": "storage", "savegame.mirror": "storage",
+    "savegame.storage.remote": "storage", "savegame.storage.liveness": "storage", "savegame.mirror": "storage",
     # adapters: the only place that knows a framework (data loaders included)
     "savegame.adapters": "adapters", "savegame.adapters.rng": "adapters", "savegame.adapters.torch": "adapters",
-    "savegame.adapters.keras": "adapters", "savegame.data": "adapters",
+    "savegame.adapters.keras": "adapters", "savegame.adapters.report": "adapters", "savegame.data": "adapters",
     # engine: capture, encode + the write loop, background snapshots
     "savegame.capture": "engine", "savegame.writer": "engine", "savegame.background": "engine",
     "savegame.api": "api",
