@@ -34,7 +34,7 @@ from .hashing import hash_buffer, hash_in_background
 from .manifest import ItemEntry, Manifest, parse_manifest
 from .progress import ProgressBar
 from .storage import LocalStorage, RemoteStorage, is_url, locate
-from .storage.base import MANIFEST, CheckpointReader, CheckpointRef
+from .storage.base import MANIFEST, CheckpointReader, CheckpointRef, Location, PathLike
 from .storage.local import LocalCheckpointReader, open_local_checkpoint
 from .tensorfile import TensorFileReader, TensorInfo
 from .tree import Decoder, Path, Where, format_path, numpy_from_node, valid_shape
@@ -43,7 +43,6 @@ from .writer import EncodedItem, encode_state, save_in_background, save_now, wri
 __all__ = ["EncodedItem", "encode_state", "load", "read_manifest", "save", "verify", "write_items"]
 
 log = logging.getLogger("savegame")
-PathLike = str | os.PathLike[str]
 _SAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
@@ -114,9 +113,6 @@ def _checkpoint_dir(path: PathLike) -> str:
     return open_local_checkpoint(path).where
 
 
-Location = PathLike | CheckpointRef | CheckpointReader
-"""What the read functions accept: a local path, an fsspec URL (``s3://bucket/run/NAME``), a
-:class:`~savegame.storage.CheckpointRef` from a configured storage, or an opened reader."""
 
 
 def open_checkpoint(

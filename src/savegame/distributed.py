@@ -81,6 +81,7 @@ from .errors import (
 from .manifest import FileEntry, ItemEntry, Manifest, dump_manifest, parse_manifest, utc_now
 from .storage import locate
 from .storage.base import MANIFEST, CheckpointReader, CheckpointRef, Storage, Transaction
+from .storage.base import SavedAt as Location
 from .storage.local import check_checkpoint_name
 from .tensorfile import order_for_alignment, write_tensor_file
 from .tree import decode_plain
@@ -361,9 +362,6 @@ class _Fqns:
 # Saving
 
 
-Location = str | os.PathLike[str] | CheckpointRef
-"""Where a distributed checkpoint is: a local path, an fsspec URL (``s3://bucket/run/NAME``) or a
-:class:`~savegame.storage.base.CheckpointRef` (``storage.ref(name)`` of a configured storage)."""
 
 
 def save(

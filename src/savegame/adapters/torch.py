@@ -13,7 +13,6 @@ import math
 import sys
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,7 @@ from torch.nn.parameter import is_lazy
 from ..checks import check_device, check_optimizer_state, check_size, check_tensor_node
 from ..errors import InvalidManifestError, StateMismatchError, UnsupportedTypeError
 from ..tree import Encoder, Path, Where, format_path, valid_shape
+from .report import LoadReport
 
 # torch dtype -> (stored code, logical name or None, trailing dimension)
 _CODES: dict[torch.dtype, tuple[str, str | None, int]] = {
@@ -298,34 +298,8 @@ def _place(tensor: torch.Tensor, saved: object, map_location: MapLocation) -> to
 # In-place restore of modules
 
 
-@dataclass
-class ModuleReport:
-    """How a state matched a module: keys only in the model, only in the checkpoint, or shaped differently."""
-
-    missing_keys: list[str] = field(default_factory=list)
-    unexpected_keys: list[str] = field(default_factory=list)
-    mismatched_keys: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
-    loaded_keys: list[str] = field(default_factory=list)
-
-    @property
-    def clean(self) -> bool:
-        return not (self.missing_keys or self.unexpected_keys or self.mismatched_keys)
-
-    def describe(self, where: str) -> str:
-        parts = []
-        if self.missing_keys:
-            parts.append(f"missing from the checkpoint: {_short(self.missing_keys)}")
-        if self.unexpected_keys:
-            parts.append(f"not in the model: {_short(self.unexpected_keys)}")
-        if self.mismatched_keys:
-            shapes = [f"{k} (checkpoint {list(a)} vs model {list(b)})" for k, a, b in self.mismatched_keys]
-            parts.append(f"shape mismatch: {_short(shapes)}")
-        return f"{where}: " + "; ".join(parts)
-
-
-def _short(names: list[str], n: int = 8) -> str:
-    more = f" and {len(names) - n} more" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
+ModuleReport = LoadReport
+"""The old name of the report of a module restore: :class:`savegame.adapters.report.LoadReport`."""
 
 
 _COMPILED = "_orig_mod"
@@ -405,7 +379,7 @@ def restore_module(module: torch.nn.Module, state: object, *, strict: bool, wher
             module.load_state_dict(usable, strict=False)
     except RuntimeError as exc:
         raise StateMismatchError(f"{where}: {exc}", report) from None
-    report.loaded_keys = list(usable)
+    report.loaded = list(usable)
     return report
 
 
