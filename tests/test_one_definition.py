@@ -8,6 +8,7 @@ check that the old names still reach the one definition.
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,8 @@ from savegame.storage import base
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "savegame"
 
 ONCE = ("Mode", "Restart", "Location", "PathLike", "LoadReport", "check_count", "_check_count", "check_checkpoint_name",
-        "validate_name", "writer_is_live", "FOREIGN_WRITER_GRACE_SECONDS")  # fmt: skip
+        "validate_name", "writer_is_live", "FOREIGN_WRITER_GRACE_SECONDS", "dtype_from_name", "MAX_DEPTH",
+        "too_deep")  # fmt: skip
 
 
 def _definitions(name: str) -> list[str]:
@@ -83,3 +85,28 @@ def test_mode_and_restart_are_the_policy_ones() -> None:
     assert checkpointer.Mode is config.Mode is policies.Mode
     assert checkpointer.Restart is config.Restart is knobs.Restart
     assert policies.resolve_mode("val_accuracy", "auto") == "max"
+
+
+def test_one_decoder_of_stored_torch_dtype_names(tmp_path: Path) -> None:
+    """Skeleton tags and DCP tensor records decode dtype names through the adapter's one table lookup
+    (the DCP copy used ``getattr(torch, name)`` on file data)."""
+    from savegame import dcp
+    from savegame.errors import InvalidManifestError
+    from savegame.manifest import sign_manifest
+
+    assert dcp.dtype_from_name is torch_adapter.dtype_from_name
+    assert "getattr(torch" not in (PACKAGE / "dcp.py").read_text(encoding="utf-8")
+
+    record = dcp.TensorRecord(path=("w",), fqn="model.w", dtype="__class__", size=(2,), chunks=())
+    with pytest.raises(InvalidManifestError, match=r"model\.w: unknown torch dtype '__class__'"):
+        _ = record.torch_dtype
+    assert dcp.TensorRecord(path=("w",), fqn="w", dtype="bfloat16", size=(2,), chunks=()).torch_dtype is torch.bfloat16
+
+    savegame.save(tmp_path / "c", {"a": {"t": torch.float16}})
+    assert savegame.load(tmp_path / "c")["a"]["t"] is torch.float16
+    body = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    body["items"]["a"]["skeleton"]["t"]["v"] = "__class__"
+    (tmp_path / "c" / "manifest.json").write_bytes(sign_manifest(body))
+    for read in (savegame.load, savegame.verify):
+        with pytest.raises(InvalidManifestError, match="unknown torch dtype '__class__'"):
+            read(tmp_path / "c")

@@ -37,7 +37,7 @@ from .storage import LocalStorage, RemoteStorage, is_url, locate
 from .storage.base import MANIFEST, CheckpointReader, CheckpointRef, Location, PathLike
 from .storage.local import LocalCheckpointReader, open_local_checkpoint
 from .tensorfile import TensorFileReader, TensorInfo
-from .tree import Decoder, Path, Where, format_path, numpy_from_node, valid_shape
+from .tree import MAX_DEPTH, Decoder, Path, Where, format_path, numpy_from_node, valid_shape
 from .writer import EncodedItem, encode_state, save_in_background, save_now, write_items
 
 __all__ = ["EncodedItem", "encode_state", "load", "read_manifest", "save", "verify", "write_items"]
@@ -322,7 +322,7 @@ def decode_opened(
 
 def _has_torch_node(node: Any, depth: int) -> bool:
     """Whether a skeleton holds torch values (tensors, dtypes, sizes, devices)."""
-    if depth > 300:
+    if depth > MAX_DEPTH:
         return False
     if isinstance(node, list):
         return any(_has_torch_node(v, depth + 1) for v in node)

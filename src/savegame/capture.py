@@ -20,7 +20,7 @@ from .adapters import torch_if_imported
 from .adapters.report import LoadReport as LoadReport
 from .adapters.rng import capture_generator, restore_generator
 from .errors import StateMismatchError, UnsupportedTypeError
-from .tree import Encoder, Path, format_path
+from .tree import MAX_DEPTH, Encoder, Path, format_path
 
 
 @runtime_checkable
@@ -139,7 +139,7 @@ def holds_live(value: object, depth: int = 0) -> bool:
     Stateful), i.e. is more than plain data."""
     if kind_of(value) != "data":
         return True
-    if depth > 100:
+    if depth > MAX_DEPTH:
         return False
     if isinstance(value, Mapping):
         return any(holds_live(v, depth + 1) for v in value.values())

@@ -84,7 +84,7 @@ from .storage.base import MANIFEST, CheckpointReader, CheckpointRef, Storage, Tr
 from .storage.base import SavedAt as Location
 from .storage.local import check_checkpoint_name
 from .tensorfile import order_for_alignment, write_tensor_file
-from .tree import decode_plain
+from .tree import MAX_DEPTH, decode_plain
 from .writer import EncodedExtras, encode_state, library_versions, make_encoder
 
 __all__ = [
@@ -269,7 +269,7 @@ def _is_dtensor(obj: object) -> bool:
 
 
 def _holds_dtensor(node: Any, depth: int = 0) -> bool:
-    if depth > 200:
+    if depth > MAX_DEPTH:
         return False
     if _is_dtensor(node):
         return True

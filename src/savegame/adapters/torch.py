@@ -78,15 +78,31 @@ _NUMPY_SAME_DTYPE: dict[torch.dtype, np.dtype[Any]] = {
 _DTYPES: dict[str, torch.dtype] = {
     name: value for name in dir(torch) if isinstance(value := getattr(torch, name, None), torch.dtype)
 }
-"""Every dtype this torch has, by the name ``_dtype_name`` stores (``float32``, ``int64``, ...)."""
+"""Every dtype this torch has, by the name :func:`dtype_name` stores (``float32``, ``int64``, ...)."""
 
 MapLocation = (
     str | torch.device | Mapping[str, str] | Callable[[torch.Tensor, str], torch.Tensor] | None
 )
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name a ``torch.dtype`` is stored under (``float32``): the ``v`` of a ``torch.dtype`` node and
+    the ``dtype`` of a DCP tensor record."""
     return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(value: object, where: str = "") -> torch.dtype:
+    """The one decoder of a stored torch dtype name (skeleton tags, DCP records): a lookup in this
+    torch's fixed table of dtypes, never a ``getattr`` of file data; :class:`InvalidManifestError`
+    naming ``where`` for anything else. (Without torch, :func:`savegame.checks.check_dtype_name`
+    checks the form only.)"""
+    result = _DTYPES.get(value) if isinstance(value, str) else None
+    if result is None:
+        prefix = f"{where}: " if where else ""
+        raise InvalidManifestError(f"{prefix}unknown torch dtype {str(value)[:40]!r}")
+    return result
+
+
 
 
 _NUMPY_VIEWABLE = frozenset(
@@ -101,7 +117,7 @@ def encode_hook(obj: object, path: Path, enc: Encoder) -> dict[str, Any] | None:
     """Tree-codec hook: skeleton nodes for tensors, dtypes, sizes and devices."""
     if not isinstance(obj, torch.Tensor):
         if isinstance(obj, torch.dtype):
-            return {"$": "torch.dtype", "v": _dtype_name(obj)}
+            return {"$": "torch.dtype", "v": dtype_name(obj)}
         if type(obj) is torch.Size:
             return {"$": "torch.Size", "v": [int(d) for d in obj]}
         if isinstance(obj, torch.device):
@@ -197,10 +213,7 @@ def decode_tags() -> dict[str, Callable[[Any], object]]:
     """Skeleton tags for torch values that are not tensors."""
 
     def dtype(v: Any) -> torch.dtype:
-        result = _DTYPES.get(v) if isinstance(v, str) else None  # a fixed table: no getattr of file data
-        if result is None:
-            raise InvalidManifestError(f"unknown torch dtype {str(v)[:40]!r}")
-        return result
+        return dtype_from_name(v)
 
     def size(v: Any) -> torch.Size:
         return torch.Size(check_size(v))
