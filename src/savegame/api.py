@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 from . import verifier
+from .adapters import torch_available, zero_copy_for
 from .capture import LoadReport, restore_items
 from .checks import check_item_value
 from .errors import ConfigError, InvalidManifestError, StateMismatchError
@@ -25,10 +25,10 @@ from .gcpause import gc_paused
 from .manifest import Manifest
 from .progress import ProgressBar
 from .storage import is_url, locate
-from .storage.base import CheckpointReader, CheckpointRef
+from .storage.base import CheckpointReader, CheckpointRef, Location, PathLike
 from .storage.local import LocalCheckpointReader, open_local_checkpoint
 from .tensorfile import TensorFileReader
-from .tree import Decoder, Path, Where, format_path, numpy_from_node
+from .tree import MAX_DEPTH, Decoder, Path, Where, format_path, numpy_from_node
 from .verifier import check_array_node as check_array_node  # re-exported: moved to verifier.py
 from .verifier import check_item as check_item
 from .verifier import checked
@@ -37,7 +37,6 @@ from .writer import EncodedItem, encode_state, save_in_background, save_now, wri
 __all__ = ["EncodedItem", "encode_state", "load", "read_manifest", "save", "verify", "write_items"]
 
 log = logging.getLogger("savegame")
-PathLike = str | os.PathLike[str]
 _SAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
@@ -107,9 +106,6 @@ def _checkpoint_dir(path: PathLike) -> str:
     return open_local_checkpoint(path).where
 
 
-Location = PathLike | CheckpointRef | CheckpointReader
-"""What the read functions accept: a local path, an fsspec URL (``s3://bucket/run/NAME``), a
-:class:`~savegame.storage.CheckpointRef` from a configured storage, or an opened reader."""
 
 
 def open_checkpoint(
@@ -232,16 +228,6 @@ def _aligned_copy(raw: Any, *, torch_memory: bool) -> Any:
     return dest
 
 
-def _torch_available() -> bool:
-    if "torch" in sys.modules:
-        return True
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @gc_paused()
 def decode_item(
     checkpoint: Location, manifest: Manifest, name: str, *, verify: bool, map_location: Any = None,
@@ -269,7 +255,7 @@ def decode_opened(
     entry = manifest.items[name]
     # A module's or optimizer's state holds tensors: no need to walk its skeleton to find out.
     has_tensors = entry.kind.startswith("torch.") or _has_torch_node(entry.skeleton, 0)
-    numpy_only = as_numpy if as_numpy is not None else not (has_tensors and _torch_available())
+    numpy_only = as_numpy if as_numpy is not None else not (has_tensors and torch_available())
     tags = {}
     if not numpy_only:
         from .adapters.torch import decode_tags
@@ -282,28 +268,9 @@ def decode_opened(
     return value
 
 
-def _zero_copy_for(target: object) -> ZeroCopy:
-    """How an item restored into ``target`` may share the file's memory.
-
-    A module copies the values into its own parameters: views of the file (``True``), no copy on our
-    side. A torch optimizer keeps the state tensors it is given (``load_state_dict`` only casts them to
-    the parameter's device and dtype): aligned views of the copy-on-write mapping (``"aligned"``), like
-    a safetensors load; its in-place updates then copy each page on first write, privately (the file
-    never changes). Anything else gets fresh memory.
-    """
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return False
-    if isinstance(target, torch.nn.Module):
-        return True
-    if isinstance(target, torch.optim.Optimizer):
-        return "aligned"
-    return False
-
-
 def _has_torch_node(node: Any, depth: int) -> bool:
     """Whether a skeleton holds torch values (tensors, dtypes, sizes, devices)."""
-    if depth > 300:
+    if depth > MAX_DEPTH:
         return False
     if isinstance(node, list):
         return any(_has_torch_node(v, depth + 1) for v in node)
@@ -410,7 +377,7 @@ def _load_items(
     # Every file and skeleton is checked and decoded before anything is restored, so a damaged file
     # found late cannot leave the target half-restored. Modules copy into their own parameters, so
     # they read straight from the (copy-on-write) file mapping; an optimizer keeps the tensors it is
-    # given, so it gets views of the mapping where they are 64-byte aligned (see _zero_copy_for).
+    # given, so it gets views of the mapping where they are 64-byte aligned (see adapters.zero_copy_for).
     needed = [name for name in manifest.items if name in target or manifest.items[name].file is None]
     files = {manifest.items[name].file for name in needed} - {None}
     values: dict[str, Any] = {}
@@ -424,7 +391,7 @@ def _load_items(
             values[name] = decode_opened(
                 readers[file] if file else None, manifest, name,
                 map_location=map_location if name in target else None,
-                zero_copy=_zero_copy_for(target[name]) if name in target else False,
+                zero_copy=zero_copy_for(target[name]) if name in target else False,
             )
         del readers
     for name in needed:

@@ -65,6 +65,7 @@ from types import MappingProxyType, TracebackType
 from typing import Any, Literal
 
 from . import api
+from .adapters import is_model_weights
 from .adapters.rng import RNGState
 from .autointerval import DEFAULT_MTBF_SECONDS, AutoInterval, record_save_cost
 from .background import BackgroundWriter, PendingSave, close_at_exit
@@ -83,6 +84,7 @@ from .errors import (
     StorageError,
     UnsupportedFormatError,
 )
+from .knobs import Restart, preset_knobs
 from .lock import ProcessShare, process_holds
 from .manifest import Manifest
 from .naming import NameTemplate, unique_name, validate_name
@@ -98,12 +100,14 @@ from .policies import (
     KeepLast,
     KeepPolicy,
     KeepUnion,
+    Mode,
     Never,
     OnImprovement,
     Progress,
     SaveContext,
     SavePolicy,
     SkipFirstEpochs,
+    check_count,
     check_position,
     check_threshold,
     is_better,
@@ -133,8 +137,6 @@ PROGRESS_VERSION = 1
 RNG_ITEM = "rng"
 """Item name under which the global RNG state is added to full-state checkpoints."""
 
-Mode = Literal["auto", "min", "max"]
-Restart = Literal["auto", "required", "off"]
 SignalAction = Literal["exit", "reraise", "continue"]
 DISTRIBUTED_ITEM = "savegame.distributed"
 """The layout item of checkpoints written by several ranks (see :mod:`savegame.distributed`)."""
@@ -465,14 +467,6 @@ def coerce_metrics(metrics: Mapping[str, object] | None) -> dict[str, float]:
     return out
 
 
-def _check_count(name: str, value: int | None, *, minimum: int) -> None:
-    """ConfigError unless ``value`` is None or an int >= ``minimum``."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"Checkpointer: {name} must be an int >= {minimum} (or None), got {value!r}")
-
-
 class _UnjudgedEpochs:
     """Warns once when a whole epoch went by without the monitored metric in any ``step()`` call.
 
@@ -574,9 +568,9 @@ def build_save_policy(
     """The save policy the convenience knobs of :class:`Checkpointer` describe (see its docstring)."""
     if every not in (None, "auto"):
         raise ConfigError(f"Checkpointer: every must be 'auto' or None, got {every!r}")
-    _check_count("every_n_epochs", every_n_epochs, minimum=0)
-    _check_count("every_n_steps", every_n_steps, minimum=0)
-    _check_count("skip_first_epochs", skip_first_epochs, minimum=0)
+    check_count("Checkpointer", "every_n_epochs", every_n_epochs, minimum=0)
+    check_count("Checkpointer", "every_n_steps", every_n_steps, minimum=0)
+    check_count("Checkpointer", "skip_first_epochs", skip_first_epochs, minimum=0)
     if every_seconds is not None and (
         isinstance(every_seconds, bool) or not isinstance(every_seconds, (int, float))
         or not 0 <= every_seconds < math.inf
@@ -623,8 +617,8 @@ def build_save_policy(
 
 def build_keep_policy(*, monitor: str | None, mode: Mode, keep_last: int | None, keep_best: int | None) -> KeepPolicy:
     """The keep policy of the ``keep_last`` / ``keep_best`` knobs (everything when neither is set)."""
-    _check_count("keep_last", keep_last, minimum=1)
-    _check_count("keep_best", keep_best, minimum=1)
+    check_count("Checkpointer", "keep_last", keep_last, minimum=1)
+    check_count("Checkpointer", "keep_best", keep_best, minimum=1)
     parts: list[KeepPolicy] = []
     if keep_last is not None:
         parts.append(KeepLast(keep_last))
@@ -645,17 +639,6 @@ def _default_name(epoch: int | None, step: int | None, sequence: int) -> str:
     if step is not None:
         parts.append(f"step={step:06d}")
     return "-".join(parts) if parts else f"save-{sequence:06d}"
-
-
-def _is_weights(value: object) -> bool:
-    """Whether an item holds model weights for ``weights_only`` checkpoints: a ``torch.nn.Module``, or a
-    :class:`savegame.adapters.keras.KerasState` that leaves the optimizer out."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(value, torch.nn.Module):
-        return True
-    keras_adapter = sys.modules.get("savegame.adapters.keras")
-    keras_state = getattr(keras_adapter, "KerasState", None)
-    return keras_state is not None and isinstance(value, keras_state) and not value.include_optimizer
 
 
 # --------------------------------------------------------------------------------------------------
@@ -821,7 +804,7 @@ class Checkpointer:
             raise ConfigError(f"Checkpointer: restart must be 'auto', 'required' or 'off', got {restart!r}")
         if mode not in ("auto", "min", "max"):
             raise ConfigError(f"Checkpointer: mode must be 'auto', 'min' or 'max', got {mode!r}")
-        _check_count("max_epochs", max_epochs, minimum=1)
+        check_count("Checkpointer", "max_epochs", max_epochs, minimum=1)
         if metadata is not None and not isinstance(metadata, Mapping):
             raise ConfigError(f"Checkpointer: metadata must be a dict, got {type(metadata).__name__}")
         knobs_used = any(
@@ -974,12 +957,10 @@ class Checkpointer:
         keeping the 10 newest and the best; ``long`` every 5 epochs or 30 minutes plus improvements,
         keeping the 20 newest, a log-spaced history and the best. See :mod:`savegame.config`.
         """
-        from .config import preset_checkpointer
-
-        return preset_checkpointer(
-            preset, directory, monitor=monitor, mode=mode, max_epochs=max_epochs, name=name,
-            restart=restart, metadata=metadata,
-        )  # fmt: skip
+        knobs = preset_knobs(
+            preset, monitor=monitor, mode=mode, max_epochs=max_epochs, restart=restart, metadata=metadata
+        )
+        return cls(directory, name=name, **knobs.checkpointer_kwargs())
 
     # ----------------------------------------------------------------------------------------------
     # Directory scan and best tracking
@@ -1292,7 +1273,7 @@ class Checkpointer:
         if not isinstance(state, Mapping):
             raise ConfigError(f"state must be a dict of items (e.g. {{'model': model}}), not {type(state).__name__}")
         if self.weights_only:
-            items = {k: v for k, v in state.items() if _is_weights(v)}
+            items = {k: v for k, v in state.items() if is_model_weights(v)}
             if not items:
                 raise ConfigError(
                     "weights_only=True but the state has no torch.nn.Module item to take weights from"

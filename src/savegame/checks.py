@@ -13,10 +13,10 @@ checked with torch's own dtype table and device parser (exactly as ``load`` does
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .adapters import torch_if_imported
 from .errors import InvalidManifestError
 
 OPTIMIZER_KIND = "torch.optim.Optimizer"
@@ -57,7 +57,7 @@ def tag_checkers() -> dict[str, Callable[[Any], object]]:
     def torch_tag(name: str) -> Callable[[Any], object]:
         def check(value: Any) -> object:
             if not torch_tags:
-                if "torch" in sys.modules:
+                if torch_if_imported() is not None:
                     from .adapters.torch import decode_tags
 
                     torch_tags.append(decode_tags())

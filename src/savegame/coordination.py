@@ -10,9 +10,10 @@ never imports ``torch.distributed`` unless a process group is running.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
+
+from .adapters import torch_if_imported
 
 __all__ = ["Coordinator", "Ranks", "Solo", "coordinator_for"]
 
@@ -86,7 +87,7 @@ class Ranks:
 def coordinator_for(group: Any = None) -> Coordinator:
     """:class:`Ranks` when a ``torch.distributed`` process group with more than one rank is running
     (``group``: which one; None: the default group), :class:`Solo` otherwise."""
-    torch = sys.modules.get("torch")
+    torch = torch_if_imported()
     if torch is None or group is False:
         return Solo()
     dist = torch.distributed

@@ -54,12 +54,13 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from .adapters.torch import encode_hook, tensor_from_bytes
+from .adapters.torch import dtype_from_name, dtype_name, encode_hook, tensor_from_bytes
 from .checks import SHARDED_FORMAT
 from .errors import InvalidManifestError, StateMismatchError, UnsupportedTypeError
 from .manifest import FileEntry, Manifest
 from .storage.base import CheckpointReader, Transaction
 from .tensorfile import TensorFileReader, order_for_alignment, write_tensor_file
+from .tree import MAX_DEPTH, too_deep
 from .writer import make_encoder
 
 __all__ = [
@@ -112,7 +113,7 @@ class TensorRecord:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _dtype_from_name(self.dtype, self.fqn)
+        return dtype_from_name(self.dtype, self.fqn)
 
     def to_json(self) -> dict[str, Any]:
         return {"path": list(self.path), "fqn": self.fqn, "dtype": self.dtype, "size": list(self.size),
@@ -127,15 +128,6 @@ class ShardedItem:
     tensors: tuple[TensorRecord, ...]
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _dtype_from_name(name: str, where: str) -> torch.dtype:
-    value = getattr(torch, name, None) if name.isidentifier() else None
-    if not isinstance(value, torch.dtype):
-        raise InvalidManifestError(f"{where}: unknown torch dtype {name[:40]!r}")
-    return value
 
 
 def _int_list(value: object, where: str, what: str) -> tuple[int, ...]:
@@ -169,7 +161,7 @@ def parse_sharded_item(node: object, where: str) -> ShardedItem:
             raise InvalidManifestError(f"{at}: fqn must be a unique non-empty string")
         if not isinstance(dtype, str):
             raise InvalidManifestError(f"{at}: dtype must be a string")
-        _dtype_from_name(dtype, at)
+        dtype_from_name(dtype, at)
         size = _int_list(entry.get("size"), at, "size")
         if not isinstance(chunks, list) or len(chunks) > MAX_CHUNKS:
             raise InvalidManifestError(f"{at}: chunks must be a list of at most {MAX_CHUNKS}")
@@ -247,8 +239,8 @@ def split_tensors(state: Any, where: str) -> tuple[Any, dict[PathKey, torch.Tens
     tensors: dict[PathKey, torch.Tensor] = {}
 
     def walk(node: Any, path: PathKey, depth: int) -> Any:
-        if depth > 200:
-            raise UnsupportedTypeError(f"{where}: state nested deeper than 200 levels")
+        if depth > MAX_DEPTH:
+            raise UnsupportedTypeError(too_deep(where, "state"))
         if isinstance(node, torch.Tensor):
             tensors[path] = node
             return None
@@ -271,7 +263,7 @@ def split_tensors(state: Any, where: str) -> tuple[Any, dict[PathKey, torch.Tens
 
 
 def _holds_tensor(node: Any, depth: int) -> bool:
-    if depth > 200:
+    if depth > MAX_DEPTH:
         return False
     if isinstance(node, torch.Tensor):
         return True

@@ -81,9 +81,10 @@ from .errors import (
 from .manifest import FileEntry, ItemEntry, Manifest, dump_manifest, parse_manifest, utc_now
 from .storage import locate
 from .storage.base import MANIFEST, CheckpointReader, CheckpointRef, Storage, Transaction
+from .storage.base import SavedAt as Location
 from .storage.local import check_checkpoint_name
 from .tensorfile import order_for_alignment, write_tensor_file
-from .tree import decode_plain
+from .tree import MAX_DEPTH, decode_plain
 from .writer import EncodedExtras, encode_state, library_versions, make_encoder
 
 __all__ = [
@@ -268,7 +269,7 @@ def _is_dtensor(obj: object) -> bool:
 
 
 def _holds_dtensor(node: Any, depth: int = 0) -> bool:
-    if depth > 200:
+    if depth > MAX_DEPTH:
         return False
     if _is_dtensor(node):
         return True
@@ -361,9 +362,6 @@ class _Fqns:
 # Saving
 
 
-Location = str | os.PathLike[str] | CheckpointRef
-"""Where a distributed checkpoint is: a local path, an fsspec URL (``s3://bucket/run/NAME``) or a
-:class:`~savegame.storage.base.CheckpointRef` (``storage.ref(name)`` of a configured storage)."""
 
 
 def save(

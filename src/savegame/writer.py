@@ -10,16 +10,16 @@ Every save logs (logger ``savegame``, level INFO) its size, blocking time and th
 from __future__ import annotations
 
 import logging
-import platform
 import re
-import sys
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from . import __version__, hashing
+from . import hashing
+from ._version import __version__
+from .adapters import framework_versions, torch_if_imported
 from .background import BackgroundWriter, PendingSave, Snapshot
 from .capture import kind_of, live_object_hook
 from .copyqueue import CopyQueue
@@ -85,7 +85,7 @@ def make_encoder(
 ) -> Encoder:
     """An encoder with the framework hooks for what is imported in this process."""
     hooks: list[ArrayHook] = []
-    if "torch" in sys.modules:
+    if torch_if_imported() is not None:
         from .adapters.torch import encode_hook
 
         hooks.append(encode_hook)
@@ -145,12 +145,7 @@ def _file_name(item: str, used: set[str]) -> str:
 
 def library_versions() -> dict[str, str]:
     """Versions recorded in the manifest: savegame, Python and the frameworks imported."""
-    versions = {"savegame": __version__, "python": platform.python_version()}
-    for mod in ("numpy", "torch", "keras", "tensorflow", "jax"):
-        m = sys.modules.get(mod)
-        if m is not None and isinstance(getattr(m, "__version__", None), str):
-            versions[mod] = m.__version__
-    return versions
+    return {"savegame": __version__, **framework_versions()}
 
 
 class _CountingSink:

@@ -19,6 +19,7 @@ Implementations: :mod:`.local` (a directory) and :mod:`.remote` (any fsspec URL:
 from __future__ import annotations
 
 import mmap
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -185,3 +186,16 @@ class CheckpointRef:
 
     def __str__(self) -> str:
         return self.storage.url(self.name)
+
+
+PathLike = str | os.PathLike[str]
+"""A local path or an fsspec URL."""
+
+SavedAt = PathLike | CheckpointRef
+"""Where a checkpoint is written or found: a local path, an fsspec URL (``s3://bucket/run/NAME``) or a
+:class:`CheckpointRef` (``storage.ref(name)`` of a configured storage). Distributed saves and loads
+take this."""
+
+Location = SavedAt | CheckpointReader
+"""What the read functions accept: a :data:`SavedAt`, or an open :class:`CheckpointReader` (a caller
+that already holds one reads through it)."""

@@ -88,9 +88,10 @@ from ..errors import (
     StorageError,
     TruncatedFileError,
 )
-from ..processes import pid_alive
+from ..naming import check_checkpoint_name, validate_name
 from .base import MANIFEST, QUARANTINE_PREFIX, CheckpointRef
-from .local import check_checkpoint_name, starts_like_manifest
+from .liveness import FOREIGN_WRITER_GRACE_SECONDS, writer_is_live
+from .local import starts_like_manifest
 
 log = logging.getLogger("savegame")
 
@@ -100,7 +101,7 @@ STAGING_MARKER = ".staging"
 MIN_PART_SIZE = 5 << 20  # the S3 minimum for every part but the last
 DEFAULT_PART_SIZE = 8 << 20
 DEFAULT_CONCURRENCY = 4
-DEFAULT_GRACE_SECONDS = 3600.0
+DEFAULT_GRACE_SECONDS = FOREIGN_WRITER_GRACE_SECONDS  # a day: the one rule of storage.liveness
 _MAX_PARTS = 10_000
 _VERSION_RE = re.compile(r"^v\d{8}T\d{12}-[0-9a-f]{8}$")
 _LIVE_OWNERS: set[str] = set()
@@ -431,7 +432,7 @@ class RemoteStorage:
 
     def begin(self, name: str, *, overwrite: bool = False) -> RemoteTransaction:
         """Start uploading checkpoint ``name`` (see the module docstring for the protocol)."""
-        check_checkpoint_name(name)
+        validate_name(name)  # a new checkpoint gets a portable name, whichever save path chose it
         self.check_target(name, overwrite=overwrite)
         return RemoteTransaction(self, name, overwrite=overwrite)
 
@@ -634,20 +635,22 @@ class RemoteStorage:
                 with _LIVE_LOCK:
                     if owner in _LIVE_OWNERS:
                         return True
-                host, pid = info.get("host"), info.get("pid")
-                if host == socket.gethostname() and isinstance(pid, int):
-                    return pid != os.getpid() and pid_alive(pid)
                 beat = info.get("heartbeat")
-                if isinstance(beat, (int, float)):
-                    return now - float(beat) < self.grace_seconds
+                touched = float(beat) if isinstance(beat, (int, float)) and not isinstance(beat, bool) else None
+                host, pid = info.get("host"), info.get("pid")
+                if touched is not None or (host == socket.gethostname() and isinstance(pid, int)):
+                    # not among this process's live owners: its own marker is an ended transaction's
+                    return writer_is_live(
+                        host=host, pid=pid, touched=touched, grace=self.grace_seconds, now=now, this_process=False
+                    )
         if not by_age:
             return False
         if listing is None:
             listing = self._list(os.path.dirname(next(iter(files.values()))) if files else self._root)
         times = [t for p in files.values() if (t := _mtime(listing.get(p, {}))) is not None]
-        if not times:
-            return False
-        return now - max(times) < self.grace_seconds
+        return writer_is_live(
+            host=None, pid=None, touched=max(times) if times else None, grace=self.grace_seconds, now=now
+        )
 
     def _abort_stale_uploads(self, removed_prefixes: set[str]) -> None:
         bucket, key_prefix, _ = self.fs.split_path(self._root + "/")
@@ -665,7 +668,8 @@ class RemoteStorage:
             path = f"{bucket}/{key}"
             initiated = upload.get("Initiated")
             age = now - initiated.timestamp() if hasattr(initiated, "timestamp") else 0.0
-            if any(path.startswith(p) for p in removed_prefixes) or age > max(self.grace_seconds, 24 * 3600):
+            stale = age > max(self.grace_seconds, FOREIGN_WRITER_GRACE_SECONDS)
+            if stale or any(path.startswith(p) for p in removed_prefixes):
                 try:
                     self._call(
                         f"aborting the unfinished upload of {self._where(path)}",
