@@ -45,12 +45,16 @@ LAYERS: dict[str, str] = {
     "savegame.checks": "format",
     # storage: protocol, local, remote, mirror
     "savegame.storage": "storage", "savegame.storage.base": "storage", "savegame.storage.local": "storage",
-    "savegame.storage.remote": "storage", "savegame.storage.liveness": "storage", "savegame.mirror": "storage",
+    "savegame.storage.remote": "storage", "savegame.storage.liveness": "storage",
     # adapters: the only place that knows a framework (data loaders included)
     "savegame.adapters": "adapters", "savegame.adapters.rng": "adapters", "savegame.adapters.torch": "adapters",
     "savegame.adapters.keras": "adapters", "savegame.adapters.report": "adapters", "savegame.data": "adapters",
     # engine: capture, encode + the write loop, background snapshots
     "savegame.capture": "engine", "savegame.writer": "engine", "savegame.background": "engine",
+    "savegame.verifier": "engine",
+    # the mirror copies checkpoints between two storages through the one verifier (hash while copying):
+    # it needs the engine, and only the run layer (the Checkpointer) uses it
+    "savegame.mirror": "engine",
     "savegame.api": "api",
     "savegame.export": "export",
     "savegame.distributed": "distributed", "savegame.dcp": "distributed",
@@ -66,9 +70,6 @@ LAYERS: dict[str, str] = {
 }  # fmt: skip
 
 KNOWN_UPWARD: set[tuple[str, str]] = {
-    # The mirror (storage) verifies local checkpoints through api.verify; the one verifier will live in
-    # the engine, still above storage: the mirror should receive it from the Checkpointer instead.
-    ("savegame.mirror", "savegame.api"),
     # Node checks (format) use torch's own dtype/device tables when torch is imported: the tag
     # decoders should be handed in by the adapter registry.
     ("savegame.checks", "savegame.adapters"),
