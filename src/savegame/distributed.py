@@ -84,7 +84,15 @@ from .storage import locate
 from .storage.base import MANIFEST, CheckpointReader, CheckpointRef, Storage, Transaction
 from .storage.local import check_checkpoint_name
 from .tree import decode_plain
-from .write_loop import EncodedExtras, EncodedItem, assemble_manifest, item_entries, write_files
+from .write_loop import (
+    EncodedExtras,
+    EncodedItem,
+    NextName,
+    assemble_manifest,
+    item_entries,
+    retry_on_clash,
+    write_files,
+)
 from .writer import encode_state, library_versions, make_encoder
 
 __all__ = [
@@ -411,6 +419,7 @@ def write_state(
     overwrite: bool = False,
     per_rank: Collection[str] = (),
     context: RankContext | None = None,
+    next_name: NextName | None = None,
 ) -> tuple[str, Manifest]:
     """Write ``state`` as checkpoint ``name`` of ``storage`` from every rank; return (path, manifest).
 
@@ -421,8 +430,24 @@ def write_state(
     :class:`CommitError` with the same errno everywhere, e.g. ``EEXIST`` when the name is taken).
     ``storage`` must support ``join`` (:class:`~savegame.storage.base.SharedStorage`: ``LocalStorage`` on
     a shared filesystem, ``RemoteStorage`` on an object store) when there are several ranks.
+    ``next_name``: a name taken by another writer meanwhile is retried, on every rank together, under
+    the next one (:func:`~savegame.write_loop.retry_on_clash`; rank 0's choice is the one used).
     """
     ctx = context or current_context()
+
+    def attempt(current: str, retry_progress: Mapping[str, Any] | None) -> tuple[str, Manifest]:
+        use = progress if retry_progress is None else retry_progress
+        return _write_state_once(ctx, storage, current, state, metadata=metadata, progress=use, overwrite=overwrite,
+                                 per_rank=per_rank)  # fmt: skip
+
+    return retry_on_clash(attempt, name, next_name, where=name)  # no check before the collectives: rank 0 names
+
+
+def _write_state_once(
+    ctx: RankContext, storage: Storage, name: str, state: Mapping[str, Any], *, metadata: Mapping[str, Any] | None,
+    progress: Mapping[str, Any] | None, overwrite: bool, per_rank: Collection[str],
+) -> tuple[str, Manifest]:  # fmt: skip
+    """One attempt of :func:`write_state`."""
     plan: dict[str, str] = {}
     problem: BaseException | None = None
     try:

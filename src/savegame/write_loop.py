@@ -28,19 +28,29 @@ into the manifest bytes the commit writes last, and the :class:`Manifest` a read
 * ``txn.abort()`` discards every sink (no fsync) and removes what the transaction wrote; after an error
   the caller aborts the transaction and nothing of it stays (no staging debris).
 
+**Name clashes** (one rule for the sync, background and per-rank saves of a Checkpointer): a commit
+refused because another writer took the name meanwhile (:class:`CommitError` with ``EEXIST`` or
+``ENOTEMPTY``) is retried under the next free name, by :func:`retry_on_clash`, wherever the write runs: in
+the caller's thread (sync), in the writer thread (background: the snapshot is still held, so nothing is
+lost; the Checkpointer learns the final name when it integrates the save) or on every rank together
+(per-rank: the errno is the same everywhere and rank 0's next name is the one used). Plain
+``savegame.save(path, overwrite=False)`` has no ``next_name``: there the clash is the caller's error.
+
 Who uses it: :mod:`savegame.writer` (sync and background saves) and :mod:`savegame.distributed`
 (per-rank saves). It imports only layers below it (manifest, tensor files, storage, progress).
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from . import hashing
-from .errors import BackgroundSaveError, ConfigError, StorageError
+from .errors import BackgroundSaveError, CheckpointError, CommitError, ConfigError, StorageError
 from .manifest import FileEntry, ItemEntry, Manifest, dump_manifest, utc_now
 from .progress import ProgressBar
 from .storage.base import FileSink, Transaction
@@ -48,7 +58,13 @@ from .tensorfile import order_for_alignment, write_tensor_file
 from .tree import ArrayRecord, decode_plain, encode_plain
 from .workers import LazyPool
 
-__all__ = ["EncodedExtras", "EncodedItem", "WrittenFiles", "assemble_manifest", "item_entries", "write_files"]
+__all__ = [
+    "EncodedExtras", "EncodedItem", "NextName", "WrittenFiles", "assemble_manifest", "item_entries",
+    "retry_on_clash", "write_files",
+]
+
+log = logging.getLogger("savegame")
+T = TypeVar("T")
 
 
 @dataclass
@@ -92,6 +108,10 @@ class EncodedExtras:
             metadata=encode_plain(dict(metadata or {}), "metadata"),
             progress=encode_plain(dict(progress), "progress") if progress is not None else None,
         )
+
+    def with_progress(self, progress: Mapping[str, Any]) -> EncodedExtras:
+        """The same metadata with another ``progress`` (a save retried under another name)."""
+        return EncodedExtras(self.metadata, EncodedExtras.encode(None, progress).progress)
 
 
 class _CountingSink:
@@ -217,3 +237,37 @@ def assemble_manifest(
 def item_entries(items: list[EncodedItem]) -> dict[str, ItemEntry]:
     """The manifest entries of encoded items."""
     return {i.name: ItemEntry(kind=i.kind, file=i.file, skeleton=i.skeleton) for i in items}
+
+
+NextName = Callable[[str], tuple[str, Mapping[str, Any]]]
+"""Given the name another writer took, the next name to try and the ``progress`` to record under it (the
+Checkpointer's progress names the checkpoint, e.g. as the best)."""
+
+MAX_NAME_ATTEMPTS = 1000
+_NAME_TAKEN = (errno.EEXIST, errno.ENOTEMPTY)
+
+
+def retry_on_clash(
+    write: Callable[[str, Mapping[str, Any] | None], T], name: str, next_name: NextName | None, *, where: str
+) -> T:
+    """``write(name, None)``; while its commit is refused because the name was taken meanwhile, call
+    ``write(other, progress)`` with what ``next_name`` gives (see "Name clashes" in the module docstring).
+
+    ``progress`` None means the progress the save was started with. Without ``next_name`` the clash is
+    raised as it is. Gives up with :class:`CheckpointError` after :data:`MAX_NAME_ATTEMPTS` names.
+    """
+    progress: Mapping[str, Any] | None = None
+    for _ in range(MAX_NAME_ATTEMPTS):
+        try:
+            return write(name, progress)
+        except CommitError as exc:
+            if next_name is None or exc.errno not in _NAME_TAKEN:
+                raise
+            taken = name
+            name, progress = next_name(taken)
+            log.warning("saving %s: another writer took the name %s meanwhile; saving as %s instead", where, taken,
+                        name)  # fmt: skip
+    raise CheckpointError(
+        f"could not find a free checkpoint name for {where}: {MAX_NAME_ATTEMPTS} names were taken by other "
+        f"writers while saving, the last {name!r}; is another process saving into the same directory?"
+    )

@@ -27,7 +27,15 @@ from .manifest import Manifest
 from .progress import ProgressBar
 from .storage.base import MANIFEST, Storage
 from .tree import ArrayHook, Encoder
-from .write_loop import EncodedExtras, EncodedItem, assemble_manifest, item_entries, write_files
+from .write_loop import (
+    EncodedExtras,
+    EncodedItem,
+    NextName,
+    assemble_manifest,
+    item_entries,
+    retry_on_clash,
+    write_files,
+)
 
 __all__ = [
     "EncodedExtras", "EncodedItem", "encode_state", "library_versions", "make_encoder", "save_in_background",
@@ -115,16 +123,33 @@ def library_versions() -> dict[str, str]:
 def write_encoded(
     storage: Storage, name: str, items: list[EncodedItem], extras: EncodedExtras, *, overwrite: bool,
     blocking_seconds: float | None = None, should_stop: Callable[[], bool] | None = None,
+    next_name: NextName | None = None,
 ) -> tuple[str, Manifest]:
     """Write encoded items as checkpoint ``name`` of ``storage``; commit; return its path and manifest.
 
     ``should_stop``: checked before every write; when it says so the transaction is aborted (its staging
     data removed) and :class:`BackgroundSaveError` raised (a background save stopped at interpreter exit).
+    ``next_name``: when the name was taken by another writer meanwhile, write again under the name it
+    gives (:func:`~savegame.write_loop.retry_on_clash`; the returned path says which name was used).
 
     Each finished local file is fsynced on a worker thread while the next one is written and while the
     commit writes and fsyncs the manifest; the commit waits for all of them before it publishes. The returned
     :class:`Manifest` is the one built here, equal to what :func:`parse_manifest` reads back.
     """
+
+    def attempt(current: str, progress: Mapping[str, Any] | None) -> tuple[str, Manifest]:
+        use = extras if progress is None else extras.with_progress(progress)
+        return _write_once(storage, current, items, use, overwrite=overwrite, blocking_seconds=blocking_seconds,
+                           should_stop=should_stop)  # fmt: skip
+
+    return retry_on_clash(attempt, name, next_name, where=storage.path(name))
+
+
+def _write_once(
+    storage: Storage, name: str, items: list[EncodedItem], extras: EncodedExtras, *, overwrite: bool,
+    blocking_seconds: float | None, should_stop: Callable[[], bool] | None,
+) -> tuple[str, Manifest]:
+    """One attempt of :func:`write_encoded`: begin, the one write loop, the manifest, commit."""
     start = time.perf_counter()
     total = sum(i.nbytes for i in items)
     progress = ProgressBar(f"saving {name}", total)
@@ -159,9 +184,12 @@ def write_items(
     metadata: Mapping[str, Any] | None,
     progress: Mapping[str, Any] | None,
     overwrite: bool,
+    next_name: NextName | None = None,
 ) -> tuple[str, Manifest]:
-    """Write encoded items as checkpoint ``name`` of ``storage``; return its path and manifest."""
-    return write_encoded(storage, name, items, EncodedExtras.encode(metadata, progress), overwrite=overwrite)
+    """Write encoded items as checkpoint ``name`` of ``storage``; return its path and manifest
+    (``next_name``: see :func:`write_encoded`)."""
+    extras = EncodedExtras.encode(metadata, progress)
+    return write_encoded(storage, name, items, extras, overwrite=overwrite, next_name=next_name)
 
 
 def save_now(
@@ -176,13 +204,15 @@ def save_now(
 def save_in_background(
     writer: BackgroundWriter, storage: Storage, name: str, state: Mapping[str, Any], *,
     metadata: Mapping[str, Any] | None, progress: Mapping[str, Any] | None, overwrite: bool,
-    on_commit: Callable[[str, Manifest], None] | None = None,
+    on_commit: Callable[[str, Manifest], None] | None = None, next_name: NextName | None = None,
 ) -> PendingSave:
     """Snapshot ``state`` now (blocking only for the host copy), write and commit in the background.
 
     Waits first for the previous background save of ``writer`` (raising its error if it failed). The
     returned handle's ``result()`` gives the :class:`Manifest` once committed. ``on_commit(path, manifest)``
-    runs in the writer thread after the commit (the Checkpointer uses it for retention).
+    runs in the writer thread after the commit (the Checkpointer uses it for retention). ``next_name``
+    (called in the writer thread): a name taken meanwhile is retried under the next one, as in a sync
+    save (:func:`write_encoded`); the handle's ``path`` stays the name it was started with.
     """
     writer.wait()
     with gc_paused():  # not while waiting above: only while this thread copies and encodes
@@ -199,7 +229,7 @@ def save_in_background(
         def persist() -> Manifest:
             final, manifest = write_encoded(
                 storage, name, items, extras, overwrite=overwrite, blocking_seconds=blocking,
-                should_stop=writer.stop_requested,
+                should_stop=writer.stop_requested, next_name=next_name,
             )
             if on_commit is not None:
                 on_commit(final, manifest)
