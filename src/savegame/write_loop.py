@@ -3,7 +3,8 @@
 Every save goes through here: the synchronous one (:func:`savegame.writer.write_encoded`, used by
 ``savegame.save`` and the Checkpointer), the background one (the same function, run by the writer thread
 of :mod:`savegame.background`) and each rank's share of a multi-process save
-(:func:`savegame.distributed.write_state`). :func:`write_files` writes every tensor file of a transaction
+(:func:`savegame.distributed.write_state`: its replicated and per-rank items, and the shard file that
+:class:`savegame.dcp.SavegameStorageWriter` writes for DCP). :func:`write_files` writes every tensor file of a transaction
 (hashing while writing, fsyncs of finished local files overlapped with the next file, a progress bar,
 ``OSError`` translated into :class:`StorageError`); :func:`assemble_manifest` turns the files and items
 into the manifest bytes the commit writes last, and the :class:`Manifest` a reader would parse from them.
@@ -36,8 +37,8 @@ lost; the Checkpointer learns the final name when it integrates the save) or on 
 (per-rank: the errno is the same everywhere and rank 0's next name is the one used). Plain
 ``savegame.save(path, overwrite=False)`` has no ``next_name``: there the clash is the caller's error.
 
-Who uses it: :mod:`savegame.writer` (sync and background saves) and :mod:`savegame.distributed`
-(per-rank saves). It imports only layers below it (manifest, tensor files, storage, progress).
+Who uses it: :mod:`savegame.writer` (sync and background saves), :mod:`savegame.distributed` and
+:mod:`savegame.dcp` (per-rank saves). It imports only layers below it (manifest, tensor files, storage, progress).
 """
 
 from __future__ import annotations
