@@ -4,10 +4,11 @@ Every save goes through here: the synchronous one (:func:`savegame.writer.write_
 ``savegame.save`` and the Checkpointer), the background one (the same function, run by the writer thread
 of :mod:`savegame.background`) and each rank's share of a multi-process save
 (:func:`savegame.distributed.write_state`: its replicated and per-rank items, and the shard file that
-:class:`savegame.dcp.SavegameStorageWriter` writes for DCP). :func:`write_files` writes every tensor file of a transaction
-(hashing while writing, fsyncs of finished local files overlapped with the next file, a progress bar,
-``OSError`` translated into :class:`StorageError`); :func:`assemble_manifest` turns the files and items
-into the manifest bytes the commit writes last, and the :class:`Manifest` a reader would parse from them.
+:class:`savegame.dcp.SavegameStorageWriter` writes for DCP). :func:`write_files` writes every tensor
+file of a transaction (hashing while writing, fsyncs of finished local files overlapped with the next
+file, a progress bar, ``OSError`` translated into :class:`StorageError`); :func:`assemble_manifest` turns
+the files and items into the manifest bytes the commit writes last, and the :class:`Manifest` a reader
+would parse from them.
 
 **The sink durability contract** (what :class:`~savegame.storage.base.FileSink` implementations in
 :mod:`savegame.storage.local` and :mod:`savegame.storage.remote` guarantee, and what this loop relies on):
