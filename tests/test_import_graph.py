@@ -51,7 +51,7 @@ LAYERS: dict[str, str] = {
     "savegame.adapters.keras": "adapters", "savegame.adapters.report": "adapters", "savegame.data": "adapters",
     # engine: capture, encode + the write loop, background snapshots
     "savegame.capture": "engine", "savegame.writer": "engine", "savegame.background": "engine",
-    "savegame.verifier": "engine",
+    "savegame.verifier": "engine", "savegame.write_loop": "engine",
     # the mirror copies checkpoints between two storages through the one verifier (hash while copying):
     # it needs the engine, and only the run layer (the Checkpointer) uses it
     "savegame.mirror": "engine",

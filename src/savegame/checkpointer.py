@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import builtins
 import datetime as _dt
-import errno
 import logging
 import math
 import os
@@ -61,6 +60,7 @@ import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from dataclasses import replace as _replace
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal
 
@@ -75,7 +75,6 @@ from .errors import (
     BackgroundSaveError,
     CheckpointError,
     CheckpointNotFoundError,
-    CommitError,
     ConfigError,
     CorruptCheckpointError,
     InvalidNameError,
@@ -140,7 +139,6 @@ RNG_ITEM = "rng"
 SignalAction = Literal["exit", "reraise", "continue"]
 DISTRIBUTED_ITEM = "savegame.distributed"
 """The layout item of checkpoints written by several ranks (see :mod:`savegame.distributed`)."""
-_MAX_NAME_ATTEMPTS = 1000
 _MAX_RESUME_ROUNDS = 1000
 """Re-listings ``restore`` makes while retention deletes the checkpoints it was about to read."""
 ALIASES = ("latest", "best")
@@ -188,7 +186,10 @@ class SaveResult:
     ``seconds`` is how long training was blocked. For a background save (``background=True``)
     ``pending`` is its handle (``pending.result()`` waits for the durable commit), ``size`` is None and
     ``deleted`` is empty: retention runs once the commit is done, at the next save, ``wait()`` or
-    ``close()``.
+    ``close()``. Should another writer take the name while the checkpoint is written, it is committed
+    under the next free name (``epoch=003-v1``; a warning is logged), by sync, background and per-rank
+    saves alike: a sync save's ``name`` is where it went, a background save's the name it started with
+    (``latest`` and ``list()`` show where it went once it is settled).
     """
 
     name: str
@@ -207,8 +208,44 @@ class SaveResult:
 class _InFlight:
     """A background save submitted but not yet integrated (entries, best, retention)."""
 
-    name: str
+    naming: _Naming
     handle: PendingSave
+
+    @property
+    def name(self) -> str:
+        """The name it is committed under (read once the handle is done)."""
+        return self.naming.name
+
+
+@dataclass
+class _Naming:
+    """The name of a save being written, and the next free one should another writer take it meanwhile:
+    the ``next_name`` of :func:`savegame.write_loop.retry_on_clash`, one rule for the sync, background
+    (called in the writer thread) and per-rank saves."""
+
+    base: str
+    taken: set[str]
+    first: str
+    name: str
+    payload: Callable[[str], dict[str, Any]] = lambda name: {}
+    """The progress recorded under a name (it names the checkpoint, e.g. as the best)."""
+
+    @classmethod
+    def start(cls, base: str, taken: set[str]) -> _Naming:
+        first = unique_name(base, taken)
+        return cls(base, taken, first, first)
+
+    def next(self, clashed: str) -> tuple[str, dict[str, Any]]:
+        self.taken.add(clashed)
+        self.name = unique_name(self.base, self.taken)
+        return self.name, self.payload(self.name)
+
+
+def _renamed(best: RecordedBest | None, old: str, new: str) -> RecordedBest | None:
+    """``best`` as computed for a save named ``old``, for the same save named ``new``."""
+    if best is not None and best.name == old and new != old:
+        return _replace(best, name=new)
+    return best
 
 
 @dataclass(frozen=True)
@@ -1342,30 +1379,21 @@ class Checkpointer:
         sequence = self._max_sequence + 1
         base = self._name_for(progress, sequence, name)
         meta = {**self.metadata, **dict(metadata or {})}
-        taken = set(self._entries) | set(self._unreadable)
-        for _ in range(_MAX_NAME_ATTEMPTS):
-            final_name = unique_name(base, taken)
-            best = self._new_best(progress, final_name)
-            payload = self._progress_json(progress, sequence, best, final_name, pin)
-            if encoded is None and not distributed:
-                return self._submit(final_name, items, meta, payload, progress, best, started)
-            try:
-                if encoded is None:
-                    path, manifest = self._write_distributed(final_name, items, meta, payload)
-                    final_name = manifest_name = os.path.basename(path.rstrip("/"))
-                    best = _entry_from_manifest(manifest_name, manifest).best
-                else:
-                    path, manifest = api.write_items(
-                        self.storage, final_name, encoded, metadata=meta, progress=payload, overwrite=False
-                    )
-            except CommitError as exc:
-                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):  # another writer took the name
-                    taken.add(final_name)
-                    continue
-                raise
-            break
+        naming = _Naming.start(base, set(self._entries) | set(self._unreadable))
+        best = self._new_best(progress, naming.name)
+        naming.payload = lambda n: self._progress_json(progress, sequence, _renamed(best, naming.first, n), n, pin)
+        payload = naming.payload(naming.name)
+        if encoded is None and not distributed:
+            return self._submit(naming, items, meta, payload, progress, best, started)
+        if encoded is None:
+            path, manifest = self._write_distributed(naming, items, meta, payload)
+            final_name = os.path.basename(path.rstrip("/"))  # rank 0's name
         else:
-            raise CheckpointError(f"could not find a free checkpoint name for {base!r} in {self.directory}")
+            path, manifest = api.write_items(
+                self.storage, naming.name, encoded, metadata=meta, progress=payload, overwrite=False,
+                next_name=naming.next,
+            )  # fmt: skip
+            final_name = naming.name
         self._committed(final_name, manifest)
         self._max_sequence = max(self._max_sequence, self._entries[final_name].sequence or sequence)
         self._last_saved = progress
@@ -1382,7 +1410,7 @@ class Checkpointer:
         )  # fmt: skip
 
     def _write_distributed(
-        self, name: str, items: Mapping[str, Any], metadata: Mapping[str, Any], payload: Mapping[str, Any]
+        self, naming: _Naming, items: Mapping[str, Any], metadata: Mapping[str, Any], payload: Mapping[str, Any]
     ) -> tuple[str, Manifest]:
         """Write ``items`` from every rank as one checkpoint (rank 0's name and progress count)."""
         from . import distributed as sgd
@@ -1390,8 +1418,8 @@ class Checkpointer:
 
         assert isinstance(self._coord, Ranks)
         return sgd.write_state(
-            self.storage, name, items, metadata=metadata, progress=payload, overwrite=False,
-            per_rank=self.per_rank, context=self._coord.context,
+            self.storage, naming.name, items, metadata=metadata, progress=payload, overwrite=False,
+            per_rank=self.per_rank, context=self._coord.context, next_name=naming.next,
         )  # fmt: skip
 
     def _committed(self, name: str, manifest: Manifest) -> None:
@@ -1411,17 +1439,21 @@ class Checkpointer:
         return deleted
 
     def _submit(
-        self, name: str, items: Mapping[str, Any], metadata: Mapping[str, Any], payload: Mapping[str, Any],
+        self, naming: _Naming, items: Mapping[str, Any], metadata: Mapping[str, Any], payload: Mapping[str, Any],
         progress: Progress, best: RecordedBest | None, started: float,
     ) -> SaveResult:  # fmt: skip
         """Start a background save (snapshot now, write later); the Checkpointer's view is updated
-        optimistically (last save, best) and corrected from the directory if the save fails."""
+        optimistically (last save, best) and corrected from the directory if the save fails, or when
+        another writer took its name meanwhile (then it is committed under the next free one, as a
+        sync save is)."""
         if self._writer is None:
             self._writer = BackgroundWriter(name=f"savegame-writer:{os.path.basename(self.directory)}")
+        name = naming.name
         handle = save_in_background(
-            self._writer, self.storage, name, items, metadata=metadata, progress=payload, overwrite=False
-        )
-        self._in_flight = _InFlight(name, handle)
+            self._writer, self.storage, name, items, metadata=metadata, progress=payload, overwrite=False,
+            next_name=naming.next,
+        )  # fmt: skip
+        self._in_flight = _InFlight(naming, handle)
         _settle_at_exit(self)
         self._max_sequence = max(self._max_sequence, int(payload["sequence"]))
         self._last_saved = progress

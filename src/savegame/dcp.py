@@ -58,9 +58,11 @@ from .adapters.torch import dtype_from_name, dtype_name, encode_hook, tensor_fro
 from .checks import SHARDED_FORMAT
 from .errors import InvalidManifestError, StateMismatchError, UnsupportedTypeError
 from .manifest import FileEntry, Manifest
+from .progress import ProgressBar
 from .storage.base import CheckpointReader, Transaction
-from .tensorfile import TensorFileReader, order_for_alignment, write_tensor_file
-from .tree import MAX_DEPTH, too_deep
+from .tensorfile import TensorFileReader
+from .tree import MAX_DEPTH, ArrayRecord, too_deep
+from .write_loop import EncodedItem, write_files
 from .writer import make_encoder
 
 __all__ = [
@@ -349,9 +351,7 @@ class SavegameStorageWriter(StorageWriter):
             pending.append((item.index, node["key"], extra, tensor.numel() * tensor.element_size()))
         results: list[WriteResult] = []
         if pending:
-            sink = self.txn.open(self.file)
-            written = write_tensor_file(sink, order_for_alignment([r.data for r in enc.records]))
-            sink.close()
+            written = self._write_file(enc.records)
             for index, key, extra, nbytes in pending:
                 storage = {"file": self.file, "key": key, "extra": extra, "file_bytes": written.bytes,
                            "file_hash": written.hash}  # fmt: skip
@@ -359,6 +359,16 @@ class SavegameStorageWriter(StorageWriter):
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
+
+    def _write_file(self, records: list[ArrayRecord]) -> FileEntry:
+        """This rank's shard file through the one write loop (:mod:`savegame.write_loop`): durable when
+        this returns, a full disk a :class:`StorageError`, a progress bar on a terminal."""
+        item = EncodedItem(name=self.file, kind="shards", skeleton=None, records=records, file=self.file)
+        progress = ProgressBar(f"saving {self.txn.name} (rank {self.rank} shards)", item.nbytes)
+        try:
+            return write_files(self.txn, [item], progress, close_each=True).files[self.file]
+        finally:
+            progress.close()
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Coordinator, after every rank wrote: turn DCP's metadata and the results into our records."""

@@ -31,7 +31,10 @@ TRASH_PREFIX = ".trash-"
 
 
 class FileSink(Protocol):
-    """A file being written. ``write`` writes all of ``data``; ``close`` makes it durable."""
+    """A file being written. ``write`` writes all of ``data``; ``close`` makes it durable.
+
+    The full contract (memory of ``data``, concurrent ``close``, who closes what) is the sink durability
+    contract in :mod:`savegame.write_loop`, the one loop that writes through sinks."""
 
     def write(self, data: bytes | bytearray | memoryview) -> int: ...
 
