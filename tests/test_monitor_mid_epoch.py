@@ -5,6 +5,7 @@ arguments (``monitor=``, ``metrics=``, ``epoch_end=False``), never an internal c
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -130,4 +131,34 @@ def test_step_position_errors_name_the_argument(tmp_path: Path, options: dict[st
         ckpt.step(training_state(), **options)
     message = str(raised.value)
     assert message.startswith(f"Checkpointer: {argument} ") and not INTERNAL.search(message)
+    ckpt.close()
+
+
+@pytest.mark.parametrize("end_epoch", ["completed", "zero-based"])
+def test_a_loop_that_never_passes_the_metric_is_warned_once(tmp_path: Path, end_epoch: str) -> None:
+    """Calls without metrics= are per-batch calls: an epoch-end call that forgets metrics= would make
+    save-on-improvement silently never fire, so a whole epoch without the metric warns (once)."""
+    state = training_state()
+    ckpt = Checkpointer(tmp_path, monitor="val_loss", save_best_only=True)
+    with pytest.warns(UserWarning, match=r"metrics=.*'val_loss'.*not judged") as caught:
+        for epoch in range(4):
+            for step in range(2):
+                ckpt.step(state, epoch=epoch, step=epoch * 2 + step)
+            ckpt.step(state, epoch=epoch + 1 if end_epoch == "completed" else epoch, step=epoch * 2 + 2)
+    assert len([w for w in caught if "not judged" in str(w.message)]) == 1
+    ckpt.close()
+
+
+@pytest.mark.parametrize("end_epoch", ["completed", "zero-based"])
+def test_a_loop_that_passes_the_metric_at_each_epoch_end_is_not_warned(tmp_path: Path, end_epoch: str) -> None:
+    state = training_state()
+    ckpt = Checkpointer(tmp_path, monitor="val_loss", save_best_only=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for epoch in range(4):
+            for step in range(2):
+                ckpt.step(state, epoch=epoch, step=epoch * 2 + step)
+            ckpt.step(state, epoch=epoch + 1 if end_epoch == "completed" else epoch, step=epoch * 2 + 2,
+                      metrics={"val_loss": 1.0 / (epoch + 1)})
+    assert len(ckpt.list()) == 4
     ckpt.close()

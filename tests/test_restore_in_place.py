@@ -188,3 +188,21 @@ def test_checkpointer_strict_restore_refuses_a_plain_item_the_checkpoint_lacks(t
         restored = Checkpointer(tmp_path).restore(state, strict=False)
     assert restored is not None and any(issubclass(w.category, ResumeWarning) for w in caught)
     assert state["epoch"] == 2 and state["best_acc"] == 0.0 and same_model(new_model, model)
+
+
+def test_a_none_item_is_a_placeholder_filled_if_saved(tmp_path: Path) -> None:
+    """``{"meta": None}`` asks for the saved value if there is one: it is filled when saved, and stays None
+    without an error (even strict) when the checkpoint has no such item; a non-None absent item still raises."""
+    model = torch.nn.Linear(2, 2)
+    with Checkpointer(tmp_path / "a") as ck:
+        ck.save({"model": model, "meta": {"step": 7}}, epoch=1)
+    with Checkpointer(tmp_path / "b") as ck:
+        ck.save({"model": model}, epoch=1)
+    with_meta: dict[str, Any] = {"model": torch.nn.Linear(2, 2), "meta": None}
+    restored = Checkpointer(tmp_path / "a").restore(with_meta)
+    assert restored is not None and with_meta["meta"] == {"step": 7} and restored.data["meta"] == {"step": 7}
+    without: dict[str, Any] = {"model": torch.nn.Linear(2, 2), "meta": None}
+    assert Checkpointer(tmp_path / "b").restore(without) is not None
+    assert without["meta"] is None and torch.equal(without["model"].weight, model.weight)
+    with pytest.raises(StateMismatchError, match="meta"):
+        Checkpointer(tmp_path / "b").restore({"model": torch.nn.Linear(2, 2), "meta": {}})

@@ -67,14 +67,17 @@ def sparse(tmp_path: Path) -> Path:
 
 _MEASURE = textwrap.dedent(
     """
-    import resource, sys, savegame
+    import sys, savegame
     action = sys.argv[2]
     try:
         (savegame.verify if action == "verify" else savegame.load)(sys.argv[1])
         print("returned")
     except savegame.CheckpointError as exc:
         print(type(exc).__name__, str(exc))
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+    # VmHWM: the peak of this process's own memory. (ru_maxrss is not: Linux carries it over from the
+    # forked parent across exec, so a large pytest process would be measured instead of this one.)
+    with open("/proc/self/status") as status:
+        print(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) // 1024)
     """
 )
 

@@ -11,8 +11,7 @@ schedulers, RNGs, data position) for PyTorch and Keras 3.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .adapters.rng import RNGState
 from .api import load, read_manifest, save, verify
 from .capture import LoadReport, Stateful

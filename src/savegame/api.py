@@ -3,47 +3,40 @@
 ``save`` captures the state (live objects -> nested state), encodes each top-level item into a skeleton
 and its arrays, streams the arrays into one safetensors file per item inside a storage transaction, and
 commits with the manifest last. ``load`` reads the manifest, checks every file it touches (size, hash,
-header) and rebuilds the state, or restores it into live objects in place.
+header: :mod:`savegame.verifier`, which ``verify`` calls too) and rebuilds the state, or restores it into
+live objects in place.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import os
 import re
-import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
+from . import verifier
+from .adapters import torch_available, zero_copy_for
 from .capture import LoadReport, restore_items
-from .checks import check_item_value, check_tensor_node, tag_checkers
-from .dtypes import logical_itemsize
-from .errors import (
-    ConfigError,
-    HashMismatchError,
-    InvalidManifestError,
-    MissingFileError,
-    StateMismatchError,
-    TruncatedFileError,
-)
+from .checks import check_item_value
+from .errors import ConfigError, InvalidManifestError, StateMismatchError
 from .gcpause import gc_paused
-from .hashing import hash_buffer, hash_in_background
-from .manifest import ItemEntry, Manifest, parse_manifest
+from .manifest import Manifest
 from .progress import ProgressBar
-from .storage import LocalStorage, RemoteStorage, is_url, locate
-from .storage.base import MANIFEST, CheckpointReader, CheckpointRef
+from .storage import is_url, locate
+from .storage.base import CheckpointReader, CheckpointRef, Location, PathLike
 from .storage.local import LocalCheckpointReader, open_local_checkpoint
-from .tensorfile import TensorFileReader, TensorInfo
-from .tree import Decoder, Path, Where, format_path, numpy_from_node, valid_shape
+from .tensorfile import TensorFileReader
+from .tree import MAX_DEPTH, Decoder, Path, Where, format_path, numpy_from_node
+from .verifier import check_array_node as check_array_node  # re-exported: moved to verifier.py
+from .verifier import check_item as check_item
+from .verifier import checked
 from .writer import EncodedItem, encode_state, save_in_background, save_now, write_items
 
 __all__ = ["EncodedItem", "encode_state", "load", "read_manifest", "save", "verify", "write_items"]
 
 log = logging.getLogger("savegame")
-PathLike = str | os.PathLike[str]
 _SAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
@@ -94,8 +87,7 @@ def save(
         from .background import default_writer
 
         storage, name = locate(path, storage_options=storage_options)
-        if isinstance(storage, (LocalStorage, RemoteStorage)):
-            storage.check_target(name, overwrite=overwrite)  # raised here, not only by the handle later
+        storage.check_target(name, overwrite=overwrite)  # raised here, not only by the handle later
         return save_in_background(
             default_writer(), storage, name, state, metadata=metadata, progress=progress, overwrite=overwrite
         )
@@ -114,9 +106,6 @@ def _checkpoint_dir(path: PathLike) -> str:
     return open_local_checkpoint(path).where
 
 
-Location = PathLike | CheckpointRef | CheckpointReader
-"""What the read functions accept: a local path, an fsspec URL (``s3://bucket/run/NAME``), a
-:class:`~savegame.storage.CheckpointRef` from a configured storage, or an opened reader."""
 
 
 def open_checkpoint(
@@ -142,7 +131,7 @@ def open_checkpoint(
 
 
 def _manifest_of(checkpoint: CheckpointReader) -> Manifest:
-    return parse_manifest(checkpoint.manifest_bytes(), checkpoint.file_where(MANIFEST))
+    return verifier.manifest_of(checkpoint)
 
 
 def read_manifest(path: Location, *, storage_options: Mapping[str, Any] | None = None) -> Manifest:
@@ -161,62 +150,17 @@ def read_manifest(path: Location, *, storage_options: Mapping[str, Any] | None =
 def _close_if_opened(checkpoint: CheckpointReader, path: Location) -> None:
     """Release a reader this module opened for ``path`` (a reader the caller passed in stays open)."""
     if checkpoint is not path:
-        close = getattr(checkpoint, "close", None)
-        if callable(close):
-            close()
-
-
-_DEFER_HASH_BYTES = 1 << 20
-"""Files at least this large are hashed on a worker thread when the caller collects deferred checks."""
+        checkpoint.close()
 
 
 def open_file(
     checkpoint: Location, manifest: Manifest, file: str, *, verify: bool,
     deferred: list[Callable[[], None]] | None = None,
-) -> TensorFileReader:
-    """Open a data file of a checkpoint: exists, exact size, hash (if ``verify``), valid header.
-
-    The whole file is one buffer: a copy-on-write memory map for a local file (pages are read when
-    touched), a downloaded buffer for a remote one. The hash is computed on that same buffer, so what
-    was verified is exactly what is decoded.
-
-    ``deferred``: when given, the hash of a large file is computed on a worker thread while the caller
-    decodes, and a check that raises :class:`HashMismatchError` is appended to it; the caller must run
-    every check (:func:`_run_checks`) before it uses or returns anything decoded from the file. A header
-    that does not parse is reported as the hash mismatch it is, if it is one.
-    """
-    reader = open_checkpoint(checkpoint, check=False)
-    entry = manifest.files[file]
-    try:
-        size = reader.file_size(file)
-    except FileNotFoundError:
-        raise MissingFileError(
-            f"{reader.file_where(file)}: listed in the manifest but missing (or not a regular file)"
-        ) from None
-    where = reader.file_where(file)
-    if size != entry.bytes:
-        raise TruncatedFileError(f"{where}: {size} bytes, the manifest says {entry.bytes}")
-    try:
-        buffer = reader.read_file(file, size)
-    except FileNotFoundError:
-        raise MissingFileError(f"{where}: listed in the manifest but vanished while being read") from None
-    if verify and deferred is not None and size >= _DEFER_HASH_BYTES:
-        pending = hash_in_background(buffer, size, manifest.hash_chunk_bytes)
-        expected = entry.hash
-
-        def check() -> None:
-            if pending.result() != expected:
-                raise HashMismatchError(f"{where}: content hash differs from the manifest (file is corrupted)")
-
-        deferred.append(check)
-        try:
-            return TensorFileReader.from_buffer(buffer, where=where)
-        except BaseException:
-            check()  # a damaged header is a hash mismatch: report that
-            raise
-    if verify and hash_buffer(buffer, size, manifest.hash_chunk_bytes) != entry.hash:
-        raise HashMismatchError(f"{where}: content hash differs from the manifest (file is corrupted)")
-    return TensorFileReader.from_buffer(buffer, where=where)
+) -> TensorFileReader:  # fmt: skip
+    """Open a data file of ``checkpoint`` (a path, URL, ref or opened reader), checked as
+    :func:`savegame.verifier.open_file` checks it: exists, exact size, hash (if ``verify``), valid header."""
+    return verifier.open_file(open_checkpoint(checkpoint, check=False), manifest, file, verify=verify,
+                              deferred=deferred)  # fmt: skip
 
 
 ZeroCopy = bool | Literal["aligned"]
@@ -284,16 +228,6 @@ def _aligned_copy(raw: Any, *, torch_memory: bool) -> Any:
     return dest
 
 
-def _torch_available() -> bool:
-    if "torch" in sys.modules:
-        return True
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @gc_paused()
 def decode_item(
     checkpoint: Location, manifest: Manifest, name: str, *, verify: bool, map_location: Any = None,
@@ -321,7 +255,7 @@ def decode_opened(
     entry = manifest.items[name]
     # A module's or optimizer's state holds tensors: no need to walk its skeleton to find out.
     has_tensors = entry.kind.startswith("torch.") or _has_torch_node(entry.skeleton, 0)
-    numpy_only = as_numpy if as_numpy is not None else not (has_tensors and _torch_available())
+    numpy_only = as_numpy if as_numpy is not None else not (has_tensors and torch_available())
     tags = {}
     if not numpy_only:
         from .adapters.torch import decode_tags
@@ -334,28 +268,9 @@ def decode_opened(
     return value
 
 
-def _zero_copy_for(target: object) -> ZeroCopy:
-    """How an item restored into ``target`` may share the file's memory.
-
-    A module copies the values into its own parameters: views of the file (``True``), no copy on our
-    side. A torch optimizer keeps the state tensors it is given (``load_state_dict`` only casts them to
-    the parameter's device and dtype): aligned views of the copy-on-write mapping (``"aligned"``), like
-    a safetensors load; its in-place updates then copy each page on first write, privately (the file
-    never changes). Anything else gets fresh memory.
-    """
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return False
-    if isinstance(target, torch.nn.Module):
-        return True
-    if isinstance(target, torch.optim.Optimizer):
-        return "aligned"
-    return False
-
-
 def _has_torch_node(node: Any, depth: int) -> bool:
     """Whether a skeleton holds torch values (tensors, dtypes, sizes, devices)."""
-    if depth > 300:
+    if depth > MAX_DEPTH:
         return False
     if isinstance(node, list):
         return any(_has_torch_node(v, depth + 1) for v in node)
@@ -440,7 +355,7 @@ def _load_items(
     checks: list[Callable[[], None]] = []  # large files are hashed on a worker while they are decoded
     if target is None:
         state: dict[str, Any] = {}
-        with _checked(checks):
+        with checked(checks):
             for name, item in manifest.items.items():
                 opened = None
                 if item.file:
@@ -462,11 +377,11 @@ def _load_items(
     # Every file and skeleton is checked and decoded before anything is restored, so a damaged file
     # found late cannot leave the target half-restored. Modules copy into their own parameters, so
     # they read straight from the (copy-on-write) file mapping; an optimizer keeps the tensors it is
-    # given, so it gets views of the mapping where they are 64-byte aligned (see _zero_copy_for).
+    # given, so it gets views of the mapping where they are 64-byte aligned (see adapters.zero_copy_for).
     needed = [name for name in manifest.items if name in target or manifest.items[name].file is None]
     files = {manifest.items[name].file for name in needed} - {None}
     values: dict[str, Any] = {}
-    with _checked(checks):
+    with checked(checks):
         readers: dict[str, TensorFileReader] = {}
         for data_file in sorted(f for f in files if f):
             readers[data_file] = open_file(directory, manifest, data_file, verify=verify, deferred=checks)
@@ -476,7 +391,7 @@ def _load_items(
             values[name] = decode_opened(
                 readers[file] if file else None, manifest, name,
                 map_location=map_location if name in target else None,
-                zero_copy=_zero_copy_for(target[name]) if name in target else False,
+                zero_copy=zero_copy_for(target[name]) if name in target else False,
             )
         del readers
     for name in needed:
@@ -484,31 +399,6 @@ def _load_items(
             report.state[name] = values.pop(name)
     restore_items(target, values, strict=strict, report=report, where=directory.where)
     return report
-
-
-@contextlib.contextmanager
-def _checked(checks: list[Callable[[], None]]) -> Iterator[None]:
-    """Run every deferred hash check when the block ends, before its results are used; when the block
-    fails, a hash mismatch found meanwhile is what is reported (the damage explains the failure)."""
-    try:
-        yield
-    except BaseException:
-        _run_checks(checks)
-        raise
-    _run_checks(checks)
-
-
-def _run_checks(checks: list[Callable[[], None]]) -> None:
-    """Wait for every deferred hash check (none keeps running behind an error); raise the first failure."""
-    first: BaseException | None = None
-    for check in checks:
-        try:
-            check()
-        except BaseException as exc:  # re-raised below, once every check finished
-            first = first or exc
-    checks.clear()
-    if first is not None:
-        raise first
 
 
 @gc_paused()
@@ -521,72 +411,20 @@ def verify(path: Location, *, storage_options: Mapping[str, Any] | None = None) 
     """
     checkpoint = open_checkpoint(path, storage_options=storage_options)
     try:
-        manifest = _manifest_of(checkpoint)
-        verify_files(checkpoint, manifest, manifest.files)
+        return verifier.verify_checkpoint(checkpoint)
     finally:
         _close_if_opened(checkpoint, path)
-    return manifest
 
 
 @gc_paused()
-def verify_files(checkpoint: Location, manifest: Manifest, files: Iterable[str]) -> dict[str, TensorFileReader]:
-    """What :func:`verify` checks, for the data ``files`` of ``checkpoint`` only: each file's size, hash and
-    header, and the references of the items stored in them (and of the items without a file). Returns the
-    checked files, opened (:func:`decode_opened` reads items from them without reading them again).
-
-    ``load(..., verify=True)`` checks the files it reads the same way; together they check a whole
-    checkpoint in one pass over each file (what the Checkpointer's resume does).
-    """
+def verify_files(
+    checkpoint: Location, manifest: Manifest, files: Iterable[str] | None = None, *,
+    progress: verifier.Progress | None = None,
+) -> dict[str, TensorFileReader]:  # fmt: skip
+    """:func:`savegame.verifier.verify_files` for a checkpoint given as a path, URL, ref or reader: the
+    size, hash and header of each of ``files`` (default: all) and the items stored in them."""
     source = open_checkpoint(checkpoint, check=False)
     try:
-        readers = {file: open_file(source, manifest, file, verify=True) for file in files}
+        return verifier.verify_files(source, manifest, files, progress=progress)
     finally:
         _close_if_opened(source, checkpoint)
-    for name, entry in manifest.items.items():
-        if entry.file is None or entry.file in readers:
-            check_item(entry, readers[entry.file] if entry.file else None, name)
-    return readers
-
-
-def check_item(entry: ItemEntry, tensors: Mapping[str, Any] | TensorFileReader | None, name: str) -> None:
-    """Every array node of an item names a tensor of its file and agrees with its header (what ``load``
-    checks before building the array: logical dtype and shape against the stored bytes, scalars 0-d, a
-    tensor's device), the skeleton decodes with its torch values checked, and the item's value has the
-    structure of its kind (:mod:`savegame.checks`). ``savegame verify`` runs this too."""
-    if isinstance(tensors, TensorFileReader):
-        tensors = tensors.tensors
-
-    def check(node: dict[str, Any], path: Path) -> object:
-        where = format_path(path)
-        key = node["key"]
-        if tensors is None or key not in tensors:
-            raise InvalidManifestError(f"{where}: array {key[:80]!r} is not in the item's tensor file")
-        check_array_node(node, tensors[key], where)
-        return None
-
-    value = Decoder(resolve=check, extra_tags=tag_checkers()).decode(entry.skeleton, (name,))
-    check_item_value(entry.kind, value, name)
-
-
-def check_array_node(node: Mapping[str, Any], info: TensorInfo, where: str) -> None:
-    """Check an array node of a skeleton against its tensor's header entry, without building the array."""
-    tag = node["$"]
-    logical = node.get("dtype")
-    shape: Sequence[int] = info.shape
-    if logical is not None:
-        itemsize = logical_itemsize(logical, tensor=tag == "tensor")
-        if itemsize is None:
-            raise InvalidManifestError(f"{where}: unknown logical dtype {str(logical)[:40]!r}")
-        lshape = node.get("shape")
-        if not valid_shape(lshape, itemsize):
-            raise InvalidManifestError(f"{where}: invalid logical shape {str(lshape)[:100]}")
-        assert isinstance(lshape, list)
-        if math.prod(lshape) * itemsize != info.nbytes:
-            raise InvalidManifestError(
-                f"{where}: logical shape {lshape} x {logical} does not match the stored {info.nbytes} bytes"
-            )
-        shape = lshape
-    if tag == "npscalar" and len(shape) != 0:
-        raise InvalidManifestError(f"{where}: a numpy scalar must have shape (), not {list(shape)[:8]}")
-    if tag == "tensor":
-        check_tensor_node(node, where)

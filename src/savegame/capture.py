@@ -11,16 +11,16 @@ their memory.
 from __future__ import annotations
 
 import inspect
-import sys
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from .adapters import torch_if_imported
+from .adapters.report import LoadReport as LoadReport
 from .adapters.rng import capture_generator, restore_generator
 from .errors import StateMismatchError, UnsupportedTypeError
-from .tree import Encoder, Path, format_path
+from .tree import MAX_DEPTH, Encoder, Path, format_path
 
 
 @runtime_checkable
@@ -34,7 +34,7 @@ class Stateful(Protocol):
 
 def kind_of(obj: object) -> str:
     """A short description of what an item was, recorded in the manifest (informational only)."""
-    torch = sys.modules.get("torch")
+    torch = torch_if_imported()
     if torch is not None:
         if isinstance(obj, torch.nn.Module):
             return "torch.nn.Module"
@@ -58,7 +58,7 @@ def _is_stateful(obj: object) -> bool:
 
 def live_object_hook(obj: object, path: Path, enc: Encoder) -> dict[str, Any] | None:
     """Tree-codec hook: replace live objects by their state, then encode that state."""
-    torch = sys.modules.get("torch")
+    torch = torch_if_imported()
     if torch is not None and isinstance(obj, torch.nn.Module):
         from .adapters.torch import capture_module
 
@@ -78,34 +78,6 @@ def live_object_hook(obj: object, path: Path, enc: Encoder) -> dict[str, Any] | 
         node = enc.encode(state, path)
         return node
     return None
-
-
-@dataclass
-class LoadReport:
-    """The result of loading into live objects.
-
-    ``state``: the decoded values of the items that hold no live object: those of the checkpoint that were
-    not in the target (e.g. ``epoch``) and the plain items of the target, which were also updated in place
-    (see :func:`restore_items`), by item.
-    ``missing_keys`` / ``unexpected_keys``: qualified names (``model.fc.bias``) only in the target / only in
-    the checkpoint. ``mismatched_keys``: ``(name, checkpoint shape, target shape)`` (a list's shape is its
-    length). ``mismatched_types``: ``(name, checkpoint type, target type)`` where the checkpoint holds
-    something that cannot go into the target (a number where the target has a dict); only non-strict
-    loads get that far. ``loaded``: what was restored. ``manifest``: the checkpoint's manifest.
-    """
-
-    state: dict[str, Any] = field(default_factory=dict)
-    missing_keys: list[str] = field(default_factory=list)
-    unexpected_keys: list[str] = field(default_factory=list)
-    mismatched_keys: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
-    loaded: list[str] = field(default_factory=list)
-    manifest: Any = field(default=None, repr=False)
-    mismatched_types: list[tuple[str, str, str]] = field(default_factory=list)
-
-    @property
-    def clean(self) -> bool:
-        """True when everything in the target was found and matched."""
-        return not (self.missing_keys or self.unexpected_keys or self.mismatched_keys or self.mismatched_types)
 
 
 Updates = list[tuple[Any, Any, Any]]
@@ -167,7 +139,7 @@ def holds_live(value: object, depth: int = 0) -> bool:
     Stateful), i.e. is more than plain data."""
     if kind_of(value) != "data":
         return True
-    if depth > 100:
+    if depth > MAX_DEPTH:
         return False
     if isinstance(value, Mapping):
         return any(holds_live(v, depth + 1) for v in value.values())
@@ -200,7 +172,7 @@ def restore(
 def _restore(
     target: object, state: object, *, strict: bool, path: Path, where: str, report: LoadReport, updates: Updates
 ) -> None:
-    torch = sys.modules.get("torch")
+    torch = torch_if_imported()
     if torch is not None:
         from .adapters import torch as torch_adapter
 

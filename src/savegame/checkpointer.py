@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import builtins
 import datetime as _dt
-import errno
 import logging
 import math
 import os
@@ -60,10 +59,12 @@ import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from dataclasses import replace as _replace
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal
 
 from . import api
+from .adapters import is_model_weights
 from .adapters.rng import RNGState
 from .autointerval import DEFAULT_MTBF_SECONDS, AutoInterval, record_save_cost
 from .background import BackgroundWriter, PendingSave, close_at_exit
@@ -73,7 +74,6 @@ from .errors import (
     BackgroundSaveError,
     CheckpointError,
     CheckpointNotFoundError,
-    CommitError,
     ConfigError,
     CorruptCheckpointError,
     InvalidNameError,
@@ -82,6 +82,7 @@ from .errors import (
     StorageError,
     UnsupportedFormatError,
 )
+from .knobs import Restart, preset_knobs
 from .lock import ProcessShare, process_holds
 from .manifest import Manifest
 from .naming import NameTemplate, unique_name, validate_name
@@ -96,12 +97,14 @@ from .policies import (
     KeepLast,
     KeepPolicy,
     KeepUnion,
+    Mode,
     Never,
     OnImprovement,
     Progress,
     SaveContext,
     SavePolicy,
     SkipFirstEpochs,
+    check_count,
     check_position,
     check_threshold,
     is_better,
@@ -139,12 +142,9 @@ log = logging.getLogger("savegame.checkpointer")
 RNG_ITEM = "rng"
 """Item name under which the global RNG state is added to full-state checkpoints."""
 
-Mode = Literal["auto", "min", "max"]
-Restart = Literal["auto", "required", "off"]
 SignalAction = Literal["exit", "reraise", "continue"]
 DISTRIBUTED_ITEM = "savegame.distributed"
 """The layout item of checkpoints written by several ranks (see :mod:`savegame.distributed`)."""
-_MAX_NAME_ATTEMPTS = 1000
 _MAX_RESUME_ROUNDS = 1000
 """Re-listings ``restore`` makes while retention deletes the checkpoints it was about to read."""
 
@@ -189,7 +189,10 @@ class SaveResult:
     ``seconds`` is how long training was blocked. For a background save (``background=True``)
     ``pending`` is its handle (``pending.result()`` waits for the durable commit), ``size`` is None and
     ``deleted`` is empty: retention runs once the commit is done, at the next save, ``wait()`` or
-    ``close()``.
+    ``close()``. Should another writer take the name while the checkpoint is written, it is committed
+    under the next free name (``epoch=003-v1``; a warning is logged), by sync, background and per-rank
+    saves alike: a sync save's ``name`` is where it went, a background save's the name it started with
+    (``latest`` and ``list()`` show where it went once it is settled).
     """
 
     name: str
@@ -208,8 +211,44 @@ class SaveResult:
 class _InFlight:
     """A background save submitted but not yet integrated (entries, best, retention)."""
 
-    name: str
+    naming: _Naming
     handle: PendingSave
+
+    @property
+    def name(self) -> str:
+        """The name it is committed under (read once the handle is done)."""
+        return self.naming.name
+
+
+@dataclass
+class _Naming:
+    """The name of a save being written, and the next free one should another writer take it meanwhile:
+    the ``next_name`` of :func:`savegame.write_loop.retry_on_clash`, one rule for the sync, background
+    (called in the writer thread) and per-rank saves."""
+
+    base: str
+    taken: set[str]
+    first: str
+    name: str
+    payload: Callable[[str], dict[str, Any]] = lambda name: {}
+    """The progress recorded under a name (it names the checkpoint, e.g. as the best)."""
+
+    @classmethod
+    def start(cls, base: str, taken: set[str]) -> _Naming:
+        first = unique_name(base, taken)
+        return cls(base, taken, first, first)
+
+    def next(self, clashed: str) -> tuple[str, dict[str, Any]]:
+        self.taken.add(clashed)
+        self.name = unique_name(self.base, self.taken)
+        return self.name, self.payload(self.name)
+
+
+def _renamed(best: RecordedBest | None, old: str, new: str) -> RecordedBest | None:
+    """``best`` as computed for a save named ``old``, for the same save named ``new``."""
+    if best is not None and best.name == old and new != old:
+        return _replace(best, name=new)
+    return best
 
 
 @dataclass(frozen=True)
@@ -219,7 +258,8 @@ class RestoredProgress:
     ``epoch`` (completed epochs) and ``step`` are what was passed when it was saved; ``data`` holds the
     saved values of the plain items of the state (ints, floats, dicts of numbers...), which ``restore``
     also put into the state itself (``restored.data["loss"] == state["loss"]``; a dict of the state is
-    filled in place and keeps keys the checkpoint lacks). ``quarantined`` lists broken checkpoints moved
+    filled in place and keeps keys the checkpoint lacks), and of the checkpoint's plain items that the
+    state did not name (read, not restored anywhere). ``quarantined`` lists broken checkpoints moved
     aside on the way (skipped and left in place by a Checkpointer with ``lock=False``).
     """
 
@@ -298,12 +338,35 @@ def coerce_metrics(metrics: Mapping[str, object] | None) -> dict[str, float]:
     return out
 
 
-def _check_count(name: str, value: int | None, *, minimum: int) -> None:
-    """ConfigError unless ``value`` is None or an int >= ``minimum``."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"Checkpointer: {name} must be an int >= {minimum} (or None), got {value!r}")
+class _UnjudgedEpochs:
+    """Warns once when a whole epoch went by without the monitored metric in any ``step()`` call.
+
+    Calls without ``metrics=`` are per-batch calls and do not judge improvement; so an epoch-end call
+    that forgets ``metrics=`` would make save-on-improvement silently never fire. Calls are grouped by
+    their ``epoch`` value (the per-batch calls of epoch e and the end call of epoch e-1, or of e, share
+    one value whichever way the loop counts); leaving a group in which no call carried the metric warns.
+    The first group seen is exempt: it may hold only per-batch calls (the first epoch, or after a resume).
+    """
+
+    def __init__(self) -> None:
+        self._epoch: int | None = None
+        self._judged = False
+        self._first = True
+        self._warned = False
+
+    def note(self, epoch: int, *, judged: bool, monitor: str) -> None:
+        if epoch != self._epoch:
+            if self._epoch is not None and not self._judged and not self._first and not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"Checkpointer.step: no call with epoch={self._epoch} passed metrics= with {monitor!r}, so "
+                    f"improvement of monitor={monitor!r} was not judged for that epoch (calls without metrics= "
+                    "count as per-batch calls); pass metrics={...} at the end of each epoch",
+                    UserWarning, stacklevel=4,
+                )  # fmt: skip
+            self._first = self._epoch is None
+            self._epoch, self._judged = epoch, False
+        self._judged = self._judged or judged
 
 
 def _find_improvement(policy: SavePolicy) -> OnImprovement | None:
@@ -376,9 +439,9 @@ def build_save_policy(
     """The save policy the convenience knobs of :class:`Checkpointer` describe (see its docstring)."""
     if every not in (None, "auto"):
         raise ConfigError(f"Checkpointer: every must be 'auto' or None, got {every!r}")
-    _check_count("every_n_epochs", every_n_epochs, minimum=0)
-    _check_count("every_n_steps", every_n_steps, minimum=0)
-    _check_count("skip_first_epochs", skip_first_epochs, minimum=0)
+    check_count("Checkpointer", "every_n_epochs", every_n_epochs, minimum=0)
+    check_count("Checkpointer", "every_n_steps", every_n_steps, minimum=0)
+    check_count("Checkpointer", "skip_first_epochs", skip_first_epochs, minimum=0)
     if every_seconds is not None and (
         isinstance(every_seconds, bool) or not isinstance(every_seconds, (int, float))
         or not 0 <= every_seconds < math.inf
@@ -425,8 +488,8 @@ def build_save_policy(
 
 def build_keep_policy(*, monitor: str | None, mode: Mode, keep_last: int | None, keep_best: int | None) -> KeepPolicy:
     """The keep policy of the ``keep_last`` / ``keep_best`` knobs (everything when neither is set)."""
-    _check_count("keep_last", keep_last, minimum=1)
-    _check_count("keep_best", keep_best, minimum=1)
+    check_count("Checkpointer", "keep_last", keep_last, minimum=1)
+    check_count("Checkpointer", "keep_best", keep_best, minimum=1)
     parts: list[KeepPolicy] = []
     if keep_last is not None:
         parts.append(KeepLast(keep_last))
@@ -447,17 +510,6 @@ def _default_name(epoch: int | None, step: int | None, sequence: int) -> str:
     if step is not None:
         parts.append(f"step={step:06d}")
     return "-".join(parts) if parts else f"save-{sequence:06d}"
-
-
-def _is_weights(value: object) -> bool:
-    """Whether an item holds model weights for ``weights_only`` checkpoints: a ``torch.nn.Module``, or a
-    :class:`savegame.adapters.keras.KerasState` that leaves the optimizer out."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(value, torch.nn.Module):
-        return True
-    keras_adapter = sys.modules.get("savegame.adapters.keras")
-    keras_state = getattr(keras_adapter, "KerasState", None)
-    return keras_state is not None and isinstance(value, keras_state) and not value.include_optimizer
 
 
 # --------------------------------------------------------------------------------------------------
@@ -623,7 +675,7 @@ class Checkpointer:
             raise ConfigError(f"Checkpointer: restart must be 'auto', 'required' or 'off', got {restart!r}")
         if mode not in ("auto", "min", "max"):
             raise ConfigError(f"Checkpointer: mode must be 'auto', 'min' or 'max', got {mode!r}")
-        _check_count("max_epochs", max_epochs, minimum=1)
+        check_count("Checkpointer", "max_epochs", max_epochs, minimum=1)
         if metadata is not None and not isinstance(metadata, Mapping):
             raise ConfigError(f"Checkpointer: metadata must be a dict, got {type(metadata).__name__}")
         knobs_used = any(
@@ -682,7 +734,7 @@ class Checkpointer:
         self._clock = clock
         self._wall_clock = wall_clock
         self.storage = storage_for(directory, storage_options=storage_options)
-        self.directory: str = getattr(self.storage, "root", None) or os.fspath(directory)
+        self.directory: str = self.storage.root
         self.local = isinstance(self.storage, LocalStorage)
         self.per_rank = tuple(per_rank)
         self._coord: Coordinator = coordinator_for(group)
@@ -692,6 +744,7 @@ class Checkpointer:
         self._closed = False
         self._index = RunIndex(self.storage)
         """The Checkpointer's view of its directory (told about its own commits and deletions)."""
+        self._mirror_verified: tuple[str, Manifest] | None = None  # see _already_verified
         self._last_saved: Progress | None = None
         self._saved_here = False
         self._best: RecordedBest | None = None
@@ -700,6 +753,7 @@ class Checkpointer:
         self._owner = bool(lock)
         self._cleaned = False
         self._started = clock()
+        self._unjudged = _UnjudgedEpochs()
         self.preempted: str | None = None
         """The signal whose preemption save was made (with ``signal_action="continue"``), or None."""
         self._lock: ProcessShare | None = None
@@ -773,12 +827,10 @@ class Checkpointer:
         keeping the 10 newest and the best; ``long`` every 5 epochs or 30 minutes plus improvements,
         keeping the 20 newest, a log-spaced history and the best. See :mod:`savegame.config`.
         """
-        from .config import preset_checkpointer
-
-        return preset_checkpointer(
-            preset, directory, monitor=monitor, mode=mode, max_epochs=max_epochs, name=name,
-            restart=restart, metadata=metadata,
-        )  # fmt: skip
+        knobs = preset_knobs(
+            preset, monitor=monitor, mode=mode, max_epochs=max_epochs, restart=restart, metadata=metadata
+        )
+        return cls(directory, name=name, **knobs.checkpointer_kwargs())
 
     # ----------------------------------------------------------------------------------------------
     # Directory scan and best tracking
@@ -900,7 +952,8 @@ class Checkpointer:
         ``metadata``: extra JSON-like data for this checkpoint's manifest.
         With ``monitor=`` (save on improvement), a call without ``metrics=`` (per batch) does not judge
         improvement (no save for it, no new best, no error); a call whose ``metrics=`` lacks the
-        monitored metric, or that says ``epoch_end=True`` without it, raises :class:`ConfigError`.
+        monitored metric, or that says ``epoch_end=True`` without it, raises :class:`ConfigError`; a
+        whole epoch whose calls never carried the metric warns once (an epoch end that forgot ``metrics=``).
         A save that fails raises and leaves every existing checkpoint as it was.
         """
         self._check_open()
@@ -911,7 +964,10 @@ class Checkpointer:
         if epoch_end and not final and self.max_epochs is not None and epoch is not None:
             final = epoch >= self.max_epochs
         progress = self._progress(epoch, step, metrics, epoch_end=epoch_end, final=final)
-        improvement = _find_improvement(self.save_policy) if said_epoch_end else None
+        monitored = _find_improvement(self.save_policy)
+        if monitored is not None and epoch is not None:
+            self._unjudged.note(epoch, judged=monitored.monitor in progress.metrics, monitor=monitored.monitor)
+        improvement = monitored if said_epoch_end else None
         if improvement is not None and improvement.monitor not in progress.metrics:
             raise ConfigError(
                 "Checkpointer.step(epoch_end=True): " + missing_monitor_message(improvement.monitor, progress.metrics)
@@ -1034,7 +1090,7 @@ class Checkpointer:
         if not isinstance(state, Mapping):
             raise ConfigError(f"state must be a dict of items (e.g. {{'model': model}}), not {type(state).__name__}")
         if self.weights_only:
-            items = {k: v for k, v in state.items() if _is_weights(v)}
+            items = {k: v for k, v in state.items() if is_model_weights(v)}
             if not items:
                 raise ConfigError(
                     "weights_only=True but the state has no torch.nn.Module item to take weights from"
@@ -1103,30 +1159,21 @@ class Checkpointer:
         sequence = self._index.max_sequence + 1
         base = self._name_for(progress, sequence, name)
         meta = {**self.metadata, **dict(metadata or {})}
-        taken = self._index.names()
-        for _ in range(_MAX_NAME_ATTEMPTS):
-            final_name = unique_name(base, taken)
-            best = self._new_best(progress, final_name)
-            payload = self._progress_json(progress, sequence, best, final_name, pin)
-            if encoded is None and not distributed:
-                return self._submit(final_name, items, meta, payload, progress, best, started)
-            try:
-                if encoded is None:
-                    path, manifest = self._write_distributed(final_name, items, meta, payload)
-                    final_name = manifest_name = os.path.basename(path.rstrip("/"))
-                    best = entry_from_manifest(manifest_name, manifest).best
-                else:
-                    path, manifest = api.write_items(
-                        self.storage, final_name, encoded, metadata=meta, progress=payload, overwrite=False
-                    )
-            except CommitError as exc:
-                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):  # another writer took the name
-                    taken.add(final_name)
-                    continue
-                raise
-            break
+        naming = _Naming.start(base, self._index.names())
+        best = self._new_best(progress, naming.name)
+        naming.payload = lambda n: self._progress_json(progress, sequence, _renamed(best, naming.first, n), n, pin)
+        payload = naming.payload(naming.name)
+        if encoded is None and not distributed:
+            return self._submit(naming, items, meta, payload, progress, best, started)
+        if encoded is None:
+            path, manifest = self._write_distributed(naming, items, meta, payload)
+            final_name = os.path.basename(path.rstrip("/"))  # rank 0's name
         else:
-            raise CheckpointError(f"could not find a free checkpoint name for {base!r} in {self.directory}")
+            path, manifest = api.write_items(
+                self.storage, naming.name, encoded, metadata=meta, progress=payload, overwrite=False,
+                next_name=naming.next,
+            )  # fmt: skip
+            final_name = naming.name
         self._committed(final_name, manifest)
         self._last_saved = progress
         self._saved_here = True
@@ -1142,7 +1189,7 @@ class Checkpointer:
         )  # fmt: skip
 
     def _write_distributed(
-        self, name: str, items: Mapping[str, Any], metadata: Mapping[str, Any], payload: Mapping[str, Any]
+        self, naming: _Naming, items: Mapping[str, Any], metadata: Mapping[str, Any], payload: Mapping[str, Any]
     ) -> tuple[str, Manifest]:
         """Write ``items`` from every rank as one checkpoint (rank 0's name and progress count)."""
         from . import distributed as sgd
@@ -1150,8 +1197,8 @@ class Checkpointer:
 
         assert isinstance(self._coord, Ranks)
         return sgd.write_state(
-            self.storage, name, items, metadata=metadata, progress=payload, overwrite=False,
-            per_rank=self.per_rank, context=self._coord.context,
+            self.storage, naming.name, items, metadata=metadata, progress=payload, overwrite=False,
+            per_rank=self.per_rank, context=self._coord.context, next_name=naming.next,
         )  # fmt: skip
 
     def _committed(self, name: str, manifest: Manifest) -> None:
@@ -1171,17 +1218,21 @@ class Checkpointer:
         return deleted
 
     def _submit(
-        self, name: str, items: Mapping[str, Any], metadata: Mapping[str, Any], payload: Mapping[str, Any],
+        self, naming: _Naming, items: Mapping[str, Any], metadata: Mapping[str, Any], payload: Mapping[str, Any],
         progress: Progress, best: RecordedBest | None, started: float,
     ) -> SaveResult:  # fmt: skip
         """Start a background save (snapshot now, write later); the Checkpointer's view is updated
-        optimistically (last save, best) and corrected from the directory if the save fails."""
+        optimistically (last save, best) and corrected from the directory if the save fails, or when
+        another writer took its name meanwhile (then it is committed under the next free one, as a
+        sync save is)."""
         if self._writer is None:
             self._writer = BackgroundWriter(name=f"savegame-writer:{os.path.basename(self.directory)}")
+        name = naming.name
         handle = save_in_background(
-            self._writer, self.storage, name, items, metadata=metadata, progress=payload, overwrite=False
-        )
-        self._in_flight = _InFlight(name, handle)
+            self._writer, self.storage, name, items, metadata=metadata, progress=payload, overwrite=False,
+            next_name=naming.next,
+        )  # fmt: skip
+        self._in_flight = _InFlight(naming, handle)
         _settle_at_exit(self)
         self._index.max_sequence = max(self._index.max_sequence, int(payload["sequence"]))
         self._last_saved = progress
@@ -1306,7 +1357,9 @@ class Checkpointer:
         items that hold no live object also come back in ``RestoredProgress.data``.
         ``strict``: an item missing from the checkpoint, keys or parameters that differ, or a value of
         another type raise :class:`StateMismatchError` before any plain value is replaced (items a
-        ``weights_only`` checkpoint never had are skipped with a warning). ``map_location``: as for
+        ``weights_only`` checkpoint never had are skipped with a warning; an item whose value in ``state``
+        is None is a placeholder: it gets the saved value, and stays None if the checkpoint has none, with
+        no error). ``map_location``: as for
         :func:`savegame.load`.
         """
         if not isinstance(state, Mapping):
@@ -1342,11 +1395,19 @@ class Checkpointer:
         """Bring the mirror's newest valid checkpoint here when it is newer than every local one."""
         if self._mirror is None:
             return
+        self._mirror_verified = None
         try:
             self._mirror.restore_newest(verify=self.verify)
+            self._mirror_verified = self._mirror.verified
         except (CheckpointError, OSError) as exc:
             log.warning("Checkpointer(%s): could not look at the mirror %s: %s", self.directory, self._mirror, exc)
         self._refresh()
+
+    def _already_verified(self, name: str, manifest: Manifest) -> bool:
+        """Whether the mirror's ``restore_newest`` just verified every file of checkpoint ``name`` with
+        exactly this ``manifest`` (resume then does not hash them a second time). Asked once per resume."""
+        verified, self._mirror_verified = self._mirror_verified, None
+        return verified == (name, manifest)
 
     def _pick_for_resume(self) -> dict[str, Any]:
         """Rank 0's choice of the checkpoint all ranks resume from: the newest that verifies (broken
@@ -1358,7 +1419,9 @@ class Checkpointer:
                 quarantined.append(self._quarantine(name, exc))
         for entry in reversed(self._index.ordered()):
             try:
-                (api.verify if self.verify else api.read_manifest)(self._ref(entry.name))
+                manifest = api.read_manifest(self._ref(entry.name))
+                if self.verify and not self._already_verified(entry.name, manifest):
+                    api.verify(self._ref(entry.name))
             except CorruptCheckpointError as exc:
                 quarantined.append(self._quarantine(entry.name, exc))
                 continue
@@ -1481,6 +1544,8 @@ class Checkpointer:
         source = self._ref(entry.name)
         verifying = self.verify if verify is None else verify
         manifest = api.read_manifest(source)
+        if self._already_verified(entry.name, manifest):
+            verifying = False  # the mirror hashed every file of this manifest moments ago
         layout = DISTRIBUTED_ITEM in manifest.items
         if layout or self._coord.distributed:
             from .distributed import item_names
@@ -1496,6 +1561,8 @@ class Checkpointer:
         elif verifying:  # one pass over each file: load checks the files it reads, before restoring anything
             read_by_load = {manifest.items[k].file for k in target if k in manifest.items}
             api.verify_files(source, manifest, [f for f in manifest.files if f not in read_by_load])
+        # a None item is a placeholder ("read it if it was saved"): absent, it stays None, as asked
+        target = {k: v for k, v in target.items() if k in saved or v is not None}
         absent = [k for k in target if k not in saved]
         if absent and (entry.weights_only or not strict):
             message = f"checkpoint {entry.name} has no items {absent}; they were not restored"
@@ -1518,7 +1585,9 @@ class Checkpointer:
             for key in state:
                 if key in target and target[key] is not state[key]:
                     state[key] = target[key]  # a plain value replaced (``state["epoch"]``)
+        # the plain values of the state's items, then the plain items of the checkpoint it did not name
         data = {k: report.state[k] for k in state if k in report.state and k in target}
+        data.update({k: v for k, v in report.state.items() if k not in state and k not in target})
         progress = entry_from_manifest(entry.name, manifest)
         self._last_saved = progress.progress()
         self._saved_here = False

@@ -13,13 +13,14 @@ checked with torch's own dtype table and device parser (exactly as ``load`` does
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .adapters import torch_if_imported
 from .errors import InvalidManifestError
 
 OPTIMIZER_KIND = "torch.optim.Optimizer"
+SHARDED_FORMAT = "savegame.sharded"  # the format tag of a sharded item's skeleton (savegame.dcp)
 """The item kind :func:`savegame.capture.kind_of` records for a torch optimizer."""
 
 MAX_NDIM = 64
@@ -56,7 +57,7 @@ def tag_checkers() -> dict[str, Callable[[Any], object]]:
     def torch_tag(name: str) -> Callable[[Any], object]:
         def check(value: Any) -> object:
             if not torch_tags:
-                if "torch" in sys.modules:
+                if torch_if_imported() is not None:
                     from .adapters.torch import decode_tags
 
                     torch_tags.append(decode_tags())
@@ -98,8 +99,12 @@ def check_tensor_node(node: Mapping[str, Any], where: object) -> None:
 
 def check_item_value(kind: str, value: object, where: str) -> None:
     """What an item of ``kind`` must be once decoded (arrays may be None in verification): a torch
-    optimizer's state dict has the structure ``load_state_dict`` relies on."""
+    optimizer's state dict has the structure ``load_state_dict`` relies on. A sharded item (written by
+    :mod:`savegame.distributed`) wraps that state with its shard records: its ``state`` is checked."""
     if kind == OPTIMIZER_KIND:
+        if isinstance(value, Mapping) and value.get("format") == SHARDED_FORMAT:
+            value = value.get("state")
+            where = f"{where} (sharded)"
         check_optimizer_state(value, where)
 
 

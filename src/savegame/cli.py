@@ -119,7 +119,7 @@ savegame gc runs/exp --older-than 7d
         formatter_class=_Formatter,
         parents=[_common()],
     )
-    from . import __version__
+    from ._version import __version__
 
     parser.add_argument("--version", action="version", version=f"savegame {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)

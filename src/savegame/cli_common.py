@@ -19,6 +19,7 @@ from typing import Any, Literal, TextIO
 
 from .safetext import escape_controls
 from .storage.base import MANIFEST
+from .tree import MAX_DEPTH
 
 __all__ = [
     "CLIError",
@@ -211,7 +212,7 @@ def render_table(header: Sequence[str], rows: Sequence[Sequence[Cell]], *, right
 def jsonable(value: Any, depth: int = 0) -> Any:
     """Plain data -> JSON-safe data: non-finite floats become null, tuples lists, bytes base64 strings,
     dict keys strings, anything else its ``str``."""
-    if depth > 200:
+    if depth > MAX_DEPTH:
         return None
     if value is None or isinstance(value, (bool, str)):
         return value

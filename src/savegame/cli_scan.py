@@ -19,30 +19,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from . import api
+from . import api, verifier
 from .checkpointer import build_keep_policy
 from .cli_common import UsageError, is_checkpoint_dir, local_path
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
-    HashMismatchError,
     InvalidNameError,
-    MissingFileError,
-    TruncatedFileError,
 )
-from .hashing import FileHasher
 from .manifest import Manifest
 from .run_index import IndexEntry, RecordedBest, RunIndex, entry_from_manifest
 from .storage import is_url
 from .storage.base import MANIFEST, QUARANTINE_PREFIX, STAGING_PREFIX, TRASH_PREFIX
 from .storage.local import LocalStorage
-from .tensorfile import TensorFileReader
 
 __all__ = ["Entry", "RecordedBest", "Root", "Scan", "check_monitor_recorded", "classify", "doomed_by_retention",
            "resolve_checkpoint", "scan_root", "verify_checkpoint"]  # fmt: skip
 
 Status = Literal["ok", "unverified", "corrupt", "quarantined"]
-_CHUNK = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -395,36 +389,14 @@ def _has_checkpoints(url: str) -> bool:
 
 
 def verify_checkpoint(location: Any, *, progress: Callable[[int], None] | None = None) -> Manifest:
-    """What :func:`savegame.verify` checks (manifest, each file's size, hash and header, the references
-    of every item), reporting the bytes hashed to ``progress`` as it goes. Raises the library's
+    """:func:`savegame.verifier.verify_checkpoint` (what :func:`savegame.verify` checks) for a path, URL
+    or ref, reporting the bytes hashed to ``progress`` as it goes. Raises the library's
     :class:`~savegame.CorruptCheckpointError` subclasses naming the first problem."""
     reader = api.open_checkpoint(location)
-    manifest = api.read_manifest(reader)
-    tensors: dict[str, Any] = {}
-    for file, info in manifest.files.items():
-        where = reader.file_where(file)
-        try:
-            size = reader.file_size(file)
-        except FileNotFoundError:
-            raise MissingFileError(f"{where}: listed in the manifest but missing (or not a regular file)") from None
-        if size != info.bytes:
-            raise TruncatedFileError(f"{where}: {size} bytes, the manifest says {info.bytes}")
-        buffer = reader.read_file(file, size)
-        hasher = FileHasher(manifest.hash_chunk_bytes)
-        view = memoryview(buffer)
-        try:
-            for start in range(0, size, _CHUNK):
-                hasher.update(view[start : start + _CHUNK])
-                if progress is not None:
-                    progress(min(_CHUNK, size - start))
-        finally:
-            view.release()
-        if hasher.hexdigest() != info.hash:
-            raise HashMismatchError(f"{where}: content hash differs from the manifest (file is corrupted)")
-        tensors[file] = TensorFileReader.from_buffer(buffer, where=where).tensors
-    for name, item in manifest.items.items():
-        api.check_item(item, tensors.get(item.file) if item.file else None, name)  # what savegame.verify checks
-    return manifest
+    try:
+        return verifier.verify_checkpoint(reader, progress=progress)
+    finally:
+        reader.close()
 
 
 def entry_summary(entry: Entry) -> dict[str, Any]:

@@ -66,15 +66,17 @@ import argparse
 import ast
 import configparser
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from .checkpointer import Checkpointer, Mode, Restart
+from .checkpointer import Checkpointer
 from .errors import ConfigError
-from .policies import KeepExponential, KeepLast, KeepPolicy, KeepUnion
+from .knobs import PRESETS as _PRESETS
+from .knobs import KeepMode as KeepMode
+from .knobs import Knobs, Restart, check_preset
+from .policies import Mode
 
 __all__ = [
     "KEYS",
@@ -88,8 +90,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("savegame.config")
-
-KeepMode = Literal["linear", "exponential", "all"]
 
 
 @dataclass(frozen=True)
@@ -141,48 +141,14 @@ KEYS: dict[str, _Key] = {
 
 
 @dataclass(frozen=True)
-class CheckpointConfig:
+class CheckpointConfig(Knobs):
     """The ``ckpt_*`` settings, validated; :meth:`build` makes the :class:`Checkpointer`.
 
     Field defaults are CANDLE's, except ``keep_limit`` (None: unlimited, CANDLE's 1000000),
     ``checksum`` (True: verification is cheap and catches damaged files) and ``save_weights_only``
-    (False: resuming needs the optimizer and the RNGs).
+    (False: resuming needs the optimizer and the RNGs). The fields, their validation and the
+    translation into Checkpointer keywords are :class:`savegame.knobs.Knobs`'s.
     """
-
-    restart_mode: Restart = "auto"
-    directory: str = "./save"
-    save_interval: int = 1
-    save_steps: int = 0
-    save_seconds: float = 0.0
-    skip_epochs: int = 0
-    save_best: bool = True
-    save_best_metric: str = "val_loss"
-    save_best_mode: Mode = "auto"
-    best_metric_last: float | None = None
-    keep_mode: KeepMode = "linear"
-    keep_limit: int | None = None
-    checksum: bool = True
-    save_weights_only: bool = False
-    preset: str | None = None
-    metadata: Any = None
-    max_epochs: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("save_interval", "save_steps", "skip_epochs"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"ckpt_{name} must be an integer >= 0, got {value!r}")
-        if self.keep_limit is not None and (
-            isinstance(self.keep_limit, bool) or not isinstance(self.keep_limit, int) or self.keep_limit < 1
-        ):
-            raise ConfigError(f"ckpt_keep_limit must be an integer >= 1, got {self.keep_limit!r}")
-        seconds = self.save_seconds
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < math.inf:
-            raise ConfigError(f"ckpt_save_seconds must be a number >= 0, got {self.save_seconds!r}")
-        if self.save_best and not self.save_best_metric:
-            raise ConfigError("ckpt_save_best=True needs ckpt_save_best_metric (e.g. 'val_loss')")
-        if self.keep_mode == "all" and self.keep_limit is not None:
-            raise ConfigError("ckpt_keep_mode='all' keeps everything; remove ckpt_keep_limit or use 'linear'")
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], *, preset: str | None = None) -> CheckpointConfig:
@@ -197,7 +163,7 @@ class CheckpointConfig:
             raise ConfigError(f"unknown checkpoint keys {unknown}; known keys: {sorted(KEYS)}")
         values = {k: _convert(k, params[k]) for k in KEYS if k in params}
         chosen = values.get("ckpt_preset") or preset
-        base = PRESETS[_check_preset(chosen)] if chosen else cls()
+        base = PRESETS[check_preset(chosen)] if chosen else cls()
         metadata = _merged_metadata(values.pop("ckpt_metadata", None), values.pop("metadata", None))
         changes: dict[str, Any] = {f"{k.removeprefix('ckpt_')}": v for k, v in values.items()}
         if metadata is not None:
@@ -209,42 +175,10 @@ class CheckpointConfig:
             changes["max_epochs"] = epochs if epochs > 0 else None
         return replace(base, **changes)
 
-    def keep_policy(self) -> KeepPolicy | None:
-        """The keep policy of ``keep_mode`` / ``keep_limit`` (None: keep everything)."""
-        if self.keep_mode == "exponential":
-            history = KeepExponential()
-            return KeepUnion(history, KeepLast(self.keep_limit)) if self.keep_limit else history
-        if self.keep_mode == "linear" and self.keep_limit is not None:
-            return KeepLast(self.keep_limit)
-        return None
-
     def build(self, *, directory: str | os.PathLike[str] | None = None, name: str | None = None) -> Checkpointer:
         """The Checkpointer for this configuration (``directory`` overrides ``ckpt_directory``)."""
-        if self.save_interval == 0:
-            log.info(
-                "ckpt_save_interval=0: no periodic checkpoints; %s and the end-of-training checkpoint are still saved",
-                f"improvements of {self.save_best_metric}" if self.save_best else "no best tracking",
-            )
-        metadata = self.metadata
-        if metadata is not None and not isinstance(metadata, Mapping):
-            metadata = {"metadata": metadata}
         return Checkpointer(
-            directory if directory is not None else self.directory,
-            keep=self.keep_policy(),
-            monitor=self.save_best_metric if self.save_best else None,
-            mode=self.save_best_mode,
-            threshold=self.best_metric_last,
-            every_n_epochs=self.save_interval,
-            every_n_steps=self.save_steps or None,
-            every_seconds=self.save_seconds or None,
-            save_at_end=True,
-            skip_first_epochs=self.skip_epochs,
-            name=name,
-            weights_only=self.save_weights_only,
-            restart=self.restart_mode,
-            verify=self.checksum,
-            max_epochs=self.max_epochs,
-            metadata=metadata,
+            directory if directory is not None else self.directory, name=name, **self.checkpointer_kwargs()
         )
 
 
@@ -269,20 +203,9 @@ def _candle_default_directory(output_dir: object) -> str:
     return os.path.join(os.fspath(output_dir), "ckpts")
 
 
-PRESETS: dict[str, CheckpointConfig] = {
-    "short": CheckpointConfig(save_interval=0, save_best=False, keep_mode="linear", keep_limit=1, preset="short"),
-    "normal": CheckpointConfig(save_interval=1, save_best=True, keep_mode="linear", keep_limit=10, preset="normal"),
-    "long": CheckpointConfig(
-        save_interval=5, save_seconds=1800.0, save_best=True, keep_mode="exponential", keep_limit=20, preset="long"
-    ),
-}
-"""The regimes of seed 003 as configurations (see the module docstring)."""
-
-
-def _check_preset(name: object) -> str:
-    if not isinstance(name, str) or name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return name
+PRESETS: dict[str, CheckpointConfig] = {name: CheckpointConfig(**vars(knobs)) for name, knobs in _PRESETS.items()}
+"""The regimes of seed 003 as configurations (see the module docstring); the knob sets are
+:data:`savegame.knobs.PRESETS`."""
 
 
 def preset_checkpointer(
@@ -296,17 +219,12 @@ def preset_checkpointer(
     restart: Restart = "auto",
     metadata: Mapping[str, Any] | None = None,
 ) -> Checkpointer:
-    """A Checkpointer for a preset; the best is tracked (and saved) only when ``monitor`` is given."""
-    config = replace(
-        PRESETS[_check_preset(preset)],
-        save_best=PRESETS[preset].save_best and monitor is not None,
-        save_best_metric=monitor or "val_loss",
-        save_best_mode=mode,
-        max_epochs=max_epochs,
-        restart_mode=restart,
-        metadata=dict(metadata) if metadata is not None else None,
-    )
-    return config.build(directory=directory, name=name)
+    """A Checkpointer for a preset (:meth:`Checkpointer.preset`); the best is tracked (and saved) only
+    when ``monitor`` is given."""
+    return Checkpointer.preset(
+        preset, directory, monitor=monitor, mode=mode, max_epochs=max_epochs, name=name, restart=restart,
+        metadata=metadata,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------

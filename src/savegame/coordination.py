@@ -10,9 +10,10 @@ never imports ``torch.distributed`` unless a process group is running.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
+
+from .adapters import torch_if_imported
 
 __all__ = ["Coordinator", "Ranks", "Solo", "coordinator_for"]
 
@@ -44,10 +45,6 @@ class Coordinator(Protocol):
         """Run ``fn`` on the coordinator only; its JSON-serializable result (or error) everywhere."""
         ...
 
-    def barrier(self) -> None:
-        """Wait until every process got here."""
-        ...
-
 
 class Solo:
     """A single process: every decision is its own."""
@@ -63,9 +60,6 @@ class Solo:
 
     def on_coordinator(self, fn: Callable[[], T]) -> T:
         return fn()
-
-    def barrier(self) -> None:
-        return None
 
 
 class Ranks:
@@ -89,14 +83,11 @@ class Ranks:
     def on_coordinator(self, fn: Callable[[], Any]) -> Any:
         return self.context.run_on_coordinator(fn)
 
-    def barrier(self) -> None:
-        self.context.barrier()
-
 
 def coordinator_for(group: Any = None) -> Coordinator:
     """:class:`Ranks` when a ``torch.distributed`` process group with more than one rank is running
     (``group``: which one; None: the default group), :class:`Solo` otherwise."""
-    torch = sys.modules.get("torch")
+    torch = torch_if_imported()
     if torch is None or group is False:
         return Solo()
     dist = torch.distributed

@@ -54,11 +54,15 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from .adapters.torch import encode_hook, tensor_from_bytes
+from .adapters.torch import dtype_from_name, dtype_name, encode_hook, tensor_from_bytes
+from .checks import SHARDED_FORMAT
 from .errors import InvalidManifestError, StateMismatchError, UnsupportedTypeError
 from .manifest import FileEntry, Manifest
+from .progress import ProgressBar
 from .storage.base import CheckpointReader, Transaction
-from .tensorfile import TensorFileReader, order_for_alignment, write_tensor_file
+from .tensorfile import TensorFileReader
+from .tree import MAX_DEPTH, ArrayRecord, too_deep
+from .write_loop import EncodedItem, write_files
 from .writer import make_encoder
 
 __all__ = [
@@ -73,7 +77,6 @@ __all__ = [
     "split_tensors",
 ]
 
-SHARDED_FORMAT = "savegame.sharded"
 SHARDED_VERSION = 1
 MAX_DIMS = 64
 MAX_CHUNKS = 1 << 20
@@ -112,7 +115,7 @@ class TensorRecord:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _dtype_from_name(self.dtype, self.fqn)
+        return dtype_from_name(self.dtype, self.fqn)
 
     def to_json(self) -> dict[str, Any]:
         return {"path": list(self.path), "fqn": self.fqn, "dtype": self.dtype, "size": list(self.size),
@@ -127,15 +130,6 @@ class ShardedItem:
     tensors: tuple[TensorRecord, ...]
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _dtype_from_name(name: str, where: str) -> torch.dtype:
-    value = getattr(torch, name, None) if name.isidentifier() else None
-    if not isinstance(value, torch.dtype):
-        raise InvalidManifestError(f"{where}: unknown torch dtype {name[:40]!r}")
-    return value
 
 
 def _int_list(value: object, where: str, what: str) -> tuple[int, ...]:
@@ -169,7 +163,7 @@ def parse_sharded_item(node: object, where: str) -> ShardedItem:
             raise InvalidManifestError(f"{at}: fqn must be a unique non-empty string")
         if not isinstance(dtype, str):
             raise InvalidManifestError(f"{at}: dtype must be a string")
-        _dtype_from_name(dtype, at)
+        dtype_from_name(dtype, at)
         size = _int_list(entry.get("size"), at, "size")
         if not isinstance(chunks, list) or len(chunks) > MAX_CHUNKS:
             raise InvalidManifestError(f"{at}: chunks must be a list of at most {MAX_CHUNKS}")
@@ -247,8 +241,8 @@ def split_tensors(state: Any, where: str) -> tuple[Any, dict[PathKey, torch.Tens
     tensors: dict[PathKey, torch.Tensor] = {}
 
     def walk(node: Any, path: PathKey, depth: int) -> Any:
-        if depth > 200:
-            raise UnsupportedTypeError(f"{where}: state nested deeper than 200 levels")
+        if depth > MAX_DEPTH:
+            raise UnsupportedTypeError(too_deep(where, "state"))
         if isinstance(node, torch.Tensor):
             tensors[path] = node
             return None
@@ -271,7 +265,7 @@ def split_tensors(state: Any, where: str) -> tuple[Any, dict[PathKey, torch.Tens
 
 
 def _holds_tensor(node: Any, depth: int) -> bool:
-    if depth > 200:
+    if depth > MAX_DEPTH:
         return False
     if isinstance(node, torch.Tensor):
         return True
@@ -357,9 +351,7 @@ class SavegameStorageWriter(StorageWriter):
             pending.append((item.index, node["key"], extra, tensor.numel() * tensor.element_size()))
         results: list[WriteResult] = []
         if pending:
-            sink = self.txn.open(self.file)
-            written = write_tensor_file(sink, order_for_alignment([r.data for r in enc.records]))
-            sink.close()
+            written = self._write_file(enc.records)
             for index, key, extra, nbytes in pending:
                 storage = {"file": self.file, "key": key, "extra": extra, "file_bytes": written.bytes,
                            "file_hash": written.hash}  # fmt: skip
@@ -367,6 +359,16 @@ class SavegameStorageWriter(StorageWriter):
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
+
+    def _write_file(self, records: list[ArrayRecord]) -> FileEntry:
+        """This rank's shard file through the one write loop (:mod:`savegame.write_loop`): durable when
+        this returns, a full disk a :class:`StorageError`, a progress bar on a terminal."""
+        item = EncodedItem(name=self.file, kind="shards", skeleton=None, records=records, file=self.file)
+        progress = ProgressBar(f"saving {self.txn.name} (rank {self.rank} shards)", item.nbytes)
+        try:
+            return write_files(self.txn, [item], progress, close_each=True).files[self.file]
+        finally:
+            progress.close()
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Coordinator, after every rank wrote: turn DCP's metadata and the results into our records."""

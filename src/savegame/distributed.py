@@ -78,13 +78,23 @@ from .errors import (
     StateMismatchError,
     UnsupportedTypeError,
 )
-from .manifest import FileEntry, ItemEntry, Manifest, dump_manifest, parse_manifest, utc_now
+from .manifest import FileEntry, ItemEntry, Manifest, parse_manifest
+from .progress import ProgressBar
 from .storage import locate
 from .storage.base import MANIFEST, CheckpointReader, CheckpointRef, Storage, Transaction
+from .storage.base import SavedAt as Location
 from .storage.local import check_checkpoint_name
-from .tensorfile import order_for_alignment, write_tensor_file
-from .tree import decode_plain
-from .writer import EncodedExtras, encode_state, library_versions, make_encoder
+from .tree import MAX_DEPTH, decode_plain
+from .write_loop import (
+    EncodedExtras,
+    EncodedItem,
+    NextName,
+    assemble_manifest,
+    item_entries,
+    retry_on_clash,
+    write_files,
+)
+from .writer import encode_state, library_versions, make_encoder
 
 __all__ = [
     "LAYOUT_ITEM",
@@ -268,7 +278,7 @@ def _is_dtensor(obj: object) -> bool:
 
 
 def _holds_dtensor(node: Any, depth: int = 0) -> bool:
-    if depth > 200:
+    if depth > MAX_DEPTH:
         return False
     if _is_dtensor(node):
         return True
@@ -361,9 +371,6 @@ class _Fqns:
 # Saving
 
 
-Location = str | os.PathLike[str] | CheckpointRef
-"""Where a distributed checkpoint is: a local path, an fsspec URL (``s3://bucket/run/NAME``) or a
-:class:`~savegame.storage.base.CheckpointRef` (``storage.ref(name)`` of a configured storage)."""
 
 
 def save(
@@ -410,6 +417,7 @@ def write_state(
     overwrite: bool = False,
     per_rank: Collection[str] = (),
     context: RankContext | None = None,
+    next_name: NextName | None = None,
 ) -> tuple[str, Manifest]:
     """Write ``state`` as checkpoint ``name`` of ``storage`` from every rank; return (path, manifest).
 
@@ -420,8 +428,24 @@ def write_state(
     :class:`CommitError` with the same errno everywhere, e.g. ``EEXIST`` when the name is taken).
     ``storage`` must support ``join`` (:class:`~savegame.storage.base.SharedStorage`: ``LocalStorage`` on
     a shared filesystem, ``RemoteStorage`` on an object store) when there are several ranks.
+    ``next_name``: a name taken by another writer meanwhile is retried, on every rank together, under
+    the next one (:func:`~savegame.write_loop.retry_on_clash`; rank 0's choice is the one used).
     """
     ctx = context or current_context()
+
+    def attempt(current: str, retry_progress: Mapping[str, Any] | None) -> tuple[str, Manifest]:
+        use = progress if retry_progress is None else retry_progress
+        return _write_state_once(ctx, storage, current, state, metadata=metadata, progress=use, overwrite=overwrite,
+                                 per_rank=per_rank)  # fmt: skip
+
+    return retry_on_clash(attempt, name, next_name, where=name)  # no check before the collectives: rank 0 names
+
+
+def _write_state_once(
+    ctx: RankContext, storage: Storage, name: str, state: Mapping[str, Any], *, metadata: Mapping[str, Any] | None,
+    progress: Mapping[str, Any] | None, overwrite: bool, per_rank: Collection[str],
+) -> tuple[str, Manifest]:  # fmt: skip
+    """One attempt of :func:`write_state`."""
     plan: dict[str, str] = {}
     problem: BaseException | None = None
     try:
@@ -455,7 +479,7 @@ def _begin(ctx: RankContext, storage: Storage, name: str, *, overwrite: bool) ->
     if ctx.is_coordinator:
         try:
             txn = storage.begin(name, overwrite=overwrite)
-            token = getattr(txn, "token", None)
+            token = txn.token
             if ctx.world_size > 1 and not isinstance(token, str):
                 raise ConfigError(f"{type(storage).__name__} cannot be shared by several processes (no txn.token)")
             message = {"token": token or ""}
@@ -487,16 +511,16 @@ def _save_planner() -> Any:
     return DefaultSavePlanner(flatten_state_dict=False, dedup_save_to_lowest_rank=True)
 
 
-def _write_files(txn: Transaction, items: list[Any]) -> dict[str, FileEntry]:
-    files: dict[str, FileEntry] = {}
-    for item in items:
-        if item.file is None:
-            continue
-        sink = txn.open(item.file)
-        written = write_tensor_file(sink, order_for_alignment([r.data for r in item.records]))
-        sink.close()
-        files[item.file] = FileEntry(bytes=written.bytes, hash=written.hash)
-    return files
+def _write_own_files(ctx: RankContext, txn: Transaction, name: str, encoded: list[EncodedItem]) -> dict[str, FileEntry]:
+    """This rank's files, through the one write loop: every file durable (closed) when this returns, as the
+    files of a joined transaction are not the owner's to close (see :mod:`savegame.write_loop`)."""
+    total = sum(e.nbytes for e in encoded)
+    label = f"saving {name}" if ctx.world_size == 1 else f"saving {name} (rank {ctx.rank})"
+    progress = ProgressBar(label, total)
+    try:
+        return write_files(txn, encoded, progress, close_each=True).files
+    finally:
+        progress.close()
 
 
 def _write_and_commit(
@@ -513,9 +537,8 @@ def _write_and_commit(
             joined.txn.abort()
         raise
     finally:
-        finish = getattr(joined.txn, "finish", None)  # a remote participant's upload threads
-        if callable(finish):
-            finish()
+        if joined.txn is not None:
+            joined.txn.finish()  # a remote participant's upload threads
     return result
 
 
@@ -541,10 +564,7 @@ def _write_and_commit_as(
     # 1. Local phase, no collectives: join, write replicated (rank 0) and per-rank items, split sharded state.
     try:
         if mine is None:
-            join = getattr(storage, "join", None)
-            if join is None:
-                raise ConfigError(f"{type(storage).__name__} cannot be shared by several processes (no join())")
-            mine = joined.txn = join(name, token)
+            mine = joined.txn = storage.join(name, token)  # the protocol's default refuses: not shareable
         local: dict[str, Any] = {}
         for item, how in plan.items():
             if how == "replicated" and ctx.is_coordinator:
@@ -553,8 +573,8 @@ def _write_and_commit_as(
                 local[_rank_item(item, ctx.rank)] = state[item]
         encoded = encode_state(local)
         assert mine is not None
-        files = _write_files(mine, encoded)
-        items = {e.name: ItemEntry(kind=e.kind, file=e.file, skeleton=e.skeleton) for e in encoded}
+        files = _write_own_files(ctx, mine, name, encoded)
+        items = item_entries(encoded)
         sharded = {k: state[k] for k, how in plan.items() if how == "sharded"}
         fqns = _Fqns()
         for item, sd in _sharded_state_dicts(sharded, state).items():
@@ -667,10 +687,7 @@ def _manifest_bytes(
     }
     items[LAYOUT_ITEM] = ItemEntry(kind="savegame.distributed", file=None, skeleton=layout)
     extras = EncodedExtras.encode(metadata, progress)
-    return dump_manifest(
-        created=utc_now(), versions=library_versions(), metadata=extras.metadata, progress=extras.progress,
-        files=files, items=items,
-    )  # fmt: skip
+    return assemble_manifest(files, items, extras, versions=library_versions())[0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -792,9 +809,7 @@ def load_state(
 
 def _close(source: CheckpointReader) -> None:
     """Release a reader opened here (a local one holds a directory handle)."""
-    close = getattr(source, "close", None)
-    if callable(close):
-        close()
+    source.close()
 
 
 @dataclass

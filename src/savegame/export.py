@@ -49,7 +49,7 @@ from .errors import CheckpointError, ConfigError, InvalidManifestError, InvalidN
 from .manifest import Manifest
 from .storage import is_url
 from .tensorfile import TensorData, TensorFileReader, order_for_alignment, tensor_name_problem, write_tensor_file
-from .tree import Decoder, numpy_from_node
+from .tree import MAX_DEPTH, Decoder, numpy_from_node, too_deep
 
 __all__ = [
     "ARRAY_TAGS",
@@ -142,8 +142,8 @@ def flatten_skeleton(node: Any, path: tuple[str, ...] = (), depth: int = 0) -> I
     Dicts (also with int or tuple keys) and tuples are descended into (key components as ``str``);
     lists of scalars and empty containers are single plain leaves.
     """
-    if depth > 200:
-        raise InvalidManifestError("skeleton nested too deeply")
+    if depth >= MAX_DEPTH:  # the item's name is the first level, as for the encoder and the decoder
+        raise InvalidManifestError(too_deep(".".join(path[:20]) + "...", "skeleton"))
     if isinstance(node, list):
         if not node or all(_is_scalar_node(v) for v in node):
             yield path, decode_value(node)

@@ -423,7 +423,10 @@ class ProcessShare:
 
 
 _shares: dict[str, list[Any]] = {}
-_shares_guard = threading.Lock()
+# Re-entrant: a garbage collection inside the guarded block (taking a lock allocates) may finalize an
+# unreachable Checkpointer whose __del__ releases its share in the same thread; with a plain Lock that
+# deadlocked. The nested release only ever touches another root or an already released share.
+_shares_guard = threading.RLock()
 
 
 def process_holds(root: str | os.PathLike[str]) -> bool:

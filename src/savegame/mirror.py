@@ -34,20 +34,17 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CheckpointError, CommitError, CorruptCheckpointError, HashMismatchError, TruncatedFileError
-from .hashing import FileHasher
-from .manifest import FileEntry, parse_manifest
+from .errors import CheckpointError, CommitError, CorruptCheckpointError
+from .manifest import Manifest, parse_manifest
 from .storage import LocalStorage, storage_for
-from .storage.base import MANIFEST, CheckpointReader, Storage
+from .storage.base import MANIFEST, Storage
+from .verifier import copy_checked, verify_checkpoint
 
 log = logging.getLogger("savegame")
-
-_READ_CHUNK = 32 << 20
-
 
 @dataclass
 class SyncReport:
@@ -101,6 +98,8 @@ class Mirror:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._cleaned = False
+        self.verified: tuple[str, Manifest] | None = None
+        """``(name, manifest)`` of the local checkpoint the last :meth:`restore_newest` fully verified."""
 
     def __repr__(self) -> str:
         return f"Mirror({self.local.root!r} -> {self.remote_url!r})"
@@ -240,19 +239,8 @@ class Mirror:
         txn = self.remote.begin(name, overwrite=overwrite)
         try:
             for file, entry in manifest.files.items():
-                sink = txn.open(file)
-                hasher = FileHasher(manifest.hash_chunk_bytes)
-                size = 0
-                with open(reader.file_where(file), "rb", buffering=0) as f:
-                    chunk = bytearray(_READ_CHUNK)
-                    while n := f.readinto(chunk):
-                        view = memoryview(chunk)[:n]
-                        hasher.update(view)
-                        sink.write(view)
-                        view.release()
-                        size += n
-                if size != entry.bytes or hasher.hexdigest() != entry.hash:
-                    raise HashMismatchError(f"{reader.file_where(file)}: differs from its manifest; not uploaded")
+                copy_checked(reader, file, entry, manifest.hash_chunk_bytes, txn.open(file),
+                             refusal="differs from its manifest; not uploaded")  # fmt: skip
         except BaseException:
             txn.abort()
             raise
@@ -331,7 +319,7 @@ class Mirror:
         txn = self.local.begin(name, overwrite=True)
         try:
             for file, entry in manifest.files.items():
-                _copy_verified(reader, file, entry, manifest.hash_chunk_bytes, txn.open(file))
+                copy_checked(reader, file, entry, manifest.hash_chunk_bytes, txn.open(file))
             return txn.commit(raw)
         except BaseException:
             txn.abort()
@@ -345,9 +333,11 @@ class Mirror:
         is quarantined remotely and the next older candidate tried; a damaged local one is skipped
         (the Checkpointer quarantines local ones). ``download=False`` returns the remote URL instead
         of downloading. None when neither side has a valid checkpoint.
-        """
-        from . import api
 
+        :attr:`verified` then holds the manifest of the local checkpoint this call fully verified (None
+        when it verified none), so a caller about to load it need not hash its files again.
+        """
+        self.verified = None
         local = self._local_manifests()
         try:
             remote_names = self.remote.committed()
@@ -372,7 +362,8 @@ class Mirror:
                 path = self.local.path(name)
                 try:
                     if verify:
-                        api.verify(path)
+                        with self.local.reader(name) as reader:
+                            self.verified = (name, verify_checkpoint(reader))
                     return path
                 except CorruptCheckpointError as exc:
                     log.warning("%r: local %s is damaged, trying older: %s", self, name, exc)
@@ -393,24 +384,6 @@ class Mirror:
             log.info("restored %s from %s", path, self.remote.url(name))
             return path
         return None
-
-
-def _copy_verified(reader: CheckpointReader, file: str, entry: FileEntry, chunk_bytes: int | None, sink: Any) -> None:
-    """Stream one file of ``reader`` into ``sink``, checking its size and hash (``chunk_bytes``: the
-    manifest's ``hash_chunk_bytes``)."""
-    where = reader.file_where(file)
-    size = entry.bytes
-    actual = reader.file_size(file)
-    if actual != size:
-        raise TruncatedFileError(f"{where}: {actual} bytes, the manifest says {size}")
-    iter_file = getattr(reader, "iter_file", None)
-    chunks: Iterator[Any] = iter_file(file, size) if callable(iter_file) else iter([reader.read_file(file, size)])
-    hasher = FileHasher(chunk_bytes)
-    for chunk in chunks:
-        hasher.update(chunk)
-        sink.write(chunk)
-    if hasher.hexdigest() != entry.hash:
-        raise HashMismatchError(f"{where}: content hash differs from the manifest (file is corrupted)")
 
 
 def restore_newest(

@@ -1,4 +1,13 @@
-"""Checkpoint names: literal names, Keras/Lightning-style templates, and de-duplication.
+"""Checkpoint names: the one set of name rules, Keras/Lightning-style templates, and de-duplication.
+
+Two rules, both here (one job, one place):
+
+* :func:`check_checkpoint_name`, for every name used to *find* a checkpoint or a file (open, list,
+  delete, quarantine, a file inside a transaction): one path component, not hidden, no separator or
+  NUL. It is deliberately lenient so that a checkpoint which exists keeps loading.
+* :func:`validate_name`, for every *new* checkpoint name, whoever chooses it: ``savegame.save(path)``,
+  ``ckpt.save(name=...)``, templates, per-rank saves. Storage ``begin`` (local and remote) applies it,
+  so all save paths agree.
 
 A checkpoint name becomes a directory name under the checkpoint root, so it must be one safe path
 component on every platform the checkpoint may be copied to. :func:`validate_name` enforces that:
@@ -23,7 +32,7 @@ from collections.abc import Collection, Mapping
 
 from savegame.errors import InvalidNameError
 
-__all__ = ["MAX_NAME_BYTES", "NameTemplate", "unique_name", "validate_name"]
+__all__ = ["MAX_NAME_BYTES", "NameTemplate", "check_checkpoint_name", "unique_name", "validate_name"]
 
 MAX_NAME_BYTES = 200
 """Longest allowed checkpoint name, in UTF-8 bytes."""
@@ -66,11 +75,30 @@ def _name_problem(name: str) -> str | None:
     return None
 
 
-def validate_name(name: str) -> str:
-    """Return ``name`` unchanged if it is a valid checkpoint name, else raise InvalidNameError.
+def check_checkpoint_name(name: str) -> str:
+    """``name`` if it is one path component, not hidden, without separators or NUL (the rule for
+    finding existing checkpoints and files); :class:`InvalidNameError` otherwise."""
+    if (
+        not name
+        or name in (".", "..")
+        or name.startswith(".")
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+        or len(name) > 255
+    ):
+        raise InvalidNameError(
+            f"invalid checkpoint name {name!r}: it must be one path component, not start with '.', "
+            "and contain no '/', '\\' or NUL"
+        )
+    return name
 
-    Used for ``ckpt.save(name=...)`` and ``savegame.save`` targets; the rules are in the module
-    docstring.
+
+def validate_name(name: str) -> str:
+    """Return ``name`` unchanged if it is a valid name for a new checkpoint, else raise InvalidNameError.
+
+    Used by every save: ``savegame.save`` targets, ``ckpt.save(name=...)``, templates and per-rank
+    saves (storage ``begin``); the rules are in the module docstring.
     """
     problem = _name_problem(name)
     if problem is not None:

@@ -101,8 +101,9 @@ _TOKEN = re.compile(r"[a-z0-9]+")
 # Values describing training and checkpoints
 
 
-def _check_count(owner: str, name: str, value: int | None, *, minimum: int) -> None:
-    """Raise :class:`ConfigError` unless ``value`` is None or an int (not bool) >= ``minimum``."""
+def check_count(owner: str, name: str, value: int | None, *, minimum: int) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is None or an int (not bool) >= ``minimum``: the one
+    count check of every policy and of the Checkpointer's options (``owner`` names who is configured)."""
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int):
@@ -113,7 +114,7 @@ def _check_count(owner: str, name: str, value: int | None, *, minimum: int) -> N
 
 def _check_positive_int(owner: str, name: str, value: int) -> None:
     """Raise :class:`ConfigError` unless ``value`` is an int >= 1 (n, k, counts)."""
-    _check_count(owner, name, value, minimum=1)
+    check_count(owner, name, value, minimum=1)
 
 
 def _check_seconds(owner: str, name: str, value: float) -> None:
@@ -200,7 +201,7 @@ def check_position(owner: str, name: str, value: object) -> int | None:
         value = operator.index(value)  # numpy / torch integer scalars -> int
     if value is not None and not isinstance(value, int):
         raise ConfigError(f"{owner}: {name} must be an int, got {value!r} ({type(value).__name__})")
-    _check_count(owner, name, value, minimum=0)
+    check_count(owner, name, value, minimum=0)
     return value
 
 
@@ -460,7 +461,7 @@ class SkipFirstEpochs:
     policy: SavePolicy
 
     def __post_init__(self) -> None:
-        _check_count("SkipFirstEpochs", "n", self.n, minimum=0)
+        check_count("SkipFirstEpochs", "n", self.n, minimum=0)
         _check_save_policy("SkipFirstEpochs", self.policy)
 
     def should_save(self, progress: Progress, context: SaveContext) -> bool:

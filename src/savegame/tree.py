@@ -48,6 +48,15 @@ from .errors import InvalidManifestError, UnsupportedTypeError
 from .tensorfile import MAX_DIM, MAX_NAME_CHARS, MAX_NDIM, RESERVED_NAME, TensorData
 
 MAX_DEPTH = 200
+"""The one nesting limit of every recursive walk over state or skeletons: saving (the encoder), loading
+and verifying (the decoder), export and diff, DCP state and the helpers that look for live objects,
+torch values or DTensors. Deeper state is refused at save time, so nothing saved is unreadable."""
+
+
+def too_deep(where: str, what: str) -> str:
+    """The one message for ``what`` (state, skeleton) at ``where`` nested deeper than :data:`MAX_DEPTH`."""
+    return f"{where}: {what} nested deeper than {MAX_DEPTH} levels"
+
 MAX_NODES = 50_000_000
 MAX_STRING = 64 * 1024 * 1024
 MAX_INT_DIGITS = 4000
@@ -177,7 +186,7 @@ class Encoder:
     # -- the walk -------------------------------------------------------------------------------------
     def encode(self, obj: object, path: Path = ()) -> Any:
         if len(path) > MAX_DEPTH:
-            raise UnsupportedTypeError(f"{format_path(path[:20])}...: state nested deeper than {MAX_DEPTH}")
+            raise UnsupportedTypeError(too_deep(f"{format_path(path[:20])}...", "state"))
         t = type(obj)
         if obj is None or t is bool or t is str:
             return obj
@@ -283,7 +292,7 @@ class Decoder:
         if self._count > MAX_NODES:
             raise InvalidManifestError(f"skeleton has more than {MAX_NODES} nodes")
         if len(path) > MAX_DEPTH:
-            raise InvalidManifestError(f"{format_path(path[:20])}...: skeleton nested deeper than {MAX_DEPTH}")
+            raise InvalidManifestError(too_deep(f"{format_path(path[:20])}...", "skeleton"))
         t = type(node)
         if node is None or t is bool or t is int or t is float:
             return node

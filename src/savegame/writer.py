@@ -10,73 +10,39 @@ Every save logs (logger ``savegame``, level INFO) its size, blocking time and th
 from __future__ import annotations
 
 import logging
-import platform
 import re
-import sys
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
-from . import __version__, hashing
+from ._version import __version__
+from .adapters import framework_versions, torch_if_imported
 from .background import BackgroundWriter, PendingSave, Snapshot
 from .capture import kind_of, live_object_hook
 from .copyqueue import CopyQueue
-from .errors import BackgroundSaveError, ConfigError, StorageError, UnsupportedTypeError
+from .errors import UnsupportedTypeError
 from .gcpause import gc_paused
-from .manifest import FileEntry, ItemEntry, Manifest, dump_manifest, utc_now
+from .manifest import Manifest
 from .progress import ProgressBar
 from .storage.base import MANIFEST, Storage
-from .tensorfile import order_for_alignment, write_tensor_file
-from .tree import ArrayHook, ArrayRecord, Encoder, decode_plain, encode_plain
-from .workers import LazyPool
+from .tree import ArrayHook, Encoder
+from .write_loop import (
+    EncodedExtras,
+    EncodedItem,
+    NextName,
+    assemble_manifest,
+    item_entries,
+    retry_on_clash,
+    write_files,
+)
+
+__all__ = [
+    "EncodedExtras", "EncodedItem", "encode_state", "library_versions", "make_encoder", "save_in_background",
+    "save_now", "write_encoded", "write_items",
+]  # EncodedItem and EncodedExtras live in write_loop.py; re-exported here, where callers import them
 
 log = logging.getLogger("savegame")
 _SAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
-
-
-@dataclass
-class EncodedItem:
-    """One top-level item after capture and encoding, ready to write."""
-
-    name: str
-    kind: str
-    skeleton: Any
-    records: list[ArrayRecord]
-    file: str | None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(len(r.data.data) for r in self.records)
-
-
-_NOT_A_MAPPING = {
-    "progress": (
-        "progress= is where the run is, stored in the manifest (a mapping such as {{'epoch': 3, 'step': 1200, "
-        "'val_loss': 0.25}}), not a {value}; for a progress bar, set the environment variable SAVEGAME_PROGRESS=1 "
-        "(on a terminal one is shown by itself for saves that take more than 2 s)"
-    ),
-    "metadata": "metadata= must be a mapping of JSON-like data (such as {{'run': 'exp1'}}), not a {value}",
-}
-
-
-@dataclass(frozen=True)
-class EncodedExtras:
-    """Metadata and progress, encoded (so later changes by the caller cannot alter them)."""
-
-    metadata: Any
-    progress: Any
-
-    @classmethod
-    def encode(cls, metadata: Mapping[str, Any] | None, progress: Mapping[str, Any] | None) -> EncodedExtras:
-        for what, value in (("metadata", metadata), ("progress", progress)):
-            if value is not None and not isinstance(value, Mapping):
-                raise ConfigError(_NOT_A_MAPPING[what].format(value=type(value).__name__))
-        return cls(
-            metadata=encode_plain(dict(metadata or {}), "metadata"),
-            progress=encode_plain(dict(progress), "progress") if progress is not None else None,
-        )
 
 
 def make_encoder(
@@ -85,7 +51,7 @@ def make_encoder(
 ) -> Encoder:
     """An encoder with the framework hooks for what is imported in this process."""
     hooks: list[ArrayHook] = []
-    if "torch" in sys.modules:
+    if torch_if_imported() is not None:
         from .adapters.torch import encode_hook
 
         hooks.append(encode_hook)
@@ -145,114 +111,46 @@ def _file_name(item: str, used: set[str]) -> str:
 
 def library_versions() -> dict[str, str]:
     """Versions recorded in the manifest: savegame, Python and the frameworks imported."""
-    versions = {"savegame": __version__, "python": platform.python_version()}
-    for mod in ("numpy", "torch", "keras", "tensorflow", "jax"):
-        m = sys.modules.get(mod)
-        if m is not None and isinstance(getattr(m, "__version__", None), str):
-            versions[mod] = m.__version__
-    return versions
-
-
-class _CountingSink:
-    """Forwards writes to a storage sink and advances a progress display."""
-
-    def __init__(self, sink: Any, progress: ProgressBar, should_stop: Callable[[], bool] | None = None) -> None:
-        self._sink = sink
-        self._progress = progress
-        self._should_stop = should_stop
-
-    def write(self, data: bytes | bytearray | memoryview) -> object:
-        if self._should_stop is not None and self._should_stop():
-            raise BackgroundSaveError(f"{self._progress.label}: aborted at interpreter exit (nothing was saved)")
-        result = self._sink.write(data)
-        self._progress.advance(len(data))
-        return result
-
-
-def _early_close(sink: Any) -> Callable[[], None] | None:
-    """For a local file sink: its ``close`` (fsync + close), to run on a worker thread while the next
-    file is written; the transaction's commit then finds it closed. None for other sinks."""
-    from .storage.local import LocalFileSink
-
-    return sink.close if type(sink) is LocalFileSink else None
-
-
-_fsyncs = LazyPool("savegame-fsync", 2)
-
-
-def _wait_all(futures: list[Future[None]]) -> None:
-    """Wait for every future, then raise the first error (never leave an fsync running behind an error)."""
-    first: BaseException | None = None
-    for f in futures:
-        try:
-            f.result()
-        except BaseException as exc:  # re-raised below, after every fsync finished
-            first = first or exc
-    futures.clear()
-    if first is not None:
-        raise first
+    return {"savegame": __version__, **framework_versions()}
 
 
 def write_encoded(
     storage: Storage, name: str, items: list[EncodedItem], extras: EncodedExtras, *, overwrite: bool,
     blocking_seconds: float | None = None, should_stop: Callable[[], bool] | None = None,
+    next_name: NextName | None = None,
 ) -> tuple[str, Manifest]:
     """Write encoded items as checkpoint ``name`` of ``storage``; commit; return its path and manifest.
 
     ``should_stop``: checked before every write; when it says so the transaction is aborted (its staging
     data removed) and :class:`BackgroundSaveError` raised (a background save stopped at interpreter exit).
+    ``next_name``: when the name was taken by another writer meanwhile, write again under the name it
+    gives (:func:`~savegame.write_loop.retry_on_clash`; the returned path says which name was used).
 
     Each finished local file is fsynced on a worker thread while the next one is written and while the
     commit writes and fsyncs the manifest; the commit waits for all of them before it publishes. The returned
     :class:`Manifest` is the one built here, equal to what :func:`parse_manifest` reads back.
     """
+
+    def attempt(current: str, progress: Mapping[str, Any] | None) -> tuple[str, Manifest]:
+        use = extras if progress is None else extras.with_progress(progress)
+        return _write_once(storage, current, items, use, overwrite=overwrite, blocking_seconds=blocking_seconds,
+                           should_stop=should_stop)  # fmt: skip
+
+    return retry_on_clash(attempt, name, next_name, where=storage.path(name))
+
+
+def _write_once(
+    storage: Storage, name: str, items: list[EncodedItem], extras: EncodedExtras, *, overwrite: bool,
+    blocking_seconds: float | None, should_stop: Callable[[], bool] | None,
+) -> tuple[str, Manifest]:
+    """One attempt of :func:`write_encoded`: begin, the one write loop, the manifest, commit."""
     start = time.perf_counter()
     total = sum(i.nbytes for i in items)
     progress = ProgressBar(f"saving {name}", total)
     txn = storage.begin(name, overwrite=overwrite)
-    closing: list[Future[None]] = []
     try:
-        try:
-            files: dict[str, FileEntry] = {}
-            for item in items:
-                if item.file is None:
-                    continue
-                sink = txn.open(item.file)
-                records = order_for_alignment([r.data for r in item.records])
-                written = write_tensor_file(_CountingSink(sink, progress, should_stop), records)
-                files[item.file] = FileEntry(bytes=written.bytes, hash=written.hash)
-                close = _early_close(sink)
-                if close is not None:
-                    closing.append(_fsyncs.get().submit(close))
-            entries = {i.name: ItemEntry(kind=i.kind, file=i.file, skeleton=i.skeleton) for i in items}
-            created = utc_now()
-            versions = library_versions()
-            raw = dump_manifest(
-                created=created,
-                versions=versions,
-                metadata=extras.metadata,
-                progress=extras.progress,
-                files=files,
-                items=entries,
-            )
-            manifest = Manifest(
-                created=created,
-                versions=versions,
-                metadata=decode_plain(extras.metadata) if extras.metadata is not None else {},
-                progress=decode_plain(extras.progress) if extras.progress is not None else None,
-                files=files,
-                items=entries,
-                hash_chunk_bytes=hashing.HASH_CHUNK_BYTES,
-                raw_metadata=extras.metadata,
-                raw_progress=extras.progress,
-            )
-        except BaseException:
-            _wait_all(closing)  # no fsync keeps running behind an error; a failed one is what is reported
-            raise
-    except OSError as exc:
-        txn.abort()
-        progress.close()
-        raise StorageError(exc.errno, f"writing checkpoint {name} failed: {exc.strerror or exc}") from exc
+        written = write_files(txn, items, progress, should_stop=should_stop)
+        raw, manifest = assemble_manifest(written.files, item_entries(items), extras, versions=library_versions())
     except BaseException:
         txn.abort()
         progress.close()
@@ -260,8 +158,7 @@ def write_encoded(
     try:
         final = txn.commit(raw)  # waits for the data files' fsyncs (LocalFileSink.close) and reports theirs
     finally:
-        for future in closing:
-            future.exception()  # finished (the commit waited for each file); errors were raised by the commit
+        written.settled()
         progress.close()
     elapsed = time.perf_counter() - start
     blocked = elapsed if blocking_seconds is None else blocking_seconds
@@ -281,9 +178,12 @@ def write_items(
     metadata: Mapping[str, Any] | None,
     progress: Mapping[str, Any] | None,
     overwrite: bool,
+    next_name: NextName | None = None,
 ) -> tuple[str, Manifest]:
-    """Write encoded items as checkpoint ``name`` of ``storage``; return its path and manifest."""
-    return write_encoded(storage, name, items, EncodedExtras.encode(metadata, progress), overwrite=overwrite)
+    """Write encoded items as checkpoint ``name`` of ``storage``; return its path and manifest
+    (``next_name``: see :func:`write_encoded`)."""
+    extras = EncodedExtras.encode(metadata, progress)
+    return write_encoded(storage, name, items, extras, overwrite=overwrite, next_name=next_name)
 
 
 def save_now(
@@ -298,13 +198,14 @@ def save_now(
 def save_in_background(
     writer: BackgroundWriter, storage: Storage, name: str, state: Mapping[str, Any], *,
     metadata: Mapping[str, Any] | None, progress: Mapping[str, Any] | None, overwrite: bool,
-    on_commit: Callable[[str, Manifest], None] | None = None,
+    next_name: NextName | None = None,
 ) -> PendingSave:
     """Snapshot ``state`` now (blocking only for the host copy), write and commit in the background.
 
     Waits first for the previous background save of ``writer`` (raising its error if it failed). The
-    returned handle's ``result()`` gives the :class:`Manifest` once committed. ``on_commit(path, manifest)``
-    runs in the writer thread after the commit (the Checkpointer uses it for retention).
+    returned handle's ``result()`` gives the :class:`Manifest` once committed. ``next_name``
+    (called in the writer thread): a name taken meanwhile is retried under the next one, as in a sync
+    save (:func:`write_encoded`); the handle's ``path`` stays the name it was started with.
     """
     writer.wait()
     with gc_paused():  # not while waiting above: only while this thread copies and encodes
@@ -319,12 +220,10 @@ def save_in_background(
         blocking = time.perf_counter() - start
 
         def persist() -> Manifest:
-            final, manifest = write_encoded(
+            _, manifest = write_encoded(
                 storage, name, items, extras, overwrite=overwrite, blocking_seconds=blocking,
-                should_stop=writer.stop_requested,
+                should_stop=writer.stop_requested, next_name=next_name,
             )
-            if on_commit is not None:
-                on_commit(final, manifest)
             return manifest
 
         return writer.submit(storage.path(name), snapshot, persist, blocking_seconds=blocking)

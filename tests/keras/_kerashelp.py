@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,3 +155,19 @@ def run_python(code_or_script: str, *, backend: str, cwd: Path, args: tuple[str,
     env = _env(backend)
     cmd = [sys.executable, code_or_script, *args] if script else [sys.executable, "-c", code_or_script, *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+class EpochRecorder(keras.callbacks.Callback):  # type: ignore[misc]
+    """The model's weights and the logs at every epoch end of one ``fit``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights: list[list[np.ndarray]] = []
+        self.logs: list[dict[str, float]] = []
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        from savegame.adapters.keras import sync_jax_state
+
+        sync_jax_state(self.model)
+        self.weights.append(arrays(self.model.weights))
+        self.logs.append({k: float(v) for k, v in (logs or {}).items()})

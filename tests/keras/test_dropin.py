@@ -11,7 +11,7 @@ from typing import Any
 import keras
 import numpy as np
 import pytest
-from _kerashelp import arrays, dense_model, iris
+from _kerashelp import EpochRecorder, arrays, dense_model, iris
 
 import savegame.keras as sk
 from savegame.errors import CheckpointError, ConfigError
@@ -91,22 +91,6 @@ def test_keep_best_still_needs_the_monitor(tmp_path: Path) -> None:
         dense_model().fit(x, y, epochs=1, verbose=0, callbacks=[ckpt])
 
 
-class _EpochWeights(keras.callbacks.Callback):  # type: ignore[misc]
-    """The weights and logs at every epoch end."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weights: list[list[np.ndarray]] = []
-        self.logs: list[dict[str, float]] = []
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        from savegame.adapters.keras import sync_jax_state
-
-        sync_jax_state(self.model)
-        self.weights.append(arrays(self.model.weights))
-        self.logs.append({k: float(v) for k, v in (logs or {}).items()})
-
-
 @pytest.mark.parametrize("fixed_root", [True, False], ids=["fixed-root", "template"])
 def test_monitor_without_save_best_only_records_the_best(tmp_path: Path, fixed_root: bool) -> None:
     keras.utils.set_random_seed(5)
@@ -115,7 +99,7 @@ def test_monitor_without_save_best_only_records_the_best(tmp_path: Path, fixed_r
     root = tmp_path / "ck"
     ckpt = sk.ModelCheckpoint(str(root if fixed_root else root / "m_{epoch:02d}"), monitor="val_accuracy",
                               mode="max", save_weights_only=True)
-    seen = _EpochWeights()
+    seen = EpochRecorder()
     model.fit(x, y, batch_size=16, epochs=6, validation_data=(xv, yv), callbacks=[ckpt, seen], verbose=0)
     accuracies = [logs["val_accuracy"] for logs in seen.logs]
     best_epoch = int(np.argmax(accuracies))  # the first epoch reaching the maximum (strict improvement)
@@ -143,7 +127,7 @@ def test_every_n_epochs_saves_every_nth_and_the_last_epoch(tmp_path: Path) -> No
 def test_every_n_epochs_with_keep_best_saves_improvements_too(tmp_path: Path) -> None:
     keras.utils.set_random_seed(2)
     x, y, xv, yv = iris()
-    seen = _EpochWeights()
+    seen = EpochRecorder()
     ckpt = sk.ModelCheckpoint(str(tmp_path / "m_{epoch}"), monitor="val_loss", every_n_epochs=3, keep_best=1,
                               keep_last=10)
     dense_model().fit(x, y, epochs=5, validation_data=(xv, yv), verbose=0, callbacks=[ckpt, seen])

@@ -16,37 +16,21 @@ from typing import Any
 import keras
 import numpy as np
 import pytest
-from _kerashelp import ROOT, arrays
+from _kerashelp import ROOT, EpochRecorder, arrays
 
 import savegame.keras
 
 EXAMPLES = ROOT / "examples"
 
 
-class _Recorder(keras.callbacks.Callback):  # type: ignore[misc]
-    """The model's weights and the logs at every epoch end of one ``fit``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weights: list[list[np.ndarray]] = []
-        self.logs: list[dict[str, float]] = []
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        from savegame.adapters.keras import sync_jax_state
-
-        sync_jax_state(self.model)
-        self.weights.append(arrays(self.model.weights))
-        self.logs.append({k: float(v) for k, v in (logs or {}).items()})
-
-
 @pytest.fixture
 def recorded(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """Every ``fit`` the example runs gets a :class:`_Recorder` appended; ``models`` holds the models fitted."""
+    """Every ``fit`` the example runs gets a :class:`EpochRecorder` appended; ``models`` holds the models fitted."""
     seen: dict[str, Any] = {"models": [], "recorders": []}
     fit = keras.Model.fit
 
     def recording_fit(self: Any, *args: Any, callbacks: Any = None, **kwargs: Any) -> Any:
-        recorder = _Recorder()
+        recorder = EpochRecorder()
         seen["models"].append(self)
         seen["recorders"].append(recorder)
         return fit(self, *args, callbacks=[*(callbacks or []), recorder], **kwargs)

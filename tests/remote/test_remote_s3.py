@@ -385,28 +385,6 @@ def test_progress_bar_only_on_a_terminal(bucket: str, s3_options: dict[str, Any]
     assert stream.getvalue() == ""
 
 
-def test_a_kept_reader_downloads_each_file_once_for_verify_then_load(
-    bucket: str, s3_options: dict[str, Any], monkeypatch: Any
-) -> None:
-    storage = RemoteStorage(f"{bucket}/run", storage_options=s3_options)
-    savegame.save(f"{bucket}/run/c", {"a": {"w": np.ones(10)}, "b": {"w": np.zeros(3)}, "n": 1},
-                  storage_options=s3_options)  # fmt: skip
-    calls: list[str] = []
-    original = storage.download
-
-    def counting(path: str, size: int, where: str) -> bytearray:
-        calls.append(path)
-        return original(path, size, where)
-
-    monkeypatch.setattr(storage, "download", counting)
-    reader = storage.reader("c", keep_files=True)
-    savegame.verify(reader)
-    state = savegame.load(reader, verify=False)
-    assert state["n"] == 1 and state["a"]["w"].sum() == 10
-    assert len(calls) == 2 and len(set(calls)) == 2
-    assert savegame.load(storage.ref("c"))["b"]["w"].shape == (3,)
-
-
 def test_multi_chunk_files_round_trip_and_are_checked_per_chunk(
     bucket: str, s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -40,12 +40,12 @@ import random
 import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ..errors import StateMismatchError
+from .report import LoadReport
 from .rng import RNGState
 
 __all__ = [
@@ -328,45 +328,9 @@ def keep_rng_through_first_build(model: Any) -> None:
 # Matching and the report
 
 
-@dataclass
-class KerasLoadReport:
-    """How a saved Keras state matched a live model.
-
-    Names are ``section/path`` (``model/sequential/dense/kernel``, ``optimizer/adam/iteration``).
-    ``missing``: in the model, not in the checkpoint. ``unexpected``: in the checkpoint, not in the model.
-    ``mismatched``: ``(name, checkpoint shape, model shape)``. ``loaded``: the variables assigned.
-    ``by_structure``: sections whose paths differed only by automatic name suffixes and were paired in
-    order. ``notes``: anything else worth knowing (skipped sections, generators restored).
-    """
-
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
-    loaded: list[str] = field(default_factory=list)
-    by_structure: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def clean(self) -> bool:
-        """True when every variable of the model was found in the checkpoint with its shape, and vice versa."""
-        return not (self.missing or self.unexpected or self.mismatched)
-
-    def describe(self) -> str:
-        """A human-readable summary of what differs (empty when clean)."""
-        parts = []
-        if self.missing:
-            parts.append(f"missing from the checkpoint: {_short(self.missing)}")
-        if self.unexpected:
-            parts.append(f"not in the model: {_short(self.unexpected)}")
-        if self.mismatched:
-            shapes = [f"{k} (checkpoint {list(a)} vs model {list(b)})" for k, a, b in self.mismatched]
-            parts.append(f"shape mismatch: {_short(shapes)}")
-        return "; ".join(parts)
-
-
-def _short(names: Sequence[str], n: int = 8) -> str:
-    more = f" and {len(names) - n} more" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
+KerasLoadReport = LoadReport
+"""The old name of the report of a Keras restore: :class:`savegame.adapters.report.LoadReport`
+(``missing`` / ``unexpected`` / ``mismatched`` are aliases of its ``*_keys`` fields)."""
 
 
 def _normalize(key: str) -> str:
@@ -399,14 +363,14 @@ def _match_section(
         report.by_structure.append(section)
     paired_saved = {a for a, _ in pairs}
     paired_live = {b for _, b in pairs}
-    report.missing += [f"{section}/{k}" for k in live if k not in paired_live]
-    report.unexpected += [f"{section}/{k}" for k in saved if k not in paired_saved]
+    report.missing_keys += [f"{section}/{k}" for k in live if k not in paired_live]
+    report.unexpected_keys += [f"{section}/{k}" for k in saved if k not in paired_saved]
     usable: list[tuple[Any, np.ndarray, str]] = []
     for saved_key, live_key in pairs:
         variable = live[live_key]
         array = _as_array(saved[saved_key])
         if tuple(array.shape) != _shape(variable):
-            report.mismatched.append((f"{section}/{live_key}", tuple(array.shape), _shape(variable)))
+            report.mismatched_keys.append((f"{section}/{live_key}", tuple(array.shape), _shape(variable)))
             continue
         usable.append((variable, array, f"{section}/{live_key}"))
     return usable
@@ -531,7 +495,7 @@ class KerasState:
             if not isinstance(saved, Mapping):
                 raise StateMismatchError(f"{section}: expected a dict of arrays, found {type(saved).__name__}")
             if section not in live:
-                report.unexpected += [f"{section}/{k}" for k in saved]
+                report.unexpected_keys += [f"{section}/{k}" for k in saved]
                 if section == "optimizer":
                     report.notes.append("optimizer: the checkpoint has one, the model has none (compile it first)")
                 continue

@@ -13,7 +13,6 @@ import math
 import sys
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,7 @@ from torch.nn.parameter import is_lazy
 from ..checks import check_device, check_optimizer_state, check_size, check_tensor_node
 from ..errors import InvalidManifestError, StateMismatchError, UnsupportedTypeError
 from ..tree import Encoder, Path, Where, format_path, valid_shape
+from .report import LoadReport
 
 # torch dtype -> (stored code, logical name or None, trailing dimension)
 _CODES: dict[torch.dtype, tuple[str, str | None, int]] = {
@@ -78,15 +78,31 @@ _NUMPY_SAME_DTYPE: dict[torch.dtype, np.dtype[Any]] = {
 _DTYPES: dict[str, torch.dtype] = {
     name: value for name in dir(torch) if isinstance(value := getattr(torch, name, None), torch.dtype)
 }
-"""Every dtype this torch has, by the name ``_dtype_name`` stores (``float32``, ``int64``, ...)."""
+"""Every dtype this torch has, by the name :func:`dtype_name` stores (``float32``, ``int64``, ...)."""
 
 MapLocation = (
     str | torch.device | Mapping[str, str] | Callable[[torch.Tensor, str], torch.Tensor] | None
 )
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name a ``torch.dtype`` is stored under (``float32``): the ``v`` of a ``torch.dtype`` node and
+    the ``dtype`` of a DCP tensor record."""
     return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(value: object, where: str = "") -> torch.dtype:
+    """The one decoder of a stored torch dtype name (skeleton tags, DCP records): a lookup in this
+    torch's fixed table of dtypes, never a ``getattr`` of file data; :class:`InvalidManifestError`
+    naming ``where`` for anything else. (Without torch, :func:`savegame.checks.check_dtype_name`
+    checks the form only.)"""
+    result = _DTYPES.get(value) if isinstance(value, str) else None
+    if result is None:
+        prefix = f"{where}: " if where else ""
+        raise InvalidManifestError(f"{prefix}unknown torch dtype {str(value)[:40]!r}")
+    return result
+
+
 
 
 _NUMPY_VIEWABLE = frozenset(
@@ -101,7 +117,7 @@ def encode_hook(obj: object, path: Path, enc: Encoder) -> dict[str, Any] | None:
     """Tree-codec hook: skeleton nodes for tensors, dtypes, sizes and devices."""
     if not isinstance(obj, torch.Tensor):
         if isinstance(obj, torch.dtype):
-            return {"$": "torch.dtype", "v": _dtype_name(obj)}
+            return {"$": "torch.dtype", "v": dtype_name(obj)}
         if type(obj) is torch.Size:
             return {"$": "torch.Size", "v": [int(d) for d in obj]}
         if isinstance(obj, torch.device):
@@ -197,10 +213,7 @@ def decode_tags() -> dict[str, Callable[[Any], object]]:
     """Skeleton tags for torch values that are not tensors."""
 
     def dtype(v: Any) -> torch.dtype:
-        result = _DTYPES.get(v) if isinstance(v, str) else None  # a fixed table: no getattr of file data
-        if result is None:
-            raise InvalidManifestError(f"unknown torch dtype {str(v)[:40]!r}")
-        return result
+        return dtype_from_name(v)
 
     def size(v: Any) -> torch.Size:
         return torch.Size(check_size(v))
@@ -298,34 +311,8 @@ def _place(tensor: torch.Tensor, saved: object, map_location: MapLocation) -> to
 # In-place restore of modules
 
 
-@dataclass
-class ModuleReport:
-    """How a state matched a module: keys only in the model, only in the checkpoint, or shaped differently."""
-
-    missing_keys: list[str] = field(default_factory=list)
-    unexpected_keys: list[str] = field(default_factory=list)
-    mismatched_keys: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
-    loaded_keys: list[str] = field(default_factory=list)
-
-    @property
-    def clean(self) -> bool:
-        return not (self.missing_keys or self.unexpected_keys or self.mismatched_keys)
-
-    def describe(self, where: str) -> str:
-        parts = []
-        if self.missing_keys:
-            parts.append(f"missing from the checkpoint: {_short(self.missing_keys)}")
-        if self.unexpected_keys:
-            parts.append(f"not in the model: {_short(self.unexpected_keys)}")
-        if self.mismatched_keys:
-            shapes = [f"{k} (checkpoint {list(a)} vs model {list(b)})" for k, a, b in self.mismatched_keys]
-            parts.append(f"shape mismatch: {_short(shapes)}")
-        return f"{where}: " + "; ".join(parts)
-
-
-def _short(names: list[str], n: int = 8) -> str:
-    more = f" and {len(names) - n} more" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
+ModuleReport = LoadReport
+"""The old name of the report of a module restore: :class:`savegame.adapters.report.LoadReport`."""
 
 
 _COMPILED = "_orig_mod"
@@ -405,7 +392,7 @@ def restore_module(module: torch.nn.Module, state: object, *, strict: bool, wher
             module.load_state_dict(usable, strict=False)
     except RuntimeError as exc:
         raise StateMismatchError(f"{where}: {exc}", report) from None
-    report.loaded_keys = list(usable)
+    report.loaded = list(usable)
     return report
 
 

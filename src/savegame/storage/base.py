@@ -19,6 +19,8 @@ Implementations: :mod:`.local` (a directory) and :mod:`.remote` (any fsspec URL:
 from __future__ import annotations
 
 import mmap
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,7 +31,10 @@ TRASH_PREFIX = ".trash-"
 
 
 class FileSink(Protocol):
-    """A file being written. ``write`` writes all of ``data``; ``close`` makes it durable."""
+    """A file being written. ``write`` writes all of ``data``; ``close`` makes it durable.
+
+    The full contract (memory of ``data``, concurrent ``close``, who closes what) is the sink durability
+    contract in :mod:`savegame.write_loop`, the one loop that writes through sinks."""
 
     def write(self, data: bytes | bytearray | memoryview) -> int: ...
 
@@ -37,7 +42,11 @@ class FileSink(Protocol):
 
 
 class Transaction(Protocol):
-    """One checkpoint being written (see the module docstring for the call order)."""
+    """One checkpoint being written (see the module docstring for the call order).
+
+    :attr:`token` and :meth:`finish` serve multi-process saves (:mod:`savegame.distributed`); a class
+    that subclasses this protocol inherits their defaults (not shareable; nothing to release).
+    """
 
     name: str
 
@@ -47,9 +56,28 @@ class Transaction(Protocol):
 
     def abort(self) -> None: ...
 
+    @property
+    def token(self) -> str | None:
+        """What other processes pass to :meth:`Storage.join` to write into this transaction (a staging
+        folder name, a version prefix); None when it cannot be shared by several processes."""
+        return None
+
+    def finish(self) -> None:
+        """Release what a joined participant holds (upload threads, buffers) once its files are
+        reported; its files stay for the owner to commit. Called after every multi-process save,
+        whatever its outcome; nothing to do by default."""
+        return None
+
 
 class Storage(Protocol):
-    """A root of checkpoints."""
+    """A root of checkpoints.
+
+    Required: :attr:`root` and every method without a default below. Optional (a class that subclasses
+    this protocol inherits the default): :meth:`join` (multi-process saves) and :meth:`check_target`.
+    """
+
+    root: str
+    """The root's path or URL, for messages and as the Checkpointer's ``directory`` (never credentials)."""
 
     def begin(self, name: str, *, overwrite: bool = False) -> Transaction: ...
 
@@ -64,6 +92,19 @@ class Storage(Protocol):
     def path(self, name: str) -> str:
         """The path or URL of checkpoint ``name`` (same as :meth:`url`; kept for the Checkpointer)."""
         ...
+
+    def join(self, name: str, token: str) -> Transaction:
+        """Write into the transaction another process began with ``begin(name)`` (``token``: its
+        :attr:`Transaction.token`), never committing it. The default refuses: not shareable."""
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{type(self).__name__} cannot be shared by several processes (no join())")
+
+    def check_target(self, name: str, *, overwrite: bool) -> None:
+        """Raise now what :meth:`begin` would raise for ``name`` (e.g. :class:`~savegame.OccupiedPathError`),
+        so a background save reports it in the caller's thread. The default checks nothing (``begin``
+        still does)."""
+        return None
 
     # Reading (see :class:`CheckpointReader`)
 
@@ -88,26 +129,11 @@ class Storage(Protocol):
         ...
 
 
-class SharedTransaction(Transaction, Protocol):
-    """A transaction other processes can write files into (multi-process saves)."""
+SharedTransaction = Transaction
+"""Kept for old imports: every :class:`Transaction` declares :attr:`~Transaction.token` now."""
 
-    @property
-    def token(self) -> str:
-        """What the other processes pass to :meth:`SharedStorage.join` (a staging folder name, a prefix)."""
-        ...
-
-
-class SharedStorage(Storage, Protocol):
-    """A root that several processes write one checkpoint into: one begins and commits, all write.
-
-    Rank 0 calls ``begin(name)`` and sends ``txn.token`` to the other ranks; each calls ``join(name, token)``
-    and writes its own files through the returned transaction (never committing it); rank 0 writes the
-    manifest and commits once every rank has reported its files. See :mod:`savegame.distributed`.
-    """
-
-    def begin(self, name: str, *, overwrite: bool = False) -> SharedTransaction: ...
-
-    def join(self, name: str, token: str) -> Transaction: ...
+SharedStorage = Storage
+"""Kept for old imports: every :class:`Storage` declares :meth:`~Storage.join` now (the default refuses)."""
 
 
 ReadBuffer = bytes | bytearray | memoryview | mmap.mmap
@@ -119,6 +145,8 @@ class CheckpointReader(Protocol):
 
     A reader is pinned to the manifest it read first: on an object store, where an overwrite uploads a
     new version next to the old one, every file comes from the version that manifest describes.
+    Optional (a class that subclasses this protocol inherits the default): :meth:`iter_file` (the
+    default reads the whole file) and :meth:`close` (nothing to release).
     """
 
     where: str
@@ -140,6 +168,15 @@ class CheckpointReader(Protocol):
         """The whole of data file ``file``, which the caller checked is ``size`` bytes long."""
         ...
 
+    def iter_file(self, file: str, size: int) -> Iterator[memoryview]:
+        """Data file ``file`` (``size`` bytes) in order, in pieces, each valid until the next is asked
+        for: a streaming copy (the mirror) holds one piece, not the whole file. Default: one piece."""
+        yield memoryview(self.read_file(file, size))
+
+    def close(self) -> None:
+        """Release what the reader holds (a directory handle); reading again may reopen. Default: nothing."""
+        return None
+
 
 @dataclass(frozen=True)
 class CheckpointRef:
@@ -152,3 +189,16 @@ class CheckpointRef:
 
     def __str__(self) -> str:
         return self.storage.url(self.name)
+
+
+PathLike = str | os.PathLike[str]
+"""A local path or an fsspec URL."""
+
+SavedAt = PathLike | CheckpointRef
+"""Where a checkpoint is written or found: a local path, an fsspec URL (``s3://bucket/run/NAME``) or a
+:class:`CheckpointRef` (``storage.ref(name)`` of a configured storage). Distributed saves and loads
+take this."""
+
+Location = SavedAt | CheckpointReader
+"""What the read functions accept: a :data:`SavedAt`, or an open :class:`CheckpointReader` (a caller
+that already holds one reads through it)."""

@@ -36,6 +36,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,12 +51,14 @@ from ..errors import (
     StorageError,
     TruncatedFileError,
 )
-from ..processes import pid_alive
+from ..naming import check_checkpoint_name as check_checkpoint_name  # re-exported: its old home
+from ..naming import validate_name
 from ..tensorfile import check_allocated
 from .base import MANIFEST, QUARANTINE_PREFIX, STAGING_PREFIX, TRASH_PREFIX, CheckpointRef
+from .liveness import FOREIGN_WRITER_GRACE_SECONDS, writer_is_live
 
 _RENAME_EXCHANGE = 2
-STALE_FOREIGN_SECONDS = 24 * 3600
+STALE_FOREIGN_SECONDS = FOREIGN_WRITER_GRACE_SECONDS  # the one grace period (storage.liveness)
 
 
 class FileOps:
@@ -113,24 +116,6 @@ def _renameat2_exchange(a: str, b: str) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
         return False
     raise OSError(err, os.strerror(err), a)
-
-
-def check_checkpoint_name(name: str) -> str:
-    """A checkpoint name is one path component, not hidden, without separators or NUL."""
-    if (
-        not name
-        or name in (".", "..")
-        or name.startswith(".")
-        or "/" in name
-        or "\\" in name
-        or "\0" in name
-        or len(name) > 255
-    ):
-        raise InvalidNameError(
-            f"invalid checkpoint name {name!r}: it must be one path component, not start with '.', "
-            "and contain no '/', '\\' or NUL"
-        )
-    return name
 
 
 ABSENT = "absent"
@@ -342,6 +327,10 @@ class LocalTransaction:
             ops.rmtree(old)  # the overwritten version, moved aside; a crash here leaves debris for cleanup()
         return final
 
+    def finish(self) -> None:
+        """Nothing to release: :meth:`commit` and :meth:`abort` end the transaction."""
+        return None
+
     def _publish(self, final: str) -> str | None:
         """Make the staging directory visible as ``final``; return where the overwritten version now is.
 
@@ -490,6 +479,10 @@ class JoinedTransaction:
             except OSError:
                 pass
 
+    def finish(self) -> None:
+        """Nothing to release (each file was made durable by its sink's ``close``)."""
+        return None
+
 
 class LocalStorage:
     """A directory of checkpoints on a local filesystem."""
@@ -541,6 +534,7 @@ class LocalStorage:
         Refuses at once (:class:`OccupiedPathError`), before anything is written, when ``ROOT/NAME`` holds
         something a checkpoint must not replace; the commit checks again.
         """
+        validate_name(name)  # a new checkpoint gets a portable name, whichever save path chose it
         self.check_target(name, overwrite=True)  # an existing checkpoint without overwrite: at the commit
         staging = os.path.join(
             self.root, f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
@@ -646,23 +640,24 @@ class LocalStorage:
 
 def staging_is_live(tag: str, host: str, entry: os.DirEntry[str], *, now: float | None = None) -> bool:
     """Whether the staging folder ``entry`` (``.staging-HOST-PID-ID``; ``tag`` without the prefix) may
-    still be written: this host's writer process is running, or another host's folder was touched within
+    still be written, by :func:`savegame.storage.liveness.writer_is_live`: this host's writer process
+    is running (this process's own: another thread's save), or another host's folder was touched within
     :data:`STALE_FOREIGN_SECONDS` (its owner cannot be checked from here)."""
     parts = tag.rsplit("-", 2)
     if len(parts) != 3:
         return False
     owner_host, pid_text, _ = parts
-    if owner_host != host:
+    if owner_host == host:
         try:
-            mtime = entry.stat(follow_symlinks=False).st_mtime
-        except OSError:
+            pid = int(pid_text)
+        except ValueError:
             return False
-        return (time.time() if now is None else now) - mtime < STALE_FOREIGN_SECONDS
+        return writer_is_live(host=socket.gethostname(), pid=pid, touched=None)
     try:
-        pid = int(pid_text)
-    except ValueError:
+        mtime = entry.stat(follow_symlinks=False).st_mtime
+    except OSError:
         return False
-    return pid == os.getpid() or pid_alive(pid)  # our own (possibly another thread's) save, or a live writer
+    return writer_is_live(host=None, pid=None, touched=mtime, now=now)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -714,6 +709,9 @@ def open_local_checkpoint(path: str | os.PathLike[str]) -> LocalCheckpointReader
         raise NotACheckpointError(f"{os.path.join(full, MANIFEST)}: {kind}, so not a committed savegame checkpoint")
     return reader
 
+
+ITER_PIECE_BYTES = 32 << 20
+"""The largest piece :meth:`LocalCheckpointReader.iter_file` reads at once."""
 
 SMALL_FILE_BYTES = 256 << 10
 """Data files up to this size are read into memory rather than mapped (see ``read_file``)."""
@@ -837,6 +835,26 @@ class LocalCheckpointReader:
         if not stat.S_ISREG(st.st_mode):
             raise FileNotFoundError(errno.ENOENT, "not a regular file", where)
         return st.st_size
+
+    def iter_file(self, file: str, size: int) -> Iterator[memoryview]:
+        """The file in order, in pieces of up to :data:`ITER_PIECE_BYTES` read into one reused buffer
+        (each piece is valid until the next is asked for); a file that is not ``size`` bytes long
+        raises :class:`TruncatedFileError`."""
+        where = self.file_where(file)
+        fd = self._open(file)
+        try:
+            buffer = memoryview(bytearray(min(ITER_PIECE_BYTES, size)))
+            done = 0
+            while done < size:
+                got = os.readv(fd, [buffer[: size - done]])
+                if got == 0:
+                    raise TruncatedFileError(f"{where}: ended after {done} of {size} bytes (changed while reading)")
+                done += got
+                yield buffer[:got]
+            if os.fstat(fd).st_size != size:
+                raise TruncatedFileError(f"{where}: not {size} bytes (changed while reading)")
+        finally:
+            os.close(fd)
 
     def read_file(self, file: str, size: int) -> mmap.mmap | memoryview | bytes:
         """The whole file as private memory: a copy-on-write mapping (writes to arrays never reach the

@@ -88,9 +88,10 @@ from ..errors import (
     StorageError,
     TruncatedFileError,
 )
-from ..processes import pid_alive
+from ..naming import check_checkpoint_name, validate_name
 from .base import MANIFEST, QUARANTINE_PREFIX, CheckpointRef
-from .local import check_checkpoint_name, starts_like_manifest
+from .liveness import FOREIGN_WRITER_GRACE_SECONDS, writer_is_live
+from .local import starts_like_manifest
 
 log = logging.getLogger("savegame")
 
@@ -100,7 +101,7 @@ STAGING_MARKER = ".staging"
 MIN_PART_SIZE = 5 << 20  # the S3 minimum for every part but the last
 DEFAULT_PART_SIZE = 8 << 20
 DEFAULT_CONCURRENCY = 4
-DEFAULT_GRACE_SECONDS = 3600.0
+DEFAULT_GRACE_SECONDS = FOREIGN_WRITER_GRACE_SECONDS  # a day: the one rule of storage.liveness
 _MAX_PARTS = 10_000
 _VERSION_RE = re.compile(r"^v\d{8}T\d{12}-[0-9a-f]{8}$")
 _LIVE_OWNERS: set[str] = set()
@@ -431,7 +432,7 @@ class RemoteStorage:
 
     def begin(self, name: str, *, overwrite: bool = False) -> RemoteTransaction:
         """Start uploading checkpoint ``name`` (see the module docstring for the protocol)."""
-        check_checkpoint_name(name)
+        validate_name(name)  # a new checkpoint gets a portable name, whichever save path chose it
         self.check_target(name, overwrite=overwrite)
         return RemoteTransaction(self, name, overwrite=overwrite)
 
@@ -526,14 +527,10 @@ class RemoteStorage:
                 found.add(top)
         return sorted(found)
 
-    def reader(self, name: str, *, keep_files: bool = False) -> RemoteCheckpointReader:
-        """Open committed checkpoint ``name`` (the manifest is fetched now, data files when read).
-
-        ``keep_files``: keep each downloaded file in memory, so ``verify(reader)`` followed by
-        ``load(reader, verify=False)`` downloads every file once (memory: the whole checkpoint).
-        """
+    def reader(self, name: str) -> RemoteCheckpointReader:
+        """Open committed checkpoint ``name`` (the manifest is fetched now, data files when read)."""
         check_checkpoint_name(name)
-        reader = RemoteCheckpointReader(self, name, keep_files=keep_files)
+        reader = RemoteCheckpointReader(self, name)
         reader.manifest_bytes()
         return reader
 
@@ -638,20 +635,22 @@ class RemoteStorage:
                 with _LIVE_LOCK:
                     if owner in _LIVE_OWNERS:
                         return True
-                host, pid = info.get("host"), info.get("pid")
-                if host == socket.gethostname() and isinstance(pid, int):
-                    return pid != os.getpid() and pid_alive(pid)
                 beat = info.get("heartbeat")
-                if isinstance(beat, (int, float)):
-                    return now - float(beat) < self.grace_seconds
+                touched = float(beat) if isinstance(beat, (int, float)) and not isinstance(beat, bool) else None
+                host, pid = info.get("host"), info.get("pid")
+                if touched is not None or (host == socket.gethostname() and isinstance(pid, int)):
+                    # not among this process's live owners: its own marker is an ended transaction's
+                    return writer_is_live(
+                        host=host, pid=pid, touched=touched, grace=self.grace_seconds, now=now, this_process=False
+                    )
         if not by_age:
             return False
         if listing is None:
             listing = self._list(os.path.dirname(next(iter(files.values()))) if files else self._root)
         times = [t for p in files.values() if (t := _mtime(listing.get(p, {}))) is not None]
-        if not times:
-            return False
-        return now - max(times) < self.grace_seconds
+        return writer_is_live(
+            host=None, pid=None, touched=max(times) if times else None, grace=self.grace_seconds, now=now
+        )
 
     def _abort_stale_uploads(self, removed_prefixes: set[str]) -> None:
         bucket, key_prefix, _ = self.fs.split_path(self._root + "/")
@@ -669,7 +668,8 @@ class RemoteStorage:
             path = f"{bucket}/{key}"
             initiated = upload.get("Initiated")
             age = now - initiated.timestamp() if hasattr(initiated, "timestamp") else 0.0
-            if any(path.startswith(p) for p in removed_prefixes) or age > max(self.grace_seconds, 24 * 3600):
+            stale = age > max(self.grace_seconds, FOREIGN_WRITER_GRACE_SECONDS)
+            if stale or any(path.startswith(p) for p in removed_prefixes):
                 try:
                     self._call(
                         f"aborting the unfinished upload of {self._where(path)}",
@@ -770,12 +770,10 @@ def _new_version() -> str:
 class RemoteCheckpointReader:
     """A committed remote checkpoint opened for reading, pinned to the version its manifest names."""
 
-    def __init__(self, storage: RemoteStorage, name: str, *, keep_files: bool = False) -> None:
+    def __init__(self, storage: RemoteStorage, name: str) -> None:
         self.storage = storage
         self.name = name
         self.where = storage.url(name)
-        self.keep_files = keep_files
-        self._kept: dict[str, bytearray] = {}
         self._manifest: bytes | None = None
         self._version: str | None = None
         self._sizes: dict[str, int] = {}
@@ -846,21 +844,19 @@ class RemoteCheckpointReader:
         return sizes[file]
 
     def read_file(self, file: str, size: int) -> bytearray:
-        kept = self._kept.get(file)
-        if kept is not None and len(kept) == size:
-            return kept
         version, _ = self.resolve()
         path = self.storage._key(self.name, version, file)
-        data = self.storage.download(path, size, self.file_where(file))
-        if self.keep_files:
-            self._kept[file] = data
-        return data
+        return self.storage.download(path, size, self.file_where(file))
 
     def iter_file(self, file: str, size: int) -> Iterator[memoryview]:
         """The file in order, in windows (see :meth:`RemoteStorage.iter_download`)."""
         version, _ = self.resolve()
         path = self.storage._key(self.name, version, file)
         return self.storage.iter_download(path, size, self.file_where(file))
+
+    def close(self) -> None:
+        """Nothing to release (each file is fetched when read)."""
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1011,6 +1007,11 @@ class RemoteTransaction:
         self._free.clear()
         with _LIVE_LOCK:
             _LIVE_OWNERS.discard(self.owner)
+
+    def finish(self) -> None:
+        """Nothing to do for the owner: :meth:`commit` and :meth:`abort` release the upload threads
+        (a joined participant's :meth:`RemoteJoinedTransaction.finish` does)."""
+        return None
 
     def abort(self) -> None:
         """Stop the uploads and remove the version folder (best effort: cleanup() finishes the job)."""
