@@ -130,3 +130,18 @@ def test_shared_numpy_arrays_are_stored_once(tmp_path: Path) -> None:
     assert files["x.safetensors"].bytes < 8000 + 1000
     loaded = savegame.load(tmp_path / "c")["x"]
     assert loaded["a"] is loaded["b"]
+
+
+def test_contains_walks_dicts_lists_and_tuples_to_the_depth_limit() -> None:
+    from savegame.tree import MAX_DEPTH, contains
+
+    def is_seven(v: object) -> bool:
+        return v == 7
+
+    assert contains({"a": [1, (2, {"b": 7})]}, is_seven)
+    assert not contains({"a": [1, (2, {"b": 8})], "c": "7"}, is_seven)
+    deep: object = 7
+    for _ in range(MAX_DEPTH + 1):
+        deep = [deep]
+    assert contains(deep, is_seven)  # found at the deepest level a saved state can have
+    assert not contains([deep, 1], is_seven)  # one level deeper is not looked at

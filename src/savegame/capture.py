@@ -20,7 +20,7 @@ from .adapters import torch_if_imported
 from .adapters.report import LoadReport as LoadReport
 from .adapters.rng import capture_generator, restore_generator
 from .errors import StateMismatchError, UnsupportedTypeError
-from .tree import MAX_DEPTH, Encoder, Path, format_path
+from .tree import Encoder, Path, contains, format_path
 
 
 @runtime_checkable
@@ -137,15 +137,7 @@ def apply_updates(updates: Updates) -> None:
 def holds_live(value: object, depth: int = 0) -> bool:
     """Whether ``value`` is or contains a live object (module, optimizer, tensor, array, generator,
     Stateful), i.e. is more than plain data."""
-    if kind_of(value) != "data":
-        return True
-    if depth > MAX_DEPTH:
-        return False
-    if isinstance(value, Mapping):
-        return any(holds_live(v, depth + 1) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(holds_live(v, depth + 1) for v in value)
-    return False
+    return contains(value, lambda v: kind_of(v) != "data", depth)
 
 
 def replaceable(value: object) -> bool:

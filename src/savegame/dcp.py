@@ -61,7 +61,7 @@ from .manifest import FileEntry, Manifest
 from .progress import ProgressBar
 from .storage.base import CheckpointReader, Transaction
 from .tensorfile import TensorFileReader
-from .tree import MAX_DEPTH, ArrayRecord, too_deep
+from .tree import MAX_DEPTH, ArrayRecord, contains, too_deep
 from .write_loop import EncodedItem, write_files
 from .writer import make_encoder
 
@@ -265,15 +265,7 @@ def split_tensors(state: Any, where: str) -> tuple[Any, dict[PathKey, torch.Tens
 
 
 def _holds_tensor(node: Any, depth: int) -> bool:
-    if depth > MAX_DEPTH:
-        return False
-    if isinstance(node, torch.Tensor):
-        return True
-    if isinstance(node, Mapping):
-        return any(_holds_tensor(v, depth + 1) for v in node.values())
-    if isinstance(node, (list, tuple)):
-        return any(_holds_tensor(v, depth + 1) for v in node)
-    return False
+    return contains(node, lambda v: isinstance(v, torch.Tensor), depth)
 
 
 def set_at(structure: Any, path: PathKey, value: Any) -> Any:

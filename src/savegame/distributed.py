@@ -84,7 +84,7 @@ from .storage import locate
 from .storage.base import MANIFEST, CheckpointReader, CheckpointRef, Storage, Transaction
 from .storage.base import SavedAt as Location
 from .storage.local import check_checkpoint_name
-from .tree import MAX_DEPTH, decode_plain
+from .tree import contains, decode_plain
 from .write_loop import (
     EncodedExtras,
     EncodedItem,
@@ -277,16 +277,8 @@ def _is_dtensor(obj: object) -> bool:
     return isinstance(obj, DTensor)
 
 
-def _holds_dtensor(node: Any, depth: int = 0) -> bool:
-    if depth > MAX_DEPTH:
-        return False
-    if _is_dtensor(node):
-        return True
-    if isinstance(node, Mapping):
-        return any(_holds_dtensor(v, depth + 1) for v in node.values())
-    if isinstance(node, (list, tuple)):
-        return any(_holds_dtensor(v, depth + 1) for v in node)
-    return False
+def _holds_dtensor(node: Any) -> bool:
+    return contains(node, _is_dtensor)
 
 
 def _is_sharded(value: object) -> bool:

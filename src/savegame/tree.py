@@ -36,7 +36,7 @@ import re
 import struct
 import sys
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +56,22 @@ torch values or DTensors. Deeper state is refused at save time, so nothing saved
 def too_deep(where: str, what: str) -> str:
     """The one message for ``what`` (state, skeleton) at ``where`` nested deeper than :data:`MAX_DEPTH`."""
     return f"{where}: {what} nested deeper than {MAX_DEPTH} levels"
+
+
+def contains(value: object, predicate: Callable[[object], bool], depth: int = 0) -> bool:
+    """Whether ``value`` or anything inside its dicts, lists and tuples satisfies ``predicate``.
+
+    The one walk behind "does this state hold a live object / a tensor / a DTensor" questions; it
+    looks no deeper than :data:`MAX_DEPTH` (deeper state cannot be saved anyway)."""
+    if predicate(value):
+        return True
+    if depth > MAX_DEPTH:
+        return False
+    if isinstance(value, Mapping):
+        return any(contains(v, predicate, depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(contains(v, predicate, depth + 1) for v in value)
+    return False
 
 MAX_NODES = 50_000_000
 MAX_STRING = 64 * 1024 * 1024
