@@ -1,0 +1,175 @@
+"""docs/architecture.md's "Adding a framework adapter" recipe, followed to the letter.
+
+savegame has no adapter registry a third party can add to: which objects are live and how they are
+captured and restored is decided by ``isinstance`` checks in :mod:`savegame.capture` (``kind_of``,
+``live_object_hook``, ``_restore``). A class of your own therefore joins through the
+:class:`savegame.Stateful` protocol: ``state_dict()`` returning its state as nested data (dicts, lists,
+numbers, strings, NumPy arrays, tensors) and ``load_state_dict(state)`` putting it back in place,
+optionally with a ``strict`` keyword whose result (``missing_keys`` / ``unexpected_keys``) goes into the
+:class:`savegame.LoadReport`. This test builds such an object exactly as the recipe says and round-trips
+it through ``savegame.save`` / ``savegame.load(path, target)``, background saves and a Checkpointer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pytest
+
+import savegame
+from savegame.errors import StateMismatchError
+
+
+class _Keys(NamedTuple):
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+class RunningStats:
+    """The toy "framework object" of the recipe: running mean/variance of a feature vector (Welford)."""
+
+    def __init__(self, dim: int) -> None:
+        self.count = 0
+        self.mean = np.zeros(dim, dtype=np.float64)
+        self.m2 = np.zeros(dim, dtype=np.float64)
+        self.label = "features"
+
+    def update(self, batch: np.ndarray) -> None:
+        for row in batch:
+            self.count += 1
+            delta = row - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (row - self.mean)
+
+    # Step 1 of the recipe: state_dict() -> nested data (arrays stay arrays: stored in the tensor file)
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2, "label": self.label}
+
+    # Step 2: load_state_dict(state, strict=...) restores in place and reports what did not match
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> _Keys:
+        expected = {"count", "mean", "m2", "label"}
+        missing = sorted(expected - set(state))
+        unexpected = sorted(set(state) - expected)
+        if strict and (missing or unexpected):
+            raise ValueError(f"missing {missing}, unexpected {unexpected}")
+        if "mean" in state and np.shape(state["mean"]) != self.mean.shape:
+            raise ValueError(f"mean has shape {np.shape(state['mean'])}, expected {self.mean.shape}")
+        self.count = int(state.get("count", self.count))
+        if "mean" in state:
+            self.mean[...] = state["mean"]  # in place: whoever holds self.mean sees the restored values
+        if "m2" in state:
+            self.m2[...] = state["m2"]
+        self.label = str(state.get("label", self.label))
+        return _Keys(missing, unexpected)
+
+
+def _trained(seed: int = 0) -> RunningStats:
+    stats = RunningStats(4)
+    stats.update(np.random.default_rng(seed).normal(size=(17, 4)))
+    return stats
+
+
+def _same(a: RunningStats, b: RunningStats) -> None:
+    assert (a.count, a.label) == (b.count, b.label)
+    np.testing.assert_array_equal(a.mean, b.mean)
+    np.testing.assert_array_equal(a.m2, b.m2)
+
+
+def test_the_toy_object_is_stateful_and_recorded_as_such(tmp_path: Path) -> None:
+    stats = _trained()
+    assert isinstance(stats, savegame.Stateful)
+    savegame.save(tmp_path / "ckpt", {"stats": stats, "epoch": 3})
+    manifest = savegame.read_manifest(tmp_path / "ckpt")
+    assert manifest.items["stats"].kind == f"stateful:{__name__}.RunningStats"
+    assert manifest.items["stats"].file is not None  # its arrays went into a tensor file
+    assert manifest.items["epoch"].kind == "data"
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_save_then_load_into_a_fresh_object_round_trips(tmp_path: Path, background: bool) -> None:
+    stats = _trained()
+    result = savegame.save(tmp_path / "ckpt", {"stats": stats, "epoch": 3}, background=background)
+    if background:
+        result.result()
+    fresh = RunningStats(4)
+    mean_buffer = fresh.mean
+    target: dict[str, Any] = {"stats": fresh, "epoch": 0}
+    report = savegame.load(tmp_path / "ckpt", target)
+    assert report.clean and "stats" in report.loaded
+    _same(fresh, stats)
+    assert fresh.mean is mean_buffer  # restored in place
+    assert target["epoch"] == 3
+
+
+def test_load_without_a_target_gives_the_state_dict(tmp_path: Path) -> None:
+    stats = _trained()
+    savegame.save(tmp_path / "ckpt", {"stats": stats})
+    loaded = savegame.load(tmp_path / "ckpt")["stats"]
+    assert set(loaded) == {"count", "mean", "m2", "label"}
+    assert loaded["count"] == stats.count and loaded["label"] == "features"
+    np.testing.assert_array_equal(np.asarray(loaded["mean"]), stats.mean)
+
+
+def test_a_checkpointer_saves_and_resumes_it(tmp_path: Path) -> None:
+    stats = _trained()
+    with savegame.Checkpointer(tmp_path / "run", keep_last=2) as ckpt:
+        for epoch in (1, 2, 3):
+            stats.update(np.full((1, 4), float(epoch)))
+            ckpt.save({"stats": stats}, epoch=epoch)
+    fresh = RunningStats(4)
+    with savegame.Checkpointer(tmp_path / "run", keep_last=2) as ckpt:
+        restored = ckpt.restore({"stats": fresh})
+    assert restored is not None and restored.epoch == 3
+    _same(fresh, stats)
+
+
+def test_strict_keyword_and_report_are_honoured(tmp_path: Path) -> None:
+    """``load_state_dict``'s ``strict`` is passed through; a non-strict result lands in the report, a
+    failure becomes :class:`StateMismatchError` naming the item."""
+    stats = _trained()
+    savegame.save(tmp_path / "ckpt", {"stats": {"count": 2, "mean": stats.mean, "m2": stats.m2, "x": 1}})
+    fresh = RunningStats(4)
+    with pytest.raises(StateMismatchError, match=r"stats: load_state_dict failed: missing \['label'\]"):
+        savegame.load(tmp_path / "ckpt", {"stats": fresh})
+    report = savegame.load(tmp_path / "ckpt", {"stats": fresh}, strict=False)
+    assert report.missing_keys == ["stats.label"] and report.unexpected_keys == ["stats.x"]
+    assert fresh.count == 2
+    np.testing.assert_array_equal(fresh.mean, stats.mean)
+
+
+def test_a_shape_mismatch_leaves_plain_values_untouched(tmp_path: Path) -> None:
+    savegame.save(tmp_path / "ckpt", {"stats": _trained(), "epoch": 3})
+    target: dict[str, Any] = {"stats": RunningStats(5), "epoch": 0}
+    with pytest.raises(StateMismatchError, match="stats: load_state_dict failed: mean has shape"):
+        savegame.load(tmp_path / "ckpt", target)
+    assert target["epoch"] == 0
+
+
+# The page this recipe lives in also states the layer order; it must be the order the import-graph
+# test enforces (a module moved in LAYERS, or a row edited in the page, fails here).
+
+_DOC = Path(__file__).resolve().parent.parent / "docs" / "architecture.md"
+_ROW = re.compile(r"^\| (\d+) \| `([a-z_]+)` \| ([^|]+) \|", re.MULTILINE)
+
+
+def _doc_layers() -> list[tuple[str, set[str]]]:
+    rows = [(int(n), layer, cell) for n, layer, cell in _ROW.findall(_DOC.read_text(encoding="utf-8"))]
+    assert [n for n, _, _ in rows] == list(range(1, len(rows) + 1)), "the layer table's rows are numbered 1, 2, ..."
+    return [
+        (layer, {m if m == "savegame" else f"savegame.{m}" for m in re.findall(r"`([a-z_.]+)`", cell)})
+        for _, layer, cell in rows
+    ]
+
+
+def test_the_architecture_page_shows_the_layers_the_import_graph_test_enforces() -> None:
+    from test_import_graph import LAYER_ORDER, LAYERS
+
+    doc = _doc_layers()
+    assert [layer for layer, _ in doc] == list(LAYER_ORDER)
+    for layer, modules in doc:
+        assert modules == {m for m, owner in LAYERS.items() if owner == layer}, f"layer {layer!r}"
+    assert "tests/test_import_graph.py" in _DOC.read_text(encoding="utf-8")
