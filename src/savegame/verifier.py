@@ -8,7 +8,8 @@ and every array node of the items stored in it names one of its tensors and agre
 (:mod:`savegame.checks`).
 
 Who uses it: :func:`savegame.verify` and :func:`savegame.load` (through :func:`open_file`, which is
-the per-file check, and :func:`check_item`, which ``load`` runs as it decodes), the Checkpointer's
+the per-file check; ``load`` does not call :func:`check_item`: it makes the same node checks while it
+builds each array, in :func:`savegame.tree.numpy_from_node` and the torch adapter), the Checkpointer's
 resume (:func:`verify_files` for the files ``load`` does not read, so every file is hashed once),
 ``savegame verify`` and ``savegame ls --verify`` (:func:`verify_checkpoint` with a progress
 callback), and the :class:`~savegame.mirror.Mirror` (:func:`verify_checkpoint` on a local candidate;
