@@ -39,6 +39,7 @@ LAYERS: dict[str, str] = {
     "savegame.errors": "errors",
     # policies: values, save/keep policies, auto interval, knobs and presets
     "savegame.policies": "policies", "savegame.autointerval": "policies", "savegame.knobs": "policies",
+    "savegame.knob_policies": "policies",
     # format: dtypes, tree codec, tensor files, manifest, hashing, name rules, node checks
     "savegame.dtypes": "format", "savegame.tree": "format", "savegame.tensorfile": "format",
     "savegame.manifest": "format", "savegame.hashing": "format", "savegame.naming": "format",

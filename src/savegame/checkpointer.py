@@ -49,7 +49,6 @@ from __future__ import annotations
 import builtins
 import datetime as _dt
 import logging
-import math
 import os
 import secrets
 import sys
@@ -66,7 +65,7 @@ from typing import Any, Literal
 from . import api
 from .adapters import is_model_weights
 from .adapters.rng import RNGState
-from .autointerval import DEFAULT_MTBF_SECONDS, AutoInterval, record_save_cost
+from .autointerval import DEFAULT_MTBF_SECONDS, record_save_cost
 from .background import BackgroundWriter, PendingSave, close_at_exit
 from .capture import replaceable
 from .coordination import Coordinator, coordinator_for
@@ -82,34 +81,25 @@ from .errors import (
     StorageError,
     UnsupportedFormatError,
 )
+from .knob_policies import AlignedSchedule as AlignedSchedule
+from .knob_policies import build_keep_policy as build_keep_policy
+from .knob_policies import build_save_policy as build_save_policy
+from .knob_policies import coerce_metrics as coerce_metrics
+from .knob_policies import find_improvement, policies_from_knobs
 from .knobs import Restart, preset_knobs
 from .lock import ProcessShare, process_holds
 from .manifest import Manifest
 from .naming import NameTemplate, unique_name, validate_name
 from .policies import (
-    AnyOf,
-    AtEnd,
-    EveryNEpochs,
-    EveryNSteps,
-    EveryTSeconds,
-    KeepAll,
-    KeepBest,
-    KeepLast,
     KeepPolicy,
-    KeepUnion,
     Mode,
-    Never,
-    OnImprovement,
     Progress,
     SaveContext,
     SavePolicy,
-    SkipFirstEpochs,
     check_count,
     check_position,
-    check_threshold,
     is_better,
     missing_monitor_message,
-    resolve_mode,
 )
 from .run_index import ALIASES as ALIASES
 from .run_index import PROGRESS_VERSION as PROGRESS_VERSION
@@ -315,28 +305,6 @@ def check_run_root(directory: str | os.PathLike[str]) -> None:
             )
 
 
-def coerce_metrics(metrics: Mapping[str, object] | None) -> dict[str, float]:
-    """Metrics as ``{name: float}``: accepts ints, floats, NumPy scalars and 0-d tensors.
-
-    Raises :class:`ConfigError` for non-string names and values that are not numbers, so a wrong
-    metric fails at the call that passed it, not when a later save tries to name a file after it.
-    """
-    if metrics is None:
-        return {}
-    if not isinstance(metrics, Mapping):
-        raise ConfigError(f"metrics must be a dict of name -> number, got {type(metrics).__name__}")
-    out: dict[str, float] = {}
-    for key, raw in metrics.items():
-        if not isinstance(key, str) or not key:
-            raise ConfigError(f"metric names must be non-empty strings, got {key!r}")
-        if isinstance(raw, (bool, str, bytes)):
-            raise ConfigError(f"metric {key!r} must be a number, got {raw!r}")
-        try:
-            out[key] = float(raw)  # type: ignore[arg-type]
-        except (TypeError, ValueError, RuntimeError):
-            raise ConfigError(f"metric {key!r} must be a number (or 0-d tensor), got {raw!r}") from None
-    return out
-
 
 class _UnjudgedEpochs:
     """Warns once when a whole epoch went by without the monitored metric in any ``step()`` call.
@@ -368,138 +336,6 @@ class _UnjudgedEpochs:
             self._epoch, self._judged = epoch, False
         self._judged = self._judged or judged
 
-
-def _find_improvement(policy: SavePolicy) -> OnImprovement | None:
-    """The first :class:`OnImprovement` inside a (composed) save policy, to infer ``monitor``."""
-    if isinstance(policy, OnImprovement):
-        return policy
-    if isinstance(policy, SkipFirstEpochs):
-        return _find_improvement(policy.policy)
-    if isinstance(policy, AnyOf):
-        for sub in policy.policies:
-            found = _find_improvement(sub)
-            if found is not None:
-                return found
-    return None
-
-
-def _find_keep_best(policy: KeepPolicy) -> KeepBest | None:
-    """The first :class:`KeepBest` inside a (composed) keep policy, to infer ``monitor``."""
-    if isinstance(policy, KeepBest):
-        return policy
-    if isinstance(policy, KeepUnion):
-        for sub in policy.policies:
-            found = _find_keep_best(sub)
-            if found is not None:
-                return found
-    return None
-
-
-@dataclass(frozen=True)
-class AlignedSchedule:
-    """Ask ``policy`` as if nothing had been saved yet, so a periodic schedule stays aligned.
-
-    :class:`~savegame.policies.EveryNEpochs` counts from the last save, whichever policy made it; a
-    save on improvement at epoch 3 would move "every 5 epochs" to 8, 13, ... Wrapped, it saves at
-    epochs 5, 10, 15 whatever else was saved in between (CANDLE's ``epoch % interval == 0``, Lightning's
-    ``every_n_epochs``), also after a restart. Used by the ``every_n_epochs`` knob.
-    """
-
-    policy: SavePolicy
-
-    def should_save(self, progress: Progress, context: SaveContext) -> bool:
-        """``policy``'s answer with ``last_saved`` hidden; at most once per epoch end."""
-        last = context.last_saved
-        if last is not None and last.epoch_end and last.epoch is not None and last.epoch == progress.epoch:
-            return False  # this epoch's end was saved already (repeated calls must not save again)
-        return self.policy.should_save(progress, SaveContext(None, context.best, context.started))
-
-
-def _finite_number(value: object) -> bool:
-    """Whether ``value`` is an int or float (not bool) other than NaN and the infinities."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def build_save_policy(
-    *,
-    monitor: str | None,
-    mode: Mode,
-    min_delta: float,
-    threshold: float | None,
-    every_n_epochs: int | None,
-    every_n_steps: int | None,
-    every_seconds: float | None,
-    save_best_only: bool,
-    save_at_end: bool | None,
-    skip_first_epochs: int,
-    every: Literal["auto"] | None = None,
-    mtbf_seconds: float = DEFAULT_MTBF_SECONDS,
-    max_overhead: float = 0.05,
-) -> SavePolicy:
-    """The save policy the convenience knobs of :class:`Checkpointer` describe (see its docstring)."""
-    if every not in (None, "auto"):
-        raise ConfigError(f"Checkpointer: every must be 'auto' or None, got {every!r}")
-    check_count("Checkpointer", "every_n_epochs", every_n_epochs, minimum=0)
-    check_count("Checkpointer", "every_n_steps", every_n_steps, minimum=0)
-    check_count("Checkpointer", "skip_first_epochs", skip_first_epochs, minimum=0)
-    if every_seconds is not None and (
-        isinstance(every_seconds, bool) or not isinstance(every_seconds, (int, float))
-        or not 0 <= every_seconds < math.inf
-    ):
-        raise ConfigError(f"Checkpointer: every_seconds must be a finite number >= 0 (or None), got {every_seconds!r}")
-    check_threshold("Checkpointer", "threshold", threshold)
-    if every == "auto":  # checked here so the messages name these arguments, not AutoInterval's
-        if not _finite_number(mtbf_seconds) or mtbf_seconds <= 0:
-            raise ConfigError(f"Checkpointer: mtbf_seconds must be a positive number of seconds, got {mtbf_seconds!r}")
-        if not _finite_number(max_overhead) or not 0 < max_overhead <= 1:
-            raise ConfigError(f"Checkpointer: max_overhead must be a fraction in (0, 1], got {max_overhead!r}")
-    parts: list[SavePolicy] = []
-    if save_best_only:
-        if monitor is None:
-            raise ConfigError("Checkpointer: save_best_only=True needs monitor= (the metric to improve)")
-        if every_n_epochs or every_n_steps or every_seconds or every:
-            raise ConfigError(
-                "Checkpointer: save_best_only=True saves only on improvement; drop every_n_epochs / "
-                "every_n_steps / every_seconds, or use save_best_only=False to save on both"
-            )
-    else:
-        if every_n_epochs is None and every_n_steps is None and every_seconds is None and every is None:
-            every_n_epochs = 1
-        if every == "auto":
-            parts.append(AutoInterval(mtbf=mtbf_seconds, max_overhead=max_overhead))
-        if every_n_epochs:
-            parts.append(AlignedSchedule(EveryNEpochs(every_n_epochs)))
-        if every_n_steps:
-            parts.append(EveryNSteps(every_n_steps))
-        if every_seconds:
-            parts.append(EveryTSeconds(float(every_seconds)))
-    if monitor is not None:
-        parts.append(OnImprovement(monitor, mode=mode, min_delta=min_delta, threshold=threshold))
-    policies: list[SavePolicy] = []
-    if parts:
-        inner: SavePolicy = parts[0] if len(parts) == 1 else AnyOf(*parts)
-        policies.append(SkipFirstEpochs(skip_first_epochs, inner) if skip_first_epochs else inner)
-    if save_at_end if save_at_end is not None else not save_best_only:
-        policies.append(AtEnd())
-    if not policies:
-        return Never()
-    return policies[0] if len(policies) == 1 else AnyOf(*policies)
-
-
-def build_keep_policy(*, monitor: str | None, mode: Mode, keep_last: int | None, keep_best: int | None) -> KeepPolicy:
-    """The keep policy of the ``keep_last`` / ``keep_best`` knobs (everything when neither is set)."""
-    check_count("Checkpointer", "keep_last", keep_last, minimum=1)
-    check_count("Checkpointer", "keep_best", keep_best, minimum=1)
-    parts: list[KeepPolicy] = []
-    if keep_last is not None:
-        parts.append(KeepLast(keep_last))
-    if keep_best is not None:
-        if monitor is None:
-            raise ConfigError("Checkpointer: keep_best needs monitor= (the metric that ranks checkpoints)")
-        parts.append(KeepBest(keep_best, monitor, mode=mode))
-    if not parts:
-        return KeepAll()
-    return parts[0] if len(parts) == 1 else KeepUnion(*parts)
 
 
 def _default_name(epoch: int | None, step: int | None, sequence: int) -> str:
@@ -678,49 +514,18 @@ class Checkpointer:
         check_count("Checkpointer", "max_epochs", max_epochs, minimum=1)
         if metadata is not None and not isinstance(metadata, Mapping):
             raise ConfigError(f"Checkpointer: metadata must be a dict, got {type(metadata).__name__}")
-        knobs_used = any(
-            v is not None for v in (every_n_epochs, every_n_steps, every_seconds, every, save_at_end)
-        ) or save_best_only or skip_first_epochs
-        if save is not None and knobs_used:
-            raise ConfigError(
-                "Checkpointer: pass either save= (a policy) or the every_*/save_best_only/save_at_end/"
-                "skip_first_epochs knobs, not both"
-            )
-        if keep is not None and (keep_last is not None or keep_best is not None):
-            raise ConfigError("Checkpointer: pass either keep= (a policy) or keep_last/keep_best, not both")
-        if save is not None and not isinstance(save, SavePolicy):
-            raise ConfigError(f"Checkpointer: save= must be a save policy, got {save!r}")
-        if keep is not None and not isinstance(keep, KeepPolicy):
-            raise ConfigError(f"Checkpointer: keep= must be a keep policy, got {keep!r}")
-
-        if monitor is None and save is not None:
-            found = _find_improvement(save)
-            if found is not None:
-                monitor, mode, min_delta = found.monitor, found.mode, found.min_delta
-                threshold = found.threshold if threshold is None else threshold
-        if monitor is None and keep is not None:
-            kept = _find_keep_best(keep)
-            if kept is not None:
-                monitor, mode = kept.monitor, kept.mode
-        if monitor is not None and (not isinstance(monitor, str) or not monitor):
-            raise ConfigError(f"Checkpointer: monitor must be a metric name, got {monitor!r}")
-        if not _finite_number(min_delta) or not min_delta >= 0:
-            raise ConfigError(f"Checkpointer: min_delta must be a finite number >= 0, got {min_delta!r}")
-        check_threshold("Checkpointer", "threshold", threshold)
-
-        self.monitor = monitor
-        self.mode: Literal["min", "max"] | None = resolve_mode(monitor, mode) if monitor else None
-        self.min_delta = float(min_delta)
-        self.threshold = threshold
-        self.save_policy: SavePolicy = save if save is not None else build_save_policy(
-            monitor=monitor, mode=mode, min_delta=min_delta, threshold=threshold,
+        chosen = policies_from_knobs(
+            save=save, keep=keep, monitor=monitor, mode=mode, min_delta=min_delta, threshold=threshold,
             every_n_epochs=every_n_epochs, every_n_steps=every_n_steps, every_seconds=every_seconds,
-            save_best_only=save_best_only, save_at_end=save_at_end, skip_first_epochs=skip_first_epochs,
-            every=every, mtbf_seconds=mtbf_seconds, max_overhead=max_overhead,
+            every=every, mtbf_seconds=mtbf_seconds, max_overhead=max_overhead, save_best_only=save_best_only,
+            save_at_end=save_at_end, skip_first_epochs=skip_first_epochs, keep_last=keep_last, keep_best=keep_best,
         )  # fmt: skip
-        self.keep_policy: KeepPolicy = keep if keep is not None else build_keep_policy(
-            monitor=monitor, mode=mode, keep_last=keep_last, keep_best=keep_best
-        )
+        self.monitor = chosen.monitor
+        self.mode: Literal["min", "max"] | None = chosen.mode
+        self.min_delta = chosen.min_delta
+        self.threshold = chosen.threshold
+        self.save_policy: SavePolicy = chosen.save_policy
+        self.keep_policy: KeepPolicy = chosen.keep_policy
         self.template = NameTemplate(name) if name is not None else None
         self.weights_only = bool(weights_only)
         self.rng = bool(rng)
@@ -964,7 +769,7 @@ class Checkpointer:
         if epoch_end and not final and self.max_epochs is not None and epoch is not None:
             final = epoch >= self.max_epochs
         progress = self._progress(epoch, step, metrics, epoch_end=epoch_end, final=final)
-        monitored = _find_improvement(self.save_policy)
+        monitored = find_improvement(self.save_policy)
         if monitored is not None and epoch is not None:
             self._unjudged.note(epoch, judged=monitored.monitor in progress.metrics, monitor=monitored.monitor)
         improvement = monitored if said_epoch_end else None
