@@ -60,7 +60,8 @@ LAYERS: dict[str, str] = {
     "savegame.export": "export",
     "savegame.distributed": "distributed", "savegame.dcp": "distributed",
     # run: the Checkpointer and what it orchestrates
-    "savegame.checkpointer": "run", "savegame.run_index": "run", "savegame.coordination": "run",
+    "savegame.checkpointer": "run", "savegame.run_index": "run", "savegame.records": "run",
+    "savegame.save_naming": "run", "savegame.coordination": "run",
     "savegame.lock": "run",
     "savegame.signals": "run",
     "savegame.config": "config",

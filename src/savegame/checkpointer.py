@@ -47,18 +47,15 @@ instead).
 from __future__ import annotations
 
 import builtins
-import datetime as _dt
 import logging
 import os
-import secrets
 import sys
 import threading
 import time
 import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from dataclasses import replace as _replace
+from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal
 
@@ -75,7 +72,6 @@ from .errors import (
     CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
-    InvalidNameError,
     NotACheckpointError,
     StateMismatchError,
     StorageError,
@@ -89,7 +85,7 @@ from .knob_policies import find_improvement, policies_from_knobs
 from .knobs import Restart, preset_knobs
 from .lock import ProcessShare, process_holds
 from .manifest import Manifest
-from .naming import NameTemplate, unique_name, validate_name
+from .naming import NameTemplate, validate_name
 from .policies import (
     KeepPolicy,
     Mode,
@@ -101,6 +97,11 @@ from .policies import (
     is_better,
     missing_monitor_message,
 )
+from .records import CheckpointRecord as CheckpointRecord
+from .records import RestoredProgress as RestoredProgress
+from .records import Resumed, progress_json, record_for
+from .records import SaveResult as SaveResult
+from .records import new_run_id as new_run_id
 from .run_index import ALIASES as ALIASES
 from .run_index import PROGRESS_VERSION as PROGRESS_VERSION
 from .run_index import IndexEntry, RunIndex, entry_from_manifest
@@ -113,6 +114,7 @@ from .run_index import progress_metrics as progress_metrics
 from .run_index import recorded_best_names as recorded_best_names
 from .run_index import recorded_metrics as recorded_metrics
 from .run_index import unrecorded_monitor_error as unrecorded_monitor_error
+from .save_naming import SaveNaming, name_for, renamed
 from .signals import DEFAULT_SIGNALS, PreemptionHandler
 from .storage import LocalStorage, is_url, storage_for
 from .storage.base import MANIFEST, CheckpointRef
@@ -147,61 +149,12 @@ class ResumeWarning(UserWarning):
 # Values returned to the caller
 
 
-@dataclass(frozen=True)
-class CheckpointRecord:
-    """One committed checkpoint of the directory, as :meth:`Checkpointer.list` reports it.
-
-    ``sequence`` is the save counter (None for checkpoints not written by a Checkpointer), ``created``
-    the commit time (UTC), ``size`` the bytes of its data files, ``is_best`` / ``is_latest`` whether it
-    is the directory's best / newest checkpoint.
-    """
-
-    name: str
-    path: str
-    sequence: int | None
-    epoch: int | None
-    step: int | None
-    metrics: Mapping[str, float]
-    created: _dt.datetime
-    size: int
-    is_best: bool
-    is_latest: bool
-    weights_only: bool
-    pinned: bool
-    run: str | None = None
-    """The run that wrote it (see the module docstring); None for checkpoints older than run ids."""
-
-
-@dataclass(frozen=True)
-class SaveResult:
-    """What a save did: the new checkpoint, whether it is the new best, what retention deleted.
-
-    ``seconds`` is how long training was blocked. For a background save (``background=True``)
-    ``pending`` is its handle (``pending.result()`` waits for the durable commit), ``size`` is None and
-    ``deleted`` is empty: retention runs once the commit is done, at the next save, ``wait()`` or
-    ``close()``. Should another writer take the name while the checkpoint is written, it is committed
-    under the next free name (``epoch=003-v1``; a warning is logged), by sync, background and per-rank
-    saves alike: a sync save's ``name`` is where it went, a background save's the name it started with
-    (``latest`` and ``list()`` show where it went once it is settled).
-    """
-
-    name: str
-    path: str
-    epoch: int | None
-    step: int | None
-    metrics: Mapping[str, float]
-    is_best: bool
-    size: int | None
-    seconds: float
-    deleted: tuple[str, ...] = ()
-    pending: PendingSave | None = None
-
 
 @dataclass(frozen=True)
 class _InFlight:
     """A background save submitted but not yet integrated (entries, best, retention)."""
 
-    naming: _Naming
+    naming: SaveNaming
     handle: PendingSave
 
     @property
@@ -210,73 +163,9 @@ class _InFlight:
         return self.naming.name
 
 
-@dataclass
-class _Naming:
-    """The name of a save being written, and the next free one should another writer take it meanwhile:
-    the ``next_name`` of :func:`savegame.write_loop.retry_on_clash`, one rule for the sync, background
-    (called in the writer thread) and per-rank saves."""
-
-    base: str
-    taken: set[str]
-    first: str
-    name: str
-    payload: Callable[[str], dict[str, Any]] = lambda name: {}
-    """The progress recorded under a name (it names the checkpoint, e.g. as the best)."""
-
-    @classmethod
-    def start(cls, base: str, taken: set[str]) -> _Naming:
-        first = unique_name(base, taken)
-        return cls(base, taken, first, first)
-
-    def next(self, clashed: str) -> tuple[str, dict[str, Any]]:
-        self.taken.add(clashed)
-        self.name = unique_name(self.base, self.taken)
-        return self.name, self.payload(self.name)
-
-
-def _renamed(best: RecordedBest | None, old: str, new: str) -> RecordedBest | None:
-    """``best`` as computed for a save named ``old``, for the same save named ``new``."""
-    if best is not None and best.name == old and new != old:
-        return _replace(best, name=new)
-    return best
-
-
-@dataclass(frozen=True)
-class RestoredProgress:
-    """Where the restored checkpoint left off, so the training loop can continue.
-
-    ``epoch`` (completed epochs) and ``step`` are what was passed when it was saved; ``data`` holds the
-    saved values of the plain items of the state (ints, floats, dicts of numbers...), which ``restore``
-    also put into the state itself (``restored.data["loss"] == state["loss"]``; a dict of the state is
-    filled in place and keeps keys the checkpoint lacks), and of the checkpoint's plain items that the
-    state did not name (read, not restored anywhere). ``quarantined`` lists broken checkpoints moved
-    aside on the way (skipped and left in place by a Checkpointer with ``lock=False``).
-    """
-
-    name: str
-    path: str
-    epoch: int | None
-    step: int | None
-    metrics: Mapping[str, float]
-    data: Mapping[str, Any] = field(default_factory=dict)
-    quarantined: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class _Resumed:
-    """What ``restore`` resumed from: the progress returned to the caller and the run it belongs to."""
-
-    progress: RestoredProgress
-    run: str | None
-
-
 # --------------------------------------------------------------------------------------------------
 # Parsing and checking values
 
-
-def new_run_id() -> str:
-    """A new run id: the UTC start time and a random suffix (``20261201T213012-a1b2c3``), sortable and unique."""
-    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
 def check_run_root(directory: str | os.PathLike[str]) -> None:
@@ -337,15 +226,6 @@ class _UnjudgedEpochs:
         self._judged = self._judged or judged
 
 
-
-def _default_name(epoch: int | None, step: int | None, sequence: int) -> str:
-    """``epoch=004-step=001200``; the parts that are unknown are left out (``save-000007`` if both)."""
-    parts = []
-    if epoch is not None:
-        parts.append(f"epoch={epoch:03d}")
-    if step is not None:
-        parts.append(f"step={step:06d}")
-    return "-".join(parts) if parts else f"save-{sequence:06d}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -668,23 +548,6 @@ class Checkpointer:
         return self._index.best(self.monitor, self.mode, entries=self._run_entries(), min_delta=self.min_delta,
                                 threshold=self.threshold)  # fmt: skip
 
-    def _record(self, entry: IndexEntry, newest: str | None) -> CheckpointRecord:
-        return CheckpointRecord(
-            name=entry.name,
-            path=self.storage.path(entry.name),
-            sequence=entry.sequence,
-            epoch=entry.epoch,
-            step=entry.step,
-            metrics=entry.metrics,
-            created=entry.manifest.created,
-            size=entry.manifest.total_bytes,
-            is_best=self._best is not None and self._best.name == entry.name,
-            is_latest=entry.name == newest,
-            weights_only=entry.weights_only,
-            pinned=entry.pinned,
-            run=entry.run,
-        )
-
     # ----------------------------------------------------------------------------------------------
     # Introspection
 
@@ -697,7 +560,8 @@ class Checkpointer:
         self._refresh()
         entries = self._index.ordered()
         newest = entries[-1].name if entries else None
-        return [self._record(e, newest) for e in entries]
+        best = self._best.name if self._best is not None else None
+        return [record_for(e, path=self.storage.path(e.name), best=best, newest=newest) for e in entries]
 
     @property
     def latest(self) -> CheckpointRecord | None:
@@ -906,19 +770,6 @@ class Checkpointer:
             items[RNG_ITEM] = RNGState()
         return items
 
-    def _name_for(self, progress: Progress, sequence: int, explicit: str | None) -> str:
-        """The checkpoint name before de-duplication."""
-        if explicit is not None:
-            return explicit
-        if self.template is not None:
-            try:
-                return self.template.format(epoch=progress.epoch, step=progress.step, metrics=progress.metrics)
-            except InvalidNameError as exc:
-                message = f"{exc}; using the default name for this checkpoint"
-                log.warning(message)
-                warnings.warn(message, stacklevel=4)
-        return _default_name(progress.epoch, progress.step, sequence)
-
     def _new_best(self, progress: Progress, name: str) -> RecordedBest | None:
         """The best after saving ``progress`` as ``name`` (this one if it improves on the old best)."""
         if self.monitor is None or self.mode is None:
@@ -930,25 +781,6 @@ class Checkpointer:
             if is_better(value, reference, self.mode, self.min_delta):
                 return RecordedBest(self.monitor, self.mode, float(value), name, progress.epoch, progress.step)
         return current
-
-    def _progress_json(
-        self, progress: Progress, sequence: int, best: RecordedBest | None, name: str, pin: bool
-    ) -> dict[str, Any]:
-        """The ``progress`` dict stored in the manifest (layout in the module docstring)."""
-        return {
-            "checkpointer": PROGRESS_VERSION,
-            "sequence": sequence,
-            "run": self.run_id,
-            "epoch": progress.epoch,
-            "step": progress.step,
-            "metrics": dict(progress.metrics),
-            "epoch_end": progress.epoch_end,
-            "final": progress.final,
-            "weights_only": self.weights_only,
-            "pinned": pin,
-            "is_best": best is not None and best.name == name,
-            "best": best.to_json() if best is not None else None,
-        }
 
     def _save(
         self, state: Mapping[str, Any], progress: Progress, *, name: str | None,
@@ -962,11 +794,14 @@ class Checkpointer:
         encoded = None if self.background or distributed else api.encode_state(items)
         self._refresh()
         sequence = self._index.max_sequence + 1
-        base = self._name_for(progress, sequence, name)
+        base = name_for(self.template, progress, sequence, name)
         meta = {**self.metadata, **dict(metadata or {})}
-        naming = _Naming.start(base, self._index.names())
+        naming = SaveNaming.start(base, self._index.names())
         best = self._new_best(progress, naming.name)
-        naming.payload = lambda n: self._progress_json(progress, sequence, _renamed(best, naming.first, n), n, pin)
+        naming.payload = lambda n: progress_json(
+            progress, sequence=sequence, run=self.run_id, weights_only=self.weights_only,
+            best=renamed(best, naming.first, n), name=n, pin=pin,
+        )  # fmt: skip
         payload = naming.payload(naming.name)
         if encoded is None and not distributed:
             return self._submit(naming, items, meta, payload, progress, best, started)
@@ -994,7 +829,7 @@ class Checkpointer:
         )  # fmt: skip
 
     def _write_distributed(
-        self, naming: _Naming, items: Mapping[str, Any], metadata: Mapping[str, Any], payload: Mapping[str, Any]
+        self, naming: SaveNaming, items: Mapping[str, Any], metadata: Mapping[str, Any], payload: Mapping[str, Any]
     ) -> tuple[str, Manifest]:
         """Write ``items`` from every rank as one checkpoint (rank 0's name and progress count)."""
         from . import distributed as sgd
@@ -1023,7 +858,7 @@ class Checkpointer:
         return deleted
 
     def _submit(
-        self, naming: _Naming, items: Mapping[str, Any], metadata: Mapping[str, Any], payload: Mapping[str, Any],
+        self, naming: SaveNaming, items: Mapping[str, Any], metadata: Mapping[str, Any], payload: Mapping[str, Any],
         progress: Progress, best: RecordedBest | None, started: float,
     ) -> SaveResult:  # fmt: skip
         """Start a background save (snapshot now, write later); the Checkpointer's view is updated
@@ -1271,7 +1106,7 @@ class Checkpointer:
     def _resume_newest(
         self, state: Mapping[str, Any], tried: set[str], quarantined: builtins.list[str], *, strict: bool,
         map_location: Any,
-    ) -> _Resumed | None:  # fmt: skip
+    ) -> Resumed | None:  # fmt: skip
         """Load the newest listed checkpoint not in ``tried`` that loads (damaged ones quarantined and
         the next older one tried); None when none is left or one was deleted by a writer's retention
         while being read -- not damage: the caller lists the directory again."""
@@ -1291,7 +1126,7 @@ class Checkpointer:
                     raise
                 quarantined.append(self._quarantine(entry.name, exc))
                 continue
-            return _Resumed(progress, entry.run)
+            return Resumed(progress, entry.run)
         return None
 
     def _nothing_to_resume(self, quarantined: builtins.list[str]) -> None:
