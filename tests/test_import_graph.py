@@ -61,7 +61,7 @@ LAYERS: dict[str, str] = {
     "savegame.distributed": "distributed", "savegame.dcp": "distributed",
     # run: the Checkpointer and what it orchestrates
     "savegame.checkpointer": "run", "savegame.run_index": "run", "savegame.records": "run",
-    "savegame.save_naming": "run", "savegame.coordination": "run",
+    "savegame.save_naming": "run", "savegame.resume": "run", "savegame.coordination": "run",
     "savegame.lock": "run",
     "savegame.signals": "run",
     "savegame.config": "config",

@@ -53,7 +53,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
@@ -64,7 +64,6 @@ from .adapters import is_model_weights
 from .adapters.rng import RNGState
 from .autointerval import DEFAULT_MTBF_SECONDS, record_save_cost
 from .background import BackgroundWriter, PendingSave, close_at_exit
-from .capture import replaceable
 from .coordination import Coordinator, coordinator_for
 from .errors import (
     BackgroundSaveError,
@@ -72,9 +71,6 @@ from .errors import (
     CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
-    NotACheckpointError,
-    StateMismatchError,
-    StorageError,
     UnsupportedFormatError,
 )
 from .knob_policies import AlignedSchedule as AlignedSchedule
@@ -83,7 +79,7 @@ from .knob_policies import build_save_policy as build_save_policy
 from .knob_policies import coerce_metrics as coerce_metrics
 from .knob_policies import find_improvement, policies_from_knobs
 from .knobs import Restart, preset_knobs
-from .lock import ProcessShare, process_holds
+from .lock import ProcessShare
 from .manifest import Manifest
 from .naming import NameTemplate, validate_name
 from .policies import (
@@ -99,12 +95,16 @@ from .policies import (
 )
 from .records import CheckpointRecord as CheckpointRecord
 from .records import RestoredProgress as RestoredProgress
-from .records import Resumed, progress_json, record_for
 from .records import SaveResult as SaveResult
 from .records import new_run_id as new_run_id
+from .records import progress_json, record_for
+from .resume import DISTRIBUTED_ITEM as DISTRIBUTED_ITEM
+from .resume import RNG_ITEM as RNG_ITEM
+from .resume import ResumeWarning as ResumeWarning
+from .resume import load_entry, resume_latest
 from .run_index import ALIASES as ALIASES
 from .run_index import PROGRESS_VERSION as PROGRESS_VERSION
-from .run_index import IndexEntry, RunIndex, entry_from_manifest
+from .run_index import IndexEntry, RunIndex
 from .run_index import RecordedBest as RecordedBest
 from .run_index import parse_best as parse_best
 from .run_index import parse_run as parse_run
@@ -131,18 +131,7 @@ __all__ = [
 
 log = logging.getLogger("savegame.checkpointer")
 
-RNG_ITEM = "rng"
-"""Item name under which the global RNG state is added to full-state checkpoints."""
-
 SignalAction = Literal["exit", "reraise", "continue"]
-DISTRIBUTED_ITEM = "savegame.distributed"
-"""The layout item of checkpoints written by several ranks (see :mod:`savegame.distributed`)."""
-_MAX_RESUME_ROUNDS = 1000
-"""Re-listings ``restore`` makes while retention deletes the checkpoints it was about to read."""
-
-
-class ResumeWarning(UserWarning):
-    """A checkpoint could not be used for resuming (it was quarantined) or resuming was partial."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1007,7 +996,7 @@ class Checkpointer:
         self._settle()
         self._refresh()
         if which == "latest":
-            return self._resume(state, strict=strict, map_location=map_location)
+            return resume_latest(self, state, strict=strict, map_location=map_location)
         if which == "best":
             if self._best is None or self._best.name not in self._index.entries:
                 if not self.monitor:
@@ -1028,227 +1017,10 @@ class Checkpointer:
             entry = entry_or_none
         if self._coord.distributed and self.verify:  # rank 0 checks; a damaged file raises on every rank
             self._coord.on_coordinator(lambda: api.verify(self._ref(entry.name)) and None)
-            return self._load(entry, state, strict=strict, map_location=map_location, quarantined=(), verify=False)
-        return self._load(entry, state, strict=strict, map_location=map_location, quarantined=())
-
-    def _fetch_from_mirror(self) -> None:
-        """Bring the mirror's newest valid checkpoint here when it is newer than every local one."""
-        if self._mirror is None:
-            return
-        self._mirror_verified = None
-        try:
-            self._mirror.restore_newest(verify=self.verify)
-            self._mirror_verified = self._mirror.verified
-        except (CheckpointError, OSError) as exc:
-            log.warning("Checkpointer(%s): could not look at the mirror %s: %s", self.directory, self._mirror, exc)
-        self._refresh()
-
-    def _already_verified(self, name: str, manifest: Manifest) -> bool:
-        """Whether the mirror's ``restore_newest`` just verified every file of checkpoint ``name`` with
-        exactly this ``manifest`` (resume then does not hash them a second time). Asked once per resume."""
-        verified, self._mirror_verified = self._mirror_verified, None
-        return verified == (name, manifest)
-
-    def _pick_for_resume(self) -> dict[str, Any]:
-        """Rank 0's choice of the checkpoint all ranks resume from: the newest that verifies (broken
-        ones quarantined on the way). JSON, as it is broadcast: ``{"name": ..., "quarantined": [...]}``."""
-        self._fetch_from_mirror()
-        quarantined: builtins.list[str] = []
-        for name, exc in builtins.list(self._index.unreadable.items()):
-            if isinstance(exc, CorruptCheckpointError):
-                quarantined.append(self._quarantine(name, exc))
-        for entry in reversed(self._index.ordered()):
-            try:
-                manifest = api.read_manifest(self._ref(entry.name))
-                if self.verify and not self._already_verified(entry.name, manifest):
-                    api.verify(self._ref(entry.name))
-            except CorruptCheckpointError as exc:
-                quarantined.append(self._quarantine(entry.name, exc))
-                continue
-            return {"name": entry.name, "quarantined": quarantined}
-        return {"name": None, "quarantined": quarantined}
-
-    def _resume(self, state: Mapping[str, Any], *, strict: bool, map_location: Any) -> RestoredProgress | None:
-        if self.restart == "off":
-            log.info("restart='off': not resuming from %s", self.directory)
-            return None
-        if self._coord.distributed:
-            return self._resume_together(state, strict=strict, map_location=map_location)
-        self._fetch_from_mirror()
-        quarantined: builtins.list[str] = []
-        for name, exc in builtins.list(self._index.unreadable.items()):
-            if isinstance(exc, CorruptCheckpointError):
-                quarantined.append(self._quarantine(name, exc))
-        tried: set[str] = set(quarantined)
-        empty = 0
-        for _ in range(_MAX_RESUME_ROUNDS):
-            restored = self._resume_newest(state, tried, quarantined, strict=strict, map_location=map_location)
-            if restored is not None:
-                if restored.run is not None and not self._saved_here:
-                    self.run_id = restored.run  # resumed an older run (the newer ones were damaged)
-                    self._best = self._resolve_best()
-                return restored.progress
-            self._refresh()  # a writer may have committed newer checkpoints meanwhile: look again
-            if all(name in tried for name in self._index.entries):
-                if self._index.entries or empty >= 2:
-                    break
-                empty += 1  # nothing listed: once more, 10 ms later (a listing overtaken by a writer)
-                time.sleep(0.01)
-                self._refresh()
-        else:
-            raise CheckpointError(
-                f"{self.directory}: the checkpoints were deleted faster than they could be read "
-                f"({_MAX_RESUME_ROUNDS} attempts); is a writer's keep_last too small for its save rate?"
+            return load_entry(
+                self, entry, state, strict=strict, map_location=map_location, quarantined=(), verify=False
             )
-        self._nothing_to_resume(quarantined)
-        return None
-
-    def _resume_newest(
-        self, state: Mapping[str, Any], tried: set[str], quarantined: builtins.list[str], *, strict: bool,
-        map_location: Any,
-    ) -> Resumed | None:  # fmt: skip
-        """Load the newest listed checkpoint not in ``tried`` that loads (damaged ones quarantined and
-        the next older one tried); None when none is left or one was deleted by a writer's retention
-        while being read -- not damage: the caller lists the directory again."""
-        for entry in reversed(self._index.ordered()):
-            if entry.name in tried:
-                continue
-            tried.add(entry.name)
-            try:
-                progress = self._load(entry, state, strict=strict, map_location=map_location,
-                                      quarantined=tuple(quarantined))  # fmt: skip
-            except (CorruptCheckpointError, NotACheckpointError, CheckpointNotFoundError, StorageError, OSError) as exc:
-                if not self.storage.exists(entry.name):
-                    log.info("checkpoint %s was deleted (by retention) while being restored; looking again", entry.name)
-                    self._index.note_gone(entry.name)
-                    return None
-                if not isinstance(exc, CorruptCheckpointError):
-                    raise
-                quarantined.append(self._quarantine(entry.name, exc))
-                continue
-            return Resumed(progress, entry.run)
-        return None
-
-    def _nothing_to_resume(self, quarantined: builtins.list[str]) -> None:
-        """Raise (``restart="required"``) or log that training starts fresh."""
-        detail = f" ({len(quarantined)} damaged checkpoint(s) quarantined)" if quarantined else ""
-        if self.restart == "required":
-            raise CheckpointNotFoundError(
-                f"{self.directory}: restart='required' but there is no valid checkpoint{detail}"
-            )
-        log.info("no checkpoint to resume from in %s%s: starting fresh", self.directory, detail)
-
-    def _resume_together(self, state: Mapping[str, Any], *, strict: bool, map_location: Any) -> RestoredProgress | None:
-        """Resume in a process group: rank 0 picks (and verifies), every rank loads the same one."""
-        choice = self._coord.on_coordinator(self._pick_for_resume)
-        self._refresh()
-        quarantined = [str(q) for q in choice["quarantined"]]
-        name = choice["name"]
-        if name is None:
-            self._nothing_to_resume(quarantined)
-            return None
-        entry = self._index.entries.get(str(name))
-        if entry is None:
-            raise CheckpointError(f"{self.directory}: rank 0 resumes from {name!r}, which this rank cannot read")
-        return self._load(entry, state, strict=strict, map_location=map_location,
-                          quarantined=tuple(quarantined), verify=False)  # fmt: skip
-
-    def _quarantine(self, name: str, exc: Exception) -> str:
-        """Move a damaged checkpoint aside (never delete it), warn and log; return its old name.
-
-        A Checkpointer without the writer lock (``lock=False``, in a process that does not hold the lock
-        otherwise) does not own the directory and leaves the checkpoint where it is: it only warns and
-        skips it."""
-        if not (self._owner or (self.local and process_holds(self.directory))):
-            message = (f"checkpoint {name} in {self.directory} is damaged and was skipped (left in place: "
-                       f"this Checkpointer has lock=False and does not own the directory): {exc}")  # fmt: skip
-            log.warning(message)
-            warnings.warn(message, ResumeWarning, stacklevel=4)
-            self._index.note_gone(name)
-            return name
-        try:
-            moved = self.storage.quarantine(name)
-        except (CheckpointError, OSError) as err:
-            moved = f"(could not quarantine: {err})"
-        message = f"checkpoint {name} in {self.directory} is damaged and was moved to {moved}: {exc}"
-        log.warning(message)
-        warnings.warn(message, ResumeWarning, stacklevel=4)
-        self._index.note_gone(name)
-        return name
-
-    def _load(
-        self, entry: IndexEntry, state: Mapping[str, Any], *, strict: bool, map_location: Any,
-        quarantined: tuple[str, ...], verify: bool | None = None,
-    ) -> RestoredProgress:  # fmt: skip
-        path = self.storage.path(entry.name)
-        source = self._ref(entry.name)
-        verifying = self.verify if verify is None else verify
-        manifest = api.read_manifest(source)
-        if self._already_verified(entry.name, manifest):
-            verifying = False  # the mirror hashed every file of this manifest moments ago
-        layout = DISTRIBUTED_ITEM in manifest.items
-        if layout or self._coord.distributed:
-            from .distributed import item_names
-
-            saved = item_names(manifest)
-        else:
-            saved = set(manifest.items)
-        target = dict(state)  # a copy: the RNG item may be added; plain items are copied back below
-        if self.rng and RNG_ITEM in saved and RNG_ITEM not in state:
-            target[RNG_ITEM] = RNGState()
-        if verifying and (layout or self._coord.distributed):
-            api.verify(source)
-        elif verifying:  # one pass over each file: load checks the files it reads, before restoring anything
-            read_by_load = {manifest.items[k].file for k in target if k in manifest.items}
-            api.verify_files(source, manifest, [f for f in manifest.files if f not in read_by_load])
-        # a None item is a placeholder ("read it if it was saved"): absent, it stays None, as asked
-        target = {k: v for k, v in target.items() if k in saved or v is not None}
-        absent = [k for k in target if k not in saved]
-        if absent and (entry.weights_only or not strict):
-            message = f"checkpoint {entry.name} has no items {absent}; they were not restored"
-            log.warning(message)
-            warnings.warn(message, ResumeWarning, stacklevel=4)
-            target = {k: v for k, v in target.items() if k in saved}
-        elif absent:
-            raise StateMismatchError(
-                f"checkpoint {entry.name} has no items {absent} (it has {sorted(saved)}); "
-                "pass strict=False to restore the rest"
-            )
-        if layout or self._coord.distributed:
-            report = self._load_distributed(source, target, strict=strict, map_location=map_location)
-            for key, value in report.state.items():  # top-level plain values come back, not replaced
-                if key in target and replaceable(target[key]):
-                    target[key] = value
-        else:  # plain items are filled in place or replaced in target (see savegame.load)
-            report = api.load(source, target, strict=strict, verify=verifying, map_location=map_location)
-        if isinstance(state, MutableMapping):
-            for key in state:
-                if key in target and target[key] is not state[key]:
-                    state[key] = target[key]  # a plain value replaced (``state["epoch"]``)
-        # the plain values of the state's items, then the plain items of the checkpoint it did not name
-        data = {k: report.state[k] for k in state if k in report.state and k in target}
-        data.update({k: v for k, v in report.state.items() if k not in state and k not in target})
-        progress = entry_from_manifest(entry.name, manifest)
-        self._last_saved = progress.progress()
-        self._saved_here = False
-        log.info("restored checkpoint %s (epoch=%s, step=%s)", path, progress.epoch, progress.step)
-        return RestoredProgress(
-            name=entry.name, path=path, epoch=progress.epoch, step=progress.step,
-            metrics=progress.metrics, data=MappingProxyType(data), quarantined=quarantined,
-        )  # fmt: skip
-
-    def _load_distributed(
-        self, path: str | CheckpointRef, target: Mapping[str, Any], *, strict: bool, map_location: Any
-    ) -> Any:
-        """Restore a checkpoint written by several ranks (or restore on several ranks): every rank
-        its own per-rank items, sharded items resharded to this job's layout. ``path``: what
-        :meth:`_ref` gives (a local path, or a reference that reads through this Checkpointer's configured
-        storage: a remote root's credentials live in its storage_options)."""
-        from . import distributed as sgd
-        from .coordination import Ranks
-
-        context = self._coord.context if isinstance(self._coord, Ranks) else sgd.RankContext()
-        return sgd.load_state(path, target, strict=strict, verify=False, map_location=map_location, context=context)
+        return load_entry(self, entry, state, strict=strict, map_location=map_location, quarantined=())
 
     # ----------------------------------------------------------------------------------------------
     # Lifetime
