@@ -49,24 +49,19 @@ from __future__ import annotations
 import builtins
 import logging
 import os
-import sys
 import threading
 import time
 import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
-from types import MappingProxyType, TracebackType
+from types import TracebackType
 from typing import Any, Literal
 
 from . import api
-from .adapters import is_model_weights
-from .adapters.rng import RNGState
-from .autointerval import DEFAULT_MTBF_SECONDS, record_save_cost
-from .background import BackgroundWriter, PendingSave, close_at_exit
+from .autointerval import DEFAULT_MTBF_SECONDS
+from .background import BackgroundWriter
 from .coordination import Coordinator, coordinator_for
 from .errors import (
-    BackgroundSaveError,
     CheckpointError,
     CheckpointNotFoundError,
     ConfigError,
@@ -90,18 +85,18 @@ from .policies import (
     SavePolicy,
     check_count,
     check_position,
-    is_better,
     missing_monitor_message,
 )
 from .records import CheckpointRecord as CheckpointRecord
 from .records import RestoredProgress as RestoredProgress
 from .records import SaveResult as SaveResult
 from .records import new_run_id as new_run_id
-from .records import progress_json, record_for
+from .records import record_for
 from .resume import DISTRIBUTED_ITEM as DISTRIBUTED_ITEM
 from .resume import RNG_ITEM as RNG_ITEM
 from .resume import ResumeWarning as ResumeWarning
 from .resume import load_entry, resume_latest
+from .retention import apply_retention
 from .run_index import ALIASES as ALIASES
 from .run_index import PROGRESS_VERSION as PROGRESS_VERSION
 from .run_index import IndexEntry, RunIndex
@@ -114,11 +109,10 @@ from .run_index import progress_metrics as progress_metrics
 from .run_index import recorded_best_names as recorded_best_names
 from .run_index import recorded_metrics as recorded_metrics
 from .run_index import unrecorded_monitor_error as unrecorded_monitor_error
-from .save_naming import SaveNaming, name_for, renamed
+from .saving import InFlight, already_saved, save_state, settle
 from .signals import DEFAULT_SIGNALS, PreemptionHandler
 from .storage import LocalStorage, is_url, storage_for
 from .storage.base import MANIFEST, CheckpointRef
-from .writer import save_in_background
 
 __all__ = [
     "AlignedSchedule",
@@ -136,24 +130,6 @@ SignalAction = Literal["exit", "reraise", "continue"]
 
 # --------------------------------------------------------------------------------------------------
 # Values returned to the caller
-
-
-
-@dataclass(frozen=True)
-class _InFlight:
-    """A background save submitted but not yet integrated (entries, best, retention)."""
-
-    naming: SaveNaming
-    handle: PendingSave
-
-    @property
-    def name(self) -> str:
-        """The name it is committed under (read once the handle is done)."""
-        return self.naming.name
-
-
-# --------------------------------------------------------------------------------------------------
-# Parsing and checking values
 
 
 
@@ -403,7 +379,7 @@ class Checkpointer:
         self.max_epochs = max_epochs
         self.background = bool(background)
         self._writer: BackgroundWriter | None = None
-        self._in_flight: _InFlight | None = None
+        self._in_flight: InFlight | None = None
         self.metadata: dict[str, Any] = dict(metadata or {})
         self._clock = clock
         self._wall_clock = wall_clock
@@ -545,7 +521,7 @@ class Checkpointer:
 
         A background save in flight is waited for first, so it is listed once committed.
         """
-        self._settle()
+        settle(self)
         self._refresh()
         entries = self._index.ordered()
         newest = entries[-1].name if entries else None
@@ -569,7 +545,7 @@ class Checkpointer:
     @property
     def best_value(self) -> float | None:
         """The best value of ``monitor`` so far (persisted across restarts), or None."""
-        self._settle()
+        settle(self)
         self._refresh()
         return self._best.value if self._best is not None else None
 
@@ -616,7 +592,7 @@ class Checkpointer:
         """
         self._check_open()
         if self._in_flight is not None and self._in_flight.handle.done():
-            self._settle()
+            settle(self)
         said_epoch_end = epoch_end is not None and bool(epoch_end)
         epoch_end = True if epoch_end is None else bool(epoch_end)
         if epoch_end and not final and self.max_epochs is not None and epoch is not None:
@@ -636,11 +612,11 @@ class Checkpointer:
             started=self._started,
         )
         wanted = self.save_policy.should_save(progress, context) and not (
-            progress.final and self._already_saved(progress)
+            progress.final and already_saved(self, progress)
         )
         result = None
         if self._coord.agree(wanted):
-            result = self._save(state, progress, name=None, metadata=metadata, pin=False)
+            result = save_state(self, state, progress, name=None, metadata=metadata, pin=False)
         if self._preemption is not None and self._coord.any(self._preemption.requested):
             result = self._save_for_preemption(state, progress, result, metadata)
         return result
@@ -665,8 +641,8 @@ class Checkpointer:
         name = handler.signal_name or "a signal on another rank"
         if result is None:
             extra = {**dict(metadata or {}), "preempted_by": name}
-            result = self._save(state, progress, name=None, metadata=extra, pin=False)
-        self._settle()  # a background save must be committed before the process goes
+            result = save_state(self, state, progress, name=None, metadata=extra, pin=False)
+        settle(self)  # a background save must be committed before the process goes
         seconds = time.monotonic() - started
         since = handler.seconds_since_signal()
         log.warning(
@@ -701,9 +677,9 @@ class Checkpointer:
         progress = self._progress(epoch, step, metrics, epoch_end=False, final=False)
 
         def save(signum: int) -> None:
-            self._save(state, progress, name=None, metadata={"preempted_by": self._preemption.signal_name
+            save_state(self, state, progress, name=None, metadata={"preempted_by": self._preemption.signal_name
                                                               if self._preemption else signum}, pin=False)  # fmt: skip
-            self._settle()
+            settle(self)
             if self._preemption is not None and self._preemption.action != "continue":
                 self.close()
 
@@ -732,205 +708,14 @@ class Checkpointer:
         if name is not None:
             validate_name(name)
         progress = self._progress(epoch, step, metrics, epoch_end=epoch_end, final=False)
-        return self._save(state, progress, name=name, metadata=metadata, pin=pin)
-
-    def _already_saved(self, progress: Progress) -> bool:
-        """True when this process's last save was at the same epoch and step (no duplicate end save)."""
-        last = self._last_saved
-        if not self._saved_here or last is None:
-            return False
-        if progress.epoch is None and progress.step is None:
-            return False
-        return last.epoch == progress.epoch and last.step == progress.step
-
-    def _items(self, state: Mapping[str, Any]) -> dict[str, Any]:
-        """The items to write: the whole state plus the RNGs, or only the modules for weights_only."""
-        if not isinstance(state, Mapping):
-            raise ConfigError(f"state must be a dict of items (e.g. {{'model': model}}), not {type(state).__name__}")
-        if self.weights_only:
-            items = {k: v for k, v in state.items() if is_model_weights(v)}
-            if not items:
-                raise ConfigError(
-                    "weights_only=True but the state has no torch.nn.Module item to take weights from"
-                )
-            return items
-        items = dict(state)
-        if self.rng and RNG_ITEM not in items:
-            items[RNG_ITEM] = RNGState()
-        return items
-
-    def _new_best(self, progress: Progress, name: str) -> RecordedBest | None:
-        """The best after saving ``progress`` as ``name`` (this one if it improves on the old best)."""
-        if self.monitor is None or self.mode is None:
-            return None
-        value = progress.metrics.get(self.monitor)
-        current = self._best
-        if value is not None:
-            reference = current.value if current is not None else self.threshold
-            if is_better(value, reference, self.mode, self.min_delta):
-                return RecordedBest(self.monitor, self.mode, float(value), name, progress.epoch, progress.step)
-        return current
-
-    def _save(
-        self, state: Mapping[str, Any], progress: Progress, *, name: str | None,
-        metadata: Mapping[str, Any] | None, pin: bool,
-    ) -> SaveResult:  # fmt: skip
-        started = time.perf_counter()
-        self._settle()
-        self._clean_up()
-        items = self._items(state)
-        distributed = self._coord.distributed
-        encoded = None if self.background or distributed else api.encode_state(items)
-        self._refresh()
-        sequence = self._index.max_sequence + 1
-        base = name_for(self.template, progress, sequence, name)
-        meta = {**self.metadata, **dict(metadata or {})}
-        naming = SaveNaming.start(base, self._index.names())
-        best = self._new_best(progress, naming.name)
-        naming.payload = lambda n: progress_json(
-            progress, sequence=sequence, run=self.run_id, weights_only=self.weights_only,
-            best=renamed(best, naming.first, n), name=n, pin=pin,
-        )  # fmt: skip
-        payload = naming.payload(naming.name)
-        if encoded is None and not distributed:
-            return self._submit(naming, items, meta, payload, progress, best, started)
-        if encoded is None:
-            path, manifest = self._write_distributed(naming, items, meta, payload)
-            final_name = os.path.basename(path.rstrip("/"))  # rank 0's name
-        else:
-            path, manifest = api.write_items(
-                self.storage, naming.name, encoded, metadata=meta, progress=payload, overwrite=False,
-                next_name=naming.next,
-            )  # fmt: skip
-            final_name = naming.name
-        self._committed(final_name, manifest)
-        self._last_saved = progress
-        self._saved_here = True
-        deleted = self._retain()
-        is_best = self._best is not None and self._best.name == final_name
-        seconds = time.perf_counter() - started
-        record_save_cost(self.save_policy, seconds)
-        log.info("saved checkpoint %s%s", path, " (best)" if is_best else "")
-        return SaveResult(
-            name=final_name, path=path, epoch=progress.epoch, step=progress.step,
-            metrics=MappingProxyType(dict(progress.metrics)), is_best=is_best,
-            size=manifest.total_bytes, seconds=seconds, deleted=tuple(deleted),
-        )  # fmt: skip
-
-    def _write_distributed(
-        self, naming: SaveNaming, items: Mapping[str, Any], metadata: Mapping[str, Any], payload: Mapping[str, Any]
-    ) -> tuple[str, Manifest]:
-        """Write ``items`` from every rank as one checkpoint (rank 0's name and progress count)."""
-        from . import distributed as sgd
-        from .coordination import Ranks
-
-        assert isinstance(self._coord, Ranks)
-        return sgd.write_state(
-            self.storage, naming.name, items, metadata=metadata, progress=payload, overwrite=False,
-            per_rank=self.per_rank, context=self._coord.context, next_name=naming.next,
-        )  # fmt: skip
-
-    def _committed(self, name: str, manifest: Manifest) -> None:
-        """Record a committed checkpoint in the cache, recompute the best, wake the mirror."""
-        self._index.note_committed(name, manifest)
-        self._best = self._resolve_best()
-        if self._mirror is not None:
-            self._mirror.notify()
-
-    def _retain(self) -> builtins.list[str]:
-        """Apply retention after a commit, on the coordinating rank only; every rank forgets what went."""
-        deleted: builtins.list[str] = self._coord.on_coordinator(lambda: self._apply_retention(dry_run=False))
-        for name in deleted:
-            self._index.note_gone(name)
-        if deleted and self._mirror is not None:
-            self._mirror.notify()
-        return deleted
-
-    def _submit(
-        self, naming: SaveNaming, items: Mapping[str, Any], metadata: Mapping[str, Any], payload: Mapping[str, Any],
-        progress: Progress, best: RecordedBest | None, started: float,
-    ) -> SaveResult:  # fmt: skip
-        """Start a background save (snapshot now, write later); the Checkpointer's view is updated
-        optimistically (last save, best) and corrected from the directory if the save fails, or when
-        another writer took its name meanwhile (then it is committed under the next free one, as a
-        sync save is)."""
-        if self._writer is None:
-            self._writer = BackgroundWriter(name=f"savegame-writer:{os.path.basename(self.directory)}")
-        name = naming.name
-        handle = save_in_background(
-            self._writer, self.storage, name, items, metadata=metadata, progress=payload, overwrite=False,
-            next_name=naming.next,
-        )  # fmt: skip
-        self._in_flight = _InFlight(naming, handle)
-        _settle_at_exit(self)
-        self._index.max_sequence = max(self._index.max_sequence, int(payload["sequence"]))
-        self._last_saved = progress
-        self._saved_here = True
-        self._best = best
-        seconds = time.perf_counter() - started
-        record_save_cost(self.save_policy, handle.blocking_seconds)
-        log.info("saving checkpoint %s in the background", handle.path)
-        return SaveResult(
-            name=name, path=self.storage.path(name), epoch=progress.epoch, step=progress.step,
-            metrics=MappingProxyType(dict(progress.metrics)), is_best=best is not None and best.name == name,
-            size=None, seconds=seconds, pending=handle,
-        )  # fmt: skip
-
-    def _settle(self) -> builtins.list[str]:
-        """Wait for the background save in flight, integrate it and apply retention; return deletions.
-
-        A failed background save raises :class:`BackgroundSaveError` here, after the Checkpointer's
-        view (newest, best) was re-read from the directory.
-        """
-        in_flight, self._in_flight = self._in_flight, None
-        _unsettled.discard(self)
-        if in_flight is None:
-            return []
-        seen = in_flight.handle.delivered  # the caller already got the error from the handle
-        try:
-            manifest = in_flight.handle.result()
-        except BackgroundSaveError:
-            self._refresh()
-            newest = self._index.latest
-            self._last_saved = newest.progress() if newest is not None else None
-            self._saved_here = False
-            if seen:
-                return []
-            raise
-        self._committed(in_flight.name, manifest)
-        return self._retain()
+        return save_state(self, state, progress, name=name, metadata=metadata, pin=pin)
 
     def wait(self) -> builtins.list[str]:
         """Wait for the background save in flight (if any) and run retention; return what it deleted."""
-        return self._settle()
+        return settle(self)
 
     # ----------------------------------------------------------------------------------------------
     # Retention
-
-    def _doomed(self, *, all_runs: bool = False) -> builtins.list[str]:
-        """Names retention would delete now (:meth:`RunIndex.doomed`): the keep policy applied to this
-        run's checkpoints, or to each run's separately (``all_runs``), this run's best kept too."""
-        return self._index.doomed(self.keep_policy, run=None if all_runs else self.run_id,
-                                  best=self._best.name if self._best is not None else None,
-                                  monitor=self.monitor, mode=self.mode, now=self._wall_clock())  # fmt: skip
-
-    def _apply_retention(self, *, dry_run: bool, all_runs: bool = False) -> builtins.list[str]:
-        doomed = self._doomed(all_runs=all_runs)
-        if dry_run:
-            return doomed
-        deleted = []
-        for name in doomed:
-            try:
-                self.storage.delete(name)
-            except (CheckpointError, OSError) as exc:
-                message = f"retention could not delete checkpoint {name}: {exc}"
-                log.warning(message)
-                warnings.warn(message, stacklevel=3)
-                continue
-            self._index.note_gone(name)
-            deleted.append(name)
-            log.info("retention deleted checkpoint %s", name)
-        return deleted
 
     def prune(self, *, dry_run: bool = True, all_runs: bool = False) -> builtins.list[str]:
         """Apply the keep policy now; return the names deleted (or that would be).
@@ -943,12 +728,12 @@ class Checkpointer:
         """
         if not dry_run:
             self._check_open()
-        self._settle()
+        settle(self)
         self._refresh()
         self._index.check_monitor_recorded(self.monitor, run=None if all_runs else self.run_id,
                                            where=f"Checkpointer({self.directory!r})")
         names: builtins.list[str] = self._coord.on_coordinator(
-            lambda: self._apply_retention(dry_run=dry_run, all_runs=all_runs)
+            lambda: apply_retention(self, dry_run=dry_run, all_runs=all_runs)
         )
         if not dry_run:
             for name in names:
@@ -993,7 +778,7 @@ class Checkpointer:
         """
         if not isinstance(state, Mapping):
             raise ConfigError(f"state must be a dict of items, not {type(state).__name__}")
-        self._settle()
+        settle(self)
         self._refresh()
         if which == "latest":
             return resume_latest(self, state, strict=strict, map_location=map_location)
@@ -1037,7 +822,7 @@ class Checkpointer:
             return
         self._closed = True
         try:
-            self._settle()
+            settle(self)
         finally:
             try:
                 if self._writer is not None:
@@ -1089,47 +874,3 @@ class Checkpointer:
 
     def __repr__(self) -> str:
         return f"Checkpointer({self.directory!r}, monitor={self.monitor!r}, mode={self.mode!r})"
-
-
-
-_unsettled: set[Checkpointer] = set()
-_unsettled_hook = False
-
-
-def _settle_at_exit(checkpointer: Checkpointer) -> None:
-    """Close ``checkpointer`` at interpreter exit if its background save was never settled.
-
-    The background writer finishes the save in flight at exit by itself; closing the Checkpointer then
-    also integrates it (retention once it is committed, the mirror's upload, the lock given back), as
-    ``close()``, ``wait()`` or the next save would have. The reference held here (until the save is
-    settled) keeps a Checkpointer that went out of scope with a save in flight alive for that.
-    """
-    global _unsettled_hook
-    _unsettled.add(checkpointer)
-    if not _unsettled_hook:
-        _unsettled_hook = True
-        close_at_exit(_close_unsettled)
-
-
-def _close_unsettled() -> None:
-    for checkpointer in list(_unsettled):
-        if checkpointer._closed:
-            continue
-        log.info("Checkpointer(%s) was not closed: closing it at exit", checkpointer.directory)
-        try:
-            checkpointer.close()
-        except Exception as exc:  # no caller is left to raise to: say it, and close the others
-            try:
-                print(f"savegame: closing Checkpointer({checkpointer.directory}) at exit: {exc}",
-                      file=sys.stderr, flush=True)
-            except (OSError, ValueError):
-                pass
-
-
-def _forget_unsettled_after_fork() -> None:
-    """A forked child does not own its parent's Checkpointers: never close them at the child's exit."""
-    _unsettled.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_unsettled_after_fork)
