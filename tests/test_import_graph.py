@@ -62,7 +62,8 @@ LAYERS: dict[str, str] = {
     # run: the Checkpointer and what it orchestrates
     "savegame.checkpointer": "run", "savegame.run_index": "run", "savegame.records": "run",
     "savegame.save_naming": "run", "savegame.resume": "run",
-    "savegame.saving": "run", "savegame.retention": "run", "savegame.coordination": "run",
+    "savegame.saving": "run", "savegame.retention": "run",
+    "savegame.preemption": "run", "savegame.run_checks": "run", "savegame.coordination": "run",
     "savegame.lock": "run",
     "savegame.signals": "run",
     "savegame.config": "config",

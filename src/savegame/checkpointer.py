@@ -51,7 +51,6 @@ import logging
 import os
 import threading
 import time
-import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from types import TracebackType
@@ -87,6 +86,7 @@ from .policies import (
     check_position,
     missing_monitor_message,
 )
+from .preemption import install_preemption, save_for_preemption
 from .records import CheckpointRecord as CheckpointRecord
 from .records import RestoredProgress as RestoredProgress
 from .records import SaveResult as SaveResult
@@ -97,6 +97,8 @@ from .resume import RNG_ITEM as RNG_ITEM
 from .resume import ResumeWarning as ResumeWarning
 from .resume import load_entry, resume_latest
 from .retention import apply_retention
+from .run_checks import UnjudgedEpochs
+from .run_checks import check_run_root as check_run_root
 from .run_index import ALIASES as ALIASES
 from .run_index import PROGRESS_VERSION as PROGRESS_VERSION
 from .run_index import IndexEntry, RunIndex
@@ -110,9 +112,9 @@ from .run_index import recorded_best_names as recorded_best_names
 from .run_index import recorded_metrics as recorded_metrics
 from .run_index import unrecorded_monitor_error as unrecorded_monitor_error
 from .saving import InFlight, already_saved, save_state, settle
-from .signals import DEFAULT_SIGNALS, PreemptionHandler
-from .storage import LocalStorage, is_url, storage_for
-from .storage.base import MANIFEST, CheckpointRef
+from .signals import PreemptionHandler
+from .storage import LocalStorage, storage_for
+from .storage.base import CheckpointRef
 
 __all__ = [
     "AlignedSchedule",
@@ -126,71 +128,6 @@ __all__ = [
 log = logging.getLogger("savegame.checkpointer")
 
 SignalAction = Literal["exit", "reraise", "continue"]
-
-
-# --------------------------------------------------------------------------------------------------
-# Values returned to the caller
-
-
-
-def check_run_root(directory: str | os.PathLike[str]) -> None:
-    """Refuse a local path that is a checkpoint, or a ``latest``/``best`` alias of a root, as a
-    Checkpointer directory, before anything is written there (ConfigError naming the run root).
-
-    A committed checkpoint is read with ``savegame.load``; a Checkpointer there would find no
-    checkpoints in it (``restore`` returning None) and write its lock file into the checkpoint.
-    ``ROOT/best`` would become a real directory that hides the alias from ``savegame`` commands.
-    """
-    if isinstance(directory, str) and is_url(directory):
-        return
-    path = os.path.abspath(os.fspath(directory))
-    parent, base = os.path.split(path)
-    if os.path.isfile(os.path.join(path, MANIFEST)):
-        raise ConfigError(
-            f"Checkpointer: {path} is a checkpoint, not a directory of checkpoints; pass its run root "
-            f"{parent} (Checkpointer({parent!r}).restore(state, which={base!r}) loads this one, "
-            "savegame.load() reads it directly)"
-        )
-    if base in ALIASES and os.path.isdir(parent) and LocalStorage(parent, create=False).committed():
-        if not os.path.isdir(path) or not LocalStorage(path, create=False).committed():
-            raise ConfigError(
-                f"Checkpointer: {path} names the {base!r} checkpoint of the run root {parent}, not a "
-                f"directory of checkpoints; pass Checkpointer({parent!r}) and restore(state, which={base!r})"
-            )
-
-
-
-class _UnjudgedEpochs:
-    """Warns once when a whole epoch went by without the monitored metric in any ``step()`` call.
-
-    Calls without ``metrics=`` are per-batch calls and do not judge improvement; so an epoch-end call
-    that forgets ``metrics=`` would make save-on-improvement silently never fire. Calls are grouped by
-    their ``epoch`` value (the per-batch calls of epoch e and the end call of epoch e-1, or of e, share
-    one value whichever way the loop counts); leaving a group in which no call carried the metric warns.
-    The first group seen is exempt: it may hold only per-batch calls (the first epoch, or after a resume).
-    """
-
-    def __init__(self) -> None:
-        self._epoch: int | None = None
-        self._judged = False
-        self._first = True
-        self._warned = False
-
-    def note(self, epoch: int, *, judged: bool, monitor: str) -> None:
-        if epoch != self._epoch:
-            if self._epoch is not None and not self._judged and not self._first and not self._warned:
-                self._warned = True
-                warnings.warn(
-                    f"Checkpointer.step: no call with epoch={self._epoch} passed metrics= with {monitor!r}, so "
-                    f"improvement of monitor={monitor!r} was not judged for that epoch (calls without metrics= "
-                    "count as per-batch calls); pass metrics={...} at the end of each epoch",
-                    UserWarning, stacklevel=4,
-                )  # fmt: skip
-            self._first = self._epoch is None
-            self._epoch, self._judged = epoch, False
-        self._judged = self._judged or judged
-
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,7 +340,7 @@ class Checkpointer:
         self._owner = bool(lock)
         self._cleaned = False
         self._started = clock()
-        self._unjudged = _UnjudgedEpochs()
+        self._unjudged = UnjudgedEpochs()
         self.preempted: str | None = None
         """The signal whose preemption save was made (with ``signal_action="continue"``), or None."""
         self._lock: ProcessShare | None = None
@@ -420,16 +357,7 @@ class Checkpointer:
                 from .mirror import Mirror
 
                 self._mirror = Mirror(self.directory, mirror, storage_options=mirror_options).start()
-            if save_on_signal is not False:
-                if save_on_signal is True:
-                    signals: tuple[int | str, ...] = DEFAULT_SIGNALS
-                elif isinstance(save_on_signal, (str, int)):  # one signal: "SIGTERM", 15
-                    signals = (save_on_signal,)
-                else:
-                    signals = tuple(save_on_signal)
-                self._preemption = PreemptionHandler(
-                    signals=signals, action=signal_action, exit_code=signal_exit_code
-                ).install()
+            self._preemption = install_preemption(save_on_signal, action=signal_action, exit_code=signal_exit_code)
         except BaseException:
             self._release()
             raise
@@ -618,7 +546,7 @@ class Checkpointer:
         if self._coord.agree(wanted):
             result = save_state(self, state, progress, name=None, metadata=metadata, pin=False)
         if self._preemption is not None and self._coord.any(self._preemption.requested):
-            result = self._save_for_preemption(state, progress, result, metadata)
+            result = save_for_preemption(self, state, progress, result, metadata)
         return result
 
     # ----------------------------------------------------------------------------------------------
@@ -628,33 +556,6 @@ class Checkpointer:
     def preemption(self) -> PreemptionHandler | None:
         """The signal handler installed by ``save_on_signal`` (``.requested``, ``.signal_name``), or None."""
         return self._preemption
-
-    def _save_for_preemption(
-        self, state: Mapping[str, Any], progress: Progress, result: SaveResult | None,
-        metadata: Mapping[str, Any] | None,
-    ) -> SaveResult | None:  # fmt: skip
-        """A preemption signal arrived (on any rank): make sure this state is durably saved, then act
-        per ``signal_action`` (exit, re-raise the signal, or return and keep training)."""
-        handler = self._preemption
-        assert handler is not None
-        started = time.monotonic()
-        name = handler.signal_name or "a signal on another rank"
-        if result is None:
-            extra = {**dict(metadata or {}), "preempted_by": name}
-            result = save_state(self, state, progress, name=None, metadata=extra, pin=False)
-        settle(self)  # a background save must be committed before the process goes
-        seconds = time.monotonic() - started
-        since = handler.seconds_since_signal()
-        log.warning(
-            "savegame: %s received; checkpoint %s durable %.2f s later (save and wait: %.2f s)",
-            name, result.name, since if since is not None else seconds, seconds,
-        )  # fmt: skip
-        handler.save_seconds = seconds
-        self.preempted = name
-        if handler.action != "continue":
-            self.close()
-        handler.exit()
-        return result
 
     @contextmanager
     def between_steps(
