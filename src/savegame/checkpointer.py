@@ -62,7 +62,6 @@ from .background import BackgroundWriter
 from .coordination import Coordinator, coordinator_for
 from .errors import (
     CheckpointError,
-    CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
     UnsupportedFormatError,
@@ -95,7 +94,7 @@ from .records import record_for
 from .resume import DISTRIBUTED_ITEM as DISTRIBUTED_ITEM
 from .resume import RNG_ITEM as RNG_ITEM
 from .resume import ResumeWarning as ResumeWarning
-from .resume import load_entry, resume_latest
+from .resume import entry_named, load_entry, resume_latest
 from .retention import apply_retention
 from .run_checks import UnjudgedEpochs
 from .run_checks import check_run_root as check_run_root
@@ -683,24 +682,7 @@ class Checkpointer:
         self._refresh()
         if which == "latest":
             return resume_latest(self, state, strict=strict, map_location=map_location)
-        if which == "best":
-            if self._best is None or self._best.name not in self._index.entries:
-                if not self.monitor:
-                    why = " (no monitor= was given, so nothing is ranked)"
-                elif self.restart == "off":
-                    why = (" of this run (restart='off' started a new run, which has none yet; an earlier run's "
-                           "checkpoints load by name)")  # fmt: skip
-                else:
-                    why = ""
-                raise CheckpointNotFoundError(f"{self.directory}: no best checkpoint{why}")
-            entry = self._index.entries[self._best.name]
-        else:
-            if which in self._index.unreadable:  # there but damaged: its error, not "not found"
-                self._index.note_committed(which, api.read_manifest(self._ref(which)))
-            entry_or_none = self._index.entries.get(which)
-            if entry_or_none is None:
-                raise CheckpointNotFoundError(f"{self.directory}: no committed checkpoint named {which!r}")
-            entry = entry_or_none
+        entry = entry_named(self, which)
         if self._coord.distributed and self.verify:  # rank 0 checks; a damaged file raises on every rank
             self._coord.on_coordinator(lambda: api.verify(self._ref(entry.name)) and None)
             return load_entry(

@@ -49,6 +49,7 @@ __all__ = [
     "DISTRIBUTED_ITEM",
     "RNG_ITEM",
     "ResumeWarning",
+    "entry_named",
     "load_entry",
     "quarantine",
     "resume_latest",
@@ -301,3 +302,26 @@ def load_distributed(
 
     context = ckpt._coord.context if isinstance(ckpt._coord, Ranks) else sgd.RankContext()
     return sgd.load_state(path, target, strict=strict, verify=False, map_location=map_location, context=context)
+
+
+def entry_named(ckpt: Checkpointer, which: str) -> IndexEntry:
+    """The checkpoint ``restore(state, which)`` loads for ``"best"`` (this run's best) or a name;
+    :class:`CheckpointNotFoundError` saying why there is none, the verification error for a damaged one."""
+    if which == "best":
+        if ckpt._best is None or ckpt._best.name not in ckpt._index.entries:
+            if not ckpt.monitor:
+                why = " (no monitor= was given, so nothing is ranked)"
+            elif ckpt.restart == "off":
+                why = (" of this run (restart='off' started a new run, which has none yet; an earlier run's "
+                       "checkpoints load by name)")  # fmt: skip
+            else:
+                why = ""
+            raise CheckpointNotFoundError(f"{ckpt.directory}: no best checkpoint{why}")
+        return ckpt._index.entries[ckpt._best.name]
+    else:
+        if which in ckpt._index.unreadable:  # there but damaged: its error, not "not found"
+            ckpt._index.note_committed(which, api.read_manifest(ckpt._ref(which)))
+        entry_or_none = ckpt._index.entries.get(which)
+        if entry_or_none is None:
+            raise CheckpointNotFoundError(f"{ckpt.directory}: no committed checkpoint named {which!r}")
+        return entry_or_none
