@@ -42,6 +42,14 @@ checkpoint, the best one, the best recorded by any run's manifests and pinned on
 by retention; checkpoints the Checkpointer did not write (no ``progress.checkpointer``) or another run
 wrote are never deleted; an existing name is never overwritten (``-v1``, ``-v2``, ... are appended
 instead).
+
+This module only wires the collaborators that do those jobs (each with one home):
+:mod:`savegame.knob_policies` (knobs -> save/keep policies), :mod:`savegame.run_index` (what is in the
+directory, best, what retention would delete), :mod:`savegame.saving` (the three save paths and
+settling background saves), :mod:`savegame.save_naming` (names), :mod:`savegame.retention`,
+:mod:`savegame.resume` (candidates, verify, quarantine, fallback, loading), :mod:`savegame.records`
+(returned values, recorded progress), :mod:`savegame.preemption` and :mod:`savegame.run_checks`.
+Their public names stay importable from here.
 """
 
 from __future__ import annotations
