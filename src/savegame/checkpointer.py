@@ -93,7 +93,7 @@ from .policies import (
     check_position,
     missing_monitor_message,
 )
-from .preemption import install_preemption, save_for_preemption
+from .preemption import immediate_saves, install_preemption, save_for_preemption
 from .records import CheckpointRecord as CheckpointRecord
 from .records import RestoredProgress as RestoredProgress
 from .records import SaveResult as SaveResult
@@ -584,14 +584,7 @@ class Checkpointer:
             raise ConfigError("Checkpointer.between_steps is not available in a process group; use step()")
         progress = self._progress(epoch, step, metrics, epoch_end=False, final=False)
 
-        def save(signum: int) -> None:
-            save_state(self, state, progress, name=None, metadata={"preempted_by": self._preemption.signal_name
-                                                              if self._preemption else signum}, pin=False)  # fmt: skip
-            settle(self)
-            if self._preemption is not None and self._preemption.action != "continue":
-                self.close()
-
-        with self._preemption.between_steps(save):
+        with immediate_saves(self, state, progress):
             yield
 
     def save(

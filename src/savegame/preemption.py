@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
 from .policies import Progress
@@ -20,7 +21,7 @@ from .signals import DEFAULT_SIGNALS, PreemptionHandler
 if TYPE_CHECKING:
     from .checkpointer import Checkpointer
 
-__all__ = ["install_preemption", "save_for_preemption"]
+__all__ = ["immediate_saves", "install_preemption", "save_for_preemption"]
 
 log = logging.getLogger("savegame.checkpointer")
 
@@ -70,3 +71,21 @@ def save_for_preemption(
         ckpt.close()
     handler.exit()
     return result
+
+
+@contextmanager
+def immediate_saves(ckpt: Checkpointer, state: Mapping[str, Any], progress: Progress) -> Iterator[None]:
+    """``Checkpointer.between_steps``'s region: a preemption signal arriving inside saves ``state`` at
+    ``progress`` at once (from the signal handler), waits until it is durable, then acts per
+    ``signal_action``."""
+    assert ckpt._preemption is not None
+
+    def save(signum: int) -> None:
+        save_state(ckpt, state, progress, name=None, metadata={"preempted_by": ckpt._preemption.signal_name
+                                                              if ckpt._preemption else signum}, pin=False)  # fmt: skip
+        settle(ckpt)
+        if ckpt._preemption is not None and ckpt._preemption.action != "continue":
+            ckpt.close()
+
+    with ckpt._preemption.between_steps(save):
+        yield
