@@ -39,6 +39,7 @@ LAYERS: dict[str, str] = {
     "savegame.errors": "errors",
     # policies: values, save/keep policies, auto interval, knobs and presets
     "savegame.policies": "policies", "savegame.autointerval": "policies", "savegame.knobs": "policies",
+    "savegame.knob_policies": "policies",
     # format: dtypes, tree codec, tensor files, manifest, hashing, name rules, node checks
     "savegame.dtypes": "format", "savegame.tree": "format", "savegame.tensorfile": "format",
     "savegame.manifest": "format", "savegame.hashing": "format", "savegame.naming": "format",
@@ -59,7 +60,10 @@ LAYERS: dict[str, str] = {
     "savegame.export": "export",
     "savegame.distributed": "distributed", "savegame.dcp": "distributed",
     # run: the Checkpointer and what it orchestrates
-    "savegame.checkpointer": "run", "savegame.run_index": "run", "savegame.coordination": "run",
+    "savegame.checkpointer": "run", "savegame.run_index": "run", "savegame.records": "run",
+    "savegame.save_naming": "run", "savegame.resume": "run",
+    "savegame.saving": "run", "savegame.retention": "run",
+    "savegame.preemption": "run", "savegame.run_checks": "run", "savegame.coordination": "run",
     "savegame.lock": "run",
     "savegame.signals": "run",
     "savegame.config": "config",

@@ -42,78 +42,73 @@ checkpoint, the best one, the best recorded by any run's manifests and pinned on
 by retention; checkpoints the Checkpointer did not write (no ``progress.checkpointer``) or another run
 wrote are never deleted; an existing name is never overwritten (``-v1``, ``-v2``, ... are appended
 instead).
+
+This module only wires the collaborators that do those jobs (each with one home):
+:mod:`savegame.knob_policies` (knobs -> save/keep policies), :mod:`savegame.run_index` (what is in the
+directory, best, what retention would delete), :mod:`savegame.saving` (the three save paths and
+settling background saves), :mod:`savegame.save_naming` (names), :mod:`savegame.retention`,
+:mod:`savegame.resume` (candidates, verify, quarantine, fallback, loading), :mod:`savegame.records`
+(returned values, recorded progress), :mod:`savegame.preemption` and :mod:`savegame.run_checks`.
+Their public names stay importable from here.
 """
 
 from __future__ import annotations
 
 import builtins
-import datetime as _dt
 import logging
-import math
 import os
-import secrets
-import sys
 import threading
 import time
-import warnings
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from dataclasses import replace as _replace
-from types import MappingProxyType, TracebackType
+from types import TracebackType
 from typing import Any, Literal
 
 from . import api
-from .adapters import is_model_weights
-from .adapters.rng import RNGState
-from .autointerval import DEFAULT_MTBF_SECONDS, AutoInterval, record_save_cost
-from .background import BackgroundWriter, PendingSave, close_at_exit
-from .capture import replaceable
+from .autointerval import DEFAULT_MTBF_SECONDS
+from .background import BackgroundWriter
 from .coordination import Coordinator, coordinator_for
 from .errors import (
-    BackgroundSaveError,
     CheckpointError,
-    CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
-    InvalidNameError,
-    NotACheckpointError,
-    StateMismatchError,
-    StorageError,
     UnsupportedFormatError,
 )
+from .knob_policies import AlignedSchedule as AlignedSchedule
+from .knob_policies import build_keep_policy as build_keep_policy
+from .knob_policies import build_save_policy as build_save_policy
+from .knob_policies import coerce_metrics as coerce_metrics
+from .knob_policies import find_improvement, policies_from_knobs
 from .knobs import Restart, preset_knobs
-from .lock import ProcessShare, process_holds
+from .lock import ProcessShare
 from .manifest import Manifest
-from .naming import NameTemplate, unique_name, validate_name
+from .naming import NameTemplate, validate_name
 from .policies import (
-    AnyOf,
-    AtEnd,
-    EveryNEpochs,
-    EveryNSteps,
-    EveryTSeconds,
-    KeepAll,
-    KeepBest,
-    KeepLast,
     KeepPolicy,
-    KeepUnion,
     Mode,
-    Never,
-    OnImprovement,
     Progress,
     SaveContext,
     SavePolicy,
-    SkipFirstEpochs,
     check_count,
     check_position,
-    check_threshold,
-    is_better,
     missing_monitor_message,
-    resolve_mode,
 )
+from .preemption import immediate_saves, install_preemption, save_for_preemption
+from .records import CheckpointRecord as CheckpointRecord
+from .records import RestoredProgress as RestoredProgress
+from .records import SaveResult as SaveResult
+from .records import new_run_id as new_run_id
+from .records import record_for
+from .resume import DISTRIBUTED_ITEM as DISTRIBUTED_ITEM
+from .resume import RNG_ITEM as RNG_ITEM
+from .resume import ResumeWarning as ResumeWarning
+from .resume import entry_named, load_entry, resume_latest
+from .retention import apply_retention
+from .run_checks import UnjudgedEpochs
+from .run_checks import check_run_root as check_run_root
 from .run_index import ALIASES as ALIASES
 from .run_index import PROGRESS_VERSION as PROGRESS_VERSION
-from .run_index import IndexEntry, RunIndex, entry_from_manifest
+from .run_index import IndexEntry, RunIndex
 from .run_index import RecordedBest as RecordedBest
 from .run_index import parse_best as parse_best
 from .run_index import parse_run as parse_run
@@ -123,10 +118,10 @@ from .run_index import progress_metrics as progress_metrics
 from .run_index import recorded_best_names as recorded_best_names
 from .run_index import recorded_metrics as recorded_metrics
 from .run_index import unrecorded_monitor_error as unrecorded_monitor_error
-from .signals import DEFAULT_SIGNALS, PreemptionHandler
-from .storage import LocalStorage, is_url, storage_for
-from .storage.base import MANIFEST, CheckpointRef
-from .writer import save_in_background
+from .saving import InFlight, already_saved, save_state, settle
+from .signals import PreemptionHandler
+from .storage import LocalStorage, storage_for
+from .storage.base import CheckpointRef
 
 __all__ = [
     "AlignedSchedule",
@@ -139,377 +134,7 @@ __all__ = [
 
 log = logging.getLogger("savegame.checkpointer")
 
-RNG_ITEM = "rng"
-"""Item name under which the global RNG state is added to full-state checkpoints."""
-
 SignalAction = Literal["exit", "reraise", "continue"]
-DISTRIBUTED_ITEM = "savegame.distributed"
-"""The layout item of checkpoints written by several ranks (see :mod:`savegame.distributed`)."""
-_MAX_RESUME_ROUNDS = 1000
-"""Re-listings ``restore`` makes while retention deletes the checkpoints it was about to read."""
-
-
-class ResumeWarning(UserWarning):
-    """A checkpoint could not be used for resuming (it was quarantined) or resuming was partial."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Values returned to the caller
-
-
-@dataclass(frozen=True)
-class CheckpointRecord:
-    """One committed checkpoint of the directory, as :meth:`Checkpointer.list` reports it.
-
-    ``sequence`` is the save counter (None for checkpoints not written by a Checkpointer), ``created``
-    the commit time (UTC), ``size`` the bytes of its data files, ``is_best`` / ``is_latest`` whether it
-    is the directory's best / newest checkpoint.
-    """
-
-    name: str
-    path: str
-    sequence: int | None
-    epoch: int | None
-    step: int | None
-    metrics: Mapping[str, float]
-    created: _dt.datetime
-    size: int
-    is_best: bool
-    is_latest: bool
-    weights_only: bool
-    pinned: bool
-    run: str | None = None
-    """The run that wrote it (see the module docstring); None for checkpoints older than run ids."""
-
-
-@dataclass(frozen=True)
-class SaveResult:
-    """What a save did: the new checkpoint, whether it is the new best, what retention deleted.
-
-    ``seconds`` is how long training was blocked. For a background save (``background=True``)
-    ``pending`` is its handle (``pending.result()`` waits for the durable commit), ``size`` is None and
-    ``deleted`` is empty: retention runs once the commit is done, at the next save, ``wait()`` or
-    ``close()``. Should another writer take the name while the checkpoint is written, it is committed
-    under the next free name (``epoch=003-v1``; a warning is logged), by sync, background and per-rank
-    saves alike: a sync save's ``name`` is where it went, a background save's the name it started with
-    (``latest`` and ``list()`` show where it went once it is settled).
-    """
-
-    name: str
-    path: str
-    epoch: int | None
-    step: int | None
-    metrics: Mapping[str, float]
-    is_best: bool
-    size: int | None
-    seconds: float
-    deleted: tuple[str, ...] = ()
-    pending: PendingSave | None = None
-
-
-@dataclass(frozen=True)
-class _InFlight:
-    """A background save submitted but not yet integrated (entries, best, retention)."""
-
-    naming: _Naming
-    handle: PendingSave
-
-    @property
-    def name(self) -> str:
-        """The name it is committed under (read once the handle is done)."""
-        return self.naming.name
-
-
-@dataclass
-class _Naming:
-    """The name of a save being written, and the next free one should another writer take it meanwhile:
-    the ``next_name`` of :func:`savegame.write_loop.retry_on_clash`, one rule for the sync, background
-    (called in the writer thread) and per-rank saves."""
-
-    base: str
-    taken: set[str]
-    first: str
-    name: str
-    payload: Callable[[str], dict[str, Any]] = lambda name: {}
-    """The progress recorded under a name (it names the checkpoint, e.g. as the best)."""
-
-    @classmethod
-    def start(cls, base: str, taken: set[str]) -> _Naming:
-        first = unique_name(base, taken)
-        return cls(base, taken, first, first)
-
-    def next(self, clashed: str) -> tuple[str, dict[str, Any]]:
-        self.taken.add(clashed)
-        self.name = unique_name(self.base, self.taken)
-        return self.name, self.payload(self.name)
-
-
-def _renamed(best: RecordedBest | None, old: str, new: str) -> RecordedBest | None:
-    """``best`` as computed for a save named ``old``, for the same save named ``new``."""
-    if best is not None and best.name == old and new != old:
-        return _replace(best, name=new)
-    return best
-
-
-@dataclass(frozen=True)
-class RestoredProgress:
-    """Where the restored checkpoint left off, so the training loop can continue.
-
-    ``epoch`` (completed epochs) and ``step`` are what was passed when it was saved; ``data`` holds the
-    saved values of the plain items of the state (ints, floats, dicts of numbers...), which ``restore``
-    also put into the state itself (``restored.data["loss"] == state["loss"]``; a dict of the state is
-    filled in place and keeps keys the checkpoint lacks), and of the checkpoint's plain items that the
-    state did not name (read, not restored anywhere). ``quarantined`` lists broken checkpoints moved
-    aside on the way (skipped and left in place by a Checkpointer with ``lock=False``).
-    """
-
-    name: str
-    path: str
-    epoch: int | None
-    step: int | None
-    metrics: Mapping[str, float]
-    data: Mapping[str, Any] = field(default_factory=dict)
-    quarantined: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class _Resumed:
-    """What ``restore`` resumed from: the progress returned to the caller and the run it belongs to."""
-
-    progress: RestoredProgress
-    run: str | None
-
-
-# --------------------------------------------------------------------------------------------------
-# Parsing and checking values
-
-
-def new_run_id() -> str:
-    """A new run id: the UTC start time and a random suffix (``20261201T213012-a1b2c3``), sortable and unique."""
-    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
-
-
-def check_run_root(directory: str | os.PathLike[str]) -> None:
-    """Refuse a local path that is a checkpoint, or a ``latest``/``best`` alias of a root, as a
-    Checkpointer directory, before anything is written there (ConfigError naming the run root).
-
-    A committed checkpoint is read with ``savegame.load``; a Checkpointer there would find no
-    checkpoints in it (``restore`` returning None) and write its lock file into the checkpoint.
-    ``ROOT/best`` would become a real directory that hides the alias from ``savegame`` commands.
-    """
-    if isinstance(directory, str) and is_url(directory):
-        return
-    path = os.path.abspath(os.fspath(directory))
-    parent, base = os.path.split(path)
-    if os.path.isfile(os.path.join(path, MANIFEST)):
-        raise ConfigError(
-            f"Checkpointer: {path} is a checkpoint, not a directory of checkpoints; pass its run root "
-            f"{parent} (Checkpointer({parent!r}).restore(state, which={base!r}) loads this one, "
-            "savegame.load() reads it directly)"
-        )
-    if base in ALIASES and os.path.isdir(parent) and LocalStorage(parent, create=False).committed():
-        if not os.path.isdir(path) or not LocalStorage(path, create=False).committed():
-            raise ConfigError(
-                f"Checkpointer: {path} names the {base!r} checkpoint of the run root {parent}, not a "
-                f"directory of checkpoints; pass Checkpointer({parent!r}) and restore(state, which={base!r})"
-            )
-
-
-def coerce_metrics(metrics: Mapping[str, object] | None) -> dict[str, float]:
-    """Metrics as ``{name: float}``: accepts ints, floats, NumPy scalars and 0-d tensors.
-
-    Raises :class:`ConfigError` for non-string names and values that are not numbers, so a wrong
-    metric fails at the call that passed it, not when a later save tries to name a file after it.
-    """
-    if metrics is None:
-        return {}
-    if not isinstance(metrics, Mapping):
-        raise ConfigError(f"metrics must be a dict of name -> number, got {type(metrics).__name__}")
-    out: dict[str, float] = {}
-    for key, raw in metrics.items():
-        if not isinstance(key, str) or not key:
-            raise ConfigError(f"metric names must be non-empty strings, got {key!r}")
-        if isinstance(raw, (bool, str, bytes)):
-            raise ConfigError(f"metric {key!r} must be a number, got {raw!r}")
-        try:
-            out[key] = float(raw)  # type: ignore[arg-type]
-        except (TypeError, ValueError, RuntimeError):
-            raise ConfigError(f"metric {key!r} must be a number (or 0-d tensor), got {raw!r}") from None
-    return out
-
-
-class _UnjudgedEpochs:
-    """Warns once when a whole epoch went by without the monitored metric in any ``step()`` call.
-
-    Calls without ``metrics=`` are per-batch calls and do not judge improvement; so an epoch-end call
-    that forgets ``metrics=`` would make save-on-improvement silently never fire. Calls are grouped by
-    their ``epoch`` value (the per-batch calls of epoch e and the end call of epoch e-1, or of e, share
-    one value whichever way the loop counts); leaving a group in which no call carried the metric warns.
-    The first group seen is exempt: it may hold only per-batch calls (the first epoch, or after a resume).
-    """
-
-    def __init__(self) -> None:
-        self._epoch: int | None = None
-        self._judged = False
-        self._first = True
-        self._warned = False
-
-    def note(self, epoch: int, *, judged: bool, monitor: str) -> None:
-        if epoch != self._epoch:
-            if self._epoch is not None and not self._judged and not self._first and not self._warned:
-                self._warned = True
-                warnings.warn(
-                    f"Checkpointer.step: no call with epoch={self._epoch} passed metrics= with {monitor!r}, so "
-                    f"improvement of monitor={monitor!r} was not judged for that epoch (calls without metrics= "
-                    "count as per-batch calls); pass metrics={...} at the end of each epoch",
-                    UserWarning, stacklevel=4,
-                )  # fmt: skip
-            self._first = self._epoch is None
-            self._epoch, self._judged = epoch, False
-        self._judged = self._judged or judged
-
-
-def _find_improvement(policy: SavePolicy) -> OnImprovement | None:
-    """The first :class:`OnImprovement` inside a (composed) save policy, to infer ``monitor``."""
-    if isinstance(policy, OnImprovement):
-        return policy
-    if isinstance(policy, SkipFirstEpochs):
-        return _find_improvement(policy.policy)
-    if isinstance(policy, AnyOf):
-        for sub in policy.policies:
-            found = _find_improvement(sub)
-            if found is not None:
-                return found
-    return None
-
-
-def _find_keep_best(policy: KeepPolicy) -> KeepBest | None:
-    """The first :class:`KeepBest` inside a (composed) keep policy, to infer ``monitor``."""
-    if isinstance(policy, KeepBest):
-        return policy
-    if isinstance(policy, KeepUnion):
-        for sub in policy.policies:
-            found = _find_keep_best(sub)
-            if found is not None:
-                return found
-    return None
-
-
-@dataclass(frozen=True)
-class AlignedSchedule:
-    """Ask ``policy`` as if nothing had been saved yet, so a periodic schedule stays aligned.
-
-    :class:`~savegame.policies.EveryNEpochs` counts from the last save, whichever policy made it; a
-    save on improvement at epoch 3 would move "every 5 epochs" to 8, 13, ... Wrapped, it saves at
-    epochs 5, 10, 15 whatever else was saved in between (CANDLE's ``epoch % interval == 0``, Lightning's
-    ``every_n_epochs``), also after a restart. Used by the ``every_n_epochs`` knob.
-    """
-
-    policy: SavePolicy
-
-    def should_save(self, progress: Progress, context: SaveContext) -> bool:
-        """``policy``'s answer with ``last_saved`` hidden; at most once per epoch end."""
-        last = context.last_saved
-        if last is not None and last.epoch_end and last.epoch is not None and last.epoch == progress.epoch:
-            return False  # this epoch's end was saved already (repeated calls must not save again)
-        return self.policy.should_save(progress, SaveContext(None, context.best, context.started))
-
-
-def _finite_number(value: object) -> bool:
-    """Whether ``value`` is an int or float (not bool) other than NaN and the infinities."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def build_save_policy(
-    *,
-    monitor: str | None,
-    mode: Mode,
-    min_delta: float,
-    threshold: float | None,
-    every_n_epochs: int | None,
-    every_n_steps: int | None,
-    every_seconds: float | None,
-    save_best_only: bool,
-    save_at_end: bool | None,
-    skip_first_epochs: int,
-    every: Literal["auto"] | None = None,
-    mtbf_seconds: float = DEFAULT_MTBF_SECONDS,
-    max_overhead: float = 0.05,
-) -> SavePolicy:
-    """The save policy the convenience knobs of :class:`Checkpointer` describe (see its docstring)."""
-    if every not in (None, "auto"):
-        raise ConfigError(f"Checkpointer: every must be 'auto' or None, got {every!r}")
-    check_count("Checkpointer", "every_n_epochs", every_n_epochs, minimum=0)
-    check_count("Checkpointer", "every_n_steps", every_n_steps, minimum=0)
-    check_count("Checkpointer", "skip_first_epochs", skip_first_epochs, minimum=0)
-    if every_seconds is not None and (
-        isinstance(every_seconds, bool) or not isinstance(every_seconds, (int, float))
-        or not 0 <= every_seconds < math.inf
-    ):
-        raise ConfigError(f"Checkpointer: every_seconds must be a finite number >= 0 (or None), got {every_seconds!r}")
-    check_threshold("Checkpointer", "threshold", threshold)
-    if every == "auto":  # checked here so the messages name these arguments, not AutoInterval's
-        if not _finite_number(mtbf_seconds) or mtbf_seconds <= 0:
-            raise ConfigError(f"Checkpointer: mtbf_seconds must be a positive number of seconds, got {mtbf_seconds!r}")
-        if not _finite_number(max_overhead) or not 0 < max_overhead <= 1:
-            raise ConfigError(f"Checkpointer: max_overhead must be a fraction in (0, 1], got {max_overhead!r}")
-    parts: list[SavePolicy] = []
-    if save_best_only:
-        if monitor is None:
-            raise ConfigError("Checkpointer: save_best_only=True needs monitor= (the metric to improve)")
-        if every_n_epochs or every_n_steps or every_seconds or every:
-            raise ConfigError(
-                "Checkpointer: save_best_only=True saves only on improvement; drop every_n_epochs / "
-                "every_n_steps / every_seconds, or use save_best_only=False to save on both"
-            )
-    else:
-        if every_n_epochs is None and every_n_steps is None and every_seconds is None and every is None:
-            every_n_epochs = 1
-        if every == "auto":
-            parts.append(AutoInterval(mtbf=mtbf_seconds, max_overhead=max_overhead))
-        if every_n_epochs:
-            parts.append(AlignedSchedule(EveryNEpochs(every_n_epochs)))
-        if every_n_steps:
-            parts.append(EveryNSteps(every_n_steps))
-        if every_seconds:
-            parts.append(EveryTSeconds(float(every_seconds)))
-    if monitor is not None:
-        parts.append(OnImprovement(monitor, mode=mode, min_delta=min_delta, threshold=threshold))
-    policies: list[SavePolicy] = []
-    if parts:
-        inner: SavePolicy = parts[0] if len(parts) == 1 else AnyOf(*parts)
-        policies.append(SkipFirstEpochs(skip_first_epochs, inner) if skip_first_epochs else inner)
-    if save_at_end if save_at_end is not None else not save_best_only:
-        policies.append(AtEnd())
-    if not policies:
-        return Never()
-    return policies[0] if len(policies) == 1 else AnyOf(*policies)
-
-
-def build_keep_policy(*, monitor: str | None, mode: Mode, keep_last: int | None, keep_best: int | None) -> KeepPolicy:
-    """The keep policy of the ``keep_last`` / ``keep_best`` knobs (everything when neither is set)."""
-    check_count("Checkpointer", "keep_last", keep_last, minimum=1)
-    check_count("Checkpointer", "keep_best", keep_best, minimum=1)
-    parts: list[KeepPolicy] = []
-    if keep_last is not None:
-        parts.append(KeepLast(keep_last))
-    if keep_best is not None:
-        if monitor is None:
-            raise ConfigError("Checkpointer: keep_best needs monitor= (the metric that ranks checkpoints)")
-        parts.append(KeepBest(keep_best, monitor, mode=mode))
-    if not parts:
-        return KeepAll()
-    return parts[0] if len(parts) == 1 else KeepUnion(*parts)
-
-
-def _default_name(epoch: int | None, step: int | None, sequence: int) -> str:
-    """``epoch=004-step=001200``; the parts that are unknown are left out (``save-000007`` if both)."""
-    parts = []
-    if epoch is not None:
-        parts.append(f"epoch={epoch:03d}")
-    if step is not None:
-        parts.append(f"step={step:06d}")
-    return "-".join(parts) if parts else f"save-{sequence:06d}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -678,49 +303,18 @@ class Checkpointer:
         check_count("Checkpointer", "max_epochs", max_epochs, minimum=1)
         if metadata is not None and not isinstance(metadata, Mapping):
             raise ConfigError(f"Checkpointer: metadata must be a dict, got {type(metadata).__name__}")
-        knobs_used = any(
-            v is not None for v in (every_n_epochs, every_n_steps, every_seconds, every, save_at_end)
-        ) or save_best_only or skip_first_epochs
-        if save is not None and knobs_used:
-            raise ConfigError(
-                "Checkpointer: pass either save= (a policy) or the every_*/save_best_only/save_at_end/"
-                "skip_first_epochs knobs, not both"
-            )
-        if keep is not None and (keep_last is not None or keep_best is not None):
-            raise ConfigError("Checkpointer: pass either keep= (a policy) or keep_last/keep_best, not both")
-        if save is not None and not isinstance(save, SavePolicy):
-            raise ConfigError(f"Checkpointer: save= must be a save policy, got {save!r}")
-        if keep is not None and not isinstance(keep, KeepPolicy):
-            raise ConfigError(f"Checkpointer: keep= must be a keep policy, got {keep!r}")
-
-        if monitor is None and save is not None:
-            found = _find_improvement(save)
-            if found is not None:
-                monitor, mode, min_delta = found.monitor, found.mode, found.min_delta
-                threshold = found.threshold if threshold is None else threshold
-        if monitor is None and keep is not None:
-            kept = _find_keep_best(keep)
-            if kept is not None:
-                monitor, mode = kept.monitor, kept.mode
-        if monitor is not None and (not isinstance(monitor, str) or not monitor):
-            raise ConfigError(f"Checkpointer: monitor must be a metric name, got {monitor!r}")
-        if not _finite_number(min_delta) or not min_delta >= 0:
-            raise ConfigError(f"Checkpointer: min_delta must be a finite number >= 0, got {min_delta!r}")
-        check_threshold("Checkpointer", "threshold", threshold)
-
-        self.monitor = monitor
-        self.mode: Literal["min", "max"] | None = resolve_mode(monitor, mode) if monitor else None
-        self.min_delta = float(min_delta)
-        self.threshold = threshold
-        self.save_policy: SavePolicy = save if save is not None else build_save_policy(
-            monitor=monitor, mode=mode, min_delta=min_delta, threshold=threshold,
+        chosen = policies_from_knobs(
+            save=save, keep=keep, monitor=monitor, mode=mode, min_delta=min_delta, threshold=threshold,
             every_n_epochs=every_n_epochs, every_n_steps=every_n_steps, every_seconds=every_seconds,
-            save_best_only=save_best_only, save_at_end=save_at_end, skip_first_epochs=skip_first_epochs,
-            every=every, mtbf_seconds=mtbf_seconds, max_overhead=max_overhead,
+            every=every, mtbf_seconds=mtbf_seconds, max_overhead=max_overhead, save_best_only=save_best_only,
+            save_at_end=save_at_end, skip_first_epochs=skip_first_epochs, keep_last=keep_last, keep_best=keep_best,
         )  # fmt: skip
-        self.keep_policy: KeepPolicy = keep if keep is not None else build_keep_policy(
-            monitor=monitor, mode=mode, keep_last=keep_last, keep_best=keep_best
-        )
+        self.monitor = chosen.monitor
+        self.mode: Literal["min", "max"] | None = chosen.mode
+        self.min_delta = chosen.min_delta
+        self.threshold = chosen.threshold
+        self.save_policy: SavePolicy = chosen.save_policy
+        self.keep_policy: KeepPolicy = chosen.keep_policy
         self.template = NameTemplate(name) if name is not None else None
         self.weights_only = bool(weights_only)
         self.rng = bool(rng)
@@ -729,7 +323,7 @@ class Checkpointer:
         self.max_epochs = max_epochs
         self.background = bool(background)
         self._writer: BackgroundWriter | None = None
-        self._in_flight: _InFlight | None = None
+        self._in_flight: InFlight | None = None
         self.metadata: dict[str, Any] = dict(metadata or {})
         self._clock = clock
         self._wall_clock = wall_clock
@@ -753,7 +347,7 @@ class Checkpointer:
         self._owner = bool(lock)
         self._cleaned = False
         self._started = clock()
-        self._unjudged = _UnjudgedEpochs()
+        self._unjudged = UnjudgedEpochs()
         self.preempted: str | None = None
         """The signal whose preemption save was made (with ``signal_action="continue"``), or None."""
         self._lock: ProcessShare | None = None
@@ -770,16 +364,7 @@ class Checkpointer:
                 from .mirror import Mirror
 
                 self._mirror = Mirror(self.directory, mirror, storage_options=mirror_options).start()
-            if save_on_signal is not False:
-                if save_on_signal is True:
-                    signals: tuple[int | str, ...] = DEFAULT_SIGNALS
-                elif isinstance(save_on_signal, (str, int)):  # one signal: "SIGTERM", 15
-                    signals = (save_on_signal,)
-                else:
-                    signals = tuple(save_on_signal)
-                self._preemption = PreemptionHandler(
-                    signals=signals, action=signal_action, exit_code=signal_exit_code
-                ).install()
+            self._preemption = install_preemption(save_on_signal, action=signal_action, exit_code=signal_exit_code)
         except BaseException:
             self._release()
             raise
@@ -863,23 +448,6 @@ class Checkpointer:
         return self._index.best(self.monitor, self.mode, entries=self._run_entries(), min_delta=self.min_delta,
                                 threshold=self.threshold)  # fmt: skip
 
-    def _record(self, entry: IndexEntry, newest: str | None) -> CheckpointRecord:
-        return CheckpointRecord(
-            name=entry.name,
-            path=self.storage.path(entry.name),
-            sequence=entry.sequence,
-            epoch=entry.epoch,
-            step=entry.step,
-            metrics=entry.metrics,
-            created=entry.manifest.created,
-            size=entry.manifest.total_bytes,
-            is_best=self._best is not None and self._best.name == entry.name,
-            is_latest=entry.name == newest,
-            weights_only=entry.weights_only,
-            pinned=entry.pinned,
-            run=entry.run,
-        )
-
     # ----------------------------------------------------------------------------------------------
     # Introspection
 
@@ -888,11 +456,12 @@ class Checkpointer:
 
         A background save in flight is waited for first, so it is listed once committed.
         """
-        self._settle()
+        settle(self)
         self._refresh()
         entries = self._index.ordered()
         newest = entries[-1].name if entries else None
-        return [self._record(e, newest) for e in entries]
+        best = self._best.name if self._best is not None else None
+        return [record_for(e, path=self.storage.path(e.name), best=best, newest=newest) for e in entries]
 
     @property
     def latest(self) -> CheckpointRecord | None:
@@ -911,7 +480,7 @@ class Checkpointer:
     @property
     def best_value(self) -> float | None:
         """The best value of ``monitor`` so far (persisted across restarts), or None."""
-        self._settle()
+        settle(self)
         self._refresh()
         return self._best.value if self._best is not None else None
 
@@ -958,13 +527,13 @@ class Checkpointer:
         """
         self._check_open()
         if self._in_flight is not None and self._in_flight.handle.done():
-            self._settle()
+            settle(self)
         said_epoch_end = epoch_end is not None and bool(epoch_end)
         epoch_end = True if epoch_end is None else bool(epoch_end)
         if epoch_end and not final and self.max_epochs is not None and epoch is not None:
             final = epoch >= self.max_epochs
         progress = self._progress(epoch, step, metrics, epoch_end=epoch_end, final=final)
-        monitored = _find_improvement(self.save_policy)
+        monitored = find_improvement(self.save_policy)
         if monitored is not None and epoch is not None:
             self._unjudged.note(epoch, judged=monitored.monitor in progress.metrics, monitor=monitored.monitor)
         improvement = monitored if said_epoch_end else None
@@ -978,13 +547,13 @@ class Checkpointer:
             started=self._started,
         )
         wanted = self.save_policy.should_save(progress, context) and not (
-            progress.final and self._already_saved(progress)
+            progress.final and already_saved(self, progress)
         )
         result = None
         if self._coord.agree(wanted):
-            result = self._save(state, progress, name=None, metadata=metadata, pin=False)
+            result = save_state(self, state, progress, name=None, metadata=metadata, pin=False)
         if self._preemption is not None and self._coord.any(self._preemption.requested):
-            result = self._save_for_preemption(state, progress, result, metadata)
+            result = save_for_preemption(self, state, progress, result, metadata)
         return result
 
     # ----------------------------------------------------------------------------------------------
@@ -994,33 +563,6 @@ class Checkpointer:
     def preemption(self) -> PreemptionHandler | None:
         """The signal handler installed by ``save_on_signal`` (``.requested``, ``.signal_name``), or None."""
         return self._preemption
-
-    def _save_for_preemption(
-        self, state: Mapping[str, Any], progress: Progress, result: SaveResult | None,
-        metadata: Mapping[str, Any] | None,
-    ) -> SaveResult | None:  # fmt: skip
-        """A preemption signal arrived (on any rank): make sure this state is durably saved, then act
-        per ``signal_action`` (exit, re-raise the signal, or return and keep training)."""
-        handler = self._preemption
-        assert handler is not None
-        started = time.monotonic()
-        name = handler.signal_name or "a signal on another rank"
-        if result is None:
-            extra = {**dict(metadata or {}), "preempted_by": name}
-            result = self._save(state, progress, name=None, metadata=extra, pin=False)
-        self._settle()  # a background save must be committed before the process goes
-        seconds = time.monotonic() - started
-        since = handler.seconds_since_signal()
-        log.warning(
-            "savegame: %s received; checkpoint %s durable %.2f s later (save and wait: %.2f s)",
-            name, result.name, since if since is not None else seconds, seconds,
-        )  # fmt: skip
-        handler.save_seconds = seconds
-        self.preempted = name
-        if handler.action != "continue":
-            self.close()
-        handler.exit()
-        return result
 
     @contextmanager
     def between_steps(
@@ -1042,14 +584,7 @@ class Checkpointer:
             raise ConfigError("Checkpointer.between_steps is not available in a process group; use step()")
         progress = self._progress(epoch, step, metrics, epoch_end=False, final=False)
 
-        def save(signum: int) -> None:
-            self._save(state, progress, name=None, metadata={"preempted_by": self._preemption.signal_name
-                                                              if self._preemption else signum}, pin=False)  # fmt: skip
-            self._settle()
-            if self._preemption is not None and self._preemption.action != "continue":
-                self.close()
-
-        with self._preemption.between_steps(save):
+        with immediate_saves(self, state, progress):
             yield
 
     def save(
@@ -1074,234 +609,14 @@ class Checkpointer:
         if name is not None:
             validate_name(name)
         progress = self._progress(epoch, step, metrics, epoch_end=epoch_end, final=False)
-        return self._save(state, progress, name=name, metadata=metadata, pin=pin)
-
-    def _already_saved(self, progress: Progress) -> bool:
-        """True when this process's last save was at the same epoch and step (no duplicate end save)."""
-        last = self._last_saved
-        if not self._saved_here or last is None:
-            return False
-        if progress.epoch is None and progress.step is None:
-            return False
-        return last.epoch == progress.epoch and last.step == progress.step
-
-    def _items(self, state: Mapping[str, Any]) -> dict[str, Any]:
-        """The items to write: the whole state plus the RNGs, or only the modules for weights_only."""
-        if not isinstance(state, Mapping):
-            raise ConfigError(f"state must be a dict of items (e.g. {{'model': model}}), not {type(state).__name__}")
-        if self.weights_only:
-            items = {k: v for k, v in state.items() if is_model_weights(v)}
-            if not items:
-                raise ConfigError(
-                    "weights_only=True but the state has no torch.nn.Module item to take weights from"
-                )
-            return items
-        items = dict(state)
-        if self.rng and RNG_ITEM not in items:
-            items[RNG_ITEM] = RNGState()
-        return items
-
-    def _name_for(self, progress: Progress, sequence: int, explicit: str | None) -> str:
-        """The checkpoint name before de-duplication."""
-        if explicit is not None:
-            return explicit
-        if self.template is not None:
-            try:
-                return self.template.format(epoch=progress.epoch, step=progress.step, metrics=progress.metrics)
-            except InvalidNameError as exc:
-                message = f"{exc}; using the default name for this checkpoint"
-                log.warning(message)
-                warnings.warn(message, stacklevel=4)
-        return _default_name(progress.epoch, progress.step, sequence)
-
-    def _new_best(self, progress: Progress, name: str) -> RecordedBest | None:
-        """The best after saving ``progress`` as ``name`` (this one if it improves on the old best)."""
-        if self.monitor is None or self.mode is None:
-            return None
-        value = progress.metrics.get(self.monitor)
-        current = self._best
-        if value is not None:
-            reference = current.value if current is not None else self.threshold
-            if is_better(value, reference, self.mode, self.min_delta):
-                return RecordedBest(self.monitor, self.mode, float(value), name, progress.epoch, progress.step)
-        return current
-
-    def _progress_json(
-        self, progress: Progress, sequence: int, best: RecordedBest | None, name: str, pin: bool
-    ) -> dict[str, Any]:
-        """The ``progress`` dict stored in the manifest (layout in the module docstring)."""
-        return {
-            "checkpointer": PROGRESS_VERSION,
-            "sequence": sequence,
-            "run": self.run_id,
-            "epoch": progress.epoch,
-            "step": progress.step,
-            "metrics": dict(progress.metrics),
-            "epoch_end": progress.epoch_end,
-            "final": progress.final,
-            "weights_only": self.weights_only,
-            "pinned": pin,
-            "is_best": best is not None and best.name == name,
-            "best": best.to_json() if best is not None else None,
-        }
-
-    def _save(
-        self, state: Mapping[str, Any], progress: Progress, *, name: str | None,
-        metadata: Mapping[str, Any] | None, pin: bool,
-    ) -> SaveResult:  # fmt: skip
-        started = time.perf_counter()
-        self._settle()
-        self._clean_up()
-        items = self._items(state)
-        distributed = self._coord.distributed
-        encoded = None if self.background or distributed else api.encode_state(items)
-        self._refresh()
-        sequence = self._index.max_sequence + 1
-        base = self._name_for(progress, sequence, name)
-        meta = {**self.metadata, **dict(metadata or {})}
-        naming = _Naming.start(base, self._index.names())
-        best = self._new_best(progress, naming.name)
-        naming.payload = lambda n: self._progress_json(progress, sequence, _renamed(best, naming.first, n), n, pin)
-        payload = naming.payload(naming.name)
-        if encoded is None and not distributed:
-            return self._submit(naming, items, meta, payload, progress, best, started)
-        if encoded is None:
-            path, manifest = self._write_distributed(naming, items, meta, payload)
-            final_name = os.path.basename(path.rstrip("/"))  # rank 0's name
-        else:
-            path, manifest = api.write_items(
-                self.storage, naming.name, encoded, metadata=meta, progress=payload, overwrite=False,
-                next_name=naming.next,
-            )  # fmt: skip
-            final_name = naming.name
-        self._committed(final_name, manifest)
-        self._last_saved = progress
-        self._saved_here = True
-        deleted = self._retain()
-        is_best = self._best is not None and self._best.name == final_name
-        seconds = time.perf_counter() - started
-        record_save_cost(self.save_policy, seconds)
-        log.info("saved checkpoint %s%s", path, " (best)" if is_best else "")
-        return SaveResult(
-            name=final_name, path=path, epoch=progress.epoch, step=progress.step,
-            metrics=MappingProxyType(dict(progress.metrics)), is_best=is_best,
-            size=manifest.total_bytes, seconds=seconds, deleted=tuple(deleted),
-        )  # fmt: skip
-
-    def _write_distributed(
-        self, naming: _Naming, items: Mapping[str, Any], metadata: Mapping[str, Any], payload: Mapping[str, Any]
-    ) -> tuple[str, Manifest]:
-        """Write ``items`` from every rank as one checkpoint (rank 0's name and progress count)."""
-        from . import distributed as sgd
-        from .coordination import Ranks
-
-        assert isinstance(self._coord, Ranks)
-        return sgd.write_state(
-            self.storage, naming.name, items, metadata=metadata, progress=payload, overwrite=False,
-            per_rank=self.per_rank, context=self._coord.context, next_name=naming.next,
-        )  # fmt: skip
-
-    def _committed(self, name: str, manifest: Manifest) -> None:
-        """Record a committed checkpoint in the cache, recompute the best, wake the mirror."""
-        self._index.note_committed(name, manifest)
-        self._best = self._resolve_best()
-        if self._mirror is not None:
-            self._mirror.notify()
-
-    def _retain(self) -> builtins.list[str]:
-        """Apply retention after a commit, on the coordinating rank only; every rank forgets what went."""
-        deleted: builtins.list[str] = self._coord.on_coordinator(lambda: self._apply_retention(dry_run=False))
-        for name in deleted:
-            self._index.note_gone(name)
-        if deleted and self._mirror is not None:
-            self._mirror.notify()
-        return deleted
-
-    def _submit(
-        self, naming: _Naming, items: Mapping[str, Any], metadata: Mapping[str, Any], payload: Mapping[str, Any],
-        progress: Progress, best: RecordedBest | None, started: float,
-    ) -> SaveResult:  # fmt: skip
-        """Start a background save (snapshot now, write later); the Checkpointer's view is updated
-        optimistically (last save, best) and corrected from the directory if the save fails, or when
-        another writer took its name meanwhile (then it is committed under the next free one, as a
-        sync save is)."""
-        if self._writer is None:
-            self._writer = BackgroundWriter(name=f"savegame-writer:{os.path.basename(self.directory)}")
-        name = naming.name
-        handle = save_in_background(
-            self._writer, self.storage, name, items, metadata=metadata, progress=payload, overwrite=False,
-            next_name=naming.next,
-        )  # fmt: skip
-        self._in_flight = _InFlight(naming, handle)
-        _settle_at_exit(self)
-        self._index.max_sequence = max(self._index.max_sequence, int(payload["sequence"]))
-        self._last_saved = progress
-        self._saved_here = True
-        self._best = best
-        seconds = time.perf_counter() - started
-        record_save_cost(self.save_policy, handle.blocking_seconds)
-        log.info("saving checkpoint %s in the background", handle.path)
-        return SaveResult(
-            name=name, path=self.storage.path(name), epoch=progress.epoch, step=progress.step,
-            metrics=MappingProxyType(dict(progress.metrics)), is_best=best is not None and best.name == name,
-            size=None, seconds=seconds, pending=handle,
-        )  # fmt: skip
-
-    def _settle(self) -> builtins.list[str]:
-        """Wait for the background save in flight, integrate it and apply retention; return deletions.
-
-        A failed background save raises :class:`BackgroundSaveError` here, after the Checkpointer's
-        view (newest, best) was re-read from the directory.
-        """
-        in_flight, self._in_flight = self._in_flight, None
-        _unsettled.discard(self)
-        if in_flight is None:
-            return []
-        seen = in_flight.handle.delivered  # the caller already got the error from the handle
-        try:
-            manifest = in_flight.handle.result()
-        except BackgroundSaveError:
-            self._refresh()
-            newest = self._index.latest
-            self._last_saved = newest.progress() if newest is not None else None
-            self._saved_here = False
-            if seen:
-                return []
-            raise
-        self._committed(in_flight.name, manifest)
-        return self._retain()
+        return save_state(self, state, progress, name=name, metadata=metadata, pin=pin)
 
     def wait(self) -> builtins.list[str]:
         """Wait for the background save in flight (if any) and run retention; return what it deleted."""
-        return self._settle()
+        return settle(self)
 
     # ----------------------------------------------------------------------------------------------
     # Retention
-
-    def _doomed(self, *, all_runs: bool = False) -> builtins.list[str]:
-        """Names retention would delete now (:meth:`RunIndex.doomed`): the keep policy applied to this
-        run's checkpoints, or to each run's separately (``all_runs``), this run's best kept too."""
-        return self._index.doomed(self.keep_policy, run=None if all_runs else self.run_id,
-                                  best=self._best.name if self._best is not None else None,
-                                  monitor=self.monitor, mode=self.mode, now=self._wall_clock())  # fmt: skip
-
-    def _apply_retention(self, *, dry_run: bool, all_runs: bool = False) -> builtins.list[str]:
-        doomed = self._doomed(all_runs=all_runs)
-        if dry_run:
-            return doomed
-        deleted = []
-        for name in doomed:
-            try:
-                self.storage.delete(name)
-            except (CheckpointError, OSError) as exc:
-                message = f"retention could not delete checkpoint {name}: {exc}"
-                log.warning(message)
-                warnings.warn(message, stacklevel=3)
-                continue
-            self._index.note_gone(name)
-            deleted.append(name)
-            log.info("retention deleted checkpoint %s", name)
-        return deleted
 
     def prune(self, *, dry_run: bool = True, all_runs: bool = False) -> builtins.list[str]:
         """Apply the keep policy now; return the names deleted (or that would be).
@@ -1314,12 +629,12 @@ class Checkpointer:
         """
         if not dry_run:
             self._check_open()
-        self._settle()
+        settle(self)
         self._refresh()
         self._index.check_monitor_recorded(self.monitor, run=None if all_runs else self.run_id,
                                            where=f"Checkpointer({self.directory!r})")
         names: builtins.list[str] = self._coord.on_coordinator(
-            lambda: self._apply_retention(dry_run=dry_run, all_runs=all_runs)
+            lambda: apply_retention(self, dry_run=dry_run, all_runs=all_runs)
         )
         if not dry_run:
             for name in names:
@@ -1364,251 +679,17 @@ class Checkpointer:
         """
         if not isinstance(state, Mapping):
             raise ConfigError(f"state must be a dict of items, not {type(state).__name__}")
-        self._settle()
+        settle(self)
         self._refresh()
         if which == "latest":
-            return self._resume(state, strict=strict, map_location=map_location)
-        if which == "best":
-            if self._best is None or self._best.name not in self._index.entries:
-                if not self.monitor:
-                    why = " (no monitor= was given, so nothing is ranked)"
-                elif self.restart == "off":
-                    why = (" of this run (restart='off' started a new run, which has none yet; an earlier run's "
-                           "checkpoints load by name)")  # fmt: skip
-                else:
-                    why = ""
-                raise CheckpointNotFoundError(f"{self.directory}: no best checkpoint{why}")
-            entry = self._index.entries[self._best.name]
-        else:
-            if which in self._index.unreadable:  # there but damaged: its error, not "not found"
-                self._index.note_committed(which, api.read_manifest(self._ref(which)))
-            entry_or_none = self._index.entries.get(which)
-            if entry_or_none is None:
-                raise CheckpointNotFoundError(f"{self.directory}: no committed checkpoint named {which!r}")
-            entry = entry_or_none
+            return resume_latest(self, state, strict=strict, map_location=map_location)
+        entry = entry_named(self, which)
         if self._coord.distributed and self.verify:  # rank 0 checks; a damaged file raises on every rank
             self._coord.on_coordinator(lambda: api.verify(self._ref(entry.name)) and None)
-            return self._load(entry, state, strict=strict, map_location=map_location, quarantined=(), verify=False)
-        return self._load(entry, state, strict=strict, map_location=map_location, quarantined=())
-
-    def _fetch_from_mirror(self) -> None:
-        """Bring the mirror's newest valid checkpoint here when it is newer than every local one."""
-        if self._mirror is None:
-            return
-        self._mirror_verified = None
-        try:
-            self._mirror.restore_newest(verify=self.verify)
-            self._mirror_verified = self._mirror.verified
-        except (CheckpointError, OSError) as exc:
-            log.warning("Checkpointer(%s): could not look at the mirror %s: %s", self.directory, self._mirror, exc)
-        self._refresh()
-
-    def _already_verified(self, name: str, manifest: Manifest) -> bool:
-        """Whether the mirror's ``restore_newest`` just verified every file of checkpoint ``name`` with
-        exactly this ``manifest`` (resume then does not hash them a second time). Asked once per resume."""
-        verified, self._mirror_verified = self._mirror_verified, None
-        return verified == (name, manifest)
-
-    def _pick_for_resume(self) -> dict[str, Any]:
-        """Rank 0's choice of the checkpoint all ranks resume from: the newest that verifies (broken
-        ones quarantined on the way). JSON, as it is broadcast: ``{"name": ..., "quarantined": [...]}``."""
-        self._fetch_from_mirror()
-        quarantined: builtins.list[str] = []
-        for name, exc in builtins.list(self._index.unreadable.items()):
-            if isinstance(exc, CorruptCheckpointError):
-                quarantined.append(self._quarantine(name, exc))
-        for entry in reversed(self._index.ordered()):
-            try:
-                manifest = api.read_manifest(self._ref(entry.name))
-                if self.verify and not self._already_verified(entry.name, manifest):
-                    api.verify(self._ref(entry.name))
-            except CorruptCheckpointError as exc:
-                quarantined.append(self._quarantine(entry.name, exc))
-                continue
-            return {"name": entry.name, "quarantined": quarantined}
-        return {"name": None, "quarantined": quarantined}
-
-    def _resume(self, state: Mapping[str, Any], *, strict: bool, map_location: Any) -> RestoredProgress | None:
-        if self.restart == "off":
-            log.info("restart='off': not resuming from %s", self.directory)
-            return None
-        if self._coord.distributed:
-            return self._resume_together(state, strict=strict, map_location=map_location)
-        self._fetch_from_mirror()
-        quarantined: builtins.list[str] = []
-        for name, exc in builtins.list(self._index.unreadable.items()):
-            if isinstance(exc, CorruptCheckpointError):
-                quarantined.append(self._quarantine(name, exc))
-        tried: set[str] = set(quarantined)
-        empty = 0
-        for _ in range(_MAX_RESUME_ROUNDS):
-            restored = self._resume_newest(state, tried, quarantined, strict=strict, map_location=map_location)
-            if restored is not None:
-                if restored.run is not None and not self._saved_here:
-                    self.run_id = restored.run  # resumed an older run (the newer ones were damaged)
-                    self._best = self._resolve_best()
-                return restored.progress
-            self._refresh()  # a writer may have committed newer checkpoints meanwhile: look again
-            if all(name in tried for name in self._index.entries):
-                if self._index.entries or empty >= 2:
-                    break
-                empty += 1  # nothing listed: once more, 10 ms later (a listing overtaken by a writer)
-                time.sleep(0.01)
-                self._refresh()
-        else:
-            raise CheckpointError(
-                f"{self.directory}: the checkpoints were deleted faster than they could be read "
-                f"({_MAX_RESUME_ROUNDS} attempts); is a writer's keep_last too small for its save rate?"
+            return load_entry(
+                self, entry, state, strict=strict, map_location=map_location, quarantined=(), verify=False
             )
-        self._nothing_to_resume(quarantined)
-        return None
-
-    def _resume_newest(
-        self, state: Mapping[str, Any], tried: set[str], quarantined: builtins.list[str], *, strict: bool,
-        map_location: Any,
-    ) -> _Resumed | None:  # fmt: skip
-        """Load the newest listed checkpoint not in ``tried`` that loads (damaged ones quarantined and
-        the next older one tried); None when none is left or one was deleted by a writer's retention
-        while being read -- not damage: the caller lists the directory again."""
-        for entry in reversed(self._index.ordered()):
-            if entry.name in tried:
-                continue
-            tried.add(entry.name)
-            try:
-                progress = self._load(entry, state, strict=strict, map_location=map_location,
-                                      quarantined=tuple(quarantined))  # fmt: skip
-            except (CorruptCheckpointError, NotACheckpointError, CheckpointNotFoundError, StorageError, OSError) as exc:
-                if not self.storage.exists(entry.name):
-                    log.info("checkpoint %s was deleted (by retention) while being restored; looking again", entry.name)
-                    self._index.note_gone(entry.name)
-                    return None
-                if not isinstance(exc, CorruptCheckpointError):
-                    raise
-                quarantined.append(self._quarantine(entry.name, exc))
-                continue
-            return _Resumed(progress, entry.run)
-        return None
-
-    def _nothing_to_resume(self, quarantined: builtins.list[str]) -> None:
-        """Raise (``restart="required"``) or log that training starts fresh."""
-        detail = f" ({len(quarantined)} damaged checkpoint(s) quarantined)" if quarantined else ""
-        if self.restart == "required":
-            raise CheckpointNotFoundError(
-                f"{self.directory}: restart='required' but there is no valid checkpoint{detail}"
-            )
-        log.info("no checkpoint to resume from in %s%s: starting fresh", self.directory, detail)
-
-    def _resume_together(self, state: Mapping[str, Any], *, strict: bool, map_location: Any) -> RestoredProgress | None:
-        """Resume in a process group: rank 0 picks (and verifies), every rank loads the same one."""
-        choice = self._coord.on_coordinator(self._pick_for_resume)
-        self._refresh()
-        quarantined = [str(q) for q in choice["quarantined"]]
-        name = choice["name"]
-        if name is None:
-            self._nothing_to_resume(quarantined)
-            return None
-        entry = self._index.entries.get(str(name))
-        if entry is None:
-            raise CheckpointError(f"{self.directory}: rank 0 resumes from {name!r}, which this rank cannot read")
-        return self._load(entry, state, strict=strict, map_location=map_location,
-                          quarantined=tuple(quarantined), verify=False)  # fmt: skip
-
-    def _quarantine(self, name: str, exc: Exception) -> str:
-        """Move a damaged checkpoint aside (never delete it), warn and log; return its old name.
-
-        A Checkpointer without the writer lock (``lock=False``, in a process that does not hold the lock
-        otherwise) does not own the directory and leaves the checkpoint where it is: it only warns and
-        skips it."""
-        if not (self._owner or (self.local and process_holds(self.directory))):
-            message = (f"checkpoint {name} in {self.directory} is damaged and was skipped (left in place: "
-                       f"this Checkpointer has lock=False and does not own the directory): {exc}")  # fmt: skip
-            log.warning(message)
-            warnings.warn(message, ResumeWarning, stacklevel=4)
-            self._index.note_gone(name)
-            return name
-        try:
-            moved = self.storage.quarantine(name)
-        except (CheckpointError, OSError) as err:
-            moved = f"(could not quarantine: {err})"
-        message = f"checkpoint {name} in {self.directory} is damaged and was moved to {moved}: {exc}"
-        log.warning(message)
-        warnings.warn(message, ResumeWarning, stacklevel=4)
-        self._index.note_gone(name)
-        return name
-
-    def _load(
-        self, entry: IndexEntry, state: Mapping[str, Any], *, strict: bool, map_location: Any,
-        quarantined: tuple[str, ...], verify: bool | None = None,
-    ) -> RestoredProgress:  # fmt: skip
-        path = self.storage.path(entry.name)
-        source = self._ref(entry.name)
-        verifying = self.verify if verify is None else verify
-        manifest = api.read_manifest(source)
-        if self._already_verified(entry.name, manifest):
-            verifying = False  # the mirror hashed every file of this manifest moments ago
-        layout = DISTRIBUTED_ITEM in manifest.items
-        if layout or self._coord.distributed:
-            from .distributed import item_names
-
-            saved = item_names(manifest)
-        else:
-            saved = set(manifest.items)
-        target = dict(state)  # a copy: the RNG item may be added; plain items are copied back below
-        if self.rng and RNG_ITEM in saved and RNG_ITEM not in state:
-            target[RNG_ITEM] = RNGState()
-        if verifying and (layout or self._coord.distributed):
-            api.verify(source)
-        elif verifying:  # one pass over each file: load checks the files it reads, before restoring anything
-            read_by_load = {manifest.items[k].file for k in target if k in manifest.items}
-            api.verify_files(source, manifest, [f for f in manifest.files if f not in read_by_load])
-        # a None item is a placeholder ("read it if it was saved"): absent, it stays None, as asked
-        target = {k: v for k, v in target.items() if k in saved or v is not None}
-        absent = [k for k in target if k not in saved]
-        if absent and (entry.weights_only or not strict):
-            message = f"checkpoint {entry.name} has no items {absent}; they were not restored"
-            log.warning(message)
-            warnings.warn(message, ResumeWarning, stacklevel=4)
-            target = {k: v for k, v in target.items() if k in saved}
-        elif absent:
-            raise StateMismatchError(
-                f"checkpoint {entry.name} has no items {absent} (it has {sorted(saved)}); "
-                "pass strict=False to restore the rest"
-            )
-        if layout or self._coord.distributed:
-            report = self._load_distributed(source, target, strict=strict, map_location=map_location)
-            for key, value in report.state.items():  # top-level plain values come back, not replaced
-                if key in target and replaceable(target[key]):
-                    target[key] = value
-        else:  # plain items are filled in place or replaced in target (see savegame.load)
-            report = api.load(source, target, strict=strict, verify=verifying, map_location=map_location)
-        if isinstance(state, MutableMapping):
-            for key in state:
-                if key in target and target[key] is not state[key]:
-                    state[key] = target[key]  # a plain value replaced (``state["epoch"]``)
-        # the plain values of the state's items, then the plain items of the checkpoint it did not name
-        data = {k: report.state[k] for k in state if k in report.state and k in target}
-        data.update({k: v for k, v in report.state.items() if k not in state and k not in target})
-        progress = entry_from_manifest(entry.name, manifest)
-        self._last_saved = progress.progress()
-        self._saved_here = False
-        log.info("restored checkpoint %s (epoch=%s, step=%s)", path, progress.epoch, progress.step)
-        return RestoredProgress(
-            name=entry.name, path=path, epoch=progress.epoch, step=progress.step,
-            metrics=progress.metrics, data=MappingProxyType(data), quarantined=quarantined,
-        )  # fmt: skip
-
-    def _load_distributed(
-        self, path: str | CheckpointRef, target: Mapping[str, Any], *, strict: bool, map_location: Any
-    ) -> Any:
-        """Restore a checkpoint written by several ranks (or restore on several ranks): every rank
-        its own per-rank items, sharded items resharded to this job's layout. ``path``: what
-        :meth:`_ref` gives (a local path, or a reference that reads through this Checkpointer's configured
-        storage: a remote root's credentials live in its storage_options)."""
-        from . import distributed as sgd
-        from .coordination import Ranks
-
-        context = self._coord.context if isinstance(self._coord, Ranks) else sgd.RankContext()
-        return sgd.load_state(path, target, strict=strict, verify=False, map_location=map_location, context=context)
+        return load_entry(self, entry, state, strict=strict, map_location=map_location, quarantined=())
 
     # ----------------------------------------------------------------------------------------------
     # Lifetime
@@ -1625,7 +706,7 @@ class Checkpointer:
             return
         self._closed = True
         try:
-            self._settle()
+            settle(self)
         finally:
             try:
                 if self._writer is not None:
@@ -1677,47 +758,3 @@ class Checkpointer:
 
     def __repr__(self) -> str:
         return f"Checkpointer({self.directory!r}, monitor={self.monitor!r}, mode={self.mode!r})"
-
-
-
-_unsettled: set[Checkpointer] = set()
-_unsettled_hook = False
-
-
-def _settle_at_exit(checkpointer: Checkpointer) -> None:
-    """Close ``checkpointer`` at interpreter exit if its background save was never settled.
-
-    The background writer finishes the save in flight at exit by itself; closing the Checkpointer then
-    also integrates it (retention once it is committed, the mirror's upload, the lock given back), as
-    ``close()``, ``wait()`` or the next save would have. The reference held here (until the save is
-    settled) keeps a Checkpointer that went out of scope with a save in flight alive for that.
-    """
-    global _unsettled_hook
-    _unsettled.add(checkpointer)
-    if not _unsettled_hook:
-        _unsettled_hook = True
-        close_at_exit(_close_unsettled)
-
-
-def _close_unsettled() -> None:
-    for checkpointer in list(_unsettled):
-        if checkpointer._closed:
-            continue
-        log.info("Checkpointer(%s) was not closed: closing it at exit", checkpointer.directory)
-        try:
-            checkpointer.close()
-        except Exception as exc:  # no caller is left to raise to: say it, and close the others
-            try:
-                print(f"savegame: closing Checkpointer({checkpointer.directory}) at exit: {exc}",
-                      file=sys.stderr, flush=True)
-            except (OSError, ValueError):
-                pass
-
-
-def _forget_unsettled_after_fork() -> None:
-    """A forked child does not own its parent's Checkpointers: never close them at the child's exit."""
-    _unsettled.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_unsettled_after_fork)
