@@ -288,7 +288,7 @@ class SavegameAsync(Contender):
 
     def reset(self) -> None:
         try:
-            from savegame.background import default_writer
+            from savegame.engine.background import default_writer
 
             default_writer().pool.clear()
         except (ImportError, AttributeError):

@@ -110,7 +110,7 @@ def measure(
     import torch.distributed.checkpoint
 
     import savegame
-    import savegame.background
+    import savegame.engine.background
 
     from .workloads import build
 

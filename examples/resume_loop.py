@@ -20,7 +20,7 @@ import sys
 import torch
 from torch import nn
 
-from savegame.checkpointer import Checkpointer
+from savegame.run.checkpointer import Checkpointer
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.nn import functional as F
 
-from savegame.checkpointer import Checkpointer
+from savegame.run.checkpointer import Checkpointer
 
 
 def run(preset: str, directory: str, epochs: int) -> None:

@@ -18,7 +18,7 @@ from sklearn.datasets import load_wine
 from sklearn.model_selection import train_test_split
 from torch import nn, optim
 
-from savegame.checkpointer import Checkpointer
+from savegame.run.checkpointer import Checkpointer
 
 
 def make_model() -> nn.Sequential:

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import savegame
-from savegame import manifest as manifest_mod
-from savegame.hashing import hash_buffer
+from savegame.format import manifest as manifest_mod
+from savegame.format.hashing import hash_buffer
 
 Mutator = Callable[[dict[str, Any]], None]
 

@@ -1,7 +1,7 @@
 """docs/architecture.md's "Adding a framework adapter" recipe, followed to the letter.
 
 savegame has no adapter registry a third party can add to: which objects are live and how they are
-captured and restored is decided by ``isinstance`` checks in :mod:`savegame.capture` (``kind_of``,
+captured and restored is decided by ``isinstance`` checks in :mod:`savegame.engine.capture` (``kind_of``,
 ``live_object_hook``, ``_restore``). A class of your own therefore joins through the
 :class:`savegame.Stateful` protocol: ``state_dict()`` returning its state as nested data (dicts, lists,
 numbers, strings, NumPy arrays, tensors) and ``load_state_dict(state)`` putting it back in place,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from savegame.autointerval import AutoInterval, daly_interval, record_save_cost
 from savegame.errors import ConfigError
 from savegame.policies import AnyOf, EveryNEpochs, Progress, SaveContext, SkipFirstEpochs
+from savegame.policies.autointerval import AutoInterval, daly_interval, record_save_cost
 
 
 def test_daly_formula_values() -> None:

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 import savegame
-from savegame.background import BackgroundWriter, PendingSave
+from savegame.engine.background import BackgroundWriter, PendingSave
+from savegame.engine.writer import save_in_background
 from savegame.errors import BackgroundSaveError
 from savegame.storage.local import FileOps, LocalStorage
-from savegame.writer import save_in_background
 
 
 class GatedOps(FileOps):
@@ -53,7 +53,7 @@ def test_background_save_returns_after_snapshot_and_ignores_later_changes(
     changed (``GatedOps``), and the snapshot's host copies run late on their worker (so a save that
     returned before its copies finished would copy changed values): only a snapshot taken in full
     before ``save`` returns, in memory of its own, is written as it was at the call."""
-    from savegame import copyqueue
+    from savegame._util import copyqueue
 
     copy_batch = copyqueue._run
 
@@ -221,8 +221,8 @@ def test_snapshot_copies_on_the_worker_are_complete_when_save_returns(tmp_path: 
 
 
 def test_snapshot_that_fails_midway_waits_for_its_copies(tmp_path: Path) -> None:
+    from savegame.engine.writer import encode_state
     from savegame.errors import UnsupportedTypeError
-    from savegame.writer import encode_state
 
     class Pool:
         def __init__(self) -> None:

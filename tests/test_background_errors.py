@@ -33,7 +33,7 @@ class FullDisk(FileOps):
         raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def _wait_done(handle: savegame.background.PendingSave) -> None:
+def _wait_done(handle: savegame.engine.background.PendingSave) -> None:
     deadline = time.monotonic() + 30
     while not handle.done():
         assert time.monotonic() < deadline
@@ -50,7 +50,7 @@ def test_handled_error_of_a_functional_background_save_does_not_poison_the_next(
     monkeypatch.setattr(local, "DEFAULT_OPS", FileOps())
     ok = savegame.save(tmp_path / "b", {"x": np.arange(5)}, background=True)  # unrelated: must not raise
     ok.result()
-    savegame.background.default_writer().wait()  # nothing left to report
+    savegame.engine.background.default_writer().wait()  # nothing left to report
     assert np.array_equal(savegame.load(tmp_path / "b")["x"], np.arange(5))
     assert sorted(os.listdir(tmp_path)) == ["b"]
 
@@ -165,5 +165,5 @@ def test_progress_that_is_not_a_mapping_says_what_progress_is(
     with pytest.raises(ConfigError, match="metadata= must be a mapping"):
         savegame.save(tmp_path / "c", {"x": np.ones(3)}, metadata=True, background=background)  # type: ignore[arg-type]
     savegame.save(tmp_path / "c", {"x": np.ones(3)}, progress={"epoch": 1}, background=background)
-    savegame.background.default_writer().wait()
+    savegame.engine.background.default_writer().wait()
     assert savegame.read_manifest(tmp_path / "c").progress == {"epoch": 1}

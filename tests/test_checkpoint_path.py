@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from savegame.checkpointer import Checkpointer
-from savegame.cli_scan import resolve_checkpoint
+from savegame.cli.scan import resolve_checkpoint
 from savegame.errors import CheckpointError, ConfigError
+from savegame.run.checkpointer import Checkpointer
 
 
 def tree(root: Path) -> dict[str, tuple[int, int]]:

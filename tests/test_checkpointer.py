@@ -1,4 +1,4 @@
-"""Tests for savegame.checkpointer: policies in real loops, retention, best tracking, names, resume."""
+"""Tests for savegame.run.checkpointer: policies in real loops, retention, best tracking, names, resume."""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 from torch import nn
 
 import savegame
-from savegame.checkpointer import Checkpointer, ResumeWarning
 from savegame.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -42,6 +41,7 @@ from savegame.policies import (
     Never,
     OnImprovement,
 )
+from savegame.run.checkpointer import Checkpointer, ResumeWarning
 from savegame.storage.local import FileOps
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -745,7 +745,7 @@ TRAIN_SCRIPT = textwrap.dedent(
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
-    from savegame.checkpointer import Checkpointer
+    from savegame.run.checkpointer import Checkpointer
     from savegame.data import ResumableRandomSampler
 
     directory, epochs, slow = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "slow"

@@ -1,12 +1,14 @@
 """The Checkpointer split into one-job modules (issue 16, item 5): every name and keyword a user had
-still works from ``savegame.checkpointer``, and each moved job has exactly one home."""
+still works from ``savegame.run.checkpointer``, and each moved job has exactly one home."""
 
 from __future__ import annotations
 
 import inspect
 
-import savegame.checkpointer as cp
-from savegame import knob_policies, records, resume, run_checks
+import savegame.run.checkpointer as cp
+from savegame.policies import knob_policies
+from savegame.run import checks as run_checks
+from savegame.run import records, resume
 
 CONSTRUCTOR_KEYWORDS = (
     "save", "keep", "monitor", "mode", "min_delta", "threshold", "every_n_epochs", "every_n_steps",
@@ -32,7 +34,7 @@ def test_moved_names_are_re_exported_not_copied() -> None:
     }
     for module, names in homes.items():
         for name in names:
-            assert getattr(cp, name) is getattr(module, name), f"savegame.checkpointer.{name}"
+            assert getattr(cp, name) is getattr(module, name), f"savegame.run.checkpointer.{name}"
     for name in cp.__all__:
         assert hasattr(cp, name)
 

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import savegame
-from savegame.checkpointer import PROGRESS_VERSION, Checkpointer
+from savegame.run.checkpointer import PROGRESS_VERSION, Checkpointer
 
 BIN = Path(sys.executable).parent
 SAVEGAME = shutil.which("savegame", path=str(BIN)) or shutil.which("savegame")
@@ -213,7 +213,8 @@ def test_debug_adds_the_traceback(tmp_path: Path) -> None:
 
 
 def test_demo_dispatches_its_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
-    from savegame import cli, demo
+    from savegame import cli
+    from savegame.cli import demo
 
     seen: list[list[str]] = []
 
@@ -290,7 +291,7 @@ def test_ls_colour_on_a_terminal_unless_no_color(torch_run: Path) -> None:
 
 
 def test_scan_agrees_with_the_checkpointer(run_copy: Path) -> None:
-    from savegame.cli_scan import doomed_by_retention, scan_root
+    from savegame.cli.scan import doomed_by_retention, scan_root
 
     scan = scan_root(str(run_copy))
     records = Checkpointer(run_copy, monitor="val_loss", lock=False).list()  # continues the run: its best

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 import savegame
-from savegame.checkpointer import Checkpointer
 from savegame.config import (
     PRESETS,
     CheckpointConfig,
@@ -21,6 +20,7 @@ from savegame.config import (
 )
 from savegame.errors import ConfigError
 from savegame.policies import KeepExponential, KeepLast, KeepUnion
+from savegame.run.checkpointer import Checkpointer
 
 DEFAULT_MODEL = textwrap.dedent(
     """

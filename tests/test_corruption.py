@@ -32,9 +32,9 @@ from savegame.errors import (
     TruncatedFileError,
     UnsupportedFormatError,
 )
-from savegame.manifest import MAX_MANIFEST_BYTES
+from savegame.format.manifest import MAX_MANIFEST_BYTES
+from savegame.format.tensorfile import MAX_HEADER_BYTES
 from savegame.storage.local import LocalStorage
-from savegame.tensorfile import MAX_HEADER_BYTES
 
 Helper = Callable[..., Any]
 

@@ -1,4 +1,4 @@
-"""Tests for savegame.demo: the kill -9 / resume / bit-identical demo."""
+"""Tests for savegame.cli.demo: the kill -9 / resume / bit-identical demo."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from savegame import demo
+from savegame.cli import demo
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -32,7 +32,7 @@ def test_demo_kills_resumes_and_matches(tmp_path: Path, capsys: pytest.CaptureFi
 def test_format_table_and_sizes() -> None:
     import datetime as dt
 
-    from savegame.checkpointer import CheckpointRecord
+    from savegame.run.checkpointer import CheckpointRecord
 
     record = CheckpointRecord(
         name="epoch=01-step=0045", path="/x", sequence=1, epoch=1, step=45,
@@ -54,6 +54,6 @@ def test_bad_arguments_exit_with_usage_error(tmp_path: Path) -> None:
 @pytest.mark.subprocess
 def test_module_entry_point_help() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p)}
-    result = subprocess.run([sys.executable, "-m", "savegame.demo", "--help"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "savegame.cli.demo", "--help"], capture_output=True, text=True,
                             env=env, timeout=120)  # fmt: skip
     assert result.returncode == 0 and "--dir" in result.stdout

@@ -34,7 +34,7 @@ PathFinder.find_spec = classmethod(find_spec)
 """
 
 
-@pytest.mark.parametrize("entry", [["-m", "savegame.cli", "demo"], ["-m", "savegame.demo"]])
+@pytest.mark.parametrize("entry", [["-m", "savegame.cli", "demo"], ["-m", "savegame.cli.demo"]])
 def test_demo_without_scikit_learn_says_what_to_install(tmp_path: Path, entry: list[str]) -> None:
     site = tmp_path / "site"
     site.mkdir()

@@ -1,4 +1,4 @@
-"""One nesting limit (savegame.tree.MAX_DEPTH) and one message for every recursive walk.
+"""One nesting limit (savegame.format.tree.MAX_DEPTH) and one message for every recursive walk.
 
 Save refuses state nested one level deeper than the deepest it writes; a forged manifest with that
 skeleton is refused the same way by load, verify and the export/diff walker (before, they used 100,
@@ -16,8 +16,8 @@ import pytest
 import savegame
 from savegame.errors import InvalidManifestError, UnsupportedTypeError
 from savegame.export import flatten_skeleton
-from savegame.manifest import sign_manifest
-from savegame.tree import MAX_DEPTH
+from savegame.format.manifest import sign_manifest
+from savegame.format.tree import MAX_DEPTH
 
 MESSAGE = f"nested deeper than {MAX_DEPTH} levels"
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import savegame
-from savegame import manifest as M
 from savegame.errors import HashMismatchError
+from savegame.format import manifest as M
 
 
 def _state() -> dict[str, Any]:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import savegame
-import savegame.background
+import savegame.engine.background
 from crash import figures
 from crash.common import digest, hidden_debris, tree_bytes
 from savegame.errors import BackgroundSaveError, StorageError
@@ -214,7 +214,7 @@ def test_background_save_reports_the_fault_and_keeps_working(tmp_path: Path, inj
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_checkpointer_retention_deletes_nothing_for_a_failed_save(tmp_path: Path, kind: str) -> None:
-    from savegame.checkpointer import Checkpointer
+    from savegame.run.checkpointer import Checkpointer
 
     ckpt = Checkpointer(tmp_path, keep_last=1, rng=False)
     ckpt.save(_state(1), epoch=1)
@@ -274,7 +274,7 @@ def test_a_real_full_filesystem(tiny_fs: Path) -> None:
     with pytest.raises(BackgroundSaveError) as bg:
         savegame.save(root / "c", _blob(3), background=True).result()
     assert isinstance(bg.value.__cause__, StorageError) and bg.value.__cause__.errno == errno.ENOSPC
-    savegame.background.default_writer().wait()  # delivered by result(): not raised again, the writer is clean
+    savegame.engine.background.default_writer().wait()  # delivered by result(): not raised again, the writer is clean
     _assert_unchanged(root, before, usage, "full disk, background save")
     outcomes["ENOSPC"] += 1
     LocalStorage(root).delete("a")  # retention frees space: the next save fits

@@ -24,7 +24,7 @@ import torch
 
 import savegame
 from savegame import Checkpointer, InvalidManifestError, ResumeWarning
-from savegame.manifest import sign_manifest
+from savegame.format.manifest import sign_manifest
 
 Body = dict[str, Any]
 

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 import savegame
-from savegame.background import PendingSave
-from savegame.gcpause import gc_paused
+from savegame._util.gcpause import gc_paused
+from savegame.engine.background import PendingSave
 
 PACKAGE = Path(savegame.__file__).parent
 

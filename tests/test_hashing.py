@@ -19,10 +19,10 @@ import torch
 import xxhash
 
 import savegame
-from savegame import hashing
-from savegame.cli_scan import verify_checkpoint
+from savegame.cli.scan import verify_checkpoint
 from savegame.errors import HashMismatchError
-from savegame.hashing import MIN_CHUNK_BYTES, FileHasher, hash_buffer, hash_in_background
+from savegame.format import hashing
+from savegame.format.hashing import MIN_CHUNK_BYTES, FileHasher, hash_buffer, hash_in_background
 
 C = MIN_CHUNK_BYTES
 

@@ -39,7 +39,6 @@ from hypothesis import strategies as st
 
 import savegame
 from crash import figures
-from savegame import manifest as M
 from savegame.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -49,11 +48,12 @@ from savegame.errors import (
     NotACheckpointError,
     TruncatedFileError,
 )
-from savegame.hashing import hash_bytes
-from savegame.manifest import parse_manifest
+from savegame.format import manifest as M
+from savegame.format.hashing import hash_bytes
+from savegame.format.manifest import parse_manifest
+from savegame.format.tensorfile import HEADER_PARSE_FACTOR, ITEMSIZE, MAX_HEADER_BYTES, parse_header
+from savegame.format.tree import Decoder
 from savegame.storage.local import LocalStorage
-from savegame.tensorfile import HEADER_PARSE_FACTOR, ITEMSIZE, MAX_HEADER_BYTES, parse_header
-from savegame.tree import Decoder
 
 FUZZ_EXAMPLES = int(os.environ.get("SAVEGAME_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -445,7 +445,7 @@ def test_tensor_header_parse_memory_is_bounded_by_its_size() -> None:
 
 
 def test_writer_refuses_a_header_readers_would_refuse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import savegame.tensorfile as tf
+    import savegame.format.tensorfile as tf
     from savegame.errors import UnsupportedTypeError
 
     monkeypatch.setattr(tf, "MAX_HEADER_BYTES", 4096)
@@ -784,7 +784,7 @@ def test_fuzz_tensor_headers(header: dict[str, Any], data_len: int, garbage: byt
 @FUZZ
 @given(blob=st.binary(max_size=400))
 def test_fuzz_tensor_file_bytes(tmp_path_factory: pytest.TempPathFactory, blob: bytes) -> None:
-    from savegame.tensorfile import TensorFileReader
+    from savegame.format.tensorfile import TensorFileReader
 
     path = tmp_path_factory.mktemp("fuzz") / "f.safetensors"
     path.write_bytes(blob)

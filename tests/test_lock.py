@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from savegame.errors import LockedError, StorageError
-from savegame.lock import HELD_FILE, LOCK_FILE, LockHolder, WriterLock, read_lock_holder
+from savegame.run.lock import HELD_FILE, LOCK_FILE, LockHolder, WriterLock, read_lock_holder
 
 WORKER = str(Path(__file__).parent / "crash" / "worker.py")
 
@@ -86,7 +86,7 @@ def test_lock_of_a_sigkilled_holder_is_free_and_reported_stale(tmp_path: Path, h
 FORKING_HOLDER = """\
 import os, sys, time
 from savegame.errors import LockedError
-from savegame.lock import WriterLock
+from savegame.run.lock import WriterLock
 
 root = sys.argv[1]
 lock = WriterLock(root).acquire()
@@ -163,7 +163,7 @@ def test_forked_children_do_not_keep_the_lock(tmp_path: Path) -> None:
 
 def test_waiting_for_a_holder_that_releases(tmp_path: Path) -> None:
     code = (
-        "import sys, time; from savegame.lock import WriterLock\n"
+        "import sys, time; from savegame.run.lock import WriterLock\n"
         "lock = WriterLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(0.7); lock.release()\n"
         "print('released', flush=True); time.sleep(5)\n"
     )
@@ -229,7 +229,7 @@ def no_flock(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(fd: int, operation: int) -> None:
         raise OSError(errno.ENOSYS, "Function not implemented")
 
-    monkeypatch.setattr("savegame.lock._flock", refuse)
+    monkeypatch.setattr("savegame.run.lock._flock", refuse)
 
 
 def _dead_pid() -> int:

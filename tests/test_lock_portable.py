@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from savegame.lock import HELD_FILE
+from savegame.run.lock import HELD_FILE
 
 pytestmark = pytest.mark.subprocess
 
@@ -30,7 +30,7 @@ for name in ("SIGUSR1", "SIGKILL", "SIGSTOP"):
 del os.fork, os.register_at_fork
 import savegame
 from savegame.errors import LockedError
-from savegame.lock import WriterLock
+from savegame.run.lock import WriterLock
 assert "fcntl" not in sys.modules or sys.modules["fcntl"] is None
 root = sys.argv[2]
 """

@@ -15,16 +15,16 @@ import pytest
 import torch
 
 import savegame
-from savegame import manifest as M
 from savegame.errors import (
     CorruptCheckpointError,
     HashMismatchError,
     InvalidManifestError,
     UnsupportedFormatError,
 )
-from savegame.hashing import hash_bytes
-from savegame.manifest import FileEntry, ItemEntry, dump_manifest, parse_manifest
-from savegame.tree import encode_plain
+from savegame.format import manifest as M
+from savegame.format.hashing import hash_bytes
+from savegame.format.manifest import FileEntry, ItemEntry, dump_manifest, parse_manifest
+from savegame.format.tree import encode_plain
 
 WHERE = "/ckpt/manifest.json"
 CREATED = dt.datetime(2026, 11, 22, 7, 31, 59, 123456, tzinfo=dt.timezone.utc)
@@ -118,7 +118,7 @@ def test_dump_is_deterministic_canonical_and_self_hashed() -> None:
     body = json.loads(data)
     assert M._serialize(body) == data
     assert body["format_version"] == M.FORMAT_VERSION == 3
-    assert body["hash_chunk_bytes"] == savegame.hashing.HASH_CHUNK_BYTES
+    assert body["hash_chunk_bytes"] == savegame.format.hashing.HASH_CHUNK_BYTES
     assert list(body)[-1] == "manifest_hash"
     stored = body.pop("manifest_hash")
     # Since format 2: the hash covers every byte of the file before its own hex digits (which end the file).
@@ -198,7 +198,7 @@ def _as_format_2(body: dict[str, Any]) -> bytes:
 def test_format_2_is_still_read_with_whole_file_hashes(tmp_path: Path) -> None:
     m = parse_manifest(_as_format_2(json.loads(_dump())), WHERE)
     assert m.format_version == 2 and m.hash_chunk_bytes is None
-    assert parse_manifest(_dump(), WHERE).hash_chunk_bytes == savegame.hashing.HASH_CHUNK_BYTES
+    assert parse_manifest(_dump(), WHERE).hash_chunk_bytes == savegame.format.hashing.HASH_CHUNK_BYTES
     model = torch.nn.Linear(3, 2)
     savegame.save(tmp_path / "ckpt", {"model": model, "epoch": 4})
     manifest = tmp_path / "ckpt" / "manifest.json"

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from savegame.checkpointer import Checkpointer
 from savegame.errors import ConfigError
 from savegame.policies import AnyOf, EveryNSteps, OnImprovement
+from savegame.run.checkpointer import Checkpointer
 
 INTERNAL = re.compile(r"OnImprovement|EveryTSeconds|AutoInterval|Progress|AnyOf|KeepBest|resolve_mode|is_better")
 

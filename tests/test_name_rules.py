@@ -1,8 +1,8 @@
-"""One set of checkpoint name rules (savegame.naming) for every save path.
+"""One set of checkpoint name rules (savegame.format.naming) for every save path.
 
 ``savegame.save("runs/a:b")`` used to save while ``ckpt.save(..., name="a:b")`` refused the same name:
 storage checked only "one path component", the Checkpointer the documented portable rules. Now every
-new checkpoint name goes through :func:`savegame.naming.validate_name` (storage ``begin``), and an
+new checkpoint name goes through :func:`savegame.format.naming.validate_name` (storage ``begin``), and an
 existing checkpoint with such a name stays readable.
 """
 
@@ -16,7 +16,7 @@ import pytest
 
 import savegame
 from savegame.errors import InvalidNameError
-from savegame.naming import validate_name
+from savegame.format.naming import validate_name
 from savegame.storage import RemoteStorage
 
 NOT_PORTABLE = ["a:b", "a?b", "a*b", "a|b", "<a>", 'a"b', "trailing.", " lead", "trail "]

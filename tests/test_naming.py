@@ -1,4 +1,4 @@
-"""Tests for savegame.naming: name validation, templates and de-duplication."""
+"""Tests for savegame.format.naming: name validation, templates and de-duplication."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from savegame.errors import CheckpointError, InvalidNameError
-from savegame.naming import MAX_NAME_BYTES, NameTemplate, unique_name, validate_name
+from savegame.format.naming import MAX_NAME_BYTES, NameTemplate, unique_name, validate_name
 
 # --------------------------------------------------------------------------------------------------
 # validate_name

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import savegame
-from savegame import api, capture, distributed
+from savegame import api, distributed
 from savegame.adapters import torch as torch_adapter
 from savegame.adapters.report import LoadReport
+from savegame.engine import capture
 from savegame.storage import base
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "savegame"
@@ -80,7 +81,9 @@ def test_the_location_types_are_the_storage_ones() -> None:
 
 
 def test_mode_and_restart_are_the_policy_ones() -> None:
-    from savegame import checkpointer, config, knobs, policies
+    from savegame import config, policies
+    from savegame.policies import knobs
+    from savegame.run import checkpointer
 
     assert checkpointer.Mode is config.Mode is policies.Mode
     assert checkpointer.Restart is config.Restart is knobs.Restart
@@ -90,12 +93,12 @@ def test_mode_and_restart_are_the_policy_ones() -> None:
 def test_one_decoder_of_stored_torch_dtype_names(tmp_path: Path) -> None:
     """Skeleton tags and DCP tensor records decode dtype names through the adapter's one table lookup
     (the DCP copy used ``getattr(torch, name)`` on file data)."""
-    from savegame import dcp
+    from savegame.distributed import dcp
     from savegame.errors import InvalidManifestError
-    from savegame.manifest import sign_manifest
+    from savegame.format.manifest import sign_manifest
 
     assert dcp.dtype_from_name is torch_adapter.dtype_from_name
-    assert "getattr(torch" not in (PACKAGE / "dcp.py").read_text(encoding="utf-8")
+    assert "getattr(torch" not in (PACKAGE / "distributed" / "dcp.py").read_text(encoding="utf-8")
 
     record = dcp.TensorRecord(path=("w",), fqn="model.w", dtype="__class__", size=(2,), chunks=())
     with pytest.raises(InvalidManifestError, match=r"model\.w: unknown torch dtype '__class__'"):

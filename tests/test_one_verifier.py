@@ -1,5 +1,5 @@
 """One verifier (issue 16): ``savegame.verify``, ``load``, the CLI's ``verify`` and ``ls --verify``, and the
-Checkpointer's resume with a mirror all check a checkpoint through :mod:`savegame.verifier`."""
+Checkpointer's resume with a mirror all check a checkpoint through :mod:`savegame.engine.verifier`."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ import pytest
 import torch
 
 import savegame
-from savegame import hashing
-from savegame.checkpointer import Checkpointer
+from savegame.engine.verifier import verify_checkpoint, verify_files
 from savegame.errors import HashMismatchError, InvalidManifestError
-from savegame.manifest import sign_manifest
+from savegame.format import hashing
+from savegame.format.manifest import sign_manifest
+from savegame.run.checkpointer import Checkpointer
 from savegame.storage import LocalStorage
-from savegame.verifier import verify_checkpoint, verify_files
 
 SRC = str(Path(savegame.__file__).resolve().parents[1])
 
@@ -81,7 +81,7 @@ def test_progress_is_told_every_byte_hashed_and_a_flipped_byte_is_found(tmp_path
 
 
 class _CountingXxhash:
-    """``xxhash`` as :mod:`savegame.hashing` uses it, counting the bytes hashed (from any thread)."""
+    """``xxhash`` as :mod:`savegame.format.hashing` uses it, counting the bytes hashed (from any thread)."""
 
     def __init__(self, real: Any) -> None:
         self._real = real

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import savegame
-from savegame import progress
+from savegame._util import progress
 
 
 class Terminal(io.StringIO):

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from savegame.checkpointer import Checkpointer
 from savegame.errors import ConfigError
+from savegame.run.checkpointer import Checkpointer
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 LOSSES = [0.9, 0.5, 0.2, 0.4, 0.6]  # the best (0.2) is the third of five checkpoints

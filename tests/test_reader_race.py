@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from savegame.checkpointer import Checkpointer, ResumeWarning
-from savegame.cli_scan import scan_root
+from savegame.cli.scan import scan_root
+from savegame.run.checkpointer import Checkpointer, ResumeWarning
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 RACE_SECONDS = 8.0
@@ -33,7 +33,7 @@ RACE_SECONDS = 8.0
 WRITER = textwrap.dedent(
     """
     import sys, time, torch
-    from savegame.checkpointer import Checkpointer
+    from savegame.run.checkpointer import Checkpointer
     root, ready, stop = sys.argv[1:4]
     deadline = time.monotonic() + 60  # never outlive the test
     with Checkpointer(root, keep_last=2, rng=False, every_n_epochs=1) as ckpt:

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 import savegame
-from savegame.checkpointer import Checkpointer, ResumeWarning
 from savegame.errors import StateMismatchError
+from savegame.run.checkpointer import Checkpointer, ResumeWarning
 
 
 def make_model() -> nn.Module:

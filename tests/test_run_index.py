@@ -20,10 +20,10 @@ import torch
 
 import savegame
 from savegame import cli
-from savegame.checkpointer import Checkpointer, build_keep_policy
-from savegame.cli_scan import doomed_by_retention, resolve_checkpoint, scan_root
+from savegame.cli.scan import doomed_by_retention, resolve_checkpoint, scan_root
 from savegame.errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
-from savegame.run_index import RunIndex
+from savegame.run.checkpointer import Checkpointer, build_keep_policy
+from savegame.run.index import RunIndex
 
 RUN_A = [0.5, 0.3, 0.4, 0.45]
 RUN_B = [0.9, 0.8, 0.85]

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from savegame import read_manifest
-from savegame.checkpointer import Checkpointer
 from savegame.errors import CheckpointNotFoundError
+from savegame.run.checkpointer import Checkpointer
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

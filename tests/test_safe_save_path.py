@@ -91,7 +91,7 @@ def test_save_refuses_anything_but_a_checkpoint_and_leaves_it_untouched(
         assert err.errno == errno.EEXIST and str(target) in str(err), what
         assert _tree(tmp_path) == before, f"{what} was changed"
         assert _debris(tmp_path) == [], what
-    savegame.background.default_writer().wait()  # nothing was started in the background
+    savegame.engine.background.default_writer().wait()  # nothing was started in the background
 
 
 def test_an_empty_directory_may_be_saved_into_and_a_checkpoint_overwritten(tmp_path: Path) -> None:

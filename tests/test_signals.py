@@ -18,7 +18,7 @@ import pytest
 import savegame
 from crash import figures
 from savegame.errors import ConfigError
-from savegame.signals import DEFAULT_SIGNALS, PreemptionError, PreemptionHandler, parse_signal
+from savegame.run.signals import DEFAULT_SIGNALS, PreemptionError, PreemptionHandler, parse_signal
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = str(ROOT / "tests" / "crash" / "worker.py")

@@ -18,9 +18,9 @@ import pytest
 
 import savegame
 from savegame import Checkpointer, TruncatedFileError
-from savegame.hashing import FileHasher
-from savegame.manifest import sign_manifest
-from savegame.tensorfile import _DENSE_FILESYSTEMS, _filesystem_type
+from savegame.format.hashing import FileHasher
+from savegame.format.manifest import sign_manifest
+from savegame.format.tensorfile import _DENSE_FILESYSTEMS, _filesystem_type
 
 APPARENT = 2 << 30  # 2 GiB of float32 zeros, all of it a hole
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from savegame.cli_manage import gc_plan
+from savegame.cli.manage import gc_plan
 from savegame.storage import LocalStorage, RemoteStorage
 from savegame.storage.liveness import FOREIGN_WRITER_GRACE_SECONDS, writer_is_live
 

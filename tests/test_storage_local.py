@@ -174,7 +174,7 @@ def test_commit_waits_for_data_fsyncs_running_on_workers(tmp_path: Path) -> None
     published until every one of them finished."""
     import threading
 
-    from savegame.writer import save_now
+    from savegame.engine.writer import save_now
 
     ops = _SlowDataFsync(tmp_path)
     storage = LocalStorage(tmp_path, ops=ops)
@@ -193,8 +193,8 @@ def test_commit_waits_for_data_fsyncs_running_on_workers(tmp_path: Path) -> None
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
 def test_failed_data_fsync_on_a_worker_publishes_nothing_and_is_not_retried(tmp_path: Path) -> None:
+    from savegame.engine.writer import save_now
     from savegame.errors import StorageError
-    from savegame.writer import save_now
 
     ops = _SlowDataFsync(tmp_path)
     ops.fail_errno = errno.EIO

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 import savegame
+from savegame.engine.mirror import Mirror
+from savegame.engine.writer import save_now
 from savegame.errors import CheckpointNotFoundError, CommitError, HashMismatchError
-from savegame.mirror import Mirror
 from savegame.storage import LocalStorage
 from savegame.storage.base import CheckpointReader, CheckpointRef, FileSink, Storage, Transaction
-from savegame.writer import save_now
 
 
 class DictSink(FileSink):

@@ -16,10 +16,10 @@ import safetensors.torch
 import torch
 
 import savegame
-from savegame.dtypes import ITEMSIZE
 from savegame.errors import InvalidTensorFileError, TruncatedFileError
-from savegame.hashing import hash_bytes
-from savegame.tensorfile import (
+from savegame.format.dtypes import ITEMSIZE
+from savegame.format.hashing import hash_bytes
+from savegame.format.tensorfile import (
     MAX_HEADER_BYTES,
     MAX_NAME_CHARS,
     MAX_NDIM,

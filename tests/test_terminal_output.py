@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 import torch
 
-from savegame import manifest as M
-from savegame.checkpointer import Checkpointer
-from savegame.lock import LockHolder
-from savegame.safetext import escape_controls
+from savegame._util.safetext import escape_controls
+from savegame.format import manifest as M
+from savegame.run.checkpointer import Checkpointer
+from savegame.run.lock import LockHolder
 
 pytestmark = pytest.mark.subprocess
 

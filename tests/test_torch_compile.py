@@ -17,8 +17,8 @@ import torch.distributed as dist
 from torch import nn
 
 import savegame
-from savegame.checkpointer import Checkpointer
 from savegame.errors import StateMismatchError
+from savegame.run.checkpointer import Checkpointer
 
 
 def make_model(seed: int) -> nn.Module:

@@ -133,7 +133,7 @@ def test_shared_numpy_arrays_are_stored_once(tmp_path: Path) -> None:
 
 
 def test_contains_walks_dicts_lists_and_tuples_to_the_depth_limit() -> None:
-    from savegame.tree import MAX_DEPTH, contains
+    from savegame.format.tree import MAX_DEPTH, contains
 
     def is_seven(v: object) -> bool:
         return v == 7

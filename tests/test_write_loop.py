@@ -1,4 +1,4 @@
-"""The one write loop (savegame.write_loop): the per-rank save writes through it too (StorageError for a
+"""The one write loop (savegame.engine.write_loop): the per-rank save writes through it too (StorageError for a
 full disk, no staging debris, a progress bar), and a name taken by another writer while a Checkpointer
 save is written is handled alike by the sync, background and per-rank saves: committed under the next
 free name, the intruder left untouched."""
@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import savegame
-from savegame import Checkpointer, progress
+from savegame import Checkpointer
 from savegame import distributed as sgd
+from savegame._util import progress
 from savegame.errors import CommitError, StorageError
 from savegame.storage.local import FileOps, LocalStorage
 

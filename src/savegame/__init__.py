@@ -11,13 +11,13 @@ schedulers, RNGs, data position) for PyTorch and Keras 3.
 
 from __future__ import annotations
 
-from ._version import __version__
-from .adapters.rng import RNGState
-from .api import load, read_manifest, save, verify
-from .capture import LoadReport, Stateful
-from .checkpointer import Checkpointer, CheckpointRecord, RestoredProgress, ResumeWarning, SaveResult
-from .config import CheckpointConfig
-from .errors import (
+from savegame import _moved
+from savegame._version import __version__
+from savegame.adapters.rng import RNGState
+from savegame.api import load, read_manifest, save, verify
+from savegame.config import CheckpointConfig
+from savegame.engine.capture import LoadReport, Stateful
+from savegame.errors import (
     BackgroundSaveError,
     CheckpointError,
     CheckpointNotFoundError,
@@ -38,7 +38,16 @@ from .errors import (
     UnsupportedFormatError,
     UnsupportedTypeError,
 )
-from .manifest import FORMAT_VERSION, Manifest
+from savegame.format.manifest import FORMAT_VERSION, Manifest
+from savegame.run.checkpointer import (
+    Checkpointer,
+    CheckpointRecord,
+    RestoredProgress,
+    ResumeWarning,
+    SaveResult,
+)
+
+_moved.install()
 
 __all__ = [
     "FORMAT_VERSION",

@@ -3,7 +3,7 @@
 ``save`` captures the state (live objects -> nested state), encodes each top-level item into a skeleton
 and its arrays, streams the arrays into one safetensors file per item inside a storage transaction, and
 commits with the manifest last. ``load`` reads the manifest, checks every file it touches (size, hash,
-header: :mod:`savegame.verifier`, which ``verify`` calls too) and rebuilds the state, or restores it into
+header: :mod:`savegame.engine.verifier`, which ``verify`` calls too) and rebuilds the state, or restores it into
 live objects in place.
 """
 
@@ -16,23 +16,23 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
-from . import verifier
-from .adapters import torch_available, zero_copy_for
-from .capture import LoadReport, restore_items
-from .checks import check_item_value
-from .errors import ConfigError, InvalidManifestError, StateMismatchError
-from .gcpause import gc_paused
-from .manifest import Manifest
-from .progress import ProgressBar
-from .storage import is_url, locate
-from .storage.base import CheckpointReader, CheckpointRef, Location, PathLike
-from .storage.local import LocalCheckpointReader, open_local_checkpoint
-from .tensorfile import TensorFileReader
-from .tree import MAX_DEPTH, Decoder, Path, Where, format_path, numpy_from_node
-from .verifier import check_array_node as check_array_node  # re-exported: moved to verifier.py
-from .verifier import check_item as check_item
-from .verifier import checked
-from .writer import EncodedItem, encode_state, save_in_background, save_now, write_items
+from savegame._util.gcpause import gc_paused
+from savegame._util.progress import ProgressBar
+from savegame.adapters import torch_available, zero_copy_for
+from savegame.engine import verifier
+from savegame.engine.capture import LoadReport, restore_items
+from savegame.engine.verifier import check_array_node as check_array_node  # re-exported: moved to verifier.py
+from savegame.engine.verifier import check_item as check_item
+from savegame.engine.verifier import checked
+from savegame.engine.writer import EncodedItem, encode_state, save_in_background, save_now, write_items
+from savegame.errors import ConfigError, InvalidManifestError, StateMismatchError
+from savegame.format.checks import check_item_value
+from savegame.format.manifest import Manifest
+from savegame.format.tensorfile import TensorFileReader
+from savegame.format.tree import MAX_DEPTH, Decoder, Path, Where, format_path, numpy_from_node
+from savegame.storage import is_url, locate
+from savegame.storage.base import CheckpointReader, CheckpointRef, Location, PathLike
+from savegame.storage.local import LocalCheckpointReader, open_local_checkpoint
 
 __all__ = ["EncodedItem", "encode_state", "load", "read_manifest", "save", "verify", "write_items"]
 
@@ -71,7 +71,7 @@ def save(
     checkpoint) is never replaced: :class:`OccupiedPathError`, and it is left untouched. An empty folder
     may be saved into.
     ``background``: return as soon as the state is copied to host memory and write it in a background
-    thread; returns a :class:`~savegame.background.PendingSave` whose ``result()`` waits for the commit
+    thread; returns a :class:`~savegame.engine.background.PendingSave` whose ``result()`` waits for the commit
     and returns the manifest (or raises :class:`BackgroundSaveError`). At most one background save is in
     flight: the next one first waits for it (and raises the error of a failed one nobody collected with
     ``result()``). A save not waited for is finished at interpreter exit (or its failure printed on stderr).
@@ -84,7 +84,7 @@ def save(
     and whatever was there before is unchanged.
     """
     if background:
-        from .background import default_writer
+        from savegame.engine.background import default_writer
 
         storage, name = locate(path, storage_options=storage_options)
         storage.check_target(name, overwrite=overwrite)  # raised here, not only by the handle later
@@ -158,7 +158,7 @@ def open_file(
     deferred: list[Callable[[], None]] | None = None,
 ) -> TensorFileReader:  # fmt: skip
     """Open a data file of ``checkpoint`` (a path, URL, ref or opened reader), checked as
-    :func:`savegame.verifier.open_file` checks it: exists, exact size, hash (if ``verify``), valid header."""
+    :func:`savegame.engine.verifier.open_file` checks it: exists, exact size, hash (if ``verify``), valid header."""
     return verifier.open_file(open_checkpoint(checkpoint, check=False), manifest, file, verify=verify,
                               deferred=deferred)  # fmt: skip
 
@@ -184,7 +184,7 @@ class _ItemDecoder:
         self.cache: dict[tuple[str, str], object] = {}
         self.make_tensor: Callable[..., object] | None = None
         if not as_numpy:
-            from .adapters.torch import tensor_from_bytes
+            from savegame.adapters.torch import tensor_from_bytes
 
             self.make_tensor = tensor_from_bytes
 
@@ -258,7 +258,7 @@ def decode_opened(
     numpy_only = as_numpy if as_numpy is not None else not (has_tensors and torch_available())
     tags = {}
     if not numpy_only:
-        from .adapters.torch import decode_tags
+        from savegame.adapters.torch import decode_tags
 
         tags = decode_tags()
     resolver = _ItemDecoder(reader, name, map_location=map_location, as_numpy=numpy_only, zero_copy=zero_copy)
@@ -303,7 +303,7 @@ def load(
     ``torch.distributed.checkpoint.load`` updates its state dict: live objects get their state in
     place, dicts and lists are filled in place (recursively), other values (``"epoch": 0``, tuples) are
     replaced in the dict or list that holds them, and only once the whole state matched (see
-    :func:`savegame.capture.restore_items` for every case). Items of the target that hold no live
+    :func:`savegame.engine.capture.restore_items` for every case). Items of the target that hold no live
     object are also returned in ``report.state``, and so are the items of the checkpoint not in
     ``target`` if they hold no arrays (the others are not read at all). Every file's hash is checked
     before any target is changed. A module
@@ -421,7 +421,7 @@ def verify_files(
     checkpoint: Location, manifest: Manifest, files: Iterable[str] | None = None, *,
     progress: verifier.Progress | None = None,
 ) -> dict[str, TensorFileReader]:  # fmt: skip
-    """:func:`savegame.verifier.verify_files` for a checkpoint given as a path, URL, ref or reader: the
+    """:func:`savegame.engine.verifier.verify_files` for a checkpoint given as a path, URL, ref or reader: the
     size, hash and header of each of ``files`` (default: all) and the items stored in them."""
     source = open_checkpoint(checkpoint, check=False)
     try:

@@ -71,12 +71,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from .checkpointer import Checkpointer
-from .errors import ConfigError
-from .knobs import PRESETS as _PRESETS
-from .knobs import KeepMode as KeepMode
-from .knobs import Knobs, Restart, check_preset
-from .policies import Mode
+from savegame.errors import ConfigError
+from savegame.policies import Mode
+from savegame.policies.knobs import PRESETS as _PRESETS
+from savegame.policies.knobs import KeepMode as KeepMode
+from savegame.policies.knobs import Knobs, Restart, check_preset
+from savegame.run.checkpointer import Checkpointer
 
 __all__ = [
     "KEYS",
@@ -147,7 +147,7 @@ class CheckpointConfig(Knobs):
     Field defaults are CANDLE's, except ``keep_limit`` (None: unlimited, CANDLE's 1000000),
     ``checksum`` (True: verification is cheap and catches damaged files) and ``save_weights_only``
     (False: resuming needs the optimizer and the RNGs). The fields, their validation and the
-    translation into Checkpointer keywords are :class:`savegame.knobs.Knobs`'s.
+    translation into Checkpointer keywords are :class:`savegame.policies.knobs.Knobs`'s.
     """
 
     @classmethod
@@ -205,7 +205,7 @@ def _candle_default_directory(output_dir: object) -> str:
 
 PRESETS: dict[str, CheckpointConfig] = {name: CheckpointConfig(**vars(knobs)) for name, knobs in _PRESETS.items()}
 """The regimes of seed 003 as configurations (see the module docstring); the knob sets are
-:data:`savegame.knobs.PRESETS`."""
+:data:`savegame.policies.knobs.PRESETS`."""
 
 
 def preset_checkpointer(

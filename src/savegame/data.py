@@ -57,7 +57,7 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
-from .errors import ConfigError, StateMismatchError
+from savegame.errors import ConfigError, StateMismatchError
 
 __all__ = ["ResumableRandomSampler"]
 

@@ -10,7 +10,7 @@ Some subclasses also derive from the matching built-in exception (``TypeError``,
 
 from __future__ import annotations
 
-from .safetext import escape_controls
+from savegame._util.safetext import escape_controls
 
 __all__ = [
     "BackgroundSaveError",
@@ -39,7 +39,7 @@ class CheckpointError(Exception):
     """Base class of every error savegame raises on purpose.
 
     Messages quote names from checkpoints (folders, keys, metrics) that anyone could have written, so
-    ``str()`` shows their control characters as escapes (:func:`savegame.safetext.escape_controls`):
+    ``str()`` shows their control characters as escapes (:func:`savegame._util.safetext.escape_controls`):
     printing an error, or its traceback, cannot move the cursor or retitle the terminal.
     """
 

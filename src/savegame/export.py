@@ -44,12 +44,18 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from . import api
-from .errors import CheckpointError, ConfigError, InvalidManifestError, InvalidNameError
-from .manifest import Manifest
-from .storage import is_url
-from .tensorfile import TensorData, TensorFileReader, order_for_alignment, tensor_name_problem, write_tensor_file
-from .tree import MAX_DEPTH, Decoder, numpy_from_node, too_deep
+from savegame import api
+from savegame.errors import CheckpointError, ConfigError, InvalidManifestError, InvalidNameError
+from savegame.format.manifest import Manifest
+from savegame.format.tensorfile import (
+    TensorData,
+    TensorFileReader,
+    order_for_alignment,
+    tensor_name_problem,
+    write_tensor_file,
+)
+from savegame.format.tree import MAX_DEPTH, Decoder, numpy_from_node, too_deep
+from savegame.storage import is_url
 
 __all__ = [
     "ARRAY_TAGS",
@@ -417,7 +423,7 @@ def _write_npz(path: str, arrays: list[_Array]) -> list[str]:
 
 
 def _torch_tensors(arrays: list[_Array]) -> dict[str, Any]:
-    from .adapters.torch import tensor_from_bytes
+    from savegame.adapters.torch import tensor_from_bytes
 
     out: dict[str, Any] = {}
     by_key: dict[str, Any] = {}
@@ -445,7 +451,7 @@ def _write_torch(path: str, arrays: list[_Array]) -> list[str]:
 
 
 def _write_keras(path: str, arrays: list[_Array], model: Any) -> list[str]:
-    from .adapters.keras import STATE_FORMAT, KerasState
+    from savegame.adapters.keras import STATE_FORMAT, KerasState
 
     if model is None:
         raise ConfigError(

@@ -51,7 +51,7 @@ from typing import Any, Literal
 import keras
 import numpy as np
 
-from .adapters.keras import (
+from savegame.adapters.keras import (
     KerasLoadReport,
     KerasState,
     assign_variables,
@@ -59,14 +59,14 @@ from .adapters.keras import (
     capture_variables,
     restore_global_rng,
 )
-from .api import load as _load_checkpoint
-from .api import read_manifest
-from .checkpointer import Checkpointer, RestoredProgress, build_keep_policy
-from .errors import CheckpointNotFoundError, ConfigError, NotACheckpointError, StateMismatchError
-from .lock import ProcessShare
-from .naming import validate_name
-from .policies import KeepPolicy, Never, is_better, resolve_mode
-from .run_index import RunIndex
+from savegame.api import load as _load_checkpoint
+from savegame.api import read_manifest
+from savegame.errors import CheckpointNotFoundError, ConfigError, NotACheckpointError, StateMismatchError
+from savegame.format.naming import validate_name
+from savegame.policies import KeepPolicy, Never, is_better, resolve_mode
+from savegame.run.checkpointer import Checkpointer, RestoredProgress, build_keep_policy
+from savegame.run.index import RunIndex
+from savegame.run.lock import ProcessShare
 
 __all__ = [
     "BackupAndRestore",
@@ -627,7 +627,7 @@ class ModelCheckpoint(_SavegameCallback):
     the first epoch end when ``keep_best`` (or ``save_best_only`` with ``strict_monitor=True``) needs it.
     Messages contain Keras's own phrases (``Unrecognized save_freq``...) and the errors are
     :class:`ConfigError`, a ``ValueError`` as Keras raises. ``best`` holds the best
-    value so far, as in Keras; ``checkpointer`` the underlying :class:`savegame.checkpointer.Checkpointer`.
+    value so far, as in Keras; ``checkpointer`` the underlying :class:`savegame.run.checkpointer.Checkpointer`.
     """
 
     def __init__(

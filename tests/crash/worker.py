@@ -243,7 +243,7 @@ def serve() -> None:
 
     import torch
 
-    import savegame.background
+    import savegame.engine.background
 
     # Warm up once (torch imports dynamo, sympy... at the first optimizer step; savegame its adapters
     # at the first save), with one intra-op thread so no thread pool exists when we fork.
@@ -255,7 +255,7 @@ def serve() -> None:
                    "naming": "named", "background": background, "seed": 0, "max_saves": 2})  # fmt: skip
     finally:
         shutil.rmtree(warm, ignore_errors=True)
-    savegame.background._default_writer = None
+    savegame.engine.background._default_writer = None
     out = sys.stdout
     out.write(json.dumps({"ready": os.getpid()}) + "\n")
     out.flush()
@@ -324,7 +324,7 @@ def preempt(root: str, action: str, mode: str) -> None:
     import torch
 
     import savegame
-    from savegame.signals import PreemptionHandler
+    from savegame.run.signals import PreemptionHandler
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -405,7 +405,7 @@ def hold_checkpointer(root: str) -> None:
 
 def hold_lock(root: str, fork: bool) -> None:
     """Take the writer lock of ``root``, optionally fork a long-lived child, and sleep."""
-    from savegame.lock import WriterLock
+    from savegame.run.lock import WriterLock
 
     WriterLock(root).acquire()
     if fork and os.fork() == 0:

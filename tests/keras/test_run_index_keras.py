@@ -17,9 +17,9 @@ from _kerashelp import arrays, dense_model, iris
 
 import savegame.keras as sk
 from savegame.adapters.keras import KerasState
-from savegame.checkpointer import Checkpointer
-from savegame.cli_scan import resolve_checkpoint
+from savegame.cli.scan import resolve_checkpoint
 from savegame.errors import CorruptCheckpointError
+from savegame.run.checkpointer import Checkpointer
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int, int]]:

@@ -17,7 +17,6 @@ from _kerashelp import arrays, dense_model, iris
 import savegame
 import savegame.keras as sk
 from savegame.adapters.keras import KerasState, seed_generator_variables
-from savegame.checkpointer import Checkpointer
 from savegame.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -26,6 +25,7 @@ from savegame.errors import (
     StateMismatchError,
 )
 from savegame.policies import KeepLast, Never
+from savegame.run.checkpointer import Checkpointer
 
 BACKEND = keras.backend.backend()
 
@@ -323,7 +323,7 @@ def test_fit_holds_the_writer_lock_of_its_directory(tmp_path: Path) -> None:
     import sys
 
     from savegame.errors import LockedError
-    from savegame.lock import WriterLock, read_lock_holder
+    from savegame.run.lock import WriterLock, read_lock_holder
 
     worker = Path(__file__).resolve().parents[1] / "crash" / "worker.py"
     x, y, xv, yv = iris()

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 import savegame
+from savegame.engine.writer import write_items
 from savegame.errors import CheckpointError, CheckpointNotFoundError, NotACheckpointError
 from savegame.storage import RemoteStorage
 from savegame.storage.remote import MIN_PART_SIZE
-from savegame.writer import write_items
 
 PARTS = 3
 """The data file below takes this many parts of MIN_PART_SIZE (the last one shorter)."""

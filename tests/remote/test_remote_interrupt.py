@@ -88,7 +88,7 @@ def test_server_stopped_mid_upload(bucket: str, s3_options: dict[str, Any], moto
 
     monkeypatch.setattr(remote_mod._MultipartSink, "_put_part", put_part)
     storage = RemoteStorage(root, storage_options=s3_options, retries=2, backoff=0.05)
-    from savegame.writer import encode_state, write_items
+    from savegame.engine.writer import encode_state, write_items
 
     state = {"model": {"w": np.random.default_rng(1).random((24 << 20) // 8)}, "epoch": 2}
     try:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import savegame
-from savegame.mirror import Mirror, restore_newest
+from savegame.engine.mirror import Mirror, restore_newest
 from savegame.storage import RemoteStorage
 
 Train = Callable[..., tuple[torch.nn.Module, torch.optim.Optimizer]]
@@ -140,8 +140,8 @@ def test_mirror_checks_multi_chunk_files_both_ways(
     tmp_path: Path, bucket: str, s3_options: dict[str, Any], monkeypatch: Any
 ) -> None:
     """Upload and restore stream each file through the manifest's chunked hash (files over hash_chunk_bytes)."""
-    from savegame import hashing
     from savegame.errors import HashMismatchError
+    from savegame.format import hashing
 
     monkeypatch.setattr(hashing, "HASH_CHUNK_BYTES", hashing.MIN_CHUNK_BYTES)
     local = tmp_path / "run"

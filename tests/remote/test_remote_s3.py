@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import savegame
+from savegame.engine.writer import encode_state, write_items
 from savegame.errors import (
     CheckpointNotFoundError,
     CommitError,
@@ -32,7 +33,6 @@ from savegame.errors import (
 )
 from savegame.storage import RemoteStorage, locate, storage_for
 from savegame.storage.remote import _LIVE_OWNERS, STAGING_MARKER, is_transient
-from savegame.writer import encode_state, write_items
 
 Train = Callable[..., tuple[torch.nn.Module, torch.optim.Optimizer]]
 SECRET = "sg-secret-5f1c9e0d7a2b4c68"
@@ -155,7 +155,7 @@ def test_overwrite_keeps_the_old_version_until_the_new_manifest_is_written(
     txn = storage.begin("c", overwrite=True)
     items = encode_state({"x": {"w": np.ones(4)}, "v": "new"})
     sink = txn.open("x.safetensors")
-    from savegame.tensorfile import order_for_alignment, write_tensor_file
+    from savegame.format.tensorfile import order_for_alignment, write_tensor_file
 
     written = write_tensor_file(sink, order_for_alignment([r.data for r in items[0].records]))
     # mid-upload: readers still get the complete old checkpoint
@@ -178,7 +178,7 @@ def test_two_writers_racing_for_one_name_exactly_one_wins(bucket: str, s3_option
     a = storage.begin("c", overwrite=False)
     b = storage.begin("c", overwrite=False)  # both pass the early check; the commit decides
     items_a, items_b = encode_state({"who": "a"}), encode_state({"who": "b"})
-    from savegame.manifest import ItemEntry, dump_manifest, utc_now
+    from savegame.format.manifest import ItemEntry, dump_manifest, utc_now
 
     def manifest(items: Any) -> bytes:
         entries = {i.name: ItemEntry(kind=i.kind, file=None, skeleton=i.skeleton) for i in items}
@@ -376,7 +376,7 @@ def _dead_endpoint() -> str:
 
 
 def test_progress_bar_only_on_a_terminal(bucket: str, s3_options: dict[str, Any], monkeypatch: Any) -> None:
-    from savegame import progress
+    from savegame._util import progress
 
     stream = io.StringIO()
     monkeypatch.setattr(progress.sys, "stderr", stream)
@@ -390,7 +390,7 @@ def test_multi_chunk_files_round_trip_and_are_checked_per_chunk(
 ) -> None:
     """Files longer than the manifest's hash_chunk_bytes are hashed chunk by chunk (in parallel) on the
     downloaded buffer; a flipped byte in the middle chunk is still found before anything is restored."""
-    from savegame import hashing
+    from savegame.format import hashing
 
     monkeypatch.setattr(hashing, "HASH_CHUNK_BYTES", hashing.MIN_CHUNK_BYTES)
     url = f"{bucket}/run/big"

@@ -50,7 +50,7 @@ def test_save_refuses_objects_that_are_not_a_checkpoint(
                               background=background, storage_options=s3_options)  # fmt: skip
             assert isinstance(info.value, CommitError) and f"{bucket}/run/{name}" in str(info.value)
             assert _snapshot(fs, bucket) == before, name
-    savegame.background.default_writer().wait()
+    savegame.engine.background.default_writer().wait()
 
 
 def test_a_checkpoint_and_an_interrupted_upload_may_be_saved_over(bucket: str, s3_options: dict[str, Any]) -> None:

@@ -44,9 +44,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import StateMismatchError
-from .report import LoadReport
-from .rng import RNGState
+from savegame.adapters.report import LoadReport
+from savegame.adapters.rng import RNGState
+from savegame.errors import StateMismatchError
 
 __all__ = [
     "STATE_FORMAT",

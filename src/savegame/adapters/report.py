@@ -23,7 +23,7 @@ class LoadReport:
 
     ``state``: the decoded values of the items that hold no live object: those of the checkpoint that were
     not in the target (e.g. ``epoch``) and the plain items of the target, which were also updated in place
-    (see :func:`savegame.capture.restore_items`), by item.
+    (see :func:`savegame.engine.capture.restore_items`), by item.
     ``missing_keys`` / ``unexpected_keys``: qualified names (``model.fc.bias``; Keras: ``section/path``)
     only in the target / only in the checkpoint. ``mismatched_keys``: ``(name, checkpoint shape, target
     shape)`` (a list's shape is its length). ``mismatched_types``: ``(name, checkpoint type, target type)``

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import StateMismatchError
+from savegame.errors import StateMismatchError
 
 
 def _python_state(rng: random.Random | None = None) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Imported only when torch is already imported by the user (``sys.modules``), so the core never pays for
 torch. Tensors of every dtype safetensors has a code for are stored under that code; ``complex128``,
-``complex32`` and ``float8_e8m0fnu`` are stored as views (see :mod:`savegame.dtypes`). Not storable:
+``complex32`` and ``float8_e8m0fnu`` are stored as views (see :mod:`savegame.format.dtypes`). Not storable:
 quantized tensors, sub-byte types (``uint1``..``uint7``, ``int1``..``int7``), sparse / nested / meta
 tensors and tensor subclasses other than ``nn.Parameter`` (DTensor is handled by the distributed module).
 """
@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch.nn.parameter import is_lazy
 
-from ..checks import check_device, check_optimizer_state, check_size, check_tensor_node
-from ..errors import InvalidManifestError, StateMismatchError, UnsupportedTypeError
-from ..tree import Encoder, Path, Where, format_path, valid_shape
-from .report import LoadReport
+from savegame.adapters.report import LoadReport
+from savegame.errors import InvalidManifestError, StateMismatchError, UnsupportedTypeError
+from savegame.format.checks import check_device, check_optimizer_state, check_size, check_tensor_node
+from savegame.format.tree import Encoder, Path, Where, format_path, valid_shape
 
 # torch dtype -> (stored code, logical name or None, trailing dimension)
 _CODES: dict[torch.dtype, tuple[str, str | None, int]] = {
@@ -94,7 +94,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 def dtype_from_name(value: object, where: str = "") -> torch.dtype:
     """The one decoder of a stored torch dtype name (skeleton tags, DCP records): a lookup in this
     torch's fixed table of dtypes, never a ``getattr`` of file data; :class:`InvalidManifestError`
-    naming ``where`` for anything else. (Without torch, :func:`savegame.checks.check_dtype_name`
+    naming ``where`` for anything else. (Without torch, :func:`savegame.format.checks.check_dtype_name`
     checks the form only.)"""
     result = _DTYPES.get(value) if isinstance(value, str) else None
     if result is None:
@@ -439,7 +439,8 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, state: object, *, where:
     """Load an optimizer state dict, turning torch's errors into a :class:`StateMismatchError`.
 
     A state whose ``state`` or ``param_groups`` has the wrong structure can only come from a forged or
-    damaged manifest: that is an :class:`InvalidManifestError` (see :func:`savegame.checks.check_optimizer_state`).
+    damaged manifest: that is an :class:`InvalidManifestError` (see
+    :func:`savegame.format.checks.check_optimizer_state`).
     """
     if not isinstance(state, Mapping):
         raise StateMismatchError(f"{where}: checkpoint holds {type(state).__name__}, not an optimizer state")

@@ -12,10 +12,16 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import ConfigError, InvalidNameError
-from .base import CheckpointReader, CheckpointRef, FileSink, Storage, Transaction
-from .local import FileOps, LocalCheckpointReader, LocalStorage, check_checkpoint_name, open_local_checkpoint
-from .remote import RemoteCheckpointReader, RemoteStorage
+from savegame.errors import ConfigError, InvalidNameError
+from savegame.storage.base import CheckpointReader, CheckpointRef, FileSink, Storage, Transaction
+from savegame.storage.local import (
+    FileOps,
+    LocalCheckpointReader,
+    LocalStorage,
+    check_checkpoint_name,
+    open_local_checkpoint,
+)
+from savegame.storage.remote import RemoteCheckpointReader, RemoteStorage
 
 __all__ = [
     "CheckpointReader",

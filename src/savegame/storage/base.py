@@ -34,7 +34,7 @@ class FileSink(Protocol):
     """A file being written. ``write`` writes all of ``data``; ``close`` makes it durable.
 
     The full contract (memory of ``data``, concurrent ``close``, who closes what) is the sink durability
-    contract in :mod:`savegame.write_loop`, the one loop that writes through sinks."""
+    contract in :mod:`savegame.engine.write_loop`, the one loop that writes through sinks."""
 
     def write(self, data: bytes | bytearray | memoryview) -> int: ...
 
@@ -96,7 +96,7 @@ class Storage(Protocol):
     def join(self, name: str, token: str) -> Transaction:
         """Write into the transaction another process began with ``begin(name)`` (``token``: its
         :attr:`Transaction.token`), never committing it. The default refuses: not shareable."""
-        from ..errors import ConfigError
+        from savegame.errors import ConfigError
 
         raise ConfigError(f"{type(self).__name__} cannot be shared by several processes (no join())")
 
@@ -153,7 +153,7 @@ class CheckpointReader(Protocol):
     """The checkpoint's path or URL, for messages."""
 
     def manifest_bytes(self) -> bytes:
-        """The raw ``manifest.json`` (read once, at most :data:`~savegame.manifest.MAX_MANIFEST_BYTES`)."""
+        """The raw ``manifest.json`` (read once, at most :data:`~savegame.format.manifest.MAX_MANIFEST_BYTES`)."""
         ...
 
     def file_where(self, file: str) -> str:

@@ -19,7 +19,7 @@ import os
 import socket
 import time
 
-from ..processes import pid_alive
+from savegame._util.processes import pid_alive
 
 __all__ = ["FOREIGN_WRITER_GRACE_SECONDS", "writer_is_live"]
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import (
+from savegame.errors import (
     CheckpointNotFoundError,
     CommitError,
     InvalidManifestError,
@@ -51,11 +51,11 @@ from ..errors import (
     StorageError,
     TruncatedFileError,
 )
-from ..naming import check_checkpoint_name as check_checkpoint_name  # re-exported: its old home
-from ..naming import validate_name
-from ..tensorfile import check_allocated
-from .base import MANIFEST, QUARANTINE_PREFIX, STAGING_PREFIX, TRASH_PREFIX, CheckpointRef
-from .liveness import FOREIGN_WRITER_GRACE_SECONDS, writer_is_live
+from savegame.format.naming import check_checkpoint_name as check_checkpoint_name  # re-exported: its old home
+from savegame.format.naming import validate_name
+from savegame.format.tensorfile import check_allocated
+from savegame.storage.base import MANIFEST, QUARANTINE_PREFIX, STAGING_PREFIX, TRASH_PREFIX, CheckpointRef
+from savegame.storage.liveness import FOREIGN_WRITER_GRACE_SECONDS, writer_is_live
 
 _RENAME_EXCHANGE = 2
 STALE_FOREIGN_SECONDS = FOREIGN_WRITER_GRACE_SECONDS  # the one grace period (storage.liveness)
@@ -804,7 +804,7 @@ class LocalCheckpointReader:
             )
 
     def manifest_bytes(self) -> bytes:
-        from ..manifest import MAX_MANIFEST_BYTES
+        from savegame.format.manifest import MAX_MANIFEST_BYTES
 
         where = os.path.join(self.where, MANIFEST)
         try:

@@ -75,7 +75,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from ..errors import (
+from savegame.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CommitError,
@@ -88,10 +88,10 @@ from ..errors import (
     StorageError,
     TruncatedFileError,
 )
-from ..naming import check_checkpoint_name, validate_name
-from .base import MANIFEST, QUARANTINE_PREFIX, CheckpointRef
-from .liveness import FOREIGN_WRITER_GRACE_SECONDS, writer_is_live
-from .local import starts_like_manifest
+from savegame.format.naming import check_checkpoint_name, validate_name
+from savegame.storage.base import MANIFEST, QUARANTINE_PREFIX, CheckpointRef
+from savegame.storage.liveness import FOREIGN_WRITER_GRACE_SECONDS, writer_is_live
+from savegame.storage.local import starts_like_manifest
 
 log = logging.getLogger("savegame")
 
@@ -685,7 +685,7 @@ class RemoteStorage:
         """Read object ``path`` in order, ``max_concurrency`` ranged GETs at a time, yielding windows
         of up to ``max_concurrency * part_size`` bytes (each valid until the next is requested): a
         streaming copy holds one window, never the whole object."""
-        from ..progress import ProgressBar
+        from savegame._util.progress import ProgressBar
 
         window = self.part_size * self.max_concurrency
         buf = bytearray(min(window, size))
@@ -715,7 +715,7 @@ class RemoteStorage:
 
     def download(self, path: str, size: int, where: str) -> bytearray:
         """Read object ``path`` (``size`` bytes) into a new buffer with parallel ranged GETs."""
-        from ..progress import ProgressBar
+        from savegame._util.progress import ProgressBar
 
         buf = bytearray(size)
         if size == 0:
@@ -780,7 +780,7 @@ class RemoteCheckpointReader:
 
     def manifest_bytes(self) -> bytes:
         if self._manifest is None:
-            from ..manifest import MAX_MANIFEST_BYTES
+            from savegame.format.manifest import MAX_MANIFEST_BYTES
 
             st = self.storage
             top = st._key(self.name, MANIFEST)

@@ -1,0 +1,229 @@
+"""The write path: capture and encode a state, stream it into a storage transaction, commit.
+
+``save_now`` does both phases in the caller's thread (zero-copy: tensor memory goes straight to the file).
+``save_in_background`` takes a snapshot into reusable host buffers in the caller's thread and hands the
+persist phase to a :class:`~savegame.engine.background.BackgroundWriter`.
+
+Every save logs (logger ``savegame``, level INFO) its size, blocking time and throughput.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from savegame._util.copyqueue import CopyQueue
+from savegame._util.gcpause import gc_paused
+from savegame._util.progress import ProgressBar
+from savegame._version import __version__
+from savegame.adapters import framework_versions, torch_if_imported
+from savegame.engine.background import BackgroundWriter, PendingSave, Snapshot
+from savegame.engine.capture import kind_of, live_object_hook
+from savegame.engine.write_loop import (
+    EncodedExtras,
+    EncodedItem,
+    NextName,
+    assemble_manifest,
+    item_entries,
+    retry_on_clash,
+    write_files,
+)
+from savegame.errors import UnsupportedTypeError
+from savegame.format.manifest import Manifest
+from savegame.format.tree import ArrayHook, Encoder
+from savegame.storage.base import MANIFEST, Storage
+
+__all__ = [
+    "EncodedExtras", "EncodedItem", "encode_state", "library_versions", "make_encoder", "save_in_background",
+    "save_now", "write_encoded", "write_items",
+]  # EncodedItem and EncodedExtras live in write_loop.py; re-exported here, where callers import them
+
+log = logging.getLogger("savegame")
+_SAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
+def make_encoder(
+    *, copy: bool, key_skip: int = 1, allocate: Callable[[int, bool], Any] | None = None,
+    copies: CopyQueue | None = None,
+) -> Encoder:
+    """An encoder with the framework hooks for what is imported in this process."""
+    hooks: list[ArrayHook] = []
+    if torch_if_imported() is not None:
+        from savegame.adapters.torch import encode_hook
+
+        hooks.append(encode_hook)
+    hooks.append(live_object_hook)
+    return Encoder(copy=copy, array_hooks=hooks, key_skip=key_skip, allocate=allocate, copies=copies)
+
+
+@gc_paused()
+def encode_state(
+    state: Mapping[str, Any], *, copy: bool = False, allocate: Callable[[int, bool], Any] | None = None
+) -> list[EncodedItem]:
+    """Capture and encode every item of ``state`` (no I/O).
+
+    ``copy=True`` snapshots every array into host memory (from ``allocate`` when given), so the live
+    objects may change as soon as this returns (background saves). Device-to-host copies are complete
+    when this returns.
+    """
+    if not isinstance(state, Mapping):
+        raise UnsupportedTypeError(
+            f"state must be a dict of items (e.g. {{'model': model, 'optimizer': opt}}), not {type(state).__name__}"
+        )
+    items: list[EncodedItem] = []
+    used_files: set[str] = {MANIFEST}
+    needs_sync = False
+    copies = CopyQueue() if copy else None  # host copies overlap the walk (copyqueue.py)
+    try:
+        for name, value in state.items():
+            if type(name) is not str or not name or len(name) > 1024:
+                raise UnsupportedTypeError(f"item names must be non-empty strings (<= 1024 chars), got {name!r}")
+            enc = make_encoder(copy=copy, allocate=allocate, copies=copies)
+            skeleton = enc.encode(value, (name,))
+            needs_sync = needs_sync or enc.needs_sync
+            file = None
+            if enc.records:
+                file = _file_name(name, used_files)
+                used_files.add(file)
+            items.append(EncodedItem(name, kind_of(value), skeleton, enc.records, file))
+    finally:
+        if copies is not None:
+            copies.wait()  # also on error: the caller may recycle the buffers only once no copy runs
+    if needs_sync:
+        import torch
+
+        torch.cuda.synchronize()
+    return items
+
+
+def _file_name(item: str, used: set[str]) -> str:
+    stem = _SAFE_FILE_CHARS.sub("_", item)[:120].lstrip(".") or "item"
+    candidate = f"{stem}.safetensors"
+    n = 1
+    while candidate in used:
+        n += 1
+        candidate = f"{stem}-{n}.safetensors"
+    return candidate
+
+
+def library_versions() -> dict[str, str]:
+    """Versions recorded in the manifest: savegame, Python and the frameworks imported."""
+    return {"savegame": __version__, **framework_versions()}
+
+
+def write_encoded(
+    storage: Storage, name: str, items: list[EncodedItem], extras: EncodedExtras, *, overwrite: bool,
+    blocking_seconds: float | None = None, should_stop: Callable[[], bool] | None = None,
+    next_name: NextName | None = None,
+) -> tuple[str, Manifest]:
+    """Write encoded items as checkpoint ``name`` of ``storage``; commit; return its path and manifest.
+
+    ``should_stop``: checked before every write; when it says so the transaction is aborted (its staging
+    data removed) and :class:`BackgroundSaveError` raised (a background save stopped at interpreter exit).
+    ``next_name``: when the name was taken by another writer meanwhile, write again under the name it
+    gives (:func:`~savegame.engine.write_loop.retry_on_clash`; the returned path says which name was used).
+
+    Each finished local file is fsynced on a worker thread while the next one is written and while the
+    commit writes and fsyncs the manifest; the commit waits for all of them before it publishes. The returned
+    :class:`Manifest` is the one built here, equal to what :func:`parse_manifest` reads back.
+    """
+
+    def attempt(current: str, progress: Mapping[str, Any] | None) -> tuple[str, Manifest]:
+        use = extras if progress is None else extras.with_progress(progress)
+        return _write_once(storage, current, items, use, overwrite=overwrite, blocking_seconds=blocking_seconds,
+                           should_stop=should_stop)  # fmt: skip
+
+    return retry_on_clash(attempt, name, next_name, where=storage.path(name))
+
+
+def _write_once(
+    storage: Storage, name: str, items: list[EncodedItem], extras: EncodedExtras, *, overwrite: bool,
+    blocking_seconds: float | None, should_stop: Callable[[], bool] | None,
+) -> tuple[str, Manifest]:
+    """One attempt of :func:`write_encoded`: begin, the one write loop, the manifest, commit."""
+    start = time.perf_counter()
+    total = sum(i.nbytes for i in items)
+    progress = ProgressBar(f"saving {name}", total)
+    txn = storage.begin(name, overwrite=overwrite)
+    try:
+        written = write_files(txn, items, progress, should_stop=should_stop)
+        raw, manifest = assemble_manifest(written.files, item_entries(items), extras, versions=library_versions())
+    except BaseException:
+        txn.abort()
+        progress.close()
+        raise
+    try:
+        final = txn.commit(raw)  # waits for the data files' fsyncs (LocalFileSink.close) and reports theirs
+    finally:
+        written.settled()
+        progress.close()
+    elapsed = time.perf_counter() - start
+    blocked = elapsed if blocking_seconds is None else blocking_seconds
+    log.info(
+        "saved %s: %d bytes in %.3f s (%.1f MB/s), training blocked %.3f s",
+        final, total, elapsed, total / max(elapsed, 1e-9) / 1e6, blocked,
+    )
+    return final, manifest
+
+
+@gc_paused()
+def write_items(
+    storage: Storage,
+    name: str,
+    items: list[EncodedItem],
+    *,
+    metadata: Mapping[str, Any] | None,
+    progress: Mapping[str, Any] | None,
+    overwrite: bool,
+    next_name: NextName | None = None,
+) -> tuple[str, Manifest]:
+    """Write encoded items as checkpoint ``name`` of ``storage``; return its path and manifest
+    (``next_name``: see :func:`write_encoded`)."""
+    extras = EncodedExtras.encode(metadata, progress)
+    return write_encoded(storage, name, items, extras, overwrite=overwrite, next_name=next_name)
+
+
+def save_now(
+    storage: Storage, name: str, state: Mapping[str, Any], *, metadata: Mapping[str, Any] | None,
+    progress: Mapping[str, Any] | None, overwrite: bool,
+) -> tuple[str, Manifest]:
+    """Synchronous save: capture, encode (no copies) and write in the caller's thread."""
+    extras = EncodedExtras.encode(metadata, progress)
+    return write_encoded(storage, name, encode_state(state), extras, overwrite=overwrite)
+
+
+def save_in_background(
+    writer: BackgroundWriter, storage: Storage, name: str, state: Mapping[str, Any], *,
+    metadata: Mapping[str, Any] | None, progress: Mapping[str, Any] | None, overwrite: bool,
+    next_name: NextName | None = None,
+) -> PendingSave:
+    """Snapshot ``state`` now (blocking only for the host copy), write and commit in the background.
+
+    Waits first for the previous background save of ``writer`` (raising its error if it failed). The
+    returned handle's ``result()`` gives the :class:`Manifest` once committed. ``next_name``
+    (called in the writer thread): a name taken meanwhile is retried under the next one, as in a sync
+    save (:func:`write_encoded`); the handle's ``path`` stays the name it was started with.
+    """
+    writer.wait()
+    with gc_paused():  # not while waiting above: only while this thread copies and encodes
+        start = time.perf_counter()
+        snapshot = Snapshot(writer.pool)
+        try:
+            items = encode_state(state, copy=True, allocate=snapshot.take)
+            extras = EncodedExtras.encode(metadata, progress)
+        except BaseException:
+            snapshot.release()
+            raise
+        blocking = time.perf_counter() - start
+
+        def persist() -> Manifest:
+            _, manifest = write_encoded(
+                storage, name, items, extras, overwrite=overwrite, blocking_seconds=blocking,
+                should_stop=writer.stop_requested, next_name=next_name,
+            )
+            return manifest
+
+        return writer.submit(storage.path(name), snapshot, persist, blocking_seconds=blocking)

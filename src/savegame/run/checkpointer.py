@@ -1,0 +1,755 @@
+"""The Checkpointer: when to save, what to keep, which one is best, and where to resume from.
+
+A training loop hands the Checkpointer its state and where it is (epoch, step, metrics); the
+Checkpointer asks its :class:`~savegame.policies.SavePolicy` whether to save, names the checkpoint from
+a template, writes it atomically into its directory, records progress and the best checkpoint so far in
+the manifest, then lets its :class:`~savegame.policies.KeepPolicy` thin out older checkpoints. After a
+crash, ``restore`` loads the newest checkpoint that passes verification (quarantining broken ones) and
+returns the progress so the loop continues where it stopped::
+
+    ckpt = Checkpointer("runs/exp", monitor="val_loss", every_n_epochs=1, keep_last=3)
+    state = {"model": model, "optimizer": opt, "sampler": sampler}
+    restored = ckpt.restore(state)                       # None on a fresh start
+    start = restored.epoch if restored else 0
+    for epoch in range(start, num_epochs):
+        train_one_epoch(...)
+        ckpt.step(state, epoch=epoch + 1, step=global_step, metrics={"val_loss": val_loss},
+                  final=epoch + 1 == num_epochs)
+
+Conventions (shared with :mod:`savegame.policies`): ``epoch`` counts **completed** epochs (pass
+``epoch + 1`` at the end of epoch ``epoch`` of a ``range`` loop; ``restored.epoch`` is then directly the
+``range`` start), ``step`` is the global number of optimizer steps.
+
+What the Checkpointer writes into each manifest's ``progress`` (readable by any process with
+:func:`savegame.read_manifest`)::
+
+    {"checkpointer": 1, "sequence": 12, "run": "20261201T213012-a1b2c3", "epoch": 4, "step": 1200,
+     "metrics": {"val_loss": 0.31},
+     "epoch_end": true, "final": false, "weights_only": false, "pinned": false, "is_best": true,
+     "best": {"monitor": "val_loss", "mode": "min", "value": 0.31, "name": "epoch=004-step=001200",
+              "epoch": 4, "step": 1200}}
+
+``run`` identifies the training run that wrote the checkpoint: a Checkpointer continues the run of the
+newest checkpoint (``restart="auto"`` / ``"required"``) or starts a new one (``restart="off"``, or an
+empty directory). Best tracking and retention only look at the current run's checkpoints, so a fresh
+run in a used directory has its own best and never deletes an earlier run's checkpoints. Manifests
+written before run ids existed have no ``run``: they belong to no current run and retention never
+deletes them (a run resumed from them keeps their recorded best, though; ``savegame prune`` can
+thin them out).
+
+Guarantees: a checkpoint is deleted only after a newer one was committed; the newest committed
+checkpoint, the best one, the best recorded by any run's manifests and pinned ones are never deleted
+by retention; checkpoints the Checkpointer did not write (no ``progress.checkpointer``) or another run
+wrote are never deleted; an existing name is never overwritten (``-v1``, ``-v2``, ... are appended
+instead).
+
+This module only wires the collaborators that do those jobs (each with one home):
+:mod:`savegame.policies.knob_policies` (knobs -> save/keep policies), :mod:`savegame.run.index` (what is in the
+directory, best, what retention would delete), :mod:`savegame.run.saving` (the three save paths and
+settling background saves), :mod:`savegame.run.save_naming` (names), :mod:`savegame.run.retention`,
+:mod:`savegame.run.resume` (candidates, verify, quarantine, fallback, loading), :mod:`savegame.run.records`
+(returned values, recorded progress), :mod:`savegame.run.preemption` and :mod:`savegame.run.checks`.
+Their public names stay importable from here.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any, Literal
+
+from savegame import api
+from savegame.engine.background import BackgroundWriter
+from savegame.errors import CheckpointError, ConfigError, CorruptCheckpointError, UnsupportedFormatError
+from savegame.format.manifest import Manifest
+from savegame.format.naming import NameTemplate, validate_name
+from savegame.policies import (
+    KeepPolicy,
+    Mode,
+    Progress,
+    SaveContext,
+    SavePolicy,
+    check_count,
+    check_position,
+    missing_monitor_message,
+)
+from savegame.policies.autointerval import DEFAULT_MTBF_SECONDS
+from savegame.policies.knob_policies import AlignedSchedule as AlignedSchedule
+from savegame.policies.knob_policies import build_keep_policy as build_keep_policy
+from savegame.policies.knob_policies import build_save_policy as build_save_policy
+from savegame.policies.knob_policies import coerce_metrics as coerce_metrics
+from savegame.policies.knob_policies import find_improvement, policies_from_knobs
+from savegame.policies.knobs import Restart, preset_knobs
+from savegame.run.checks import UnjudgedEpochs
+from savegame.run.checks import check_run_root as check_run_root
+from savegame.run.coordination import Coordinator, coordinator_for
+from savegame.run.index import ALIASES as ALIASES
+from savegame.run.index import PROGRESS_VERSION as PROGRESS_VERSION
+from savegame.run.index import IndexEntry, RunIndex
+from savegame.run.index import RecordedBest as RecordedBest
+from savegame.run.index import parse_best as parse_best
+from savegame.run.index import parse_run as parse_run
+from savegame.run.index import plan_deletions as plan_deletions
+from savegame.run.index import progress_int as progress_int
+from savegame.run.index import progress_metrics as progress_metrics
+from savegame.run.index import recorded_best_names as recorded_best_names
+from savegame.run.index import recorded_metrics as recorded_metrics
+from savegame.run.index import unrecorded_monitor_error as unrecorded_monitor_error
+from savegame.run.lock import ProcessShare
+from savegame.run.preemption import immediate_saves, install_preemption, save_for_preemption
+from savegame.run.records import CheckpointRecord as CheckpointRecord
+from savegame.run.records import RestoredProgress as RestoredProgress
+from savegame.run.records import SaveResult as SaveResult
+from savegame.run.records import new_run_id as new_run_id
+from savegame.run.records import record_for
+from savegame.run.resume import DISTRIBUTED_ITEM as DISTRIBUTED_ITEM
+from savegame.run.resume import RNG_ITEM as RNG_ITEM
+from savegame.run.resume import ResumeWarning as ResumeWarning
+from savegame.run.resume import entry_named, load_entry, resume_latest
+from savegame.run.retention import apply_retention
+from savegame.run.saving import InFlight, already_saved, save_state, settle
+from savegame.run.signals import PreemptionHandler
+from savegame.storage import LocalStorage, storage_for
+from savegame.storage.base import CheckpointRef
+
+__all__ = [
+    "AlignedSchedule",
+    "CheckpointRecord",
+    "Checkpointer",
+    "RestoredProgress",
+    "ResumeWarning",
+    "SaveResult",
+]
+
+log = logging.getLogger("savegame.run.checkpointer")
+
+SignalAction = Literal["exit", "reraise", "continue"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The Checkpointer
+
+
+class Checkpointer:
+    """Saves, thins out and restores the checkpoints of one training run in ``directory``.
+
+    When to save -- either ``save=`` (any :class:`~savegame.policies.SavePolicy`, e.g.
+    ``AnyOf(EveryNSteps(500), OnImprovement("val_acc"))``) or the knobs below, not both:
+
+    * ``every_n_epochs``: save at the ends of epochs N, 2N, 3N, ... whatever else was saved in between
+      (``0``: never by epoch count). When no ``every_*`` knob is given and ``save_best_only`` is False,
+      it defaults to 1.
+    * ``every_n_steps``: save once N global steps have passed since the last save (also mid-epoch
+      calls); ``0``/None: off.
+    * ``every_seconds``: save when this much (monotonic) time has passed since the last save.
+    * ``every="auto"``: save at the Young/Daly optimal interval ``T = sqrt(2 C M)`` (Daly's refinement)
+      from the measured blocking cost ``C`` of each save and the mean time between failures
+      ``M = mtbf_seconds`` (default a day), never spending more than ``max_overhead`` (default 5 %) of the
+      time blocked in saves (:class:`savegame.policies.autointerval.AutoInterval`).
+    * ``save_best_only``: save only when ``monitor`` improves (Keras's ``save_best_only``; no periodic
+      saves allowed with it). Whatever the knobs, a ``monitor`` makes every improvement save, so the best
+      model is always on disk.
+    * ``save_at_end``: save at the final call (``step(..., final=True)`` or ``epoch == max_epochs``).
+      None (default) means True unless ``save_best_only``.
+    * ``skip_first_epochs``: no periodic or best saves before this many epochs completed (CANDLE's
+      ``ckpt_skip_epochs``); the end-of-training save still happens.
+
+    What to keep -- either ``keep=`` (any :class:`~savegame.policies.KeepPolicy`, e.g.
+    ``KeepUnion(KeepLast(3), KeepExponential())``) or the knobs, not both:
+
+    * ``keep_last``: keep the N newest; ``keep_best``: keep the K best by ``monitor``. Both: the union.
+      Neither: keep everything. Only the current run's checkpoints are candidates (see ``restart``). In
+      every case the newest and the best checkpoint, the bests recorded by any run's manifests and
+      pinned ones (``save(..., pin=True)``) are kept, and checkpoints not written by a Checkpointer are
+      never deleted. Retention runs right after each commit (never before it; for background saves, at the
+      next call that waits for the commit).
+
+    Best tracking:
+
+    * ``monitor``: the metric that defines "best" (e.g. ``"val_loss"``, ``"val_accuracy"``). When None
+      it is taken from an ``OnImprovement`` in ``save=`` or a ``KeepBest`` in ``keep=`` if present.
+    * ``mode``: ``"min"``, ``"max"`` or ``"auto"`` (from the name: accuracy-like metrics are maximised,
+      losses minimised; see :func:`savegame.policies.resolve_mode`).
+    * ``min_delta``: an improvement must exceed this; ``threshold``: the value to beat before any
+      checkpoint exists (Keras's ``initial_value_threshold``).
+      The best value and name are stored in every manifest, so they survive restarts.
+
+    Other options:
+
+    * ``name``: a template such as ``"mobilenet_v2_{epoch:02d}_{val_accuracy:.3f}"`` (placeholders
+      ``epoch``, ``step`` and metric names; checked now). None: ``epoch=004-step=001200``. When a save
+      lacks a value the template needs (a mid-epoch save without validation metrics), the default
+      name is used and a warning issued instead of failing the run.
+    * ``weights_only``: save only the ``nn.Module`` items of the state (no optimizer, no RNG).
+    * ``rng``: add :class:`savegame.RNGState` as item ``"rng"`` to full-state checkpoints (unless the
+      state already has an ``"rng"`` item) and restore it, so dropout and shuffles continue exactly.
+    * ``background``: block training only while the state is copied to host memory and write it in a
+      background thread (one save in flight; the next save, ``wait()``, ``restore`` and ``close()`` wait
+      for it). A failed background save raises :class:`BackgroundSaveError` at the next of those calls
+      (or the next ``step``), unless ``SaveResult.pending.result()`` already raised it; retention for a
+      background save runs once it is committed, at that call. Call ``close()`` (or use ``with``) so the
+      last save is integrated and retention applied; a save still in flight when the process ends is
+      finished at exit all the same (:mod:`savegame.engine.background`).
+    * ``restart``: what ``restore(state)`` (``which="latest"``) does: ``"auto"`` resumes from the newest
+      valid checkpoint if there is one, ``"required"`` raises :class:`CheckpointNotFoundError` if there
+      is none; both continue the run of the newest checkpoint (its best, its retention). ``"off"``
+      never resumes (returns None) and starts a new run in the directory: its best is tracked from its
+      own saves only and its retention never deletes the checkpoints of earlier runs, which stay
+      (``savegame ls`` shows the run of each checkpoint). A name an earlier run used gets ``-v1``...
+      Explicit ``which="best"`` (this run's best) and names always load.
+    * ``verify``: check every file's hash before restoring (a failing newest checkpoint is quarantined
+      and the next one tried).
+    * ``max_epochs``: when given, an epoch-end call with ``epoch >= max_epochs`` counts as the final call.
+    * ``metadata``: JSON-like data stored in every manifest (run id, host, config...).
+    * ``clock``: monotonic seconds for ``every_seconds``; ``wall_clock``: unix seconds for time-based
+      retention (``KeepPerInterval``). Injectable for tests.
+
+    Where checkpoints live:
+
+    * ``directory``: a local path, or any fsspec URL (``s3://bucket/run``, ``gs://...``, ``memory://...``;
+      needs the ``s3`` extra) written with the manifest as commit marker (:mod:`savegame.storage.remote`).
+    * ``storage_options``: passed to fsspec for a URL ``directory`` (credentials, endpoint); never logged.
+    * ``mirror``: a URL (or path) that committed checkpoints are copied to in the background
+      (:class:`savegame.engine.mirror.Mirror`): training resumes after the fast local commit, the upload follows;
+      local deletions by retention are mirrored once a newer checkpoint is there. ``restore`` then
+      resumes from the newest valid checkpoint of either side, so a fresh node with an empty disk
+      resumes from the mirror. ``mirror_options``: fsspec options for ``mirror``. ``close()`` waits
+      for the uploads.
+    * ``lock``: hold the directory's writer lock (:class:`savegame.run.lock.WriterLock`) from construction
+      to ``close()``, so a second writer process on the same local directory fails at once with
+      :class:`LockedError` naming the holder (a crashed holder's lock is released by the kernel).
+      Checkpointers of one process share it (a restart in a notebook is not a rival writer).
+      Read-only users (``list``, ``restore``) may pass False: such a Checkpointer does not own the
+      directory, so it never renames or removes anything there on its own (no clean-up of dead
+      writers' leftovers until its first save, no quarantine: a damaged checkpoint is skipped with a
+      warning and left in place), and a checkpoint that a writer's retention deletes while it is being
+      read is not damage: ``restore`` re-lists and takes the newest again. Not used for URL roots.
+
+    Preemption (SLURM, Kubernetes: a signal, then SIGKILL some 30 s later):
+
+    * ``save_on_signal``: True for SIGTERM and SIGUSR1, or the signals to catch (names or numbers);
+      False (default) leaves signal handling alone. On such a signal the next ``step`` (a safe point:
+      the state is consistent there) saves a full checkpoint -- unless that call saved anyway -- waits
+      until it is durable, then acts per ``signal_action``: ``"exit"`` raises ``SystemExit``
+      (``signal_exit_code``, default 128 + the signal number), ``"reraise"`` ends the process by the
+      signal itself, ``"continue"`` keeps training. :meth:`between_steps` opts a region between steps
+      (data loading, evaluation) in to saving at once. Handlers need the main thread.
+
+    Several processes (``torch.distributed``): every rank constructs the Checkpointer and makes the same
+    calls. Rank 0 decides (whether to save, names, what to resume from, retention) and commits once all
+    ranks have written (:mod:`savegame.distributed`); replicated items are written once, sharded ones
+    (FSDP2, DTensor) by each rank, ``rng`` per rank. ``group``: the process group (None: the default
+    one; False: ignore torch.distributed and act as a single process). ``per_rank``: further items that
+    differ between ranks (a per-rank sampler). Saves are synchronous in a process group.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        save: SavePolicy | None = None,
+        keep: KeepPolicy | None = None,
+        monitor: str | None = None,
+        mode: Mode = "auto",
+        min_delta: float = 0.0,
+        threshold: float | None = None,
+        every_n_epochs: int | None = None,
+        every_n_steps: int | None = None,
+        every_seconds: float | None = None,
+        every: Literal["auto"] | None = None,
+        mtbf_seconds: float = DEFAULT_MTBF_SECONDS,
+        max_overhead: float = 0.05,
+        save_best_only: bool = False,
+        save_at_end: bool | None = None,
+        skip_first_epochs: int = 0,
+        keep_last: int | None = None,
+        keep_best: int | None = None,
+        name: str | None = None,
+        weights_only: bool = False,
+        rng: bool = True,
+        background: bool = False,
+        restart: Restart = "auto",
+        verify: bool = True,
+        max_epochs: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        storage_options: Mapping[str, Any] | None = None,
+        mirror: str | os.PathLike[str] | None = None,
+        mirror_options: Mapping[str, Any] | None = None,
+        lock: bool = True,
+        save_on_signal: bool | Iterable[int | str] = False,
+        signal_action: SignalAction = "exit",
+        signal_exit_code: int | None = None,
+        group: Any = None,
+        per_rank: Collection[str] = (),
+    ) -> None:
+        check_run_root(directory)
+        if restart not in ("auto", "required", "off"):
+            raise ConfigError(f"Checkpointer: restart must be 'auto', 'required' or 'off', got {restart!r}")
+        if mode not in ("auto", "min", "max"):
+            raise ConfigError(f"Checkpointer: mode must be 'auto', 'min' or 'max', got {mode!r}")
+        check_count("Checkpointer", "max_epochs", max_epochs, minimum=1)
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise ConfigError(f"Checkpointer: metadata must be a dict, got {type(metadata).__name__}")
+        chosen = policies_from_knobs(
+            save=save, keep=keep, monitor=monitor, mode=mode, min_delta=min_delta, threshold=threshold,
+            every_n_epochs=every_n_epochs, every_n_steps=every_n_steps, every_seconds=every_seconds,
+            every=every, mtbf_seconds=mtbf_seconds, max_overhead=max_overhead, save_best_only=save_best_only,
+            save_at_end=save_at_end, skip_first_epochs=skip_first_epochs, keep_last=keep_last, keep_best=keep_best,
+        )  # fmt: skip
+        self.monitor = chosen.monitor
+        self.mode: Literal["min", "max"] | None = chosen.mode
+        self.min_delta = chosen.min_delta
+        self.threshold = chosen.threshold
+        self.save_policy: SavePolicy = chosen.save_policy
+        self.keep_policy: KeepPolicy = chosen.keep_policy
+        self.template = NameTemplate(name) if name is not None else None
+        self.weights_only = bool(weights_only)
+        self.rng = bool(rng)
+        self.restart: Restart = restart
+        self.verify = bool(verify)
+        self.max_epochs = max_epochs
+        self.background = bool(background)
+        self._writer: BackgroundWriter | None = None
+        self._in_flight: InFlight | None = None
+        self.metadata: dict[str, Any] = dict(metadata or {})
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self.storage = storage_for(directory, storage_options=storage_options)
+        self.directory: str = self.storage.root
+        self.local = isinstance(self.storage, LocalStorage)
+        self.per_rank = tuple(per_rank)
+        self._coord: Coordinator = coordinator_for(group)
+        if self._coord.distributed and self.background:
+            log.warning("Checkpointer: background=True is not available in a process group; saving synchronously")
+            self.background = False
+        self._closed = False
+        self._index = RunIndex(self.storage)
+        """The Checkpointer's view of its directory (told about its own commits and deletions)."""
+        self._mirror_verified: tuple[str, Manifest] | None = None  # see _already_verified
+        self._last_saved: Progress | None = None
+        self._saved_here = False
+        self._best: RecordedBest | None = None
+        self.run_id = ""
+        """The run this Checkpointer's saves belong to (decided once the directory was read)."""
+        self._owner = bool(lock)
+        self._cleaned = False
+        self._started = clock()
+        self._unjudged = UnjudgedEpochs()
+        self.preempted: str | None = None
+        """The signal whose preemption save was made (with ``signal_action="continue"``), or None."""
+        self._lock: ProcessShare | None = None
+        self._mirror: Any = None
+        self._preemption: PreemptionHandler | None = None
+        if mirror is not None and not self.local:
+            raise ConfigError("Checkpointer: mirror= needs a local directory (it mirrors local checkpoints to a URL)")
+        try:
+            if lock and self.local and self._coord.is_coordinator:
+                self._lock = ProcessShare(self.directory)
+            if self._owner:
+                self._clean_up()
+            if mirror is not None and self._coord.is_coordinator:
+                from savegame.engine.mirror import Mirror
+
+                self._mirror = Mirror(self.directory, mirror, storage_options=mirror_options).start()
+            self._preemption = install_preemption(save_on_signal, action=signal_action, exit_code=signal_exit_code)
+        except BaseException:
+            self._release()
+            raise
+        self._refresh()
+        self.run_id = str(self._coord.agree(self._initial_run_id()))
+        self._best = self._resolve_best()
+        newest = self._index.latest
+        if newest is not None and restart != "off":
+            self._last_saved = newest.progress()
+
+    def _clean_up(self) -> None:
+        """Remove dead writers' leftovers once (the directory's owner does it at construction, a
+        Checkpointer without the lock before its first save)."""
+        if not self._cleaned:
+            self._cleaned = True
+            self._coord.on_coordinator(self.storage.cleanup)
+
+    def _initial_run_id(self) -> str:
+        """The newest checkpoint's run when resuming is allowed (``restart`` not ``"off"``), else a new run."""
+        if self.restart != "off":
+            ours = self._index.newest_run()
+            if ours and ours[-1].run is not None:
+                return ours[-1].run
+        return new_run_id()
+
+    # ----------------------------------------------------------------------------------------------
+    # Presets
+
+    @classmethod
+    def preset(
+        cls,
+        preset: str,
+        directory: str | os.PathLike[str],
+        *,
+        monitor: str | None = None,
+        mode: Mode = "auto",
+        max_epochs: int | None = None,
+        name: str | None = None,
+        restart: Restart = "auto",
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Checkpointer:
+        """A Checkpointer for one of the training regimes ``"short"``, ``"normal"``, ``"long"``.
+
+        ``short`` saves once at the end; ``normal`` every epoch plus every improvement of ``monitor``,
+        keeping the 10 newest and the best; ``long`` every 5 epochs or 30 minutes plus improvements,
+        keeping the 20 newest, a log-spaced history and the best. See :mod:`savegame.config`.
+        """
+        knobs = preset_knobs(
+            preset, monitor=monitor, mode=mode, max_epochs=max_epochs, restart=restart, metadata=metadata
+        )
+        return cls(directory, name=name, **knobs.checkpointer_kwargs())
+
+    # ----------------------------------------------------------------------------------------------
+    # Directory scan and best tracking
+
+    def _refresh(self) -> None:
+        """Sync the index with the committed checkpoints of the directory and recompute the best."""
+        for name, exc in self._index.refresh().items():
+            if isinstance(exc, (CorruptCheckpointError, UnsupportedFormatError)):
+                log.warning("checkpoint %s: unreadable manifest, ignored: %s", name, exc)
+            else:  # permissions...
+                log.warning("checkpoint %s: cannot read its manifest: %s", name, exc)
+        self._best = self._resolve_best()
+
+    def _ref(self, name: str) -> str | CheckpointRef:
+        """What the :mod:`savegame.api` functions read checkpoint ``name`` through: its local path, or
+        a reference to it on the configured remote storage."""
+        return self._index.ref(name)
+
+    def _run_entries(self) -> builtins.list[IndexEntry]:
+        """The checkpoints of the current run, oldest first, whose best this Checkpointer tracks.
+
+        Before its first save, a Checkpointer that may resume (``restart`` not ``"off"``) takes the
+        newest checkpoint's run, also when that one has no run id (written before run ids existed).
+        """
+        return self._index.run_entries(self.run_id, or_newest=self.restart != "off")
+
+    def _resolve_best(self) -> RecordedBest | None:
+        """The best checkpoint of the current run for the monitor (see :meth:`RunIndex.best`; with
+        this Checkpointer's ``min_delta`` and ``threshold``)."""
+        return self._index.best(self.monitor, self.mode, entries=self._run_entries(), min_delta=self.min_delta,
+                                threshold=self.threshold)  # fmt: skip
+
+    # ----------------------------------------------------------------------------------------------
+    # Introspection
+
+    def list(self) -> builtins.list[CheckpointRecord]:
+        """The committed checkpoints of the directory, oldest first (re-reads the directory).
+
+        A background save in flight is waited for first, so it is listed once committed.
+        """
+        settle(self)
+        self._refresh()
+        entries = self._index.ordered()
+        newest = entries[-1].name if entries else None
+        best = self._best.name if self._best is not None else None
+        return [record_for(e, path=self.storage.path(e.name), best=best, newest=newest) for e in entries]
+
+    @property
+    def latest(self) -> CheckpointRecord | None:
+        """The newest committed checkpoint (not verified; ``restore`` verifies), or None."""
+        records = self.list()
+        return records[-1] if records else None
+
+    @property
+    def best(self) -> CheckpointRecord | None:
+        """The best checkpoint by ``monitor`` (None without a monitor or before any qualifies)."""
+        for record in self.list():
+            if record.is_best:
+                return record
+        return None
+
+    @property
+    def best_value(self) -> float | None:
+        """The best value of ``monitor`` so far (persisted across restarts), or None."""
+        settle(self)
+        self._refresh()
+        return self._best.value if self._best is not None else None
+
+    # ----------------------------------------------------------------------------------------------
+    # Saving
+
+    def _progress(
+        self, epoch: int | None, step: int | None, metrics: Mapping[str, object] | None, *, epoch_end: bool, final: bool
+    ) -> Progress:
+        """Where training is now, as the policies see it (metrics checked, time from ``clock``)."""
+        epoch = check_position("Checkpointer", "epoch", epoch)  # messages name the argument, not Progress
+        step = check_position("Checkpointer", "step", step)
+        return Progress(epoch=epoch, step=step, metrics=coerce_metrics(metrics), time=self._clock(),
+                        epoch_end=bool(epoch_end), final=bool(final))  # fmt: skip
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointError(f"Checkpointer({self.directory!r}) is closed")
+
+    def step(
+        self,
+        state: Mapping[str, Any],
+        *,
+        epoch: int | None = None,
+        step: int | None = None,
+        metrics: Mapping[str, object] | None = None,
+        epoch_end: bool | None = None,
+        final: bool = False,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> SaveResult | None:
+        """Report progress; save if the save policy says so. Returns what was saved, or None.
+
+        ``epoch``: completed epochs (``epoch + 1`` at the end of epoch ``epoch`` of a ``range`` loop);
+        ``step``: global step; ``metrics``: e.g. ``{"val_loss": 0.3}`` (numbers or 0-d tensors);
+        ``epoch_end``: False for calls from inside an epoch (per-batch saves; epoch and improvement
+        policies ignore those); not given, the call counts as an epoch end for the epoch policies;
+        ``final``: the last call of training (``save_at_end``);
+        ``metadata``: extra JSON-like data for this checkpoint's manifest.
+        With ``monitor=`` (save on improvement), a call without ``metrics=`` (per batch) does not judge
+        improvement (no save for it, no new best, no error); a call whose ``metrics=`` lacks the
+        monitored metric, or that says ``epoch_end=True`` without it, raises :class:`ConfigError`; a
+        whole epoch whose calls never carried the metric warns once (an epoch end that forgot ``metrics=``).
+        A save that fails raises and leaves every existing checkpoint as it was.
+        """
+        self._check_open()
+        if self._in_flight is not None and self._in_flight.handle.done():
+            settle(self)
+        said_epoch_end = epoch_end is not None and bool(epoch_end)
+        epoch_end = True if epoch_end is None else bool(epoch_end)
+        if epoch_end and not final and self.max_epochs is not None and epoch is not None:
+            final = epoch >= self.max_epochs
+        progress = self._progress(epoch, step, metrics, epoch_end=epoch_end, final=final)
+        monitored = find_improvement(self.save_policy)
+        if monitored is not None and epoch is not None:
+            self._unjudged.note(epoch, judged=monitored.monitor in progress.metrics, monitor=monitored.monitor)
+        improvement = monitored if said_epoch_end else None
+        if improvement is not None and improvement.monitor not in progress.metrics:
+            raise ConfigError(
+                "Checkpointer.step(epoch_end=True): " + missing_monitor_message(improvement.monitor, progress.metrics)
+            )
+        context = SaveContext(
+            last_saved=self._last_saved,
+            best=self._best.value if self._best is not None else None,
+            started=self._started,
+        )
+        wanted = self.save_policy.should_save(progress, context) and not (
+            progress.final and already_saved(self, progress)
+        )
+        result = None
+        if self._coord.agree(wanted):
+            result = save_state(self, state, progress, name=None, metadata=metadata, pin=False)
+        if self._preemption is not None and self._coord.any(self._preemption.requested):
+            result = save_for_preemption(self, state, progress, result, metadata)
+        return result
+
+    # ----------------------------------------------------------------------------------------------
+    # Preemption
+
+    @property
+    def preemption(self) -> PreemptionHandler | None:
+        """The signal handler installed by ``save_on_signal`` (``.requested``, ``.signal_name``), or None."""
+        return self._preemption
+
+    @contextmanager
+    def between_steps(
+        self,
+        state: Mapping[str, Any],
+        *,
+        epoch: int | None = None,
+        step: int | None = None,
+        metrics: Mapping[str, object] | None = None,
+    ) -> Iterator[None]:
+        """A region between training steps (waiting for data, evaluating) where a preemption signal saves
+        ``state`` at once instead of at the next ``step``; the body must not change the state.
+
+        Needs ``save_on_signal``; not available in a process group (a save there involves every rank).
+        """
+        if self._preemption is None:
+            raise ConfigError("Checkpointer.between_steps needs save_on_signal=True (or a list of signals)")
+        if self._coord.distributed:
+            raise ConfigError("Checkpointer.between_steps is not available in a process group; use step()")
+        progress = self._progress(epoch, step, metrics, epoch_end=False, final=False)
+
+        with immediate_saves(self, state, progress):
+            yield
+
+    def save(
+        self,
+        state: Mapping[str, Any],
+        *,
+        name: str | None = None,
+        epoch: int | None = None,
+        step: int | None = None,
+        metrics: Mapping[str, object] | None = None,
+        epoch_end: bool = True,
+        pin: bool = False,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> SaveResult:
+        """Save now, whatever the save policy says; same arguments as :meth:`step`.
+
+        ``name``: an explicit checkpoint name (validated; ``-v1``... appended if taken) instead of the
+        template. ``pin``: retention never deletes this checkpoint (and it does not count against
+        ``keep_last``). Best tracking and retention apply as for policy saves.
+        """
+        self._check_open()
+        if name is not None:
+            validate_name(name)
+        progress = self._progress(epoch, step, metrics, epoch_end=epoch_end, final=False)
+        return save_state(self, state, progress, name=name, metadata=metadata, pin=pin)
+
+    def wait(self) -> builtins.list[str]:
+        """Wait for the background save in flight (if any) and run retention; return what it deleted."""
+        return settle(self)
+
+    # ----------------------------------------------------------------------------------------------
+    # Retention
+
+    def prune(self, *, dry_run: bool = True, all_runs: bool = False) -> builtins.list[str]:
+        """Apply the keep policy now; return the names deleted (or that would be).
+
+        It applies to this run's checkpoints (as retention after each save does), or with ``all_runs``
+        to each run of the directory separately, checkpoints older than run ids forming one more run
+        (what ``savegame prune`` does). A ``monitor`` that none of those checkpoints recorded raises
+        :class:`ConfigError` (listing the metrics that are recorded) and deletes nothing. Whatever the
+        policy, the newest checkpoint, each run's recorded best and pinned checkpoints are kept.
+        """
+        if not dry_run:
+            self._check_open()
+        settle(self)
+        self._refresh()
+        self._index.check_monitor_recorded(self.monitor, run=None if all_runs else self.run_id,
+                                           where=f"Checkpointer({self.directory!r})")
+        names: builtins.list[str] = self._coord.on_coordinator(
+            lambda: apply_retention(self, dry_run=dry_run, all_runs=all_runs)
+        )
+        if not dry_run:
+            for name in names:
+                self._index.note_gone(name)
+        return names
+
+    # ----------------------------------------------------------------------------------------------
+    # Restoring
+
+    def restore(
+        self,
+        state: Mapping[str, Any],
+        which: str = "latest",
+        *,
+        strict: bool = True,
+        map_location: Any = None,
+    ) -> RestoredProgress | None:
+        """Load a checkpoint into the live objects of ``state`` in place; return its progress.
+
+        ``which="latest"`` resumes according to ``restart`` (see the class docstring): it tries the
+        checkpoints newest first; one that fails verification (or whose manifest is corrupt) is
+        reported with a :class:`ResumeWarning` and a log message, moved aside with
+        ``storage.quarantine`` (renamed, never deleted; left in place by a Checkpointer with
+        ``lock=False``) and the next older one is tried. One that another process's retention deleted
+        while it was being read is not damage: the directory is listed again and the newest taken. It
+        returns None when there is nothing to resume from (``restart="auto"``/``"off"``), never while a
+        committed checkpoint that loads exists. Resuming continues the restored checkpoint's run.
+        ``which="best"`` or a checkpoint name loads exactly that checkpoint
+        (:class:`CheckpointNotFoundError` if absent, the verification error if it is damaged).
+
+        ``state`` is updated in place as :func:`savegame.load` updates its target (the way
+        ``torch.distributed.checkpoint.load`` does): live objects (modules, optimizers, schedulers,
+        samplers, tensors, Stateful objects) get their state back, dicts and lists are filled in place,
+        other values are replaced in ``state`` (``state["epoch"]`` is the saved epoch afterwards). The
+        items that hold no live object also come back in ``RestoredProgress.data``.
+        ``strict``: an item missing from the checkpoint, keys or parameters that differ, or a value of
+        another type raise :class:`StateMismatchError` before any plain value is replaced (items a
+        ``weights_only`` checkpoint never had are skipped with a warning; an item whose value in ``state``
+        is None is a placeholder: it gets the saved value, and stays None if the checkpoint has none, with
+        no error). ``map_location``: as for
+        :func:`savegame.load`.
+        """
+        if not isinstance(state, Mapping):
+            raise ConfigError(f"state must be a dict of items, not {type(state).__name__}")
+        settle(self)
+        self._refresh()
+        if which == "latest":
+            return resume_latest(self, state, strict=strict, map_location=map_location)
+        entry = entry_named(self, which)
+        if self._coord.distributed and self.verify:  # rank 0 checks; a damaged file raises on every rank
+            self._coord.on_coordinator(lambda: api.verify(self._ref(entry.name)) and None)
+            return load_entry(
+                self, entry, state, strict=strict, map_location=map_location, quarantined=(), verify=False
+            )
+        return load_entry(self, entry, state, strict=strict, map_location=map_location, quarantined=())
+
+    # ----------------------------------------------------------------------------------------------
+    # Lifetime
+
+    def close(self) -> None:
+        """Wait for a background save in flight (raising its error), then stop accepting saves.
+
+        The save in flight is finished even when ``close`` runs after an exception or a Ctrl-C, or is
+        itself interrupted (then its writer waits again; at interpreter exit at the latest, see
+        :mod:`savegame.engine.background`); the mirror, the signal handlers and the lock are released however
+        the wait ended.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            settle(self)
+        finally:
+            try:
+                if self._writer is not None:
+                    self._writer.close()
+            finally:
+                self._release()
+
+    def _release(self) -> None:
+        """Finish the mirror's uploads, restore the signal handlers, give the writer lock back."""
+        mirror, self._mirror = self._mirror, None
+        handler, self._preemption = self._preemption, None
+        lock, self._lock = self._lock, None
+        try:
+            if mirror is not None:
+                mirror.close(wait=True)
+        except (CheckpointError, OSError) as exc:
+            log.warning("Checkpointer(%s): the mirror did not finish: %s", self.directory, exc)
+        finally:
+            try:
+                if handler is not None and threading.current_thread() is threading.main_thread():
+                    handler.close()
+            finally:
+                if lock is not None:
+                    lock.release()
+
+    def __del__(self) -> None:
+        # A Checkpointer dropped without close() must not keep its directory locked for the rest of the
+        # process (the kernel would only release the flock at exit).
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            try:
+                lock.release()
+            except Exception:
+                pass
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:  # do not hide the exception that ended the block behind a background-save error
+            self.close()
+        except CheckpointError as err:
+            log.error("closing %r after an error: %s", self, err)
+
+    def __repr__(self) -> str:
+        return f"Checkpointer({self.directory!r}, monitor={self.monitor!r}, mode={self.mode!r})"

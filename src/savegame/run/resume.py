@@ -1,0 +1,327 @@
+"""Resuming a Checkpointer's run: which checkpoint to load, verifying it, quarantining damaged ones,
+falling back to the next older one, and loading it into the live state.
+
+``Checkpointer.restore`` resolves ``which`` and calls :func:`resume_latest` (``"latest"``: newest
+first, damaged ones quarantined -- or, without the writer lock, skipped and left in place -- the
+checkpoint another process's retention deleted while it was read re-listed rather than taken for
+damage: the reader race) or :func:`load_entry` (one named checkpoint). In a process group rank 0 picks
+and verifies (:func:`pick_for_resume`) and every rank loads the same one (:func:`resume_together`).
+With ``mirror=``, the mirror's newest valid checkpoint is fetched first and not hashed a second time
+(:func:`already_verified`).
+
+The functions take the :class:`~savegame.run.checkpointer.Checkpointer` they work for: they read its
+settings (``verify``, ``rng``, ``restart``) and collaborators (storage, :class:`~savegame.run.index.RunIndex`,
+coordinator, mirror) and update its view after a restore (last save, run, best). Moved here verbatim
+from the Checkpointer's methods; ``ResumeWarning`` stays importable from :mod:`savegame.run.checkpointer`.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import time
+import warnings
+from collections.abc import Mapping, MutableMapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from savegame import api
+from savegame.adapters.rng import RNGState
+from savegame.engine.capture import replaceable
+from savegame.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    NotACheckpointError,
+    StateMismatchError,
+    StorageError,
+)
+from savegame.format.manifest import Manifest
+from savegame.run.index import IndexEntry, entry_from_manifest
+from savegame.run.lock import process_holds
+from savegame.run.records import RestoredProgress, Resumed
+from savegame.storage.base import CheckpointRef
+
+if TYPE_CHECKING:
+    from savegame.run.checkpointer import Checkpointer
+
+__all__ = [
+    "DISTRIBUTED_ITEM",
+    "RNG_ITEM",
+    "ResumeWarning",
+    "entry_named",
+    "load_entry",
+    "quarantine",
+    "resume_latest",
+]
+
+log = logging.getLogger("savegame.run.checkpointer")
+
+RNG_ITEM = "rng"
+"""Item name under which the global RNG state is added to full-state checkpoints."""
+
+DISTRIBUTED_ITEM = "savegame.distributed"
+"""The layout item of checkpoints written by several ranks (see :mod:`savegame.distributed`)."""
+_MAX_RESUME_ROUNDS = 1000
+"""Re-listings ``restore`` makes while retention deletes the checkpoints it was about to read."""
+
+
+class ResumeWarning(UserWarning):
+    """A checkpoint could not be used for resuming (it was quarantined) or resuming was partial."""
+
+
+def fetch_from_mirror(ckpt: Checkpointer) -> None:
+    """Bring the mirror's newest valid checkpoint here when it is newer than every local one."""
+    if ckpt._mirror is None:
+        return
+    ckpt._mirror_verified = None
+    try:
+        ckpt._mirror.restore_newest(verify=ckpt.verify)
+        ckpt._mirror_verified = ckpt._mirror.verified
+    except (CheckpointError, OSError) as exc:
+        log.warning("Checkpointer(%s): could not look at the mirror %s: %s", ckpt.directory, ckpt._mirror, exc)
+    ckpt._refresh()
+
+
+def already_verified(ckpt: Checkpointer, name: str, manifest: Manifest) -> bool:
+    """Whether the mirror's ``restore_newest`` just verified every file of checkpoint ``name`` with
+    exactly this ``manifest`` (resume then does not hash them a second time). Asked once per resume."""
+    verified, ckpt._mirror_verified = ckpt._mirror_verified, None
+    return verified == (name, manifest)
+
+
+def pick_for_resume(ckpt: Checkpointer) -> dict[str, Any]:
+    """Rank 0's choice of the checkpoint all ranks resume from: the newest that verifies (broken
+    ones quarantined on the way). JSON, as it is broadcast: ``{"name": ..., "quarantined": [...]}``."""
+    fetch_from_mirror(ckpt)
+    quarantined: builtins.list[str] = []
+    for name, exc in builtins.list(ckpt._index.unreadable.items()):
+        if isinstance(exc, CorruptCheckpointError):
+            quarantined.append(quarantine(ckpt, name, exc))
+    for entry in reversed(ckpt._index.ordered()):
+        try:
+            manifest = api.read_manifest(ckpt._ref(entry.name))
+            if ckpt.verify and not already_verified(ckpt, entry.name, manifest):
+                api.verify(ckpt._ref(entry.name))
+        except CorruptCheckpointError as exc:
+            quarantined.append(quarantine(ckpt, entry.name, exc))
+            continue
+        return {"name": entry.name, "quarantined": quarantined}
+    return {"name": None, "quarantined": quarantined}
+
+
+def resume_latest(
+    ckpt: Checkpointer, state: Mapping[str, Any], *, strict: bool, map_location: Any
+) -> RestoredProgress | None:
+    """``restore(state)``: the newest checkpoint that loads (see the module docstring), or None."""
+    if ckpt.restart == "off":
+        log.info("restart='off': not resuming from %s", ckpt.directory)
+        return None
+    if ckpt._coord.distributed:
+        return resume_together(ckpt, state, strict=strict, map_location=map_location)
+    fetch_from_mirror(ckpt)
+    quarantined: builtins.list[str] = []
+    for name, exc in builtins.list(ckpt._index.unreadable.items()):
+        if isinstance(exc, CorruptCheckpointError):
+            quarantined.append(quarantine(ckpt, name, exc))
+    tried: set[str] = set(quarantined)
+    empty = 0
+    for _ in range(_MAX_RESUME_ROUNDS):
+        restored = resume_newest(ckpt, state, tried, quarantined, strict=strict, map_location=map_location)
+        if restored is not None:
+            if restored.run is not None and not ckpt._saved_here:
+                ckpt.run_id = restored.run  # resumed an older run (the newer ones were damaged)
+                ckpt._best = ckpt._resolve_best()
+            return restored.progress
+        ckpt._refresh()  # a writer may have committed newer checkpoints meanwhile: look again
+        if all(name in tried for name in ckpt._index.entries):
+            if ckpt._index.entries or empty >= 2:
+                break
+            empty += 1  # nothing listed: once more, 10 ms later (a listing overtaken by a writer)
+            time.sleep(0.01)
+            ckpt._refresh()
+    else:
+        raise CheckpointError(
+            f"{ckpt.directory}: the checkpoints were deleted faster than they could be read "
+            f"({_MAX_RESUME_ROUNDS} attempts); is a writer's keep_last too small for its save rate?"
+        )
+    nothing_to_resume(ckpt, quarantined)
+    return None
+
+
+def resume_newest(
+    ckpt: Checkpointer, state: Mapping[str, Any], tried: set[str], quarantined: builtins.list[str], *, strict: bool,
+    map_location: Any,
+) -> Resumed | None:  # fmt: skip
+    """Load the newest listed checkpoint not in ``tried`` that loads (damaged ones quarantined and
+    the next older one tried); None when none is left or one was deleted by a writer's retention
+    while being read -- not damage: the caller lists the directory again."""
+    for entry in reversed(ckpt._index.ordered()):
+        if entry.name in tried:
+            continue
+        tried.add(entry.name)
+        try:
+            progress = load_entry(ckpt, entry, state, strict=strict, map_location=map_location,
+                                  quarantined=tuple(quarantined))  # fmt: skip
+        except (CorruptCheckpointError, NotACheckpointError, CheckpointNotFoundError, StorageError, OSError) as exc:
+            if not ckpt.storage.exists(entry.name):
+                log.info("checkpoint %s was deleted (by retention) while being restored; looking again", entry.name)
+                ckpt._index.note_gone(entry.name)
+                return None
+            if not isinstance(exc, CorruptCheckpointError):
+                raise
+            quarantined.append(quarantine(ckpt, entry.name, exc))
+            continue
+        return Resumed(progress, entry.run)
+    return None
+
+
+def nothing_to_resume(ckpt: Checkpointer, quarantined: builtins.list[str]) -> None:
+    """Raise (``restart="required"``) or log that training starts fresh."""
+    detail = f" ({len(quarantined)} damaged checkpoint(s) quarantined)" if quarantined else ""
+    if ckpt.restart == "required":
+        raise CheckpointNotFoundError(
+            f"{ckpt.directory}: restart='required' but there is no valid checkpoint{detail}"
+        )
+    log.info("no checkpoint to resume from in %s%s: starting fresh", ckpt.directory, detail)
+
+
+def resume_together(
+    ckpt: Checkpointer, state: Mapping[str, Any], *, strict: bool, map_location: Any
+) -> RestoredProgress | None:
+    """Resume in a process group: rank 0 picks (and verifies), every rank loads the same one."""
+    choice = ckpt._coord.on_coordinator(lambda: pick_for_resume(ckpt))
+    ckpt._refresh()
+    quarantined = [str(q) for q in choice["quarantined"]]
+    name = choice["name"]
+    if name is None:
+        nothing_to_resume(ckpt, quarantined)
+        return None
+    entry = ckpt._index.entries.get(str(name))
+    if entry is None:
+        raise CheckpointError(f"{ckpt.directory}: rank 0 resumes from {name!r}, which this rank cannot read")
+    return load_entry(ckpt, entry, state, strict=strict, map_location=map_location,
+                      quarantined=tuple(quarantined), verify=False)  # fmt: skip
+
+
+def quarantine(ckpt: Checkpointer, name: str, exc: Exception) -> str:
+    """Move a damaged checkpoint aside (never delete it), warn and log; return its old name.
+
+    A Checkpointer without the writer lock (``lock=False``, in a process that does not hold the lock
+    otherwise) does not own the directory and leaves the checkpoint where it is: it only warns and
+    skips it."""
+    if not (ckpt._owner or (ckpt.local and process_holds(ckpt.directory))):
+        message = (f"checkpoint {name} in {ckpt.directory} is damaged and was skipped (left in place: "
+                   f"this Checkpointer has lock=False and does not own the directory): {exc}")  # fmt: skip
+        log.warning(message)
+        warnings.warn(message, ResumeWarning, stacklevel=4)
+        ckpt._index.note_gone(name)
+        return name
+    try:
+        moved = ckpt.storage.quarantine(name)
+    except (CheckpointError, OSError) as err:
+        moved = f"(could not quarantine: {err})"
+    message = f"checkpoint {name} in {ckpt.directory} is damaged and was moved to {moved}: {exc}"
+    log.warning(message)
+    warnings.warn(message, ResumeWarning, stacklevel=4)
+    ckpt._index.note_gone(name)
+    return name
+
+
+def load_entry(
+    ckpt: Checkpointer, entry: IndexEntry, state: Mapping[str, Any], *, strict: bool, map_location: Any,
+    quarantined: tuple[str, ...], verify: bool | None = None,
+) -> RestoredProgress:  # fmt: skip
+    path = ckpt.storage.path(entry.name)
+    source = ckpt._ref(entry.name)
+    verifying = ckpt.verify if verify is None else verify
+    manifest = api.read_manifest(source)
+    if already_verified(ckpt, entry.name, manifest):
+        verifying = False  # the mirror hashed every file of this manifest moments ago
+    layout = DISTRIBUTED_ITEM in manifest.items
+    if layout or ckpt._coord.distributed:
+        from savegame.distributed import item_names
+
+        saved = item_names(manifest)
+    else:
+        saved = set(manifest.items)
+    target = dict(state)  # a copy: the RNG item may be added; plain items are copied back below
+    if ckpt.rng and RNG_ITEM in saved and RNG_ITEM not in state:
+        target[RNG_ITEM] = RNGState()
+    if verifying and (layout or ckpt._coord.distributed):
+        api.verify(source)
+    elif verifying:  # one pass over each file: load checks the files it reads, before restoring anything
+        read_by_load = {manifest.items[k].file for k in target if k in manifest.items}
+        api.verify_files(source, manifest, [f for f in manifest.files if f not in read_by_load])
+    # a None item is a placeholder ("read it if it was saved"): absent, it stays None, as asked
+    target = {k: v for k, v in target.items() if k in saved or v is not None}
+    absent = [k for k in target if k not in saved]
+    if absent and (entry.weights_only or not strict):
+        message = f"checkpoint {entry.name} has no items {absent}; they were not restored"
+        log.warning(message)
+        warnings.warn(message, ResumeWarning, stacklevel=4)
+        target = {k: v for k, v in target.items() if k in saved}
+    elif absent:
+        raise StateMismatchError(
+            f"checkpoint {entry.name} has no items {absent} (it has {sorted(saved)}); "
+            "pass strict=False to restore the rest"
+        )
+    if layout or ckpt._coord.distributed:
+        report = load_distributed(ckpt, source, target, strict=strict, map_location=map_location)
+        for key, value in report.state.items():  # top-level plain values come back, not replaced
+            if key in target and replaceable(target[key]):
+                target[key] = value
+    else:  # plain items are filled in place or replaced in target (see savegame.load)
+        report = api.load(source, target, strict=strict, verify=verifying, map_location=map_location)
+    if isinstance(state, MutableMapping):
+        for key in state:
+            if key in target and target[key] is not state[key]:
+                state[key] = target[key]  # a plain value replaced (``state["epoch"]``)
+    # the plain values of the state's items, then the plain items of the checkpoint it did not name
+    data = {k: report.state[k] for k in state if k in report.state and k in target}
+    data.update({k: v for k, v in report.state.items() if k not in state and k not in target})
+    progress = entry_from_manifest(entry.name, manifest)
+    ckpt._last_saved = progress.progress()
+    ckpt._saved_here = False
+    log.info("restored checkpoint %s (epoch=%s, step=%s)", path, progress.epoch, progress.step)
+    return RestoredProgress(
+        name=entry.name, path=path, epoch=progress.epoch, step=progress.step,
+        metrics=progress.metrics, data=MappingProxyType(data), quarantined=quarantined,
+    )  # fmt: skip
+
+
+def load_distributed(
+    ckpt: Checkpointer, path: str | CheckpointRef, target: Mapping[str, Any], *, strict: bool, map_location: Any
+) -> Any:
+    """Restore a checkpoint written by several ranks (or restore on several ranks): every rank
+    its own per-rank items, sharded items resharded to this job's layout. ``path``: what
+    :meth:`_ref` gives (a local path, or a reference that reads through this Checkpointer's configured
+    storage: a remote root's credentials live in its storage_options)."""
+    from savegame import distributed as sgd
+    from savegame.run.coordination import Ranks
+
+    context = ckpt._coord.context if isinstance(ckpt._coord, Ranks) else sgd.RankContext()
+    return sgd.load_state(path, target, strict=strict, verify=False, map_location=map_location, context=context)
+
+
+def entry_named(ckpt: Checkpointer, which: str) -> IndexEntry:
+    """The checkpoint ``restore(state, which)`` loads for ``"best"`` (this run's best) or a name;
+    :class:`CheckpointNotFoundError` saying why there is none, the verification error for a damaged one."""
+    if which == "best":
+        if ckpt._best is None or ckpt._best.name not in ckpt._index.entries:
+            if not ckpt.monitor:
+                why = " (no monitor= was given, so nothing is ranked)"
+            elif ckpt.restart == "off":
+                why = (" of this run (restart='off' started a new run, which has none yet; an earlier run's "
+                       "checkpoints load by name)")  # fmt: skip
+            else:
+                why = ""
+            raise CheckpointNotFoundError(f"{ckpt.directory}: no best checkpoint{why}")
+        return ckpt._index.entries[ckpt._best.name]
+    else:
+        if which in ckpt._index.unreadable:  # there but damaged: its error, not "not found"
+            ckpt._index.note_committed(which, api.read_manifest(ckpt._ref(which)))
+        entry_or_none = ckpt._index.entries.get(which)
+        if entry_or_none is None:
+            raise CheckpointNotFoundError(f"{ckpt.directory}: no committed checkpoint named {which!r}")
+        return entry_or_none

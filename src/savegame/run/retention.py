@@ -1,0 +1,61 @@
+"""Retention for a Checkpointer: which of its checkpoints the keep policy deletes now (planned by
+:meth:`savegame.run.index.RunIndex.doomed`, the one rule shared with ``savegame prune``), deleting them
+(a failed deletion warns and keeps the checkpoint), and applying it after each commit on the
+coordinating rank only (:func:`retain`), with the mirror told.
+
+The functions take the :class:`~savegame.run.checkpointer.Checkpointer` whose checkpoints they thin out;
+moved here verbatim from its methods.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import warnings
+from typing import TYPE_CHECKING
+
+from savegame.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from savegame.run.checkpointer import Checkpointer
+
+__all__ = ["apply_retention", "doomed_names", "retain"]
+
+log = logging.getLogger("savegame.run.checkpointer")
+
+
+def doomed_names(ckpt: Checkpointer, *, all_runs: bool = False) -> builtins.list[str]:
+    """Names retention would delete now (:meth:`RunIndex.doomed`): the keep policy applied to this
+    run's checkpoints, or to each run's separately (``all_runs``), this run's best kept too."""
+    return ckpt._index.doomed(ckpt.keep_policy, run=None if all_runs else ckpt.run_id,
+                              best=ckpt._best.name if ckpt._best is not None else None,
+                              monitor=ckpt.monitor, mode=ckpt.mode, now=ckpt._wall_clock())  # fmt: skip
+
+
+def apply_retention(ckpt: Checkpointer, *, dry_run: bool, all_runs: bool = False) -> builtins.list[str]:
+    doomed = doomed_names(ckpt, all_runs=all_runs)
+    if dry_run:
+        return doomed
+    deleted = []
+    for name in doomed:
+        try:
+            ckpt.storage.delete(name)
+        except (CheckpointError, OSError) as exc:
+            message = f"retention could not delete checkpoint {name}: {exc}"
+            log.warning(message)
+            warnings.warn(message, stacklevel=3)
+            continue
+        ckpt._index.note_gone(name)
+        deleted.append(name)
+        log.info("retention deleted checkpoint %s", name)
+    return deleted
+
+
+def retain(ckpt: Checkpointer) -> builtins.list[str]:
+    """Apply retention after a commit, on the coordinating rank only; every rank forgets what went."""
+    deleted: builtins.list[str] = ckpt._coord.on_coordinator(lambda: apply_retention(ckpt, dry_run=False))
+    for name in deleted:
+        ckpt._index.note_gone(name)
+    if deleted and ckpt._mirror is not None:
+        ckpt._mirror.notify()
+    return deleted
