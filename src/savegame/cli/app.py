@@ -1,8 +1,8 @@
 """The ``savegame`` command line: look at, check, compare, clean up and export checkpoints.
 
 Subcommands (``savegame COMMAND --help`` for each): ``ls``, ``inspect``, ``verify``, ``diff``, ``prune``,
-``export``, ``plot``, ``gc`` and ``demo``. They live in ``cli_read.py`` (ls, inspect, verify),
-``cli_diff.py``, ``cli_manage.py`` (prune, gc) and ``cli_output.py`` (export, plot); this module builds the
+``export``, ``plot``, ``gc`` and ``demo``. They live in ``read.py`` (ls, inspect, verify),
+``diff.py``, ``manage.py`` (prune, gc) and ``output.py`` (export, plot) of this package; this module builds the
 parser and turns errors into one line and an exit status:
 
 * 0: success (``verify``: everything intact; ``diff``: the same state);
@@ -141,7 +141,7 @@ savegame ls runs/exp --json | jq '.checkpoints[] | select(.is_best) | .path'
     _mode_option(p, "METRIC")
     p.add_argument("--metrics", metavar="A,B", help="metric columns to show (default: all, monitored first, up to 6)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func="cli_read:cmd_ls")
+    p.set_defaults(func="read:cmd_ls")
 
     p = _add(sub, "inspect", "show what a checkpoint holds",
              "Show a checkpoint: items, tensors (path, dtype, shape, bytes), values that are not tensors,\n"
@@ -157,7 +157,7 @@ savegame inspect runs/exp --which latest --json
     p.add_argument("--item", metavar="NAME", help="show only this item")
     p.add_argument("--verify", action="store_true", help="check every file's hash first")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func="cli_read:cmd_inspect")
+    p.set_defaults(func="read:cmd_inspect")
 
     p = _add(sub, "verify", "check every hash of a checkpoint or of all checkpoints in a root",
              "Check checkpoints completely: the manifest, every file's size, content hash and header, and that\n"
@@ -169,7 +169,7 @@ savegame verify runs/exp && echo intact
      "or when ROOT holds no checkpoint. Quarantined checkpoints are listed, not verified.")  # fmt: skip
     p.add_argument("path", metavar="ROOT|CKPT", help="a checkpoint directory or a directory of checkpoints")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func="cli_read:cmd_verify")
+    p.set_defaults(func="read:cmd_verify")
 
     p = _add(sub, "diff", "compare two checkpoints",
              "Compare two checkpoints: items and keys added or removed, tensors changed (max absolute and\n"
@@ -184,7 +184,7 @@ savegame diff runs/a/best runs/b/best --item model --json
     p.add_argument("--item", metavar="NAME", help="compare only this item")
     p.add_argument("--no-verify", action="store_true", help="do not hash-check the files first")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func="cli_diff:cmd_diff")
+    p.set_defaults(func="diff:cmd_diff")
 
     p = _add(sub, "prune", "delete old checkpoints by the library's retention rules",
              "Delete checkpoints as the Checkpointer's retention would: keep the N newest and the K best by the\n"
@@ -202,7 +202,7 @@ savegame prune runs/exp --keep-last 3 --keep-best 2 --monitor val_accuracy
     _mode_option(p, "METRIC")
     p.add_argument("--dry-run", action="store_true", help="only show what would be deleted")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func="cli_manage:cmd_prune")
+    p.set_defaults(func="manage:cmd_prune")
 
     p = _add(sub, "export", "write one item's tensors as a plain weights file",
              "Write the tensors of one item (default: model) as a flat {name: tensor} file for other tools.\n"
@@ -226,7 +226,7 @@ savegame export runs/keras/best --item keras.model --to model.weights.h5 --keras
                    help="for .weights.h5: function returning the built Keras model (file.py:function works too)")
     p.add_argument("--force", action="store_true", help="replace FILE if it exists")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
-    p.set_defaults(func="cli_output:cmd_export")
+    p.set_defaults(func="output:cmd_export")
 
     p = _add(sub, "plot", "plot a metric over the run with saved, best and deleted checkpoints",
              "Plot a metric over epochs or steps from the checkpoints' manifests: saved checkpoints, the best,\n"
@@ -245,7 +245,7 @@ savegame plot runs/exp --x step -o history.svg
     p.add_argument("--x", choices=("auto", "epoch", "step", "sequence"), default="auto",
                    help="x axis (auto: epoch when each checkpoint has its own, else step)")
     p.add_argument("--json", action="store_true", help="print the plotted points as JSON")
-    p.set_defaults(func="cli_output:cmd_plot")
+    p.set_defaults(func="output:cmd_plot")
 
     p = _add(sub, "gc", "remove leftovers of crashed writers and old quarantined checkpoints",
              "Remove what crashed or killed writers left in ROOT (hidden staging folders of processes that are\n"
@@ -261,7 +261,7 @@ savegame gc runs/exp --older-than 2d
                    "default 7d; 0 for all)")
     p.add_argument("--dry-run", action="store_true", help="only show what would be removed")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func="cli_manage:cmd_gc")
+    p.set_defaults(func="manage:cmd_gc")
 
     p = _add(sub, "demo", "train on digits, kill -9 mid-epoch, resume, show identical results",
              "The Checkpointer's main job, end to end: train a small MLP on scikit-learn's digits with a\n"
@@ -277,7 +277,7 @@ savegame ls runs/demo/checkpoints                 # then look at what it wrote
     p.add_argument("--seed", type=int, metavar="N", help="random seed (default 0)")
     p.add_argument("--kill-at-step", type=int, metavar="STEP",
                    help="global step at which to SIGKILL the first run (default: the middle of epoch 3)")
-    p.set_defaults(func="cli:cmd_demo")
+    p.set_defaults(func="app:cmd_demo")
     return parser
 
 
@@ -305,7 +305,7 @@ def _resolve(func: str) -> Callable[[argparse.Namespace, Context], int]:
     import importlib
 
     module_name, name = func.split(":")
-    module = importlib.import_module(f"savegame.{module_name}")
+    module = importlib.import_module(f"savegame.cli.{module_name}")
     command: Callable[[argparse.Namespace, Context], int] = getattr(module, name)
     return command
 
