@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 import savegame
-import savegame.storage.local as local
+import savegame.storage.local.ops as local_ops
 from savegame.storage.local import FileOps
 
 SLOW_WRITE_SECONDS = 0.25
@@ -79,7 +79,7 @@ def main() -> None:
         ckpt.save(state(), epoch=2)
         print("SUBMITTED", flush=True)  # and the script ends without ckpt.close()
     elif mode in ("save-no-wait", "save-fails-late"):
-        local.DEFAULT_OPS = SlowOps(fail_commit=mode == "save-fails-late")
+        local_ops.DEFAULT_OPS = SlowOps(fail_commit=mode == "save-fails-late")
         savegame.save(os.path.join(root, "c"), state(), background=True)
         print("SUBMITTED", flush=True)  # and the script ends, the handle never waited for
     else:

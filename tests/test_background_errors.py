@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import savegame
-import savegame.storage.local as local
+import savegame.storage.local.ops as local_ops
 from savegame import BackgroundSaveError, Checkpointer, ConfigError
 from savegame.storage.local import FileOps
 
@@ -43,11 +43,11 @@ def _wait_done(handle: savegame.engine.background.PendingSave) -> None:
 def test_handled_error_of_a_functional_background_save_does_not_poison_the_next(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(local, "DEFAULT_OPS", FullDisk())
+    monkeypatch.setattr(local_ops, "DEFAULT_OPS", FullDisk())
     failed = savegame.save(tmp_path / "a", {"x": np.ones(10)}, background=True)
     with pytest.raises(BackgroundSaveError, match="No space left"):
         failed.result()
-    monkeypatch.setattr(local, "DEFAULT_OPS", FileOps())
+    monkeypatch.setattr(local_ops, "DEFAULT_OPS", FileOps())
     ok = savegame.save(tmp_path / "b", {"x": np.arange(5)}, background=True)  # unrelated: must not raise
     ok.result()
     savegame.engine.background.default_writer().wait()  # nothing left to report
@@ -58,10 +58,10 @@ def test_handled_error_of_a_functional_background_save_does_not_poison_the_next(
 def test_uncollected_error_of_a_functional_background_save_is_raised_by_the_next_call_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(local, "DEFAULT_OPS", FullDisk())
+    monkeypatch.setattr(local_ops, "DEFAULT_OPS", FullDisk())
     failed = savegame.save(tmp_path / "a", {"x": np.ones(10)}, background=True)
     _wait_done(failed)  # failed, but nobody asked
-    monkeypatch.setattr(local, "DEFAULT_OPS", FileOps())
+    monkeypatch.setattr(local_ops, "DEFAULT_OPS", FileOps())
     with pytest.raises(BackgroundSaveError, match="No space left"):
         savegame.save(tmp_path / "b", {"x": np.arange(5)}, background=True)
     assert not (tmp_path / "b").exists()  # that call raised before its snapshot: nothing written

@@ -21,8 +21,8 @@ import savegame.engine.background
 from crash import figures
 from crash.common import digest, hidden_debris, tree_bytes
 from savegame.errors import BackgroundSaveError, StorageError
-from savegame.storage import local
 from savegame.storage.local import FileOps, LocalStorage
+from savegame.storage.local import ops as local_ops
 
 KINDS = ("write", "fsync", "rename", "fsync_dir")
 ERRNOS = {"ENOSPC": errno.ENOSPC, "EIO": errno.EIO}
@@ -128,7 +128,7 @@ def inject(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """``inject(ops)`` routes every LocalStorage created from now on through ``ops``."""
 
     def install(ops: FileOps) -> None:
-        monkeypatch.setattr(local, "DEFAULT_OPS", ops)
+        monkeypatch.setattr(local_ops, "DEFAULT_OPS", ops)
 
     yield install
 

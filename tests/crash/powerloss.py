@@ -28,8 +28,8 @@ import numpy as np
 import xxhash
 
 import savegame
-from savegame.storage import local
 from savegame.storage.local import FileOps, LocalStorage
+from savegame.storage.local import ops as local_ops
 
 from .common import CheckResult, check_root, digest
 
@@ -226,8 +226,8 @@ def run_scenario(root: str, *, broken: str | None = None) -> RecordingOps:
     from .broken import SkippingOps
 
     recorder = RecordingOps(root)
-    saved_ops = local.DEFAULT_OPS
-    local.DEFAULT_OPS = SkippingOps(broken, base=recorder) if broken else recorder
+    saved_ops = local_ops.DEFAULT_OPS
+    local_ops.DEFAULT_OPS = SkippingOps(broken, base=recorder) if broken else recorder
     try:
         os.makedirs(root, exist_ok=True)
         storage = LocalStorage(root)
@@ -252,7 +252,7 @@ def run_scenario(root: str, *, broken: str | None = None) -> RecordingOps:
         storage.delete("a")
         save("c", 6)
     finally:
-        local.DEFAULT_OPS = saved_ops
+        local_ops.DEFAULT_OPS = saved_ops
     return recorder
 
 

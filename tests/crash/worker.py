@@ -152,21 +152,22 @@ def train(cfg: dict[str, Any]) -> None:
 
     import savegame
     from crash.common import EventLog, digest
-    from savegame.storage import local
+    from savegame.storage.local import LocalStorage
+    from savegame.storage.local import ops as local_ops
 
     torch.set_num_threads(1)
     root, naming, background = cfg["root"], cfg["naming"], cfg["background"]
     rng = random.Random(cfg["seed"])
     phase = Phase(cfg.get("phase"))
     phase.main("resume")
-    local.DEFAULT_OPS = make_phase_ops(phase, slow=cfg.get("slow", 0.0), exchange=cfg.get("exchange", True),
-                                       seed=cfg["seed"])  # fmt: skip
+    local_ops.DEFAULT_OPS = make_phase_ops(phase, slow=cfg.get("slow", 0.0), exchange=cfg.get("exchange", True),
+                                           seed=cfg["seed"])  # fmt: skip
     if cfg.get("broken") == "publish-early":
         from crash.broken import install_publish_early
 
         install_publish_early()
     log = EventLog(cfg["log"])
-    storage = local.LocalStorage(root)
+    storage = LocalStorage(root)
     storage.cleanup()  # what every new writer does first
 
     torch.manual_seed(0)
