@@ -18,6 +18,7 @@ import savegame
 from savegame import api, distributed
 from savegame.adapters import torch as torch_adapter
 from savegame.adapters.report import LoadReport
+from savegame.distributed import loading as _dist_loading  # noqa: F401  (binds distributed.loading)
 from savegame.engine import capture
 from savegame.storage import base
 
@@ -77,7 +78,7 @@ def test_every_loader_returns_the_one_load_report(tmp_path: Path) -> None:
 
 def test_the_location_types_are_the_storage_ones() -> None:
     assert api.Location is base.Location and api.PathLike is base.PathLike
-    assert distributed.Location is base.SavedAt
+    assert distributed.loading.Location is base.SavedAt
 
 
 def test_mode_and_restart_are_the_policy_ones() -> None:

@@ -1,7 +1,8 @@
 """Shared pieces of the ``savegame`` command line: errors, output style, formatting and path resolution.
 
 Nothing here writes to a checkpoint directory. The read-only scan of a checkpoint root lives in
-:mod:`savegame.cli.scan`; the subcommands in the other modules of :mod:`savegame.cli`; the parser and dispatch in :mod:`savegame.cli.app`.
+:mod:`savegame.cli.scan`; the subcommands in the other modules of :mod:`savegame.cli`; the parser and
+dispatch in :mod:`savegame.cli.app`.
 """
 
 from __future__ import annotations

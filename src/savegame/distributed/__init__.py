@@ -37,19 +37,19 @@ e.g. to export a sharded checkpoint into a plain model), and :func:`write_state`
 from __future__ import annotations
 
 from savegame.distributed.items import classify as classify
-from savegame.distributed.load import Layout as Layout
-from savegame.distributed.load import item_names as item_names
-from savegame.distributed.load import load_full_state_dict as load_full_state_dict
-from savegame.distributed.load import load_state as load_state
-from savegame.distributed.load import read_layout as read_layout
-from savegame.distributed.load import restore as restore
+from savegame.distributed.loading import Layout as Layout
+from savegame.distributed.loading import item_names as item_names
+from savegame.distributed.loading import load_full_state_dict as load_full_state_dict
+from savegame.distributed.loading import load_state as load_state
+from savegame.distributed.loading import read_layout as read_layout
+from savegame.distributed.loading import restore as restore
 from savegame.distributed.ranks import LAYOUT_ITEM as LAYOUT_ITEM
 from savegame.distributed.ranks import LAYOUT_VERSION as LAYOUT_VERSION
 from savegame.distributed.ranks import DistributedWarning as DistributedWarning
 from savegame.distributed.ranks import RankContext as RankContext
 from savegame.distributed.ranks import current_context as current_context
-from savegame.distributed.save import save as save
-from savegame.distributed.save import write_state as write_state
+from savegame.distributed.saving import save as save
+from savegame.distributed.saving import write_state as write_state
 
 __all__ = [
     "LAYOUT_ITEM",
