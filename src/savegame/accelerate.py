@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from savegame.errors import (
+    ConfigError,
+    CorruptCheckpointError,
     ForeignCheckpointError,
     IntegrationMismatchError,
     MissingExtraError,
@@ -51,8 +53,8 @@ from savegame.errors import (
 )
 
 try:
-    import accelerate as _accelerate
-    from accelerate.data_loader import SeedableRandomSampler, get_sampler
+    import accelerate as _accelerate  # type: ignore[import-untyped]
+    from accelerate.data_loader import SeedableRandomSampler, get_sampler  # type: ignore[import-untyped]
 except ImportError as exc:  # pragma: no cover - exercised by a subprocess test with accelerate hidden
     raise MissingExtraError(
         f"savegame.accelerate needs Hugging Face accelerate ({exc}): pip install 'savegame[accelerate]'"
@@ -60,11 +62,13 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test 
 
 import torch
 
-import savegame
 from savegame import distributed as _dist
+from savegame.adapters.rng import RNGState
+from savegame.api import read_manifest
+from savegame.checkpointer import Checkpointer, SaveResult
 from savegame.manifest import Manifest
 from savegame.resume import ResumeWarning
-from savegame.storage.base import Location
+from savegame.storage.base import SavedAt
 
 __all__ = [
     "INTEGRATION",
@@ -115,7 +119,8 @@ class _Counters:
         return {
             "format": _FORMAT,
             "step": int(acc.step),
-            "save_iteration": int(acc.project_configuration.iteration),
+            # the value after this save, as Accelerator.save_state leaves it (it counts saves made)
+            "save_iteration": int(acc.project_configuration.iteration) + 1,
             "num_processes": int(acc.num_processes),
         }
 
@@ -190,7 +195,7 @@ def accelerator_state(accelerator: Any) -> dict[str, Any]:
         items[f"custom_{i}"] = obj
     if accelerator.scaler is not None:
         items["scaler"] = accelerator.scaler
-    items["rng"] = savegame.RNGState()
+    items["rng"] = RNGState()
     return items
 
 
@@ -260,7 +265,7 @@ class _SkippingEpoch:
 def _position(epoch: int, batches_seen: int, step: int | None) -> dict[str, Any]:
     for name, value in (("epoch", epoch), ("batches_seen", batches_seen), ("step", step)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise savegame.ConfigError(f"savegame.accelerate: {name} must be an int >= 0, got {value!r}")
+            raise ConfigError(f"savegame.accelerate: {name} must be an int >= 0, got {value!r}")
     return {"epoch": epoch, "batches_seen": batches_seen, "step": step}
 
 
@@ -296,7 +301,7 @@ def _metadata(accelerator: Any, extra: Mapping[str, Any] | None) -> dict[str, An
 
 def save_state(
     accelerator: Any,
-    output_dir: Location,
+    output_dir: SavedAt,
     *,
     epoch: int = 0,
     batches_seen: int = 0,
@@ -328,7 +333,7 @@ def save_state(
 
 def load_state(
     accelerator: Any,
-    input_dir: Location,
+    input_dir: SavedAt,
     *,
     strict: bool = True,
     verify: bool = True,
@@ -346,7 +351,7 @@ def load_state(
     a savegame checkpoint written otherwise :class:`IntegrationMismatchError`.
     """
     check_loadable(input_dir, storage_options=storage_options)
-    manifest = savegame.read_manifest(input_dir, storage_options=storage_options)
+    manifest = read_manifest(input_dir, storage_options=storage_options)
     state = accelerator_state(accelerator)
     _check_items(manifest, state, where=str(input_dir), strict=strict)
     report = _dist.restore(input_dir, {**state, _POSITION: None}, strict=strict, verify=verify,
@@ -376,7 +381,7 @@ def _check_items(manifest: Manifest, state: Mapping[str, Any], *, where: str, st
     )
 
 
-def check_loadable(path: Location, *, storage_options: Mapping[str, Any] | None = None) -> None:
+def check_loadable(path: SavedAt, *, storage_options: Mapping[str, Any] | None = None) -> None:
     """Raise a specific error unless ``path`` is a committed checkpoint written by this module.
 
     A directory of ``Accelerator.save_state`` (``optimizer.bin``, ``random_states_0.pkl``...):
@@ -393,7 +398,7 @@ def check_loadable(path: Location, *, storage_options: Mapping[str, Any] | None 
                 "accelerator.load_state(path) and save it again with savegame.accelerate.save_state(accelerator, "
                 "new_dir)."
             )
-    manifest = savegame.read_manifest(path, storage_options=storage_options)
+    manifest = read_manifest(path, storage_options=storage_options)
     writer = manifest.metadata.get(_MARK) if isinstance(manifest.metadata, Mapping) else None
     if writer != INTEGRATION:
         by = f"the savegame {writer} integration" if writer else "savegame.save (no integration)"
@@ -409,8 +414,8 @@ def _precheck(path: str, state: Mapping[str, Any], *, strict: bool) -> None:
     setup wrote it; damage is left to the Checkpointer's resume, which falls back past it."""
     try:
         check_loadable(path)
-        _check_items(savegame.read_manifest(path), state, where=path, strict=strict)
-    except savegame.CorruptCheckpointError:
+        _check_items(read_manifest(path), state, where=path, strict=strict)
+    except CorruptCheckpointError:
         return
 
 
@@ -449,7 +454,7 @@ class Checkpoints:
     def __init__(self, accelerator: Any, root: str | os.PathLike[str], **options: Any) -> None:
         self.accelerator = accelerator
         self.root = os.fspath(root)
-        self.checkpointer = savegame.Checkpointer(self.root, **options)
+        self.checkpointer = Checkpointer(self.root, **options)
 
     def _state(self, position: Mapping[str, Any] | None) -> dict[str, Any]:
         return {**accelerator_state(self.accelerator), _POSITION: position}
@@ -457,7 +462,7 @@ class Checkpoints:
     def save(
         self, *, epoch: int, batches_seen: int = 0, step: int | None = None,
         metrics: Mapping[str, object] | None = None, metadata: Mapping[str, Any] | None = None,
-    ) -> savegame.SaveResult:  # fmt: skip
+    ) -> SaveResult:  # fmt: skip
         """Save now (same position arguments as :func:`save_state`; ``metrics`` for ``monitor``)."""
         position = _position(epoch, batches_seen, step)
         _warn_if_order_lost(self.accelerator, batches_seen)
@@ -471,7 +476,7 @@ class Checkpoints:
     def step(
         self, *, epoch: int, batches_seen: int = 0, step: int | None = None,
         metrics: Mapping[str, object] | None = None, final: bool = False,
-    ) -> savegame.SaveResult | None:  # fmt: skip
+    ) -> SaveResult | None:  # fmt: skip
         """Report the position; save if the Checkpointer's save policy says so (see ``Checkpointer.step``)."""
         position = _position(epoch, batches_seen, step)
         result = self.checkpointer.step(
