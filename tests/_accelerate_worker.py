@@ -103,7 +103,8 @@ def main() -> None:
     params["counter"] = torch.tensor([counter.seen])
     params["lr"] = torch.tensor(sched.get_last_lr())
     params["rng"] = torch.rand(4)  # the RNG after training must continue identically too
-    save_file(params, args.out)
+    if acc.is_main_process:  # several processes (torchrun): rank 0 reports
+        save_file(params, args.out)
 
 
 if __name__ == "__main__":

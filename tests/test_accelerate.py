@@ -140,6 +140,39 @@ def _flip_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _torchrun(*args: str, expect_ok: bool = True) -> subprocess.CompletedProcess[str]:
+    """The worker on 2 local processes (torchrun, gloo on CPU): accelerate runs it as MULTI_CPU with DDP."""
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", WORKER, *args], capture_output=True,
+                          text=True, env=_env(), timeout=300)  # fmt: skip
+    if expect_ok:
+        assert proc.returncode == 0, f"{args}: {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.mark.subprocess
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_processes_sigkill_and_resume_is_bit_identical(tmp_path: Path) -> None:
+    """2 ranks, 5 batches each per epoch: saves at steps 4 (mid-epoch), 5, 9 (mid-epoch), 10...; killed
+    after step 10, before its epoch-end save, so both ranks resume from the mid-epoch checkpoint 9."""
+    _torchrun(str(tmp_path / "ref"), str(tmp_path / "ref.safetensors"))
+    killed = _torchrun(str(tmp_path / "root"), str(tmp_path / "unused"), "--kill-at", "10", expect_ok=False)
+    assert killed.returncode != 0 and not (tmp_path / "unused").exists()
+    assert _checkpoints(tmp_path / "root") == ["epoch=001-step=000005", "epoch=001-step=000009"]
+    manifest = savegame.read_manifest(tmp_path / "root" / "epoch=001-step=000009")
+    assert {"rng.rank0", "rng.rank1", "model", "optimizer"} <= set(manifest.items)  # RNG per rank, the rest once
+    assert manifest.metadata["num_processes"] == 2
+    resumed = _torchrun(str(tmp_path / "root"), str(tmp_path / "final.safetensors"))
+    lines = [json.loads(line) for line in resumed.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 2 and all((x["epoch"], x["batches_seen"], x["step"]) == (1, 4, 9) for x in lines)
+    assert _same_tensors(tmp_path / "ref.safetensors", tmp_path / "final.safetensors") == []
+    assert sorted(p.name for p in (tmp_path / "root").iterdir()) == [
+        ".lock", "epoch=002-step=000014", "epoch=003-step=000015",
+    ]  # one committed checkpoint per save, nothing half-written left, keep_last=2
+    _assert_no_pickle(tmp_path / "root")
+
+
 # --------------------------------------------------------------------------------------------------
 # No pickle
 
@@ -368,3 +401,21 @@ def test_example_runs_and_resumes(tmp_path: Path) -> None:
                           env=_env(), timeout=280)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert "resumed run matches the uninterrupted one bit for bit" in proc.stdout
+
+
+class _Opaque:
+    """A registered object whose state holds something that cannot be stored without pickle."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fine": 1, "callback": object()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise AssertionError("never loaded")
+
+
+def test_unstorable_registered_state_is_refused_at_save_time(tmp_path: Path) -> None:
+    acc, *_ = build(seed=0)
+    acc.register_for_checkpointing(_Opaque())
+    with pytest.raises(savegame.UnsupportedTypeError, match="custom_1"):
+        sga.save_state(acc, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()

@@ -182,6 +182,7 @@ def accelerator_state(accelerator: Any) -> dict[str, Any]:
     accelerate's wrappers. Shared by :func:`save_state`, :func:`load_state` and :class:`Checkpoints`;
     other integrations built on an ``Accelerator`` may reuse it (it has no side effects).
     """
+    _check_supported(accelerator)
     items: dict[str, Any] = {_COUNTERS: _Counters(accelerator)}
     for i, model in enumerate(accelerator._models):
         items[_numbered("model", i)] = accelerator.unwrap_model(model)
@@ -197,6 +198,19 @@ def accelerator_state(accelerator: Any) -> dict[str, Any]:
         items["scaler"] = accelerator.scaler
     items["rng"] = RNGState()
     return items
+
+
+_ENGINES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+"""Distributed types whose engines shard or own the model and optimizer state (not covered here)."""
+
+
+def _check_supported(accelerator: Any) -> None:
+    kind = str(getattr(accelerator.distributed_type, "name", accelerator.distributed_type))
+    if kind in _ENGINES:
+        raise ConfigError(
+            f"savegame.accelerate does not cover distributed_type={kind} (its engine writes its own sharded "
+            "files); use Accelerator.save_state for it, or savegame.distributed for FSDP2 models"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
