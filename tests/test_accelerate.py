@@ -419,3 +419,18 @@ def test_unstorable_registered_state_is_refused_at_save_time(tmp_path: Path) -> 
     with pytest.raises(savegame.UnsupportedTypeError, match="custom_1"):
         sga.save_state(acc, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_run_root_retention_keeps_the_best_and_what_it_did_not_write(tmp_path: Path) -> None:
+    acc, *_ = build(seed=0)
+    root = tmp_path / "run"
+    (root / "mine").mkdir(parents=True)  # a user's folder: never touched
+    (root / "mine" / "notes.txt").write_text("keep me")
+    ckpts = sga.Checkpoints(acc, root, keep_last=1, monitor="loss")
+    for step, loss in enumerate([1.0, 0.1, 0.5, 0.7], start=1):
+        ckpts.save(epoch=step, step=step, metrics={"loss": loss})
+    ckpts.close()
+    assert _checkpoints(root) == ["epoch=002-step=000002", "epoch=004-step=000004"]  # the best and the newest
+    assert (root / "mine" / "notes.txt").read_text() == "keep me"
+    best = sga.Checkpoints(acc, root, monitor="loss").resume("best")
+    assert (best.epoch, best.step) == (2, 2)
