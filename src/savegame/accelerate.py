@@ -104,10 +104,6 @@ def _numbered(base: str, index: int) -> str:
     return base if index == 0 else f"{base}_{index}"
 
 
-def _generator_state(gen: Any) -> Any:
-    return gen.get_state() if isinstance(gen, torch.Generator) else None
-
-
 class _Counters:
     """``accelerator.step`` (the gradient-accumulation counter) and ``save_iteration``, as a Stateful."""
 
@@ -156,8 +152,8 @@ class _LoaderPosition:
         if isinstance(sampler, SeedableRandomSampler):
             state["sampler_epoch"] = int(sampler.epoch)
             state["initial_seed"] = int(sampler.initial_seed)
-        gens = {k: _generator_state(g) for k, g in self._generators().items() if _generator_state(g) is not None}
-        state["generators"] = gens
+        gens = self._generators().items()
+        state["generators"] = {k: g.get_state() for k, g in gens if isinstance(g, torch.Generator)}
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
