@@ -47,7 +47,8 @@ LAYERS: dict[str, str] = {
     "savegame.distributed": "distributed",
     "savegame.run": "run",  # the Checkpointer and what it orchestrates
     "savegame.config": "config",
-    "savegame.keras": "integrations",
+    # the framework integrations: each a thin public module, imported only by its users
+    "savegame.keras": "integrations", "savegame.accelerate": "integrations",
     "savegame.cli": "cli",
     "savegame": "package",
 }  # fmt: skip
@@ -60,10 +61,12 @@ KNOWN_UPWARD: set[tuple[str, str]] = {
 }
 """Imports from a lower layer into a higher one that the flat layout still has. Only shrinks."""
 
-FRAMEWORK_MODULES = ("savegame.adapters", "savegame.data", "savegame.distributed", "savegame.keras")
+FRAMEWORK_MODULES = (
+    "savegame.adapters", "savegame.data", "savegame.distributed", "savegame.keras", "savegame.accelerate",
+)  # fmt: skip
 """Framework code by nature, allowed to import torch / keras at module level and probe ``sys.modules``:
 the adapters, the torch data samplers (``savegame.data``), torch DCP and ``torch.distributed``
-support, and the Keras integration. Every other module asks ``savegame.adapters``."""
+support, and the framework integrations (Keras, accelerate). Every other module asks ``savegame.adapters``."""
 
 KNOWN_FUNCTION_LEVEL_TORCH: set[str] = {
     # Lazy ``import torch`` inside functions of core modules (torch memory for aligned reads, CUDA

@@ -19,11 +19,14 @@ __all__ = [
     "CommitError",
     "ConfigError",
     "CorruptCheckpointError",
+    "ForeignCheckpointError",
     "HashMismatchError",
+    "IntegrationMismatchError",
     "InvalidManifestError",
     "InvalidNameError",
     "InvalidTensorFileError",
     "LockedError",
+    "MissingExtraError",
     "MissingFileError",
     "NotACheckpointError",
     "OccupiedPathError",
@@ -123,3 +126,19 @@ class BackgroundSaveError(CheckpointError):
 
 class ConfigError(CheckpointError, ValueError):
     """A configuration value (parameter file, command line, constructor option) is invalid."""
+
+
+class MissingExtraError(CheckpointError, ImportError):
+    """An integration's framework is not installed; the message names the extra to install
+    (``pip install 'savegame[accelerate]'``)."""
+
+
+class ForeignCheckpointError(NotACheckpointError):
+    """The path holds a framework's own checkpoint (``torch.save``/pickle files such as ``optimizer.bin``,
+    ``random_states_0.pkl``, ``.ckpt``), not a savegame checkpoint. savegame never unpickles it; the
+    message says how to convert it once in a trusted environment."""
+
+
+class IntegrationMismatchError(CheckpointError):
+    """A savegame checkpoint written by another integration (or by plain ``savegame.save``) was given to
+    an integration that cannot restore it; the message names the writer and the function that reads it."""
