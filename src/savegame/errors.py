@@ -19,11 +19,13 @@ __all__ = [
     "CommitError",
     "ConfigError",
     "CorruptCheckpointError",
+    "ForeignCheckpointError",
     "HashMismatchError",
     "InvalidManifestError",
     "InvalidNameError",
     "InvalidTensorFileError",
     "LockedError",
+    "MissingExtraError",
     "MissingFileError",
     "NotACheckpointError",
     "OccupiedPathError",
@@ -123,3 +125,14 @@ class BackgroundSaveError(CheckpointError):
 
 class ConfigError(CheckpointError, ValueError):
     """A configuration value (parameter file, command line, constructor option) is invalid."""
+
+
+class ForeignCheckpointError(NotACheckpointError):
+    """The path holds a checkpoint savegame will not read here: one written by a framework's own
+    ``torch.save`` code (``optimizer.pt``, ``rng_state.pth``: pickles), or a savegame checkpoint written by
+    another integration; the message says which and what to do instead."""
+
+
+class MissingExtraError(ConfigError, ImportError):
+    """An integration module needs a package that is not installed; the message names the
+    ``pip install 'savegame[EXTRA]'`` that brings it."""
