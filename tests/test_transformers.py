@@ -135,6 +135,7 @@ def test_save_model_writes_json_arguments_not_a_pickle(tmp_path: Path) -> None:
 # Resuming exactly
 
 
+@pytest.mark.slow  # a 12-step run plus a resume (~7 s on an idle machine)
 def test_resume_true_continues_exactly(tmp_path: Path, reference: dict[str, Any]) -> None:
     out = tmp_path / "out"
     train(out, stop_at=7)
@@ -146,6 +147,7 @@ def test_resume_true_continues_exactly(tmp_path: Path, reference: dict[str, Any]
     assert_same(hf.parameters(resumed), reference)
 
 
+@pytest.mark.slow  # a 12-step run plus a resume (~7 s on an idle machine)
 def test_resume_from_a_path_continues_exactly(tmp_path: Path, reference: dict[str, Any]) -> None:
     out = tmp_path / "out"
     train(out, stop_at=7)
@@ -184,6 +186,7 @@ def _flip_last_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow  # a 12-step run plus a resume (~7 s on an idle machine)
 def test_flipped_byte_in_newest_falls_back_to_the_previous(tmp_path: Path, reference: dict[str, Any]) -> None:
     out = tmp_path / "out"
     train(out, stop_at=7)
@@ -220,6 +223,7 @@ def test_damaged_side_file_is_found(tmp_path: Path) -> None:
 # Retention and the best model
 
 
+@pytest.mark.slow  # a 12-step run plus a resume (~7 s on an idle machine)
 def test_save_total_limit_keeps_the_best_and_loads_it_at_the_end(tmp_path: Path) -> None:
     out = tmp_path / "out"
     (out / "checkpoint-1").mkdir(parents=True)  # a folder of the user's, named like a checkpoint
@@ -247,6 +251,7 @@ def test_save_total_limit_keeps_the_best_and_loads_it_at_the_end(tmp_path: Path)
     assert_same({k: v for k, v in hf.parameters(trainer).items() if k in best_weights}, best_weights)
 
 
+@pytest.mark.slow  # a 12-step run plus a resume (~7 s on an idle machine)
 def test_retention_never_deletes_what_is_not_its_own_committed_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "out"
     train(out, max_steps=2, eval_strategy="no", trainer_class=transformers.Trainer)
