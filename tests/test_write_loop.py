@@ -130,3 +130,21 @@ def test_the_per_rank_save_retries_a_name_taken_meanwhile_alike(tmp_path: Path) 
         sgd.write_state(LocalStorage(tmp_path, ops=other), "epoch=002", _state(), per_rank=("gen",))
     assert info.value.errno in (errno.EEXIST, errno.ENOTEMPTY)
     assert _debris(tmp_path) == []
+
+
+def test_side_files_are_committed_with_the_checkpoint_or_not_at_all(tmp_path: Path) -> None:
+    from savegame.write_loop import EncodedExtras
+    from savegame.writer import encode_state, write_encoded
+
+    from savegame.errors import ConfigError
+
+    storage = LocalStorage(tmp_path)
+    items = encode_state({"model": torch.nn.Linear(2, 2)})
+    extras = EncodedExtras.encode(None, None)
+    write_encoded(storage, "ok", items, extras, overwrite=False, side_files={"config.json": b"{}"})
+    assert (tmp_path / "ok" / "config.json").read_bytes() == b"{}"
+    assert set(savegame.read_manifest(tmp_path / "ok").files) == {"model.safetensors"}  # tensor files only
+    savegame.verify(tmp_path / "ok")
+    with pytest.raises(ConfigError, match=r"model\.safetensors"):
+        write_encoded(storage, "clash", items, extras, overwrite=False, side_files={"model.safetensors": b"x"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]  # the failed save left nothing behind

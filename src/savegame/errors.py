@@ -134,9 +134,10 @@ class MissingExtraError(CheckpointError, ImportError):
 
 
 class ForeignCheckpointError(NotACheckpointError):
-    """The path holds a framework's own checkpoint (``torch.save``/pickle files such as ``optimizer.bin``,
-    ``random_states_0.pkl``, ``.ckpt``), not a savegame checkpoint. savegame never unpickles it; the
-    message says how to convert it once in a trusted environment."""
+    """The path holds a framework's own checkpoint (``torch.save``/pickle files such as ``optimizer.pt``,
+    ``random_states_0.pkl``, ``.ckpt``), not a savegame checkpoint, or one savegame will not read here.
+    savegame never unpickles it; the message says what to do instead (``savegame import``, or the
+    integration that wrote it)."""
 
 
 class IntegrationMismatchError(CheckpointError):

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -63,7 +63,7 @@ from savegame.storage.base import FileSink, Transaction
 
 __all__ = [
     "EncodedExtras", "EncodedItem", "NextName", "WrittenFiles", "assemble_manifest", "item_entries",
-    "retry_on_clash", "write_files",
+    "retry_on_clash", "write_files", "write_side_files",
 ]
 
 log = logging.getLogger("savegame")
@@ -210,6 +210,26 @@ def write_files(
     except OSError as exc:
         raise StorageError(exc.errno, f"writing checkpoint {txn.name} failed: {exc.strerror or exc}") from exc
     return written
+
+
+def write_side_files(txn: Transaction, files: Mapping[str, bytes], *, taken: Collection[str]) -> None:
+    """Write small non-tensor files (an integration's ``config.json``, ``trainer_state.json``) into ``txn``.
+
+    They are published by the same commit as the tensor files (same staging directory, fsynced by the
+    commit, visible all at once or not at all) but are not listed in the manifest's ``files``, which
+    holds tensor files only: the caller records their hashes (e.g. in the manifest's metadata) and checks
+    them when it reads them. ``taken``: the tensor files' names, which a side file may not reuse.
+    """
+    for name, data in files.items():
+        if name in taken:
+            raise ConfigError(f"side file {name!r} of checkpoint {txn.name} has the name of one of its tensor files")
+        try:
+            txn.open(name).write(data)
+        except StorageError:
+            raise
+        except OSError as exc:
+            detail = exc.strerror or exc
+            raise StorageError(exc.errno, f"writing {name} of checkpoint {txn.name} failed: {detail}") from exc
 
 
 def assemble_manifest(

@@ -30,6 +30,7 @@ from savegame.engine.write_loop import (
     item_entries,
     retry_on_clash,
     write_files,
+    write_side_files,
 )
 from savegame.errors import UnsupportedTypeError
 from savegame.format.manifest import Manifest
@@ -117,7 +118,7 @@ def library_versions() -> dict[str, str]:
 def write_encoded(
     storage: Storage, name: str, items: list[EncodedItem], extras: EncodedExtras, *, overwrite: bool,
     blocking_seconds: float | None = None, should_stop: Callable[[], bool] | None = None,
-    next_name: NextName | None = None,
+    next_name: NextName | None = None, side_files: Mapping[str, bytes] | None = None,
 ) -> tuple[str, Manifest]:
     """Write encoded items as checkpoint ``name`` of ``storage``; commit; return its path and manifest.
 
@@ -129,12 +130,14 @@ def write_encoded(
     Each finished local file is fsynced on a worker thread while the next one is written and while the
     commit writes and fsyncs the manifest; the commit waits for all of them before it publishes. The returned
     :class:`Manifest` is the one built here, equal to what :func:`parse_manifest` reads back.
+    ``side_files``: small non-tensor files committed in the same transaction (see
+    :func:`~savegame.write_loop.write_side_files`).
     """
 
     def attempt(current: str, progress: Mapping[str, Any] | None) -> tuple[str, Manifest]:
         use = extras if progress is None else extras.with_progress(progress)
         return _write_once(storage, current, items, use, overwrite=overwrite, blocking_seconds=blocking_seconds,
-                           should_stop=should_stop)  # fmt: skip
+                           should_stop=should_stop, side_files=side_files)  # fmt: skip
 
     return retry_on_clash(attempt, name, next_name, where=storage.path(name))
 
@@ -142,6 +145,7 @@ def write_encoded(
 def _write_once(
     storage: Storage, name: str, items: list[EncodedItem], extras: EncodedExtras, *, overwrite: bool,
     blocking_seconds: float | None, should_stop: Callable[[], bool] | None,
+    side_files: Mapping[str, bytes] | None = None,
 ) -> tuple[str, Manifest]:
     """One attempt of :func:`write_encoded`: begin, the one write loop, the manifest, commit."""
     start = time.perf_counter()
@@ -150,6 +154,7 @@ def _write_once(
     txn = storage.begin(name, overwrite=overwrite)
     try:
         written = write_files(txn, items, progress, should_stop=should_stop)
+        write_side_files(txn, side_files or {}, taken={i.file for i in items if i.file})
         raw, manifest = assemble_manifest(written.files, item_entries(items), extras, versions=library_versions())
     except BaseException:
         txn.abort()
