@@ -68,9 +68,14 @@ LAYERS: dict[str, str] = {
     "savegame.signals": "run",
     "savegame.config": "config",
     "savegame.keras": "integrations",
+    "savegame.importers": "integrations", "savegame.importers.archive": "integrations",
+    "savegame.importers.hf": "integrations", "savegame.importers.kerasfiles": "integrations",
+    "savegame.importers.pickled": "integrations", "savegame.importers.plain": "integrations",
+    "savegame.importers.report": "integrations", "savegame.importers.runs": "integrations",
+    "savegame.importers.tensors": "integrations", "savegame.importers.torchfiles": "integrations",
     "savegame.cli": "cli", "savegame.cli_common": "cli", "savegame.cli_diff": "cli", "savegame.cli_manage": "cli",
     "savegame.cli_output": "cli", "savegame.cli_read": "cli", "savegame.cli_scan": "cli", "savegame.plot": "cli",
-    "savegame.demo": "cli",
+    "savegame.demo": "cli", "savegame.cli_import": "cli",
     "savegame": "package",
 }  # fmt: skip
 
@@ -82,7 +87,10 @@ KNOWN_UPWARD: set[tuple[str, str]] = {
 }
 """Imports from a lower layer into a higher one that the flat layout still has. Only shrinks."""
 
-FRAMEWORK_MODULES = ("savegame.adapters", "savegame.data", "savegame.dcp", "savegame.distributed", "savegame.keras")
+FRAMEWORK_MODULES = (
+    "savegame.adapters", "savegame.data", "savegame.dcp", "savegame.distributed", "savegame.keras",
+    "savegame.importers",
+)  # fmt: skip
 """Framework code by nature, allowed to import torch / keras at module level and probe ``sys.modules``:
 the adapters, the torch data samplers (``savegame.data``), torch DCP and ``torch.distributed``
 support, and the Keras integration. Every other module asks ``savegame.adapters``."""
