@@ -164,9 +164,10 @@ def refuse_unsafe(path: str) -> bool:
         shown = ", ".join(unsafe[:10]) + (f" and {len(unsafe) - 10} more" if len(unsafe) > 10 else "")
         raise UnsafePickleError(
             f"{path}: unpickling it needs code: it wants {shown}, which are not tensors or plain containers; "
-            "the file was not loaded and nothing in it was run. If you wrote it and trust it, load it with "
-            "that code in your own program and save the plain state (model.state_dict(), "
-            "optimizer.state_dict()) or convert it with savegame.save directly",
+            "the file was not loaded and nothing in it was run. If you trust it, load it in a program that "
+            "has those classes (torch.load(path, weights_only=False) runs the file's code) and save the plain "
+            "state instead: torch.save({'model_state_dict': model.state_dict(), ...}) for this command, or "
+            "savegame.save(...) directly",
             tuple(unsafe),
         )
     return is_zip

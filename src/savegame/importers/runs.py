@@ -98,8 +98,8 @@ def import_run_directory(src: str, dest: str, *, template: str, mode: str = "aut
             for item, value in found.items.items():
                 count, size = array_stats(value)
                 old = items.get(item)
-                items[item] = ItemSummary(item, found.sources.get(item, item), count + (old.tensors if old else 0),
-                                          size + (old.bytes if old else 0))  # fmt: skip
+                items[item] = ItemSummary(item, f"each of {len(written)} files",
+                                          count + (old.tensors if old else 0), size + (old.bytes if old else 0))
         best = ckpt.best
     finally:
         ckpt.close()
