@@ -142,6 +142,22 @@ def test_hostile_pickle_is_refused_naming_the_function_and_never_runs(
     assert code == 2 and "pathlib.Path.touch" in err and not canary.exists()
 
 
+def test_a_global_whose_name_is_not_a_plain_literal_is_refused(tmp_path: Path) -> None:
+    """STACK_GLOBAL takes its names from the stack: a pickle that pushes a decoy and pops it (so a naive
+    'last two strings' reader sees os.x) still calls os.system; the scan refuses what it cannot pin down."""
+    canary = tmp_path / "canary"
+    command = f"touch {canary}".encode()
+    payload = (b"\x80\x04\x8c\x02os\x8c\x01x0\x8c\x06system\x93\x8c" + bytes([len(command)]) + command
+               + b"\x85R.")  # fmt: skip
+    pickle.loads(payload)  # the payload is live
+    assert canary.exists()
+    canary.unlink()
+    (tmp_path / "decoy.pt").write_bytes(payload)
+    with pytest.raises(UnsafePickleError, match="computed"):
+        savegame.convert(tmp_path / "decoy.pt", tmp_path / "out")
+    assert not canary.exists()
+
+
 def test_a_pickled_whole_module_is_refused_with_its_classes(tmp_path: Path) -> None:
     torch.save(_net(), tmp_path / "best_model.pth")  # seed 002: torch.save(model, path)
     with pytest.raises(UnsafePickleError, match=r"torch\.nn\.modules\.linear\.Linear") as info:
@@ -208,13 +224,14 @@ def test_lightning_trainer_checkpoint(tmp_path: Path) -> None:
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
     lit = Lit()
     trainer.fit(lit, torch.utils.data.DataLoader(data, batch_size=8))
-    trainer.save_checkpoint(tmp_path / "last.ckpt")
-    report = savegame.convert(tmp_path / "last.ckpt", tmp_path / "out")
-    assert report.format == "lightning" and report.progress == {"epoch": 2, "step": 8}
-    assert {"model", "optimizer", "scheduler", "loops", "hyper_parameters", "epoch", "global_step"} <= {
+    written = sorted((tmp_path / "checkpoints").glob("*.ckpt"))  # by the Trainer's own ModelCheckpoint
+    assert [p.name for p in written] == ["epoch=1-step=8.ckpt"]
+    report = savegame.convert(written[0], tmp_path / "out")
+    assert report.format == "lightning" and report.progress == {"epoch": 1, "step": 8}
+    assert {"model", "optimizer", "scheduler", "loops", "callbacks", "hyper_parameters", "epoch", "global_step"} <= {
         i.name for i in report.items
     }
     fresh = Lit()
@@ -224,7 +241,9 @@ def test_lightning_trainer_checkpoint(tmp_path: Path) -> None:
     _same_tensors(lit.state_dict(), fresh.state_dict())
     _same_tensors(trainer.optimizers[0].state_dict(), conf["optimizer"].state_dict())
     assert conf["lr_scheduler"].state_dict() == trainer.lr_scheduler_configs[0].scheduler.state_dict()
-    assert savegame.load(tmp_path / "out")["hyper_parameters"] == {"hidden": 8}
+    saved = savegame.load(tmp_path / "out")
+    assert saved["hyper_parameters"] == {"hidden": 8}
+    assert any(k.startswith("ModelCheckpoint") for k in saved["callbacks"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -402,3 +421,11 @@ def test_run_directory_becomes_a_run_root(tmp_path: Path, capsys: pytest.Capture
         ckpt.close()
     assert main(["ls", str(tmp_path / "root")]) == 0
     assert "mobilenet_v2_07_0.895" in capsys.readouterr().out
+
+    # one file that needs code: refused, and nothing is published (no half-imported run root)
+    canary = tmp_path / "canary"
+    (runs / "mobilenet_v2_09_0.900.pth").write_bytes(pickle.dumps({"w": Canary(str(canary))}, protocol=2))
+    with pytest.raises(UnsafePickleError, match="mobilenet_v2_09_0.900.pth"):
+        savegame.convert(runs, tmp_path / "root2", template=template)
+    assert not canary.exists() and not (tmp_path / "root2").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "root"]

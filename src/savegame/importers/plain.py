@@ -134,7 +134,7 @@ def _is_torch_value(obj: object) -> bool:
 
 
 def array_stats(value: Any, depth: int = 0) -> tuple[int, int]:
-    """``(arrays, bytes)`` in a converted value (tensors and NumPy arrays; tied tensors counted once each)."""
+    """``(arrays, bytes)`` in a converted value (tensors and NumPy arrays; a tied tensor at each of its places)."""
     if depth > MAX_DEPTH:
         return 0, 0
     if isinstance(value, np.ndarray):

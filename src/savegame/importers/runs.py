@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import string
+import tempfile
 from dataclasses import dataclass
 
 from savegame.errors import ConfigError, UnknownSourceFormatError
 from savegame.importers.plain import array_stats
 from savegame.importers.report import ImportReport, ItemSummary
 from savegame.importers.torchfiles import read_torch
+from savegame.storage.local import DEFAULT_OPS
 
 __all__ = ["FileTemplate", "import_run_directory"]
 
@@ -66,9 +69,12 @@ class FileTemplate:
 
 
 def import_run_directory(src: str, dest: str, *, template: str, mode: str = "auto") -> ImportReport:
-    """Import every file of ``src`` matching ``template`` into the run root ``dest`` (module docstring)."""
-    from savegame.checkpointer import Checkpointer
+    """Import every file of ``src`` matching ``template`` into the run root ``dest`` (module docstring).
 
+    The root is written in a hidden folder next to ``dest`` and renamed to ``dest`` once every file is
+    in: a file that cannot be imported (a pickle that needs code, a truncated file) leaves nothing."""
+    if mode not in ("auto", "min", "max"):
+        raise ConfigError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
     parsed = FileTemplate.parse(template)
     names = sorted(os.listdir(src))[: _MAX_FILES + 1]
     if len(names) > _MAX_FILES:
@@ -83,13 +89,42 @@ def import_run_directory(src: str, dest: str, *, template: str, mode: str = "aut
     items: dict[str, ItemSummary] = {}
     converted: list[str] = []
     written: list[str] = []
-    ckpt = Checkpointer(dest, monitor=monitor, mode=mode, rng=False, restart="off",  # type: ignore[arg-type]
+    parent = os.path.dirname(dest)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)[:100]}.importing-", dir=parent)
+    root = os.path.join(staging, "root")
+    try:
+        best = _write_root(root, src, matched, monitor=monitor, mode=mode, written=written, items=items,
+                           converted=converted, skipped=skipped)  # fmt: skip
+        if os.path.lexists(dest):
+            raise ConfigError(f"{dest} appeared while importing; the import is not published there")
+        os.rename(root, dest)  # the whole run root appears at once, or not at all
+        DEFAULT_OPS.fsync_dir(parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    progress = {"files": len(written), "monitor": monitor, "best": best}
+    return ImportReport(source=os.path.abspath(src), dest=os.path.abspath(dest), format="run-directory",
+                        items=tuple(items.values()), checkpoints=tuple(written), progress=progress,
+                        converted=tuple(converted), skipped=tuple(skipped))  # fmt: skip
+
+
+def _write_root(
+    root: str, src: str, matched: list[tuple[dict[str, float | int], str]], *, monitor: str | None, mode: str,
+    written: list[str], items: dict[str, ItemSummary], converted: list[str], skipped: list[str],
+) -> str | None:  # fmt: skip
+    """Save each matched file of ``src`` into the new run root ``root``; return the best's name."""
+    from savegame.checkpointer import Checkpointer
+
+    ckpt = Checkpointer(root, monitor=monitor, mode=mode, rng=False, restart="off",  # type: ignore[arg-type]
                         metadata={"imported_from": os.path.abspath(src)})  # fmt: skip
     try:
         for fields, name in matched:
             found = read_torch(os.path.join(src, name))
-            metrics = {k: v for k, v in fields.items() if k not in _INT_FIELDS}
-            epoch, step = fields.get("epoch"), fields.get("step")
+            recorded = found.progress.get("metrics")
+            metrics = {**(recorded if isinstance(recorded, dict) else {}),
+                       **{k: v for k, v in fields.items() if k not in _INT_FIELDS}}  # fmt: skip
+            epoch = fields.get("epoch", found.progress.get("epoch"))
+            step = fields.get("step", found.progress.get("step"))
             result = ckpt.save(found.items, name=_stem(name), epoch=int(epoch) if epoch is not None else None,
                                step=int(step) if step is not None else None, metrics=metrics)  # fmt: skip
             written.append(result.name)
@@ -103,10 +138,8 @@ def import_run_directory(src: str, dest: str, *, template: str, mode: str = "aut
         best = ckpt.best
     finally:
         ckpt.close()
-    progress = {"files": len(written), "monitor": monitor, "best": best.name if best is not None else None}
-    return ImportReport(source=os.path.abspath(src), dest=os.path.abspath(dest), format="run-directory",
-                        items=tuple(items.values()), checkpoints=tuple(written), progress=progress,
-                        converted=tuple(converted), skipped=tuple(skipped))  # fmt: skip
+    return best.name if best is not None else None
+
 
 
 def _stem(name: str) -> str:
