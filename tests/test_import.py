@@ -425,7 +425,7 @@ def test_run_directory_becomes_a_run_root(tmp_path: Path, capsys: pytest.Capture
     # one file that needs code: refused, and nothing is published (no half-imported run root)
     canary = tmp_path / "canary"
     (runs / "mobilenet_v2_09_0.900.pth").write_bytes(pickle.dumps({"w": Canary(str(canary))}, protocol=2))
-    with pytest.raises(UnsafePickleError, match="mobilenet_v2_09_0.900.pth"):
+    with pytest.raises(UnsafePickleError, match=r"mobilenet_v2_09_0\.900\.pth"):
         savegame.convert(runs, tmp_path / "root2", template=template)
     assert not canary.exists() and not (tmp_path / "root2").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "root"]
