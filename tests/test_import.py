@@ -98,6 +98,19 @@ def test_seed_tutorial_dict_restores_into_fresh_objects(tmp_path: Path, capsys: 
     assert (state["epoch"], state["loss"]) == (5, 0.125)
     assert savegame.read_manifest(tmp_path / "imported").progress["epoch"] == 5
 
+    # imported into a run root, a Checkpointer resumes from it
+    assert savegame.convert(src, tmp_path / "run" / "imported").format == "torch"
+    resumed = _net()
+    resumed_opt = torch.optim.Adam(resumed.parameters(), lr=1e-2)
+    ckpt = savegame.Checkpointer(tmp_path / "run", rng=False)
+    try:
+        progress = ckpt.restore({"model": resumed, "optimizer": resumed_opt})
+    finally:
+        ckpt.close()
+    assert progress is not None and progress.epoch == 5 and dict(progress.metrics) == {"loss": 0.125}
+    _same_tensors(model.state_dict(), resumed.state_dict())
+    _same_tensors(opt.state_dict(), resumed_opt.state_dict())
+
 
 def test_flat_state_dict_and_plain_safetensors_become_the_model_item(tmp_path: Path) -> None:
     from safetensors.torch import save_file
