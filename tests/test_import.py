@@ -399,6 +399,27 @@ def test_keras_zip_bomb_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_hdf5_bomb_and_truncated_weights_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import h5py
+
+    bomb = tmp_path / "bomb.weights.h5"
+    with h5py.File(bomb, "w") as f:  # 1 GiB of zeros that take no room: chunks never written read as fill
+        f.create_dataset("layers/dense/vars/0", shape=(1 << 28,), dtype="f4", chunks=(1 << 20,), compression="gzip")
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(DamagedSourceError, match="bomb"):
+        savegame.convert(bomb, tmp_path / "out")
+    good = tmp_path / "good.weights.h5"
+    with h5py.File(good, "w") as f:
+        f["layers/dense/vars/0"] = np.arange(12, dtype="f4").reshape(3, 4)
+    savegame.convert(good, tmp_path / "ok")
+    assert np.array_equal(savegame.load(tmp_path / "ok")["model"]["layers/dense/vars/0"],
+                          np.arange(12, dtype="f4").reshape(3, 4))  # fmt: skip
+    cut = tmp_path / "cut.weights.h5"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    code, _, err = _cli(str(cut), str(tmp_path / "out-cut"), capsys=capsys)
+    assert code == 2 and "truncated" in err and not (tmp_path / "out-cut").exists()
+
+
 # ---------------------------------------------------------------------------------------------------
 # A run directory (seed 004's file names)
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from savegame.errors import DamagedSourceError
-from savegame.importers.archive import check_archive, open_archive, read_member
+from savegame.importers.archive import MAX_RATIO, check_archive, open_archive, read_member
 from savegame.importers.report import Found
 
 __all__ = ["MAX_DATASETS", "MAX_KERAS_BYTES", "read_keras"]
@@ -53,10 +53,11 @@ def read_keras(path: str, *, keras_model: Any = None) -> Found:
         weights = path
         if is_archive:
             weights = _unpack(path, scratch, found)
+        names = _datasets(weights, path)
         if keras_model is not None:
             _into_model(weights, path, keras_model, found)
         else:
-            _raw(weights, path, found)
+            _raw(weights, names, path, found)
     return found
 
 
@@ -94,15 +95,35 @@ def _unpack(path: str, scratch: str, found: Found) -> str:
     return target
 
 
-def _raw(weights: str, source: str, found: Found) -> None:
+def _datasets(weights: str, source: str) -> list[str]:
+    """The dataset paths of the weights file, refused (:class:`DamagedSourceError`) when there are more than
+    :data:`MAX_DATASETS` or they unpack to more than :data:`MAX_RATIO` times the file's size (compressed
+    HDF5 chunks can promise far more data than the file holds)."""
+    import h5py
+
+    names: list[str] = []
+    try:
+        with h5py.File(weights, "r") as f:
+            f.visit(lambda n: _visit(n, f, names))
+            total = sum(int(f[n].size) * f[n].dtype.itemsize for n in names)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DamagedSourceError(
+            f"{source}: not a readable HDF5 weights file ({exc}); it is truncated or damaged"
+        ) from None
+    limit = MAX_RATIO * os.path.getsize(weights) + (1 << 20)
+    if total > limit:
+        raise DamagedSourceError(f"{source}: its datasets unpack to {total:,} bytes, more than {MAX_RATIO} times "
+                                 "the file's size: refused (compressed HDF5 data that large is a bomb)")  # fmt: skip
+    return names
+
+
+def _raw(weights: str, names: list[str], source: str, found: Found) -> None:
     """Every dataset of the weights file, by path, into the items ``model`` and ``optimizer``."""
     import h5py
 
     arrays: dict[str, dict[str, np.ndarray]] = {"model": {}, "optimizer": {}}
     try:
         with h5py.File(weights, "r") as f:
-            names: list[str] = []
-            f.visit(lambda n: _visit(n, f, names))
             for name in names:
                 dataset = f[name]
                 item = "optimizer" if name.split("/")[0] == "optimizer" else "model"
