@@ -399,6 +399,22 @@ def test_keras_zip_bomb_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_a_torch_zip_with_a_member_twice_is_refused(tmp_path: Path) -> None:
+    """Zip readers disagree on which of two same-named members counts: the checked pickle might not be the
+    one torch reads, so such an archive is refused."""
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.ones(2)}, good)
+    doubled = tmp_path / "doubled.pt"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(doubled, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, src.read(info))
+        data = next(i for i in src.infolist() if i.filename.endswith("/data.pkl"))
+        dst.writestr(data.filename, src.read(data))
+    with pytest.raises(DamagedSourceError, match="twice"):
+        savegame.convert(doubled, tmp_path / "out")
+    assert savegame.convert(good, tmp_path / "ok").tensors == 1
+
+
 def test_hdf5_bomb_and_truncated_weights_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import h5py
 

@@ -9,6 +9,7 @@ directory claims.
 from __future__ import annotations
 
 import zipfile
+from collections import Counter
 
 from savegame.errors import DamagedSourceError
 
@@ -32,11 +33,15 @@ def open_archive(path: str) -> zipfile.ZipFile:
 
 
 def check_archive(archive: zipfile.ZipFile, path: str, *, max_total: int) -> None:
-    """Refuse an archive whose directory promises more than ``max_total`` bytes, too many members, or a
-    member that inflates more than :data:`MAX_RATIO` times its stored size."""
+    """Refuse an archive whose directory promises more than ``max_total`` bytes, too many members, a
+    member name twice, or a member that inflates more than :data:`MAX_RATIO` times its stored size."""
     infos = archive.infolist()
     if len(infos) > MAX_MEMBERS:
         raise DamagedSourceError(f"{path}: {len(infos):,} members in the archive (at most {MAX_MEMBERS:,})")
+    names = [info.filename for info in infos]
+    if len(set(names)) != len(names):  # readers disagree on which copy counts: what is checked may not be read
+        twice = sorted(n for n, count in Counter(names).items() if count > 1)[:5]
+        raise DamagedSourceError(f"{path}: members {twice} appear twice in the archive: refused")
     total = 0
     for info in infos:
         total += info.file_size
