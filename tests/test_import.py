@@ -265,20 +265,26 @@ def test_lightning_trainer_checkpoint(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("safe", [True, False], ids=["model.safetensors", "pytorch_model.bin"])
-def test_huggingface_model_directory(tmp_path: Path, safe: bool) -> None:
+@pytest.mark.parametrize(("safe", "sharded"), [(True, False), (False, False), (True, True)],
+                         ids=["model.safetensors", "pytorch_model.bin", "sharded"])  # fmt: skip
+def test_huggingface_model_directory(tmp_path: Path, safe: bool, sharded: bool) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16))
-    model.save_pretrained(tmp_path / "hf", safe_serialization=safe)
+    model.save_pretrained(tmp_path / "hf", safe_serialization=safe, max_shard_size="20KB" if sharded else "5GB")
     weights = "model.safetensors" if safe else "pytorch_model.bin"
-    if not safe and not (tmp_path / "hf" / weights).is_file():
+    if sharded:
+        assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+        shards = sorted(p.name for p in (tmp_path / "hf").glob("model-*.safetensors"))
+        assert len(shards) > 1
+        weights = ", ".join(shards)
+    elif not safe and not (tmp_path / "hf" / weights).is_file():
         # transformers 5 writes safetensors whatever safe_serialization says: write the .bin the way
         # transformers 4 did (torch.save of the state dict next to config.json)
         (tmp_path / "hf" / "model.safetensors").unlink()
         torch.save(model.state_dict(), tmp_path / "hf" / weights)
-    assert (tmp_path / "hf" / weights).is_file() and (tmp_path / "hf" / "config.json").is_file()
+    assert (tmp_path / "hf" / "config.json").is_file()
     report = savegame.convert(tmp_path / "hf", tmp_path / "out")
     assert report.format == "huggingface" and report.items[0].source == weights
     config = savegame.load(tmp_path / "out")["config"]
