@@ -310,7 +310,7 @@ def _keras_model() -> Any:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_keras_weights_and_keras_archive(tmp_path: Path) -> None:
+def test_keras_weights_and_keras_archive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import h5py
 
     from savegame.adapters.keras import KerasState
@@ -350,6 +350,21 @@ def test_keras_weights_and_keras_archive(tmp_path: Path) -> None:
             assert np.array_equal(want, np.array(got)), source
         for want, got in zip(expected_optimizer, fresh.optimizer.variables, strict=True):
             assert np.array_equal(want, np.array(got)), source
+
+    # the command line builds the model from --keras-model FILE.py:FUNCTION
+    builder = tmp_path / "kmodel.py"
+    builder.write_text("import keras\n\ndef build():\n"
+                       "    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),\n"
+                       "                              keras.layers.BatchNormalization(), keras.layers.Dense(2)])\n"
+                       "    model.compile(optimizer='adam', loss='mse')\n    return model\n")  # fmt: skip
+    assert main(["import", str(tmp_path / "m.keras"), str(tmp_path / "cli"), "--keras-model", f"{builder}:build",
+                 "--json"]) == 0  # fmt: skip
+    items = [i["name"] for i in json.loads(capsys.readouterr().out)["items"]]
+    assert items == ["keras_config", "keras_metadata", "keras"]
+    fresh = _keras_model()
+    savegame.load(tmp_path / "cli", {"keras": KerasState(fresh, include_rng=False)})
+    for want, got in zip(expected, fresh.weights, strict=True):
+        assert np.array_equal(want, np.array(got))
 
 
 @pytest.mark.slow

@@ -250,7 +250,7 @@ savegame import checkpoints/ runs/exp --template 'model_{epoch:02d}_{val_acc:.3f
     p.add_argument("dest", metavar="DEST", help="new checkpoint directory (a run root with --template)")
     p.add_argument("--template", metavar="NAME",
                    help="file name template of a run directory, e.g. 'model_{epoch:02d}_{val_acc:.3f}.pth'")
-    _mode_option(p, "values of the template's first metric")
+    _mode_option(p, "its first metric (with --template)")
     p.add_argument("--keras-model", metavar="MODULE:FUNCTION",
                    help="for Keras files: function returning the built model the weights belong to")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
