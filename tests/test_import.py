@@ -205,6 +205,33 @@ def test_damaged_and_unknown_sources_exit_2(tmp_path: Path, capsys: pytest.Captu
     assert code == 2 and "exists" in err and (tmp_path / "taken" / "mine.txt").read_text() == "keep me"
 
 
+@pytest.mark.timeout(120)
+def test_a_missing_library_names_the_extra_to_install(tmp_path: Path) -> None:
+    """Without torch (or h5py) installed, importing a file that needs it says which extra to install."""
+    import subprocess
+    import sys
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "w.pt")
+    (tmp_path / "w.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
+    script = (
+        "import sys\n"
+        "sys.modules['torch'] = None\n"  # import torch -> ImportError, as where it is not installed
+        "sys.modules['h5py'] = None\n"
+        "import savegame\n"
+        "for src in sys.argv[1:]:\n"
+        "    try:\n"
+        "        savegame.convert(src, src + '.out')\n"
+        "    except savegame.ConfigError as exc:\n"
+        "        print(exc)\n"
+    )
+    env = dict(os.environ)
+    src = str(Path(savegame.__file__).parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "w.pt"), str(tmp_path / "w.weights.h5")],
+                         env=env, capture_output=True, text=True, timeout=100, check=True).stdout  # fmt: skip
+    assert "pip install 'savegame[torch]'" in out and "pip install 'savegame[keras]'" in out, out
+
+
 def test_report_escapes_control_characters(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     torch.save({"model_state_dict": _net().state_dict(), "evil\x1b]0;pwned\x07": 0.5}, tmp_path / "c.pt")
     code, out, err = _cli(str(tmp_path / "c.pt"), str(tmp_path / "out"), capsys=capsys)

@@ -70,6 +70,7 @@ LAYERS: dict[str, str] = {
     "savegame.keras": "integrations",
     "savegame.importers": "integrations", "savegame.importers.archive": "integrations",
     "savegame.importers.hf": "integrations", "savegame.importers.kerasfiles": "integrations",
+    "savegame.importers.needs": "integrations",
     "savegame.importers.pickled": "integrations", "savegame.importers.plain": "integrations",
     "savegame.importers.report": "integrations", "savegame.importers.runs": "integrations",
     "savegame.importers.tensors": "integrations", "savegame.importers.torchfiles": "integrations",

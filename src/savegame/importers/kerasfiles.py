@@ -32,6 +32,7 @@ import numpy as np
 
 from savegame.errors import DamagedSourceError
 from savegame.importers.archive import MAX_RATIO, check_archive, open_archive, read_member
+from savegame.importers.needs import need
 from savegame.importers.report import Found
 
 __all__ = ["MAX_DATASETS", "MAX_KERAS_BYTES", "read_keras"]
@@ -99,7 +100,7 @@ def _datasets(weights: str, source: str) -> list[str]:
     """The dataset paths of the weights file, refused (:class:`DamagedSourceError`) when there are more than
     :data:`MAX_DATASETS` or they unpack to more than :data:`MAX_RATIO` times the file's size (compressed
     HDF5 chunks can promise far more data than the file holds)."""
-    import h5py
+    h5py = need("h5py", "reading Keras weights files")
 
     names: list[str] = []
     try:
@@ -119,7 +120,7 @@ def _datasets(weights: str, source: str) -> list[str]:
 
 def _raw(weights: str, names: list[str], source: str, found: Found) -> None:
     """Every dataset of the weights file, by path, into the items ``model`` and ``optimizer``."""
-    import h5py
+    h5py = need("h5py", "reading Keras weights files")
 
     arrays: dict[str, dict[str, np.ndarray]] = {"model": {}, "optimizer": {}}
     try:
@@ -144,7 +145,7 @@ def _raw(weights: str, names: list[str], source: str, found: Found) -> None:
 
 
 def _visit(name: str, f: Any, names: list[str]) -> None:
-    import h5py
+    h5py = need("h5py", "reading Keras weights files")
 
     if isinstance(f[name], h5py.Dataset):
         if len(names) >= MAX_DATASETS:
@@ -155,7 +156,7 @@ def _visit(name: str, f: Any, names: list[str]) -> None:
 def _into_model(weights: str, source: str, model: Any, found: Found) -> None:
     """Load the checked weights file into ``model`` with Keras (``model.load_weights`` reads the weights
     file only) and keep its :class:`KerasState`; the optimizer too when the file has its variables."""
-    import h5py
+    h5py = need("h5py", "reading Keras weights files")
 
     from savegame.adapters.keras import KerasState
 

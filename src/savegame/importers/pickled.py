@@ -24,6 +24,7 @@ from typing import Any
 
 from savegame.errors import DamagedSourceError, UnsafePickleError
 from savegame.importers.archive import check_archive, open_archive, read_member
+from savegame.importers.needs import need
 
 __all__ = ["MAX_PICKLE_BYTES", "globals_in", "load_weights_only", "refuse_unsafe"]
 
@@ -91,7 +92,7 @@ def globals_in(data: bytes, where: str) -> tuple[set[str], int]:
 
 def _allowed() -> set[str]:
     """What ``torch.load(weights_only=True)`` builds: torch's default allowlist and the user's additions."""
-    import torch
+    torch = need("torch", "reading torch files (.pt, .pth, .bin, .ckpt)")
 
     allowed = set()
     try:
@@ -176,7 +177,7 @@ def refuse_unsafe(path: str) -> bool:
 def load_weights_only(path: str) -> Any:
     """The object in torch file ``path``, checked by :func:`refuse_unsafe` and then read with
     ``torch.load(weights_only=True)`` on the CPU (memory-mapped for the zip layout)."""
-    import torch
+    torch = need("torch", "reading torch files (.pt, .pth, .bin, .ckpt)")
 
     if not os.path.isfile(path):
         raise DamagedSourceError(f"{path}: not a file")

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from savegame.errors import DamagedSourceError
+from savegame.importers.needs import need
 from savegame.importers.plain import Plain
 from savegame.importers.report import Found
 
@@ -28,6 +29,8 @@ def read_safetensors(path: str) -> tuple[dict[str, Any], dict[str, str]]:
     try:
         with safe_open(path, framework=framework) as f:  # type: ignore[no-untyped-call]
             metadata = dict(f.metadata() or {})
+            if framework == "np":
+                _check_numpy_dtypes(f, path)
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (OSError, ValueError, RuntimeError, TypeError) as exc:
         raise _damaged(path, exc) from None
@@ -36,6 +39,17 @@ def read_safetensors(path: str) -> tuple[dict[str, Any], dict[str, str]]:
             raise
         raise _damaged(path, exc) from None
     return tensors, metadata
+
+
+_TORCH_ONLY_DTYPES = frozenset({"BF16", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"})
+
+
+def _check_numpy_dtypes(f: Any, path: str) -> None:
+    """Without torch, tensors are read as NumPy arrays: refuse dtypes NumPy has no type for, naming the extra."""
+    for name in f.keys():
+        dtype = f.get_slice(name).get_dtype()
+        if dtype in _TORCH_ONLY_DTYPES:
+            need("torch", f"reading the {dtype} tensor {name!r} of {path}")
 
 
 def _damaged(path: str, exc: BaseException) -> DamagedSourceError:
