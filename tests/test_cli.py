@@ -134,7 +134,7 @@ def run_copy(torch_run: Path, tmp_path: Path) -> Path:
 # Help and usage
 
 
-COMMANDS = ("ls", "inspect", "verify", "diff", "prune", "export", "plot", "gc", "demo")
+COMMANDS = ("ls", "inspect", "verify", "diff", "prune", "export", "import", "plot", "gc", "demo")
 
 
 def test_help_of_every_subcommand_has_examples_and_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:

@@ -74,11 +74,25 @@ def _ast_offences(tree: ast.AST) -> list[tuple[int, str]]:
                 found.append((node.lineno, f"{func.id}(...)"))
             if name in ("torch.load", "pickle.load", "pickle.loads", "pickle.Unpickler", "np.load", "numpy.load"):
                 allow = [k for k in node.keywords if k.arg == "allow_pickle"]
+                if name == "torch.load" and _weights_only(node):
+                    continue  # torch's restricted unpickler: tensors and plain containers only
                 if not name.endswith("np.load") and name != "numpy.load":
                     found.append((node.lineno, f"{name}(...)"))
                 elif any(not (isinstance(k.value, ast.Constant) and k.value.value is False) for k in allow):
                     found.append((node.lineno, f"{name}(..., allow_pickle=...)"))
     return found
+
+
+def _weights_only(call: ast.Call) -> bool:
+    """``torch.load(..., weights_only=True)`` with the literal True (a variable could be False)."""
+    return any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+               for k in call.keywords)  # fmt: skip
+
+
+def _weights_only_lines(tree: ast.AST) -> set[int]:
+    """Lines of ``torch.load(..., weights_only=True)`` calls, which the text pattern must not flag."""
+    return {node.lineno for node in ast.walk(tree) if isinstance(node, ast.Call)
+            and ast.unparse(node.func) == "torch.load" and _weights_only(node)}  # fmt: skip
 
 
 def scan(root: Path) -> list[str]:
@@ -87,12 +101,16 @@ def scan(root: Path) -> list[str]:
     for file in sorted(root.rglob("*.py")):
         source = file.read_text(encoding="utf-8")
         rel = file.relative_to(root)
-        for lineno, what in _ast_offences(ast.parse(source, filename=str(file))):
+        tree = ast.parse(source, filename=str(file))
+        for lineno, what in _ast_offences(tree):
             offenders.append(f"{rel}:{lineno}: {what}")
+        safe = _weights_only_lines(tree)
         code = _code_only(source)
         for what, pattern in PATTERNS.items():
             for m in pattern.finditer(code):
-                offenders.append(f"{rel}:{code.count(chr(10), 0, m.start()) + 1}: {what}")
+                line = code.count(chr(10), 0, m.start()) + 1
+                if not (what == "torch.load(" and line in safe):
+                    offenders.append(f"{rel}:{line}: {what}")
     return sorted(set(offenders))
 
 
@@ -116,6 +134,8 @@ def test_scanner_finds_what_it_looks_for(tmp_path: Path) -> None:
         "z = eval('1+1')\n"
         "exec('pass')\n"
         "w = pickle.loads(b'')\n"
+        "v = torch.load('m.pt', weights_only=False)\n"
+        "u = torch.load('m.pt', weights_only=flag)\n"
     )
     (tmp_path / "good.py").write_text(
         '"""Unlike torch.load(...), we never import pickle; eval( and exec( in prose are fine."""\n'
@@ -126,10 +146,12 @@ def test_scanner_finds_what_it_looks_for(tmp_path: Path) -> None:
         "def f(model, text):\n"
         "    model.eval()\n"
         "    return ast.literal_eval(text), np.load('a.npy'), np.load('b.npy', allow_pickle=False)\n"
+        "t = torch.load('m.pt', map_location='cpu', weights_only=True)\n"
         "s = 'import pickle; torch.load(x)'\n"
     )
     found = scan(tmp_path)
     assert all(line.startswith("bad.py") for line in found), found
+    assert {"bad.py:12: torch.load(...)", "bad.py:13: torch.load(...)"} <= set(found), found
     for what in ["import pickle", "from dill", "cloudpickle", "marshal", "torch.load(", "allow_pickle", "eval(",
                  "exec(", "pickle.loads"]:
         assert any(what in line for line in found), (what, found)

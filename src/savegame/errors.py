@@ -19,6 +19,7 @@ __all__ = [
     "CommitError",
     "ConfigError",
     "CorruptCheckpointError",
+    "DamagedSourceError",
     "ForeignCheckpointError",
     "HashMismatchError",
     "IntegrationMismatchError",
@@ -30,9 +31,12 @@ __all__ = [
     "MissingFileError",
     "NotACheckpointError",
     "OccupiedPathError",
+    "SourceFormatError",
     "StateMismatchError",
     "StorageError",
     "TruncatedFileError",
+    "UnknownSourceFormatError",
+    "UnsafePickleError",
     "UnsupportedFormatError",
     "UnsupportedTypeError",
 ]
@@ -143,3 +147,24 @@ class ForeignCheckpointError(NotACheckpointError):
 class IntegrationMismatchError(CheckpointError):
     """A savegame checkpoint written by another integration (or by plain ``savegame.save``) was given to
     an integration that cannot restore it; the message names the writer and the function that reads it."""
+
+class SourceFormatError(CheckpointError, ValueError):
+    """``savegame.convert`` / ``savegame import``: the source cannot be imported (see the subclasses)."""
+
+
+class UnknownSourceFormatError(SourceFormatError):
+    """The source is not a format savegame imports (unknown extension, a folder that is not a Hugging Face
+    model directory): the message lists what is accepted."""
+
+
+class DamagedSourceError(SourceFormatError):
+    """The source file is truncated, malformed, or over a size limit (a zip bomb in a ``.keras`` file)."""
+
+
+class UnsafePickleError(SourceFormatError):
+    """A pickled source (``.pt``, ``.ckpt``, ``pytorch_model.bin``) needs code to be unpickled: the classes or
+    functions it names (``globals``) are not plain tensors and containers. It is refused and never run."""
+
+    def __init__(self, message: str, globals_: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.globals = globals_

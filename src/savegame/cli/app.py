@@ -1,8 +1,9 @@
 """The ``savegame`` command line: look at, check, compare, clean up and export checkpoints.
 
 Subcommands (``savegame COMMAND --help`` for each): ``ls``, ``inspect``, ``verify``, ``diff``, ``prune``,
-``export``, ``plot``, ``gc`` and ``demo``. They live in ``read.py`` (ls, inspect, verify),
-``diff.py``, ``manage.py`` (prune, gc) and ``output.py`` (export, plot) of this package; this module builds the
+``export``, ``import``, ``plot``, ``gc`` and ``demo``. They live in ``read.py`` (ls, inspect, verify),
+``diff.py``, ``manage.py`` (prune, gc), ``output.py`` (export, plot) and ``imports.py`` (import) of this package;
+this module builds the
 parser and turns errors into one line and an exit status:
 
 * 0: success (``verify``: everything intact; ``diff``: the same state);
@@ -43,6 +44,7 @@ from savegame.errors import (
     ConfigError,
     InvalidNameError,
     NotACheckpointError,
+    SourceFormatError,
 )
 
 __all__ = ["build_parser", "main"]
@@ -228,6 +230,33 @@ savegame export runs/keras/best --item keras.model --to model.weights.h5 --keras
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
     p.set_defaults(func="output:cmd_export")
 
+    p = _add(sub, "import", "turn a checkpoint written by another tool into a savegame checkpoint",
+             "Convert SRC into the new savegame checkpoint DEST (which must not exist), restorable into the same\n"
+             "objects with savegame.load. SRC may be:\n"
+             "  .pt / .pth / .bin   torch.save files of tensors and plain containers (model_state_dict -> model...)\n"
+             "  .ckpt               Lightning checkpoints (state_dict -> model, optimizer_states -> optimizer...)\n"
+             "  .safetensors        plain tensor files (-> model)\n"
+             "  .weights.h5 .keras  Keras 3 files, read with h5py (--keras-model: by variable path)\n"
+             "  DIR                 a Hugging Face model directory (config.json + weights), or with --template\n"
+             "                      a directory of checkpoint files, imported as one run root\n"
+             "Nothing in SRC is run: pickles are disassembled and refused if they need code, then read with\n"
+             "torch.load(weights_only=True); Keras configs are never deserialized.",
+             """
+savegame import checkpoints/model_checkpoint.pth runs/imported
+savegame import lightning_logs/version_0/checkpoints/last.ckpt runs/lit --json
+savegame import checkpoints/ runs/exp --template 'model_{epoch:02d}_{val_acc:.3f}.pth'
+""", "Exit status 2 for a source that cannot be imported (unknown format, truncated, needs code) or\n"
+     "a DEST that exists.")  # fmt: skip
+    p.add_argument("src", metavar="SRC", help="file or directory to import")
+    p.add_argument("dest", metavar="DEST", help="new checkpoint directory (a run root with --template)")
+    p.add_argument("--template", metavar="NAME",
+                   help="file name template of a run directory, e.g. 'model_{epoch:02d}_{val_acc:.3f}.pth'")
+    _mode_option(p, "its first metric (with --template)")
+    p.add_argument("--keras-model", metavar="MODULE:FUNCTION",
+                   help="for Keras files: function returning the built model the weights belong to")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func="imports:cmd_import")
+
     p = _add(sub, "plot", "plot a metric over the run with saved, best and deleted checkpoints",
              "Plot a metric over epochs or steps from the checkpoints' manifests: saved checkpoints, the best,\n"
              "quarantined ones and deleted ones. Deleted checkpoints take their metrics with them; those that\n"
@@ -313,7 +342,8 @@ def _resolve(func: str) -> Callable[[argparse.Namespace, Context], int]:
 def _exit_code(exc: BaseException) -> int:
     if isinstance(exc, CLIError):
         return exc.code
-    if isinstance(exc, (CheckpointNotFoundError, NotACheckpointError, ConfigError, InvalidNameError)):
+    usage = (CheckpointNotFoundError, NotACheckpointError, ConfigError, InvalidNameError, SourceFormatError)
+    if isinstance(exc, usage):
         return EXIT_USAGE
     return EXIT_PROBLEM
 
