@@ -68,6 +68,7 @@ LAYERS: dict[str, str] = {
     "savegame.signals": "run",
     "savegame.config": "config",
     "savegame.keras": "integrations",
+    "savegame.ray": "integrations",
     "savegame.cli": "cli", "savegame.cli_common": "cli", "savegame.cli_diff": "cli", "savegame.cli_manage": "cli",
     "savegame.cli_output": "cli", "savegame.cli_read": "cli", "savegame.cli_scan": "cli", "savegame.plot": "cli",
     "savegame.demo": "cli",
