@@ -132,9 +132,10 @@ class ConfigError(CheckpointError, ValueError):
     """A configuration value (parameter file, command line, constructor option) is invalid."""
 
 
-class MissingExtraError(CheckpointError, ImportError):
+class MissingExtraError(ConfigError, ImportError):
     """An integration's framework is not installed; the message names the extra to install
-    (``pip install 'savegame[accelerate]'``)."""
+    (``pip install 'savegame[lightning]'``, ``[transformers]``, ``[accelerate]``, ``[ray]``). An
+    ``ImportError`` too, so ``except ImportError`` around an optional import keeps working."""
 
 
 class ForeignCheckpointError(NotACheckpointError):
