@@ -68,6 +68,7 @@ LAYERS: dict[str, str] = {
     "savegame.signals": "run",
     "savegame.config": "config",
     "savegame.keras": "integrations",
+    "savegame.lightning": "integrations", "savegame.plain_values": "integrations",
     "savegame.cli": "cli", "savegame.cli_common": "cli", "savegame.cli_diff": "cli", "savegame.cli_manage": "cli",
     "savegame.cli_output": "cli", "savegame.cli_read": "cli", "savegame.cli_scan": "cli", "savegame.plot": "cli",
     "savegame.demo": "cli",
@@ -82,10 +83,13 @@ KNOWN_UPWARD: set[tuple[str, str]] = {
 }
 """Imports from a lower layer into a higher one that the flat layout still has. Only shrinks."""
 
-FRAMEWORK_MODULES = ("savegame.adapters", "savegame.data", "savegame.dcp", "savegame.distributed", "savegame.keras")
+FRAMEWORK_MODULES = (
+    "savegame.adapters", "savegame.data", "savegame.dcp", "savegame.distributed", "savegame.keras",
+    "savegame.lightning",
+)  # fmt: skip
 """Framework code by nature, allowed to import torch / keras at module level and probe ``sys.modules``:
 the adapters, the torch data samplers (``savegame.data``), torch DCP and ``torch.distributed``
-support, and the Keras integration. Every other module asks ``savegame.adapters``."""
+support, and the Keras and Lightning integrations. Every other module asks ``savegame.adapters``."""
 
 KNOWN_FUNCTION_LEVEL_TORCH: set[str] = {
     # Lazy ``import torch`` inside functions of core modules (torch memory for aligned reads, CUDA

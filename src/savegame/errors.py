@@ -19,11 +19,13 @@ __all__ = [
     "CommitError",
     "ConfigError",
     "CorruptCheckpointError",
+    "ForeignCheckpointError",
     "HashMismatchError",
     "InvalidManifestError",
     "InvalidNameError",
     "InvalidTensorFileError",
     "LockedError",
+    "MissingExtraError",
     "MissingFileError",
     "NotACheckpointError",
     "OccupiedPathError",
@@ -123,3 +125,14 @@ class BackgroundSaveError(CheckpointError):
 
 class ConfigError(CheckpointError, ValueError):
     """A configuration value (parameter file, command line, constructor option) is invalid."""
+
+
+class MissingExtraError(ConfigError, ImportError):
+    """An optional integration needs a package that is not installed; the message names the
+    ``pip install 'savegame[EXTRA]'`` that adds it."""
+
+
+class ForeignCheckpointError(NotACheckpointError):
+    """The path holds a checkpoint of another kind than the reader expects: a framework's own file
+    (a pickled torch ``.ckpt`` / ``.bin``) or a savegame checkpoint written by another integration.
+    Nothing was unpickled or changed; the message says how to convert or load it."""
