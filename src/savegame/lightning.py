@@ -94,8 +94,8 @@ class SavegameIO(CheckpointIO):  # type: ignore[misc]
         if storage_options is not None and not isinstance(storage_options, Mapping):
             raise ConfigError(f"storage_options must be a dict for fsspec, not {type(storage_options)}")
         try:
-            result = save(path, state, metadata=metadata, background=self.background,
-                                   storage_options=storage_options)  # fmt: skip
+            result = save(path, state, metadata=metadata, progress=_progress(checkpoint), background=self.background,
+                          storage_options=storage_options)  # fmt: skip
         except UnsupportedTypeError as exc:
             raise UnsupportedTypeError(
                 f"{exc}. Lightning checkpoints written by SavegameIO are pickle-free: hyper-parameters and other "
@@ -178,6 +178,12 @@ def encode_checkpoint(checkpoint: Mapping[str, Any], *, rng: bool) -> tuple[dict
     section = {"format": FORMAT, "types": types, "rng": rng,
                "epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")}  # fmt: skip
     return state, {"integration": INTEGRATION, INTEGRATION: _plain_json(section)}
+
+
+def _progress(checkpoint: Mapping[str, Any]) -> dict[str, int]:
+    """Epoch and step for the manifest's progress (what ``savegame ls`` shows)."""
+    pairs = (("epoch", checkpoint.get("epoch")), ("step", checkpoint.get("global_step")))
+    return {k: v for k, v in pairs if type(v) is int}
 
 
 def _plain_json(section: dict[str, Any]) -> dict[str, Any]:

@@ -41,10 +41,10 @@ class LoggedIO(sl.SavegameIO):
 
     def __init__(self, log: Path, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.log = log
+        self.log_file = log
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        with open(self.log, "a") as f:
+        with open(self.log_file, "a") as f:
             f.write(f"{os.environ.get('LOCAL_RANK', '0')} {os.path.basename(path)}\n")
         super().save_checkpoint(checkpoint, path, storage_options)
 
@@ -54,11 +54,11 @@ class CheckRestored(pl.Callback):
 
     def __init__(self, ckpt: str, log: Path) -> None:
         self.expected = savegame.load(ckpt)["state_dict"]
-        self.log = log
+        self.log_file = log
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         same = all(torch.equal(v, self.expected[k]) for k, v in module.state_dict().items())
-        with open(self.log, "a") as f:
+        with open(self.log_file, "a") as f:
             f.write(f"{trainer.global_rank} step={trainer.global_step} restored={same}\n")
 
 

@@ -80,6 +80,7 @@ def test_model_checkpoint_options_write_savegame_checkpoints(tmp_path: Path) -> 
                 "pytorch-lightning_version", sl.RNG_ITEM} <= set(manifest.items)  # fmt: skip
     last = savegame.load(tmp_path / "ckpts" / "last.ckpt")
     assert last["global_step"] == t.global_step == 12 and last["epoch"] == 2
+    assert savegame.read_manifest(tmp_path / "ckpts" / "last.ckpt").progress == {"epoch": 2, "step": 12}  # savegame ls
     assert_identical(dict(last["state_dict"]), params(model))
     assert assert_no_pickle(tmp_path)
     assert not [n for n in os.listdir(tmp_path / "ckpts") if n.startswith(".")]  # no staging left
@@ -119,6 +120,18 @@ def test_save_top_k_keeps_the_best_across_a_resume(tmp_path: Path) -> None:
     assert os.path.basename(best) == "epoch=1-step=8.ckpt"
     checkpoint, _ = sl.read_checkpoint(best)
     assert checkpoint["epoch"] == 1
+
+
+def test_save_last_link_resumes_through_the_link(tmp_path: Path) -> None:
+    fit(tmp_path, epochs=1, save_last="link", save_top_k=-1)
+    last = tmp_path / "ckpts" / "last.ckpt"
+    assert last.is_symlink() and os.readlink(last) == "epoch=0-step=4.ckpt"
+    _, t = fit(tmp_path, epochs=2, ckpt_path="last", save_last="link", save_top_k=-1)
+    assert t.global_step == 8
+    # Lightning (with its own plugin too) adds last-v1.ckpt after a resume rather than moving the link
+    assert _ckpts(tmp_path) == ["epoch=0-step=4.ckpt", "epoch=1-step=8.ckpt", "last-v1.ckpt", "last.ckpt"]
+    for name in _ckpts(tmp_path):
+        savegame.verify(tmp_path / "ckpts" / name)
 
 
 # -- checkpoint dict contents ------------------------------------------------------------------------------
@@ -226,6 +239,13 @@ def test_remove_checkpoint_deletes_only_its_own_checkpoints(tmp_path: Path) -> N
     io.remove_checkpoint(tmp_path / "a.ckpt")
     io.remove_checkpoint(tmp_path / "gone.ckpt")  # nothing there: nothing to do, as Lightning's own plugin
     assert sorted(os.listdir(tmp_path)) == ["folder.ckpt", "user.ckpt"]
+    io.save_checkpoint({"epoch": 1, "state_dict": {"w": torch.ones(2)}}, tmp_path / "damaged.ckpt")
+    manifest = tmp_path / "damaged.ckpt" / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes().replace(b'"epoch"', b'"epocH"', 1))
+    with pytest.warns(UserWarning, match="damaged.*moved aside"):
+        io.remove_checkpoint(tmp_path / "damaged.ckpt")  # a damaged one is kept aside, not deleted
+    (moved,) = [n for n in os.listdir(tmp_path) if "damaged" in n]
+    assert moved.startswith(".") and {"manifest.json", "state_dict.safetensors"} <= set(os.listdir(tmp_path / moved))
 
 
 def test_a_flipped_byte_in_the_newest_checkpoint_fails_clearly(tmp_path: Path) -> None:
@@ -337,9 +357,9 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 @pytest.mark.subprocess
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("background", [False, True], ids=["sync", "background"])
-def test_sigkill_mid_training_then_resume_is_bit_identical(tmp_path: Path, background: bool) -> None:
-    flag = ["--background"] if background else []
+def test_sigkill_mid_training_then_resume_is_bit_identical(tmp_path: Path) -> None:
+    """Background saves (the sync path is killed and resumed by the example, and resumed in-process above)."""
+    flag = ["--background"]
     done = run_script(str(tmp_path / "straight"), "--epochs", "4", "--out", str(tmp_path / "straight.out"))
     assert done.returncode == 0, done.stderr[-3000:]
     killed = run_script(str(tmp_path / "run"), "--epochs", "4", "--kill-at-step", "10", *flag)
