@@ -252,12 +252,19 @@ def _fallback_hint(path: Any) -> str:
         return "pass an older checkpoint as ckpt_path"
     storage, name = locate(where)
     others = [n for n in storage.committed() if n != name]
-    others.sort(key=lambda n: os.path.getmtime(storage.path(n)), reverse=True)
+    others.sort(key=lambda n: _mtime(storage.path(n)), reverse=True)
     if not others:
         return "no other checkpoint is in that directory"
     listed = ", ".join(others[:5])
     return f"nothing was restored; other checkpoints in {storage.root} (newest first, not verified): {listed}; " \
            "pass one of them as ckpt_path"  # fmt: skip
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.path.getmtime(path)
+    except OSError:  # deleted meanwhile: last
+        return 0.0
 
 
 def load_from_checkpoint(
