@@ -49,7 +49,7 @@ LAYERS: dict[str, str] = {
     "savegame.config": "config",
     # the framework integrations: each a thin public module, imported only by its users
     "savegame.keras": "integrations", "savegame.accelerate": "integrations", "savegame.transformers": "integrations",
-    "savegame.ray": "integrations",
+    "savegame.ray": "integrations", "savegame.lightning": "integrations", "savegame.plain_values": "integrations",
     "savegame.importers": "integrations",  # checkpoints of other tools in (savegame.convert, `savegame import`)
     "savegame.cli": "cli",
     "savegame": "package",
@@ -66,6 +66,7 @@ KNOWN_UPWARD: set[tuple[str, str]] = {
 FRAMEWORK_MODULES = (
     "savegame.adapters", "savegame.data", "savegame.distributed", "savegame.keras", "savegame.accelerate",
     "savegame.transformers", "savegame.importers", "savegame.ray",
+    "savegame.lightning",
 )  # fmt: skip
 """Framework code by nature, allowed to import torch / keras at module level and probe ``sys.modules``:
 the adapters, the torch data samplers (``savegame.data``), torch DCP and ``torch.distributed``

@@ -149,6 +149,7 @@ class IntegrationMismatchError(CheckpointError):
     """A savegame checkpoint written by another integration (or by plain ``savegame.save``) was given to
     an integration that cannot restore it; the message names the writer and the function that reads it."""
 
+
 class SourceFormatError(CheckpointError, ValueError):
     """``savegame.convert`` / ``savegame import``: the source cannot be imported (see the subclasses)."""
 
