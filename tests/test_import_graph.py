@@ -50,6 +50,7 @@ LAYERS: dict[str, str] = {
     # adapters: the only place that knows a framework (data loaders included)
     "savegame.adapters": "adapters", "savegame.adapters.rng": "adapters", "savegame.adapters.torch": "adapters",
     "savegame.adapters.keras": "adapters", "savegame.adapters.report": "adapters", "savegame.data": "adapters",
+    "savegame.adapters.dataloader": "adapters",
     # engine: capture, encode + the write loop, background snapshots
     "savegame.capture": "engine", "savegame.writer": "engine", "savegame.background": "engine",
     "savegame.verifier": "engine", "savegame.write_loop": "engine",

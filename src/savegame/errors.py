@@ -27,6 +27,7 @@ __all__ = [
     "MissingFileError",
     "NotACheckpointError",
     "OccupiedPathError",
+    "ResumeWarning",
     "StateMismatchError",
     "StorageError",
     "TruncatedFileError",
@@ -123,3 +124,9 @@ class BackgroundSaveError(CheckpointError):
 
 class ConfigError(CheckpointError, ValueError):
     """A configuration value (parameter file, command line, constructor option) is invalid."""
+
+
+class ResumeWarning(UserWarning):
+    """A checkpoint could not be used for resuming (it was quarantined) or resuming was partial (an
+    item absent, a data loader whose position cannot be restored exactly). A warning, not an error:
+    training goes on. Defined here, the lowest layer, so that the adapters can raise it too."""
