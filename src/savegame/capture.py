@@ -67,8 +67,6 @@ def live_object_hook(obj: object, path: Path, enc: Encoder) -> dict[str, Any] | 
 
         node: dict[str, Any] = enc.encode(capture_module(obj), path)
         return node
-    if torch is not None:
-        _refuse_plain_loader(obj, path)
     gen = capture_generator(obj)
     if gen is not None:
         node = enc.encode(gen, path)
@@ -82,6 +80,8 @@ def live_object_hook(obj: object, path: Path, enc: Encoder) -> dict[str, Any] | 
             raise UnsupportedTypeError(f"{format_path(path)}: state_dict() returned the object itself")
         node = enc.encode(state, path)
         return node
+    if torch is not None:
+        _refuse_plain_loader(obj, path)
     return None
 
 

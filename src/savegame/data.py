@@ -10,7 +10,9 @@ starting with the first batch it had not trained on yet. Two ways:
   0 or more, ``persistent_workers``: a mid-epoch resume continues at the next batch the loop had not
   received, in the interrupted epoch's order, without loading the skipped batches, and later epochs
   match an uninterrupted run (see :mod:`savegame.adapters.dataloader` for how and for the limits).
-  torchdata's ``StatefulDataLoader`` needs no wrapper: it goes in the state as it is.
+  torchdata's ``StatefulDataLoader`` needs no wrapper: it goes in the state as it is (give it
+  ``generator=torch.Generator()``: its resumed iterator then draws its worker seed from that generator
+  rather than from the global one the loop's dropout uses; rule 4 below).
 * :class:`ResumableRandomSampler`: a sampler whose order is a pure function of ``(seed, epoch)``,
   independent of the global RNG; put it in the state (or wrap its loader, which then also counts
   what a prefetching loader has fetched but the loop has not received).

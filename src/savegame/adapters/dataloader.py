@@ -25,7 +25,8 @@ restore naming the state key: an ``IterableDataset`` (its position lives in the 
 restarts from its first batch), or a sampler savegame does not know (its order may depend on state
 savegame cannot see; the consumed batches are still skipped). Loaders that carry their own state,
 such as torchdata's ``StatefulDataLoader``, need no wrapper: put them in the state as they are
-(``resumable`` returns them unchanged).
+(``resumable`` returns them unchanged; give a ``StatefulDataLoader`` ``generator=torch.Generator()``,
+else its resumed iterator takes one draw from the global generator that an uninterrupted run did not).
 
 Limits: random draws made *inside* workers (augmentations) follow each worker's own generator, and a
 resumed iterator hands the batches to the workers in another rotation; seed such augmentations from
