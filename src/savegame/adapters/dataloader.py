@@ -264,8 +264,10 @@ def _rebuild(loader: DataLoader[Any], stream: _IndexStream) -> DataLoader[Any]:
         "timeout": loader.timeout, "worker_init_fn": loader.worker_init_fn,
         "multiprocessing_context": loader.multiprocessing_context, "generator": loader.generator,
         "prefetch_factor": loader.prefetch_factor, "persistent_workers": loader.persistent_workers,
-        "pin_memory_device": loader.pin_memory_device, "in_order": loader.in_order,
+        "pin_memory_device": loader.pin_memory_device,
     }  # fmt: skip
+    if hasattr(loader, "in_order"):  # torch >= 2.6
+        settings["in_order"] = loader.in_order
     if loader.batch_sampler is not None:
         return DataLoader(loader.dataset, batch_sampler=stream, **settings)
     return DataLoader(loader.dataset, sampler=stream, batch_size=None, **settings)
