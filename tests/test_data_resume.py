@@ -160,6 +160,26 @@ def test_resume_at_an_epoch_boundary_and_at_its_last_batch(tmp_path: Path) -> No
         assert before + after == expected, stop
 
 
+def test_a_restored_position_saved_again_before_iterating_is_kept(tmp_path: Path) -> None:
+    """A save right after a restore (a preemption before the first batch) keeps the restored position."""
+    make = VARIANTS["shuffle"]
+    expected = uninterrupted(make, size=30, epochs=2)
+    torch.manual_seed(11)
+    loader = resumable(make(Indices(30)))
+    with savegame.Checkpointer(tmp_path / "a") as ckpt:
+        before = loop(loader, epochs=range(2), stop=(0, 3), ckpt=ckpt, state={"loader": loader})
+        assert ckpt.latest is not None
+        path = ckpt.latest.path
+    torch.manual_seed(99)  # another process
+    restored = resumable(make(Indices(30)))
+    savegame.load(path, {"loader": restored, "rng": savegame.RNGState()})
+    savegame.save(tmp_path / "b", {"loader": restored, "rng": savegame.RNGState()})
+    again = resumable(make(Indices(30)))
+    torch.manual_seed(98)  # and another
+    savegame.load(tmp_path / "b", {"loader": again, "rng": savegame.RNGState()})
+    assert before + loop(again, epochs=range(2)) == expected
+
+
 def test_the_state_is_plain_and_the_position_counts_what_the_loop_received(tmp_path: Path) -> None:
     loader = resumable(DataLoader(Indices(30), batch_size=4, shuffle=True, num_workers=2))
     iterator = iter(loader)

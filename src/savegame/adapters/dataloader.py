@@ -177,6 +177,8 @@ class ResumableLoader:
         """Completed epochs, batches received in the current one, batches per epoch, and (mid-epoch)
         the generator and sampler states of the current epoch's first draw."""
         start = self._start if self.batches and self._start is not None else {}
+        if self._pending is not None:  # restored, not iterated yet: the restored position, unchanged
+            start = dict(self._pending.start)
         return {
             "version": _STATE_VERSION,
             "epochs_completed": self.epochs_completed,
