@@ -286,9 +286,9 @@ def test_known_samplers_do_not_warn(tmp_path: Path) -> None:
 
 def test_one_cycle_lr_resumed_mid_epoch_finishes_like_the_uninterrupted_run(tmp_path: Path) -> None:
     """The issue's crash: replaying the interrupted epoch from batch 0 stepped OneCycleLR past its
-    total (``Tried to step 126 times``); resumed at the next unseen batch, the run ends where an
-    uninterrupted one does, bit for bit."""
-    x = torch.randn(100, 3, generator=torch.Generator().manual_seed(0))
+    total (the issue's ``Tried to step 126 times``; here it would be 51 of 50); resumed at the next
+    unseen batch, the run ends where an uninterrupted one does, bit for bit."""
+    x = torch.randn(40, 3, generator=torch.Generator().manual_seed(0))
     y = x.sum(1, keepdim=True)
     epochs = 5
 
@@ -315,17 +315,17 @@ def test_one_cycle_lr_resumed_mid_epoch_finishes_like_the_uninterrupted_run(tmp_
             ckpt.step(state, epoch=epoch + 1, step=step)
 
     state, loader = build()
-    with savegame.Checkpointer(tmp_path / "straight", every_n_steps=20, keep_last=1) as ckpt:
+    with savegame.Checkpointer(tmp_path / "straight", every_n_steps=5, keep_last=1) as ckpt:
         train(state, loader, ckpt, 0, None)
     expected = {k: v.clone() for k, v in state["model"].state_dict().items()}
 
     state, loader = build()
-    with savegame.Checkpointer(tmp_path / "run", every_n_steps=20, keep_last=1) as ckpt:
-        train(state, loader, ckpt, 0, 60)  # 60 = epoch 2, batch 10 of 25: saved there, then "killed"
+    with savegame.Checkpointer(tmp_path / "run", every_n_steps=5, keep_last=1) as ckpt:
+        train(state, loader, ckpt, 0, 25)  # 25 = epoch 2, batch 5 of 10: saved there, then "killed"
     state, loader = build()
-    with savegame.Checkpointer(tmp_path / "run", every_n_steps=20, keep_last=1) as ckpt:
+    with savegame.Checkpointer(tmp_path / "run", every_n_steps=5, keep_last=1) as ckpt:
         restored = ckpt.restore(state)
-        assert restored is not None and (restored.epoch, restored.step) == (2, 60)
+        assert restored is not None and (restored.epoch, restored.step) == (2, 25)
         train(state, loader, ckpt, restored.epoch, None)
     assert state["scheduler"].last_epoch == epochs * len(loader)
     for key, value in state["model"].state_dict().items():

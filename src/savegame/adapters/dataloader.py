@@ -37,6 +37,7 @@ way). A checkpoint taken inside the loop's body counts the batch in hand as cons
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -249,14 +250,19 @@ class _IndexStream(Sampler[Any]):
     """The loader's index sampler seen through a :class:`ResumableLoader` (which can skip and replay it)."""
 
     def __init__(self, owner: ResumableLoader, loader: DataLoader[Any]) -> None:
-        self._owner = owner
+        # weak: no reference cycle, so a dropped wrapper's persistent workers stop at once, not at a later
+        # garbage collection (the stream is only iterated from the owner's __iter__, which holds the owner)
+        self._owner = weakref.ref(owner)
         self._sampler: Any = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
 
     def __len__(self) -> int:
         return len(self._sampler)
 
     def __iter__(self) -> Iterator[Any]:
-        return self._owner._indices(self._sampler)
+        owner = self._owner()
+        if owner is None:
+            raise RuntimeError("savegame.data.resumable: the wrapper of this index stream is gone")
+        return owner._indices(self._sampler)
 
 
 def _rebuild(loader: DataLoader[Any], stream: _IndexStream) -> DataLoader[Any]:
