@@ -419,3 +419,28 @@ def test_both_loaders_are_saved_and_restored_without_pickle(tmp_path: Path, monk
         savegame.load(tmp_path / "c", {"wrapped": fresh_wrapped, "stateful": fresh_stateful})
     assert fresh_wrapped.batches == 3 and len(expected) == 5
     assert [b.tolist() for b in fresh_stateful] == expected
+
+
+@pytest.mark.timeout(60)
+def test_a_dropped_wrapper_is_freed_at_once_and_stops_its_persistent_workers() -> None:
+    """No reference cycle through the persistent iterator's index stream: a wrapper left in the middle of
+    an epoch is freed when dropped (not at a later garbage collection, where stopping the workers waited
+    for their 5 s join timeouts), and its worker processes end."""
+    import gc
+    import weakref
+
+    loader = resumable(DataLoader(Indices(30), batch_size=4, shuffle=True, num_workers=2, persistent_workers=True))
+    for number, _ in enumerate(loader):
+        if number == 2:
+            break
+    workers = list(loader._inner._iterator._workers)
+    ref = weakref.ref(loader)
+    gc.disable()
+    try:
+        del loader
+        assert ref() is None
+    finally:
+        gc.enable()
+    for worker in workers:
+        worker.join(timeout=10)
+        assert not worker.is_alive()

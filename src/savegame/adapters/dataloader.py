@@ -158,21 +158,22 @@ class ResumableLoader:
         self.batches = 0
         self._start = None
 
-    def _indices(self, sampler: Any) -> Iterator[Any]:
-        """The index stream of one epoch (pulled by the loader's iterator, in the main process)."""
+    def _start_epoch(self, sampler: Any) -> Iterator[Any]:
+        """The index stream of one epoch, at its first pull (by the loader's iterator, in the main
+        process): a restored epoch's draw replayed and its consumed batches skipped, the snapshot taken."""
         replay, self._replay = self._replay, None
         before = None
         if replay is not None:
             before = torch.get_rng_state()
             _put_back(self.loader, replay.start)
         self._start = _snapshot(self.loader)
-        indices = iter(sampler)
+        indices: Iterator[Any] = iter(sampler)
         if replay is not None and before is not None:
             for _ in range(replay.batches):  # indices only: nothing is loaded
                 if next(indices, _END) is _END:
                     break
             torch.set_rng_state(before)
-        yield from indices
+        return indices
 
     def state_dict(self) -> dict[str, Any]:
         """Completed epochs, batches received in the current one, batches per epoch, and (mid-epoch)
@@ -259,10 +260,20 @@ class _IndexStream(Sampler[Any]):
         return len(self._sampler)
 
     def __iter__(self) -> Iterator[Any]:
-        owner = self._owner()
-        if owner is None:
-            raise RuntimeError("savegame.data.resumable: the wrapper of this index stream is gone")
-        return owner._indices(self._sampler)
+        return _lazy_indices(self._owner, self._sampler)
+
+
+def _lazy_indices(owner_ref: weakref.ref[ResumableLoader], sampler: Any) -> Iterator[Any]:
+    """The epoch's indices, started at the first pull (when the sampler draws its order, as unwrapped).
+
+    Holds the wrapper only while starting: a persistent iterator keeps this generator, and a strong
+    reference would make a cycle whose collection stops the workers late and slowly."""
+    owner = owner_ref()
+    if owner is None:
+        return
+    indices = owner._start_epoch(sampler)
+    del owner
+    yield from indices
 
 
 def _rebuild(loader: DataLoader[Any], stream: _IndexStream) -> DataLoader[Any]:
