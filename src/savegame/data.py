@@ -1,30 +1,47 @@
-"""Resumable data order: a shuffling sampler whose position in the data stream is part of the checkpoint.
+"""Resumable data order: the position in the data stream is part of the checkpoint.
 
 Restoring the model, the optimizer and the RNGs is not enough to continue a run *exactly*: a run
 interrupted in the middle of an epoch must also continue with the same batches, in the same order,
-starting with the first batch it had not trained on yet. :class:`ResumableRandomSampler` does that for
-the common ``DataLoader(dataset, sampler=..., batch_size=...)`` case: it is a ``Stateful`` (put it in
-the checkpoint state next to the model) whose ``state_dict`` records the epoch, the number of indices
-already handed out in that epoch and the seed; the order of each epoch is a pure function of
-``(seed, epoch)``, so after ``load_state_dict`` the sampler recomputes the permutation and skips what
-was consumed.
+starting with the first batch it had not trained on yet. Two ways:
+
+* :func:`resumable` (the usual one): wrap any plain ``torch.utils.data.DataLoader`` once,
+  ``loader = savegame.data.resumable(loader)``, and put the wrapper in the state
+  (``state["loader"] = loader``). Shuffled or not, ``drop_last``, a ``BatchSampler``, ``num_workers``
+  0 or more, ``persistent_workers``: a mid-epoch resume continues at the next batch the loop had not
+  received, in the interrupted epoch's order, without loading the skipped batches, and later epochs
+  match an uninterrupted run (see :mod:`savegame.adapters.dataloader` for how and for the limits).
+  torchdata's ``StatefulDataLoader`` needs no wrapper: it goes in the state as it is (give it
+  ``generator=torch.Generator()``: its resumed iterator then draws its worker seed from that generator
+  rather than from the global one the loop's dropout uses; rule 4 below).
+* :class:`ResumableRandomSampler`: a sampler whose order is a pure function of ``(seed, epoch)``,
+  independent of the global RNG; put it in the state (or wrap its loader, which then also counts
+  what a prefetching loader has fetched but the loop has not received).
 
 Typical loop (``epoch`` counts completed epochs, as everywhere in savegame)::
+
+    loader = savegame.data.resumable(DataLoader(train_set, batch_size=32, shuffle=True, num_workers=2))
+    state = {"model": model, "optimizer": opt, "loader": loader}
+    restored = ckpt.restore(state)
+    start, step = (restored.epoch or 0, restored.step or 0) if restored else (0, 0)
+    for epoch in range(start, num_epochs):
+        for x, y in loader:                 # resumes mid-epoch after the last batch the loop received
+            ...; step += 1
+            ckpt.step(state, epoch=epoch, step=step, epoch_end=False)
+        ckpt.step(state, epoch=epoch + 1, step=step, metrics=...)
+
+The same loop with the sampler instead of the wrapper::
 
     sampler = ResumableRandomSampler(train_set, seed=0)
     loader = DataLoader(train_set, batch_size=32, sampler=sampler,
                         generator=torch.Generator())        # see rule 4 below
     state = {"model": model, "optimizer": opt, "sampler": sampler}
-    restored = ckpt.restore(state)
-    start, step = (restored.epoch or 0, restored.step or 0) if restored else (0, 0)
+    ...
     for epoch in range(start, num_epochs):
         sampler.set_epoch(epoch)            # keeps the restored position if it is the same epoch
-        for x, y in loader:                 # resumes mid-epoch after the last consumed batch
-            ...; step += 1
-            ckpt.step(state, epoch=epoch, step=step, epoch_end=False)
-        ckpt.step(state, epoch=epoch + 1, step=step, metrics=...)
+        for x, y in loader:
+            ...
 
-What a custom pipeline must do to resume exactly (the sampler does 2 and 3 for you):
+What a custom pipeline must do to resume exactly (:func:`resumable` does 2 to 5 for you):
 
 1. **Every source of randomness is in the state.** :class:`savegame.RNGState` covers the global
    Python, NumPy and torch (CPU and CUDA) generators; a ``torch.Generator`` or
@@ -57,9 +74,10 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
+from savegame.adapters.dataloader import ResumableLoader, resumable
 from savegame.errors import ConfigError, StateMismatchError
 
-__all__ = ["ResumableRandomSampler"]
+__all__ = ["ResumableLoader", "ResumableRandomSampler", "resumable"]
 
 _STATE_VERSION = 1
 

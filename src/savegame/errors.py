@@ -31,6 +31,7 @@ __all__ = [
     "MissingFileError",
     "NotACheckpointError",
     "OccupiedPathError",
+    "ResumeWarning",
     "SourceFormatError",
     "StateMismatchError",
     "StorageError",
@@ -170,3 +171,8 @@ class UnsafePickleError(SourceFormatError):
     def __init__(self, message: str, globals_: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.globals = globals_
+
+class ResumeWarning(UserWarning):
+    """A checkpoint could not be used for resuming (it was quarantined) or resuming was partial (an
+    item absent, a data loader whose position cannot be restored exactly). A warning, not an error:
+    training goes on. Defined here, the lowest layer, so that the adapters can raise it too."""

@@ -25,7 +25,10 @@ from savegame.format.tree import Encoder, Path, contains, format_path
 
 @runtime_checkable
 class Stateful(Protocol):
-    """Anything with ``state_dict()`` and ``load_state_dict(state)`` can be saved and restored."""
+    """Anything with ``state_dict()`` and ``load_state_dict(state)`` can be saved and restored.
+
+    ``load_state_dict`` may also take a keyword ``strict`` (passed through) and a keyword-only ``where``
+    (the item's path in the state, e.g. ``"loader"``, for its messages)."""
 
     def state_dict(self) -> Mapping[str, Any]: ...
 
@@ -77,7 +80,18 @@ def live_object_hook(obj: object, path: Path, enc: Encoder) -> dict[str, Any] | 
             raise UnsupportedTypeError(f"{format_path(path)}: state_dict() returned the object itself")
         node = enc.encode(state, path)
         return node
+    if torch is not None:
+        _refuse_plain_loader(obj, path)
     return None
+
+
+def _refuse_plain_loader(obj: object, path: Path) -> None:
+    """A plain torch DataLoader cannot be saved: say how to make its position part of the state."""
+    from savegame.adapters.dataloader import plain_loader_message
+
+    message = plain_loader_message(obj)
+    if message is not None:
+        raise UnsupportedTypeError(f"{format_path(path)}: {message}")
 
 
 Updates = list[tuple[Any, Any, Any]]
@@ -197,8 +211,9 @@ def _restore(
     if _is_stateful(target) and not isinstance(target, (dict, list, tuple)):
         load: Callable[..., Any] = target.load_state_dict  # type: ignore[attr-defined]
         takes_strict = _accepts_strict(load)
+        named = {"where": where} if _accepts_keyword_only(load, "where") else {}
         try:
-            result = load(state, strict=strict) if takes_strict else load(state)
+            result = load(state, strict=strict, **named) if takes_strict else load(state, **named)
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise StateMismatchError(f"{where}: load_state_dict failed: {exc}") from exc
         if takes_strict:
@@ -287,6 +302,16 @@ def _accepts_strict(load: Callable[..., Any]) -> bool:
         return False
     param = parameters.get("strict")
     return param is not None and param.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def _accepts_keyword_only(load: Callable[..., Any], name: str) -> bool:
+    """Whether ``load_state_dict`` takes the keyword-only parameter ``name`` (``where``: the item's path,
+    which :class:`savegame.data.ResumableLoader` names in its warning)."""
+    try:
+        param = inspect.signature(load).parameters.get(name)
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.kind is inspect.Parameter.KEYWORD_ONLY
 
 
 def _merge_report(result: object, where: str, report: LoadReport) -> None:

@@ -33,6 +33,7 @@ from savegame.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     NotACheckpointError,
+    ResumeWarning,
     StateMismatchError,
     StorageError,
 )
@@ -64,10 +65,6 @@ DISTRIBUTED_ITEM = "savegame.distributed"
 """The layout item of checkpoints written by several ranks (see :mod:`savegame.distributed`)."""
 _MAX_RESUME_ROUNDS = 1000
 """Re-listings ``restore`` makes while retention deletes the checkpoints it was about to read."""
-
-
-class ResumeWarning(UserWarning):
-    """A checkpoint could not be used for resuming (it was quarantined) or resuming was partial."""
 
 
 def fetch_from_mirror(ckpt: Checkpointer) -> None:
