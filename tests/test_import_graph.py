@@ -65,11 +65,14 @@ LAYERS: dict[str, str] = {
     "savegame.saving": "run", "savegame.retention": "run",
     "savegame.preemption": "run", "savegame.run_checks": "run", "savegame.coordination": "run",
     "savegame.lock": "run",
+    "savegame.run_events": "run", "savegame.save_timing": "run",
     "savegame.signals": "run",
     "savegame.config": "config",
     "savegame.keras": "integrations",
+    "savegame.events": "integrations",
     "savegame.cli": "cli", "savegame.cli_common": "cli", "savegame.cli_diff": "cli", "savegame.cli_manage": "cli",
     "savegame.cli_output": "cli", "savegame.cli_read": "cli", "savegame.cli_scan": "cli", "savegame.plot": "cli",
+    "savegame.cli_stats": "cli",
     "savegame.demo": "cli",
     "savegame": "package",
 }  # fmt: skip
@@ -82,10 +85,12 @@ KNOWN_UPWARD: set[tuple[str, str]] = {
 }
 """Imports from a lower layer into a higher one that the flat layout still has. Only shrinks."""
 
-FRAMEWORK_MODULES = ("savegame.adapters", "savegame.data", "savegame.dcp", "savegame.distributed", "savegame.keras")
+FRAMEWORK_MODULES = ("savegame.adapters", "savegame.data", "savegame.dcp", "savegame.distributed", "savegame.keras",
+                     "savegame.events")  # fmt: skip
 """Framework code by nature, allowed to import torch / keras at module level and probe ``sys.modules``:
 the adapters, the torch data samplers (``savegame.data``), torch DCP and ``torch.distributed``
-support, and the Keras integration. Every other module asks ``savegame.adapters``."""
+support, the Keras integration and the event loggers (TensorBoard's writer is ``torch.utils.tensorboard``).
+Every other module asks ``savegame.adapters``."""
 
 KNOWN_FUNCTION_LEVEL_TORCH: set[str] = {
     # Lazy ``import torch`` inside functions of core modules (torch memory for aligned reads, CUDA

@@ -45,7 +45,7 @@ import os
 import string
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import keras
@@ -66,6 +66,7 @@ from .errors import CheckpointNotFoundError, ConfigError, NotACheckpointError, S
 from .lock import ProcessShare
 from .naming import validate_name
 from .policies import KeepPolicy, Never, is_better, resolve_mode
+from .run_events import EventDispatcher
 from .run_index import RunIndex
 
 __all__ = [
@@ -628,6 +629,8 @@ class ModelCheckpoint(_SavegameCallback):
     Messages contain Keras's own phrases (``Unrecognized save_freq``...) and the errors are
     :class:`ConfigError`, a ``ValueError`` as Keras raises. ``best`` holds the best
     value so far, as in Keras; ``checkpointer`` the underlying :class:`savegame.checkpointer.Checkpointer`.
+    ``callbacks`` (savegame event callbacks such as :class:`savegame.events.TensorBoardLogger`, not Keras
+    callbacks) and ``quiet`` are passed on to it.
     """
 
     def __init__(
@@ -649,8 +652,11 @@ class ModelCheckpoint(_SavegameCallback):
         metadata: Mapping[str, Any] | None = None,
         strict_monitor: bool = False,
         every_n_epochs: int = 1,
+        callbacks: Iterable[object] | None = None,
+        quiet: bool = False,
     ) -> None:
         super().__init__()
+        self._events = _event_kwargs(callbacks, quiet)
         self.strict_monitor = bool(strict_monitor)
         self.filepath = os.fspath(filepath)
         if mode not in ("auto", "min", "max"):
@@ -867,13 +873,13 @@ class ModelCheckpoint(_SavegameCallback):
                 self.checkpointer = Checkpointer(
                     self.template.root, save=Never(), keep=keep, monitor=tracking, mode=mode,
                     threshold=self.initial_value_threshold if ranked else None,
-                    rng=False, verify=self.verify, metadata=metadata, lock=False,
+                    rng=False, verify=self.verify, metadata=metadata, lock=False, **self._events,
                 )  # fmt: skip
             except ConfigError:
                 # mode could not be guessed from the name: track nothing rather than guess wrong
                 self.checkpointer = Checkpointer(
                     self.template.root, save=Never(), keep=keep, rng=False, verify=self.verify, metadata=metadata,
-                    lock=False,
+                    lock=False, **self._events,
                 )
         return self.checkpointer
 
@@ -962,6 +968,12 @@ class ModelCheckpoint(_SavegameCallback):
         self.last_saved = result.path
 
 
+def _event_kwargs(callbacks: Iterable[object] | None, quiet: bool) -> dict[str, Any]:
+    """The ``callbacks=`` / ``quiet=`` passed through to the :class:`Checkpointer` (checked now, not when
+    ``fit`` builds it): savegame event callbacks (:mod:`savegame.events`), not Keras callbacks."""
+    return {"callbacks": EventDispatcher.of(callbacks).callbacks, "quiet": bool(quiet)}
+
+
 def _check_every_n_epochs(every: object, *, save_freq: SaveFreq, save_best_only: bool) -> int:
     """``every_n_epochs`` validated: an integer >= 0, only with ``save_freq="epoch"``, not with
     ``save_best_only`` (which saves every improvement and nothing else)."""
@@ -1003,7 +1015,8 @@ class BackupAndRestore(_SavegameCallback):
 
     ``double_checkpoint``: keep the two newest backups instead of one. ``delete_checkpoint``: remove
     ``backup_dir`` when ``fit`` completes (Keras's default, True). ``save_freq=False`` disables saving
-    (restore only). ``verify``: check hashes before restoring.
+    (restore only). ``verify``: check hashes before restoring. ``callbacks`` (savegame event callbacks,
+    :mod:`savegame.events`) and ``quiet`` are passed on to the underlying Checkpointer.
     """
 
     def __init__(
@@ -1015,6 +1028,8 @@ class BackupAndRestore(_SavegameCallback):
         *,
         verify: bool = True,
         verbose: int = 0,
+        callbacks: Iterable[object] | None = None,
+        quiet: bool = False,
     ) -> None:
         super().__init__()
         if not backup_dir:
@@ -1037,6 +1052,7 @@ class BackupAndRestore(_SavegameCallback):
         self.checkpointer = Checkpointer(
             self.backup_dir, save=Never(), keep_last=2 if double_checkpoint else 1, rng=False, verify=verify,
             metadata={"keras": {"backend": keras.backend.backend(), "backup": True}}, lock=False,
+            **_event_kwargs(callbacks, quiet),
         )  # fmt: skip
         self._batches_seen_since_last_saving = 0
         self._last_batch_seen = 0
