@@ -22,7 +22,10 @@ up to its newest commit, summed over the run's sessions: a resumed session start
 time recorded up to the checkpoint it resumed from, so time the run was down (between a crash and its
 resume) and the work lost after the last commit of a crashed session are not counted. The **stall
 time** is the sum of every save's blocking time over the run; their ratio is the share of training
-time spent blocked in saves.
+time spent blocked in saves. Each save's ``stalled`` adds the exact blocking time of the session's
+earlier saves (what the save call returned as ``SaveResult.seconds``); the newest save of a session
+counts with what its own manifest records (a synchronous one up to its manifest: its commit's last
+fsync and the retention after it are left out, the next save of the session would have counted them).
 """
 
 from __future__ import annotations
