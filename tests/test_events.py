@@ -354,6 +354,7 @@ def _assert_logged(logged: dict[str, list[tuple[int, float]]], expected: dict[st
         assert [v for _, v in logged[key]] == pytest.approx([v for _, v in points], rel=rel), key
 
 
+@pytest.mark.slow
 def test_tensorboard_logger(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -367,6 +368,7 @@ def test_tensorboard_logger(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_mlflow_logger_with_a_local_file_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store behind a flag
     from mlflow.tracking import MlflowClient
@@ -431,6 +433,7 @@ def _wandb_history(run_dir: str) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # wandb.init starts the wandb-core process
 def test_wandb_logger_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import wandb
 

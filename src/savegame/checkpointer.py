@@ -693,6 +693,9 @@ class Checkpointer:
         is None is a placeholder: it gets the saved value, and stays None if the checkpoint has none, with
         no error). ``map_location``: as for
         :func:`savegame.load`.
+
+        A restore says so: ``on_restored`` of the ``callbacks``, an INFO log line and, unless ``quiet``,
+        one line on stderr (``savegame: resumed from NAME (epoch 3, step 1200)``, rank 0 only).
         """
         started = time.perf_counter()
         restored = self._restore(state, which, strict=strict, map_location=map_location)
