@@ -16,6 +16,7 @@ CONSTRUCTOR_KEYWORDS = (
     "skip_first_epochs", "keep_last", "keep_best", "name", "weights_only", "rng", "background", "restart",
     "verify", "max_epochs", "metadata", "clock", "wall_clock", "storage_options", "mirror", "mirror_options",
     "lock", "save_on_signal", "signal_action", "signal_exit_code", "group", "per_rank",
+    "callbacks", "quiet",
 )  # fmt: skip
 
 

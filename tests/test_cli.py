@@ -237,7 +237,8 @@ def test_ls_table_and_json(torch_run: Path) -> None:
                                      ["ls", str(torch_run), "--verify", "--json"]])  # fmt: skip
     assert table.returncode == 0 and table.stderr == ""
     header, *rows, summary = table.stdout.strip().splitlines()
-    assert header.split() == ["name", "epoch", "step", "val_loss", "val_mae", "mark", "size", "age", "status"]
+    assert header.split() == ["name", "epoch", "step", "val_loss", "val_mae", "mark", "size", "blocked", "durable",
+                              "age", "status"]  # fmt: skip
     assert len(rows) == 3
     assert [r.split()[0] for r in rows] == ["epoch=004-step=000032", "epoch=005-step=000040", "epoch=006-step=000048"]
     assert "best" in rows[0] and "latest" in rows[2] and all("unverified" in r and "KiB" in r for r in rows)
@@ -252,7 +253,8 @@ def test_ls_table_and_json(torch_run: Path) -> None:
     assert info["best"] == "epoch=004-step=000032" and info["latest"] == "epoch=006-step=000048"
     types = {"name": str, "path": str, "sequence": int, "epoch": int, "step": int, "metrics": dict, "created": str,
              "age_seconds": float, "size": int, "files": int, "is_best": bool, "is_latest": bool, "pinned": bool,
-             "weights_only": bool, "status": str, "run": str}  # fmt: skip
+             "weights_only": bool, "status": str, "run": str, "blocking_seconds": float,
+             "durable_seconds": float}  # fmt: skip
     for entry in info["checkpoints"]:
         assert set(entry) == set(types) | {"problem"}
         for key, kind in types.items():

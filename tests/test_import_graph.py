@@ -50,6 +50,7 @@ LAYERS: dict[str, str] = {
     # the framework integrations: each a thin public module, imported only by its users
     "savegame.keras": "integrations", "savegame.accelerate": "integrations", "savegame.transformers": "integrations",
     "savegame.ray": "integrations", "savegame.lightning": "integrations", "savegame.plain_values": "integrations",
+    "savegame.events": "integrations",  # the public event protocol and the TensorBoard / MLflow / W&B loggers
     "savegame.importers": "integrations",  # checkpoints of other tools in (savegame.convert, `savegame import`)
     "savegame.cli": "cli",
     "savegame": "package",
@@ -66,11 +67,12 @@ KNOWN_UPWARD: set[tuple[str, str]] = {
 FRAMEWORK_MODULES = (
     "savegame.adapters", "savegame.data", "savegame.distributed", "savegame.keras", "savegame.accelerate",
     "savegame.transformers", "savegame.importers", "savegame.ray",
-    "savegame.lightning",
+    "savegame.lightning", "savegame.events",
 )  # fmt: skip
 """Framework code by nature, allowed to import torch / keras at module level and probe ``sys.modules``:
 the adapters, the torch data samplers (``savegame.data``), torch DCP and ``torch.distributed``
-support, and the framework integrations (Keras, accelerate). Every other module asks ``savegame.adapters``."""
+support, the framework integrations and the event loggers (TensorBoard's writer is
+``torch.utils.tensorboard``). Every other module asks ``savegame.adapters``."""
 
 KNOWN_FUNCTION_LEVEL_TORCH: set[str] = {
     # Lazy ``import torch`` inside functions of core modules (torch memory for aligned reads, CUDA

@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 savegame ls runs/exp                              # table of checkpoints: epoch, metrics, best, size, status
 savegame inspect runs/exp/best                    # tensors, values, metadata of the best checkpoint
 savegame verify runs/exp                          # check every hash; exit 1 naming anything corrupt
+savegame stats runs/exp                           # share of training time blocked in saves, work at risk
 savegame diff runs/exp/epoch=003 runs/exp/latest  # what changed
 savegame prune runs/exp --keep-last 3 --keep-best 1 --dry-run
 savegame export runs/exp/best --item model --to model.safetensors
@@ -144,6 +145,22 @@ savegame ls runs/exp --json | jq '.checkpoints[] | select(.is_best) | .path'
     p.add_argument("--metrics", metavar="A,B", help="metric columns to show (default: all, monitored first, up to 6)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func="read:cmd_ls")
+
+    p = _add(sub, "stats", "how long saves blocked training, and the work at risk",
+             "Per training run of ROOT: its training time, how long its saves blocked training (the stall) and\n"
+             "that stall as a share of the training time; then the work at risk: the time since the newest\n"
+             "durable checkpoint was committed. From the timings every checkpoint's manifest records.\n"
+             "Training time: the wall-clock time the run's Checkpointers were open, up to the run's newest\n"
+             "commit, summed over restarts (downtime between a crash and the resume is not counted).\n"
+             "Stall: the blocking seconds of all the run's saves, also those retention deleted since.\n"
+             "Nothing is written.",
+             """
+savegame stats runs/exp
+savegame stats runs/exp --json | jq '.runs[-1].stall_share'
+""", "Checkpoints written before savegame recorded timings show '-' (null in JSON).")  # fmt: skip
+    p.add_argument("root", metavar="ROOT", help="directory of checkpoints (what the Checkpointer writes into)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func="stats:cmd_stats")
 
     p = _add(sub, "inspect", "show what a checkpoint holds",
              "Show a checkpoint: items, tensors (path, dtype, shape, bytes), values that are not tensors,\n"

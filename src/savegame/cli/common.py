@@ -153,6 +153,22 @@ def human_age(seconds: float) -> str:
     return f"{int(s)}s"
 
 
+def human_seconds(seconds: float | None) -> str:
+    """A duration for a table: ``0.012s``, ``3.41s``, ``12.3s``, ``5m 02s``, ``3h 04m`` (``-`` when unknown)."""
+    if seconds is None:
+        return "-"
+    s = max(0.0, seconds)
+    if s < 1:
+        return f"{s:.3f}s"
+    if s < 10:
+        return f"{s:.2f}s"
+    if s < 60:
+        return f"{s:.1f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m {int(s % 60):02d}s"
+    return f"{int(s // 3600)}h {int(s % 3600 // 60):02d}m"
+
+
 def format_metric(value: float | None) -> str:
     """A metric value in at most 5 significant digits (``-`` when absent)."""
     if value is None:

@@ -18,6 +18,7 @@ from savegame.cli.common import (
     format_metric,
     format_value,
     human_age,
+    human_seconds,
     human_size,
     iso_time,
     jsonable,
@@ -103,11 +104,13 @@ def cmd_ls(args: argparse.Namespace, ctx: Context) -> int:
     st = ctx.style
     now = time.time()
     runs = len({e.run for e in scan.entries if e.manifest is not None}) > 1  # a run column tells them apart
-    header = ["name", "epoch", "step", *metrics, "mark", "size", "age", "status", *(["run"] if runs else [])]
+    header = ["name", "epoch", "step", *metrics, "mark", "size", "blocked", "durable", "age", "status",
+              *(["run"] if runs else [])]  # fmt: skip
     rows: list[list[Cell]] = []
     for e in listed:
         marks = " ".join(m for m, on in (("best", e.is_best), ("latest", e.is_latest), ("pinned", e.pinned)) if on)
         created = e.created
+        timing = e.timing
         rows.append([
             (e.name, (lambda s: st.paint(s, "bold")) if e.is_best else str),
             "-" if e.epoch is None else str(e.epoch),
@@ -115,11 +118,13 @@ def cmd_ls(args: argparse.Namespace, ctx: Context) -> int:
             *[format_metric(e.metrics.get(m)) for m in metrics],
             (marks, lambda s: st.paint(s, "cyan")),
             human_size(e.size) if e.manifest is not None else "-",
+            human_seconds(timing.blocked if timing is not None else None),
+            human_seconds(timing.durable if timing is not None else None),
             human_age(now - created.timestamp()) if created is not None else "-",
             (e.status, st.status),
             *([e.run or "-"] if runs else []),
         ])  # fmt: skip
-    right = {1, 2, *range(3, 3 + len(metrics)), 4 + len(metrics), 5 + len(metrics)}
+    right = {1, 2, *range(3, 3 + len(metrics)), *range(4 + len(metrics), 8 + len(metrics))}
     ctx.print(render_table(header, rows, right=sorted(right), style=st))
     summary = [f"{len(scan.entries)} checkpoint{'s' if len(scan.entries) != 1 else ''}, "
                f"{human_size(sum(e.size for e in scan.entries))}"]  # fmt: skip

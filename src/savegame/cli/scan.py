@@ -26,6 +26,7 @@ from savegame.errors import CheckpointError, CheckpointNotFoundError, InvalidNam
 from savegame.format.manifest import Manifest
 from savegame.run.checkpointer import build_keep_policy
 from savegame.run.index import IndexEntry, RecordedBest, RunIndex, entry_from_manifest
+from savegame.run.timing import RecordedTiming, recorded_timing
 from savegame.storage import is_url
 from savegame.storage.base import MANIFEST, QUARANTINE_PREFIX, STAGING_PREFIX, TRASH_PREFIX
 from savegame.storage.local import LocalStorage
@@ -155,6 +156,13 @@ class Entry:
     def files(self) -> int:
         """Number of data files the manifest lists."""
         return len(self.manifest.files) if self.manifest is not None else 0
+
+    @property
+    def timing(self) -> RecordedTiming | None:
+        """How long the save took (:mod:`savegame.run.timing`); None for checkpoints that did not record it."""
+        if self.manifest is None:
+            return None
+        return recorded_timing(self.manifest.progress, self.manifest.created.timestamp())
 
     def order(self) -> tuple[int, float, str]:
         """The Checkpointer's sort key, oldest first."""
@@ -399,6 +407,7 @@ def verify_checkpoint(location: Any, *, progress: Callable[[int], None] | None =
 def entry_summary(entry: Entry) -> dict[str, Any]:
     """The JSON form of an entry (``savegame ls --json``)."""
     created = entry.created
+    timing = entry.timing
     return {
         "name": entry.name,
         "path": entry.path,
@@ -409,6 +418,8 @@ def entry_summary(entry: Entry) -> dict[str, Any]:
         "created": created,
         "age_seconds": round(time.time() - created.timestamp(), 3) if created is not None else None,
         "size": entry.size,
+        "blocking_seconds": round(timing.blocked, 6) if timing is not None else None,
+        "durable_seconds": round(timing.durable, 6) if timing is not None else None,
         "files": entry.files,
         "is_best": entry.is_best,
         "is_latest": entry.is_latest,

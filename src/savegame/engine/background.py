@@ -108,6 +108,8 @@ class PendingSave:
         """How long the caller was blocked (the snapshot)."""
         self._on_delivered = on_delivered
         self._delivered_once = False
+        self.finished_at: float | None = None
+        """``time.perf_counter()`` when the persist job returned (the commit was durable), or None."""
 
     @property
     def delivered(self) -> bool:
@@ -223,6 +225,7 @@ class BackgroundWriter:
                     self._unreported = (path, exc)
                 future.set_exception(exc)
             else:
+                pending.finished_at = time.perf_counter()
                 snapshot.release()
                 log.debug("background save of %s committed in %.3f s", path, time.perf_counter() - start)
                 future.set_result(result)

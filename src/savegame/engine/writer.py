@@ -203,7 +203,7 @@ def save_now(
 def save_in_background(
     writer: BackgroundWriter, storage: Storage, name: str, state: Mapping[str, Any], *,
     metadata: Mapping[str, Any] | None, progress: Mapping[str, Any] | None, overwrite: bool,
-    next_name: NextName | None = None,
+    next_name: NextName | None = None, stamp: Callable[[], Mapping[str, Any]] | None = None,
 ) -> PendingSave:
     """Snapshot ``state`` now (blocking only for the host copy), write and commit in the background.
 
@@ -211,6 +211,8 @@ def save_in_background(
     returned handle's ``result()`` gives the :class:`Manifest` once committed. ``next_name``
     (called in the writer thread): a name taken meanwhile is retried under the next one, as in a sync
     save (:func:`write_encoded`); the handle's ``path`` stays the name it was started with.
+    ``stamp``: called once the snapshot is taken, it gives the progress to record instead of
+    ``progress`` (which may then say how long the save blocked the caller).
     """
     writer.wait()
     with gc_paused():  # not while waiting above: only while this thread copies and encodes
@@ -218,7 +220,7 @@ def save_in_background(
         snapshot = Snapshot(writer.pool)
         try:
             items = encode_state(state, copy=True, allocate=snapshot.take)
-            extras = EncodedExtras.encode(metadata, progress)
+            extras = EncodedExtras.encode(metadata, progress if stamp is None else stamp())
         except BaseException:
             snapshot.release()
             raise

@@ -5,7 +5,7 @@ interrupted ``fit`` exactly (mid-epoch included) from savegame checkpoints.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import keras
@@ -13,6 +13,7 @@ import keras
 from savegame.errors import ConfigError
 from savegame.keras.callback import (
     SavegameCallback,
+    event_kwargs,
 )
 from savegame.keras.files import (
     FIT_ITEM,
@@ -39,7 +40,8 @@ class BackupAndRestore(SavegameCallback):
 
     ``double_checkpoint``: keep the two newest backups instead of one. ``delete_checkpoint``: remove
     ``backup_dir`` when ``fit`` completes (Keras's default, True). ``save_freq=False`` disables saving
-    (restore only). ``verify``: check hashes before restoring.
+    (restore only). ``verify``: check hashes before restoring. ``callbacks`` (savegame event callbacks,
+    :mod:`savegame.events`) and ``quiet`` are passed on to the underlying Checkpointer.
     """
 
     def __init__(
@@ -51,6 +53,8 @@ class BackupAndRestore(SavegameCallback):
         *,
         verify: bool = True,
         verbose: int = 0,
+        callbacks: Iterable[object] | None = None,
+        quiet: bool = False,
     ) -> None:
         super().__init__()
         if not backup_dir:
@@ -73,6 +77,7 @@ class BackupAndRestore(SavegameCallback):
         self.checkpointer = Checkpointer(
             self.backup_dir, save=Never(), keep_last=2 if double_checkpoint else 1, rng=False, verify=verify,
             metadata={"keras": {"backend": keras.backend.backend(), "backup": True}}, lock=False,
+            **event_kwargs(callbacks, quiet),
         )  # fmt: skip
         self._batches_seen_since_last_saving = 0
         self._last_batch_seen = 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import keras
@@ -27,6 +27,7 @@ from savegame.keras.template import (
     numeric_logs,
 )
 from savegame.run.checkpointer import Checkpointer, RestoredProgress
+from savegame.run.events import EventDispatcher
 from savegame.run.lock import ProcessShare
 
 # --------------------------------------------------------------------------------------------------
@@ -338,3 +339,7 @@ def _skip_batches(
         model.train_function = skipping
 
 
+def event_kwargs(callbacks: Iterable[object] | None, quiet: bool) -> dict[str, Any]:
+    """The ``callbacks=`` / ``quiet=`` passed through to the :class:`Checkpointer` (checked now, not when
+    ``fit`` builds it): savegame event callbacks (:mod:`savegame.events`), not Keras callbacks."""
+    return {"callbacks": EventDispatcher.of(callbacks).callbacks, "quiet": bool(quiet)}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import keras
@@ -21,6 +21,7 @@ from savegame.keras.backup import (
 )
 from savegame.keras.callback import (
     SavegameCallback,
+    event_kwargs,
     siblings,
 )
 from savegame.keras.files import (
@@ -80,6 +81,8 @@ class ModelCheckpoint(SavegameCallback):
     Messages contain Keras's own phrases (``Unrecognized save_freq``...) and the errors are
     :class:`ConfigError`, a ``ValueError`` as Keras raises. ``best`` holds the best
     value so far, as in Keras; ``checkpointer`` the underlying :class:`savegame.run.checkpointer.Checkpointer`.
+    ``callbacks`` (savegame event callbacks such as :class:`savegame.events.TensorBoardLogger`, not Keras
+    callbacks) and ``quiet`` are passed on to it.
     """
 
     def __init__(
@@ -101,8 +104,11 @@ class ModelCheckpoint(SavegameCallback):
         metadata: Mapping[str, Any] | None = None,
         strict_monitor: bool = False,
         every_n_epochs: int = 1,
+        callbacks: Iterable[object] | None = None,
+        quiet: bool = False,
     ) -> None:
         super().__init__()
+        self._events = event_kwargs(callbacks, quiet)
         self.strict_monitor = bool(strict_monitor)
         self.filepath = os.fspath(filepath)
         if mode not in ("auto", "min", "max"):
@@ -319,13 +325,13 @@ class ModelCheckpoint(SavegameCallback):
                 self.checkpointer = Checkpointer(
                     self.template.root, save=Never(), keep=keep, monitor=tracking, mode=mode,
                     threshold=self.initial_value_threshold if ranked else None,
-                    rng=False, verify=self.verify, metadata=metadata, lock=False,
+                    rng=False, verify=self.verify, metadata=metadata, lock=False, **self._events,
                 )  # fmt: skip
             except ConfigError:
                 # mode could not be guessed from the name: track nothing rather than guess wrong
                 self.checkpointer = Checkpointer(
                     self.template.root, save=Never(), keep=keep, rng=False, verify=self.verify, metadata=metadata,
-                    lock=False,
+                    lock=False, **self._events,
                 )
         return self.checkpointer
 

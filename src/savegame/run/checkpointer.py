@@ -89,6 +89,7 @@ from savegame.policies.knobs import Restart, preset_knobs
 from savegame.run.checks import UnjudgedEpochs
 from savegame.run.checks import check_run_root as check_run_root
 from savegame.run.coordination import Coordinator, coordinator_for
+from savegame.run.events import CallbackFailure, EventDispatcher
 from savegame.run.index import ALIASES as ALIASES
 from savegame.run.index import PROGRESS_VERSION as PROGRESS_VERSION
 from savegame.run.index import IndexEntry, RunIndex
@@ -111,10 +112,11 @@ from savegame.run.records import record_for
 from savegame.run.resume import DISTRIBUTED_ITEM as DISTRIBUTED_ITEM
 from savegame.run.resume import RNG_ITEM as RNG_ITEM
 from savegame.run.resume import ResumeWarning as ResumeWarning
-from savegame.run.resume import entry_named, load_entry, resume_latest
+from savegame.run.resume import announce_restore, entry_named, load_entry, resume_latest
 from savegame.run.retention import apply_retention
 from savegame.run.saving import InFlight, already_saved, save_state, settle
 from savegame.run.signals import PreemptionHandler
+from savegame.run.timing import RunClock
 from savegame.storage import LocalStorage, storage_for
 from savegame.storage.base import CheckpointRef
 
@@ -207,6 +209,11 @@ class Checkpointer:
       and the next one tried).
     * ``max_epochs``: when given, an epoch-end call with ``epoch >= max_epochs`` counts as the final call.
     * ``metadata``: JSON-like data stored in every manifest (run id, host, config...).
+    * ``callbacks``: objects told what happens (a save started, committed, failed; retention deleted;
+      a damaged checkpoint quarantined; restored; preemption saved) through the hooks they define
+      (:mod:`savegame.events`: the protocol, TensorBoard / MLflow / W&B loggers). Hooks run on the
+      calling thread; one that raises is logged and ignored (``callback_failures``).
+    * ``quiet``: do not print the one line on stderr saying what ``restore`` resumed from.
     * ``clock``: monotonic seconds for ``every_seconds``; ``wall_clock``: unix seconds for time-based
       retention (``KeepPerInterval``). Injectable for tests.
 
@@ -289,8 +296,13 @@ class Checkpointer:
         signal_exit_code: int | None = None,
         group: Any = None,
         per_rank: Collection[str] = (),
+        callbacks: Iterable[object] | None = None,
+        quiet: bool = False,
     ) -> None:
         check_run_root(directory)
+        self._events = EventDispatcher.of(callbacks)
+        self._run_clock = RunClock()
+        self.quiet = bool(quiet)
         if restart not in ("auto", "required", "off"):
             raise ConfigError(f"Checkpointer: restart must be 'auto', 'required' or 'off', got {restart!r}")
         if mode not in ("auto", "min", "max"):
@@ -457,6 +469,11 @@ class Checkpointer:
         newest = entries[-1].name if entries else None
         best = self._best.name if self._best is not None else None
         return [record_for(e, path=self.storage.path(e.name), best=best, newest=newest) for e in entries]
+
+    @property
+    def callback_failures(self) -> builtins.list[CallbackFailure]:
+        """The hook calls of ``callbacks`` that raised (logged and ignored; see :mod:`savegame.events`)."""
+        return builtins.list(self._events.failures)
 
     @property
     def latest(self) -> CheckpointRecord | None:
@@ -671,7 +688,19 @@ class Checkpointer:
         is None is a placeholder: it gets the saved value, and stays None if the checkpoint has none, with
         no error). ``map_location``: as for
         :func:`savegame.load`.
+
+        A restore says so: ``on_restored`` of the ``callbacks``, an INFO log line and, unless ``quiet``,
+        one line on stderr (``savegame: resumed from NAME (epoch 3, step 1200)``, rank 0 only).
         """
+        started = time.perf_counter()
+        restored = self._restore(state, which, strict=strict, map_location=map_location)
+        if restored is not None:
+            announce_restore(self, restored, time.perf_counter() - started)
+        return restored
+
+    def _restore(
+        self, state: Mapping[str, Any], which: str, *, strict: bool, map_location: Any
+    ) -> RestoredProgress | None:
         if not isinstance(state, Mapping):
             raise ConfigError(f"state must be a dict of items, not {type(state).__name__}")
         settle(self)

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
 from savegame.policies import Progress
+from savegame.run.events import PreemptionInfo
 from savegame.run.records import SaveResult
 from savegame.run.saving import save_state, settle
 from savegame.run.signals import DEFAULT_SIGNALS, PreemptionHandler
@@ -61,10 +62,8 @@ def save_for_preemption(
     settle(ckpt)  # a background save must be committed before the process goes
     seconds = time.monotonic() - started
     since = handler.seconds_since_signal()
-    log.warning(
-        "savegame: %s received; checkpoint %s durable %.2f s later (save and wait: %.2f s)",
-        name, result.name, since if since is not None else seconds, seconds,
-    )  # fmt: skip
+    ckpt._events.emit("on_preemption_saved", PreemptionInfo(
+        name, result.name, result.path, seconds, since if handler.signal_name else None))  # fmt: skip
     handler.save_seconds = seconds
     ckpt.preempted = name
     if handler.action != "continue":
@@ -81,9 +80,13 @@ def immediate_saves(ckpt: Checkpointer, state: Mapping[str, Any], progress: Prog
     assert ckpt._preemption is not None
 
     def save(signum: int) -> None:
-        save_state(ckpt, state, progress, name=None, metadata={"preempted_by": ckpt._preemption.signal_name
-                                                              if ckpt._preemption else signum}, pin=False)  # fmt: skip
+        started = time.monotonic()
+        signal = ckpt._preemption.signal_name if ckpt._preemption else None
+        result = save_state(ckpt, state, progress, name=None, metadata={"preempted_by": signal or signum}, pin=False)
         settle(ckpt)
+        since = ckpt._preemption.seconds_since_signal() if ckpt._preemption else None
+        ckpt._events.emit("on_preemption_saved", PreemptionInfo(
+            signal or str(signum), result.name, result.path, time.monotonic() - started, since))  # fmt: skip
         if ckpt._preemption is not None and ckpt._preemption.action != "continue":
             ckpt.close()
 

@@ -110,11 +110,11 @@ def new_run_id() -> str:
 
 def progress_json(
     progress: Progress, *, sequence: int, run: str, weights_only: bool, best: RecordedBest | None, name: str,
-    pin: bool,
+    pin: bool, timing: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The ``progress`` dict stored in the manifest of checkpoint ``name`` (layout in
-    :mod:`savegame.run.checkpointer`'s docstring)."""
-    return {
+    :mod:`savegame.run.checkpointer`'s docstring; ``timing``: see :mod:`savegame.run.timing`)."""
+    recorded = {
         "checkpointer": PROGRESS_VERSION,
         "sequence": sequence,
         "run": run,
@@ -128,6 +128,9 @@ def progress_json(
         "is_best": best is not None and best.name == name,
         "best": best.to_json() if best is not None else None,
     }
+    if timing is not None:
+        recorded["timing"] = dict(timing)
+    return recorded
 
 
 def record_for(entry: IndexEntry, *, path: str, best: str | None, newest: str | None) -> CheckpointRecord:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+import sys
 import time
 import warnings
 from collections.abc import Mapping, MutableMapping
@@ -26,6 +27,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from savegame import api
+from savegame._util.safetext import escape_controls
 from savegame.adapters.rng import RNGState
 from savegame.engine.capture import replaceable
 from savegame.errors import (
@@ -38,6 +40,7 @@ from savegame.errors import (
     StorageError,
 )
 from savegame.format.manifest import Manifest
+from savegame.run.events import QuarantinedInfo, RestoredInfo
 from savegame.run.index import IndexEntry, entry_from_manifest
 from savegame.run.lock import process_holds
 from savegame.run.records import RestoredProgress, Resumed
@@ -50,6 +53,7 @@ __all__ = [
     "DISTRIBUTED_ITEM",
     "RNG_ITEM",
     "ResumeWarning",
+    "announce_restore",
     "entry_named",
     "load_entry",
     "quarantine",
@@ -213,15 +217,18 @@ def quarantine(ckpt: Checkpointer, name: str, exc: Exception) -> str:
         log.warning(message)
         warnings.warn(message, ResumeWarning, stacklevel=4)
         ckpt._index.note_gone(name)
+        ckpt._events.emit("on_quarantined", QuarantinedInfo(name, None, str(exc)), log_line=False)
         return name
+    moved_to: str | None = None
     try:
-        moved = ckpt.storage.quarantine(name)
+        moved = moved_to = ckpt.storage.quarantine(name)
     except (CheckpointError, OSError) as err:
         moved = f"(could not quarantine: {err})"
     message = f"checkpoint {name} in {ckpt.directory} is damaged and was moved to {moved}: {exc}"
     log.warning(message)
     warnings.warn(message, ResumeWarning, stacklevel=4)
     ckpt._index.note_gone(name)
+    ckpt._events.emit("on_quarantined", QuarantinedInfo(name, moved_to, str(exc)), log_line=False)
     return name
 
 
@@ -280,11 +287,29 @@ def load_entry(
     progress = entry_from_manifest(entry.name, manifest)
     ckpt._last_saved = progress.progress()
     ckpt._saved_here = False
-    log.info("restored checkpoint %s (epoch=%s, step=%s)", path, progress.epoch, progress.step)
     return RestoredProgress(
         name=entry.name, path=path, epoch=progress.epoch, step=progress.step,
         metrics=progress.metrics, data=MappingProxyType(data), quarantined=quarantined,
     )  # fmt: skip
+
+
+def announce_restore(ckpt: Checkpointer, restored: RestoredProgress, seconds: float) -> None:
+    """Emit ``on_restored`` (and its log line) and say on stderr what training resumes from, unless the
+    Checkpointer is ``quiet`` (one line, rank 0 only, the name's control characters escaped): a resume
+    is visible without logging set up."""
+    ckpt._events.emit("on_restored", RestoredInfo(
+        restored.name, restored.path, restored.epoch, restored.step, seconds, restored.quarantined))  # fmt: skip
+    if ckpt.quiet or not ckpt._coord.is_coordinator:
+        return
+    where = [f"{what} {value}" for what, value in (("epoch", restored.epoch), ("step", restored.step))
+             if value is not None]  # fmt: skip
+    line = f"savegame: resumed from {escape_controls(restored.name)}" + (f" ({', '.join(where)})" if where else "")
+    if restored.quarantined:
+        line += f"; {len(restored.quarantined)} damaged checkpoint(s) quarantined"
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # stderr closed: the log line above still says it
+        pass
 
 
 def load_distributed(

@@ -15,6 +15,7 @@ import warnings
 from typing import TYPE_CHECKING
 
 from savegame.errors import CheckpointError
+from savegame.run.events import DeletedInfo
 
 if TYPE_CHECKING:
     from savegame.run.checkpointer import Checkpointer
@@ -47,7 +48,7 @@ def apply_retention(ckpt: Checkpointer, *, dry_run: bool, all_runs: bool = False
             continue
         ckpt._index.note_gone(name)
         deleted.append(name)
-        log.info("retention deleted checkpoint %s", name)
+        ckpt._events.emit("on_deleted", DeletedInfo(name, ckpt.storage.path(name)))
     return deleted
 
 

@@ -32,6 +32,7 @@ from savegame.errors import BackgroundSaveError, ConfigError
 from savegame.format.manifest import Manifest
 from savegame.policies import Progress, is_better
 from savegame.policies.autointerval import record_save_cost
+from savegame.run.events import SaveCommittedInfo, SaveFailedInfo, SaveStartedInfo, frozen_metrics
 from savegame.run.index import RecordedBest
 from savegame.run.records import SaveResult, progress_json
 from savegame.run.resume import RNG_ITEM
@@ -48,10 +49,15 @@ log = logging.getLogger("savegame.run.checkpointer")
 
 @dataclass(frozen=True)
 class InFlight:
-    """A background save submitted but not yet integrated (entries, best, retention)."""
+    """A background save submitted but not yet integrated (entries, best, retention, its events)."""
 
     naming: SaveNaming
     handle: PendingSave
+    progress: Progress | None = None
+    started: float = 0.0
+    """``time.perf_counter()`` when the save call began."""
+    blocking: float = 0.0
+    """How long the save call blocked training."""
 
     @property
     def name(self) -> str:
@@ -96,12 +102,40 @@ def new_best(ckpt: Checkpointer, progress: Progress, name: str) -> RecordedBest 
             return RecordedBest(ckpt.monitor, ckpt.mode, float(value), name, progress.epoch, progress.step)
     return current
 
+@dataclass
+class _Attempt:
+    """How far a save got, for its failure event: settled the previous one, named."""
+
+    settled: bool = False
+    name: str | None = None
+    path: str | None = None
+
+
 def save_state(
     ckpt: Checkpointer, state: Mapping[str, Any], progress: Progress, *, name: str | None,
     metadata: Mapping[str, Any] | None, pin: bool,
 ) -> SaveResult:  # fmt: skip
+    """Save ``state`` at ``progress`` (sync, background or from every rank); a save that fails once the
+    previous background save was settled (whose own failure :func:`settle` reports) emits
+    ``on_save_failed`` and raises."""
+    attempt = _Attempt()
+    try:
+        return _save_state(ckpt, state, progress, name=name, metadata=metadata, pin=pin, attempt=attempt)
+    except Exception as exc:
+        if attempt.settled:
+            ckpt._events.emit("on_save_failed", SaveFailedInfo(
+                attempt.name, attempt.path, progress.epoch, progress.step, exc, ckpt.background))  # fmt: skip
+        raise
+
+
+def _save_state(
+    ckpt: Checkpointer, state: Mapping[str, Any], progress: Progress, *, name: str | None,
+    metadata: Mapping[str, Any] | None, pin: bool, attempt: _Attempt,
+) -> SaveResult:  # fmt: skip
     started = time.perf_counter()
+    started_wall, started_mono = time.time(), time.monotonic()
     settle(ckpt)
+    attempt.settled = True
     ckpt._clean_up()
     items = items_to_save(ckpt, state)
     distributed = ckpt._coord.distributed
@@ -112,13 +146,18 @@ def save_state(
     meta = {**ckpt.metadata, **dict(metadata or {})}
     naming = SaveNaming.start(base, ckpt._index.names())
     best = new_best(ckpt, progress, naming.name)
+    attempt.name, attempt.path = naming.name, ckpt.storage.path(naming.name)
+    ckpt._events.emit("on_save_started", SaveStartedInfo(
+        naming.name, attempt.path, progress.epoch, progress.step, encoded is None and not distributed))  # fmt: skip
+    ckpt._run_clock.begin(ckpt._run_entries())
+    timing = ckpt._run_clock.record(started_wall=started_wall, started_mono=started_mono, blocking=None)
     naming.payload = lambda n: progress_json(
         progress, sequence=sequence, run=ckpt.run_id, weights_only=ckpt.weights_only,
-        best=renamed(best, naming.first, n), name=n, pin=pin,
+        best=renamed(best, naming.first, n), name=n, pin=pin, timing=timing,
     )  # fmt: skip
     payload = naming.payload(naming.name)
     if encoded is None and not distributed:
-        return submit(ckpt, naming, items, meta, payload, progress, best, started)
+        return submit(ckpt, naming, items, meta, payload, progress, best, started, timing)
     if encoded is None:
         path, manifest = write_distributed(ckpt, naming, items, meta, payload)
         final_name = os.path.basename(path.rstrip("/"))  # rank 0's name
@@ -128,6 +167,7 @@ def save_state(
             next_name=naming.next,
         )  # fmt: skip
         final_name = naming.name
+    durable = time.perf_counter() - started
     committed(ckpt, final_name, manifest)
     ckpt._last_saved = progress
     ckpt._saved_here = True
@@ -135,7 +175,9 @@ def save_state(
     is_best = ckpt._best is not None and ckpt._best.name == final_name
     seconds = time.perf_counter() - started
     record_save_cost(ckpt.save_policy, seconds)
-    log.info("saved checkpoint %s%s", path, " (best)" if is_best else "")
+    ckpt._run_clock.finished(seconds)
+    ckpt._events.emit("on_save_committed", committed_info(
+        final_name, path, progress, manifest, blocking=seconds, durable=durable, is_best=is_best, background=False))
     return SaveResult(
         name=final_name, path=path, epoch=progress.epoch, step=progress.step,
         metrics=MappingProxyType(dict(progress.metrics)), is_best=is_best,
@@ -156,6 +198,19 @@ def write_distributed(
         per_rank=ckpt.per_rank, context=ckpt._coord.context, next_name=naming.next,
     )  # fmt: skip
 
+def committed_info(
+    name: str, path: str, progress: Progress, manifest: Manifest, *, blocking: float, durable: float,
+    is_best: bool, background: bool,
+) -> SaveCommittedInfo:  # fmt: skip
+    """The ``on_save_committed`` info of a save (throughput over the durable time)."""
+    size = manifest.total_bytes
+    return SaveCommittedInfo(
+        name=name, path=path, epoch=progress.epoch, step=progress.step, metrics=frozen_metrics(progress.metrics),
+        bytes=size, blocking_seconds=blocking, durable_seconds=durable, throughput=size / max(durable, 1e-9),
+        is_best=is_best, background=background,
+    )  # fmt: skip
+
+
 def committed(ckpt: Checkpointer, name: str, manifest: Manifest) -> None:
     """Record a committed checkpoint in the cache, recompute the best, wake the mirror."""
     ckpt._index.note_committed(name, manifest)
@@ -167,28 +222,34 @@ def committed(ckpt: Checkpointer, name: str, manifest: Manifest) -> None:
 def submit(
     ckpt: Checkpointer, naming: SaveNaming, items: Mapping[str, Any], metadata: Mapping[str, Any],
     payload: Mapping[str, Any],
-    progress: Progress, best: RecordedBest | None, started: float,
+    progress: Progress, best: RecordedBest | None, started: float, timing: dict[str, Any],
 ) -> SaveResult:  # fmt: skip
     """Start a background save (snapshot now, write later); the Checkpointer's view is updated
     optimistically (last save, best) and corrected from the directory if the save fails, or when
     another writer took its name meanwhile (then it is committed under the next free one, as a
-    sync save is)."""
+    sync save is). The progress recorded says how long the save blocked (``timing``, filled in once
+    the snapshot is taken)."""
     if ckpt._writer is None:
         ckpt._writer = BackgroundWriter(name=f"savegame-writer:{os.path.basename(ckpt.directory)}")
     name = naming.name
+
+    def stamp() -> dict[str, Any]:
+        timing["blocking"] = time.perf_counter() - started
+        return naming.payload(naming.name)
+
     handle = save_in_background(
         ckpt._writer, ckpt.storage, name, items, metadata=metadata, progress=payload, overwrite=False,
-        next_name=naming.next,
+        next_name=naming.next, stamp=stamp,
     )  # fmt: skip
-    ckpt._in_flight = InFlight(naming, handle)
+    seconds = time.perf_counter() - started
+    ckpt._in_flight = InFlight(naming, handle, progress, started, seconds)
     _settle_at_exit(ckpt)
     ckpt._index.max_sequence = max(ckpt._index.max_sequence, int(payload["sequence"]))
     ckpt._last_saved = progress
     ckpt._saved_here = True
     ckpt._best = best
-    seconds = time.perf_counter() - started
     record_save_cost(ckpt.save_policy, handle.blocking_seconds)
-    log.info("saving checkpoint %s in the background", handle.path)
+    ckpt._run_clock.finished(seconds)
     return SaveResult(
         name=name, path=ckpt.storage.path(name), epoch=progress.epoch, step=progress.step,
         metrics=MappingProxyType(dict(progress.metrics)), is_best=best is not None and best.name == name,
@@ -208,7 +269,11 @@ def settle(ckpt: Checkpointer) -> builtins.list[str]:
     seen = in_flight.handle.delivered  # the caller already got the error from the handle
     try:
         manifest = in_flight.handle.result()
-    except BackgroundSaveError:
+    except BackgroundSaveError as exc:
+        progress = in_flight.progress
+        ckpt._events.emit("on_save_failed", SaveFailedInfo(
+            in_flight.name, ckpt.storage.path(in_flight.name), progress.epoch if progress else None,
+            progress.step if progress else None, exc, True))  # fmt: skip
         ckpt._refresh()
         newest = ckpt._index.latest
         ckpt._last_saved = newest.progress() if newest is not None else None
@@ -217,7 +282,15 @@ def settle(ckpt: Checkpointer) -> builtins.list[str]:
             return []
         raise
     committed(ckpt, in_flight.name, manifest)
-    return retain(ckpt)
+    deleted = retain(ckpt)
+    if in_flight.progress is not None:
+        finished = in_flight.handle.finished_at or time.perf_counter()
+        is_best = ckpt._best is not None and ckpt._best.name == in_flight.name
+        ckpt._events.emit("on_save_committed", committed_info(
+            in_flight.name, ckpt.storage.path(in_flight.name), in_flight.progress, manifest,
+            blocking=in_flight.blocking, durable=finished - in_flight.started, is_best=is_best, background=True,
+        ))  # fmt: skip
+    return deleted
 
 
 _unsettled: set[Checkpointer] = set()
