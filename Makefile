@@ -9,6 +9,7 @@ CHECKSUM := $(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 DEMO_STAMP := $(VENV)/.demo-installed-$(CHECKSUM)
 STAMP := $(VENV)/.installed-$(CHECKSUM)
 KERAS_BACKENDS := torch tensorflow jax
+INTEGRATIONS := lightning,transformers,accelerate,ray,tensorboard,mlflow,wandb
 
 .PHONY: demo test lint typecheck unit keras-tests bench crashtest clean
 
@@ -22,7 +23,10 @@ $(DEMO_STAMP): pyproject.toml Makefile
 	touch $(DEMO_STAMP)
 
 $(STAMP): $(DEMO_STAMP)
-	$(BIN)/python -m pip install -q -e '.[demo,torch,keras,s3,plot,dev]' tensorflow-cpu jax 'moto[server]'
+	# The integrations' frameworks depend on torch: the constraint keeps the CPU build installed above.
+	echo 'torch==2.13.0' > $(VENV)/torch-constraint.txt
+	$(BIN)/python -m pip install -q -c $(VENV)/torch-constraint.txt \
+	  -e '.[demo,torch,keras,s3,plot,dev,$(INTEGRATIONS)]' tensorflow-cpu jax 'moto[server]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
