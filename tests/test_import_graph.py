@@ -78,7 +78,7 @@ KNOWN_FUNCTION_LEVEL_TORCH: set[str] = {
     # Lazy ``import torch`` inside functions of core modules (torch memory for aligned reads, CUDA
     # synchronisation after snapshots, pinned buffers, copying into a live tensor, .pt export, the demo's
     # model). They run only when torch is in use; they belong in adapters. Only shrinks.
-    "savegame.api", "savegame.engine.writer", "savegame.engine.capture", "savegame.engine.background",
+    "savegame.api", "savegame.engine.writer", "savegame.engine.background",
     "savegame.export", "savegame.cli.demo",
 }  # fmt: skip
 

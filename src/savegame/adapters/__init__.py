@@ -11,7 +11,7 @@ from __future__ import annotations
 import platform
 import sys
 from types import ModuleType
-from typing import Any, Literal
+from typing import Literal
 
 __all__ = ["framework_versions", "is_model_weights", "torch_available", "torch_if_imported", "zero_copy_for"]
 
@@ -47,29 +47,21 @@ def framework_versions() -> dict[str, str]:
 
 def is_model_weights(value: object) -> bool:
     """Whether an item holds model weights (what ``weights_only`` checkpoints keep): a
-    ``torch.nn.Module``, or a :class:`savegame.adapters.keras.KerasState` without the optimizer."""
-    torch = torch_if_imported()
-    if torch is not None and isinstance(value, torch.nn.Module):
-        return True
-    keras_adapter = sys.modules.get(f"{__name__}.keras")  # loaded only if a KerasState was ever made
-    keras_state = getattr(keras_adapter, "KerasState", None)
-    return keras_state is not None and isinstance(value, keras_state) and not value.include_optimizer
+    ``torch.nn.Module``, or a :class:`savegame.adapters.keras.KerasState` without the optimizer (its
+    adapter's answer, :mod:`savegame.adapters.registry`)."""
+    from savegame.adapters.registry import adapter_for
+
+    adapter = adapter_for(value)
+    return adapter is not None and adapter.model_weights(value)
 
 
 def zero_copy_for(target: object) -> bool | Literal["aligned"]:
-    """How an item restored into ``target`` may share the file's memory.
+    """How an item restored into ``target`` may share the file's memory (its adapter's answer):
+    ``True`` for views of the file (a torch module copies the values into its own parameters),
+    ``"aligned"`` for aligned views of the copy-on-write mapping (a torch optimizer keeps the tensors
+    it is given; its in-place updates copy each page on first write, privately), ``False`` for fresh
+    memory (anything else)."""
+    from savegame.adapters.registry import adapter_for
 
-    A torch module copies the values into its own parameters: views of the file (``True``), no copy
-    on our side. A torch optimizer keeps the state tensors it is given (``load_state_dict`` only casts
-    them to the parameter's device and dtype): aligned views of the copy-on-write mapping
-    (``"aligned"``), like a safetensors load; its in-place updates then copy each page on first write,
-    privately (the file never changes). Anything else gets fresh memory (``False``).
-    """
-    torch: Any = torch_if_imported()
-    if torch is None:
-        return False
-    if isinstance(target, torch.nn.Module):
-        return True
-    if isinstance(target, torch.optim.Optimizer):
-        return "aligned"
-    return False
+    adapter = adapter_for(target)
+    return adapter.zero_copy(target) if adapter is not None else False

@@ -55,6 +55,7 @@ from torch.utils.data import (
 )
 from torch.utils.data.distributed import DistributedSampler
 
+from savegame.adapters.registry import is_stateful
 from savegame.errors import ConfigError, ResumeWarning, StateMismatchError
 
 __all__ = ["ResumableLoader", "plain_loader_message", "resumable"]
@@ -66,10 +67,6 @@ _KNOWN_SAMPLERS = (SequentialSampler, RandomSampler, SubsetRandomSampler, Weight
 """Samplers whose order is a function of their settings and the generators they draw from."""
 
 
-def _is_stateful(obj: object) -> bool:
-    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
-
-
 def resumable(loader: Any) -> Any:
     """``loader`` wrapped so that its position is part of the checkpoint (see the module docstring).
 
@@ -78,7 +75,7 @@ def resumable(loader: Any) -> Any:
     Raises :class:`ConfigError` for anything else that is not a plain ``torch.utils.data.DataLoader``
     (a subclass cannot be rebuilt around the index stream without losing what it adds).
     """
-    if _is_stateful(loader):
+    if is_stateful(loader):
         return loader
     if type(loader) is not DataLoader:
         name = f"{type(loader).__module__}.{type(loader).__qualname__}"
@@ -92,7 +89,7 @@ def resumable(loader: Any) -> Any:
 
 def plain_loader_message(obj: object) -> str | None:
     """What to do with a plain ``DataLoader`` found in a state to save (None for anything else)."""
-    if not isinstance(obj, DataLoader) or _is_stateful(obj):
+    if not isinstance(obj, DataLoader) or is_stateful(obj):
         return None
     return (
         "a torch DataLoader has no state of its own (it does not know which batches the loop consumed): wrap it "
@@ -313,7 +310,7 @@ def _samplers(loader: DataLoader[Any]) -> list[tuple[str, Any]]:
 
 def _known(sampler: object) -> bool:
     """Whether the sampler's order comes back from its settings, its state and the generators."""
-    if _is_stateful(sampler) or isinstance(sampler, (list, tuple, range)):
+    if is_stateful(sampler) or isinstance(sampler, (list, tuple, range)):
         return True
     iterate = getattr(type(sampler), "__iter__", None)
     return any(iterate is known.__iter__ for known in _KNOWN_SAMPLERS)
@@ -334,7 +331,7 @@ def _generators(loader: DataLoader[Any]) -> dict[str, torch.Generator]:
 def _snapshot(loader: DataLoader[Any]) -> dict[str, Any]:
     """The generator states and Stateful samplers' states the epoch's order is drawn from (taken at its first pull)."""
     generators = {role: generator.get_state() for role, generator in _generators(loader).items()}
-    samplers = {path: dict(s.state_dict()) for path, s in _samplers(loader) if _is_stateful(s)}
+    samplers = {path: dict(s.state_dict()) for path, s in _samplers(loader) if is_stateful(s)}
     return {"generators": generators, "samplers": samplers}
 
 
@@ -343,7 +340,7 @@ def _put_back(loader: DataLoader[Any], start: Mapping[str, Any]) -> None:
     for role, generator in _generators(loader).items():
         generator.set_state(torch.as_tensor(start["generators"][role], dtype=torch.uint8).cpu())
     for path, sampler in _samplers(loader):
-        if _is_stateful(sampler):
+        if is_stateful(sampler):
             sampler.load_state_dict(start["samplers"][path])
 
 
@@ -354,7 +351,7 @@ def _check_generators(loader: DataLoader[Any], start: Mapping[str, Any], where: 
     if not isinstance(saved, Mapping) or not isinstance(samplers, Mapping):
         raise StateMismatchError(f"{where}: invalid data loader state (no generator states for the epoch's order)")
     live = set(_generators(loader))
-    stateful = {path for path, s in _samplers(loader) if _is_stateful(s)}
+    stateful = {path for path, s in _samplers(loader) if is_stateful(s)}
     if set(saved) != live or set(samplers) != stateful:
         raise StateMismatchError(
             f"{where}: the loader draws its order from {sorted(live | stateful)}, the checkpoint's from "

@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from savegame.adapters.registry import StatefulAdapter, register
 from savegame.adapters.report import LoadReport
 from savegame.adapters.rng import RNGState
 from savegame.errors import StateMismatchError
@@ -516,3 +517,18 @@ class KerasState:
             report.notes.append(f"rng: restored {', '.join(restored) or 'nothing'}")
         _mark_jax_state_stale(self.model)
         return report
+
+
+class KerasStateAdapter(StatefulAdapter):
+    """:class:`KerasState` is Stateful; its adapter adds that without the optimizer it is model weights
+    (what ``weights_only`` checkpoints keep). Registered when this module is first imported, which any
+    use of ``KerasState`` does."""
+
+    def handles(self, obj: object) -> bool:
+        return isinstance(obj, KerasState)
+
+    def model_weights(self, obj: object) -> bool:
+        return isinstance(obj, KerasState) and not obj.include_optimizer
+
+
+register(KerasStateAdapter())

@@ -1,97 +1,42 @@
-"""Live objects <-> nested state: what "the state" of a module, optimizer or generator is.
+"""Live objects <-> nested state: the walk that hands each live object to its adapter.
 
-On save, any object in the state that is a known framework object or follows the :class:`Stateful`
-protocol is replaced by its state (``state_dict()``); generator objects by their generator state. On
-load into a *target*, the saved state is walked together with the target and every live object gets its
-state back **in place**: modules strictly (with a report of what differs), optimizers, schedulers,
-scalers and other Stateful objects through ``load_state_dict``, tensors and arrays by copying into
-their memory.
+What "the state" of a module, optimizer, generator or Stateful object is, and how a saved state goes
+back into one, is the adapters' job (:mod:`savegame.adapters.registry`: one table, one adapter shape).
+This module walks the state: on save, the tree codec's hook replaces each live object by what its
+adapter captures; on load into a *target*, the saved state is walked together with the target, every
+live object is restored in place by its adapter, dicts and lists are filled in place, and plain values
+are replaced in their containers once the whole state matched (:func:`restore_items`).
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any
 
-import numpy as np
-
-from savegame.adapters import torch_if_imported
+from savegame.adapters.registry import Stateful as Stateful
+from savegame.adapters.registry import adapter_for, type_mismatch
 from savegame.adapters.report import LoadReport as LoadReport
-from savegame.adapters.rng import capture_generator, restore_generator
-from savegame.errors import StateMismatchError, UnsupportedTypeError
+from savegame.errors import StateMismatchError
 from savegame.format.tree import Encoder, Path, contains, format_path
 
 
-@runtime_checkable
-class Stateful(Protocol):
-    """Anything with ``state_dict()`` and ``load_state_dict(state)`` can be saved and restored.
-
-    ``load_state_dict`` may also take a keyword ``strict`` (passed through) and a keyword-only ``where``
-    (the item's path in the state, e.g. ``"loader"``, for its messages)."""
-
-    def state_dict(self) -> Mapping[str, Any]: ...
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], /) -> Any: ...
-
-
 def kind_of(obj: object) -> str:
-    """A short description of what an item was, recorded in the manifest (informational only)."""
-    torch = torch_if_imported()
-    if torch is not None:
-        if isinstance(obj, torch.nn.Module):
-            return "torch.nn.Module"
-        if isinstance(obj, torch.optim.Optimizer):
-            return "torch.optim.Optimizer"
-        if isinstance(obj, torch.Tensor):
-            return "torch.Tensor"
-    if capture_generator(obj) is not None:
-        return "generator"
-    if isinstance(obj, np.ndarray):
-        return "numpy.ndarray"
-    if _is_stateful(obj):
-        cls = type(obj)
-        return f"stateful:{cls.__module__}.{cls.__qualname__}"[:200]
-    return "data"
-
-
-def _is_stateful(obj: object) -> bool:
-    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+    """A short description of what an item was, recorded in the manifest (informational only): its
+    adapter's kind (:mod:`savegame.adapters.registry`), ``"data"`` for plain data."""
+    adapter = adapter_for(obj)
+    return adapter.kind(obj) if adapter is not None else "data"
 
 
 def live_object_hook(obj: object, path: Path, enc: Encoder) -> dict[str, Any] | None:
-    """Tree-codec hook: replace live objects by their state, then encode that state."""
-    torch = torch_if_imported()
-    if torch is not None and isinstance(obj, torch.nn.Module):
-        from savegame.adapters.torch import capture_module
-
-        node: dict[str, Any] = enc.encode(capture_module(obj), path)
-        return node
-    gen = capture_generator(obj)
-    if gen is not None:
-        node = enc.encode(gen, path)
-        return node
-    if _is_stateful(obj) and not isinstance(obj, (dict, list, tuple)):
-        try:
-            state = obj.state_dict()  # type: ignore[attr-defined]
-        except Exception as exc:
-            raise UnsupportedTypeError(f"{format_path(path)}: {type(obj).__name__}.state_dict() failed: {exc}") from exc
-        if state is obj:
-            raise UnsupportedTypeError(f"{format_path(path)}: state_dict() returned the object itself")
-        node = enc.encode(state, path)
-        return node
-    if torch is not None:
-        _refuse_plain_loader(obj, path)
-    return None
-
-
-def _refuse_plain_loader(obj: object, path: Path) -> None:
-    """A plain torch DataLoader cannot be saved: say how to make its position part of the state."""
-    from savegame.adapters.dataloader import plain_loader_message
-
-    message = plain_loader_message(obj)
-    if message is not None:
-        raise UnsupportedTypeError(f"{format_path(path)}: {message}")
+    """Tree-codec hook: replace a live object by the state its adapter captures, then encode that state."""
+    adapter = adapter_for(obj)
+    if adapter is None:
+        return None
+    state = adapter.capture(obj, format_path(path))
+    if state is None:  # tensors and arrays: the codec stores them itself
+        return None
+    node: dict[str, Any] = enc.encode(state, path)
+    return node
 
 
 Updates = list[tuple[Any, Any, Any]]
@@ -178,57 +123,19 @@ def restore(
 def _restore(
     target: object, state: object, *, strict: bool, path: Path, where: str, report: LoadReport, updates: Updates
 ) -> None:
-    torch = torch_if_imported()
-    if torch is not None:
-        from savegame.adapters import torch as torch_adapter
-
-        if isinstance(target, torch.nn.Module):
-            if not isinstance(state, Mapping):
-                _type_mismatch(target, state, where=where, strict=strict, report=report)
-                return
-            mod_report = torch_adapter.restore_module(target, state, strict=strict, where=where)
-            report.missing_keys += [f"{where}.{k}" for k in mod_report.missing_keys]
-            report.unexpected_keys += [f"{where}.{k}" for k in mod_report.unexpected_keys]
-            report.mismatched_keys += [(f"{where}.{k}", a, b) for k, a, b in mod_report.mismatched_keys]
-            report.loaded.append(where)
-            return
-        if isinstance(target, torch.optim.Optimizer):
-            if not isinstance(state, Mapping):
-                _type_mismatch(target, state, where=where, strict=strict, report=report)
-                return
-            torch_adapter.restore_optimizer(target, state, where=where)
-            report.loaded.append(where)
-            return
-        if isinstance(target, torch.Tensor):
-            _copy_tensor(target, state, where, report, strict=strict)
-            return
-    if restore_generator(target, state, where):
-        report.loaded.append(where)
-        return
-    if isinstance(target, np.ndarray):
-        _copy_array(target, state, where, report, strict=strict)
-        return
-    if _is_stateful(target) and not isinstance(target, (dict, list, tuple)):
-        load: Callable[..., Any] = target.load_state_dict  # type: ignore[attr-defined]
-        takes_strict = _accepts_strict(load)
-        named = {"where": where} if _accepts_keyword_only(load, "where") else {}
-        try:
-            result = load(state, strict=strict, **named) if takes_strict else load(state, **named)
-        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-            raise StateMismatchError(f"{where}: load_state_dict failed: {exc}") from exc
-        if takes_strict:
-            _merge_report(result, where, report)
-        report.loaded.append(where)
+    adapter = adapter_for(target)
+    if adapter is not None:
+        adapter.restore(target, state, strict=strict, where=where, report=report)
         return
     if isinstance(target, MutableMapping):
         if not isinstance(state, Mapping):
-            _type_mismatch(target, state, where=where, strict=strict, report=report)
+            type_mismatch(target, state, where=where, strict=strict, report=report)
             return
         _restore_dict(target, state, strict=strict, path=path, report=report, updates=updates)
         return
     if isinstance(target, list):
         if not isinstance(state, (list, tuple)):
-            _type_mismatch(target, state, where=where, strict=strict, report=report)
+            type_mismatch(target, state, where=where, strict=strict, report=report)
             return
         _restore_list(target, state, strict=strict, path=path, where=where, report=report, updates=updates)
         return
@@ -280,84 +187,3 @@ def _restore_list(
         report.mismatched_keys.append((where, (len(state),), (len(target),)))
     else:  # plain data takes the checkpoint's content
         updates.append((target, slice(None), list(state)))
-
-
-def _type_mismatch(target: object, state: object, *, where: str, strict: bool, report: LoadReport) -> None:
-    """The checkpoint holds something that cannot go into ``target``: raise (strict) or report it."""
-    saved, live = type(state).__name__, type(target).__name__
-    if strict:
-        raise StateMismatchError(
-            f"{where}: the checkpoint holds {saved}, the target is {live}; pass strict=False to load the rest "
-            "(and leave this one as it is)",
-            report,
-        )
-    report.mismatched_types.append((where, saved, live))
-
-
-def _accepts_strict(load: Callable[..., Any]) -> bool:
-    """Whether ``load_state_dict`` takes a ``strict`` keyword (``torch``-style and :class:`KerasState`)."""
-    try:
-        parameters = inspect.signature(load).parameters
-    except (TypeError, ValueError):
-        return False
-    param = parameters.get("strict")
-    return param is not None and param.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-
-
-def _accepts_keyword_only(load: Callable[..., Any], name: str) -> bool:
-    """Whether ``load_state_dict`` takes the keyword-only parameter ``name`` (``where``: the item's path,
-    which :class:`savegame.data.ResumableLoader` names in its warning)."""
-    try:
-        param = inspect.signature(load).parameters.get(name)
-    except (TypeError, ValueError):
-        return False
-    return param is not None and param.kind is inspect.Parameter.KEYWORD_ONLY
-
-
-def _merge_report(result: object, where: str, report: LoadReport) -> None:
-    """Add what a non-strict ``load_state_dict`` reported as missing/unexpected/mismatched to ``report``.
-
-    Understands torch's ``(missing_keys, unexpected_keys)`` result and reports with ``missing``,
-    ``unexpected`` and ``mismatched`` lists (:class:`savegame.adapters.keras.KerasLoadReport`).
-    """
-    missing = getattr(result, "missing_keys", None)
-    if missing is None:
-        missing = getattr(result, "missing", None)
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected is None:
-        unexpected = getattr(result, "unexpected", None)
-    mismatched = getattr(result, "mismatched", None)
-    if isinstance(missing, (list, tuple)):
-        report.missing_keys += [f"{where}.{k}" for k in missing]
-    if isinstance(unexpected, (list, tuple)):
-        report.unexpected_keys += [f"{where}.{k}" for k in unexpected]
-    if isinstance(mismatched, (list, tuple)):
-        for entry in mismatched:
-            if isinstance(entry, tuple) and len(entry) == 3:
-                name, saved, live = entry
-                report.mismatched_keys.append((f"{where}.{name}", tuple(saved), tuple(live)))
-
-
-def _copy_tensor(target: Any, state: object, where: str, report: LoadReport, *, strict: bool) -> None:
-    import torch
-
-    if not isinstance(state, torch.Tensor):
-        _type_mismatch(target, state, where=where, strict=strict, report=report)
-        return
-    if state.shape != target.shape:
-        report.mismatched_keys.append((where, tuple(state.shape), tuple(target.shape)))
-        return
-    with torch.no_grad():
-        target.copy_(state)
-    report.loaded.append(where)
-
-
-def _copy_array(target: np.ndarray, state: object, where: str, report: LoadReport, *, strict: bool) -> None:
-    if not isinstance(state, np.ndarray):
-        _type_mismatch(target, state, where=where, strict=strict, report=report)
-        return
-    if state.shape != target.shape:
-        report.mismatched_keys.append((where, tuple(state.shape), tuple(target.shape)))
-        return
-    np.copyto(target, state, casting="same_kind")
-    report.loaded.append(where)

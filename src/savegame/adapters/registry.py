@@ -1,0 +1,382 @@
+"""The adapter registry: the one table of the live objects savegame knows, and what to do with each.
+
+An :class:`Adapter` says whether it ``handles`` an object, what ``kind`` the manifest records for it,
+what state to ``capture`` in its place on save, how to ``restore`` a saved state into it in place, how
+a restore may share the file's memory (``zero_copy``) and whether it is model weights (what a
+``weights_only`` checkpoint keeps). :func:`adapter_for` asks the adapters in order and returns the first
+that handles the object; an object no adapter handles is plain data (dicts, lists, numbers...), encoded
+and restored by the tree codec and :mod:`savegame.engine.capture` themselves.
+
+The built-in order: torch modules, torch optimizers, torch tensors, generator objects (RNG), NumPy
+arrays, a plain torch ``DataLoader`` (refused with what to do instead), then any :class:`Stateful`
+object (``state_dict()`` / ``load_state_dict()``) last. :func:`register` puts a new adapter in front, so
+a framework's own adapter (``savegame.adapters.keras`` registers :class:`KerasState`'s) wins over the
+generic ones. The torch adapters answer only when this process imported torch (they never import it).
+
+Who uses it: :mod:`savegame.engine.capture` (``kind_of``, the save-time hook, the in-place restore),
+``adapters.zero_copy_for`` and ``adapters.is_model_weights``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from savegame.adapters.report import LoadReport
+from savegame.adapters.rng import capture_generator, restore_generator
+from savegame.errors import StateMismatchError, UnsupportedTypeError
+
+__all__ = [
+    "Adapter", "BaseAdapter", "Stateful", "adapter_for", "adapters", "is_stateful", "register", "type_mismatch",
+    "unregister",
+]  # fmt: skip
+
+ZeroCopy = bool | Literal["aligned"]
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Anything with ``state_dict()`` and ``load_state_dict(state)`` can be saved and restored.
+
+    ``load_state_dict`` may also take a keyword ``strict`` (passed through) and a keyword-only ``where``
+    (the item's path in the state, e.g. ``"loader"``, for its messages)."""
+
+    def state_dict(self) -> Mapping[str, Any]: ...
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], /) -> Any: ...
+
+
+class Adapter(Protocol):
+    """One kind of live object. Only the adapter that ``handles`` an object is asked the rest."""
+
+    def handles(self, obj: object) -> bool:
+        """Whether this adapter is the one for ``obj``."""
+        ...
+
+    def kind(self, obj: object) -> str:
+        """What the manifest records the item as (informational, e.g. ``"torch.nn.Module"``)."""
+        ...
+
+    def capture(self, obj: object, where: str) -> object | None:
+        """The state to store in place of ``obj`` (encoded by the tree codec), or None to let the codec
+        store ``obj`` itself (tensors and arrays are arrays already)."""
+        ...
+
+    def restore(self, target: object, state: object, *, strict: bool, where: str, report: LoadReport) -> None:
+        """Put ``state`` into ``target`` in place, recording what loaded (or differed) in ``report``."""
+        ...
+
+    def zero_copy(self, target: object) -> ZeroCopy:
+        """How a restore into ``target`` may share the file's memory (see ``adapters.zero_copy_for``)."""
+        ...
+
+    def model_weights(self, obj: object) -> bool:
+        """Whether ``obj`` is model weights (kept by ``weights_only`` checkpoints)."""
+        ...
+
+
+class BaseAdapter:
+    """Defaults for an :class:`Adapter`: subclasses define ``handles``, ``kind``, ``capture`` and ``restore``."""
+
+    def zero_copy(self, target: object) -> ZeroCopy:
+        """No sharing: the restore gets fresh memory."""
+        return False
+
+    def model_weights(self, obj: object) -> bool:
+        """Not model weights."""
+        return False
+
+
+def type_mismatch(target: object, state: object, *, where: str, strict: bool, report: LoadReport) -> None:
+    """The checkpoint holds something that cannot go into ``target``: raise (strict) or report it."""
+    saved, live = type(state).__name__, type(target).__name__
+    if strict:
+        raise StateMismatchError(
+            f"{where}: the checkpoint holds {saved}, the target is {live}; pass strict=False to load the rest "
+            "(and leave this one as it is)",
+            report,
+        )
+    report.mismatched_types.append((where, saved, live))
+
+
+def _torch() -> Any:
+    from savegame.adapters import torch_if_imported
+
+    return torch_if_imported()
+
+
+class TorchModuleAdapter(BaseAdapter):
+    """``torch.nn.Module``: its state dict (tied weights kept tied), restored strictly with a report."""
+
+    def handles(self, obj: object) -> bool:
+        torch = _torch()
+        return torch is not None and isinstance(obj, torch.nn.Module)
+
+    def kind(self, obj: object) -> str:
+        return "torch.nn.Module"
+
+    def capture(self, obj: object, where: str) -> object:
+        from savegame.adapters.torch import capture_module
+
+        return capture_module(obj)  # type: ignore[arg-type]
+
+    def restore(self, target: object, state: object, *, strict: bool, where: str, report: LoadReport) -> None:
+        from savegame.adapters.torch import restore_module
+
+        if not isinstance(state, Mapping):
+            type_mismatch(target, state, where=where, strict=strict, report=report)
+            return
+        mod = restore_module(target, state, strict=strict, where=where)  # type: ignore[arg-type]
+        report.missing_keys += [f"{where}.{k}" for k in mod.missing_keys]
+        report.unexpected_keys += [f"{where}.{k}" for k in mod.unexpected_keys]
+        report.mismatched_keys += [(f"{where}.{k}", a, b) for k, a, b in mod.mismatched_keys]
+        report.loaded.append(where)
+
+    def zero_copy(self, target: object) -> ZeroCopy:
+        """A module copies the values into its own parameters: views of the file, no copy on our side."""
+        return True
+
+    def model_weights(self, obj: object) -> bool:
+        return True
+
+
+class TorchOptimizerAdapter(BaseAdapter):
+    """``torch.optim.Optimizer``: its state dict, checked against the optimizer's parameter groups."""
+
+    def handles(self, obj: object) -> bool:
+        torch = _torch()
+        return torch is not None and isinstance(obj, torch.optim.Optimizer)
+
+    def kind(self, obj: object) -> str:
+        return "torch.optim.Optimizer"
+
+    def capture(self, obj: object, where: str) -> object:
+        return _state_of(obj, where)
+
+    def restore(self, target: object, state: object, *, strict: bool, where: str, report: LoadReport) -> None:
+        from savegame.adapters.torch import restore_optimizer
+
+        if not isinstance(state, Mapping):
+            type_mismatch(target, state, where=where, strict=strict, report=report)
+            return
+        restore_optimizer(target, state, where=where)  # type: ignore[arg-type]
+        report.loaded.append(where)
+
+    def zero_copy(self, target: object) -> ZeroCopy:
+        """An optimizer keeps the state tensors it is given (``load_state_dict`` only casts them): aligned
+        views of the copy-on-write mapping, like a safetensors load; its in-place updates then copy each
+        page on first write, privately (the file never changes)."""
+        return "aligned"
+
+
+class TorchTensorAdapter(BaseAdapter):
+    """A ``torch.Tensor``: stored as an array; restored by copying into its memory (same shape)."""
+
+    def handles(self, obj: object) -> bool:
+        torch = _torch()
+        return torch is not None and isinstance(obj, torch.Tensor)
+
+    def kind(self, obj: object) -> str:
+        return "torch.Tensor"
+
+    def capture(self, obj: object, where: str) -> None:
+        return None
+
+    def restore(self, target: object, state: object, *, strict: bool, where: str, report: LoadReport) -> None:
+        torch = _torch()
+        if not isinstance(state, torch.Tensor):
+            type_mismatch(target, state, where=where, strict=strict, report=report)
+            return
+        if state.shape != target.shape:  # type: ignore[attr-defined]
+            report.mismatched_keys.append((where, tuple(state.shape), tuple(target.shape)))  # type: ignore[attr-defined]
+            return
+        with torch.no_grad():
+            target.copy_(state)  # type: ignore[attr-defined]
+        report.loaded.append(where)
+
+
+class GeneratorAdapter(BaseAdapter):
+    """Generator objects (``random.Random``, NumPy and torch generators): their state (:mod:`adapters.rng`)."""
+
+    def handles(self, obj: object) -> bool:
+        return capture_generator(obj) is not None
+
+    def kind(self, obj: object) -> str:
+        return "generator"
+
+    def capture(self, obj: object, where: str) -> object:
+        return capture_generator(obj)
+
+    def restore(self, target: object, state: object, *, strict: bool, where: str, report: LoadReport) -> None:
+        restore_generator(target, state, where)
+        report.loaded.append(where)
+
+
+class NumpyArrayAdapter(BaseAdapter):
+    """A NumPy array: stored as an array; restored by copying into its memory (same shape)."""
+
+    def handles(self, obj: object) -> bool:
+        return isinstance(obj, np.ndarray)
+
+    def kind(self, obj: object) -> str:
+        return "numpy.ndarray"
+
+    def capture(self, obj: object, where: str) -> None:
+        return None
+
+    def restore(self, target: object, state: object, *, strict: bool, where: str, report: LoadReport) -> None:
+        assert isinstance(target, np.ndarray)
+        if not isinstance(state, np.ndarray):
+            type_mismatch(target, state, where=where, strict=strict, report=report)
+            return
+        if state.shape != target.shape:
+            report.mismatched_keys.append((where, tuple(state.shape), tuple(target.shape)))
+            return
+        np.copyto(target, state, casting="same_kind")
+        report.loaded.append(where)
+
+
+class PlainDataLoaderAdapter(BaseAdapter):
+    """A plain torch ``DataLoader`` has no position to save: refused, saying to wrap it
+    (``savegame.data.resumable``)."""
+
+    def handles(self, obj: object) -> bool:
+        if _torch() is None:
+            return False
+        from savegame.adapters.dataloader import plain_loader_message
+
+        return plain_loader_message(obj) is not None
+
+    def kind(self, obj: object) -> str:
+        return "torch.utils.data.DataLoader"
+
+    def capture(self, obj: object, where: str) -> object:
+        from savegame.adapters.dataloader import plain_loader_message
+
+        raise UnsupportedTypeError(f"{where}: {plain_loader_message(obj)}")
+
+    def restore(self, target: object, state: object, *, strict: bool, where: str, report: LoadReport) -> None:
+        from savegame.adapters.dataloader import plain_loader_message
+
+        raise StateMismatchError(f"{where}: {plain_loader_message(target)}")
+
+
+class StatefulAdapter(BaseAdapter):
+    """Any other object with ``state_dict()`` and ``load_state_dict()`` (schedulers, scalers, samplers,
+    your own classes); ``strict=`` and a keyword-only ``where=`` are passed when it takes them."""
+
+    def handles(self, obj: object) -> bool:
+        return is_stateful(obj) and not isinstance(obj, (dict, list, tuple))
+
+    def kind(self, obj: object) -> str:
+        cls = type(obj)
+        return f"stateful:{cls.__module__}.{cls.__qualname__}"[:200]
+
+    def capture(self, obj: object, where: str) -> object:
+        return _state_of(obj, where)
+
+    def restore(self, target: object, state: object, *, strict: bool, where: str, report: LoadReport) -> None:
+        load: Callable[..., Any] = target.load_state_dict  # type: ignore[attr-defined]
+        takes_strict = _accepts_strict(load)
+        named = {"where": where} if _accepts_keyword_only(load, "where") else {}
+        try:
+            result = load(state, strict=strict, **named) if takes_strict else load(state, **named)
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise StateMismatchError(f"{where}: load_state_dict failed: {exc}") from exc
+        if takes_strict:
+            _merge_report(result, where, report)
+        report.loaded.append(where)
+
+
+def is_stateful(obj: object) -> bool:
+    """Whether ``obj`` has callable ``state_dict`` and ``load_state_dict`` (the :class:`Stateful` shape)."""
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+
+
+def _state_of(obj: object, where: str) -> object:
+    try:
+        state = obj.state_dict()  # type: ignore[attr-defined]
+    except Exception as exc:
+        raise UnsupportedTypeError(f"{where}: {type(obj).__name__}.state_dict() failed: {exc}") from exc
+    if state is obj:
+        raise UnsupportedTypeError(f"{where}: state_dict() returned the object itself")
+    return state
+
+
+def _accepts_strict(load: Callable[..., Any]) -> bool:
+    """Whether ``load_state_dict`` takes a ``strict`` keyword (``torch``-style and :class:`KerasState`)."""
+    try:
+        param = inspect.signature(load).parameters.get("strict")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def _accepts_keyword_only(load: Callable[..., Any], name: str) -> bool:
+    """Whether ``load_state_dict`` takes the keyword-only parameter ``name`` (``where``: the item's path,
+    which :class:`savegame.data.ResumableLoader` names in its warning)."""
+    try:
+        param = inspect.signature(load).parameters.get(name)
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def _merge_report(result: object, where: str, report: LoadReport) -> None:
+    """Add what a non-strict ``load_state_dict`` reported as missing/unexpected/mismatched to ``report``.
+
+    Understands torch's ``(missing_keys, unexpected_keys)`` result and reports with ``missing``,
+    ``unexpected`` and ``mismatched`` lists (:class:`savegame.adapters.keras.KerasLoadReport`).
+    """
+    missing = getattr(result, "missing_keys", None)
+    if missing is None:
+        missing = getattr(result, "missing", None)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected is None:
+        unexpected = getattr(result, "unexpected", None)
+    mismatched = getattr(result, "mismatched", None)
+    if isinstance(missing, (list, tuple)):
+        report.missing_keys += [f"{where}.{k}" for k in missing]
+    if isinstance(unexpected, (list, tuple)):
+        report.unexpected_keys += [f"{where}.{k}" for k in unexpected]
+    if isinstance(mismatched, (list, tuple)):
+        for entry in mismatched:
+            if isinstance(entry, tuple) and len(entry) == 3:
+                name, saved, live = entry
+                report.mismatched_keys.append((f"{where}.{name}", tuple(saved), tuple(live)))
+
+
+_ADAPTERS: list[Adapter] = [
+    TorchModuleAdapter(), TorchOptimizerAdapter(), TorchTensorAdapter(), GeneratorAdapter(), NumpyArrayAdapter(),
+    PlainDataLoaderAdapter(), StatefulAdapter(),
+]  # fmt: skip
+
+
+def register(adapter: Adapter) -> None:
+    """Put ``adapter`` in front of the table (it is asked before the built-in ones); registering the same
+    adapter object again moves it to the front."""
+    if adapter in _ADAPTERS:
+        _ADAPTERS.remove(adapter)
+    _ADAPTERS.insert(0, adapter)
+
+
+def unregister(adapter: Adapter) -> None:
+    """Take ``adapter`` out of the table (a no-op if it is not there); the built-in ones included."""
+    if adapter in _ADAPTERS:
+        _ADAPTERS.remove(adapter)
+
+
+def adapters() -> tuple[Adapter, ...]:
+    """The table, in the order it is asked."""
+    return tuple(_ADAPTERS)
+
+
+def adapter_for(obj: object) -> Adapter | None:
+    """The first adapter that handles ``obj``, or None (plain data)."""
+    for adapter in _ADAPTERS:
+        if adapter.handles(obj):
+            return adapter
+    return None
