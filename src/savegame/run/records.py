@@ -6,6 +6,23 @@
 Plain frozen values with no behaviour, so every part of the run layer (the Checkpointer, resume, the
 Keras callbacks) can build or read them without importing the Checkpointer. The public names stay
 importable from :mod:`savegame.run.checkpointer`.
+
+What the Checkpointer writes into each manifest's ``progress`` (readable by any process with
+:func:`savegame.read_manifest`)::
+
+    {"checkpointer": 1, "sequence": 12, "run": "20261201T213012-a1b2c3", "epoch": 4, "step": 1200,
+     "metrics": {"val_loss": 0.31},
+     "epoch_end": true, "final": false, "weights_only": false, "pinned": false, "is_best": true,
+     "best": {"monitor": "val_loss", "mode": "min", "value": 0.31, "name": "epoch=004-step=001200",
+              "epoch": 4, "step": 1200}}
+
+``run`` identifies the training run that wrote the checkpoint: a Checkpointer continues the run of the
+newest checkpoint (``restart="auto"`` / ``"required"``) or starts a new one (``restart="off"``, or an
+empty directory). Best tracking and retention only look at the current run's checkpoints, so a fresh
+run in a used directory has its own best and never deletes an earlier run's checkpoints. Manifests
+written before run ids existed have no ``run``: they belong to no current run and retention never
+deletes them (a run resumed from them keeps their recorded best, though; ``savegame prune`` can
+thin them out).
 """
 
 from __future__ import annotations

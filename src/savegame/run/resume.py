@@ -347,3 +347,15 @@ def entry_named(ckpt: Checkpointer, which: str) -> IndexEntry:
         if entry_or_none is None:
             raise CheckpointNotFoundError(f"{ckpt.directory}: no committed checkpoint named {which!r}")
         return entry_or_none
+
+
+def restore_named(
+    ckpt: Checkpointer, which: str, state: Mapping[str, Any], *, strict: bool, map_location: Any
+) -> RestoredProgress:
+    """``restore(state, "best" | NAME)``: exactly that checkpoint (:class:`CheckpointNotFoundError` if
+    absent, the verification error if damaged). In a process group rank 0 verifies, then every rank loads."""
+    entry = entry_named(ckpt, which)
+    if ckpt._coord.distributed and ckpt.verify:  # rank 0 checks; a damaged file raises on every rank
+        ckpt._coord.on_coordinator(lambda: api.verify(ckpt._ref(entry.name)) and None)
+        return load_entry(ckpt, entry, state, strict=strict, map_location=map_location, quarantined=(), verify=False)
+    return load_entry(ckpt, entry, state, strict=strict, map_location=map_location, quarantined=())

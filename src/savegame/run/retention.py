@@ -5,6 +5,12 @@ coordinating rank only (:func:`retain`), with the mirror told.
 
 The functions take the :class:`~savegame.run.checkpointer.Checkpointer` whose checkpoints they thin out;
 moved here verbatim from its methods.
+
+Guarantees: a checkpoint is deleted only after a newer one was committed; the newest committed
+checkpoint, the best one, the best recorded by any run's manifests and pinned ones are never deleted
+by retention; checkpoints the Checkpointer did not write (no ``progress.checkpointer``) or another run
+wrote are never deleted; an existing name is never overwritten (``-v1``, ``-v2``, ... are appended
+instead).
 """
 
 from __future__ import annotations
@@ -60,3 +66,16 @@ def retain(ckpt: Checkpointer) -> builtins.list[str]:
     if deleted and ckpt._mirror is not None:
         ckpt._mirror.notify()
     return deleted
+
+
+def prune(ckpt: Checkpointer, *, dry_run: bool, all_runs: bool) -> list[str]:
+    """:meth:`Checkpointer.prune` once the save in flight settled and the index is fresh: check that the
+    monitor was recorded (deleting nothing otherwise), apply the keep policy on rank 0, and tell the
+    index what went."""
+    ckpt._index.check_monitor_recorded(ckpt.monitor, run=None if all_runs else ckpt.run_id,
+                                       where=f"Checkpointer({ckpt.directory!r})")  # fmt: skip
+    names: list[str] = ckpt._coord.on_coordinator(lambda: apply_retention(ckpt, dry_run=dry_run, all_runs=all_runs))
+    if not dry_run:
+        for name in names:
+            ckpt._index.note_gone(name)
+    return names

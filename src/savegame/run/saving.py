@@ -30,8 +30,10 @@ from savegame.engine.background import BackgroundWriter, PendingSave, close_at_e
 from savegame.engine.writer import save_in_background
 from savegame.errors import BackgroundSaveError, ConfigError
 from savegame.format.manifest import Manifest
-from savegame.policies import Progress, is_better
+from savegame.policies import Progress, SaveContext, is_better
 from savegame.policies.autointerval import record_save_cost
+from savegame.policies.knob_policies import find_improvement
+from savegame.policies.values import missing_monitor_message
 from savegame.run.events import SaveCommittedInfo, SaveFailedInfo, SaveStartedInfo, frozen_metrics
 from savegame.run.index import RecordedBest
 from savegame.run.records import SaveResult, progress_json
@@ -334,3 +336,22 @@ def _forget_unsettled_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_unsettled_after_fork)
+
+
+def policy_wants_save(ckpt: Checkpointer, progress: Progress, *, said_epoch_end: bool) -> bool:
+    """Whether ``step`` saves at ``progress``: the save policy's answer (not twice for the final call).
+
+    With an improvement policy, a call that carried the monitored metric judges improvement (an epoch
+    whose calls never did warns once, :class:`~savegame.run.checks.UnjudgedEpochs`); an explicit
+    ``epoch_end=True`` without it raises :class:`ConfigError`."""
+    monitored = find_improvement(ckpt.save_policy)
+    if monitored is not None and progress.epoch is not None:
+        ckpt._unjudged.note(progress.epoch, judged=monitored.monitor in progress.metrics, monitor=monitored.monitor)
+    if monitored is not None and said_epoch_end and monitored.monitor not in progress.metrics:
+        raise ConfigError(
+            "Checkpointer.step(epoch_end=True): " + missing_monitor_message(monitored.monitor, progress.metrics)
+        )
+    context = SaveContext(
+        last_saved=ckpt._last_saved, best=ckpt._best.value if ckpt._best is not None else None, started=ckpt._started
+    )
+    return ckpt.save_policy.should_save(progress, context) and not (progress.final and already_saved(ckpt, progress))
