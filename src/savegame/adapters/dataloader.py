@@ -98,6 +98,23 @@ def plain_loader_message(obj: object) -> str | None:
     )
 
 
+
+
+def holds_data_position(value: object) -> bool:
+    """Whether a state item carries where the data loop is: a :class:`ResumableLoader`, a loader or
+    sampler with its own state (torchdata's ``StatefulDataLoader``, ``savegame.data.ResumableRandomSampler``,
+    any torch ``Sampler`` with ``state_dict``), or a dict / list / tuple holding one."""
+    if isinstance(value, ResumableLoader):
+        return True
+    if isinstance(value, (DataLoader, Sampler)) and is_stateful(value):
+        return True
+    if isinstance(value, Mapping):
+        return any(holds_data_position(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(holds_data_position(v) for v in value)
+    return False
+
+
 @dataclass(frozen=True)
 class _Replay:
     """A restored mid-epoch position: batches to skip and the generator/sampler states at the epoch's first pull."""

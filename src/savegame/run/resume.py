@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from savegame import api
 from savegame._util.safetext import escape_controls
+from savegame.adapters import torch_if_imported
 from savegame.adapters.rng import RNGState
 from savegame.engine.capture import replaceable
 from savegame.errors import (
@@ -40,6 +41,7 @@ from savegame.errors import (
     StorageError,
 )
 from savegame.format.manifest import Manifest
+from savegame.policies import Progress
 from savegame.run.events import QuarantinedInfo, RestoredInfo
 from savegame.run.index import IndexEntry, entry_from_manifest
 from savegame.run.lock import process_holds
@@ -285,6 +287,7 @@ def load_entry(
     data = {k: report.state[k] for k in state if k in report.state and k in target}
     data.update({k: v for k, v in report.state.items() if k not in state and k not in target})
     progress = entry_from_manifest(entry.name, manifest)
+    warn_if_data_position_lost(entry.name, progress.progress(), state)
     ckpt._last_saved = progress.progress()
     ckpt._saved_here = False
     return RestoredProgress(
@@ -359,3 +362,34 @@ def restore_named(
         ckpt._coord.on_coordinator(lambda: api.verify(ckpt._ref(entry.name)) and None)
         return load_entry(ckpt, entry, state, strict=strict, map_location=map_location, quarantined=(), verify=False)
     return load_entry(ckpt, entry, state, strict=strict, map_location=map_location, quarantined=())
+
+
+_warned_data_position = False
+
+
+def warn_if_data_position_lost(name: str, progress: Progress, state: Mapping[str, Any]) -> None:
+    """Warn once per process (:class:`ResumeWarning`) when a PyTorch training state is resumed from a
+    checkpoint saved mid-epoch but no item of the state carries the data position: the loop's
+    ``DataLoader`` would start the epoch again from its first batch (replaying what was trained on, and
+    stepping a per-batch scheduler past its end), which is silently wrong. Not for states without a
+    torch module or optimizer (the Keras callbacks skip the consumed batches themselves)."""
+    global _warned_data_position
+    torch = torch_if_imported()
+    if _warned_data_position or progress.epoch_end or torch is None:
+        return
+    if not any(isinstance(v, (torch.nn.Module, torch.optim.Optimizer)) for v in state.values()):
+        return
+    from savegame.adapters.dataloader import holds_data_position
+
+    if any(holds_data_position(v) for v in state.values()):
+        return
+    _warned_data_position = True
+    where = ", ".join(f"{k} {v}" for k, v in (("epoch", progress.epoch), ("step", progress.step)) if v is not None)
+    message = (
+        f"checkpoint {name} was saved mid-epoch ({where}), but the state has no data position: a plain "
+        "DataLoader starts the epoch again from its first batch. Wrap the loader once, "
+        "loader = savegame.data.resumable(loader), and put it in the state (state['loader'] = loader) to "
+        "resume at the next unseen batch; if the loop skips the consumed batches itself, ignore this warning"
+    )
+    log.warning(message)
+    warnings.warn(message, ResumeWarning, stacklevel=4)
