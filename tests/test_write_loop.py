@@ -11,11 +11,11 @@ import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
 import savegame
+from distributed._common import Intruder
 from savegame import Checkpointer
 from savegame import distributed as sgd
 from savegame._util import progress
@@ -28,20 +28,6 @@ class FullDiskAtWrite(FileOps):
 
     def write(self, fd: int, data: memoryview) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
-
-
-class Intruder(FileOps):
-    """Another writer commits a checkpoint under the name being published, just before the publishing
-    rename (the race a Checkpointer's name choice cannot see); once."""
-
-    def __init__(self) -> None:
-        self.took: list[str] = []
-
-    def rename(self, src: str, dst: str) -> None:
-        if not self.took and os.path.basename(src).startswith(".staging-"):
-            savegame.save(dst, {"theirs": np.arange(3)})
-            self.took.append(os.path.basename(dst))
-        super().rename(src, dst)
 
 
 def _state() -> dict[str, Any]:

@@ -10,23 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 
-import numpy as np
 import torch
-from _common import finish, init, write_json
+from _common import Intruder, finish, init, write_json
 
 import savegame
-from savegame.storage.local import FileOps
-
-
-class Intruder(FileOps):
-    def __init__(self) -> None:
-        self.took: list[str] = []
-
-    def rename(self, src: str, dst: str) -> None:
-        if not self.took and os.path.basename(src).startswith(".staging-"):
-            savegame.save(dst, {"theirs": np.arange(3)})
-            self.took.append(os.path.basename(dst))
-        super().rename(src, dst)
 
 
 def main() -> None:

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from savegame.storage.local import FileOps
+
 
 def init() -> tuple[int, int]:
     """Join the torchrun job on the gloo backend; return (rank, world size)."""
@@ -85,3 +87,22 @@ def pickle_forbidden() -> Iterator[list[str]]:
         yield calls
     finally:
         pickle.load, pickle.loads, torch.load = saved
+
+
+class Intruder(FileOps):
+    """Another writer commits a checkpoint under the name being published, just before the publishing
+    rename (the race a Checkpointer's name choice cannot see); once. Used by tests/test_write_loop.py
+    (sync and background saves) and _clash_worker.py (a 2-rank save)."""
+
+    def __init__(self) -> None:
+        self.took: list[str] = []
+
+    def rename(self, src: str, dst: str) -> None:
+        if not self.took and os.path.basename(src).startswith(".staging-"):
+            import numpy as np
+
+            import savegame
+
+            savegame.save(dst, {"theirs": np.arange(3)})
+            self.took.append(os.path.basename(dst))
+        super().rename(src, dst)
