@@ -176,11 +176,12 @@ def markdown(data: dict[str, Any], tgt: list[dict[str, Any]], rat: dict[str, Any
     lines += [
         "",
         "Definitions: *blocking* = time until the save call returns; *durable* = until data, files and directory"
-        " entries are fsynced (peers get the same directory fsyncs savegame does); *load* = the plain load (savegame.load(path): views"
-        " of the copy-on-write mapping, every byte hashed; safetensors load_file; torch.load(weights_only=True)),"
-        " every page of the result touched; *load into model* = restore the live model (+ optimizer) in place"
-        " (savegame.load with a target; safetensors load_file + load_state_dict; torch.load(weights_only=True)"
-        " + load_state_dict; dcp.load + load_state_dict; limit = readv straight into the tensors);"
+        " entries are fsynced (peers get the same directory fsyncs savegame does); *load* = the plain load"
+        " (savegame.load(path): views of the copy-on-write mapping, every byte hashed; safetensors load_file;"
+        " torch.load(weights_only=True)), every page of the result touched; *load into model* = restore the"
+        " live model (+ optimizer) in place (savegame.load with a target; safetensors load_file +"
+        " load_state_dict; torch.load(weights_only=True) + load_state_dict; dcp.load + load_state_dict;"
+        " limit = readv straight into the tensors);"
         " *peak RSS / state* = (state + peak RSS growth during one save, fresh process) / state;"
         " *MB/s* = state bytes / durable time.",
         "",

@@ -243,3 +243,25 @@ def test_remote_plain_load_returns_private_memory() -> None:
         import fsspec
 
         fsspec.filesystem("memory").rm("/savegame-zero-copy", recursive=True)
+
+
+@linux_only
+def test_copy_true_into_an_optimizer_keeps_no_view_of_the_file(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(COLS, ROWS)  # 512 KiB of weight: the optimizer's file is mapped
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model(torch.randn(4, COLS)).sum().backward()
+    opt.step()
+    path = tmp_path / "ckpt"
+    savegame.save(path, {"model": model, "optimizer": opt})
+    file = _data_file(path, "optimizer")
+    for copy in (False, True):
+        fresh = torch.nn.Linear(COLS, ROWS)
+        fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.01)
+        savegame.load(path, {"model": fresh, "optimizer": fresh_opt}, copy=copy)
+        moments = [s[k] for s in fresh_opt.state.values() for k in ("exp_avg", "exp_avg_sq")]
+        ranges = _mapped_ranges(file)
+        in_file = [_inside(t.data_ptr(), t.nbytes, ranges) for t in moments]
+        assert any(in_file) if not copy else not any(in_file), copy
+        saved = [s[k] for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq")]
+        assert len(moments) == len(saved) and all(torch.equal(a, b) for a, b in zip(moments, saved))

@@ -334,9 +334,9 @@ def load(
     ``path`` may be an fsspec URL (``s3://bucket/run/NAME``, ``storage_options`` go to fsspec): each file
     is then downloaded into memory with parallel ranged reads and its hash checked on that buffer (the
     tensors are views of that private buffer unless ``copy=True``).
-    ``copy``: without ``target``, return owned memory instead of views of the files (see above); a
-    restore into a ``target`` decides by itself (each live object copies what it keeps, or shares aligned
-    views of the mapping as an optimizer does), so ``copy`` does not apply there.
+    ``copy``: return owned memory instead of views of the files (see above); with a ``target``, the
+    state an optimizer keeps is then copied into fresh memory too instead of sharing aligned views of
+    the mapping (modules copy into their own parameters either way).
     """
     if not isinstance(copy, bool):
         raise ConfigError(f"copy must be True or False, not {type(copy).__name__}")
@@ -404,7 +404,7 @@ def _load_items(
             values[name] = decode_opened(
                 readers[file] if file else None, manifest, name,
                 map_location=map_location if name in target else None,
-                zero_copy=zero_copy_for(target[name]) if name in target else False,
+                zero_copy=_target_zero_copy(target[name], copy=copy) if name in target else False,
             )
         del readers
     for name in needed:
@@ -412,6 +412,13 @@ def _load_items(
             report.state[name] = values.pop(name)
     restore_items(target, values, strict=strict, report=report, where=directory.where)
     return report
+
+
+def _target_zero_copy(target: object, *, copy: bool) -> ZeroCopy:
+    """How a restore into ``target`` may share the file's memory: its adapter's answer, except that with
+    ``copy`` nothing the target keeps is a view of the file (``True`` stays: the target copies anyway)."""
+    zero_copy = zero_copy_for(target)
+    return False if copy and zero_copy == "aligned" else zero_copy
 
 
 PLAIN_ZERO_COPY: ZeroCopy = "aligned"
