@@ -5,8 +5,9 @@ Every ``save(workload, path)`` writes into the directory ``path`` (which does no
 files and the directory entries are on stable storage. Peers that do not fsync directories get the same
 fsyncs savegame does (the checkpoint directory and its parent) so that "durable" means the same for all.
 
-``load(workload, path)`` reads the checkpoint into fresh memory and touches every page of the result
-(lazy/mmap loaders cannot skip work); ``load_into(workload, path)`` restores the live model and optimizer
+``load(workload, path)`` is the plain load (savegame's and safetensors' return views of a private
+mapping, torch.load reads into fresh memory) and touches every page of the result (lazy/mmap loaders
+cannot skip work); ``load_into(workload, path)`` restores the live model and optimizer
 in place, the way a resuming training script does. Either returns the elapsed seconds, or None when
 the contender has no such operation.
 """

@@ -291,12 +291,23 @@ def load(
     strict: bool = True,
     verify: bool = True,
     storage_options: Mapping[str, Any] | None = None,
+    copy: bool = False,
 ) -> Any:
     """Load a checkpoint.
 
     Without ``target``: return the nested state, ``{item: value}``. Tensors saved from torch come back as
-    torch tensors when torch is installed (NumPy arrays otherwise), in freshly allocated memory that does
-    not depend on the files.
+    torch tensors when torch is installed (NumPy arrays otherwise). For a local checkpoint they are views
+    of a private (copy-on-write) mapping of its committed tensor files, so nothing is copied: writing to a
+    tensor gives the process its own copy of that page and never reaches the file, and the checkpoint
+    may be deleted (e.g. by retention) while its tensors are alive (the mapping keeps the data). Tensors
+    that do not start 64-byte aligned in the file, and every tensor of a file of at most 256 KiB (read
+    whole, which is faster than mapping it), are in fresh memory. ``copy=True``: every tensor in freshly
+    allocated memory that does not depend on the files. The trade-off: mapped memory is paged in lazily
+    (on a cold cache, first touches read the disk) and counts as file-backed memory (page cache) until
+    written, and a deleted checkpoint's disk space is only freed when its last tensor dies; owned memory
+    is read and copied up front and counts as the process's own. Either way, with ``verify`` every byte
+    returned was hashed before ``load`` returns. savegame never modifies a committed file; a program
+    that rewrote one in place would change mapped tensors (use ``copy=True`` if that can happen).
 
     With ``target`` (a dict of items, e.g. ``{"model": model, "optimizer": opt, "epoch": 0}``): restore
     each in place and return a :class:`LoadReport`. The target is updated the way
@@ -317,19 +328,28 @@ def load(
     ``strict``: refuse to load into a target when keys are missing, unexpected, shaped differently or
     of another type (:class:`StateMismatchError`, raised before anything is changed); ``strict=False``
     loads what matches and lists the rest in the report.
-    ``verify``: check each file's content hash before using it (XXH3, ~20 GB/s).
+    ``verify``: check each file's content hash before using it (XXH3, ~20 GB/s); large files are hashed
+    on worker threads while the structure is rebuilt, and a mismatch raises :class:`HashMismatchError`
+    before anything is returned.
     ``path`` may be an fsspec URL (``s3://bucket/run/NAME``, ``storage_options`` go to fsspec): each file
-    is then downloaded into memory with parallel ranged reads and its hash checked on that buffer.
+    is then downloaded into memory with parallel ranged reads and its hash checked on that buffer (the
+    tensors are views of that private buffer unless ``copy=True``).
+    ``copy``: return owned memory instead of views of the files (see above); with a ``target``, the
+    state an optimizer keeps is then copied into fresh memory too instead of sharing aligned views of
+    the mapping (modules copy into their own parameters either way).
     """
+    if not isinstance(copy, bool):
+        raise ConfigError(f"copy must be True or False, not {type(copy).__name__}")
     directory = open_checkpoint(path, storage_options=storage_options)
     try:
-        return _load(directory, target, map_location=map_location, strict=strict, verify=verify)
+        return _load(directory, target, map_location=map_location, strict=strict, verify=verify, copy=copy)
     finally:
         _close_if_opened(directory, path)
 
 
 def _load(
-    directory: CheckpointReader, target: Mapping[str, Any] | None, *, map_location: Any, strict: bool, verify: bool
+    directory: CheckpointReader, target: Mapping[str, Any] | None, *, map_location: Any, strict: bool, verify: bool,
+    copy: bool = False,
 ) -> Any:
     """Load with a progress bar (on a terminal, for loads over ~2 s) and one log line with the throughput."""
     manifest = _manifest_of(directory)
@@ -339,7 +359,7 @@ def _load(
     bar = ProgressBar(f"loading {directory.where}", total)
     try:
         result = _load_items(directory, manifest, target, map_location=map_location, strict=strict, verify=verify,
-                             progress=bar)  # fmt: skip
+                             progress=bar, copy=copy)  # fmt: skip
     finally:
         bar.close()
     seconds = time.perf_counter() - started
@@ -350,19 +370,12 @@ def _load(
 
 def _load_items(
     directory: CheckpointReader, manifest: Manifest, target: Mapping[str, Any] | None, *, map_location: Any,
-    strict: bool, verify: bool, progress: ProgressBar,
+    strict: bool, verify: bool, progress: ProgressBar, copy: bool = False,
 ) -> Any:  # fmt: skip
     checks: list[Callable[[], None]] = []  # large files are hashed on a worker while they are decoded
     if target is None:
-        state: dict[str, Any] = {}
-        with checked(checks):
-            for name, item in manifest.items.items():
-                opened = None
-                if item.file:
-                    opened = open_file(directory, manifest, item.file, verify=verify, deferred=checks)
-                    progress.advance(manifest.files[item.file].bytes)
-                state[name] = decode_opened(opened, manifest, name, map_location=map_location)
-        return state
+        return _load_plain(directory, manifest, checks, map_location=map_location, verify=verify,
+                           progress=progress, zero_copy=PLAIN_ZERO_COPY if not copy else False)  # fmt: skip
     if not isinstance(target, Mapping):
         raise StateMismatchError(f"target must be a dict of live objects, not {type(target).__name__}")
     report = LoadReport(manifest=manifest)
@@ -391,7 +404,7 @@ def _load_items(
             values[name] = decode_opened(
                 readers[file] if file else None, manifest, name,
                 map_location=map_location if name in target else None,
-                zero_copy=zero_copy_for(target[name]) if name in target else False,
+                zero_copy=_target_zero_copy(target[name], copy=copy) if name in target else False,
             )
         del readers
     for name in needed:
@@ -399,6 +412,37 @@ def _load_items(
             report.state[name] = values.pop(name)
     restore_items(target, values, strict=strict, report=report, where=directory.where)
     return report
+
+
+def _target_zero_copy(target: object, *, copy: bool) -> ZeroCopy:
+    """How a restore into ``target`` may share the file's memory: its adapter's answer, except that with
+    ``copy`` nothing the target keeps is a view of the file (``True`` stays: the target copies anyway)."""
+    zero_copy = zero_copy_for(target)
+    return False if copy and zero_copy == "aligned" else zero_copy
+
+
+PLAIN_ZERO_COPY: ZeroCopy = "aligned"
+"""How a plain ``load(path)`` shares the files' memory: views of the copy-on-write mapping where a tensor
+starts 64-byte aligned (as a fresh allocation would; every tensor of a savegame file whose size is a
+multiple of 64 bytes does), a copy of just that tensor elsewhere (``copy=True`` copies all of them)."""
+
+
+def _load_plain(
+    directory: CheckpointReader, manifest: Manifest, checks: list[Callable[[], None]], *, map_location: Any,
+    verify: bool, progress: ProgressBar, zero_copy: ZeroCopy,
+) -> dict[str, Any]:  # fmt: skip
+    """Every item rebuilt as nested state, while the large files are hashed on workers (the same
+    :func:`open_file` mapping and deferred checks as a load into a target); nothing is returned until
+    every check passed."""
+    state: dict[str, Any] = {}
+    with checked(checks):
+        for name, item in manifest.items.items():
+            opened = None
+            if item.file:
+                opened = open_file(directory, manifest, item.file, verify=verify, deferred=checks)
+                progress.advance(manifest.files[item.file].bytes)
+            state[name] = decode_opened(opened, manifest, name, map_location=map_location, zero_copy=zero_copy)
+    return state
 
 
 @gc_paused()
