@@ -83,3 +83,18 @@ def test_a_state_without_torch_objects_does_not_warn(tmp_path: Path) -> None:
         with savegame.Checkpointer(tmp_path / "run", quiet=True) as ckpt:
             ckpt.restore({"counter": 0})
     assert [w for w in caught if issubclass(w.category, savegame.ResumeWarning)] == []
+
+
+def test_a_loop_that_records_its_own_batch_position_does_not_warn(tmp_path: Path) -> None:
+    """A plain item named like a batch position (accelerate's ``position``, a loop's ``batch_idx``) means
+    the loop skips the consumed batches itself."""
+    model, opt, _ = _parts()
+    with savegame.Checkpointer(tmp_path / "run") as ckpt:
+        ckpt.save({"model": model, "optimizer": opt, "progress": {"batches_seen": 2}}, epoch=0, step=2, epoch_end=False)
+    model, opt, _ = _parts()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with savegame.Checkpointer(tmp_path / "run", quiet=True) as ckpt:
+            restored = ckpt.restore({"model": model, "optimizer": opt, "progress": None})
+    assert restored is not None and restored.data["progress"] == {"batches_seen": 2}
+    assert [w for w in caught if issubclass(w.category, savegame.ResumeWarning)] == []

@@ -287,7 +287,7 @@ def load_entry(
     data = {k: report.state[k] for k in state if k in report.state and k in target}
     data.update({k: v for k, v in report.state.items() if k not in state and k not in target})
     progress = entry_from_manifest(entry.name, manifest)
-    warn_if_data_position_lost(entry.name, progress.progress(), state)
+    warn_if_data_position_lost(entry.name, progress.progress(), state, report.state)
     ckpt._last_saved = progress.progress()
     ckpt._saved_here = False
     return RestoredProgress(
@@ -367,12 +367,24 @@ def restore_named(
 _warned_data_position = False
 
 
-def warn_if_data_position_lost(name: str, progress: Progress, state: Mapping[str, Any]) -> None:
+POSITION_KEYS = frozenset({"batch", "batches", "batch_idx", "batch_index", "batches_seen", "iteration", "position"})
+"""Names of a plain value that records where the loop is in the epoch (a top-level item, or a key of a
+plain dict item such as ``{"epoch": 3, "batches_seen": 120}``): a loop that saves one skips itself."""
+
+
+def warn_if_data_position_lost(
+    name: str, progress: Progress, state: Mapping[str, Any], restored: Mapping[str, Any]
+) -> None:
     """Warn once per process (:class:`ResumeWarning`) when a PyTorch training state is resumed from a
-    checkpoint saved mid-epoch but no item of the state carries the data position: the loop's
-    ``DataLoader`` would start the epoch again from its first batch (replaying what was trained on, and
-    stepping a per-batch scheduler past its end), which is silently wrong. Not for states without a
-    torch module or optimizer (the Keras callbacks skip the consumed batches themselves)."""
+    checkpoint saved mid-epoch but nothing in it carries the data position: the loop's ``DataLoader``
+    would start the epoch again from its first batch (replaying what was trained on, and stepping a
+    per-batch scheduler past its end), which is silently wrong.
+
+    The position counts as carried by an item that is a resumable loader or a sampler with state
+    (``adapters.dataloader.holds_data_position``), or by a plain value named in :data:`POSITION_KEYS`
+    (``restored``: the plain values the checkpoint gave back; accelerate's ``position`` item, a loop's
+    own ``batch_idx``). Not for states without a torch module or optimizer (the Keras callbacks skip the
+    consumed batches themselves)."""
     global _warned_data_position
     torch = torch_if_imported()
     if _warned_data_position or progress.epoch_end or torch is None:
@@ -381,7 +393,7 @@ def warn_if_data_position_lost(name: str, progress: Progress, state: Mapping[str
         return
     from savegame.adapters.dataloader import holds_data_position
 
-    if any(holds_data_position(v) for v in state.values()):
+    if any(holds_data_position(v) for v in state.values()) or _records_position(restored):
         return
     _warned_data_position = True
     where = ", ".join(f"{k} {v}" for k, v in (("epoch", progress.epoch), ("step", progress.step)) if v is not None)
@@ -393,3 +405,11 @@ def warn_if_data_position_lost(name: str, progress: Progress, state: Mapping[str
     )
     log.warning(message)
     warnings.warn(message, ResumeWarning, stacklevel=4)
+
+
+def _records_position(values: Mapping[str, Any]) -> bool:
+    """Whether a plain item (or a key of a plain dict item) is named like a batch position."""
+    return any(
+        key in POSITION_KEYS or (isinstance(value, Mapping) and any(k in POSITION_KEYS for k in value))
+        for key, value in values.items()
+    )
