@@ -199,3 +199,35 @@ def test_kill_during_coalesced_saves_leaves_only_complete_checkpoints(tmp_path: 
     for record in records:  # every visible checkpoint is whole and holds the state of its own step
         savegame.verify(record.path)
         assert torch.all(_weights(record.path.rstrip("/")) == float(record.step or 0))
+
+
+def test_background_saves_hash_no_data_on_the_training_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from savegame.format import tensorfile
+
+    threads: list[str] = []
+    real_new, real_buffer = tensorfile.new_write_hasher, tensorfile.hash_buffer
+
+    class Recording:
+        def __init__(self) -> None:
+            self.inner = real_new()
+
+        def update(self, data: Any) -> None:
+            threads.append(threading.current_thread().name)
+            self.inner.update(data)
+
+        def hexdigest(self) -> str:
+            threads.append(threading.current_thread().name)
+            return self.inner.hexdigest()
+
+    def buffer(*args: Any, **kwargs: Any) -> str:
+        threads.append(threading.current_thread().name)
+        return real_buffer(*args, **kwargs)
+
+    monkeypatch.setattr(tensorfile, "new_write_hasher", Recording)
+    monkeypatch.setattr(tensorfile, "hash_buffer", buffer)
+    state = _state()
+    with savegame.Checkpointer(tmp_path, every_n_steps=1, background=True, if_busy="skip") as ckpt:
+        for step in range(1, 4):
+            ckpt.step(state, step=step, epoch_end=False)
+    assert threads, "the data was hashed somewhere"
+    assert threading.main_thread().name not in threads
