@@ -156,7 +156,8 @@ def markdown(data: dict[str, Any], tgt: list[dict[str, Any]], rat: dict[str, Any
         "# savegame benchmark",
         "",
         f"Run {data['created']} in {data.get('elapsed_seconds', '?')} s with `python -m bench"
-        + (" --quick" if cfg["quick"] else "") + f"`: {cfg['reps']} repetitions per contender (10x as many for"
+        + (" " + " ".join(cfg["argv"]) if cfg.get("argv") else " --quick" if cfg["quick"] else "")
+        + f"`: {cfg['reps']} repetitions per contender (10x as many for"
         " workloads under 16 MB), contenders interleaved round-robin in each repetition (order rotated), medians"
         " shown.",
         "",

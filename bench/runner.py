@@ -401,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     data: dict[str, Any] = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config": {"quick": args.quick, "reps": reps, "scale": scale, "scale_note": scale_msg,
+        "config": {"argv": list(sys.argv[1:] if argv is None else argv),
+                   "quick": args.quick, "reps": reps, "scale": scale, "scale_note": scale_msg,
                    "workloads": names, "rss": rss, "tmp_dir": tmp},
         "workloads": {},
     }
