@@ -8,6 +8,7 @@ import math
 import os
 from typing import Any
 
+from . import trainloop
 from .workloads import LARGE
 
 SG_SYNC = "savegame sync"
@@ -102,6 +103,13 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
     if "10k-tiny" in present:
         add("10,000 tiny tensors: torch.save time / savegame time", "10k-tiny",
             _div(_med(data, "10k-tiny", TORCH, "durable"), _med(data, "10k-tiny", SG_SYNC, "durable")), ">=", 1.0)
+    tl = data.get("trainloop")
+    if tl:
+        for k, bound in zip(trainloop.KS, (5.0, 2.0, 1.0)):
+            for policy in trainloop.POLICIES:
+                v = tl["overhead"].get(f"{policy}-k{k}")
+                add(f"training loop, background checkpoint every {k} step(s), {policy}: step-time overhead",
+                    "trainloop", None if v is None else v * 100, "<=", bound, "%")
     return rows
 
 
@@ -156,7 +164,8 @@ def markdown(data: dict[str, Any], tgt: list[dict[str, Any]], rat: dict[str, Any
         "# savegame benchmark",
         "",
         f"Run {data['created']} in {data.get('elapsed_seconds', '?')} s with `python -m bench"
-        + (" --quick" if cfg["quick"] else "") + f"`: {cfg['reps']} repetitions per contender (10x as many for"
+        + (" " + " ".join(cfg["argv"]) if cfg.get("argv") else " --quick" if cfg["quick"] else "")
+        + f"`: {cfg['reps']} repetitions per contender (10x as many for"
         " workloads under 16 MB), contenders interleaved round-robin in each repetition (order rotated), medians"
         " shown.",
         "",
@@ -220,8 +229,9 @@ def markdown(data: dict[str, Any], tgt: list[dict[str, Any]], rat: dict[str, Any
               "| target | workload | measured | required | met |", "|---|---|---:|---:|:---:|"]
     for r in tgt:
         v = r["value"]
-        shown = "—" if v is None else (f"{v:.2f} ms" if r["unit"] == "ms" else f"{v:.2f}x")
-        bound = f"{r['op']} {r['bound']:g}{' ms' if r['unit'] == 'ms' else 'x'}"
+        suffix = {"ms": " ms", "%": "%"}.get(r["unit"], "x")
+        shown = "—" if v is None else f"{v:+.1f}%" if r["unit"] == "%" else f"{v:.2f}{suffix}"
+        bound = f"{r['op']} {r['bound']:g}{suffix}"
         met = "n/a" if r["met"] is None else ("met" if r["met"] else "**not met**")
         lines.append(f"| {r['target']} | {r['workload']} | {shown} | {bound} | {met} |")
     met_n = sum(1 for r in tgt if r["met"])
@@ -237,6 +247,8 @@ def markdown(data: dict[str, Any], tgt: list[dict[str, Any]], rat: dict[str, Any
         for label, cells in rows.items():
             lines.append(f"| {label} | " + " | ".join(_x(cells[o]) for o in others) + " |")
         lines.append("")
+    if data.get("trainloop"):
+        lines += trainloop.markdown(data["trainloop"])
     return "\n".join(lines)
 
 
@@ -253,6 +265,8 @@ def chart(data: dict[str, Any], path: str) -> str | None:
     except ImportError:
         return None
     wls = list(data["workloads"])
+    if not wls:  # --trainloop only: nothing to chart
+        return None
     cols = 2 if len(wls) > 1 else 1
     rows = (len(wls) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(8 * cols, 4.8 * rows), squeeze=False)

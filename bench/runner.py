@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from . import contenders as C
-from . import report
+from . import report, trainloop
 from .workloads import BUILDERS, LARGE, GiB, build
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -365,6 +365,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rss-all-workloads", action="store_true",
                     help="peak RSS on every workload (default: the large ones, where the ratio means something)")
     ap.add_argument("--scale", type=float, default=1.0, help="scale the large workloads (1 = issue sizes)")
+    ap.add_argument("--trainloop", choices=("on", "off", "only"), default="on",
+                    help="the training-loop benchmark (background checkpoint every K steps): on (default), off,"
+                    " or only it (no save/load workloads)")
+    ap.add_argument("--trainloop-scale", type=float, default=1.0,
+                    help="parameters of its GPT-like model relative to the issue's ~27M (width scaled)")
+    ap.add_argument("--trainloop-reps", type=int, default=None,
+                    help="interleaved blocks per mode (default 3, 1 with --quick)")
+    ap.add_argument("--trainloop-steps", type=int, default=16, help="training steps per block (default 16)")
     return ap.parse_args(argv)
 
 
@@ -372,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     reps = args.reps if args.reps is not None else (2 if args.quick else 5)
     rss = args.rss or ("sync" if args.quick else "all")
-    names = [n.strip() for n in args.workloads.split(",") if n.strip()]
+    names = [n.strip() for n in args.workloads.split(",") if n.strip()] if args.trainloop != "only" else []
     unknown = [n for n in names if n not in BUILDERS]
     if unknown:
         raise SystemExit(f"unknown workloads {unknown}; choose from {list(BUILDERS)}")
@@ -393,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     data: dict[str, Any] = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config": {"quick": args.quick, "reps": reps, "scale": scale, "scale_note": scale_msg,
+        "config": {"argv": list(sys.argv[1:] if argv is None else argv),
+                   "quick": args.quick, "reps": reps, "scale": scale, "scale_note": scale_msg,
                    "workloads": names, "rss": rss, "tmp_dir": tmp},
         "workloads": {},
     }
@@ -403,6 +412,13 @@ def main(argv: list[str] | None = None) -> int:
             data["workloads"][name] = run_workload(
                 name, contenders, reps=reps, tmp=tmp, cache=cache, quick=args.quick, scale=scale, rss=rss,
                 first=(i == 0), rss_all=args.rss_all_workloads,
+            )
+        if args.trainloop != "off":
+            tl_reps = args.trainloop_reps if args.trainloop_reps is not None else (1 if args.quick else 3)
+            log(f"trainloop: scale {args.trainloop_scale:g}, {tl_reps} reps of {args.trainloop_steps} steps")
+            data["trainloop"] = trainloop.run(
+                tmp=tmp, scale=args.trainloop_scale, quick=args.quick, reps=tl_reps, steps=args.trainloop_steps,
+                log=log,
             )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

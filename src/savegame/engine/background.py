@@ -10,7 +10,8 @@ The two phases (as in CheckFreq and ``torch.distributed.checkpoint.async_save``)
    manifest last. The checkpoint becomes visible ("latest" advances) only when the commit is done.
 
 At most one save is in flight per :class:`BackgroundWriter`: a new save first waits for the previous
-one, so host memory is bounded by one snapshot. Buffers of a finished save are reused by the next one
+one, so host memory is bounded by one snapshot (a Checkpointer with ``if_busy="skip"`` does not even
+ask while one is in flight: :mod:`savegame.run.saving`). Buffers of a finished save are reused by the next one
 when sizes match (:class:`BufferPool`), so steady-state saving allocates nothing. An error in the
 background is logged when it happens and raised (as :class:`BackgroundSaveError`) by the handle's
 ``result()``; an error nobody collected through the handle is raised by the writer's next
@@ -21,6 +22,11 @@ still in flight is finished before the process goes (its writer thread is a daem
 interpreter would otherwise kill mid-write, losing the checkpoint and leaving its staging folder), with
 a line on stderr saying so; a second Ctrl-C then aborts it cleanly (the staging folder is removed). A
 failed save whose error nobody collected is reported on stderr. Nothing is lost silently.
+
+**Priority.** A writer made with ``nice=N`` lowers the scheduling priority of each of its persist threads
+by ``N`` (Linux, where ``setpriority`` applies to one thread; elsewhere nothing happens), so the write
+competes less with the training thread for the CPUs. Threads of the process-wide I/O and hashing pools
+that such a thread starts inherit its priority (Linux threads inherit the nice value of their creator).
 """
 
 from __future__ import annotations
@@ -161,9 +167,11 @@ class BackgroundWriter:
     Every writer that ever started a save is finished at interpreter exit (see the module docstring).
     """
 
-    def __init__(self, *, name: str = "savegame-writer") -> None:
+    def __init__(self, *, name: str = "savegame-writer", nice: int | None = None) -> None:
         self.pool = BufferPool()
         self._name = name
+        self.nice = nice
+        """Added to the nice value of each persist thread (None or 0: unchanged); see the module docstring."""
         self._current: PendingSave | None = None
         self._unreported: tuple[str, BaseException] | None = None
         self._lock = threading.Lock()
@@ -213,6 +221,7 @@ class BackgroundWriter:
             # handle and then takes its snapshot, which must find them there (warm, already faulted-in
             # memory) rather than race the release and allocate fresh ones.
             start = time.perf_counter()
+            lower_thread_priority(self.nice)
             try:
                 result = job()
             except BaseException as exc:
@@ -273,6 +282,23 @@ class BackgroundWriter:
         if unreported is not None:
             path, exc = unreported
             _say(stream, f"savegame: the background save of {path} failed, nothing was saved there: {exc}")
+
+
+def lower_thread_priority(nice: int | None) -> bool:
+    """Add ``nice`` to the calling thread's nice value where the OS has per-thread priorities (Linux);
+    return whether it was applied. Never raises: a lower priority is a wish, not a requirement."""
+    if not nice:
+        return False
+    get_id = getattr(threading, "get_native_id", None)
+    if not sys.platform.startswith("linux") or get_id is None or not hasattr(os, "setpriority"):
+        return False
+    try:
+        tid = get_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError as exc:  # e.g. a sandbox forbidding setpriority: write at normal priority
+        log.debug("could not lower the priority of the writer thread: %s", exc)
+        return False
+    return True
 
 
 def _say(stream: TextIO, line: str) -> None:

@@ -95,7 +95,7 @@ from savegame.run.resume import RNG_ITEM as RNG_ITEM
 from savegame.run.resume import ResumeWarning as ResumeWarning
 from savegame.run.resume import announce_restore, restore_named, resume_latest
 from savegame.run.retention import prune
-from savegame.run.saving import InFlight, policy_wants_save, save_state, settle
+from savegame.run.saving import InFlight, busy, policy_wants_save, save_state, settle, skipped
 from savegame.run.signals import PreemptionHandler
 from savegame.run.timing import RunClock
 from savegame.storage import LocalStorage, storage_for
@@ -113,6 +113,7 @@ __all__ = [
 log = logging.getLogger("savegame.run.checkpointer")
 
 SignalAction = Literal["exit", "reraise", "continue"]
+IfBusy = Literal["wait", "skip"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,6 +180,19 @@ class Checkpointer:
       background save runs once it is committed, at that call. Call ``close()`` (or use ``with``) so the
       last save is integrated and retention applied; a save still in flight when the process ends is
       finished at exit all the same (:mod:`savegame.engine.background`).
+    * ``if_busy``: what a save that ``step`` wants does while the previous background save is still
+      being written. ``"wait"`` (the default): it waits for that one to commit, then snapshots and
+      writes. ``"skip"`` (for saving every step or every few steps): it is coalesced into the save in
+      flight and returns at once: nothing is written for that call, ``SaveResult.skipped`` is True (its
+      ``name``, ``path`` and ``pending`` are those of the save in flight), and the policy still counts
+      from the last save that was written, so the next ``step`` after that one committed saves the
+      state as it is then. Never a queue: at most one save in flight, at most one snapshot in memory.
+      ``save()``, a final ``step(final=True)``, preemption saves and sync saves always wait, so after
+      ``close()`` the state of the last call that was not reported skipped is durable.
+    * ``writer_nice``: lower the scheduling priority of the background writer threads by this much
+      (0-19, Linux only; None: unchanged) so that the write competes less with training for the CPUs.
+      A training thread that waits for the writer (``if_busy="wait"``, ``wait()``) waits longer on a
+      busy machine: pair it with ``if_busy="skip"``.
     * ``restart``: what ``restore(state)`` (``which="latest"``) does: ``"auto"`` resumes from the newest
       valid checkpoint if there is one, ``"required"`` raises :class:`CheckpointNotFoundError` if there
       is none; both continue the run of the newest checkpoint (its best, its retention). ``"off"``
@@ -262,6 +276,8 @@ class Checkpointer:
         weights_only: bool = False,
         rng: bool = True,
         background: bool = False,
+        if_busy: IfBusy = "wait",
+        writer_nice: int | None = None,
         restart: Restart = "auto",
         verify: bool = True,
         max_epochs: int | None = None,
@@ -310,6 +326,16 @@ class Checkpointer:
         self.verify = bool(verify)
         self.max_epochs = max_epochs
         self.background = bool(background)
+        if if_busy not in ("wait", "skip"):
+            raise ConfigError(f"Checkpointer: if_busy must be 'wait' or 'skip', got {if_busy!r}")
+        self.if_busy: IfBusy = if_busy
+        if writer_nice is not None and (
+            isinstance(writer_nice, bool) or not isinstance(writer_nice, int) or not 0 <= writer_nice <= 19
+        ):
+            raise ConfigError(f"Checkpointer: writer_nice must be an int from 0 to 19 or None, got {writer_nice!r}")
+        self.writer_nice = writer_nice
+        self.skipped_saves = 0
+        """How many saves ``step`` wanted but coalesced into the save in flight (``if_busy="skip"``)."""
         self._writer: BackgroundWriter | None = None
         self._in_flight: InFlight | None = None
         self.metadata: dict[str, Any] = dict(metadata or {})
@@ -515,7 +541,9 @@ class Checkpointer:
         progress = self._progress(epoch, step, metrics, epoch_end=epoch_end, final=final)
         wanted = policy_wants_save(self, progress, said_epoch_end=said_epoch_end)
         result = None
-        if self._coord.agree(wanted):
+        if wanted and not progress.final and self.if_busy == "skip" and busy(self):
+            result = skipped(self, progress)
+        elif self._coord.agree(wanted):
             result = save_state(self, state, progress, name=None, metadata=metadata, pin=False)
         if self._preemption is not None and self._coord.any(self._preemption.requested):
             result = save_for_preemption(self, state, progress, result, metadata)

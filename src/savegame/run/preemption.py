@@ -56,7 +56,7 @@ def save_for_preemption(
     assert handler is not None
     started = time.monotonic()
     name = handler.signal_name or "a signal on another rank"
-    if result is None:
+    if result is None or result.skipped:  # a save coalesced into the one in flight wrote nothing
         extra = {**dict(metadata or {}), "preempted_by": name}
         result = save_state(ckpt, state, progress, name=None, metadata=extra, pin=False)
     settle(ckpt)  # a background save must be committed before the process goes

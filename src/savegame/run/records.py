@@ -77,6 +77,9 @@ class SaveResult:
     under the next free name (``epoch=003-v1``; a warning is logged), by sync, background and per-rank
     saves alike: a sync save's ``name`` is where it went, a background save's the name it started with
     (``latest`` and ``list()`` show where it went once it is settled).
+    ``skipped``: True when ``step`` wanted to save but coalesced the save into the background save still
+    in flight (``Checkpointer(if_busy="skip")``): nothing was written for this call; ``name``, ``path``
+    and ``pending`` are those of the save in flight, ``epoch``, ``step`` and ``metrics`` this call's.
     """
 
     name: str
@@ -89,6 +92,7 @@ class SaveResult:
     seconds: float
     deleted: tuple[str, ...] = ()
     pending: PendingSave | None = None
+    skipped: bool = False
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from savegame.run.save_naming import SaveNaming, name_for, renamed
 if TYPE_CHECKING:
     from savegame.run.checkpointer import Checkpointer
 
-__all__ = ["InFlight", "already_saved", "save_state", "settle"]
+__all__ = ["InFlight", "already_saved", "busy", "save_state", "settle", "skipped"]
 
 log = logging.getLogger("savegame.run.checkpointer")
 
@@ -232,7 +232,9 @@ def submit(
     sync save is). The progress recorded says how long the save blocked (``timing``, filled in once
     the snapshot is taken)."""
     if ckpt._writer is None:
-        ckpt._writer = BackgroundWriter(name=f"savegame-writer:{os.path.basename(ckpt.directory)}")
+        ckpt._writer = BackgroundWriter(
+            name=f"savegame-writer:{os.path.basename(ckpt.directory)}", nice=ckpt.writer_nice
+        )
     name = naming.name
 
     def stamp() -> dict[str, Any]:
@@ -257,6 +259,31 @@ def submit(
         metrics=MappingProxyType(dict(progress.metrics)), is_best=best is not None and best.name == name,
         size=None, seconds=seconds, pending=handle,
     )  # fmt: skip
+
+def busy(ckpt: Checkpointer) -> bool:
+    """Whether a background save is still being written (submitted, its commit not done yet)."""
+    in_flight = ckpt._in_flight
+    return in_flight is not None and not in_flight.handle.done()
+
+
+def skipped(ckpt: Checkpointer, progress: Progress) -> SaveResult:
+    """A save ``step`` wanted while one was in flight, coalesced into it (``if_busy="skip"``).
+
+    Nothing is written and nothing of the Checkpointer's view changes: the last save (what the save
+    policy counts from), the best and the run's sequence stay those of the saves that were made, so
+    the next ``step`` after the save in flight committed saves again. The result names the save in
+    flight (its handle in ``pending``) and says ``skipped=True``."""
+    in_flight = ckpt._in_flight
+    assert in_flight is not None
+    ckpt.skipped_saves += 1
+    log.debug("save at epoch %s step %s skipped: %s is still being written", progress.epoch, progress.step,
+              in_flight.name)  # fmt: skip
+    return SaveResult(
+        name=in_flight.name, path=ckpt.storage.path(in_flight.name), epoch=progress.epoch, step=progress.step,
+        metrics=MappingProxyType(dict(progress.metrics)), is_best=False, size=None, seconds=0.0,
+        pending=in_flight.handle, skipped=True,
+    )  # fmt: skip
+
 
 def settle(ckpt: Checkpointer) -> builtins.list[str]:
     """Wait for the background save in flight, integrate it and apply retention; return deletions.

@@ -1,0 +1,205 @@
+"""Training loop with a background full-state checkpoint every K steps (issue 19, item 4).
+
+A GPT-like model trains on random tokens with AdamW on the CPU. Blocks of ``steps`` training steps run
+without checkpointing and with ``savegame.Checkpointer(background=True, every_n_steps=K)`` saving the
+model, the optimizer and the RNGs, for K = 1, 4, 16, under two save policies:
+
+* ``wait`` (the Checkpointer's default): a save requested while the previous one is still being written
+  waits for it to commit;
+* ``skip``: ``if_busy="skip"`` coalesces such a request into the save in flight, and
+  ``writer_nice=10`` lowers the writer threads' priority.
+
+The blocks of all modes are interleaved (rotated every repetition) in one process; the result of a
+mode is the median over its blocks of the mean step time, reported as a ratio to the median of the
+blocks without checkpointing (the overhead), with the machine's load average, and for ``skip`` the
+saves actually written per block.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+KS = (1, 4, 16)
+POLICIES = {
+    "wait": {},
+    "skip": {"if_busy": "skip", "writer_nice": 10},
+}
+BATCH, SEQ = 4, 64
+REFERENCE = {"d": 512, "layers": 6, "vocab": 8192}
+"""Scale 1: ~27M parameters, ~313 MiB of model + AdamW state (the issue's reference)."""
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(d)
+        self.ff = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.ff(self.ln2(x))
+
+
+class TrainGPT(nn.Module):
+    """A small causal transformer language model (what a training step runs)."""
+
+    def __init__(self, vocab: int, d: int, layers: int, ctx: int) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(ctx, d)
+        self.blocks = nn.ModuleList([_Block(d, max(1, d // 64)) for _ in range(layers)])
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        x = self.tok(idx) + self.pos(torch.arange(t))
+        mask = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
+        for block in self.blocks:
+            x = block(x, mask)
+        out: torch.Tensor = self.head(self.ln_f(x))
+        return out
+
+
+def model_config(scale: float, quick: bool) -> dict[str, int]:
+    """Width scaled by sqrt(scale) (parameters by ~scale), depth and tokens per step kept."""
+    if quick:
+        return {"d": 32, "layers": 1, "vocab": 256}
+    d = max(32, round(REFERENCE["d"] * math.sqrt(scale) / 32) * 32)
+    return {"d": d, "layers": REFERENCE["layers"], "vocab": 16 * d}
+
+
+class Trainer:
+    def __init__(self, cfg: dict[str, int]) -> None:
+        torch.manual_seed(0)
+        self.vocab = cfg["vocab"]
+        self.model = TrainGPT(cfg["vocab"], cfg["d"], cfg["layers"], SEQ)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.loss = nn.CrossEntropyLoss()
+        self.step()  # AdamW state exists from here on
+
+    def step(self) -> None:
+        idx = torch.randint(0, self.vocab, (BATCH, SEQ + 1))
+        logits = self.model(idx[:, :-1])
+        loss = self.loss(logits.reshape(-1, self.vocab), idx[:, 1:].reshape(-1))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+    def state_bytes(self) -> int:
+        n = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        for per_param in self.opt.state.values():
+            n += sum(v.numel() * v.element_size() for v in per_param.values() if isinstance(v, torch.Tensor))
+        return n
+
+
+def _block(trainer: Trainer, mode: str, steps: int, tmp: str) -> tuple[float, int]:
+    """Mean step time of ``steps`` steps in ``mode`` and the number of saves written."""
+    import savegame
+
+    if mode == "none":
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainer.step()
+        return (time.perf_counter() - t0) / steps, 0
+    policy, k = mode.rsplit("-k", 1)
+    d = os.path.join(tmp, f"trainloop-{mode}")
+    shutil.rmtree(d, ignore_errors=True)
+    ckpt = savegame.Checkpointer(d, every_n_steps=int(k), background=True, keep_last=2, quiet=True,
+                                 **POLICIES[policy])  # type: ignore[arg-type]
+    state = {"model": trainer.model, "optimizer": trainer.opt}
+    written = 0
+    try:
+        ckpt.save(state, step=0)  # not timed: a long-lived Checkpointer's first-save costs (index, lock, writer)
+        ckpt.wait()
+        t0 = time.perf_counter()
+        for i in range(1, steps + 1):
+            trainer.step()
+            result = ckpt.step(state, step=i, epoch_end=False)
+            written += result is not None and not result.skipped
+        elapsed = time.perf_counter() - t0
+    finally:
+        ckpt.close()  # not timed: the last write must not spill into the next block
+        shutil.rmtree(d, ignore_errors=True)
+    return elapsed / steps, written
+
+
+def run(*, tmp: str, scale: float, quick: bool, reps: int, steps: int, log: Any) -> dict[str, Any]:
+    """All modes, interleaved; returns medians, ratios to ``none`` and the raw samples."""
+    cfg = model_config(scale, quick)
+    trainer = Trainer(cfg)
+    params = sum(p.numel() for p in trainer.model.parameters())
+    modes = ["none"] + [f"{p}-k{k}" for p in POLICIES for k in KS]
+    samples: dict[str, list[float]] = {m: [] for m in modes}
+    written: dict[str, list[int]] = {m: [] for m in modes}
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    _block(trainer, "none", max(2, steps // 4), tmp)  # warm-up: allocator, threads
+    for rep in range(reps):
+        order = modes[rep % len(modes):] + modes[: rep % len(modes)]
+        for mode in order:
+            mean, n = _block(trainer, mode, steps, tmp)
+            samples[mode].append(mean)
+            written[mode].append(n)
+        log(f"  trainloop rep {rep + 1}/{reps} done ({time.perf_counter() - t0:.0f} s)")
+    median = {m: statistics.median(v) for m, v in samples.items()}
+    base = median["none"]
+    return {
+        "description": (f"GPT-like {cfg['layers']}x{cfg['d']}, vocab {cfg['vocab']}, {params / 1e6:.1f}M params "
+                        f"+ AdamW, batch {BATCH}x{SEQ} tokens"),
+        "config": {**cfg, "scale": scale, "quick": quick, "reps": reps, "steps_per_block": steps,
+                   "policies": {k: dict(v) for k, v in POLICIES.items()}},
+        "state_bytes": trainer.state_bytes(),
+        "params": params,
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "samples": samples,
+        "saves_written": written,
+        "median_step_seconds": median,
+        "overhead": {m: median[m] / base - 1.0 for m in modes if m != "none"},
+    }
+
+
+def markdown(tl: dict[str, Any]) -> list[str]:
+    """The report section: one row per K, the overhead of each policy."""
+    cfg = tl["config"]
+    lb, la = tl["loadavg_before"], tl["loadavg_after"]
+    lines = [
+        "## Training loop: background checkpoint every K steps",
+        "",
+        f"{tl['description']}; state {tl['state_bytes'] / 2**20:.0f} MiB; {cfg['reps']} interleaved blocks of "
+        f"{cfg['steps_per_block']} steps per mode (scale {cfg['scale']:g}{', quick' if cfg['quick'] else ''}); "
+        f"load average {lb[0]:.1f} before, {la[0]:.1f} after. Overhead = median block step time / median "
+        f"without checkpointing - 1. `wait`: the default (the next save waits for the one in flight); "
+        f"`skip`: `if_busy=\"skip\", writer_nice=10` (saves requested while one is written are coalesced "
+        f"into it: saves written per block shown).",
+        "",
+        f"Step time without checkpointing: {tl['median_step_seconds']['none'] * 1000:.1f} ms (median).",
+        "",
+        "| every K steps | overhead, wait | overhead, skip | saves written per block, skip |",
+        "|---:|---:|---:|---:|",
+    ]
+    for k in KS:
+        w = tl["overhead"].get(f"wait-k{k}")
+        s = tl["overhead"].get(f"skip-k{k}")
+        n = tl["saves_written"].get(f"skip-k{k}", [])
+        lines.append(f"| {k} | {_pct(w)} | {_pct(s)} | {statistics.median(n) if n else '—'} "
+                     f"of {cfg['steps_per_block'] // k} |")
+    lines.append("")
+    return lines
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{v * 100:+.1f}%"
