@@ -22,7 +22,8 @@ from torch.nn.parameter import is_lazy
 from savegame.adapters.report import LoadReport
 from savegame.errors import InvalidManifestError, StateMismatchError, UnsupportedTypeError
 from savegame.format.checks import check_device, check_optimizer_state, check_size, check_tensor_node
-from savegame.format.tree import Encoder, Path, Where, format_path, valid_shape
+from savegame.format.tensorfile import TensorData
+from savegame.format.tree import ArrayRecord, Encoder, Path, Where, format_path, valid_shape
 
 # torch dtype -> (stored code, logical name or None, trailing dimension)
 _CODES: dict[torch.dtype, tuple[str, str | None, int]] = {
@@ -160,12 +161,21 @@ def encode_hook(obj: object, path: Path, enc: Encoder) -> dict[str, Any] | None:
     identity = None
     numel = obj.numel()
     if numel > 0:
-        identity = ("torch", obj.untyped_storage().data_ptr(), obj.storage_offset(), shape, obj.stride(), dtype, device)
+        # the first element's address names the storage and offset in one call (the dtype is in the key)
+        identity = ("torch", obj.data_ptr(), shape, obj.stride(), dtype, device)
         alias = enc.alias_of(identity)
         if alias is not None:
             node["key"] = alias
             return node
-    t, raw = _host_tensor(obj.detach(), enc)
+        nbytes = numel * dtype.itemsize
+        if enc.copy and nbytes <= SMALL_TENSOR_BYTES and device_type == "cpu" and dtype in _BATCHABLE:
+            stored = shape if trailing == 1 else (*shape, trailing)
+            node["key"] = _small_copies(enc).add(obj, nbytes, path, code, stored, identity)
+            return node
+    src = obj.detach()
+    if dtype.is_complex:  # lazy conjugate/negative views: their bytes are not their values
+        src = src.resolve_conj().resolve_neg()
+    t, raw = _host_tensor(src, enc)
     if numel == 0:
         data = memoryview(b"")
     elif raw is not None:  # a snapshot buffer: its bytes are the tensor's
@@ -176,6 +186,96 @@ def encode_hook(obj: object, path: Path, enc: Encoder) -> dict[str, Any] | None:
         data = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
     node["key"] = enc.add_array(path, code, shape if trailing == 1 else (*shape, trailing), data, t, identity)
     return node
+
+
+SMALL_TENSOR_BYTES = 64 << 10
+"""CPU tensors up to this size are copied together in a snapshot (:class:`_SmallCopies`)."""
+_SMALL_BATCH_BYTES = 16 << 20
+"""A batch of small tensors is copied once it holds this many bytes (bounds the buffers' size)."""
+_BATCHABLE = frozenset(d for d in _CODES if not d.is_complex)
+"""Dtypes copied in batches: complex tensors may carry lazy conjugate/negative bits, which must be
+resolved first; they keep the per-tensor path."""
+
+
+def _small_copies(enc: Encoder) -> _SmallCopies:
+    """The encoder's batch of small tensors, created (and registered to be finished) on first use."""
+    batch = enc.hook_state.get("torch.small")
+    if batch is None:
+        batch = enc.hook_state["torch.small"] = _SmallCopies(enc)
+        enc.finishers.append(batch.flush)
+    assert isinstance(batch, _SmallCopies)
+    return batch
+
+
+class _SmallCopies:
+    """The small CPU tensors of one snapshot, copied with one C++ call per dtype and shape instead of a
+    buffer, three views and a ``copy_`` each (which cost several times the copy itself for 4 KB tensors).
+
+    ``add`` takes a tensor's key at once (name, alias); ``flush`` (when a batch is full, and from
+    :meth:`Encoder.finish`) stacks the batch (one ``torch.stack`` of tensors of the same dtype and shape:
+    models and their optimizer states repeat a few shapes) into one snapshot buffer (reused by the next
+    save of the same sizes, as every snapshot buffer is) and records each entry with its slice.
+    Everything runs on the caller's thread before the save call returns, so later changes to the live
+    tensors cannot reach the snapshot.
+    """
+
+    def __init__(self, enc: Encoder) -> None:
+        self._enc = enc
+        self._pending: dict[tuple[torch.dtype, tuple[int, ...]], _Batch] = {}
+
+    def add(
+        self, t: torch.Tensor, nbytes: int, path: Path, code: str, shape: tuple[int, ...],
+        identity: tuple[object, ...],
+    ) -> str:  # fmt: skip
+        """Take ``t`` (``nbytes`` of data, CPU, a batchable dtype) into its dtype's batch; return its key."""
+        key = self._enc.reserve_key(path, identity)
+        group = (t.dtype, shape)
+        batch = self._pending.get(group)
+        if batch is None:
+            batch = self._pending[group] = _Batch()
+        batch.tensors.append(t)
+        batch.keys.append(key)
+        batch.codes.append(code)
+        batch.shapes.append(shape)
+        batch.sizes.append(nbytes)
+        batch.nbytes += nbytes
+        if batch.nbytes >= _SMALL_BATCH_BYTES:
+            self._copy(group)
+        return key
+
+    def flush(self) -> None:
+        for group in list(self._pending):
+            self._copy(group)
+
+    def _copy(self, group: tuple[torch.dtype, tuple[int, ...]]) -> None:
+        dtype, shape = group
+        batch = self._pending.pop(group)
+        buf = self._enc.host_buffer(batch.nbytes)  # reused by the next snapshot (BufferPool)
+        with torch.no_grad():  # one copy for the group: strided or not, every tensor in row-major order
+            torch.stack(batch.tensors, out=torch.from_numpy(buf).view(dtype).view(len(batch.tensors), *shape))
+        view = memoryview(buf)  # type: ignore[arg-type]
+        records = self._enc.records
+        offset = 0
+        for nbytes, key, code, shape in zip(batch.sizes, batch.keys, batch.codes, batch.shapes):
+            end = offset + nbytes
+            records.append(ArrayRecord(TensorData(key, code, shape, view[offset:end]), buf))
+            offset = end
+
+
+class _Batch:
+    """One dtype and shape's small tensors waiting for their copy (parallel lists: no object per tensor)."""
+
+    __slots__ = ("codes", "keys", "nbytes", "shapes", "sizes", "tensors")
+
+    def __init__(self) -> None:
+        self.tensors: list[torch.Tensor] = []
+        self.keys: list[str] = []
+        self.codes: list[str] = []
+        self.shapes: list[tuple[int, ...]] = []
+        self.sizes: list[int] = []
+        self.nbytes = 0
+
+
 
 
 def _host_tensor(t: torch.Tensor, enc: Encoder) -> tuple[torch.Tensor, np.ndarray | None]:

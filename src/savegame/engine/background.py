@@ -220,6 +220,9 @@ class BackgroundWriter:
             # The buffers go back to the pool *before* the handle completes: the next save waits for the
             # handle and then takes its snapshot, which must find them there (warm, already faulted-in
             # memory) rather than race the release and allocate fresh ones.
+            # Wait (GIL released) until the caller is back from Thread.start(): it then returns from the
+            # save at once instead of waiting a switch interval (5 ms or more) for this job's Python work.
+            started.wait()
             start = time.perf_counter()
             lower_thread_priority(self.nice)
             try:
@@ -242,7 +245,9 @@ class BackgroundWriter:
         _finish_at_exit(self)
         self._stop.clear()
         self._current = pending
+        started = threading.Event()
         threading.Thread(target=run, name=self._name, daemon=True).start()
+        started.set()
         return pending
 
     def _consume(self, exc: BaseException) -> None:

@@ -84,6 +84,7 @@ def encode_state(
                 raise UnsupportedTypeError(f"item names must be non-empty strings (<= 1024 chars), got {name!r}")
             enc = make_encoder(copy=copy, allocate=allocate, copies=copies)
             skeleton = enc.encode(value, (name,))
+            enc.finish()
             needs_sync = needs_sync or enc.needs_sync
             file = None
             if enc.records:

@@ -94,7 +94,7 @@ def tensor_key(path: Path) -> str:
     :data:`~savegame.format.tensorfile.MAX_NAME_CHARS` limit, ``safetensors`` itself) accepts the header.
     Uniqueness is the caller's job (:meth:`Encoder.add_array`).
     """
-    name = ".".join(str(p) for p in path) or "_"
+    name = ".".join(map(str, path)) or "_"
     if not name.isascii():
         name = name.encode("utf-8", "backslashreplace").decode("utf-8")
     return name[:MAX_KEY_CHARS]
@@ -157,6 +157,11 @@ class Encoder:
     records: list[ArrayRecord] = field(default_factory=list)
     _names: set[str] = field(default_factory=set)
     _seen: dict[tuple[object, ...], str] = field(default_factory=dict)
+    finishers: list[Callable[[], None]] = field(default_factory=list)
+    """Run by :meth:`finish` once the walk is done: hooks that batch work over many arrays (one copy of
+    every small tensor of a snapshot) register here and fill in their records' bytes then."""
+    hook_state: dict[str, Any] = field(default_factory=dict)
+    """Per-walk state of the hooks (e.g. that batch), by a name of the hook's choosing."""
 
     # -- array registration (used by the hooks) ----------------------------------------------------
     def alias_of(self, identity: tuple[object, ...]) -> str | None:
@@ -174,6 +179,13 @@ class Encoder:
         come out equal (``{"a.b": x, "a": {"b": y}}``, or two long keys with a common prefix) get a
         ``#2``, ``#3``... suffix; ``__metadata__`` is reserved by the format, so it always does.
         """
+        key = self.reserve_key(path, identity)
+        self.records.append(ArrayRecord(TensorData(key, code, shape, data), keepalive))
+        return key
+
+    def reserve_key(self, path: Path, identity: tuple[object, ...] | None = None) -> str:
+        """The fresh key :meth:`add_array` would give ``path`` (taken now; the hook appends the record
+        itself later, e.g. once a batched copy gave it its bytes)."""
         base = tensor_key(path[self.key_skip :])
         key = base
         n = 1
@@ -181,7 +193,6 @@ class Encoder:
             n += 1
             key = f"{base}#{n}"
         self._names.add(key)
-        self.records.append(ArrayRecord(TensorData(key, code, shape, data), keepalive))
         if identity is not None:
             self._seen[identity] = key
         return key
@@ -198,6 +209,16 @@ class Encoder:
         dest = self.host_buffer(arr.nbytes).view(arr.dtype).reshape(arr.shape)
         np.copyto(dest, arr)
         return dest
+
+    def finish(self) -> None:
+        """Complete what the hooks deferred (see :attr:`finishers`); call once after :meth:`encode`,
+        before reading :attr:`records`."""
+        finishers, self.finishers = self.finishers, []
+        try:
+            for done in finishers:
+                done()
+        finally:
+            self.hook_state.clear()  # the hooks' objects refer back to the encoder: no cycle left behind
 
     # -- the walk -------------------------------------------------------------------------------------
     def encode(self, obj: object, path: Path = ()) -> Any:
