@@ -155,3 +155,28 @@ def test_resume_with_a_mirror_still_quarantines_a_damaged_newest(tmp_path: Path)
         restored = ckpt.restore({"model": fresh})
     assert restored is not None and restored.epoch == 1
     assert not newest.exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "forge"),
+    [
+        (np.arange(6, dtype=np.complex128), {"shape": [7]}),  # logical shape larger than the bytes
+        (torch.arange(6, dtype=torch.float64).to(torch.complex128), {"shape": [7]}),  # a torch view type
+        (np.float64(2.5), {"$": "npscalar", "dtype": "complex64", "shape": [2]}),  # a scalar with a shape
+    ],
+)
+def test_verify_and_load_refuse_a_forged_node_with_the_one_rule(
+    tmp_path: Path, value: Any, forge: dict[str, Any]
+) -> None:
+    """``verify`` (without building arrays) and ``load`` (while building them) ask the same rule
+    (``format.tree.check_array_node``): the same refusal, word for word after the key."""
+    path = tmp_path / "c"
+    savegame.save(path, {"d": {"w": value}})
+    body = json.loads((path / "manifest.json").read_bytes())
+    body["items"]["d"]["skeleton"]["w"].update(forge)
+    (path / "manifest.json").write_bytes(sign_manifest(body))
+    with pytest.raises(InvalidManifestError) as by_verify:
+        savegame.verify(path)
+    with pytest.raises(InvalidManifestError) as by_load:
+        savegame.load(path, verify=False)
+    assert str(by_verify.value).split(": ", 1)[1] == str(by_load.value).split(": ", 1)[1]

@@ -9,7 +9,6 @@ tensors and tensor subclasses other than ``nn.Parameter`` (DTensor is handled by
 
 from __future__ import annotations
 
-import math
 import sys
 import warnings
 from collections.abc import Callable, Mapping
@@ -21,9 +20,9 @@ from torch.nn.parameter import is_lazy
 
 from savegame.adapters.report import LoadReport
 from savegame.errors import InvalidManifestError, StateMismatchError, UnsupportedTypeError
-from savegame.format.checks import check_device, check_optimizer_state, check_size, check_tensor_node
+from savegame.format.checks import check_device, check_optimizer_state, check_size
 from savegame.format.tensorfile import TensorData
-from savegame.format.tree import ArrayRecord, Encoder, Path, Where, format_path, valid_shape
+from savegame.format.tree import ArrayRecord, Encoder, Path, Where, check_array_node, format_path
 
 # torch dtype -> (stored code, logical name or None, trailing dimension)
 _CODES: dict[torch.dtype, tuple[str, str | None, int]] = {
@@ -331,8 +330,9 @@ def tensor_from_bytes(
     node: Mapping[str, Any], raw: np.ndarray, code: str, shape: tuple[int, ...], where: str | Where,
     map_location: MapLocation,
 ) -> torch.Tensor:
-    """Build the tensor of a ``tensor`` node from its stored bytes (a uint8 view, not copied)."""
-    check_tensor_node(node, where)
+    """Build the tensor of a ``tensor`` node from its stored bytes (a uint8 view, not copied), once the
+    node passed the one rule for array nodes (:func:`savegame.format.tree.check_array_node`)."""
+    shape = check_array_node(node, nbytes=raw.size, shape=shape, where=where)
     logical = node.get("dtype")
     same = _NUMPY_SAME.get(code) if logical is None else None
     if same is not None and raw.flags.writeable:
@@ -356,23 +356,10 @@ def _tensor_from_raw(
     """The general case of :func:`tensor_from_bytes`: logical dtypes (stored as another code), dtypes NumPy
     lacks (bfloat16, float8), read-only buffers."""
     logical = node.get("dtype")
-    if logical is not None:
-        dtype = _FROM_LOGICAL.get(logical) if isinstance(logical, str) else None
-        lshape = node.get("shape")
-        if dtype is None:
-            raise InvalidManifestError(f"{where}: unknown logical tensor dtype {str(logical)[:40]!r}")
-        if not valid_shape(lshape, torch.empty((), dtype=dtype).element_size()):
-            raise InvalidManifestError(f"{where}: invalid logical shape {str(lshape)[:100]}")
-        assert isinstance(lshape, list)
-        target_shape = tuple(lshape)
-    else:
-        dt = _FROM_CODE.get(code)
-        if dt is None:
-            raise InvalidManifestError(f"{where}: dtype {code} is not available in this torch")
-        dtype, target_shape = dt, shape
-    itemsize = _ITEMSIZE.get(dtype) or torch.empty((), dtype=dtype).element_size()
-    if math.prod(target_shape) * itemsize != raw.size:
-        raise InvalidManifestError(f"{where}: shape {list(target_shape)} x {dtype} does not match the stored bytes")
+    dtype = _FROM_LOGICAL.get(logical) if isinstance(logical, str) else _FROM_CODE.get(code)
+    if dtype is None:
+        raise InvalidManifestError(f"{where}: dtype {str(logical or code)[:40]} is not available in this torch")
+    target_shape = shape  # the logical shape when there is one (check_array_node)
     if not raw.size:
         base = torch.empty(0, dtype=torch.uint8)
     elif raw.flags.writeable:

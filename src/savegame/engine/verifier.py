@@ -21,18 +21,17 @@ refs and calls in.
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from savegame._util.gcpause import gc_paused
 from savegame.errors import HashMismatchError, InvalidManifestError, MissingFileError, TruncatedFileError
-from savegame.format.checks import check_item_value, check_tensor_node, tag_checkers
-from savegame.format.dtypes import logical_itemsize
+from savegame.format.checks import check_item_value, tag_checkers
 from savegame.format.hashing import FileHasher, hash_buffer, hash_in_background
 from savegame.format.manifest import FileEntry, ItemEntry, Manifest, parse_manifest
 from savegame.format.tensorfile import TensorFileReader, TensorInfo
-from savegame.format.tree import Decoder, Path, format_path, valid_shape
+from savegame.format.tree import Decoder, Path, format_path
+from savegame.format.tree import check_array_node as tree_check_array_node
 from savegame.storage.base import MANIFEST, CheckpointReader, FileSink, ReadBuffer
 
 __all__ = ["Progress", "check_array_node", "check_item", "checked", "copy_checked", "manifest_of", "open_file",
@@ -197,27 +196,9 @@ def check_item(entry: ItemEntry, tensors: Mapping[str, Any] | TensorFileReader |
 
 
 def check_array_node(node: Mapping[str, Any], info: TensorInfo, where: str) -> None:
-    """Check an array node of a skeleton against its tensor's header entry, without building the array."""
-    tag = node["$"]
-    logical = node.get("dtype")
-    shape: Sequence[int] = info.shape
-    if logical is not None:
-        itemsize = logical_itemsize(logical, tensor=tag == "tensor")
-        if itemsize is None:
-            raise InvalidManifestError(f"{where}: unknown logical dtype {str(logical)[:40]!r}")
-        lshape = node.get("shape")
-        if not valid_shape(lshape, itemsize):
-            raise InvalidManifestError(f"{where}: invalid logical shape {str(lshape)[:100]}")
-        assert isinstance(lshape, list)
-        if math.prod(lshape) * itemsize != info.nbytes:
-            raise InvalidManifestError(
-                f"{where}: logical shape {lshape} x {logical} does not match the stored {info.nbytes} bytes"
-            )
-        shape = lshape
-    if tag == "npscalar" and len(shape) != 0:
-        raise InvalidManifestError(f"{where}: a numpy scalar must have shape (), not {list(shape)[:8]}")
-    if tag == "tensor":
-        check_tensor_node(node, where)
+    """Check an array node of a skeleton against its tensor's header entry, without building the array
+    (the one rule: :func:`savegame.format.tree.check_array_node`)."""
+    tree_check_array_node(node, nbytes=info.nbytes, shape=info.shape, where=where)
 
 
 def copy_checked(

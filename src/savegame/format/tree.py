@@ -36,7 +36,7 @@ import re
 import struct
 import sys
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +44,8 @@ import numpy as np
 
 from savegame._util.copyqueue import CopyQueue
 from savegame.errors import InvalidManifestError, UnsupportedTypeError
-from savegame.format.dtypes import NUMPY_VIEW_TYPES, logical_numpy_dtype, numpy_code, numpy_dtype
+from savegame.format.checks import check_tensor_node
+from savegame.format.dtypes import NUMPY_VIEW_TYPES, logical_itemsize, logical_numpy_dtype, numpy_code, numpy_dtype
 from savegame.format.tensorfile import MAX_DIM, MAX_NAME_CHARS, MAX_NDIM, RESERVED_NAME, TensorData
 
 MAX_DEPTH = 200
@@ -409,31 +410,52 @@ def _field(node: dict[str, Any], name: str, kind: type, where: str | Where) -> A
     return value
 
 
+def check_array_node(
+    node: Mapping[str, Any], *, nbytes: int, shape: Sequence[int], where: str | Where
+) -> tuple[int, ...]:
+    """The one rule for an array node of a skeleton against its tensor's header entry (``nbytes`` stored
+    bytes of header ``shape``); returns the shape the value has.
+
+    A logical dtype must be known (NumPy view types; for ``tensor`` nodes torch's too) and its logical
+    shape valid and exactly as large as the stored bytes; a NumPy scalar has shape ``()``; a ``tensor``
+    node's own fields are valid (:func:`savegame.format.checks.check_tensor_node`). The verifier asks it
+    without building the array, the decoders (:func:`numpy_from_node`, ``adapters.torch.tensor_from_bytes``)
+    before they build it: one rule, so ``verify``, ``load`` and the CLI agree on every forged node."""
+    tag = node["$"]
+    logical = node.get("dtype")
+    if logical is not None:
+        itemsize = logical_itemsize(logical, tensor=tag == "tensor")
+        if itemsize is None:
+            raise InvalidManifestError(f"{where}: unknown logical dtype {str(logical)[:40]!r}")
+        lshape = node.get("shape")
+        if not valid_shape(lshape, itemsize):
+            raise InvalidManifestError(f"{where}: invalid logical shape {str(lshape)[:100]}")
+        assert isinstance(lshape, list)
+        if math.prod(lshape) * itemsize != nbytes:
+            raise InvalidManifestError(
+                f"{where}: logical shape {lshape} x {logical} does not match the stored {nbytes} bytes"
+            )
+        shape = lshape
+    if tag == "npscalar" and len(shape) != 0:
+        raise InvalidManifestError(f"{where}: a numpy scalar must have shape (), not {list(shape)[:8]}")
+    if tag == "tensor":
+        check_tensor_node(node, where)
+    return tuple(shape)
+
+
 def numpy_from_node(
     node: dict[str, Any], raw: np.ndarray, code: str, shape: tuple[int, ...], where: str | Where
 ) -> Any:
-    """Build the NumPy value of an ``ndarray``/``npscalar`` node from its stored bytes."""
+    """Build the NumPy value of an array node from its stored bytes (checked by :func:`check_array_node`)."""
     logical = node.get("dtype")
-    if logical is not None:
-        if not isinstance(logical, str) or logical not in NUMPY_VIEW_TYPES:
-            raise InvalidManifestError(f"{where}: unknown logical dtype {str(logical)[:40]!r}")
-        dtype = logical_numpy_dtype(logical)
-        lshape = node.get("shape")
-        if not valid_shape(lshape, dtype.itemsize):
-            raise InvalidManifestError(f"{where}: invalid logical shape {str(lshape)[:100]}")
-        assert isinstance(lshape, list)
-        if math.prod(lshape) * dtype.itemsize != raw.size:
-            raise InvalidManifestError(f"{where}: logical shape {lshape} x {dtype} does not match the stored bytes")
-        arr = raw.view(dtype).reshape(lshape)
-    else:
-        arr = raw.view(numpy_dtype(code)).reshape(shape)
+    if logical is not None and logical not in NUMPY_VIEW_TYPES:  # not a NumPy view type (a torch-only one)
+        raise InvalidManifestError(f"{where}: unknown logical dtype {str(logical)[:40]!r}")
+    shape = check_array_node(node, nbytes=raw.size, shape=shape, where=where)
+    dtype = logical_numpy_dtype(logical) if logical is not None else numpy_dtype(code)
+    arr = raw.view(dtype).reshape(shape)
     if node.get("byteorder") == ">":
         arr = arr.astype(arr.dtype.newbyteorder(">"))
-    if node["$"] == "npscalar":
-        if arr.ndim != 0:
-            raise InvalidManifestError(f"{where}: a numpy scalar must have shape ()")
-        return arr[()]
-    return arr
+    return arr[()] if node["$"] == "npscalar" else arr
 
 
 def valid_shape(shape: object, itemsize: int) -> bool:
