@@ -100,9 +100,15 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
         v = _med(data, "mlp-10k", SG_SYNC, "durable")
         add("10k-parameter MLP + AdamW: durable sync save", "mlp-10k", None if v is None else v * 1e3, "<=", 5.0,
             "ms")
+        # issue 19: the same bytes, hashes and fsyncs as safetensors, at least its speed
+        add("10k-parameter MLP + AdamW: durable save, safetensors time / savegame time", "mlp-10k",
+            _div(_med(data, "mlp-10k", ST, "durable"), v), ">=", 1.0)
     if "10k-tiny" in present:
         add("10,000 tiny tensors: torch.save time / savegame time", "10k-tiny",
             _div(_med(data, "10k-tiny", TORCH, "durable"), _med(data, "10k-tiny", SG_SYNC, "durable")), ">=", 1.0)
+        # issue 19: the per-tensor cost of the background snapshot
+        add("10,000 tiny tensors: async blocking time / memcpy (clone) of the state", "10k-tiny",
+            _div(_med(data, "10k-tiny", SG_ASYNC, "blocking"), _med(data, "10k-tiny", MEMCPY, "blocking")), "<=", 2.0)
     tl = data.get("trainloop")
     if tl:
         for k, bound in zip(trainloop.KS, (5.0, 2.0, 1.0)):
