@@ -6,7 +6,9 @@
    (``missing_keys`` / ``unexpected_keys``) goes into the :class:`savegame.LoadReport`.
 2. An object that is not Stateful gets an adapter of the registry (:mod:`savegame.adapters.registry`):
    ``handles``, ``kind``, ``capture``, ``restore`` (``zero_copy`` and ``model_weights`` from
-   ``BaseAdapter``, or its own), put in front of the table with ``register``.
+   ``BaseAdapter``, or its own), put in front of the table with ``register``. An adapter whose
+   framework has arrays of its own also answers ``encode_hook`` (step 3 of that recipe): the tree codec
+   then stores those arrays wherever they stand in a state.
 
 Each toy is round-tripped through ``savegame.save`` / ``savegame.load(path, target)``, background saves
 and a Checkpointer.
@@ -247,6 +249,86 @@ def test_a_registered_adapter_reports_a_wrong_state_by_the_strict_rules(tmp_path
         savegame.load(tmp_path / "ckpt", {"hist": Histogram(8)})
     report = savegame.load(tmp_path / "ckpt", {"hist": Histogram(8)}, strict=False)
     assert report.mismatched_types == [("hist", "dict", "Histogram")]
+
+
+class ToyArray:
+    """Step 3's toy: an array type of a framework that is neither NumPy nor torch (think of a jax array)."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self._buffer = np.array(values, dtype=np.float32)
+
+    def numpy(self) -> np.ndarray:
+        return self._buffer
+
+    def fill_from(self, values: np.ndarray) -> None:
+        self._buffer[...] = values
+
+
+def encode_toy_array(obj: object, path: tuple[Any, ...], enc: Any) -> dict[str, Any] | None:
+    """The recipe's encode hook: a ToyArray is stored as the NumPy array it holds (so it loads as one)."""
+    if not isinstance(obj, ToyArray):
+        return None
+    node: dict[str, Any] = enc.encode(obj.numpy(), path)
+    return node
+
+
+class ToyArrayAdapter(BaseAdapter):
+    """Stores ToyArrays through its encode hook (``capture`` returns None: the codec stores the object)."""
+
+    def handles(self, obj: object) -> bool:
+        return isinstance(obj, ToyArray)
+
+    def kind(self, obj: object) -> str:
+        return "toy.Array"
+
+    def capture(self, obj: object, where: str) -> None:
+        return None
+
+    def restore(self, target: object, state: object, *, strict: bool, where: str, report: LoadReport) -> None:
+        assert isinstance(target, ToyArray)
+        if not isinstance(state, np.ndarray) or state.shape != target.numpy().shape:
+            type_mismatch(target, state, where=where, strict=strict, report=report)
+            return
+        target.fill_from(state)
+        report.loaded.append(where)
+
+    def encode_hook(self) -> Any:
+        return encode_toy_array
+
+
+@pytest.fixture
+def toy_array_adapter() -> Any:
+    adapter = ToyArrayAdapter()
+    register(adapter)
+    yield adapter
+    unregister(adapter)
+
+
+def test_without_its_encode_hook_a_foreign_array_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(savegame.UnsupportedTypeError, match="deep"):
+        savegame.save(tmp_path / "ckpt", {"opt": {"deep": ToyArray(np.arange(3))}})
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_registered_encode_hook_stores_foreign_arrays_anywhere(
+    tmp_path: Path, toy_array_adapter: Any, background: bool
+) -> None:
+    """The hook answers for the array as a whole item and nested deep in plain data."""
+    whole, nested = ToyArray(np.arange(6).reshape(2, 3)), ToyArray(np.linspace(0, 1, 4))
+    result = savegame.save(tmp_path / "ckpt", {"w": whole, "opt": {"m": [nested]}}, background=background)
+    if background:
+        result.result()
+    manifest = savegame.read_manifest(tmp_path / "ckpt")
+    assert manifest.items["w"].kind == "toy.Array"
+    savegame.verify(tmp_path / "ckpt")
+    plain = savegame.load(tmp_path / "ckpt")
+    np.testing.assert_array_equal(plain["w"], whole.numpy())
+    np.testing.assert_array_equal(plain["opt"]["m"][0], nested.numpy())
+    fresh = ToyArray(np.zeros((2, 3)))
+    report = savegame.load(tmp_path / "ckpt", {"w": fresh, "opt": None})
+    assert "w" in report.loaded
+    np.testing.assert_array_equal(fresh.numpy(), whole.numpy())
 
 
 # The page this recipe lives in also states the layer order; it must be the order the import-graph

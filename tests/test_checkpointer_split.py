@@ -17,7 +17,7 @@ CONSTRUCTOR_KEYWORDS = (
     "writer_nice", "restart",
     "verify", "max_epochs", "metadata", "clock", "wall_clock", "storage_options", "mirror", "mirror_options",
     "lock", "save_on_signal", "signal_action", "signal_exit_code", "group", "per_rank",
-    "callbacks", "quiet",
+    "callbacks", "quiet", "preemption", "storage",
 )  # fmt: skip
 
 

@@ -56,31 +56,21 @@ LAYERS: dict[str, str] = {
     "savegame": "package",
 }  # fmt: skip
 
-KNOWN_UPWARD: set[tuple[str, str]] = {
-    # Node checks (format) use torch's own dtype/device tables when torch is imported: the tag
-    # decoders should be handed in by the adapter registry.
-    ("savegame.format.checks", "savegame.adapters"),
-    ("savegame.format.checks", "savegame.adapters.torch"),
-}
-"""Imports from a lower layer into a higher one that the flat layout still has. Only shrinks."""
+KNOWN_UPWARD: set[tuple[str, str]] = set()
+"""Imports from a lower layer into a higher one that the layout still has (none now). Only shrinks."""
 
 FRAMEWORK_MODULES = (
     "savegame.adapters", "savegame.data", "savegame.distributed", "savegame.keras", "savegame.accelerate",
     "savegame.transformers", "savegame.importers", "savegame.ray",
-    "savegame.lightning", "savegame.events",
+    "savegame.lightning", "savegame.events", "savegame.cli.demo",
 )  # fmt: skip
 """Framework code by nature, allowed to import torch / keras at module level and probe ``sys.modules``:
 the adapters, the torch data samplers (``savegame.data``), torch DCP and ``torch.distributed``
-support, the framework integrations and the event loggers (TensorBoard's writer is
-``torch.utils.tensorboard``). Every other module asks ``savegame.adapters``."""
+support, the framework integrations, the event loggers (TensorBoard's writer is
+``torch.utils.tensorboard``) and the demo (``savegame.cli.demo``: its child is a torch training program,
+the user's side of the API, that uses savegame only through ``Checkpointer``). Every other module asks
+``savegame.adapters``, at module level and inside functions alike."""
 
-KNOWN_FUNCTION_LEVEL_TORCH: set[str] = {
-    # Lazy ``import torch`` inside functions of core modules (torch memory for aligned reads, CUDA
-    # synchronisation after snapshots, pinned buffers, copying into a live tensor, .pt export, the demo's
-    # model). They run only when torch is in use; they belong in adapters. Only shrinks.
-    "savegame.api", "savegame.engine.writer", "savegame.engine.background",
-    "savegame.export", "savegame.cli.demo",
-}  # fmt: skip
 
 
 @dataclass
@@ -269,14 +259,15 @@ def test_only_framework_modules_probe_or_import_torch_at_module_level() -> None:
     assert not offenders, f"torch knowledge outside the adapters (ask savegame.adapters instead): {sorted(offenders)}"
 
 
-def test_known_function_level_torch_imports_only_shrink() -> None:
-    lazy = {m for m, mod in MODULES.items() if mod.torch_lazy and not _framework(m)}
-    assert lazy <= KNOWN_FUNCTION_LEVEL_TORCH, (
-        f"new lazy torch imports in the core: {sorted(lazy - KNOWN_FUNCTION_LEVEL_TORCH)}"
-    )
-    assert lazy == KNOWN_FUNCTION_LEVEL_TORCH, (
-        f"no longer imports torch: remove from KNOWN_FUNCTION_LEVEL_TORCH: {sorted(KNOWN_FUNCTION_LEVEL_TORCH - lazy)}"
-    )
+def test_the_core_imports_torch_nowhere_not_even_inside_functions() -> None:
+    """Torch memory, CUDA synchronisation, ``.pt`` files: the core asks ``savegame.adapters.torch``."""
+    offenders = {
+        f"{mod.path.relative_to(SRC)}:{line}"
+        for m, mod in MODULES.items()
+        if not _framework(m)
+        for line in mod.torch_lazy
+    }  # fmt: skip
+    assert not offenders, f"lazy torch imports in the core (ask savegame.adapters instead): {sorted(offenders)}"
 
 
 @pytest.mark.parametrize(

@@ -53,11 +53,13 @@ from savegame.run.checkpointer import (
     ResumeWarning,
     SaveResult,
 )
+from savegame.run.options import Background, Preemption, StorageOptions
 
 _moved.install()
 
 __all__ = [
     "FORMAT_VERSION",
+    "Background",
     "BackgroundSaveError",
     "CheckpointConfig",
     "CheckpointError",
@@ -81,6 +83,7 @@ __all__ = [
     "MissingFileError",
     "NotACheckpointError",
     "OccupiedPathError",
+    "Preemption",
     "RNGState",
     "RestoredProgress",
     "ResumeWarning",
@@ -89,6 +92,7 @@ __all__ = [
     "StateMismatchError",
     "Stateful",
     "StorageError",
+    "StorageOptions",
     "TruncatedFileError",
     "UnknownSourceFormatError",
     "UnsafePickleError",

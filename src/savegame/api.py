@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from savegame._util.gcpause import gc_paused
 from savegame._util.progress import ProgressBar
-from savegame.adapters import torch_available, zero_copy_for
+from savegame.adapters import framework_decode_tags, torch_available, zero_copy_for
 from savegame.engine import verifier
 from savegame.engine.capture import LoadReport, restore_items
 from savegame.engine.verifier import check_array_node as check_array_node  # re-exported: moved to verifier.py
@@ -217,9 +217,9 @@ def _aligned_copy(raw: Any, *, torch_memory: bool) -> Any:
     resume. Fresh allocations have the alignment the framework's own tensors have (64 bytes in torch).
     """
     if torch_memory:
-        import torch
+        from savegame.adapters.torch import fresh_bytes
 
-        dest = torch.empty(raw.size, dtype=torch.uint8).numpy()
+        dest = fresh_bytes(raw.size)
     else:
         import numpy as np
 
@@ -256,11 +256,7 @@ def decode_opened(
     # A module's or optimizer's state holds tensors: no need to walk its skeleton to find out.
     has_tensors = entry.kind.startswith("torch.") or _has_torch_node(entry.skeleton, 0)
     numpy_only = as_numpy if as_numpy is not None else not (has_tensors and torch_available())
-    tags = {}
-    if not numpy_only:
-        from savegame.adapters.torch import decode_tags
-
-        tags = decode_tags()
+    tags = {} if numpy_only else framework_decode_tags()
     resolver = _ItemDecoder(reader, name, map_location=map_location, as_numpy=numpy_only, zero_copy=zero_copy)
     decoder = Decoder(resolve=resolver, extra_tags=tags)
     value = decoder.decode(entry.skeleton, (name,))

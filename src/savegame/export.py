@@ -441,12 +441,10 @@ def _torch_tensors(arrays: list[_Array]) -> dict[str, Any]:
 
 def _write_torch(path: str, arrays: list[_Array]) -> list[str]:
     try:
-        import torch
+        from savegame.adapters.torch import save_pt
     except ImportError:
         raise ConfigError("exporting to .pt needs PyTorch (pip install torch)") from None
-    tensors = _torch_tensors(arrays)
-    with open(path, "wb") as f:
-        torch.save(tensors, f)
+    save_pt(path, _torch_tensors(arrays))
     return []
 
 

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import platform
 import sys
+from collections.abc import Callable
 from types import ModuleType
-from typing import Literal
+from typing import Any, Literal
 
-__all__ = ["framework_versions", "is_model_weights", "torch_available", "torch_if_imported", "zero_copy_for"]
+__all__ = [
+    "framework_decode_tags", "framework_versions", "is_model_weights", "torch_available", "torch_if_imported",
+    "zero_copy_for",
+]  # fmt: skip
 
 _FRAMEWORKS = ("numpy", "torch", "keras", "tensorflow", "jax")
 
@@ -43,6 +47,17 @@ def framework_versions() -> dict[str, str]:
         if module is not None and isinstance(getattr(module, "__version__", None), str):
             versions[name] = module.__version__
     return versions
+
+
+def framework_decode_tags() -> dict[str, Callable[[Any], object]]:
+    """The skeleton tags of framework values (``torch.dtype``, ``torch.Size``, ``torch.device``) decoded
+    by the framework itself, for the frameworks this process imported (``{}`` otherwise: the verifier
+    then checks them by their form, :mod:`savegame.format.checks`)."""
+    if torch_if_imported() is None:
+        return {}
+    from savegame.adapters.torch import decode_tags
+
+    return decode_tags()
 
 
 def is_model_weights(value: object) -> bool:

@@ -2,10 +2,13 @@
 
 An :class:`Adapter` says whether it ``handles`` an object, what ``kind`` the manifest records for it,
 what state to ``capture`` in its place on save, how to ``restore`` a saved state into it in place, how
-a restore may share the file's memory (``zero_copy``) and whether it is model weights (what a
-``weights_only`` checkpoint keeps). :func:`adapter_for` asks the adapters in order and returns the first
-that handles the object; an object no adapter handles is plain data (dicts, lists, numbers...), encoded
-and restored by the tree codec and :mod:`savegame.engine.capture` themselves.
+a restore may share the file's memory (``zero_copy``), whether it is model weights (what a
+``weights_only`` checkpoint keeps) and, through ``encode_hook``, how the tree codec encodes the
+framework's values wherever they stand in a state (torch tensors, dtypes, sizes, devices; arrays of
+another framework), collected by :func:`encode_hooks` for each encoder. :func:`adapter_for` asks the
+adapters in order and returns the first that handles the object; an object no adapter handles is plain
+data (dicts, lists, numbers...), encoded and restored by the tree codec and
+:mod:`savegame.engine.capture` themselves.
 
 The built-in order: torch modules, torch optimizers, torch tensors, generator objects (RNG), NumPy
 arrays, a plain torch ``DataLoader`` (refused with what to do instead), then any :class:`Stateful`
@@ -14,7 +17,8 @@ a framework's own adapter (``savegame.adapters.keras`` registers :class:`KerasSt
 generic ones. The torch adapters answer only when this process imported torch (they never import it).
 
 Who uses it: :mod:`savegame.engine.capture` (``kind_of``, the save-time hook, the in-place restore),
-``adapters.zero_copy_for`` and ``adapters.is_model_weights``.
+``engine.writer.make_encoder`` (:func:`encode_hooks`), ``adapters.zero_copy_for`` and
+``adapters.is_model_weights``.
 """
 
 from __future__ import annotations
@@ -28,10 +32,11 @@ import numpy as np
 from savegame.adapters.report import LoadReport
 from savegame.adapters.rng import capture_generator, restore_generator
 from savegame.errors import StateMismatchError, UnsupportedTypeError
+from savegame.format.tree import ArrayHook
 
 __all__ = [
-    "Adapter", "BaseAdapter", "Stateful", "adapter_for", "adapters", "is_stateful", "register", "type_mismatch",
-    "unregister",
+    "Adapter", "BaseAdapter", "Stateful", "adapter_for", "adapters", "encode_hooks", "is_stateful", "register",
+    "type_mismatch", "unregister",
 ]  # fmt: skip
 
 ZeroCopy = bool | Literal["aligned"]
@@ -77,6 +82,12 @@ class Adapter(Protocol):
         """Whether ``obj`` is model weights (kept by ``weights_only`` checkpoints)."""
         ...
 
+    def encode_hook(self) -> ArrayHook | None:
+        """A tree-codec hook ``(obj, path, enc) -> node | None`` for this framework's values anywhere in
+        a state (arrays that are neither NumPy arrays nor handled by ``capture``), or None. Asked once
+        per encoder; None while the framework is not imported."""
+        ...
+
 
 class BaseAdapter:
     """Defaults for an :class:`Adapter`: subclasses define ``handles``, ``kind``, ``capture`` and ``restore``."""
@@ -88,6 +99,10 @@ class BaseAdapter:
     def model_weights(self, obj: object) -> bool:
         """Not model weights."""
         return False
+
+    def encode_hook(self) -> ArrayHook | None:
+        """No values of its own for the tree codec."""
+        return None
 
 
 def type_mismatch(target: object, state: object, *, where: str, strict: bool, report: LoadReport) -> None:
@@ -184,6 +199,14 @@ class TorchTensorAdapter(BaseAdapter):
 
     def capture(self, obj: object, where: str) -> None:
         return None
+
+    def encode_hook(self) -> ArrayHook | None:
+        """Tensors (zero-copy, tied ones once), dtypes, sizes and devices: ``adapters.torch.encode_hook``."""
+        if _torch() is None:
+            return None
+        from savegame.adapters.torch import encode_hook
+
+        return encode_hook
 
     def restore(self, target: object, state: object, *, strict: bool, where: str, report: LoadReport) -> None:
         torch = _torch()
@@ -372,6 +395,17 @@ def unregister(adapter: Adapter) -> None:
 def adapters() -> tuple[Adapter, ...]:
     """The table, in the order it is asked."""
     return tuple(_ADAPTERS)
+
+
+def encode_hooks() -> list[ArrayHook]:
+    """The adapters' encode hooks, in the table's order (each once): what an encoder asks, after NumPy
+    and before the live-object hook, about a value the tree codec does not know."""
+    hooks: list[ArrayHook] = []
+    for adapter in _ADAPTERS:
+        hook = adapter.encode_hook()
+        if hook is not None and hook not in hooks:
+            hooks.append(hook)
+    return hooks
 
 
 def adapter_for(obj: object) -> Adapter | None:

@@ -544,3 +544,31 @@ def capture_module(module: torch.nn.Module) -> dict[str, Any]:
     module has without ``torch.compile`` (no ``_orig_mod.``): the checkpoint of a compiled model is the
     one of the plain model, and loads into either (see :func:`restore_module`)."""
     return plain_names(module.state_dict())
+
+
+# --------------------------------------------------------------------------------------------------
+# torch memory and files, for the core (which asks here instead of importing torch itself)
+
+
+def fresh_bytes(nbytes: int) -> np.ndarray:
+    """``nbytes`` of freshly allocated torch memory as a uint8 NumPy array (torch's own alignment, 64
+    bytes: what a loaded tensor must sit on for bit-exact kernels, see ``api._aligned_copy``)."""
+    out: np.ndarray = torch.empty(nbytes, dtype=torch.uint8).numpy()
+    return out
+
+
+def pinned_bytes(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of page-locked host memory (the snapshot buffers of a CUDA background save)."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+def synchronize_cuda() -> None:
+    """Wait for the non-blocking device-to-host copies of a snapshot."""
+    torch.cuda.synchronize()
+
+
+def save_pt(path: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Write ``tensors`` as a ``.pt`` file (``torch.save`` of a dict of tensors: loads with
+    ``weights_only=True``)."""
+    with open(path, "wb") as f:
+        torch.save(dict(tensors), f)

@@ -102,6 +102,23 @@ def _mode_option(parser: argparse.ArgumentParser, what: str) -> None:
                         help=f"whether lower or higher {what} is better (auto: from the name, like the library)")
 
 
+def _root_argument(parser: argparse.ArgumentParser, help: str = "directory of checkpoints") -> None:
+    parser.add_argument("root", metavar="ROOT", help=help)
+
+
+def _checkpoint_argument(parser: argparse.ArgumentParser) -> None:
+    """The CKPT argument of the commands that read one checkpoint (resolved by ``common``)."""
+    parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory, ROOT/latest, ROOT/best, or ROOT")
+
+
+def _which_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--which", metavar="NAME", help="with a ROOT: latest (default), best or a checkpoint name")
+
+
+def _json_option(parser: argparse.ArgumentParser, help: str = "print JSON") -> None:
+    parser.add_argument("--json", action="store_true", help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``savegame`` argument parser (``demo`` passes its options on to :func:`savegame.cli.demo.main`)."""
     parser = _Parser(
@@ -137,13 +154,13 @@ savegame ls runs/exp
 savegame ls runs/exp --verify --metrics val_loss,val_accuracy
 savegame ls runs/exp --json | jq '.checkpoints[] | select(.is_best) | .path'
 """, "Exit status 1 when a checkpoint is corrupt.")  # fmt: skip
-    p.add_argument("root", metavar="ROOT", help="directory of checkpoints (what the Checkpointer writes into)")
+    _root_argument(p, "directory of checkpoints (what the Checkpointer writes into)")
     p.add_argument("--verify", action="store_true", help="check every file's hash (reads all data)")
     p.add_argument("--monitor", metavar="METRIC",
                    help="rank the best by this metric (default: the one the run recorded)")  # fmt: skip
     _mode_option(p, "METRIC")
     p.add_argument("--metrics", metavar="A,B", help="metric columns to show (default: all, monitored first, up to 6)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _json_option(p, "print JSON instead of a table")
     p.set_defaults(func="read:cmd_ls")
 
     p = _add(sub, "stats", "how long saves blocked training, and the work at risk",
@@ -158,8 +175,8 @@ savegame ls runs/exp --json | jq '.checkpoints[] | select(.is_best) | .path'
 savegame stats runs/exp
 savegame stats runs/exp --json | jq '.runs[-1].stall_share'
 """, "Checkpoints written before savegame recorded timings show '-' (null in JSON).")  # fmt: skip
-    p.add_argument("root", metavar="ROOT", help="directory of checkpoints (what the Checkpointer writes into)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _root_argument(p, "directory of checkpoints (what the Checkpointer writes into)")
+    _json_option(p, "print JSON instead of text")
     p.set_defaults(func="stats:cmd_stats")
 
     p = _add(sub, "inspect", "show what a checkpoint holds",
@@ -171,11 +188,11 @@ savegame inspect runs/exp/epoch=004-step=001200
 savegame inspect runs/exp/best --item model
 savegame inspect runs/exp --which latest --json
 """)  # fmt: skip
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory, ROOT/latest, ROOT/best, or ROOT")
-    p.add_argument("--which", metavar="NAME", help="with a ROOT: latest (default), best or a checkpoint name")
+    _checkpoint_argument(p)
+    _which_option(p)
     p.add_argument("--item", metavar="NAME", help="show only this item")
     p.add_argument("--verify", action="store_true", help="check every file's hash first")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    _json_option(p)
     p.set_defaults(func="read:cmd_inspect")
 
     p = _add(sub, "verify", "check every hash of a checkpoint or of all checkpoints in a root",
@@ -187,7 +204,7 @@ savegame verify runs/exp && echo intact
 """, "Exit status 1 when anything is corrupt (each corrupt checkpoint is named with the damaged file),\n"
      "or when ROOT holds no checkpoint. Quarantined checkpoints are listed, not verified.")  # fmt: skip
     p.add_argument("path", metavar="ROOT|CKPT", help="a checkpoint directory or a directory of checkpoints")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    _json_option(p)
     p.set_defaults(func="read:cmd_verify")
 
     p = _add(sub, "diff", "compare two checkpoints",
@@ -202,7 +219,7 @@ savegame diff runs/a/best runs/b/best --item model --json
     p.add_argument("b", metavar="B", help="second checkpoint")
     p.add_argument("--item", metavar="NAME", help="compare only this item")
     p.add_argument("--no-verify", action="store_true", help="do not hash-check the files first")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    _json_option(p)
     p.set_defaults(func="diff:cmd_diff")
 
     p = _add(sub, "prune", "delete old checkpoints by the library's retention rules",
@@ -214,13 +231,13 @@ savegame prune runs/exp --keep-last 3 --dry-run
 savegame prune runs/exp --keep-last 3 --keep-best 2 --monitor val_accuracy
 """, "The monitored metric defaults to the one the run recorded, so the best is protected even\n"
      "with --keep-last alone.")  # fmt: skip
-    p.add_argument("root", metavar="ROOT", help="directory of checkpoints")
+    _root_argument(p)
     p.add_argument("--keep-last", type=int, metavar="N", help="keep the N newest")
     p.add_argument("--keep-best", type=int, metavar="K", help="keep the K best by --monitor")
     p.add_argument("--monitor", metavar="METRIC", help="metric that ranks the best (default: the one the run recorded)")
     _mode_option(p, "METRIC")
     p.add_argument("--dry-run", action="store_true", help="only show what would be deleted")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    _json_option(p)
     p.set_defaults(func="manage:cmd_prune")
 
     p = _add(sub, "export", "write one item's tensors as a plain weights file",
@@ -237,14 +254,14 @@ savegame export runs/exp/best --item model --to model.safetensors
 savegame export runs/exp/latest --to weights.pt
 savegame export runs/keras/best --item keras.model --to model.weights.h5 --keras-model mymodels:build
 """)  # fmt: skip
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory, ROOT/latest, ROOT/best, or ROOT")
+    _checkpoint_argument(p)
     p.add_argument("--to", required=True, metavar="FILE", help="output file (.safetensors, .pt, .npz, .weights.h5)")
     p.add_argument("--item", metavar="NAME", help="item to export (default: model); NAME.sub for a part of it")
-    p.add_argument("--which", metavar="NAME", help="with a ROOT: latest (default), best or a checkpoint name")
+    _which_option(p)
     p.add_argument("--keras-model", metavar="MODULE:FUNCTION",
                    help="for .weights.h5: function returning the built Keras model (file.py:function works too)")
     p.add_argument("--force", action="store_true", help="replace FILE if it exists")
-    p.add_argument("--json", action="store_true", help="print what was written as JSON")
+    _json_option(p, "print what was written as JSON")
     p.set_defaults(func="output:cmd_export")
 
     p = _add(sub, "import", "turn a checkpoint written by another tool into a savegame checkpoint",
@@ -271,7 +288,7 @@ savegame import checkpoints/ runs/exp --template 'model_{epoch:02d}_{val_acc:.3f
     _mode_option(p, "its first metric (with --template)")
     p.add_argument("--keras-model", metavar="MODULE:FUNCTION",
                    help="for Keras files: function returning the built model the weights belong to")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _json_option(p, "print the report as JSON")
     p.set_defaults(func="imports:cmd_import")
 
     p = _add(sub, "plot", "plot a metric over the run with saved, best and deleted checkpoints",
@@ -283,14 +300,14 @@ savegame import checkpoints/ runs/exp --template 'model_{epoch:02d}_{val_acc:.3f
 savegame plot runs/exp --metric val_loss -o history.png
 savegame plot runs/exp --x step -o history.svg
 """)  # fmt: skip
-    p.add_argument("root", metavar="ROOT", help="directory of checkpoints")
+    _root_argument(p)
     p.add_argument("--metric", metavar="METRIC", help="metric to plot (default: the run's monitored metric)")
     _mode_option(p, "METRIC")
     p.add_argument("-o", "--output", metavar="FILE", default="history.png",
                    help="image file; format from the suffix: .png, .svg, .pdf (default history.png)")
     p.add_argument("--x", choices=("auto", "epoch", "step", "sequence"), default="auto",
                    help="x axis (auto: epoch when each checkpoint has its own, else step)")
-    p.add_argument("--json", action="store_true", help="print the plotted points as JSON")
+    _json_option(p, "print the plotted points as JSON")
     p.set_defaults(func="output:cmd_plot")
 
     p = _add(sub, "gc", "remove leftovers of crashed writers and old quarantined checkpoints",
@@ -301,12 +318,12 @@ savegame plot runs/exp --x step -o history.svg
 savegame gc runs/exp --dry-run
 savegame gc runs/exp --older-than 2d
 """)  # fmt: skip
-    p.add_argument("root", metavar="ROOT", help="directory of checkpoints")
+    _root_argument(p)
     p.add_argument("--older-than", default="7d", metavar="AGE",
                    help="remove quarantined checkpoints quarantined longer than AGE (30s, 15m, 12h, 7d, 2w; "
                    "default 7d; 0 for all)")
     p.add_argument("--dry-run", action="store_true", help="only show what would be removed")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    _json_option(p)
     p.set_defaults(func="manage:cmd_gc")
 
     p = _add(sub, "demo", "train on digits, kill -9 mid-epoch, resume, show identical results",

@@ -35,17 +35,15 @@ from savegame.distributed.items import (
 from savegame.distributed.ranks import (
     LAYOUT_ITEM,
     LAYOUT_VERSION,
-    NO_DIST_WARNING,
     DistributedWarning,
     RankContext,
     agree,
-    checkpoint_cause,
     current_context,
+    dcp_call,
     log,
 )
 from savegame.engine.capture import LoadReport
 from savegame.errors import (
-    CheckpointError,
     InvalidManifestError,
     StateMismatchError,
 )
@@ -326,18 +324,9 @@ def _load_sharded(
         from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
         reader = SavegameStorageReader(source, plan.manifest, plan.records, verify=plan.verify)
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=NO_DIST_WARNING)
-                dcp_load(plan.flat, storage_reader=reader, planner=DefaultLoadPlanner(flatten_state_dict=False),
-                         process_group=ctx.group, no_dist=not ctx.initialized)  # fmt: skip
-        except (CheckpointError, KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:  # DCP raises the same CheckpointException (a BaseException) on every rank
-            cause = checkpoint_cause(exc)
-            if cause is not None:
-                raise cause from exc
-            raise CheckpointError(f"{source.where}: loading the sharded state failed: {exc}") from exc
+        with dcp_call(f"{source.where}: loading the sharded state"):
+            dcp_load(plan.flat, storage_reader=reader, planner=DefaultLoadPlanner(flatten_state_dict=False),
+                     process_group=ctx.group, no_dist=not ctx.initialized)  # fmt: skip
     modules = {k: v for k, v in everything.items() if isinstance(v, torch.nn.Module)}
     options = StateDictOptions(strict=plan.strict)
     for name, full in plan.full_models.items():  # unsharded checkpoint -> sharded model: DCP distributes

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,6 +177,25 @@ def agree(ctx: RankContext, error: BaseException | None, what: str) -> None:
         if any(m.get("corrupt") for _, m in failed):
             raise CorruptCheckpointError(text)
         raise CheckpointError(text)
+
+
+@contextmanager
+def dcp_call(what: str) -> Iterator[None]:
+    """Around a call into torch DCP (``save`` / ``load``) on every rank: DCP's warning about running
+    without a process group silenced; a savegame error that a rank raised inside DCP (DCP wraps it in
+    a ``CheckpointException``, a BaseException, the same on every rank) raised as itself; anything else
+    as ``CheckpointError(f"{what} failed: ...")``. Ctrl-C and ``SystemExit`` pass through."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=NO_DIST_WARNING)
+            yield
+    except (CheckpointError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        cause = checkpoint_cause(exc)
+        if cause is not None:
+            raise cause from exc
+        raise CheckpointError(f"{what} failed: {exc}") from exc
 
 
 def checkpoint_cause(exc: BaseException) -> CheckpointError | None:

@@ -5,7 +5,6 @@ write loop, rank 0 writes the manifest last and commits (:func:`save`, :func:`wr
 from __future__ import annotations
 
 import errno as errno_mod
-import warnings
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,11 +29,10 @@ from savegame.distributed.items import (
 from savegame.distributed.ranks import (
     LAYOUT_ITEM,
     LAYOUT_VERSION,
-    NO_DIST_WARNING,
     RankContext,
     agree,
-    checkpoint_cause,
     current_context,
+    dcp_call,
     describe,
     log,
 )
@@ -289,18 +287,9 @@ def _write_and_commit_as(
     if flat:
         from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=NO_DIST_WARNING)
-                dcp_save(flat, storage_writer=writer, planner=_save_planner(),
-                         process_group=ctx.group, no_dist=not ctx.initialized)  # fmt: skip
-        except (CheckpointError, KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:  # DCP raises the same CheckpointException (a BaseException) on every rank
-            cause = checkpoint_cause(exc)
-            if cause is not None:
-                raise cause from exc
-            raise CheckpointError(f"saving the sharded state of {name} failed: {exc}") from exc
+        with dcp_call(f"saving the sharded state of {name}"):
+            dcp_save(flat, storage_writer=writer, planner=_save_planner(),
+                     process_group=ctx.group, no_dist=not ctx.initialized)  # fmt: skip
     # 3. Every rank reports its files and per-rank items; rank 0 writes the manifest last and commits.
     report = {
         "files": {f: [e.bytes, e.hash] for f, e in files.items()},

@@ -68,9 +68,9 @@ class BufferPool:
             if free:
                 return free.pop()
         if pinned:
-            import torch
+            from savegame.adapters.torch import pinned_bytes
 
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            return pinned_bytes(nbytes)
         return np.empty(nbytes, dtype=np.uint8)
 
     def recycle(self, buffers: list[tuple[int, bool, Any]]) -> None:

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from savegame._util.gcpause import gc_paused
+from savegame.adapters import framework_decode_tags
 from savegame.errors import HashMismatchError, InvalidManifestError, MissingFileError, TruncatedFileError
 from savegame.format.checks import check_item_value, tag_checkers
 from savegame.format.hashing import FileHasher, hash_buffer, hash_in_background
@@ -191,7 +192,8 @@ def check_item(entry: ItemEntry, tensors: Mapping[str, Any] | TensorFileReader |
         check_array_node(node, tensors[key], where)
         return None
 
-    value = Decoder(resolve=check, extra_tags=tag_checkers()).decode(entry.skeleton, (name,))
+    tags = tag_checkers(framework_decode_tags)
+    value = Decoder(resolve=check, extra_tags=tags).decode(entry.skeleton, (name,))
     check_item_value(entry.kind, value, name)
 
 

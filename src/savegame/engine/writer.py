@@ -19,7 +19,8 @@ from savegame._util.copyqueue import CopyQueue
 from savegame._util.gcpause import gc_paused
 from savegame._util.progress import ProgressBar
 from savegame._version import __version__
-from savegame.adapters import framework_versions, torch_if_imported
+from savegame.adapters import framework_versions
+from savegame.adapters.registry import encode_hooks
 from savegame.engine.background import BackgroundWriter, PendingSave, Snapshot
 from savegame.engine.capture import kind_of, live_object_hook
 from savegame.engine.write_loop import (
@@ -50,13 +51,9 @@ def make_encoder(
     *, copy: bool, key_skip: int = 1, allocate: Callable[[int, bool], Any] | None = None,
     copies: CopyQueue | None = None,
 ) -> Encoder:
-    """An encoder with the framework hooks for what is imported in this process."""
-    hooks: list[ArrayHook] = []
-    if torch_if_imported() is not None:
-        from savegame.adapters.torch import encode_hook
-
-        hooks.append(encode_hook)
-    hooks.append(live_object_hook)
+    """An encoder with the adapters' encode hooks (:func:`savegame.adapters.registry.encode_hooks`: for
+    the frameworks this process imported), then the live-object hook of :mod:`savegame.engine.capture`."""
+    hooks: list[ArrayHook] = [*encode_hooks(), live_object_hook]
     return Encoder(copy=copy, array_hooks=hooks, key_skip=key_skip, allocate=allocate, copies=copies)
 
 
@@ -95,9 +92,9 @@ def encode_state(
         if copies is not None:
             copies.wait()  # also on error: the caller may recycle the buffers only once no copy runs
     if needs_sync:
-        import torch
+        from savegame.adapters.torch import synchronize_cuda
 
-        torch.cuda.synchronize()
+        synchronize_cuda()
     return items
 
 

@@ -5,8 +5,9 @@ and item kinds mean, so that :func:`savegame.verify`, ``savegame verify`` and :f
 the same manifests with the same :class:`~savegame.InvalidManifestError` (a
 :class:`~savegame.CorruptCheckpointError`, so ``Checkpointer.restore`` quarantines the checkpoint and
 falls back to the next older one) instead of a ``TypeError`` from deep inside torch, or a tensor that
-silently has no data. Nothing here imports torch: when the program has imported it, torch values are
-checked with torch's own dtype table and device parser (exactly as ``load`` does), otherwise by their form
+silently has no data. Nothing here knows torch: the caller hands in the framework's own decoders of
+these tags (``savegame.adapters.framework_decode_tags``: torch's dtype table and device parser when the
+program has imported torch, exactly as ``load`` uses them), otherwise values are checked by their form
 (a dtype name such as ``__class__`` is refused either way).
 """
 
@@ -16,7 +17,6 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from savegame.adapters import torch_if_imported
 from savegame.errors import InvalidManifestError
 
 OPTIMIZER_KIND = "torch.optim.Optimizer"
@@ -49,20 +49,18 @@ def check_dtype_name(value: object) -> str:
     return value
 
 
-def tag_checkers() -> dict[str, Callable[[Any], object]]:
-    """Decoder tags for verification: each torch value checked as :func:`savegame.load` checks it (with
-    torch's own dtype table and device parser when torch is imported), without building tensors."""
-    torch_tags: list[dict[str, Callable[[Any], object]]] = []
+def tag_checkers(
+    framework_tags: Callable[[], Mapping[str, Callable[[Any], object]]],
+) -> dict[str, Callable[[Any], object]]:
+    """Decoder tags for verification: each torch value checked as :func:`savegame.load` checks it, by
+    the decoders ``framework_tags()`` returns (asked once, at the first such value; ``{}``: by form
+    only), without building tensors."""
+    torch_tags: list[Mapping[str, Callable[[Any], object]]] = []
 
     def torch_tag(name: str) -> Callable[[Any], object]:
         def check(value: Any) -> object:
             if not torch_tags:
-                if torch_if_imported() is not None:
-                    from savegame.adapters.torch import decode_tags
-
-                    torch_tags.append(decode_tags())
-                else:
-                    torch_tags.append({})
+                torch_tags.append(framework_tags())
             full = torch_tags[0].get(name)
             return full(value) if full is not None else _FORM_CHECKS[name](value)
 

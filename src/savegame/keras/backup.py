@@ -111,16 +111,7 @@ class BackupAndRestore(SavegameCallback):
     def _should_save_on_batch(self, batch: int) -> bool:
         if self.save_freq == "epoch" or self.save_freq is False:
             return False
-        if batch <= self._last_batch_seen:
-            add_batches = batch + 1
-        else:
-            add_batches = batch - self._last_batch_seen
-        self._batches_seen_since_last_saving += add_batches
-        self._last_batch_seen = batch
-        if self._batches_seen_since_last_saving >= self.save_freq:
-            self._batches_seen_since_last_saving = 0
-            return True
-        return False
+        return self._count_batch(batch, self.save_freq)
 
     def _handle_batch_end(self, batch: int, logs: Mapping[str, Any] | None) -> None:
         if self._should_save_on_batch(batch):

@@ -61,6 +61,20 @@ class SavegameCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._handled_epoch: int | None = None
         self._resumed_from: RestoredProgress | None = None
         self._lock: ProcessShare | None = None
+        self._batches_seen_since_last_saving = 0
+        self._last_batch_seen: int | None = None
+
+    def _count_batch(self, batch: int, save_freq: int) -> bool:
+        """Keras's ``save_freq=N`` rule, which both callbacks follow to the letter: count the batches
+        since the last save (a batch index not past the last one seen starts a new epoch) and say
+        whether N were reached (the count then starts again)."""
+        last = self._last_batch_seen
+        self._batches_seen_since_last_saving += batch + 1 if last is None or batch <= last else batch - last
+        self._last_batch_seen = batch
+        if self._batches_seen_since_last_saving >= save_freq:
+            self._batches_seen_since_last_saving = 0
+            return True
+        return False
 
     def _hold_lock(self, directory: str) -> None:
         """Hold the writer lock of ``directory`` while ``fit`` runs, so a second training *process*

@@ -172,8 +172,6 @@ class ModelCheckpoint(SavegameCallback):
         self.verify = bool(verify)
         self.metadata = dict(metadata or {})
         self.checkpointer: Checkpointer | None = None
-        self._batches_seen_since_last_saving = 0
-        self._last_batch_seen: int | None = None
         self._checked_first_epoch = False
         self.last_saved: str | None = None
 
@@ -237,16 +235,7 @@ class ModelCheckpoint(SavegameCallback):
     def _should_save_on_batch(self, batch: int) -> bool:
         if self.save_freq == "epoch":
             return False
-        if self._last_batch_seen is None or batch <= self._last_batch_seen:
-            add_batches = batch + 1
-        else:
-            add_batches = batch - self._last_batch_seen
-        self._batches_seen_since_last_saving += add_batches
-        self._last_batch_seen = batch
-        if self._batches_seen_since_last_saving >= self.save_freq:
-            self._batches_seen_since_last_saving = 0
-            return True
-        return False
+        return self._count_batch(batch, self.save_freq)
 
     def _should_save_model(self, epoch: int, logs: Mapping[str, Any], where: str) -> bool:
         if not self.save_best_only:

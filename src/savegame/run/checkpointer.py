@@ -32,8 +32,8 @@ and settling background saves), :mod:`savegame.run.save_naming` (names), :mod:`s
 :mod:`savegame.run.resources` (lock, mirror, signal handlers), :mod:`savegame.run.events` (callbacks)
 and :mod:`savegame.run.timing` (save timings). Their public names stay importable from here.
 
-The module is over the ~600-line guideline because the class docstring is the reference of all of
-the constructor's 41 keywords (about 130 lines); the code itself is about 550 lines.
+The constructor's keywords are checked, resolved and documented in :mod:`savegame.run.options`
+(``CheckpointerOptions``; its ``KEYWORDS_REFERENCE`` ends the class docstring).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from __future__ import annotations
 import builtins
 import logging
 import os
+import textwrap
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -56,7 +57,6 @@ from savegame.policies import (
     Mode,
     Progress,
     SavePolicy,
-    check_count,
     check_position,
 )
 from savegame.policies.autointerval import DEFAULT_MTBF_SECONDS
@@ -64,7 +64,6 @@ from savegame.policies.knob_policies import AlignedSchedule as AlignedSchedule
 from savegame.policies.knob_policies import build_keep_policy as build_keep_policy
 from savegame.policies.knob_policies import build_save_policy as build_save_policy
 from savegame.policies.knob_policies import coerce_metrics as coerce_metrics
-from savegame.policies.knob_policies import policies_from_knobs
 from savegame.policies.knobs import Restart, preset_knobs
 from savegame.run.checks import UnjudgedEpochs
 from savegame.run.checks import check_run_root as check_run_root
@@ -83,6 +82,9 @@ from savegame.run.index import recorded_best_names as recorded_best_names
 from savegame.run.index import recorded_metrics as recorded_metrics
 from savegame.run.index import unrecorded_monitor_error as unrecorded_monitor_error
 from savegame.run.lock import ProcessShare
+from savegame.run.options import KEYWORDS_REFERENCE, Background, CheckpointerOptions, Preemption, StorageOptions
+from savegame.run.options import IfBusy as IfBusy
+from savegame.run.options import SignalAction as SignalAction
 from savegame.run.preemption import immediate_saves, save_for_preemption
 from savegame.run.records import CheckpointRecord as CheckpointRecord
 from savegame.run.records import RestoredProgress as RestoredProgress
@@ -112,8 +114,6 @@ __all__ = [
 
 log = logging.getLogger("savegame.run.checkpointer")
 
-SignalAction = Literal["exit", "reraise", "continue"]
-IfBusy = Literal["wait", "skip"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -123,133 +123,14 @@ IfBusy = Literal["wait", "skip"]
 class Checkpointer:
     """Saves, thins out and restores the checkpoints of one training run in ``directory``.
 
-    When to save -- either ``save=`` (any :class:`~savegame.policies.SavePolicy`, e.g.
-    ``AnyOf(EveryNSteps(500), OnImprovement("val_acc"))``) or the knobs below, not both:
-
-    * ``every_n_epochs``: save at the ends of epochs N, 2N, 3N, ... whatever else was saved in between
-      (``0``: never by epoch count). When no ``every_*`` knob is given and ``save_best_only`` is False,
-      it defaults to 1.
-    * ``every_n_steps``: save once N global steps have passed since the last save (also mid-epoch
-      calls); ``0``/None: off.
-    * ``every_seconds``: save when this much (monotonic) time has passed since the last save.
-    * ``every="auto"``: save at the Young/Daly optimal interval ``T = sqrt(2 C M)`` (Daly's refinement)
-      from the measured blocking cost ``C`` of each save and the mean time between failures
-      ``M = mtbf_seconds`` (default a day), never spending more than ``max_overhead`` (default 5 %) of the
-      time blocked in saves (:class:`savegame.policies.autointerval.AutoInterval`).
-    * ``save_best_only``: save only when ``monitor`` improves (Keras's ``save_best_only``; no periodic
-      saves allowed with it). Whatever the knobs, a ``monitor`` makes every improvement save, so the best
-      model is always on disk.
-    * ``save_at_end``: save at the final call (``step(..., final=True)`` or ``epoch == max_epochs``).
-      None (default) means True unless ``save_best_only``.
-    * ``skip_first_epochs``: no periodic or best saves before this many epochs completed (CANDLE's
-      ``ckpt_skip_epochs``); the end-of-training save still happens.
-
-    What to keep -- either ``keep=`` (any :class:`~savegame.policies.KeepPolicy`, e.g.
-    ``KeepUnion(KeepLast(3), KeepExponential())``) or the knobs, not both:
-
-    * ``keep_last``: keep the N newest; ``keep_best``: keep the K best by ``monitor``. Both: the union.
-      Neither: keep everything. Only the current run's checkpoints are candidates (see ``restart``). In
-      every case the newest and the best checkpoint, the bests recorded by any run's manifests and
-      pinned ones (``save(..., pin=True)``) are kept, and checkpoints not written by a Checkpointer are
-      never deleted. Retention runs right after each commit (never before it; for background saves, at the
-      next call that waits for the commit).
-
-    Best tracking:
-
-    * ``monitor``: the metric that defines "best" (e.g. ``"val_loss"``, ``"val_accuracy"``). When None
-      it is taken from an ``OnImprovement`` in ``save=`` or a ``KeepBest`` in ``keep=`` if present.
-    * ``mode``: ``"min"``, ``"max"`` or ``"auto"`` (from the name: accuracy-like metrics are maximised,
-      losses minimised; see :func:`savegame.policies.resolve_mode`).
-    * ``min_delta``: an improvement must exceed this; ``threshold``: the value to beat before any
-      checkpoint exists (Keras's ``initial_value_threshold``).
-      The best value and name are stored in every manifest, so they survive restarts.
-
-    Other options:
-
-    * ``name``: a template such as ``"mobilenet_v2_{epoch:02d}_{val_accuracy:.3f}"`` (placeholders
-      ``epoch``, ``step`` and metric names; checked now). None: ``epoch=004-step=001200``. When a save
-      lacks a value the template needs (a mid-epoch save without validation metrics), the default
-      name is used and a warning issued instead of failing the run.
-    * ``weights_only``: save only the ``nn.Module`` items of the state (no optimizer, no RNG).
-    * ``rng``: add :class:`savegame.RNGState` as item ``"rng"`` to full-state checkpoints (unless the
-      state already has an ``"rng"`` item) and restore it, so dropout and shuffles continue exactly.
-    * ``background``: block training only while the state is copied to host memory and write it in a
-      background thread (one save in flight; the next save, ``wait()``, ``restore`` and ``close()`` wait
-      for it). A failed background save raises :class:`BackgroundSaveError` at the next of those calls
-      (or the next ``step``), unless ``SaveResult.pending.result()`` already raised it; retention for a
-      background save runs once it is committed, at that call. Call ``close()`` (or use ``with``) so the
-      last save is integrated and retention applied; a save still in flight when the process ends is
-      finished at exit all the same (:mod:`savegame.engine.background`).
-    * ``if_busy``: what a save that ``step`` wants does while the previous background save is still
-      being written. ``"wait"`` (the default): it waits for that one to commit, then snapshots and
-      writes. ``"skip"`` (for saving every step or every few steps): it is coalesced into the save in
-      flight and returns at once: nothing is written for that call, ``SaveResult.skipped`` is True (its
-      ``name``, ``path`` and ``pending`` are those of the save in flight), and the policy still counts
-      from the last save that was written, so the next ``step`` after that one committed saves the
-      state as it is then. Never a queue: at most one save in flight, at most one snapshot in memory.
-      ``save()``, a final ``step(final=True)``, preemption saves and sync saves always wait, so after
-      ``close()`` the state of the last call that was not reported skipped is durable.
-    * ``writer_nice``: lower the scheduling priority of the background writer threads by this much
-      (0-19, Linux only; None: unchanged) so that the write competes less with training for the CPUs.
-      A training thread that waits for the writer (``if_busy="wait"``, ``wait()``) waits longer on a
-      busy machine: pair it with ``if_busy="skip"``.
-    * ``restart``: what ``restore(state)`` (``which="latest"``) does: ``"auto"`` resumes from the newest
-      valid checkpoint if there is one, ``"required"`` raises :class:`CheckpointNotFoundError` if there
-      is none; both continue the run of the newest checkpoint (its best, its retention). ``"off"``
-      never resumes (returns None) and starts a new run in the directory: its best is tracked from its
-      own saves only and its retention never deletes the checkpoints of earlier runs, which stay
-      (``savegame ls`` shows the run of each checkpoint). A name an earlier run used gets ``-v1``...
-      Explicit ``which="best"`` (this run's best) and names always load.
-    * ``verify``: check every file's hash before restoring (a failing newest checkpoint is quarantined
-      and the next one tried).
-    * ``max_epochs``: when given, an epoch-end call with ``epoch >= max_epochs`` counts as the final call.
-    * ``metadata``: JSON-like data stored in every manifest (run id, host, config...).
-    * ``callbacks``: objects told what happens (a save started, committed, failed; retention deleted;
-      a damaged checkpoint quarantined; restored; preemption saved) through the hooks they define
-      (:mod:`savegame.events`: the protocol, TensorBoard / MLflow / W&B loggers). Hooks run on the
-      calling thread; one that raises is logged and ignored (``callback_failures``).
-    * ``quiet``: do not print the one line on stderr saying what ``restore`` resumed from.
-    * ``clock``: monotonic seconds for ``every_seconds``; ``wall_clock``: unix seconds for time-based
-      retention (``KeepPerInterval``). Injectable for tests.
-
-    Where checkpoints live:
-
-    * ``directory``: a local path, or any fsspec URL (``s3://bucket/run``, ``gs://...``, ``memory://...``;
-      needs the ``s3`` extra) written with the manifest as commit marker (:mod:`savegame.storage.remote`).
-    * ``storage_options``: passed to fsspec for a URL ``directory`` (credentials, endpoint); never logged.
-    * ``mirror``: a URL (or path) that committed checkpoints are copied to in the background
-      (:class:`savegame.engine.mirror.Mirror`): training resumes after the fast local commit, the upload follows;
-      local deletions by retention are mirrored once a newer checkpoint is there. ``restore`` then
-      resumes from the newest valid checkpoint of either side, so a fresh node with an empty disk
-      resumes from the mirror. ``mirror_options``: fsspec options for ``mirror``. ``close()`` waits
-      for the uploads.
-    * ``lock``: hold the directory's writer lock (:class:`savegame.run.lock.WriterLock`) from construction
-      to ``close()``, so a second writer process on the same local directory fails at once with
-      :class:`LockedError` naming the holder (a crashed holder's lock is released by the kernel).
-      Checkpointers of one process share it (a restart in a notebook is not a rival writer).
-      Read-only users (``list``, ``restore``) may pass False: such a Checkpointer does not own the
-      directory, so it never renames or removes anything there on its own (no clean-up of dead
-      writers' leftovers until its first save, no quarantine: a damaged checkpoint is skipped with a
-      warning and left in place), and a checkpoint that a writer's retention deletes while it is being
-      read is not damage: ``restore`` re-lists and takes the newest again. Not used for URL roots.
-
-    Preemption (SLURM, Kubernetes: a signal, then SIGKILL some 30 s later):
-
-    * ``save_on_signal``: True for SIGTERM and SIGUSR1, or the signals to catch (names or numbers);
-      False (default) leaves signal handling alone. On such a signal the next ``step`` (a safe point:
-      the state is consistent there) saves a full checkpoint -- unless that call saved anyway -- waits
-      until it is durable, then acts per ``signal_action``: ``"exit"`` raises ``SystemExit``
-      (``signal_exit_code``, default 128 + the signal number), ``"reraise"`` ends the process by the
-      signal itself, ``"continue"`` keeps training. :meth:`between_steps` opts a region between steps
-      (data loading, evaluation) in to saving at once. Handlers need the main thread.
-
-    Several processes (``torch.distributed``): every rank constructs the Checkpointer and makes the same
-    calls. Rank 0 decides (whether to save, names, what to resume from, retention) and commits once all
-    ranks have written (:mod:`savegame.distributed`); replicated items are written once, sharded ones
-    (FSDP2, DTensor) by each rank, ``rng`` per rank. ``group``: the process group (None: the default
-    one; False: ignore torch.distributed and act as a single process). ``per_rank``: further items that
-    differ between ranks (a per-rank sampler). Saves are synchronous in a process group.
+    The keywords, by group, follow (their reference lives with their checks in
+    :mod:`savegame.run.options`; the checked values are ``ckpt.options``). Three groups can also be
+    given as one object each: ``preemption=Preemption(...)``, ``background=Background(...)`` and
+    ``storage=StorageOptions(...)``; a flat keyword that contradicts its group's object is a
+    :class:`ConfigError`.
     """
+
+    __doc__ = f"{__doc__}\n{textwrap.indent(KEYWORDS_REFERENCE, '    ')}"
 
     def __init__(
         self,
@@ -275,7 +156,7 @@ class Checkpointer:
         name: str | None = None,
         weights_only: bool = False,
         rng: bool = True,
-        background: bool = False,
+        background: bool | Background = False,
         if_busy: IfBusy = "wait",
         writer_nice: int | None = None,
         restart: Restart = "auto",
@@ -295,57 +176,45 @@ class Checkpointer:
         per_rank: Collection[str] = (),
         callbacks: Iterable[object] | None = None,
         quiet: bool = False,
+        preemption: Preemption | None = None,
+        storage: StorageOptions | None = None,
     ) -> None:
         check_run_root(directory)
-        self._events = EventDispatcher.of(callbacks)
+        given = dict(locals())
+        del given["self"], given["directory"]
+        self.options = options = CheckpointerOptions.from_keywords(given)
+        """The keywords, checked (:class:`~savegame.run.options.CheckpointerOptions`)."""
+        self._events = EventDispatcher.of(options.callbacks)
         self._run_clock = RunClock()
-        self.quiet = bool(quiet)
-        if restart not in ("auto", "required", "off"):
-            raise ConfigError(f"Checkpointer: restart must be 'auto', 'required' or 'off', got {restart!r}")
-        if mode not in ("auto", "min", "max"):
-            raise ConfigError(f"Checkpointer: mode must be 'auto', 'min' or 'max', got {mode!r}")
-        check_count("Checkpointer", "max_epochs", max_epochs, minimum=1)
-        if metadata is not None and not isinstance(metadata, Mapping):
-            raise ConfigError(f"Checkpointer: metadata must be a dict, got {type(metadata).__name__}")
-        chosen = policies_from_knobs(
-            save=save, keep=keep, monitor=monitor, mode=mode, min_delta=min_delta, threshold=threshold,
-            every_n_epochs=every_n_epochs, every_n_steps=every_n_steps, every_seconds=every_seconds,
-            every=every, mtbf_seconds=mtbf_seconds, max_overhead=max_overhead, save_best_only=save_best_only,
-            save_at_end=save_at_end, skip_first_epochs=skip_first_epochs, keep_last=keep_last, keep_best=keep_best,
-        )  # fmt: skip
+        self.quiet = bool(options.quiet)
+        chosen = options.policies()
         self.monitor = chosen.monitor
         self.mode: Literal["min", "max"] | None = chosen.mode
         self.min_delta = chosen.min_delta
         self.threshold = chosen.threshold
         self.save_policy: SavePolicy = chosen.save_policy
         self.keep_policy: KeepPolicy = chosen.keep_policy
-        self.template = NameTemplate(name) if name is not None else None
-        self.weights_only = bool(weights_only)
-        self.rng = bool(rng)
-        self.restart: Restart = restart
-        self.verify = bool(verify)
-        self.max_epochs = max_epochs
-        self.background = bool(background)
-        if if_busy not in ("wait", "skip"):
-            raise ConfigError(f"Checkpointer: if_busy must be 'wait' or 'skip', got {if_busy!r}")
-        self.if_busy: IfBusy = if_busy
-        if writer_nice is not None and (
-            isinstance(writer_nice, bool) or not isinstance(writer_nice, int) or not 0 <= writer_nice <= 19
-        ):
-            raise ConfigError(f"Checkpointer: writer_nice must be an int from 0 to 19 or None, got {writer_nice!r}")
-        self.writer_nice = writer_nice
+        self.template = NameTemplate(options.name) if options.name is not None else None
+        self.weights_only = bool(options.weights_only)
+        self.rng = bool(options.rng)
+        self.restart: Restart = options.restart
+        self.verify = bool(options.verify)
+        self.max_epochs = options.max_epochs
+        self.background = options.background
+        self.if_busy: IfBusy = options.if_busy
+        self.writer_nice = options.writer_nice
         self.skipped_saves = 0
         """How many saves ``step`` wanted but coalesced into the save in flight (``if_busy="skip"``)."""
         self._writer: BackgroundWriter | None = None
         self._in_flight: InFlight | None = None
-        self.metadata: dict[str, Any] = dict(metadata or {})
-        self._clock = clock
-        self._wall_clock = wall_clock
-        self.storage = storage_for(directory, storage_options=storage_options)
+        self.metadata: dict[str, Any] = dict(options.metadata or {})
+        self._clock = options.clock
+        self._wall_clock = options.wall_clock
+        self.storage = storage_for(directory, storage_options=options.storage_options)
         self.directory: str = self.storage.root
         self.local = isinstance(self.storage, LocalStorage)
-        self.per_rank = tuple(per_rank)
-        self._coord: Coordinator = coordinator_for(group)
+        self.per_rank = tuple(options.per_rank)
+        self._coord: Coordinator = coordinator_for(options.group)
         if self._coord.distributed and self.background:
             log.warning("Checkpointer: background=True is not available in a process group; saving synchronously")
             self.background = False
@@ -358,22 +227,21 @@ class Checkpointer:
         self._best: RecordedBest | None = None
         self.run_id = ""
         """The run this Checkpointer's saves belong to (decided once the directory was read)."""
-        self._owner = bool(lock)
+        self._owner = bool(options.lock)
         self._cleaned = False
-        self._started = clock()
+        self._started = self._clock()
         self._unjudged = UnjudgedEpochs()
         self.preempted: str | None = None
         """The signal whose preemption save was made (with ``signal_action="continue"``), or None."""
         self._lock: ProcessShare | None = None
         self._mirror: Any = None
         self._preemption: PreemptionHandler | None = None
-        acquire(self, lock=lock, mirror=mirror, mirror_options=mirror_options, save_on_signal=save_on_signal,
-                signal_action=signal_action, signal_exit_code=signal_exit_code)  # fmt: skip
+        acquire(self)
         self._refresh()
         self.run_id = str(self._coord.agree(self._initial_run_id()))
         self._best = self._resolve_best()
         newest = self._index.latest
-        if newest is not None and restart != "off":
+        if newest is not None and self.restart != "off":
             self._last_saved = newest.progress()
 
     def _clean_up(self) -> None:

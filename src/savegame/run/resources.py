@@ -11,39 +11,39 @@ serve, like the other modules of the run layer.
 from __future__ import annotations
 
 import logging
-import os
 import threading
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from savegame.errors import CheckpointError, ConfigError
 from savegame.run.lock import ProcessShare
 from savegame.run.preemption import install_preemption
 
 if TYPE_CHECKING:
-    from savegame.run.checkpointer import Checkpointer, SignalAction
+    from savegame.run.checkpointer import Checkpointer
 
 log = logging.getLogger("savegame.run.checkpointer")
 
 
-def acquire(
-    ckpt: Checkpointer, *, lock: bool, mirror: str | os.PathLike[str] | None, mirror_options: Any,
-    save_on_signal: bool | Iterable[int | str], signal_action: SignalAction, signal_exit_code: int | None,
-) -> None:  # fmt: skip
+def acquire(ckpt: Checkpointer) -> None:
     """Take the writer lock (local directory, rank 0, ``lock=True``), clean up dead writers' leftovers
-    (the directory's owner), start the mirror (rank 0) and install the signal handlers."""
+    (the directory's owner), start the mirror (rank 0) and install the signal handlers, as
+    ``ckpt.options`` say."""
+    options = ckpt.options
+    mirror = options.mirror
     if mirror is not None and not ckpt.local:
         raise ConfigError("Checkpointer: mirror= needs a local directory (it mirrors local checkpoints to a URL)")
     try:
-        if lock and ckpt.local and ckpt._coord.is_coordinator:
+        if options.lock and ckpt.local and ckpt._coord.is_coordinator:
             ckpt._lock = ProcessShare(ckpt.directory)
         if ckpt._owner:
             ckpt._clean_up()
         if mirror is not None and ckpt._coord.is_coordinator:
             from savegame.engine.mirror import Mirror
 
-            ckpt._mirror = Mirror(ckpt.directory, mirror, storage_options=mirror_options).start()
-        ckpt._preemption = install_preemption(save_on_signal, action=signal_action, exit_code=signal_exit_code)
+            ckpt._mirror = Mirror(ckpt.directory, mirror, storage_options=options.mirror_options).start()
+        ckpt._preemption = install_preemption(
+            options.save_on_signal, action=options.signal_action, exit_code=options.signal_exit_code
+        )
     except BaseException:
         release(ckpt)
         raise

@@ -90,16 +90,14 @@ class LocalFileSink:
                     pass
 
 
-@dataclass
-class LocalTransaction:
-    """A checkpoint being written into a staging directory (the commit protocol: :mod:`savegame.storage.local`)."""
+class _StagingFiles:
+    """What both kinds of transaction on a staging directory do alike: name it to other processes, and
+    open the data files in it (the manifest is the committing process's, never opened)."""
 
     storage: LocalStorage
-    name: str
     staging: str
-    overwrite: bool
-    _sinks: list[LocalFileSink] = field(default_factory=list)
-    _done: bool = False
+    _sinks: list[LocalFileSink]
+    _manifest_writer = "commit()"
 
     @property
     def token(self) -> str:
@@ -109,13 +107,25 @@ class LocalTransaction:
     def open(self, file: str) -> LocalFileSink:
         check_checkpoint_name(file)
         if file == MANIFEST:
-            raise InvalidNameError(f"{MANIFEST} is written by commit(), not open()")
+            raise InvalidNameError(f"{MANIFEST} is written by {self._manifest_writer}, not open()")
         try:
             sink = LocalFileSink(os.path.join(self.staging, file), self.storage.ops)
         except OSError as exc:
             raise _io_error(exc, f"cannot create {file} in {self.staging}") from exc
         self._sinks.append(sink)
         return sink
+
+
+@dataclass
+class LocalTransaction(_StagingFiles):
+    """A checkpoint being written into a staging directory (the commit protocol: :mod:`savegame.storage.local`)."""
+
+    storage: LocalStorage
+    name: str
+    staging: str
+    overwrite: bool
+    _sinks: list[LocalFileSink] = field(default_factory=list)
+    _done: bool = False
 
     def commit(self, manifest: bytes) -> str:
         """Write the manifest, make everything durable and publish; return the final path.
@@ -265,7 +275,7 @@ class LocalTransaction:
         self.storage.ops.rmtree(self.staging)
 
 
-class JoinedTransaction:
+class JoinedTransaction(_StagingFiles):
     """One process's share of a transaction another process began (multi-process saves).
 
     Rank 0 calls :meth:`LocalStorage.begin` and hands ``txn.token`` to the other ranks; each calls
@@ -282,20 +292,7 @@ class JoinedTransaction:
         self._sinks: list[LocalFileSink] = []
         self._done = False
 
-    @property
-    def token(self) -> str:
-        return os.path.basename(self.staging)
-
-    def open(self, file: str) -> LocalFileSink:
-        check_checkpoint_name(file)
-        if file == MANIFEST:
-            raise InvalidNameError(f"{MANIFEST} is written by the owner's commit(), not open()")
-        try:
-            sink = LocalFileSink(os.path.join(self.staging, file), self.storage.ops)
-        except OSError as exc:
-            raise _io_error(exc, f"cannot create {file} in {self.staging}") from exc
-        self._sinks.append(sink)
-        return sink
+    _manifest_writer = "the owner's commit()"
 
     def commit(self, manifest: bytes) -> str:
         raise CommitError(
