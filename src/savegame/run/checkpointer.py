@@ -193,6 +193,11 @@ class Checkpointer:
       (0-19, Linux only; None: unchanged) so that the write competes less with training for the CPUs.
       A training thread that waits for the writer (``if_busy="wait"``, ``wait()``) waits longer on a
       busy machine: pair it with ``if_busy="skip"``.
+    * ``incremental``: each save hard-links the files of this run's previous checkpoint that hold the
+      arrays whose dtype, shape and bytes did not change (every array is hashed; see
+      :mod:`savegame.engine.incremental`) instead of writing them again; every checkpoint stays complete
+      and deleting one never affects another. Pays off when much of the state is frozen (fine-tuning);
+      costs one hash of the whole state per save and, for the linked files, one verification read.
     * ``restart``: what ``restore(state)`` (``which="latest"``) does: ``"auto"`` resumes from the newest
       valid checkpoint if there is one, ``"required"`` raises :class:`CheckpointNotFoundError` if there
       is none; both continue the run of the newest checkpoint (its best, its retention). ``"off"``
@@ -278,6 +283,7 @@ class Checkpointer:
         background: bool = False,
         if_busy: IfBusy = "wait",
         writer_nice: int | None = None,
+        incremental: bool = False,
         restart: Restart = "auto",
         verify: bool = True,
         max_epochs: int | None = None,
@@ -334,6 +340,7 @@ class Checkpointer:
         ):
             raise ConfigError(f"Checkpointer: writer_nice must be an int from 0 to 19 or None, got {writer_nice!r}")
         self.writer_nice = writer_nice
+        self.incremental = bool(incremental)
         self.skipped_saves = 0
         """How many saves ``step`` wanted but coalesced into the save in flight (``if_busy="skip"``)."""
         self._writer: BackgroundWriter | None = None
