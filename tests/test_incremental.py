@@ -362,17 +362,21 @@ def test_opting_out_keeps_full_saves(tmp_path: Path) -> None:
     assert all(not e.linked and e.array_hashes is None for e in savegame.read_manifest(result.path).items.values())
 
 
-def test_remote_storage_falls_back_to_writing(tmp_path: Path) -> None:
-    """A storage without links (here fsspec's memory://) writes every array; the save is still correct."""
-    net, opt, _ = _make(8)
-    url = f"memory://incremental-{os.getpid()}-{tmp_path.name}"
-    ckpt = Checkpointer(url, incremental=True, keep_last=5)
+def test_a_background_save_hashes_in_the_writer_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    threads: set[str] = set()
+    real = incremental.array_hash
+
+    def spy(code: str, shape: tuple[int, ...], data: Any) -> str:
+        threads.add(threading.current_thread().name)
+        return real(code, shape, data)
+
+    monkeypatch.setattr(incremental, "array_hash", spy)
+    net, opt, _ = _make(9)
+    ckpt = Checkpointer(tmp_path, incremental=True, background=True, keep_last=5)
     for epoch in range(2):
         _train_step(net, opt)
-        result = ckpt.save({"model": net, "opt": opt}, epoch=epoch)
+        ckpt.save({"model": net, "opt": opt}, epoch=epoch)
     ckpt.close()
-    manifest = savegame.verify(result.path)
-    assert manifest.items["model"].array_hashes and not manifest.items["model"].linked
-    loaded = savegame.load(result.path)["model"]
-    for key, value in net.state_dict().items():
-        assert torch.equal(loaded[key], value)
+    assert threads and threading.main_thread().name not in threads

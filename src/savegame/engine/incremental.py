@@ -17,8 +17,10 @@ writes through ``.data`` or a NumPy view bypass them. The hashing runs where the
 thread for a background save), never in the training thread of a background save.
 
 Before a file is linked, the previous checkpoint must still be committed with the same manifest entry for
-that file, and the file is verified (size, content hash, header; each linked key with the dtype and shape
-the new array has), so what the new checkpoint refers to is exactly the bytes the new state holds. Where a
+that file, and a local file is verified (size, content hash, header; each linked key with the dtype and
+shape the new array has), so what the new checkpoint refers to is exactly the bytes the new state holds. A
+remote file is copied on the server (``RemoteTransaction.link``) without being downloaded: the recorded
+hash goes into the new manifest, so ``verify`` or ``load`` of the new checkpoint checks it. Where a
 file cannot be linked (another filesystem, a storage without links, any ``OSError``) or fails that check,
 its arrays are written into the item's own file as in a full save: an incremental save never fails, nor
 writes different bytes, because of its base.
@@ -38,6 +40,7 @@ from savegame.format.manifest import FileEntry, ItemEntry, Manifest
 from savegame.format.tensorfile import TensorData, TensorFileReader
 from savegame.format.tree import ArrayRecord
 from savegame.storage.base import Storage, Transaction
+from savegame.storage.local import LocalStorage
 
 __all__ = ["MAX_LINKED_PER_ITEM", "Base", "Incremental", "Prepared", "prepare"]
 
@@ -94,7 +97,8 @@ class _Linker:
         self.base = base
         self.used = used
         self.linked: dict[str, str] = {}  # base file -> its name in the new checkpoint
-        self.readers: dict[str, TensorFileReader | None] = {}
+        self.readers: dict[str, TensorFileReader] = {}  # verified local base files
+        self.usable: dict[str, bool] = {}  # base files checked: may be linked
         self._current: Manifest | None = None
         self._read = False  # whether _current was read (None then: the base is gone or unreadable)
 
@@ -111,14 +115,20 @@ class _Linker:
                 log.info("incremental save: base %s is not usable (%s); writing every array", self.base.name, exc)
         return self._current
 
-    def _verified(self, file: str) -> TensorFileReader | None:
-        """The base's ``file``, opened and verified, if the base still holds it as recorded."""
-        if file in self.readers:
-            return self.readers[file]
+    def _verified(self, file: str) -> bool:
+        """Whether the base still holds ``file`` as recorded; a local one is also opened and verified
+        (size, hash, header: :attr:`readers`). A remote one is not downloaded (the point of a server-side
+        copy): its hash is carried into the new manifest, so ``verify`` of the new checkpoint checks it."""
+        if file in self.usable:
+            return self.usable[file]
         reader: TensorFileReader | None = None
         current = self._base_now()
         recorded = self.base.manifest.files.get(file)
-        if current is not None and recorded is not None and current.files.get(file) == recorded:
+        usable = current is not None and recorded is not None and current.files.get(file) == recorded
+        if usable and current is not None and not isinstance(self.base.storage, LocalStorage):
+            self.usable[file] = True
+            return True
+        if usable and current is not None:
             try:
                 checkpoint = self.base.storage.reader(self.base.name)
                 try:
@@ -128,15 +138,17 @@ class _Linker:
             except (CheckpointError, OSError) as exc:
                 log.warning("incremental save: %s of base %s failed verification (%s); writing its arrays again",
                             file, self.base.name, exc)  # fmt: skip
-        self.readers[file] = reader
-        return reader
+        if reader is not None:
+            self.readers[file] = reader
+        self.usable[file] = reader is not None
+        return reader is not None
 
     def link(self, file: str, stem: str) -> str | None:
         """The name under which the base's ``file`` is in the new checkpoint, linking it now if needed;
         None when it cannot be linked (its arrays are then written)."""
         if file in self.linked:
             return self.linked[file]
-        if self._verified(file) is None:
+        if not self._verified(file):
             return None
         name = _free_name(stem, self.used)
         link = getattr(self.txn, "link", None)  # optional member of the Transaction protocol
@@ -146,7 +158,7 @@ class _Linker:
             log.info("incremental save: linking %s of %s failed (%s); writing its arrays", file, self.base.name, exc)
             done = False
         if not done:
-            self.readers[file] = None  # do not try this file again in this save
+            self.usable[file] = False  # do not try this file again in this save
             return None
         self.used.add(name)
         self.linked[file] = name
@@ -157,8 +169,8 @@ class _Linker:
         computed from its verified files; empty when one of them is not usable."""
         out: dict[str, str] = {}
         for file in prev.files:
-            reader = self._verified(file)
-            if reader is None:
+            reader = self.readers.get(file) if self._verified(file) else None
+            if reader is None:  # gone, damaged, or remote (not downloaded): nothing to compare with
                 return {}
             keys = prev.linked.get(file, reader.tensors.keys() if file == prev.file else ())
             for key in keys:
@@ -168,9 +180,12 @@ class _Linker:
         return out
 
     def matches(self, file: str, data: TensorData) -> bool:
-        """Whether the verified base file holds ``data``'s key with its dtype and shape."""
+        """Whether the verified base file holds ``data``'s key with its dtype and shape (for a remote base
+        without a downloaded header: what the recorded hash, which covers dtype and shape, says)."""
         reader = self.readers.get(file)
-        info = reader.tensors.get(data.name) if reader is not None else None
+        if reader is None:
+            return self.usable.get(file, False)
+        info = reader.tensors.get(data.name)
         return info is not None and info.code == data.code and info.shape == data.shape \
             and info.nbytes == len(data.data)  # fmt: skip
 
