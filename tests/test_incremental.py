@@ -380,3 +380,26 @@ def test_a_background_save_hashes_in_the_writer_thread(tmp_path: Path, monkeypat
         ckpt.save({"model": net, "opt": opt}, epoch=epoch)
     ckpt.close()
     assert threads and threading.main_thread().name not in threads
+
+
+def test_overwriting_a_checkpoint_with_itself_as_the_base(tmp_path: Path) -> None:
+    """``save(path, base=path)``: the new version links the old one's file, then replaces it atomically;
+    the link keeps the data after the old version is removed."""
+    net, _, _ = _make(10)
+    savegame.save(tmp_path / "last", {"model": net})
+    for _ in range(2):
+        net.head.weight.data += 1.0
+        manifest = savegame.save(tmp_path / "last", {"model": net}, base=tmp_path / "last")
+        assert manifest.items["model"].linked
+        savegame.verify(tmp_path / "last")
+        loaded = savegame.load(tmp_path / "last")["model"]
+        for key, value in net.state_dict().items():
+            assert torch.equal(loaded[key], value), key
+    assert [p.name for p in tmp_path.iterdir()] == ["last"]
+
+
+def test_incremental_must_be_a_bool(tmp_path: Path) -> None:
+    from savegame.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="incremental"):
+        Checkpointer(tmp_path, incremental="yes")  # type: ignore[arg-type]

@@ -198,6 +198,7 @@ class Checkpointer:
       :mod:`savegame.engine.incremental`) instead of writing them again; every checkpoint stays complete
       and deleting one never affects another. Pays off when much of the state is frozen (fine-tuning);
       costs one hash of the whole state per save and, for the linked files, one verification read.
+      Multi-process saves (``torch.distributed``) are written in full.
     * ``restart``: what ``restore(state)`` (``which="latest"``) does: ``"auto"`` resumes from the newest
       valid checkpoint if there is one, ``"required"`` raises :class:`CheckpointNotFoundError` if there
       is none; both continue the run of the newest checkpoint (its best, its retention). ``"off"``
@@ -340,7 +341,9 @@ class Checkpointer:
         ):
             raise ConfigError(f"Checkpointer: writer_nice must be an int from 0 to 19 or None, got {writer_nice!r}")
         self.writer_nice = writer_nice
-        self.incremental = bool(incremental)
+        if not isinstance(incremental, bool):
+            raise ConfigError(f"Checkpointer: incremental must be True or False, got {incremental!r}")
+        self.incremental = incremental
         self.skipped_saves = 0
         """How many saves ``step`` wanted but coalesced into the save in flight (``if_busy="skip"``)."""
         self._writer: BackgroundWriter | None = None
