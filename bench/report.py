@@ -8,7 +8,7 @@ import math
 import os
 from typing import Any
 
-from . import trainloop
+from . import finetune, trainloop
 from .workloads import LARGE
 
 SG_SYNC = "savegame sync"
@@ -116,6 +116,10 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
                 v = tl["overhead"].get(f"{policy}-k{k}")
                 add(f"training loop, background checkpoint every {k} step(s), {policy}: step-time overhead",
                     "trainloop", None if v is None else v * 100, "<=", bound, "%")
+    ft = data.get("finetune")
+    if ft:
+        add(f"frozen-backbone fine-tune: bytes written per incremental checkpoint / full (floor "
+            f"{ft['floor_ratio']:.3f}x)", "finetune", ft["bytes_ratio"], "<=", finetune.TARGET, "x")
     return rows
 
 
@@ -255,6 +259,8 @@ def markdown(data: dict[str, Any], tgt: list[dict[str, Any]], rat: dict[str, Any
         lines.append("")
     if data.get("trainloop"):
         lines += trainloop.markdown(data["trainloop"])
+    if data.get("finetune"):
+        lines += finetune.markdown(data["finetune"])
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from . import contenders as C
-from . import report, trainloop
+from . import finetune, report, trainloop
 from .workloads import BUILDERS, LARGE, GiB, build
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -372,6 +372,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="parameters of its GPT-like model relative to the issue's ~27M (width scaled)")
     ap.add_argument("--trainloop-reps", type=int, default=None,
                     help="interleaved blocks per mode (default 3, 1 with --quick)")
+    ap.add_argument("--finetune", choices=("on", "off", "only"), default="on",
+                    help="the frozen-backbone fine-tune with incremental checkpoints (only: nothing else)")
+    ap.add_argument("--finetune-scale", type=float, default=1.0, help="scale of its model (1 = ~27M parameters)")
+    ap.add_argument("--finetune-reps", type=int, default=None, help="its repetitions (default 3, 1 with --quick)")
     ap.add_argument("--trainloop-steps", type=int, default=16, help="training steps per block (default 16)")
     return ap.parse_args(argv)
 
@@ -380,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     reps = args.reps if args.reps is not None else (2 if args.quick else 5)
     rss = args.rss or ("sync" if args.quick else "all")
-    names = [n.strip() for n in args.workloads.split(",") if n.strip()] if args.trainloop != "only" else []
+    only = args.trainloop == "only" or args.finetune == "only"
+    names = [n.strip() for n in args.workloads.split(",") if n.strip()] if not only else []
     unknown = [n for n in names if n not in BUILDERS]
     if unknown:
         raise SystemExit(f"unknown workloads {unknown}; choose from {list(BUILDERS)}")
@@ -413,13 +418,18 @@ def main(argv: list[str] | None = None) -> int:
                 name, contenders, reps=reps, tmp=tmp, cache=cache, quick=args.quick, scale=scale, rss=rss,
                 first=(i == 0), rss_all=args.rss_all_workloads,
             )
-        if args.trainloop != "off":
+        if args.trainloop != "off" and args.finetune != "only":
             tl_reps = args.trainloop_reps if args.trainloop_reps is not None else (1 if args.quick else 3)
             log(f"trainloop: scale {args.trainloop_scale:g}, {tl_reps} reps of {args.trainloop_steps} steps")
             data["trainloop"] = trainloop.run(
                 tmp=tmp, scale=args.trainloop_scale, quick=args.quick, reps=tl_reps, steps=args.trainloop_steps,
                 log=log,
             )
+        if args.finetune != "off" and args.trainloop != "only":
+            ft_reps = args.finetune_reps if args.finetune_reps is not None else (1 if args.quick else 3)
+            log(f"finetune: scale {args.finetune_scale:g}, {ft_reps} reps")
+            data["finetune"] = finetune.run(tmp=tmp, scale=args.finetune_scale, quick=args.quick, reps=ft_reps,
+                                            saves=3 if args.quick else 6, log=log)  # fmt: skip
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     data["config"]["cache"] = cache.describe()

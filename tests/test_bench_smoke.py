@@ -74,7 +74,14 @@ def test_quick_bench_writes_complete_reports(tmp_path: Path) -> None:
     assert set(tl["overhead"]) == modes - {"none"}
     assert any(t["workload"] == "trainloop" for t in targets)
 
+    ft = data["finetune"]  # the frozen-backbone fine-tune, incremental against full checkpoints
+    assert set(ft["samples"]) == {"full", "incremental"} and all(x > 0 for v in ft["samples"].values() for x in v)
+    assert 0 < ft["floor_ratio"] <= ft["bytes_ratio"] < 1.0  # linked bytes are not written; never below the floor
+    assert ft["median_bytes_written"]["full"] == ft["full_bytes"]
+    assert any(t["workload"] == "finetune" for t in targets)
+
     md = (out / "latest.md").read_text()
+    assert "## Frozen-backbone fine-tune: incremental checkpoints" in md
     assert "## Training loop: background checkpoint every K steps" in md
     assert "## Targets" in md and "| savegame sync |" in md and "Machine:" in md
     png = out / "latest.png"

@@ -86,6 +86,10 @@ class FaultyOps(FileOps):
         self._call("rename", b)
         return super().exchange(a, b)
 
+    def link(self, src: str, dst: str) -> None:
+        self._call("link", dst)
+        super().link(src, dst)
+
     def fsync_dir(self, path: str) -> None:
         if path in self.failed_fsyncs:
             self.retried.append(path)
@@ -164,6 +168,76 @@ def test_fault_at_every_call(tmp_path: Path, inject: Any, kind: str, err_name: s
         raise AssertionError("the save never succeeded")
     assert faults >= 1 and faults == ops.counts[kind]
     figures.add("faults", f"{kind}/{err_name}", faults)
+
+
+@pytest.mark.parametrize("err_name", ["EXDEV", "EPERM", "EIO", "EMLINK"])
+def test_a_failed_link_falls_back_to_writing(tmp_path: Path, inject: Any, err_name: str) -> None:
+    """An incremental save whose hard link fails (another filesystem, no links, I/O error) writes those
+    arrays instead: it succeeds, loads the new state, and leaves the base untouched."""
+    root = tmp_path
+    savegame.save(root / "a", _state(1))
+    before = {"a": digest(savegame.load(root / "a"))}
+    files_before = {f: (root / "a" / f).read_bytes() for f in os.listdir(root / "a")}
+    new_state = _state(1)
+    new_state["optimizer"]["lr"] = 7.0  # the arrays are unchanged: all of them would be linked
+    ops = FaultyOps("link", 1, getattr(errno, err_name))
+    inject(ops)
+    manifest = savegame.save(root / "b", new_state, base=root / "a")
+    inject(FileOps())
+    assert ops.injected is not None and ops.injected[0] == "link"
+    linked = [f for item in manifest.items.values() for f in item.linked]
+    assert "model.link1.safetensors" not in linked  # the failed one: written instead
+    savegame.verify(root / "b")
+    assert digest(savegame.load(root / "b")) == digest(new_state)
+    assert {f: (root / "a" / f).read_bytes() for f in os.listdir(root / "a")} == files_before
+    assert digest(savegame.load(root / "a")) == before["a"]
+    assert hidden_debris(str(root)) == []
+
+
+@pytest.mark.parametrize("err_name", sorted(ERRNOS))
+@pytest.mark.parametrize("kind", (*KINDS, "link"))
+def test_fault_at_every_call_of_an_incremental_save(tmp_path: Path, inject: Any, kind: str, err_name: str) -> None:
+    """The same sweep for a save that hard-links its unchanged file from the previous checkpoint: a fault
+    in a link falls back to writing; any other fault fails cleanly; the base and the others stay intact
+    (and their link counts: the disk usage is restored)."""
+    err = ERRNOS[err_name]
+    root = tmp_path
+    savegame.save(root / "a", _state(1))
+    savegame.save(root / "keep", _state(2))
+    before = {n: digest(savegame.load(root / n)) for n in LocalStorage(root).committed()}
+    usage = tree_bytes(str(root))
+    nlinks = {f: os.stat(root / "a" / f).st_nlink for f in os.listdir(root / "a")}
+    new_state = _state(1)
+    new_state["model"]["b"] = np.arange(5, 15)  # model changes a bit; optimizer state is unchanged: linked
+    faults = 0
+    for nth in range(1, 200):
+        ops = FaultyOps(kind, nth, err)
+        inject(ops)
+        try:
+            manifest = savegame.save(root / "b", new_state, base=root / "a")
+        except StorageError as exc:
+            inject(FileOps())
+            assert kind != "link", f"a failed link failed the save: {exc}"
+            assert ops.injected is not None and exc.errno == err, exc
+            _assert_unchanged(root, before, usage, f"{kind} #{nth} {err_name}")
+            assert {f: os.stat(root / "a" / f).st_nlink for f in os.listdir(root / "a")} == nlinks
+            faults += 1
+            continue
+        inject(FileOps())
+        savegame.verify(root / "b")
+        assert digest(savegame.load(root / "b")) == digest(new_state)
+        if ops.injected is None:
+            assert manifest.items["optimizer"].linked  # the fault-free run links
+            break
+        assert kind == "link", f"fault {ops.injected} was swallowed"
+        assert sum(len(item.linked) for item in manifest.items.values()) == 1  # the other of the two links
+        savegame.storage.local.LocalStorage(root).delete("b")
+        faults += 1
+    else:
+        raise AssertionError("the save never succeeded")
+    assert faults >= 1 and faults == ops.counts[kind]
+    for name, dig in before.items():
+        assert digest(savegame.load(root / name)) == dig
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

@@ -21,6 +21,7 @@ from savegame._util.progress import ProgressBar
 from savegame.adapters import framework_decode_tags, torch_available, zero_copy_for
 from savegame.engine import verifier
 from savegame.engine.capture import LoadReport, restore_items
+from savegame.engine.incremental import Base, Incremental
 from savegame.engine.verifier import check_array_node as check_array_node  # re-exported: moved to verifier.py
 from savegame.engine.verifier import check_item as check_item
 from savegame.engine.verifier import checked
@@ -53,6 +54,7 @@ def save(
     overwrite: bool = True,
     background: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    base: PathLike | None = None,
 ) -> Any:
     """Save ``state`` as the checkpoint directory ``path``, atomically and durably.
 
@@ -78,23 +80,43 @@ def save(
     ``path`` may be an fsspec URL (``s3://bucket/run/NAME``; ``storage_options`` go to fsspec): the data
     is uploaded first and the manifest last as the commit marker (see :mod:`savegame.storage.remote`).
 
+    ``base``: an incremental save (:mod:`savegame.engine.incremental`): ``base`` is a committed checkpoint
+    in the same directory as ``path``; the files of ``base`` that hold arrays whose dtype, shape and bytes
+    did not change are hard-linked instead of written (verified first; where linking is impossible the
+    arrays are written), and every array's hash is recorded for the next incremental save. ``path`` stays
+    a complete checkpoint: deleting ``base`` later does not affect it.
+
     Returns the :class:`Manifest` (sync). When a sync ``save`` returns (or a background save's
     ``result()`` does), the checkpoint is on stable storage (files, manifest and the directory entry
     were fsynced) and a power loss cannot take it back. If it fails, nothing new is visible at ``path``
     and whatever was there before is unchanged.
     """
+    incremental = _incremental_base(base, storage_options=storage_options) if base is not None else None
     if background:
         from savegame.engine.background import default_writer
 
         storage, name = locate(path, storage_options=storage_options)
         storage.check_target(name, overwrite=overwrite)  # raised here, not only by the handle later
         return save_in_background(
-            default_writer(), storage, name, state, metadata=metadata, progress=progress, overwrite=overwrite
-        )
+            default_writer(), storage, name, state, metadata=metadata, progress=progress, overwrite=overwrite,
+            incremental=incremental,
+        )  # fmt: skip
     with gc_paused():
         storage, name = locate(path, storage_options=storage_options)  # a local directory or an fsspec URL
-        _, manifest = save_now(storage, name, state, metadata=metadata, progress=progress, overwrite=overwrite)
+        _, manifest = save_now(storage, name, state, metadata=metadata, progress=progress, overwrite=overwrite,
+                               incremental=incremental)  # fmt: skip
     return manifest
+
+
+def _incremental_base(base: PathLike, *, storage_options: Mapping[str, Any] | None) -> Incremental:
+    """``save(base=...)``: the committed checkpoint ``base`` (its manifest read and validated now)."""
+    storage, name = locate(base, storage_options=storage_options)
+    reader = storage.reader(name)
+    try:
+        manifest = verifier.manifest_of(reader)
+    finally:
+        reader.close()
+    return Incremental(Base(storage, name, manifest))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -161,6 +183,14 @@ def open_file(
     :func:`savegame.engine.verifier.open_file` checks it: exists, exact size, hash (if ``verify``), valid header."""
     return verifier.open_file(open_checkpoint(checkpoint, check=False), manifest, file, verify=verify,
                               deferred=deferred)  # fmt: skip
+
+
+def open_item(checkpoint: Location, manifest: Manifest, name: str, *, verify: bool) -> TensorFileReader | None:
+    """The arrays of item ``name`` (None if it has none): its file, or for an item of an incremental
+    checkpoint, one view over its file and the linked ones, each opened as :func:`open_file` opens it."""
+    entry = manifest.items[name]
+    opened = {file: open_file(checkpoint, manifest, file, verify=verify) for file in entry.files}
+    return verifier.item_reader(entry, opened)
 
 
 ZeroCopy = bool | Literal["aligned"]
@@ -241,7 +271,8 @@ def decode_item(
     entry = manifest.items[name]
     source = open_checkpoint(checkpoint, storage_options=storage_options, check=False)
     try:
-        reader = open_file(source, manifest, entry.file, verify=verify) if entry.file else None
+        opened = {file: open_file(source, manifest, file, verify=verify) for file in entry.files}
+        reader = verifier.item_reader(entry, opened)
     finally:
         _close_if_opened(source, checkpoint)
     return decode_opened(reader, manifest, name, map_location=map_location, as_numpy=as_numpy, zero_copy=zero_copy)
@@ -351,7 +382,7 @@ def _load(
     manifest = _manifest_of(directory)
     started = time.perf_counter()
     wanted = manifest.items if target is None else [n for n in manifest.items if n in target]
-    total = sum(manifest.files[f].bytes for f in {manifest.items[n].file for n in wanted} if f)
+    total = sum(manifest.files[f].bytes for f in {f for n in wanted for f in manifest.items[n].files})
     bar = ProgressBar(f"loading {directory.where}", total)
     try:
         result = _load_items(directory, manifest, target, map_location=map_location, strict=strict, verify=verify,
@@ -388,17 +419,16 @@ def _load_items(
     # they read straight from the (copy-on-write) file mapping; an optimizer keeps the tensors it is
     # given, so it gets views of the mapping where they are 64-byte aligned (see adapters.zero_copy_for).
     needed = [name for name in manifest.items if name in target or manifest.items[name].file is None]
-    files = {manifest.items[name].file for name in needed} - {None}
+    files = {file for name in needed for file in manifest.items[name].files}
     values: dict[str, Any] = {}
     with checked(checks):
         readers: dict[str, TensorFileReader] = {}
-        for data_file in sorted(f for f in files if f):
+        for data_file in sorted(files):
             readers[data_file] = open_file(directory, manifest, data_file, verify=verify, deferred=checks)
             progress.advance(manifest.files[data_file].bytes)
         for name in needed:
-            file = manifest.items[name].file
             values[name] = decode_opened(
-                readers[file] if file else None, manifest, name,
+                verifier.item_reader(manifest.items[name], readers), manifest, name,
                 map_location=map_location if name in target else None,
                 zero_copy=_target_zero_copy(target[name], copy=copy) if name in target else False,
             )
@@ -432,11 +462,13 @@ def _load_plain(
     every check passed."""
     state: dict[str, Any] = {}
     with checked(checks):
+        readers: dict[str, TensorFileReader] = {}
         for name, item in manifest.items.items():
-            opened = None
-            if item.file:
-                opened = open_file(directory, manifest, item.file, verify=verify, deferred=checks)
-                progress.advance(manifest.files[item.file].bytes)
+            for file in item.files:
+                if file not in readers:
+                    readers[file] = open_file(directory, manifest, file, verify=verify, deferred=checks)
+                    progress.advance(manifest.files[file].bytes)
+            opened = verifier.item_reader(item, readers)
             state[name] = decode_opened(opened, manifest, name, map_location=map_location, zero_copy=zero_copy)
     return state
 

@@ -49,7 +49,6 @@ from savegame.errors import CheckpointError, ConfigError, InvalidManifestError, 
 from savegame.format.manifest import Manifest
 from savegame.format.tensorfile import (
     TensorData,
-    TensorFileReader,
     order_for_alignment,
     tensor_name_problem,
     write_tensor_file,
@@ -510,8 +509,8 @@ def export_checkpoint(
     if not arrays_leaves:
         raise ConfigError(f"item {label!r} holds no tensors (items with tensors: "
                           f"{', '.join(n for n, e in manifest.items.items() if e.file) or 'none'})")  # fmt: skip
-    assert entry.file is not None
-    reader: TensorFileReader = api.open_file(source, manifest, entry.file, verify=verify)
+    reader = api.open_item(source, manifest, name, verify=verify)
+    assert reader is not None and entry.file is not None
     arrays: list[_Array] = []
     for leaf in arrays_leaves:
         info = reader.tensors.get(leaf.key)

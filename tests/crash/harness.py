@@ -43,6 +43,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "sync-overwrite": {"naming": "overwrite", "background": False},
     "sync-overwrite-fallback": {"naming": "overwrite", "background": False, "exchange": False},
     "background-named": {"naming": "named", "background": True},
+    "sync-named-incremental": {"naming": "named", "background": False, "incremental": True},
 }
 
 

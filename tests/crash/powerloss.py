@@ -86,6 +86,10 @@ class RecordingOps(FileOps):
             self.log.append(("exchange", self._rel(a), self._rel(b)))
         return done
 
+    def link(self, src: str, dst: str) -> None:
+        self.base.link(src, dst)
+        self.log.append(("link", self._rel(src), self._rel(dst)))
+
     def fsync_dir(self, path: str) -> None:
         self.base.fsync_dir(path)
         self.log.append(("fsync_dir", self._rel(path)))
@@ -161,6 +165,9 @@ class FsModel:
             sp, sn = self._parent(op[1])
             dp, dn = self._parent(op[2])
             dp.entries[dn] = sp.entries.pop(sn)
+        elif kind == "link":  # a new entry for the same inode (its data is durable as far as it was)
+            parent, name = self._parent(op[2])
+            parent.entries[name] = self._lookup(op[1])
         elif kind == "exchange":
             ap, an = self._parent(op[1])
             bp, bn = self._parent(op[2])
@@ -232,10 +239,12 @@ def run_scenario(root: str, *, broken: str | None = None) -> RecordingOps:
         os.makedirs(root, exist_ok=True)
         storage = LocalStorage(root)
 
-        def save(name: str, step: int, *, overwrite: bool = True) -> None:
-            state = {"step": step, "w": np.full((64, 64), step, dtype=np.float32), "v": np.arange(step + 100)}
+        def save(name: str, step: int, *, overwrite: bool = True, base: str | None = None) -> None:
+            state = {"step": step, "w": np.full((64, 64), step, dtype=np.float32), "v": np.arange(step + 100),
+                     "frozen": {"f": np.ones((32, 32), dtype=np.float32), "g": np.full(8, step)}}
             recorder.mark("S", name, digest(state))
-            savegame.save(os.path.join(root, name), state, overwrite=overwrite)
+            savegame.save(os.path.join(root, name), state, overwrite=overwrite,
+                          base=os.path.join(root, base) if base else None)  # fmt: skip
             recorder.mark("C", name)
 
         save("a", 1)
@@ -251,6 +260,10 @@ def run_scenario(root: str, *, broken: str | None = None) -> RecordingOps:
         recorder.mark("D", "a")
         storage.delete("a")
         save("c", 6)
+        save("d", 7, base="c")  # incremental: frozen.f is hard-linked from c
+        recorder.mark("D", "c")
+        storage.delete("c")
+        save("e", 8, base="d")  # links the same inode again, through d
     finally:
         local_ops.DEFAULT_OPS = saved_ops
     return recorder

@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 
-PHASES = ("train", "mkdir", "open", "write", "fsync", "close", "fsync_dir", "rename", "exchange", "rmtree")
+PHASES = ("train", "mkdir", "open", "write", "fsync", "close", "fsync_dir", "rename", "exchange", "rmtree", "link")
 """Codes of the phase byte: 0 when no storage call is in progress, else the call."""
 
 MAIN_PHASES = ("resume", "train", "save", "delete", "done")
@@ -98,6 +98,13 @@ def make_phase_ops(phase: Phase, *, slow: float, exchange: bool, seed: int) -> A
             self._enter("close")
             try:
                 super().close(fd)
+            finally:
+                phase.op(0)
+
+        def link(self, src: str, dst: str) -> None:
+            self._enter("link")
+            try:
+                super().link(src, dst)
             finally:
                 phase.op(0)
 
@@ -175,6 +182,8 @@ def train(cfg: dict[str, Any]) -> None:
                                 torch.nn.ReLU(), torch.nn.Linear(256, 10))  # fmt: skip
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     buffer = np.zeros(1 << 20, dtype=np.float32)  # 4 MiB of extra state: saves take a while
+    incremental = bool(cfg.get("incremental"))  # each save links the unchanged "frozen" array from the last one
+    frozen = np.arange(1 << 20, dtype=np.float32)
     step = 0
     names = storage.committed()
     resume_from = "last" if naming == "overwrite" and "last" in names else (names[-1] if names else None)
@@ -202,18 +211,22 @@ def train(cfg: dict[str, Any]) -> None:
             step += 1
         name = "last" if naming == "overwrite" else f"step-{step:08d}"
         state = {"model": model, "optimizer": opt, "buffer": buffer, "step": step}
+        extra = {"frozen": frozen} if incremental else {}
+        state.update(extra)
+        committed = storage.committed()
+        base = os.path.join(root, committed[-1]) if incremental and committed else None
         phase.main("save")
         if background and pending is not None:
             pending.result()
             log.event("C", pending_name)
             _rotate(storage, log, phase, naming, cfg)
         log.event("S", name, digest({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                     "buffer": buffer, "step": step}))  # fmt: skip
+                                     "buffer": buffer, "step": step, **extra}))  # fmt: skip
         if background:
-            pending = savegame.save(os.path.join(root, name), state, background=True)
+            pending = savegame.save(os.path.join(root, name), state, background=True, base=base)
             pending_name = name
         else:
-            savegame.save(os.path.join(root, name), state)
+            savegame.save(os.path.join(root, name), state, base=base)
             log.event("C", name)
             _rotate(storage, log, phase, naming, cfg)
         if cfg.get("pause"):

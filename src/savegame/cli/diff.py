@@ -112,8 +112,7 @@ def _same_value(a: Any, b: Any) -> bool:
 
 
 def _reader(path: str, manifest: Manifest, item: str, verify: bool) -> TensorFileReader | None:
-    file = manifest.items[item].file
-    return api.open_file(path, manifest, file, verify=verify) if file else None
+    return api.open_item(path, manifest, item, verify=verify)
 
 
 def diff_checkpoints(path_a: str, path_b: str, *, verify: bool = True, only: str | None = None) -> dict[str, Any]:
@@ -134,7 +133,8 @@ def diff_checkpoints(path_a: str, path_b: str, *, verify: bool = True, only: str
         ea, eb = ma.items[item], mb.items[item]
         fa, fb = (ma.files.get(ea.file) if ea.file else None), (mb.files.get(eb.file) if eb.file else None)
         flat_a, flat_b = _flat(ea.skeleton, (item,)), _flat(eb.skeleton, (item,))
-        if ea.skeleton == eb.skeleton and fa is not None and fb is not None and fa.hash == fb.hash:
+        same_files = fa is not None and fb is not None and fa.hash == fb.hash and not ea.linked and not eb.linked
+        if ea.skeleton == eb.skeleton and same_files:
             result["unchanged_tensors"] += sum(isinstance(v, ArrayLeaf) for v in flat_a.values())
             continue  # byte-identical tensor file and structure
         ra, rb = _reader(path_a, ma, item, verify), _reader(path_b, mb, item, verify)

@@ -163,7 +163,7 @@ def describe_checkpoint(path: str, manifest: Manifest, only: str | None) -> dict
     for name, entry in manifest.items.items():
         if only is not None and name != only:
             continue
-        reader = api.open_file(path, manifest, entry.file, verify=False) if entry.file else None
+        reader = api.open_item(path, manifest, name, verify=False)
         seen: dict[str, str] = {}
         count = nbytes = 0
         for leaf_path, value in flatten_skeleton(entry.skeleton, (name,)):

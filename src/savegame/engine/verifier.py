@@ -30,12 +30,13 @@ from savegame.errors import HashMismatchError, InvalidManifestError, MissingFile
 from savegame.format.checks import check_item_value, tag_checkers
 from savegame.format.hashing import FileHasher, hash_buffer, hash_in_background
 from savegame.format.manifest import FileEntry, ItemEntry, Manifest, parse_manifest
-from savegame.format.tensorfile import TensorFileReader, TensorInfo
+from savegame.format.tensorfile import ItemTensors, TensorFileReader, TensorInfo
 from savegame.format.tree import Decoder, Path, format_path
 from savegame.format.tree import check_array_node as tree_check_array_node
 from savegame.storage.base import MANIFEST, CheckpointReader, FileSink, ReadBuffer
 
-__all__ = ["Progress", "check_array_node", "check_item", "checked", "copy_checked", "manifest_of", "open_file",
+__all__ = ["Progress", "check_array_node", "check_item", "checked", "copy_checked", "item_reader", "manifest_of",
+           "open_file",
            "read_checked", "run_checks", "verify_checkpoint", "verify_files"]  # fmt: skip
 
 Progress = Callable[[int], None]
@@ -163,9 +164,21 @@ def verify_files(
     wanted = list(manifest.files) if files is None else list(files)
     readers = {file: open_file(reader, manifest, file, verify=True, progress=progress) for file in wanted}
     for name, entry in manifest.items.items():
-        if entry.file is None or entry.file in readers:
-            check_item(entry, readers[entry.file] if entry.file else None, name)
+        if all(file in readers for file in entry.files):
+            check_item(entry, item_reader(entry, readers), name)
     return readers
+
+
+def item_reader(entry: ItemEntry, opened: Mapping[str, TensorFileReader]) -> TensorFileReader | None:
+    """The arrays of an item, from its opened (and checked) files: its own file's reader, or for an item
+    of an incremental checkpoint whose arrays are also in linked files, one view over all of them
+    (:class:`~savegame.format.tensorfile.ItemTensors`). None for an item without arrays."""
+    if entry.file is None:
+        return None
+    own = opened[entry.file]
+    if not entry.linked:
+        return own
+    return ItemTensors(own, {file: (opened[file], keys) for file, keys in entry.linked.items()})
 
 
 def verify_checkpoint(reader: CheckpointReader, *, progress: Progress | None = None) -> Manifest:

@@ -23,6 +23,7 @@ from savegame.adapters import framework_versions
 from savegame.adapters.registry import encode_hooks
 from savegame.engine.background import BackgroundWriter, PendingSave, Snapshot
 from savegame.engine.capture import kind_of, live_object_hook
+from savegame.engine.incremental import Incremental, prepare
 from savegame.engine.write_loop import (
     EncodedExtras,
     EncodedItem,
@@ -117,6 +118,7 @@ def write_encoded(
     storage: Storage, name: str, items: list[EncodedItem], extras: EncodedExtras, *, overwrite: bool,
     blocking_seconds: float | None = None, should_stop: Callable[[], bool] | None = None,
     next_name: NextName | None = None, side_files: Mapping[str, bytes] | None = None,
+    incremental: Incremental | None = None,
 ) -> tuple[str, Manifest]:
     """Write encoded items as checkpoint ``name`` of ``storage``; commit; return its path and manifest.
 
@@ -130,12 +132,14 @@ def write_encoded(
     :class:`Manifest` is the one built here, equal to what :func:`parse_manifest` reads back.
     ``side_files``: small non-tensor files committed in the same transaction (see
     :func:`~savegame.write_loop.write_side_files`).
+    ``incremental``: record every array's hash and link the arrays unchanged since its base instead of
+    writing them (:mod:`savegame.engine.incremental`).
     """
 
     def attempt(current: str, progress: Mapping[str, Any] | None) -> tuple[str, Manifest]:
         use = extras if progress is None else extras.with_progress(progress)
         return _write_once(storage, current, items, use, overwrite=overwrite, blocking_seconds=blocking_seconds,
-                           should_stop=should_stop, side_files=side_files)  # fmt: skip
+                           should_stop=should_stop, side_files=side_files, incremental=incremental)  # fmt: skip
 
     return retry_on_clash(attempt, name, next_name, where=storage.path(name))
 
@@ -143,17 +147,23 @@ def write_encoded(
 def _write_once(
     storage: Storage, name: str, items: list[EncodedItem], extras: EncodedExtras, *, overwrite: bool,
     blocking_seconds: float | None, should_stop: Callable[[], bool] | None,
-    side_files: Mapping[str, bytes] | None = None,
+    side_files: Mapping[str, bytes] | None = None, incremental: Incremental | None = None,
 ) -> tuple[str, Manifest]:
     """One attempt of :func:`write_encoded`: begin, the one write loop, the manifest, commit."""
     start = time.perf_counter()
-    total = sum(i.nbytes for i in items)
-    progress = ProgressBar(f"saving {name}", total)
     txn = storage.begin(name, overwrite=overwrite)
+    progress = ProgressBar(f"saving {name}", 0)
     try:
-        written = write_files(txn, items, progress, should_stop=should_stop)
-        write_side_files(txn, side_files or {}, taken={i.file for i in items if i.file})
-        raw, manifest = assemble_manifest(written.files, item_entries(items), extras, versions=library_versions())
+        prepared = prepare(txn, storage, items, incremental) if incremental is not None else None
+        to_write = prepared.items if prepared is not None else items
+        total = sum(i.nbytes for i in to_write)
+        progress = ProgressBar(f"saving {name}", total)
+        written = write_files(txn, to_write, progress, should_stop=should_stop)
+        taken = {i.file for i in items if i.file} | set(prepared.files if prepared is not None else ())
+        write_side_files(txn, side_files or {}, taken=taken)
+        files = {**written.files, **prepared.files} if prepared is not None else written.files
+        entries = prepared.entries if prepared is not None else item_entries(items)
+        raw, manifest = assemble_manifest(files, entries, extras, versions=library_versions())
     except BaseException:
         txn.abort()
         progress.close()
@@ -165,9 +175,10 @@ def _write_once(
         progress.close()
     elapsed = time.perf_counter() - start
     blocked = elapsed if blocking_seconds is None else blocking_seconds
+    linked = f" (+{prepared.linked_bytes} bytes linked, not written)" if prepared is not None else ""
     log.info(
-        "saved %s: %d bytes in %.3f s (%.1f MB/s), training blocked %.3f s",
-        final, total, elapsed, total / max(elapsed, 1e-9) / 1e6, blocked,
+        "saved %s: %d bytes%s in %.3f s (%.1f MB/s), training blocked %.3f s",
+        final, total, linked, elapsed, total / max(elapsed, 1e-9) / 1e6, blocked,
     )
     return final, manifest
 
@@ -182,26 +193,29 @@ def write_items(
     progress: Mapping[str, Any] | None,
     overwrite: bool,
     next_name: NextName | None = None,
+    incremental: Incremental | None = None,
 ) -> tuple[str, Manifest]:
     """Write encoded items as checkpoint ``name`` of ``storage``; return its path and manifest
-    (``next_name``: see :func:`write_encoded`)."""
+    (``next_name``, ``incremental``: see :func:`write_encoded`)."""
     extras = EncodedExtras.encode(metadata, progress)
-    return write_encoded(storage, name, items, extras, overwrite=overwrite, next_name=next_name)
+    return write_encoded(storage, name, items, extras, overwrite=overwrite, next_name=next_name,
+                         incremental=incremental)  # fmt: skip
 
 
 def save_now(
     storage: Storage, name: str, state: Mapping[str, Any], *, metadata: Mapping[str, Any] | None,
-    progress: Mapping[str, Any] | None, overwrite: bool,
+    progress: Mapping[str, Any] | None, overwrite: bool, incremental: Incremental | None = None,
 ) -> tuple[str, Manifest]:
     """Synchronous save: capture, encode (no copies) and write in the caller's thread."""
     extras = EncodedExtras.encode(metadata, progress)
-    return write_encoded(storage, name, encode_state(state), extras, overwrite=overwrite)
+    return write_encoded(storage, name, encode_state(state), extras, overwrite=overwrite, incremental=incremental)
 
 
 def save_in_background(
     writer: BackgroundWriter, storage: Storage, name: str, state: Mapping[str, Any], *,
     metadata: Mapping[str, Any] | None, progress: Mapping[str, Any] | None, overwrite: bool,
     next_name: NextName | None = None, stamp: Callable[[], Mapping[str, Any]] | None = None,
+    incremental: Incremental | None = None,
 ) -> PendingSave:
     """Snapshot ``state`` now (blocking only for the host copy), write and commit in the background.
 
@@ -210,7 +224,8 @@ def save_in_background(
     (called in the writer thread): a name taken meanwhile is retried under the next one, as in a sync
     save (:func:`write_encoded`); the handle's ``path`` stays the name it was started with.
     ``stamp``: called once the snapshot is taken, it gives the progress to record instead of
-    ``progress`` (which may then say how long the save blocked the caller).
+    ``progress`` (which may then say how long the save blocked the caller). ``incremental``: see
+    :func:`write_encoded` (its hashing runs in the writer thread, not here).
     """
     writer.wait()
     with gc_paused():  # not while waiting above: only while this thread copies and encodes
@@ -227,7 +242,7 @@ def save_in_background(
         def persist() -> Manifest:
             _, manifest = write_encoded(
                 storage, name, items, extras, overwrite=overwrite, blocking_seconds=blocking,
-                should_stop=writer.stop_requested, next_name=next_name,
+                should_stop=writer.stop_requested, next_name=next_name, incremental=incremental,
             )
             return manifest
 

@@ -51,6 +51,15 @@ def hash_bytes(data: bytes | memoryview) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
+def array_hash(code: str, shape: tuple[int, ...], data: bytes | bytearray | memoryview | Any) -> str:
+    """The hash of one array as incremental checkpoints record it: its safetensors dtype code, its shape
+    and its bytes (two arrays with equal bytes but another dtype or shape hash differently)."""
+    hasher = xxhash.xxh3_128()
+    hasher.update(f"{code}{list(shape)}".encode() + b"\0")
+    hasher.update(data)
+    return hasher.hexdigest()
+
+
 def _combine(digests: list[bytes]) -> str:
     """A file's hash from its chunks' digests (one chunk: that chunk's hash)."""
     if len(digests) == 1:

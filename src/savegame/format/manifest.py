@@ -82,6 +82,18 @@ class ItemEntry:
     kind: str
     file: str | None
     skeleton: Any
+    linked: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Incremental checkpoints: arrays of this item kept in other files of the checkpoint (hard links or
+    server-side copies of a previous checkpoint's file), as ``{file: (key, ...)}``; every other key is in
+    :attr:`file`. Empty for a full save."""
+    array_hashes: Mapping[str, str] | None = None
+    """Incremental checkpoints: the XXH3-128 of every array (its dtype, shape and bytes,
+    :func:`savegame.format.hashing.array_hash`) by key, what the next incremental save compares with."""
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every data file holding arrays of this item: :attr:`file` first, then the linked ones."""
+        return ((self.file,) if self.file is not None else ()) + tuple(self.linked)
 
 
 @dataclass(frozen=True)
@@ -253,7 +265,7 @@ def dump_manifest(
         "metadata": metadata,
         "progress": progress,
         "files": {name: {"bytes": f.bytes, "hash": f.hash} for name, f in files.items()},
-        "items": {name: {"kind": i.kind, "file": i.file, "skeleton": i.skeleton} for name, i in items.items()},
+        "items": {name: item_body(i) for name, i in items.items()},
     }
     data = sign_manifest(body)
     if len(data) > MAX_MANIFEST_BYTES:
@@ -263,6 +275,16 @@ def dump_manifest(
         )
     check_manifest_cost(data, "manifest")
     return data
+
+
+def item_body(item: ItemEntry) -> dict[str, Any]:
+    """An item's manifest entry; the incremental fields only when set (a full save's entry is unchanged)."""
+    body: dict[str, Any] = {"kind": item.kind, "file": item.file, "skeleton": item.skeleton}
+    if item.linked:
+        body["linked"] = {f: list(keys) for f, keys in item.linked.items()}
+    if item.array_hashes is not None:
+        body["array_hashes"] = dict(item.array_hashes)
+    return body
 
 
 def parse_manifest(data: bytes, where: str) -> Manifest:
@@ -460,5 +482,45 @@ def _parse_items(value: object, files: Mapping[str, FileEntry], where: str) -> d
             raise InvalidManifestError(f"{where}: items[{name[:80]!r}].file {str(file)[:80]!r} is not listed in files")
         if "skeleton" not in entry:
             raise InvalidManifestError(f"{where}: items[{name[:80]!r}] has no skeleton")
-        items[name] = ItemEntry(kind=kind, file=file, skeleton=entry["skeleton"])
+        label = f"{where}: items[{name[:80]!r}]"
+        linked = _parse_linked(entry.get("linked", {}), file, files, label)
+        hashes = _parse_array_hashes(entry.get("array_hashes"), label)
+        items[name] = ItemEntry(kind=kind, file=file, skeleton=entry["skeleton"], linked=linked, array_hashes=hashes)
     return items
+
+
+MAX_LINKED_FILES = 64
+"""Most files an item's arrays may be spread over besides its own (a hostile manifest is refused)."""
+
+
+def _parse_linked(
+    value: object, file: str | None, files: Mapping[str, FileEntry], label: str
+) -> dict[str, tuple[str, ...]]:
+    """An item's ``linked`` field: other files of *this* checkpoint (listed in ``files``, never its own
+    file, never a path), each with the distinct array keys it holds for the item, no key in two files."""
+    if not isinstance(value, dict) or len(value) > MAX_LINKED_FILES:
+        raise InvalidManifestError(f"{label}.linked must be an object of at most {MAX_LINKED_FILES} files")
+    if value and file is None:
+        raise InvalidManifestError(f"{label}.linked needs the item's own file")
+    linked: dict[str, tuple[str, ...]] = {}
+    seen: set[str] = set()
+    for other, keys in value.items():
+        if other == file or other not in files:
+            raise InvalidManifestError(f"{label}.linked file {str(other)[:80]!r} is not another file listed in files")
+        if not isinstance(keys, list) or not keys or not all(type(k) is str for k in keys):
+            raise InvalidManifestError(f"{label}.linked[{other[:80]!r}] must be a non-empty list of array keys")
+        if len(set(keys)) != len(keys) or seen.intersection(keys):
+            raise InvalidManifestError(f"{label}.linked[{other[:80]!r}] repeats an array key")
+        seen.update(keys)
+        linked[other] = tuple(keys)
+    return linked
+
+
+def _parse_array_hashes(value: object, label: str) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(
+        type(d) is str and len(d) == HEX_LENGTH and _HEX.fullmatch(d) for d in value.values()
+    ):
+        raise InvalidManifestError(f"{label}.array_hashes must map array keys to {HEX_LENGTH} hex digits")
+    return value

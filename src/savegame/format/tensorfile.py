@@ -27,13 +27,13 @@ import mmap
 import os
 import struct
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple, Protocol
 
 import numpy as np
 
-from savegame.errors import InvalidNameError, InvalidTensorFileError, TruncatedFileError
+from savegame.errors import InvalidManifestError, InvalidNameError, InvalidTensorFileError, TruncatedFileError
 from savegame.format.dtypes import ITEMSIZE, numpy_dtype
 from savegame.format.hashing import hash_buffer, new_write_hasher
 
@@ -477,3 +477,47 @@ def read_exact(f: BinaryIO, n: int) -> bytes:
         chunks.append(chunk)
         n -= len(chunk)
     return b"".join(chunks)
+
+
+class ItemTensors(TensorFileReader):
+    """The arrays of one item spread over several opened tensor files (an incremental checkpoint: its own
+    file plus linked files of a previous checkpoint), seen as one reader.
+
+    ``linked`` says which keys each other file serves for the item (:attr:`ItemEntry.linked
+    <savegame.format.manifest.ItemEntry.linked>`); every other key comes from ``own``. A linked key missing
+    from its file, or one that ``own`` also holds, is refused (:class:`InvalidManifestError`): one key, one
+    place. Tensors of a linked file that the item does not name are not visible.
+    """
+
+    def __init__(self, own: TensorFileReader, linked: Mapping[str, tuple[TensorFileReader, tuple[str, ...]]]) -> None:
+        self.path = None
+        self.where = own.where
+        self.size = own.size
+        self.data_start = own.data_start
+        self._buffer = None
+        self._address = 0
+        self._parts: dict[str, TensorFileReader] = {}
+        tensors = dict(own.tensors)
+        for file, (reader, keys) in linked.items():
+            for key in keys:
+                if key in own.tensors:
+                    raise InvalidManifestError(f"{own.where}: array {key[:80]!r} is both in it and linked from {file}")
+                info = reader.tensors.get(key)
+                if info is None:
+                    raise InvalidManifestError(f"{reader.where}: array {key[:80]!r} linked from it is not in it")
+                tensors[key] = info
+                self._parts[key] = reader
+        self.tensors = tensors
+        self._own = own
+
+    def _part(self, name: str) -> TensorFileReader:
+        return self._parts.get(name, self._own)
+
+    def aligned(self, name: str, alignment: int = ALIGNMENT) -> bool:
+        return self._part(name).aligned(name, alignment)
+
+    def hash(self, chunk_bytes: int | None = None) -> str:
+        raise TypeError("an item spread over several files has no single file hash")
+
+    def raw(self, name: str) -> np.ndarray:
+        return self._part(name).raw(name)

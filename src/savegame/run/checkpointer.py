@@ -159,6 +159,7 @@ class Checkpointer:
         background: bool | Background = False,
         if_busy: IfBusy = "wait",
         writer_nice: int | None = None,
+        incremental: bool = False,
         restart: Restart = "auto",
         verify: bool = True,
         max_epochs: int | None = None,
@@ -203,6 +204,7 @@ class Checkpointer:
         self.background = options.background
         self.if_busy: IfBusy = options.if_busy
         self.writer_nice = options.writer_nice
+        self.incremental = options.incremental
         self.skipped_saves = 0
         """How many saves ``step`` wanted but coalesced into the save in flight (``if_busy="skip"``)."""
         self._writer: BackgroundWriter | None = None

@@ -163,6 +163,7 @@ class CheckpointerOptions:
     background: bool = False
     if_busy: IfBusy = "wait"
     writer_nice: int | None = None
+    incremental: bool = False
     restart: Restart = "auto"
     verify: bool = True
     max_epochs: int | None = None
@@ -213,6 +214,8 @@ class CheckpointerOptions:
         _check_mapping("metadata", self.metadata)
         _check_if_busy(self.if_busy)
         _check_nice(self.writer_nice)
+        if not isinstance(self.incremental, bool):
+            raise ConfigError(f"Checkpointer: incremental must be True or False, got {self.incremental!r}")
         _check_signal_action(self.signal_action)
 
     def policies(self) -> KnobPolicies:
@@ -310,6 +313,12 @@ Background writing (``background=Background(if_busy=..., nice=...)`` says the th
   (0-19, Linux only; None: unchanged) so that the write competes less with training for the CPUs.
   A training thread that waits for the writer (``if_busy="wait"``, ``wait()``) waits longer on a
   busy machine: pair it with ``if_busy="skip"``.
+* ``incremental``: each save hard-links the files of this run's previous checkpoint that hold the
+  arrays whose dtype, shape and bytes did not change (every array is hashed; see
+  :mod:`savegame.engine.incremental`) instead of writing them again; every checkpoint stays complete
+  and deleting one never affects another. Pays off when much of the state is frozen (fine-tuning);
+  costs one hash of the whole state per save and, for the linked files, one verification read.
+  Multi-process saves (``torch.distributed``) are written in full.
 
 Other options:
 

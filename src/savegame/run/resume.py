@@ -257,7 +257,7 @@ def load_entry(
     if verifying and (layout or ckpt._coord.distributed):
         api.verify(source)
     elif verifying:  # one pass over each file: load checks the files it reads, before restoring anything
-        read_by_load = {manifest.items[k].file for k in target if k in manifest.items}
+        read_by_load = {f for k in target if k in manifest.items for f in manifest.items[k].files}
         api.verify_files(source, manifest, [f for f in manifest.files if f not in read_by_load])
     # a None item is a placeholder ("read it if it was saved"): absent, it stays None, as asked
     target = {k: v for k, v in target.items() if k in saved or v is not None}

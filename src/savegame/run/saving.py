@@ -35,6 +35,7 @@ from savegame.policies.autointerval import record_save_cost
 from savegame.policies.knob_policies import find_improvement
 from savegame.policies.values import missing_monitor_message
 from savegame.run.events import SaveCommittedInfo, SaveFailedInfo, SaveStartedInfo, frozen_metrics
+from savegame.run.incremental import incremental_for
 from savegame.run.index import RecordedBest
 from savegame.run.records import SaveResult, progress_json
 from savegame.run.resume import RNG_ITEM
@@ -166,7 +167,7 @@ def _save_state(
     else:
         path, manifest = api.write_items(
             ckpt.storage, naming.name, encoded, metadata=meta, progress=payload, overwrite=False,
-            next_name=naming.next,
+            next_name=naming.next, incremental=incremental_for(ckpt),
         )  # fmt: skip
         final_name = naming.name
     durable = time.perf_counter() - started
@@ -243,7 +244,7 @@ def submit(
 
     handle = save_in_background(
         ckpt._writer, ckpt.storage, name, items, metadata=metadata, progress=payload, overwrite=False,
-        next_name=naming.next, stamp=stamp,
+        next_name=naming.next, stamp=stamp, incremental=incremental_for(ckpt),
     )  # fmt: skip
     seconds = time.perf_counter() - started
     ckpt._in_flight = InFlight(naming, handle, progress, started, seconds)

@@ -46,6 +46,13 @@ class Transaction(Protocol):
 
     :attr:`token` and :meth:`finish` serve multi-process saves (:mod:`savegame.distributed`); a class
     that subclasses this protocol inherits their defaults (not shareable; nothing to release).
+
+    Optional, looked up with ``getattr`` (absent: the caller writes the bytes itself):
+    ``link(file, *, source_checkpoint, source_file) -> bool`` makes ``file`` of this transaction hold
+    the bytes of data file ``source_file`` of the committed checkpoint ``source_checkpoint`` of the same
+    storage without moving them through this process (a hard link locally: ``LocalTransaction.link``),
+    never modifying the source; False when it cannot. Incremental saves use it
+    (:mod:`savegame.engine.incremental`).
     """
 
     name: str

@@ -36,6 +36,10 @@ class FileOps:
     def close(self, fd: int) -> None:
         os.close(fd)
 
+    def link(self, src: str, dst: str) -> None:
+        """A hard link ``dst`` to the existing file ``src`` (incremental checkpoints)."""
+        os.link(src, dst, follow_symlinks=False)
+
     def mkdir(self, path: str) -> None:
         os.mkdir(path, 0o755)
 

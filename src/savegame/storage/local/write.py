@@ -13,7 +13,9 @@ their sinks.
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import stat
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -27,6 +29,8 @@ from savegame.storage.local.ops import FileOps, _io_error
 
 if TYPE_CHECKING:
     from savegame.storage.local.root import LocalStorage
+
+log = logging.getLogger("savegame")
 
 
 class LocalFileSink:
@@ -126,6 +130,26 @@ class LocalTransaction(_StagingFiles):
     overwrite: bool
     _sinks: list[LocalFileSink] = field(default_factory=list)
     _done: bool = False
+
+    def link(self, file: str, *, source_checkpoint: str, source_file: str) -> bool:
+        """Hard-link data file ``source_file`` of committed checkpoint ``source_checkpoint`` as ``file``
+        (the commit's fsync of the staging directory makes the new entry durable; the data already is).
+        False when the system refuses (another filesystem, no hard links, too many links...): the caller
+        writes the bytes instead. Only a regular file inside a checkpoint of this root is linked."""
+        check_checkpoint_name(file)
+        check_checkpoint_name(source_checkpoint)
+        check_checkpoint_name(source_file)
+        if MANIFEST in (file, source_file):
+            raise InvalidNameError(f"{MANIFEST} is never linked")
+        source = os.path.join(self.storage.root, source_checkpoint, source_file)
+        try:
+            if not stat.S_ISREG(os.lstat(source).st_mode):
+                return False
+            self.storage.ops.link(source, os.path.join(self.staging, file))
+        except OSError as exc:
+            log.info("cannot hard-link %s into %s (%s); writing it instead", source, self.staging, exc)
+            return False
+        return True
 
     def commit(self, manifest: bytes) -> str:
         """Write the manifest, make everything durable and publish; return the final path.

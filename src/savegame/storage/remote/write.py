@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from savegame.errors import CommitError, InvalidNameError, StorageError
+from savegame.errors import CheckpointError, CommitError, InvalidNameError, StorageError
 from savegame.format.naming import check_checkpoint_name
 from savegame.storage.base import MANIFEST
 from savegame.storage.remote.layout import STAGING_MARKER, _new_version, versions_under
@@ -122,6 +122,39 @@ class RemoteTransaction:
         sink: _Sink = _MultipartSink(self, path) if self.storage.is_s3 else _StreamSink(self, path)
         self._sinks.append(sink)
         return sink
+
+    def link(self, file: str, *, source_checkpoint: str, source_file: str) -> bool:
+        """Copy data file ``source_file`` of committed checkpoint ``source_checkpoint`` into this version as
+        ``file`` on the server (fsspec ``copy``: S3 CopyObject, no bytes through this process); the copy's
+        size is checked against the source's. False when the source is gone or the copy fails: the caller
+        then uploads the bytes (incremental saves, :mod:`savegame.engine.incremental`)."""
+        from savegame.storage.remote.read import RemoteCheckpointReader
+
+        check_checkpoint_name(file)
+        check_checkpoint_name(source_checkpoint)
+        check_checkpoint_name(source_file)
+        if MANIFEST in (file, source_file) or STAGING_MARKER in (file, source_file):
+            raise InvalidNameError(f"{MANIFEST} and {STAGING_MARKER} are never linked")
+        if self._done:
+            raise CommitError(errno.EINVAL, f"transaction for {self.storage.url(self.name)} is finished")
+        st = self.storage
+        dest = f"{self.prefix}/{file}"
+        try:
+            version, sizes = RemoteCheckpointReader(st, source_checkpoint).resolve()
+            if source_file not in sizes:
+                return False
+            source = st._key(source_checkpoint, version, source_file)
+            st._ensure_parent(dest)
+            st._call(f"copying {st._where(source)} to {st._where(dest)}", st.fs.copy, source, dest)
+            if int(st._info(dest)["size"]) != sizes[source_file]:
+                st._rm([dest])
+                return False
+        except (CheckpointError, OSError) as exc:
+            log.info("server-side copy of %s/%s failed (%s); uploading it instead", source_checkpoint, source_file,
+                     exc)  # fmt: skip
+            return False
+        self._beat()
+        return True
 
     def commit(self, manifest: bytes) -> str:
         """Finish the uploads, write the version's manifest, then the commit marker; return the URL."""
