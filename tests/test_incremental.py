@@ -403,3 +403,30 @@ def test_incremental_must_be_a_bool(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="incremental"):
         Checkpointer(tmp_path, incremental="yes")  # type: ignore[arg-type]
+
+
+def test_only_incremental_manifests_say_format_4_and_a_version_3_reader_asks_for_an_upgrade(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import savegame.format.manifest as manifest_module
+    from savegame.errors import UnsupportedFormatError
+
+    newer, _ = _three(tmp_path)
+    full = tmp_path / "full"
+    savegame.save(full, {"model": Net()})
+    assert json.loads((newer / "manifest.json").read_bytes())["format_version"] == 4
+    assert savegame.read_manifest(newer).format_version == 4
+    assert json.loads((full / "manifest.json").read_bytes())["format_version"] == 3
+    # A savegame that reads up to format 3 refuses the incremental one as newer (never "damaged"), and still
+    # reads the full save.
+    monkeypatch.setattr(manifest_module, "FORMAT_VERSION", 3)
+    with pytest.raises(UnsupportedFormatError, match="upgrade savegame"):
+        savegame.read_manifest(newer)
+    assert savegame.read_manifest(full).format_version == 3
+
+
+def test_format_4_fields_in_a_version_3_manifest_are_refused(tmp_path: Path) -> None:
+    newer, _ = _three(tmp_path)
+    _forge(newer, lambda raw: raw.update(format_version=3))
+    with pytest.raises(InvalidManifestError, match="format version 4"):
+        savegame.read_manifest(newer)

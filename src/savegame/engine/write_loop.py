@@ -56,7 +56,7 @@ from savegame._util.progress import ProgressBar
 from savegame._util.workers import LazyPool
 from savegame.errors import BackgroundSaveError, CheckpointError, CommitError, ConfigError, StorageError
 from savegame.format import hashing
-from savegame.format.manifest import FileEntry, ItemEntry, Manifest, dump_manifest, utc_now
+from savegame.format.manifest import FileEntry, ItemEntry, Manifest, dump_manifest, utc_now, version_for
 from savegame.format.tensorfile import order_for_alignment, write_tensor_file
 from savegame.format.tree import ArrayRecord, decode_plain, encode_plain
 from savegame.storage.base import FileSink, Transaction
@@ -250,6 +250,7 @@ def assemble_manifest(
         progress=decode_plain(extras.progress) if extras.progress is not None else None,
         files=dict(files),
         items=dict(items),
+        format_version=version_for(items.values()),
         hash_chunk_bytes=hashing.HASH_CHUNK_BYTES,
         raw_metadata=extras.metadata,
         raw_progress=extras.progress,

@@ -22,7 +22,12 @@ Format 1 (still read) hashed the content instead: the canonical compact JSON of 
 and required the bytes to be exactly the serialization of that content. Format 2 hashes the bytes
 themselves, which detects the same edits (a changed value, another indentation, a reordered key) without
 re-serializing the whole manifest on every read. Format 3 adds ``hash_chunk_bytes``: the hash of a data file
-longer than that is the hash of its chunks' digests, so one large file is verified on several cores.
+longer than that is the hash of its chunks' digests, so one large file is verified on several cores. Format 4
+(written only by incremental saves; every other save still writes 3) adds two optional fields to an item:
+``linked`` (``{file: [array keys]}``: other files of the same checkpoint, hard links of an earlier
+checkpoint's files, that hold the item's unchanged arrays) and ``array_hashes`` (each array's hash, which
+the next incremental save compares with). A reader of format 3 refuses such a manifest as written by a
+newer savegame instead of reading it as a damaged one.
 
 The manifest is untrusted input when read: size, JSON nesting, every field's type and every limit are
 checked, and its hash covers every byte of it, so a single flipped byte anywhere in it is detected.
@@ -34,7 +39,7 @@ import datetime as _dt
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,8 +54,13 @@ from savegame.format.hashing import ALGORITHM, HEX_LENGTH, MAX_CHUNK_BYTES, MIN_
 from savegame.format.tree import MAX_DEPTH, decode_plain
 
 FORMAT = "savegame"
-FORMAT_VERSION = 3
-"""The format this savegame writes; it reads every format from 1 up to this one."""
+FORMAT_VERSION = 4
+"""The newest format this savegame writes; it reads every format from 1 up to this one."""
+PLAIN_FORMAT_VERSION = 3
+"""The version of a manifest without the fields of version 4 (an item's ``linked`` files and
+``array_hashes``, written by incremental saves): a full save stays readable by a savegame that reads
+up to version 3, and an incremental one is refused by it as "written by a newer savegame, upgrade" (never
+taken for a damaged checkpoint)."""
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 """Largest manifest read. Parsing costs a small multiple of the size (JSON objects are larger than their
 text), so this bounds what a hostile manifest can make a reader allocate."""
@@ -106,7 +116,7 @@ class Manifest:
     progress: Mapping[str, Any] | None
     files: Mapping[str, FileEntry]
     items: Mapping[str, ItemEntry]
-    format_version: int = FORMAT_VERSION
+    format_version: int = PLAIN_FORMAT_VERSION
     hash_algorithm: str = ALGORITHM
     hash_chunk_bytes: int | None = None
     """Files longer than this have a chunked hash (:class:`~savegame.format.hashing.FileHasher`); None: whole files."""
@@ -257,7 +267,7 @@ def dump_manifest(
     """Serialize a manifest; ``metadata`` and ``progress`` are already tree-encoded nodes."""
     body: dict[str, Any] = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": version_for(items.values()),
         "created": created.astimezone(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         "versions": dict(versions),
         "hash_algorithm": ALGORITHM,
@@ -275,6 +285,11 @@ def dump_manifest(
         )
     check_manifest_cost(data, "manifest")
     return data
+
+
+def version_for(items: Iterable[ItemEntry]) -> int:
+    """The format version a manifest of ``items`` is written with: 4 if an item uses its fields, else 3."""
+    return FORMAT_VERSION if any(i.linked or i.array_hashes is not None for i in items) else PLAIN_FORMAT_VERSION
 
 
 def item_body(item: ItemEntry) -> dict[str, Any]:
@@ -381,7 +396,7 @@ def _parse_manifest(data: bytes, where: str) -> Manifest:
     if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
         raise InvalidManifestError(f"{where}: versions must map names to strings")
     files = _parse_files(body.get("files"), where)
-    items = _parse_items(body.get("items"), files, where)
+    items = _parse_items(body.get("items"), files, where, version)
     raw_metadata = body.get("metadata")
     raw_progress = body.get("progress")
     metadata = _decode_field(raw_metadata, "metadata", where) if raw_metadata is not None else {}
@@ -466,7 +481,7 @@ def _parse_files(value: object, where: str) -> dict[str, FileEntry]:
     return files
 
 
-def _parse_items(value: object, files: Mapping[str, FileEntry], where: str) -> dict[str, ItemEntry]:
+def _parse_items(value: object, files: Mapping[str, FileEntry], where: str, version: int) -> dict[str, ItemEntry]:
     if not isinstance(value, dict) or len(value) > MAX_ITEMS:
         raise InvalidManifestError(f"{where}: items must be an object of at most {MAX_ITEMS} entries")
     items = {}
@@ -483,6 +498,10 @@ def _parse_items(value: object, files: Mapping[str, FileEntry], where: str) -> d
         if "skeleton" not in entry:
             raise InvalidManifestError(f"{where}: items[{name[:80]!r}] has no skeleton")
         label = f"{where}: items[{name[:80]!r}]"
+        if version < FORMAT_VERSION and ("linked" in entry or "array_hashes" in entry):
+            raise InvalidManifestError(
+                f"{label} has fields of format version {FORMAT_VERSION} in a version {version} manifest"
+            )
         linked = _parse_linked(entry.get("linked", {}), file, files, label)
         hashes = _parse_array_hashes(entry.get("array_hashes"), label)
         items[name] = ItemEntry(kind=kind, file=file, skeleton=entry["skeleton"], linked=linked, array_hashes=hashes)
