@@ -396,6 +396,7 @@ def _load_items(
     values: dict[str, Any] = {}
     with checked(checks):
         readers: dict[str, TensorFileReader] = {}
+        verifier.prefetch(directory, sorted(f for f in files if f))
         for data_file in sorted(f for f in files if f):
             readers[data_file] = open_file(directory, manifest, data_file, verify=verify, deferred=checks)
             progress.advance(manifest.files[data_file].bytes)
@@ -435,6 +436,7 @@ def _load_plain(
     :func:`open_file` mapping and deferred checks as a load into a target); nothing is returned until
     every check passed."""
     state: dict[str, Any] = {}
+    verifier.prefetch(directory, [item.file for item in manifest.items.values() if item.file])
     with checked(checks):
         for name, item in manifest.items.items():
             opened = None
