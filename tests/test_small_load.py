@@ -162,3 +162,33 @@ def test_decoder_leaf_fast_path_counts_nodes_and_checks_strings(monkeypatch: pyt
         Decoder(resolve=None).decode(["abcde"])
     with pytest.raises(InvalidManifestError, match="string longer"):
         Decoder(resolve=None).decode({"k": "abcde"})
+
+
+def test_prefetch_of_the_whole_directory_keeps_every_check(tmp_path: Path) -> None:
+    """prefetch(None) opens the manifest and the directory's other files before the manifest is read:
+    the manifest is read from that descriptor, a file that is not regular (a FIFO) is skipped, and
+    the later checks still raise (a forged manifest, a swapped data file)."""
+    path = tmp_path / "c"
+    savegame.save(path, {"x": np.arange(100, dtype=np.int64)})
+    os.mkfifo(path / "fifo")
+    (path / ".hidden").write_bytes(b"h")
+    before = _open_fds()
+    reader = open_local_checkpoint(path)
+    reader.prefetch(None)
+    (data,) = path.glob("*.safetensors")
+    assert set(reader._opened) == {"manifest.json", data.name}
+    manifest = (path / "manifest.json").read_bytes()
+    (path / "manifest.json").unlink()  # read from the descriptor opened by the prefetch
+    assert reader.manifest_bytes() == manifest
+    reader.close()
+    assert _open_fds() == before
+    (path / "manifest.json").write_bytes(manifest.replace(b'"format": "savegame"', b'"format": "savegamX"'))
+    with pytest.raises(InvalidManifestError):
+        savegame.load(path)
+    (path / "manifest.json").write_bytes(manifest)
+    assert savegame.load(path)["x"].tolist() == list(range(100))
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 1
+    data.write_bytes(bytes(raw))
+    with pytest.raises(HashMismatchError):
+        savegame.load(path)

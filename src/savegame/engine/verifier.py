@@ -52,9 +52,10 @@ def manifest_of(reader: CheckpointReader) -> Manifest:
     return parse_manifest(reader.manifest_bytes(), reader.file_where(MANIFEST))
 
 
-def prefetch(reader: CheckpointReader, files: Iterable[str]) -> None:
-    """Tell ``reader`` which data files are read next (:meth:`CheckpointReader.prefetch`; a reader
-    without the method, e.g. one that does not subclass the protocol, gets no hint)."""
+def prefetch(reader: CheckpointReader, files: Iterable[str] | None) -> None:
+    """Tell ``reader`` which files are read next (``None``: the manifest and the data files it will
+    name; :meth:`CheckpointReader.prefetch`; a reader without the method, e.g. one that does not
+    subclass the protocol, gets no hint)."""
     hint = getattr(reader, "prefetch", None)
     if hint is not None:
         hint(files)

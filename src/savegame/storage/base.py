@@ -177,9 +177,10 @@ class CheckpointReader(Protocol):
         """Release what the reader holds (a directory handle); reading again may reopen. Default: nothing."""
         return None
 
-    def prefetch(self, files: Iterable[str]) -> None:
-        """A hint that data ``files`` are read next (a local reader opens them and starts their reads at
-        once, so they overlap on a cold cache); changes no result. Default: nothing."""
+    def prefetch(self, files: Iterable[str] | None) -> None:
+        """A hint that ``files`` (``None``: the manifest and the data files, not yet known) are read
+        next (a local reader opens them and starts their reads at once, so they overlap on a cold
+        cache); changes no result. Default: nothing."""
         return None
 
 

@@ -151,16 +151,24 @@ class LocalCheckpointReader:
         self._finalizer = None
         self._opened = {}
 
-    def prefetch(self, files: Iterable[str]) -> None:
-        """Open data ``files`` now (at most :data:`PREFETCH_MAX_FILES` held open) and ask the kernel to
-        start reading the small ones, which are read whole next (``POSIX_FADV_WILLNEED``), so that on a
-        cold cache their reads overlap instead of waiting for the disk one after another (large files
-        are mapped and read in order by the hash, where the kernel's own readahead does this).
+    def prefetch(self, files: Iterable[str] | None) -> None:
+        """Open ``files`` now (at most :data:`PREFETCH_MAX_FILES` held open) and ask the kernel to start
+        reading the small ones, which are read whole next (``POSIX_FADV_WILLNEED``), so that on a cold
+        cache their reads overlap instead of waiting for the disk one after another (large files are
+        mapped and read in order by the hash, where the kernel's own readahead does this). ``None``:
+        the manifest and every other file in the directory, before the manifest says which are data
+        files, so the manifest's read overlaps theirs too.
 
-        The opened descriptors (and their sizes) are what :meth:`file_size` and :meth:`read_file` use
-        next, so the size checked is the size of the very file read. A file that cannot be opened here
-        is left alone: the later calls raise for it exactly as without a prefetch.
+        The opened descriptors (and their sizes) are what :meth:`manifest_bytes`, :meth:`file_size` and
+        :meth:`read_file` use next, so the size checked is the size of the very file read. A file that
+        cannot be opened here is left alone: the later calls raise for it exactly as without a prefetch.
         """
+        if files is None:
+            try:
+                names = sorted(os.listdir(self.dir_fd()))
+            except OSError:
+                return
+            files = [MANIFEST, *(n for n in names if n != MANIFEST and not n.startswith("."))]
         for file in files:
             if len(self._opened) >= PREFETCH_MAX_FILES:
                 break
@@ -168,7 +176,7 @@ class LocalCheckpointReader:
                 continue
             try:
                 fd, size = self._open(file)
-            except OSError:
+            except (OSError, NotACheckpointError):  # raised again, as it should be, by the later call
                 continue
             self._opened[file] = (fd, size)
             if _FADV_WILLNEED is not None and 0 < size <= SMALL_FILE_BYTES:
@@ -226,7 +234,7 @@ class LocalCheckpointReader:
 
         where = os.path.join(self.where, MANIFEST)
         try:
-            fd, size = self._open(MANIFEST)
+            fd, size = self._take(MANIFEST)
         except FileNotFoundError:
             raise NotACheckpointError(
                 f"{self.where}: no {MANIFEST} (or not a regular file), so not a committed savegame checkpoint"

@@ -112,6 +112,6 @@ class RemoteCheckpointReader:
         """Nothing to release (each file is fetched when read)."""
         return None
 
-    def prefetch(self, files: Iterable[str]) -> None:
+    def prefetch(self, files: Iterable[str] | None) -> None:
         """No hint is used: each file is downloaded with parallel ranged reads when it is read."""
         return None
