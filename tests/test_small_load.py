@@ -145,6 +145,10 @@ def test_decoder_leaf_fast_path_keeps_the_depth_limit(container: str) -> None:
     Decoder(resolve=None).decode(wrap(MAX_DEPTH))  # a leaf at depth MAX_DEPTH is fine
     with pytest.raises(InvalidManifestError, match="deep"):
         Decoder(resolve=None).decode(wrap(MAX_DEPTH + 1))
+    tagged: object = {"$": "dict", "k": [1], "v": [2]}  # its key and value one level deeper
+    Decoder(resolve=None).decode(_nested(MAX_DEPTH - 1, tagged))
+    with pytest.raises(InvalidManifestError, match="deep"):
+        Decoder(resolve=None).decode(_nested(MAX_DEPTH, tagged))
 
 
 def test_decoder_leaf_fast_path_counts_nodes_and_checks_strings(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -155,6 +159,13 @@ def test_decoder_leaf_fast_path_counts_nodes_and_checks_strings(monkeypatch: pyt
         Decoder(resolve=None).decode(list(range(10)))
     with pytest.raises(InvalidManifestError, match="more than 10 nodes"):
         Decoder(resolve=None).decode({str(i): i for i in range(10)})
+    tagged = {"$": "dict", "k": [1, 2, 3, 4], "v": ["a", "b", "c", "d"]}  # 1 node + 4 keys + 4 values
+    assert Decoder(resolve=None).decode(tagged) == {1: "a", 2: "b", 3: "c", 4: "d"}
+    Decoder(resolve=None).decode([tagged])  # 10 nodes with the list
+    with pytest.raises(InvalidManifestError, match="more than 10 nodes"):
+        Decoder(resolve=None).decode([[tagged]])
+    with pytest.raises(InvalidManifestError, match="unhashable"):
+        Decoder(resolve=None).decode({"$": "dict", "k": [[1]], "v": [2]})
     monkeypatch.setattr(tree, "MAX_NODES", 1000)
     monkeypatch.setattr(tree, "MAX_STRING", 4)
     assert Decoder(resolve=None).decode({"k": ["abcd"]}) == {"k": ["abcd"]}
@@ -162,6 +173,10 @@ def test_decoder_leaf_fast_path_counts_nodes_and_checks_strings(monkeypatch: pyt
         Decoder(resolve=None).decode(["abcde"])
     with pytest.raises(InvalidManifestError, match="string longer"):
         Decoder(resolve=None).decode({"k": "abcde"})
+    with pytest.raises(InvalidManifestError, match="string longer"):
+        Decoder(resolve=None).decode({"$": "dict", "k": ["abcde"], "v": [1]})
+    with pytest.raises(InvalidManifestError, match="string longer"):
+        Decoder(resolve=None).decode({"$": "dict", "k": [1], "v": ["abcde"]})
 
 
 def test_prefetch_of_the_whole_directory_keeps_every_check(tmp_path: Path) -> None:

@@ -388,10 +388,11 @@ class Decoder:
             if len(keys) != len(values):
                 raise InvalidManifestError(f"{where}: dict node with {len(keys)} keys and {len(values)} values")
             out: dict[Any, Any] = OrderedDict() if tag == "odict" else {}
+            leaves_ok = len(path) < MAX_DEPTH  # keys and values are one level deeper
             for k, v in zip(keys, values):
-                key = self.decode(k, (*path, "<key>"))
+                key = k if leaves_ok and self._plain_leaf(k) else self.decode(k, (*path, "<key>"))
                 try:
-                    out[key] = self.decode(v, (*path, key))
+                    out[key] = v if leaves_ok and self._plain_leaf(v) else self.decode(v, (*path, key))
                 except TypeError:
                     raise InvalidManifestError(f"{where}: unhashable dict key") from None
             return out
