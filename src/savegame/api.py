@@ -379,6 +379,7 @@ def _load(
     copy: bool = False,
 ) -> Any:
     """Load with a progress bar (on a terminal, for loads over ~2 s) and one log line with the throughput."""
+    verifier.prefetch(directory, None)  # the manifest's read and the data files' overlap on a cold cache
     manifest = _manifest_of(directory)
     started = time.perf_counter()
     wanted = manifest.items if target is None else [n for n in manifest.items if n in target]
@@ -423,6 +424,7 @@ def _load_items(
     values: dict[str, Any] = {}
     with checked(checks):
         readers: dict[str, TensorFileReader] = {}
+        verifier.prefetch(directory, sorted(files))
         for data_file in sorted(files):
             readers[data_file] = open_file(directory, manifest, data_file, verify=verify, deferred=checks)
             progress.advance(manifest.files[data_file].bytes)
@@ -461,6 +463,7 @@ def _load_plain(
     :func:`open_file` mapping and deferred checks as a load into a target); nothing is returned until
     every check passed."""
     state: dict[str, Any] = {}
+    verifier.prefetch(directory, [file for item in manifest.items.values() for file in item.files])
     with checked(checks):
         readers: dict[str, TensorFileReader] = {}
         for name, item in manifest.items.items():

@@ -309,7 +309,18 @@ def _host_tensor(t: torch.Tensor, enc: Encoder) -> tuple[torch.Tensor, np.ndarra
 
 
 def decode_tags() -> dict[str, Callable[[Any], object]]:
-    """Skeleton tags for torch values that are not tensors."""
+    """Skeleton tags for torch values that are not tensors (one table, built on first use: every
+    decode of an item asks for it)."""
+    global _DECODE_TAGS
+    if _DECODE_TAGS is None:
+        _DECODE_TAGS = _make_decode_tags()
+    return _DECODE_TAGS
+
+
+_DECODE_TAGS: dict[str, Callable[[Any], object]] | None = None
+
+
+def _make_decode_tags() -> dict[str, Callable[[Any], object]]:
 
     def dtype(v: Any) -> torch.dtype:
         return dtype_from_name(v)
@@ -342,7 +353,9 @@ def tensor_from_bytes(
             raise InvalidManifestError(f"{where}: shape {list(shape)} x {code} does not match its bytes") from None
     else:
         tensor = _tensor_from_raw(node, raw, code, shape, where)
-    tensor = _place(tensor, node.get("device"), map_location)
+    saved_device = node.get("device")
+    if saved_device is not None or map_location is not None:  # else: a CPU tensor staying on the CPU
+        tensor = _place(tensor, saved_device, map_location)
     if node.get("param"):
         return torch.nn.Parameter(tensor, requires_grad=bool(node.get("requires_grad", True)))
     if node.get("requires_grad") and tensor.is_floating_point():

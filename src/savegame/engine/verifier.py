@@ -36,8 +36,7 @@ from savegame.format.tree import check_array_node as tree_check_array_node
 from savegame.storage.base import MANIFEST, CheckpointReader, FileSink, ReadBuffer
 
 __all__ = ["Progress", "check_array_node", "check_item", "checked", "copy_checked", "item_reader", "manifest_of",
-           "open_file",
-           "read_checked", "run_checks", "verify_checkpoint", "verify_files"]  # fmt: skip
+           "open_file", "prefetch", "read_checked", "run_checks", "verify_checkpoint", "verify_files"]  # fmt: skip
 
 Progress = Callable[[int], None]
 """Called with the number of bytes just hashed (e.g. ``ProgressBar.advance``)."""
@@ -52,6 +51,15 @@ _PROGRESS_STEP = 16 << 20
 def manifest_of(reader: CheckpointReader) -> Manifest:
     """The checkpoint's manifest, parsed and validated."""
     return parse_manifest(reader.manifest_bytes(), reader.file_where(MANIFEST))
+
+
+def prefetch(reader: CheckpointReader, files: Iterable[str] | None) -> None:
+    """Tell ``reader`` which files are read next (``None``: the manifest and the data files it will
+    name; :meth:`CheckpointReader.prefetch`; a reader without the method, e.g. one that does not
+    subclass the protocol, gets no hint)."""
+    hint = getattr(reader, "prefetch", None)
+    if hint is not None:
+        hint(files)
 
 
 def _mismatch(where: str) -> HashMismatchError:
@@ -162,6 +170,7 @@ def verify_files(
     checkpoint in one pass over each file (what the Checkpointer's resume does).
     """
     wanted = list(manifest.files) if files is None else list(files)
+    prefetch(reader, wanted)
     readers = {file: open_file(reader, manifest, file, verify=True, progress=progress) for file in wanted}
     for name, entry in manifest.items.items():
         if all(file in readers for file in entry.files):

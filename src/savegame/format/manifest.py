@@ -359,7 +359,7 @@ def _parse_float(text: str) -> float:
 def _parse_manifest(data: bytes, where: str) -> Manifest:
     signed = _signed_bytes(data)
     try:
-        body = json.loads(data.decode("utf-8"), parse_constant=_reject_constant, parse_float=_parse_float)
+        body = _DECODER.decode(data.decode("utf-8"))
     except RecursionError:
         raise InvalidManifestError(f"{where}: manifest JSON is nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as exc:
@@ -450,6 +450,10 @@ def _decode_field(node: Any, name: str, where: str) -> Any:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_parse_float)
+"""The manifest's JSON decoder, built once (``json.loads`` with hooks builds one per call); stateless."""
 
 
 def _parse_time(value: object, where: str) -> _dt.datetime:

@@ -440,7 +440,9 @@ class TensorFileReader:
         self.data_start = data_start
         self._buffer = buffer
         self.tensors = {i.name: i for i in infos}
-        self._address = 0 if buffer is None else int(np.frombuffer(buffer, dtype=np.uint8, count=1).ctypes.data)
+        # One uint8 view of the whole buffer, sliced per tensor (cheaper than a np.frombuffer each).
+        self._bytes = np.frombuffer(buffer, dtype=np.uint8) if buffer is not None else np.empty(0, dtype=np.uint8)
+        self._address = int(self._bytes.ctypes.data) if buffer is not None else 0
 
     def aligned(self, name: str, alignment: int = ALIGNMENT) -> bool:
         """Whether tensor ``name``'s bytes start at a multiple of ``alignment`` in memory."""
@@ -456,7 +458,8 @@ class TensorFileReader:
         info = self.tensors[name]
         if info.nbytes == 0 or self._buffer is None:
             return np.empty(0, dtype=np.uint8)
-        return np.frombuffer(self._buffer, dtype=np.uint8, count=info.nbytes, offset=self.data_start + info.begin)
+        start = self.data_start + info.begin
+        return self._bytes[start : start + info.nbytes]
 
     def array(self, name: str) -> np.ndarray:
         """Tensor ``name`` as a NumPy array of its stored dtype and shape (a view, no copy)."""

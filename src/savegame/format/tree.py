@@ -313,6 +313,9 @@ def _numpy_node_extras(node: dict[str, Any], arr: np.ndarray, logical: str | Non
 # Decoding
 
 
+_SCALARS = frozenset({type(None), bool, int, float})
+"""Leaf types of a skeleton returned as they are."""
+
 ArrayResolver = Callable[[dict[str, Any], Path], object]
 """Builds the array for a ``tensor``/``ndarray``/``npscalar`` node (the reader supplies it)."""
 
@@ -339,17 +342,36 @@ class Decoder:
                 raise InvalidManifestError(f"{format_path(path)}: string longer than {MAX_STRING}")
             return node
         if t is list:
-            return [self.decode(v, (*path, i)) for i, v in enumerate(node)]
+            leaves_ok = len(path) < MAX_DEPTH  # children are one level deeper
+            items: list[Any] = []
+            for i, v in enumerate(node):
+                if leaves_ok and self._plain_leaf(v):
+                    items.append(v)
+                else:
+                    items.append(self.decode(v, (*path, i)))
+            return items
         if t is not dict:
             raise InvalidManifestError(f"{format_path(path)}: unexpected skeleton node {t.__name__}")
         if "$" not in node:
+            leaves_ok = len(path) < MAX_DEPTH
             out = {}
             for k, v in node.items():
                 if len(k) > MAX_STRING:
                     raise InvalidManifestError(f"{format_path(path)}: dict key longer than {MAX_STRING}")
-                out[k] = self.decode(v, (*path, k))
+                out[k] = v if leaves_ok and self._plain_leaf(v) else self.decode(v, (*path, k))
             return out
         return self._decode_tagged(node["$"], node, path)
+
+    def _plain_leaf(self, v: object) -> bool:
+        """Whether child ``v`` is a leaf :meth:`decode` would return as it is (None, bool, int, float, a
+        string within :data:`MAX_STRING`), counted as decode counts it; False for anything else (and
+        for a node past :data:`MAX_NODES`), which the caller passes to :meth:`decode`. Saves the path
+        tuple and the call per leaf; the depth check stays with the caller."""
+        t = type(v)
+        if (t in _SCALARS or (t is str and len(v) <= MAX_STRING)) and self._count < MAX_NODES:  # type: ignore[arg-type]
+            self._count += 1
+            return True
+        return False
 
     def _decode_tagged(self, tag: object, node: dict[str, Any], path: Path) -> Any:
         where = Where(path)
@@ -366,10 +388,11 @@ class Decoder:
             if len(keys) != len(values):
                 raise InvalidManifestError(f"{where}: dict node with {len(keys)} keys and {len(values)} values")
             out: dict[Any, Any] = OrderedDict() if tag == "odict" else {}
+            leaves_ok = len(path) < MAX_DEPTH  # keys and values are one level deeper
             for k, v in zip(keys, values):
-                key = self.decode(k, (*path, "<key>"))
+                key = k if leaves_ok and self._plain_leaf(k) else self.decode(k, (*path, "<key>"))
                 try:
-                    out[key] = self.decode(v, (*path, key))
+                    out[key] = v if leaves_ok and self._plain_leaf(v) else self.decode(v, (*path, key))
                 except TypeError:
                     raise InvalidManifestError(f"{where}: unhashable dict key") from None
             return out

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -153,7 +153,7 @@ class CheckpointReader(Protocol):
     A reader is pinned to the manifest it read first: on an object store, where an overwrite uploads a
     new version next to the old one, every file comes from the version that manifest describes.
     Optional (a class that subclasses this protocol inherits the default): :meth:`iter_file` (the
-    default reads the whole file) and :meth:`close` (nothing to release).
+    default reads the whole file), :meth:`close` (nothing to release) and :meth:`prefetch` (no hint).
     """
 
     where: str
@@ -182,6 +182,12 @@ class CheckpointReader(Protocol):
 
     def close(self) -> None:
         """Release what the reader holds (a directory handle); reading again may reopen. Default: nothing."""
+        return None
+
+    def prefetch(self, files: Iterable[str] | None) -> None:
+        """A hint that ``files`` (``None``: the manifest and the data files, not yet known) are read
+        next (a local reader opens them and starts their reads at once, so they overlap on a cold
+        cache); changes no result. Default: nothing."""
         return None
 
 

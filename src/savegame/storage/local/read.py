@@ -14,7 +14,7 @@ import mmap
 import os
 import stat
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -74,6 +74,10 @@ SMALL_FILE_BYTES = 256 << 10
 """Data files up to this size are read into memory rather than mapped (see ``read_file``)."""
 
 
+PREFETCH_MAX_FILES = 64
+"""At most this many data files are held open by :meth:`LocalCheckpointReader.prefetch` at once."""
+
+
 def _read_aligned(fd: int, size: int, where: str) -> memoryview:
     """All ``size`` bytes of ``fd`` in fresh, writable memory starting on a 64-byte boundary (the alignment
     a framework's own allocations have, so tensors can be views of it; see ``api._zero_copy_for``)."""
@@ -88,6 +92,28 @@ def _read_aligned(fd: int, size: int, where: str) -> memoryview:
         done += got
     return view
 
+
+def _read_upto(fd: int, limit: int) -> bytes:
+    """Up to ``limit`` bytes from ``fd`` (fewer only at the end of the file)."""
+    chunks = []
+    while limit > 0:
+        chunk = os.read(fd, limit)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        limit -= len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _close_all(fd: int, opened: dict[str, tuple[int, int]]) -> None:
+    """Close the directory handle ``fd`` and the prefetched descriptors in ``opened`` (emptied)."""
+    for file_fd, _ in opened.values():
+        os.close(file_fd)
+    opened.clear()
+    os.close(fd)
+
+
+_FADV_WILLNEED: int | None = getattr(os, "POSIX_FADV_WILLNEED", None)
 
 _READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 
@@ -106,22 +132,58 @@ class LocalCheckpointReader:
     def __init__(self, directory: str) -> None:
         self.where = directory
         self._fd: int | None = None
-        self._finalizer: weakref.finalize[[int], LocalCheckpointReader] | None = None
+        self._opened: dict[str, tuple[int, int]] = {}  # prefetched data files: name -> (descriptor, size)
+        self._finalizer: weakref.finalize[[int, dict[str, tuple[int, int]]], LocalCheckpointReader] | None = None
 
     def dir_fd(self) -> int:
         """The open directory (opened on first call)."""
         if self._fd is None:
             fd = os.open(self.where, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
             self._fd = fd
-            self._finalizer = weakref.finalize(self, os.close, fd)
+            self._finalizer = weakref.finalize(self, _close_all, fd, self._opened)
         return self._fd
 
     def close(self) -> None:
-        """Release the directory handle (reading again reopens the path)."""
+        """Release the directory handle and any prefetched file (reading again reopens the path)."""
         if self._finalizer is not None:
             self._finalizer()
         self._fd = None
         self._finalizer = None
+        self._opened = {}
+
+    def prefetch(self, files: Iterable[str] | None) -> None:
+        """Open ``files`` now (at most :data:`PREFETCH_MAX_FILES` held open) and ask the kernel to start
+        reading the small ones, which are read whole next (``POSIX_FADV_WILLNEED``), so that on a cold
+        cache their reads overlap instead of waiting for the disk one after another (large files are
+        mapped and read in order by the hash, where the kernel's own readahead does this). ``None``:
+        the manifest and every other file in the directory, before the manifest says which are data
+        files, so the manifest's read overlaps theirs too.
+
+        The opened descriptors (and their sizes) are what :meth:`manifest_bytes`, :meth:`file_size` and
+        :meth:`read_file` use next, so the size checked is the size of the very file read. A file that
+        cannot be opened here is left alone: the later calls raise for it exactly as without a prefetch.
+        """
+        if files is None:
+            try:
+                names = sorted(os.listdir(self.dir_fd()))
+            except OSError:
+                return
+            files = [MANIFEST, *(n for n in names if n != MANIFEST and not n.startswith("."))]
+        for file in files:
+            if len(self._opened) >= PREFETCH_MAX_FILES:
+                break
+            if file in self._opened:
+                continue
+            try:
+                fd, size = self._open(file)
+            except (OSError, NotACheckpointError):  # raised again, as it should be, by the later call
+                continue
+            self._opened[file] = (fd, size)
+            if _FADV_WILLNEED is not None and 0 < size <= SMALL_FILE_BYTES:
+                try:
+                    os.posix_fadvise(fd, 0, size, _FADV_WILLNEED)
+                except OSError:  # a hint only (some file systems refuse it)
+                    pass
 
     def __enter__(self) -> LocalCheckpointReader:
         return self
@@ -129,8 +191,9 @@ class LocalCheckpointReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _open(self, file: str) -> int:
-        """A read-only descriptor of a regular file of the directory (never through a symlink)."""
+    def _open(self, file: str) -> tuple[int, int]:
+        """A read-only descriptor of a regular file of the directory (never through a symlink), and the
+        file's size (from the one ``fstat`` that checked it is a regular file)."""
         try:
             fd = os.open(file, _READ_FLAGS, dir_fd=self.dir_fd())
         except OSError as exc:
@@ -139,13 +202,19 @@ class LocalCheckpointReader:
                 raise FileNotFoundError(errno.ENOENT, "missing or not a regular file", self.file_where(file)) from None
             raise
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 raise FileNotFoundError(errno.ENOENT, "not a regular file", self.file_where(file))
             os.set_blocking(fd, True)
         except BaseException:
             os.close(fd)
             raise
-        return fd
+        return fd, st.st_size
+
+    def _take(self, file: str) -> tuple[int, int]:
+        """The prefetched descriptor and size of ``file`` (handed over: the caller closes it), or a fresh one."""
+        opened = self._opened.pop(file, None)
+        return opened if opened is not None else self._open(file)
 
     def _check_still_there(self, file: str) -> None:
         """Raise if the opened directory was removed or replaced at its path (an overwrite raced the read)."""
@@ -165,18 +234,19 @@ class LocalCheckpointReader:
 
         where = os.path.join(self.where, MANIFEST)
         try:
-            fd = self._open(MANIFEST)
+            fd, size = self._take(MANIFEST)
         except FileNotFoundError:
             raise NotACheckpointError(
                 f"{self.where}: no {MANIFEST} (or not a regular file), so not a committed savegame checkpoint"
             ) from None
         except OSError as exc:
             raise StorageError(exc.errno, f"{where}: {exc.strerror or exc}") from exc
-        with os.fdopen(fd, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        try:
             if size > MAX_MANIFEST_BYTES:
                 raise InvalidManifestError(f"{where}: manifest of {size} bytes exceeds {MAX_MANIFEST_BYTES}")
-            return f.read(size + 1)  # +1: a file that grew since fstat fails the hash check
+            return _read_upto(fd, size + 1)  # +1: a file that grew since fstat fails the hash check
+        finally:
+            os.close(fd)
 
     def file_where(self, file: str) -> str:
         return os.path.join(self.where, file)
@@ -184,6 +254,9 @@ class LocalCheckpointReader:
     def file_size(self, file: str) -> int:
         """Size of a regular file (a symlink or anything else counts as missing)."""
         where = self.file_where(file)
+        opened = self._opened.get(file)
+        if opened is not None:  # prefetched: the size of the very file read_file will read
+            return opened[1]
         try:
             st = os.stat(file, dir_fd=self.dir_fd(), follow_symlinks=False)
         except FileNotFoundError:
@@ -198,7 +271,7 @@ class LocalCheckpointReader:
         (each piece is valid until the next is asked for); a file that is not ``size`` bytes long
         raises :class:`TruncatedFileError`."""
         where = self.file_where(file)
-        fd = self._open(file)
+        fd, _ = self._take(file)
         try:
             buffer = memoryview(bytearray(min(ITER_PIECE_BYTES, size)))
             done = 0
@@ -218,9 +291,8 @@ class LocalCheckpointReader:
         file), or for a file of at most :data:`SMALL_FILE_BYTES` a 64-byte aligned copy read at once
         (cheaper than mapping, faulting in and unmapping a few pages)."""
         where = self.file_where(file)
-        fd = self._open(file)
+        fd, actual = self._take(file)
         try:
-            actual = os.fstat(fd).st_size
             if actual != size:
                 raise TruncatedFileError(f"{where}: {actual} bytes, expected {size} (changed while reading)")
             if size == 0:

@@ -10,7 +10,7 @@ storage's transport. :meth:`~savegame.storage.remote.root.RemoteStorage.reader` 
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from savegame.errors import CheckpointNotFoundError, InvalidManifestError, MissingFileError, NotACheckpointError
@@ -110,4 +110,8 @@ class RemoteCheckpointReader:
 
     def close(self) -> None:
         """Nothing to release (each file is fetched when read)."""
+        return None
+
+    def prefetch(self, files: Iterable[str] | None) -> None:
+        """No hint is used: each file is downloaded with parallel ranged reads when it is read."""
         return None

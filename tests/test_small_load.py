@@ -1,0 +1,209 @@
+"""The small-checkpoint load path (issue 19 item 2): the local reader's prefetch (data files opened once,
+their reads started together), the skeleton decoder's leaf fast path, and that both keep every check."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import savegame
+from savegame.errors import HashMismatchError, InvalidManifestError, MissingFileError, TruncatedFileError
+from savegame.format import tree
+from savegame.format.tree import MAX_DEPTH, Decoder
+from savegame.storage.local.read import PREFETCH_MAX_FILES, open_local_checkpoint
+
+
+def _model_and_optimizer() -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> tuple[Path, nn.Module, torch.optim.Optimizer]:
+    model, opt = _model_and_optimizer()
+    savegame.save(tmp_path / "c", {"model": model, "optimizer": opt})
+    return tmp_path / "c", model, opt
+
+
+def _data_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.name != "manifest.json")
+
+
+def test_load_into_model_restores_exact_bytes_and_leaks_no_descriptor(saved: tuple[Path, nn.Module, Any]) -> None:
+    path, model, opt = saved
+    fresh, fresh_opt = _model_and_optimizer()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    before = _open_fds()
+    savegame.load(path, {"model": fresh, "optimizer": fresh_opt})
+    plain = savegame.load(path)
+    assert _open_fds() == before  # every prefetched descriptor was read and closed
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+    for key, value in opt.state_dict()["state"][0].items():
+        assert torch.equal(value, fresh_opt.state_dict()["state"][0][key])
+        assert torch.equal(value, plain["optimizer"]["state"][0][key])
+
+
+def test_prefetch_reads_the_file_it_opened_and_close_releases_it(tmp_path: Path) -> None:
+    """The size checked and the bytes read come from the one file prefetch opened, even if the name is
+    replaced meanwhile; close() releases prefetched files that were never read."""
+    savegame.save(tmp_path / "c", {"x": np.arange(100, dtype=np.int64)})
+    (name,) = [p.name for p in _data_files(tmp_path / "c")]
+    original = (tmp_path / "c" / name).read_bytes()
+    before = _open_fds()
+    reader = open_local_checkpoint(tmp_path / "c")
+    reader.prefetch([name, "not-there.safetensors"])  # a missing file is left for the later calls
+    replacement = tmp_path / "other"
+    replacement.write_bytes(b"y" * 7)
+    os.replace(replacement, tmp_path / "c" / name)
+    assert reader.file_size(name) == len(original)
+    assert bytes(reader.read_file(name, len(original))) == original
+    assert reader.file_size(name) == 7  # handed over once: the next look is at the path again
+    with pytest.raises(FileNotFoundError):
+        reader.file_size("not-there.safetensors")
+    reader.prefetch([name])
+    reader.close()
+    assert _open_fds() == before
+
+
+def test_prefetch_holds_a_bounded_number_of_files(tmp_path: Path) -> None:
+    path = tmp_path / "c"
+    savegame.save(path, {"x": np.arange(3)})
+    for i in range(PREFETCH_MAX_FILES + 10):
+        (path / f"f{i}.bin").write_bytes(b"z")
+    before = len(_open_fds())
+    reader = open_local_checkpoint(path)
+    reader.prefetch([f"f{i}.bin" for i in range(PREFETCH_MAX_FILES + 10)])
+    assert len(_open_fds()) - before == PREFETCH_MAX_FILES + 1  # and the directory
+    reader.close()
+    assert len(_open_fds()) == before
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_a_flipped_byte_in_a_small_file_still_raises(saved: tuple[Path, nn.Module, Any], which: int) -> None:
+    """Small files are hashed inline, after the prefetch; a flipped data byte raises before anything is
+    restored, and only the hash sees it (with verify=False the same file loads)."""
+    path, _, _ = saved
+    file = _data_files(path)[which]
+    data = bytearray(file.read_bytes())
+    data[-3] ^= 0x40  # in the last tensor's bytes: the header still parses
+    file.write_bytes(bytes(data))
+    fresh, fresh_opt = _model_and_optimizer()
+    weights = [p.detach().clone() for p in fresh.parameters()]
+    with pytest.raises(HashMismatchError):
+        savegame.load(path, {"model": fresh, "optimizer": fresh_opt})
+    with pytest.raises(HashMismatchError):
+        savegame.load(path)
+    assert all(torch.equal(a, b) for a, b in zip(weights, fresh.parameters()))  # untouched
+    savegame.load(path, {"model": fresh, "optimizer": fresh_opt}, verify=False)
+
+
+def test_missing_and_truncated_files_raise_as_before(saved: tuple[Path, nn.Module, Any]) -> None:
+    path, _, _ = saved
+    first, second = _data_files(path)
+    first.write_bytes(first.read_bytes()[:-1])
+    with pytest.raises(TruncatedFileError, match="the manifest says"):
+        savegame.load(path)
+    second.unlink()
+    with pytest.raises(MissingFileError):
+        savegame.load(path, {"optimizer": _model_and_optimizer()[1]}, strict=False)
+
+
+def _nested(depth: int, leaf: object) -> object:
+    node: object = [leaf]
+    for _ in range(depth - 1):
+        node = [node]
+    return node
+
+
+@pytest.mark.parametrize("container", ["list", "dict"])
+def test_decoder_leaf_fast_path_keeps_the_depth_limit(container: str) -> None:
+    def wrap(depth: int) -> object:
+        if container == "list":
+            return _nested(depth, 1)
+        node: object = {"a": 1}
+        for _ in range(depth - 1):
+            node = {"a": node}
+        return node
+
+    Decoder(resolve=None).decode(wrap(MAX_DEPTH))  # a leaf at depth MAX_DEPTH is fine
+    with pytest.raises(InvalidManifestError, match="deep"):
+        Decoder(resolve=None).decode(wrap(MAX_DEPTH + 1))
+    tagged: object = {"$": "dict", "k": [1], "v": [2]}  # its key and value one level deeper
+    Decoder(resolve=None).decode(_nested(MAX_DEPTH - 1, tagged))
+    with pytest.raises(InvalidManifestError, match="deep"):
+        Decoder(resolve=None).decode(_nested(MAX_DEPTH, tagged))
+
+
+def test_decoder_leaf_fast_path_counts_nodes_and_checks_strings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tree, "MAX_NODES", 10)
+    assert Decoder(resolve=None).decode([1, 2.5, None, True, "s"]) == [1, 2.5, None, True, "s"]
+    Decoder(resolve=None).decode(list(range(9)))  # 9 leaves + the list: 10 nodes
+    with pytest.raises(InvalidManifestError, match="more than 10 nodes"):
+        Decoder(resolve=None).decode(list(range(10)))
+    with pytest.raises(InvalidManifestError, match="more than 10 nodes"):
+        Decoder(resolve=None).decode({str(i): i for i in range(10)})
+    tagged = {"$": "dict", "k": [1, 2, 3, 4], "v": ["a", "b", "c", "d"]}  # 1 node + 4 keys + 4 values
+    assert Decoder(resolve=None).decode(tagged) == {1: "a", 2: "b", 3: "c", 4: "d"}
+    Decoder(resolve=None).decode([tagged])  # 10 nodes with the list
+    with pytest.raises(InvalidManifestError, match="more than 10 nodes"):
+        Decoder(resolve=None).decode([[tagged]])
+    with pytest.raises(InvalidManifestError, match="unhashable"):
+        Decoder(resolve=None).decode({"$": "dict", "k": [[1]], "v": [2]})
+    monkeypatch.setattr(tree, "MAX_NODES", 1000)
+    monkeypatch.setattr(tree, "MAX_STRING", 4)
+    assert Decoder(resolve=None).decode({"k": ["abcd"]}) == {"k": ["abcd"]}
+    with pytest.raises(InvalidManifestError, match="string longer"):
+        Decoder(resolve=None).decode(["abcde"])
+    with pytest.raises(InvalidManifestError, match="string longer"):
+        Decoder(resolve=None).decode({"k": "abcde"})
+    with pytest.raises(InvalidManifestError, match="string longer"):
+        Decoder(resolve=None).decode({"$": "dict", "k": ["abcde"], "v": [1]})
+    with pytest.raises(InvalidManifestError, match="string longer"):
+        Decoder(resolve=None).decode({"$": "dict", "k": [1], "v": ["abcde"]})
+
+
+def test_prefetch_of_the_whole_directory_keeps_every_check(tmp_path: Path) -> None:
+    """prefetch(None) opens the manifest and the directory's other files before the manifest is read:
+    the manifest is read from that descriptor, a file that is not regular (a FIFO) is skipped, and
+    the later checks still raise (a forged manifest, a swapped data file)."""
+    path = tmp_path / "c"
+    savegame.save(path, {"x": np.arange(100, dtype=np.int64)})
+    os.mkfifo(path / "fifo")
+    (path / ".hidden").write_bytes(b"h")
+    before = _open_fds()
+    reader = open_local_checkpoint(path)
+    reader.prefetch(None)
+    (data,) = path.glob("*.safetensors")
+    assert set(reader._opened) == {"manifest.json", data.name}
+    manifest = (path / "manifest.json").read_bytes()
+    (path / "manifest.json").unlink()  # read from the descriptor opened by the prefetch
+    assert reader.manifest_bytes() == manifest
+    reader.close()
+    assert _open_fds() == before
+    (path / "manifest.json").write_bytes(manifest.replace(b'"format": "savegame"', b'"format": "savegamX"'))
+    with pytest.raises(InvalidManifestError):
+        savegame.load(path)
+    (path / "manifest.json").write_bytes(manifest)
+    assert savegame.load(path)["x"].tolist() == list(range(100))
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 1
+    data.write_bytes(bytes(raw))
+    with pytest.raises(HashMismatchError):
+        savegame.load(path)
