@@ -22,6 +22,7 @@ from savegame._version import __version__
 from savegame.adapters import framework_versions, torch_if_imported
 from savegame.engine.background import BackgroundWriter, PendingSave, Snapshot
 from savegame.engine.capture import kind_of, live_object_hook
+from savegame.engine.lazy import LazySnapshot, SnapshotMode, lazy_snapshot
 from savegame.engine.write_loop import (
     EncodedExtras,
     EncodedItem,
@@ -62,13 +63,15 @@ def make_encoder(
 
 @gc_paused()
 def encode_state(
-    state: Mapping[str, Any], *, copy: bool = False, allocate: Callable[[int, bool], Any] | None = None
+    state: Mapping[str, Any], *, copy: bool = False, allocate: Callable[[int, bool], Any] | None = None,
+    lazy: LazySnapshot | None = None,
 ) -> list[EncodedItem]:
     """Capture and encode every item of ``state`` (no I/O).
 
     ``copy=True`` snapshots every array into host memory (from ``allocate`` when given), so the live
     objects may change as soon as this returns (background saves). Device-to-host copies are complete
-    when this returns.
+    when this returns. ``lazy`` (with ``copy``): the tensors it owns are copied after this returns
+    instead, and their optimizers' next step waits for them (:mod:`savegame.engine.lazy`).
     """
     if not isinstance(state, Mapping):
         raise UnsupportedTypeError(
@@ -82,7 +85,8 @@ def encode_state(
         for name, value in state.items():
             if type(name) is not str or not name or len(name) > 1024:
                 raise UnsupportedTypeError(f"item names must be non-empty strings (<= 1024 chars), got {name!r}")
-            enc = make_encoder(copy=copy, allocate=allocate, copies=copies)
+            queue = copies if lazy is None or copies is None else lazy.queue(value, copies)
+            enc = make_encoder(copy=copy, allocate=allocate, copies=queue)
             skeleton = enc.encode(value, (name,))
             enc.finish()
             needs_sync = needs_sync or enc.needs_sync
@@ -91,6 +95,13 @@ def encode_state(
                 file = _file_name(name, used_files)
                 used_files.add(file)
             items.append(EncodedItem(name, kind_of(value), skeleton, enc.records, file))
+        if lazy is not None and copies is not None:
+            copies.flush()  # the eager copies go to the worker first: this call waits for them only
+            lazy.start()
+    except BaseException as exc:
+        if lazy is not None:
+            lazy.abandon(exc)
+        raise
     finally:
         if copies is not None:
             copies.wait()  # also on error: the caller may recycle the buffers only once no copy runs
@@ -205,6 +216,7 @@ def save_in_background(
     writer: BackgroundWriter, storage: Storage, name: str, state: Mapping[str, Any], *,
     metadata: Mapping[str, Any] | None, progress: Mapping[str, Any] | None, overwrite: bool,
     next_name: NextName | None = None, stamp: Callable[[], Mapping[str, Any]] | None = None,
+    snapshot: SnapshotMode = "eager",
 ) -> PendingSave:
     """Snapshot ``state`` now (blocking only for the host copy), write and commit in the background.
 
@@ -214,24 +226,35 @@ def save_in_background(
     save (:func:`write_encoded`); the handle's ``path`` stays the name it was started with.
     ``stamp``: called once the snapshot is taken, it gives the progress to record instead of
     ``progress`` (which may then say how long the save blocked the caller).
+    ``snapshot="lazy"``: parameters and optimizer state are copied after this returns and the next
+    ``optimizer.step()`` waits for them (:mod:`savegame.engine.lazy`); the commit follows that step.
     """
     writer.wait()
     with gc_paused():  # not while waiting above: only while this thread copies and encodes
         start = time.perf_counter()
-        snapshot = Snapshot(writer.pool)
+        buffers = Snapshot(writer.pool)
+        lazy = lazy_snapshot(state) if snapshot == "lazy" else None
         try:
-            items = encode_state(state, copy=True, allocate=snapshot.take)
+            items = encode_state(state, copy=True, allocate=buffers.take, lazy=lazy)
             extras = EncodedExtras.encode(metadata, progress if stamp is None else stamp())
-        except BaseException:
-            snapshot.release()
+        except BaseException as exc:
+            if lazy is not None:
+                lazy.abandon(exc)  # (a no-op when encode_state did it already)
+            buffers.release()
             raise
         blocking = time.perf_counter() - start
 
         def persist() -> Manifest:
+            if lazy is not None:
+                lazy.wait_confirmed()  # the deferred copies are done and were not changed meanwhile
             _, manifest = write_encoded(
                 storage, name, items, extras, overwrite=overwrite, blocking_seconds=blocking,
                 should_stop=writer.stop_requested, next_name=next_name,
             )
             return manifest
 
-        return writer.submit(storage.path(name), snapshot, persist, blocking_seconds=blocking)
+        settle = lazy.settle if lazy is not None else None
+        pending = writer.submit(storage.path(name), buffers, persist, blocking_seconds=blocking, settle=settle)
+        if lazy is not None:
+            lazy.on_failure = pending._settled_and_delivered
+        return pending

@@ -48,6 +48,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from savegame.engine.background import BackgroundWriter
+from savegame.engine.lazy import SnapshotMode, check_snapshot_mode
 from savegame.errors import CheckpointError, ConfigError, CorruptCheckpointError, UnsupportedFormatError
 from savegame.format.manifest import Manifest
 from savegame.format.naming import NameTemplate, validate_name
@@ -193,6 +194,9 @@ class Checkpointer:
       (0-19, Linux only; None: unchanged) so that the write competes less with training for the CPUs.
       A training thread that waits for the writer (``if_busy="wait"``, ``wait()``) waits longer on a
       busy machine: pair it with ``if_busy="skip"``.
+    * ``snapshot`` (with ``background``): ``"eager"`` copies the whole state before the save returns;
+      ``"lazy"`` copies parameters and optimizer state during the next forward/backward, and the next
+      ``optimizer.step()`` waits for it (:mod:`savegame.engine.lazy`, which says what it cannot detect).
     * ``restart``: what ``restore(state)`` (``which="latest"``) does: ``"auto"`` resumes from the newest
       valid checkpoint if there is one, ``"required"`` raises :class:`CheckpointNotFoundError` if there
       is none; both continue the run of the newest checkpoint (its best, its retention). ``"off"``
@@ -278,6 +282,7 @@ class Checkpointer:
         background: bool = False,
         if_busy: IfBusy = "wait",
         writer_nice: int | None = None,
+        snapshot: SnapshotMode = "eager",
         restart: Restart = "auto",
         verify: bool = True,
         max_epochs: int | None = None,
@@ -334,6 +339,7 @@ class Checkpointer:
         ):
             raise ConfigError(f"Checkpointer: writer_nice must be an int from 0 to 19 or None, got {writer_nice!r}")
         self.writer_nice = writer_nice
+        self.snapshot: SnapshotMode = check_snapshot_mode(snapshot, background=self.background, where="Checkpointer")
         self.skipped_saves = 0
         """How many saves ``step`` wanted but coalesced into the save in flight (``if_busy="skip"``)."""
         self._writer: BackgroundWriter | None = None

@@ -243,7 +243,7 @@ def submit(
 
     handle = save_in_background(
         ckpt._writer, ckpt.storage, name, items, metadata=metadata, progress=payload, overwrite=False,
-        next_name=naming.next, stamp=stamp,
+        next_name=naming.next, stamp=stamp, snapshot=ckpt.snapshot,
     )  # fmt: skip
     seconds = time.perf_counter() - started
     ckpt._in_flight = InFlight(naming, handle, progress, started, seconds)
