@@ -164,7 +164,7 @@ def test_without_the_step_hook_the_version_check_still_refuses_the_torn_copy(
 def test_an_in_place_change_outside_step_fails_the_save_at_the_next_step(
     tmp_path: Path, gate: threading.Event
 ) -> None:
-    model, opts, state, x = _setup()
+    model, opts, state, _ = _setup()
     ckpt = savegame.Checkpointer(tmp_path, background=True, snapshot="lazy", rng=False)
     ckpt.save(state, step=1)
     with torch.no_grad():
