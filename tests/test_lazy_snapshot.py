@@ -223,6 +223,21 @@ def test_no_hook_leaks_over_many_saves_and_close(tmp_path: Path) -> None:
     assert _equal(_clone(model.state_dict()), savegame.load(tmp_path / "last")["model"])
 
 
+def test_a_user_hook_registered_after_the_save_still_runs(tmp_path: Path) -> None:
+    """Torch iterates over the pre-hooks while calling them: the lazy hook, done, is not removed from
+    under that loop when another hook follows it (it is removed at the next wait instead)."""
+    model, opts, state, x = _setup()
+    handle = savegame.save(tmp_path / "c", state, background=True, snapshot="lazy")
+    calls: list[int] = []
+    user = opts[0].register_step_pre_hook(lambda opt, args, kwargs: calls.append(1))
+    _train(model, opts, x)
+    _train(model, opts, x)
+    assert calls == [1, 1]
+    handle.result()
+    assert _hooks(opts[0]) == 1 and _hooks(opts[1]) == 0  # only the user's hook is left
+    user.remove()
+
+
 def test_round_trip_with_adamw_and_sgd_momentum(tmp_path: Path) -> None:
     model, opts, state, x = _setup()
     expected = _expected(state)

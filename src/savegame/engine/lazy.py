@@ -99,7 +99,8 @@ class LazySnapshot:
         self._key_of = key_of
         self._covers = covers
         self._groups: dict[tuple[int, ...], _Group] = {}
-        self._hooks: dict[int, Any] = {}
+        self._hooks: dict[int, tuple[Any, Any]] = {}  # id(optimizer) -> (optimizer, its hook's handle)
+        self._stepping: Any = None  # the optimizer whose step pre-hooks are being run (training thread)
         self._lock = threading.RLock()
         self._done = threading.Event()
         self._error: BaseException | None = None
@@ -156,7 +157,7 @@ class LazySnapshot:
             for group in self._groups.values():
                 for opt in group.optimizers:
                     if id(opt) not in self._hooks:
-                        self._hooks[id(opt)] = opt.register_step_pre_hook(self._before_step)
+                        self._hooks[id(opt)] = (opt, opt.register_step_pre_hook(self._before_step))
             _live.add(self)
 
     def abandon(self, reason: BaseException) -> None:
@@ -166,12 +167,17 @@ class LazySnapshot:
     # -- confirmation (training thread) -----------------------------------------------------------
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """Step pre-hook: wait for the copies of ``optimizer``'s tensors; raise a failure found."""
-        self._confirm(lambda g: any(o is optimizer for o in g.optimizers))
+        self._stepping = optimizer
+        try:
+            self._confirm(lambda g: any(o is optimizer for o in g.optimizers))
+        finally:
+            self._stepping = None
         self._raise_failure()
 
     def settle(self) -> None:
         """Wait for every copy and confirm it (call on the training thread: before waiting for the save)."""
         self._confirm(lambda g: True)
+        sweep_hooks()
 
     def _confirm(self, which: Callable[[_Group], bool]) -> None:
         with self._lock:
@@ -199,7 +205,18 @@ class LazySnapshot:
     def _unhook_confirmed(self) -> None:
         pending = {id(o) for g in self._groups.values() if not g.confirmed for o in g.optimizers}
         for oid in [oid for oid in self._hooks if oid not in pending]:
-            self._hooks.pop(oid).remove()
+            self._remove_hook(*self._hooks.pop(oid))
+
+    def _remove_hook(self, optimizer: Any, handle: Any) -> None:
+        """Remove a step pre-hook; from inside that optimizer's hook loop only if it is the last hook
+        there (torch iterates over the dict: removing an entry before the end breaks the loop), else at
+        the next :func:`sweep_hooks` (the next lazy save, ``result()``/``wait()``/``close()``)."""
+        if optimizer is self._stepping:
+            hooks = optimizer._optimizer_step_pre_hooks
+            if hooks and next(reversed(hooks)) != handle.id:
+                _stale.append(handle)
+                return
+        handle.remove()
 
     def _fail(self, exc: BaseException) -> None:
         with self._lock:
@@ -214,8 +231,8 @@ class LazySnapshot:
             self._finish()
 
     def _finish(self) -> None:
-        for handle in self._hooks.values():
-            handle.remove()
+        for optimizer, handle in self._hooks.values():
+            self._remove_hook(optimizer, handle)
         self._hooks.clear()
         for group in self._groups.values():
             group.copies = []
@@ -244,7 +261,7 @@ class LazySnapshot:
 
     def _forget_in_child(self) -> None:
         """After ``fork``: the child has no copy thread; never wait for it, never commit this save."""
-        for handle in self._hooks.values():
+        for _, handle in self._hooks.values():
             handle.remove()
         self._hooks.clear()
         self._lock = threading.RLock()
@@ -297,6 +314,7 @@ def lazy_snapshot(state: Mapping[str, Any]) -> LazySnapshot | None:
         return None
     from savegame.adapters.torch_owned import lazy_item, optimizer_owned, tensor_key
 
+    sweep_hooks()
     owned = optimizer_owned(state)
     if not owned:
         return None
@@ -305,12 +323,22 @@ def lazy_snapshot(state: Mapping[str, Any]) -> LazySnapshot | None:
 
 _live: set[LazySnapshot] = set()
 """Lazy snapshots whose hooks are installed (forgotten in a forked child, see below)."""
+_stale: list[Any] = []
+"""Handles of finished hooks that could not be removed from inside their optimizer's hook loop (another
+pre-hook came after them); they do nothing any more and are removed by :func:`sweep_hooks`."""
+
+
+def sweep_hooks() -> None:
+    """Remove the finished hooks left in :data:`_stale` (call outside any ``optimizer.step()``)."""
+    while _stale:
+        _stale.pop().remove()
 
 
 def _forget_after_fork() -> None:
     for snapshot in list(_live):
         snapshot._forget_in_child()
     _live.clear()
+    sweep_hooks()
 
 
 if hasattr(os, "register_at_fork"):
