@@ -374,3 +374,25 @@ def test_kill_while_saving_lazily_every_step_leaves_only_complete_checkpoints(tm
         savegame.verify(record.path)
         loaded = savegame.load(record.path.rstrip("/"))
         assert all(torch.all(t == float(record.step or 0)) for t in loaded["model"].values())
+
+
+@pytest.mark.subprocess
+def test_a_lazy_save_never_waited_for_is_committed_at_exit(tmp_path: Path) -> None:
+    script = textwrap.dedent("""
+        import sys, torch
+        from torch import nn
+        import savegame
+        model = nn.Linear(256, 256)
+        opt = torch.optim.AdamW(model.parameters())
+        model(torch.randn(2, 256)).sum().backward()
+        opt.step()
+        savegame.save(sys.argv[1], {"model": model, "optimizer": opt}, background=True, snapshot="lazy")
+        torch.save(model.state_dict(), sys.argv[1] + ".expected.pt")
+    """)  # no step, no result(): the exit hook confirms the copy and commits
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "src") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    target = str(tmp_path / "c")
+    subprocess.run([sys.executable, "-c", script, target], env=env, check=True, timeout=120)
+    savegame.verify(target)
+    expected = torch.load(target + ".expected.pt", weights_only=True)
+    assert _equal(dict(expected), savegame.load(target)["model"])
