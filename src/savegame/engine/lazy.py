@@ -19,8 +19,9 @@ Guarantees, and how they are kept:
   ``result()``/``wait()``/``close()``): every in-place change the training thread made through torch
   before that point has been counted. If a counter moved, the copy may mix old and new values: the save
   fails with :class:`~savegame.errors.TornSnapshotError` naming the tensor, and is never committed.
-  The persist phase waits for that confirmation before it writes anything, so a lazy save commits only
-  after the next ``step()`` (or a wait) of the training thread.
+  The persist phase writes the copied bytes as soon as the copies are done but waits for that
+  confirmation before it commits (else it aborts), so a lazy save commits only after the next ``step()``
+  (or a wait) of the training thread.
 * **Errors surface at the next step.** A failed copy or a torn tensor is raised by the next
   ``optimizer.step()`` (through the hook; the step does not run), else by ``result()``, the next save,
   ``wait()`` or ``close()``, and only once.
@@ -249,6 +250,13 @@ class LazySnapshot:
         raise error
 
     # -- the persist job --------------------------------------------------------------------------
+    def wait_copied(self) -> None:
+        """Block the persist job until every deferred copy finished (failed or not: :meth:`wait_confirmed`
+        says whether they may be committed)."""
+        for group in list(self._groups.values()):
+            for future in list(group.futures):
+                future.exception()
+
     def wait_confirmed(self) -> None:
         """Block the persist job until every copy was confirmed; raise the failure if one was found."""
         self._done.wait()

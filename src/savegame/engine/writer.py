@@ -131,6 +131,7 @@ def write_encoded(
     storage: Storage, name: str, items: list[EncodedItem], extras: EncodedExtras, *, overwrite: bool,
     blocking_seconds: float | None = None, should_stop: Callable[[], bool] | None = None,
     next_name: NextName | None = None, side_files: Mapping[str, bytes] | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> tuple[str, Manifest]:
     """Write encoded items as checkpoint ``name`` of ``storage``; commit; return its path and manifest.
 
@@ -144,12 +145,15 @@ def write_encoded(
     :class:`Manifest` is the one built here, equal to what :func:`parse_manifest` reads back.
     ``side_files``: small non-tensor files committed in the same transaction (see
     :func:`~savegame.write_loop.write_side_files`).
+    ``before_commit``: called once everything is written, before the commit; if it raises, the
+    transaction is aborted (a lazy snapshot's confirmation: :mod:`savegame.engine.lazy`).
     """
 
     def attempt(current: str, progress: Mapping[str, Any] | None) -> tuple[str, Manifest]:
         use = extras if progress is None else extras.with_progress(progress)
         return _write_once(storage, current, items, use, overwrite=overwrite, blocking_seconds=blocking_seconds,
-                           should_stop=should_stop, side_files=side_files)  # fmt: skip
+                           should_stop=should_stop, side_files=side_files,
+                           before_commit=before_commit)  # fmt: skip
 
     return retry_on_clash(attempt, name, next_name, where=storage.path(name))
 
@@ -157,7 +161,7 @@ def write_encoded(
 def _write_once(
     storage: Storage, name: str, items: list[EncodedItem], extras: EncodedExtras, *, overwrite: bool,
     blocking_seconds: float | None, should_stop: Callable[[], bool] | None,
-    side_files: Mapping[str, bytes] | None = None,
+    side_files: Mapping[str, bytes] | None = None, before_commit: Callable[[], None] | None = None,
 ) -> tuple[str, Manifest]:
     """One attempt of :func:`write_encoded`: begin, the one write loop, the manifest, commit."""
     start = time.perf_counter()
@@ -168,6 +172,8 @@ def _write_once(
         written = write_files(txn, items, progress, should_stop=should_stop)
         write_side_files(txn, side_files or {}, taken={i.file for i in items if i.file})
         raw, manifest = assemble_manifest(written.files, item_entries(items), extras, versions=library_versions())
+        if before_commit is not None:
+            before_commit()
     except BaseException:
         txn.abort()
         progress.close()
@@ -246,10 +252,11 @@ def save_in_background(
 
         def persist() -> Manifest:
             if lazy is not None:
-                lazy.wait_confirmed()  # the deferred copies are done and were not changed meanwhile
+                lazy.wait_copied()  # the buffers hold their bytes; whether they may be committed: below
             _, manifest = write_encoded(
                 storage, name, items, extras, overwrite=overwrite, blocking_seconds=blocking,
                 should_stop=writer.stop_requested, next_name=next_name,
+                before_commit=None if lazy is None else lazy.wait_confirmed,
             )
             return manifest
 
