@@ -74,6 +74,8 @@ def test_quick_bench_writes_complete_reports(tmp_path: Path) -> None:
         for policy in ("skip", "lazy-skip"):  # coalesced, never more
             assert all(1 <= n <= steps // k for n in tl["saves_written"][f"{policy}-k{k}"])
     assert set(tl["overhead"]) == modes - {"none"}
+    assert set(tl["save_call_seconds"]) == modes - {"none"}  # how long a saving ckpt.step call blocked
+    assert all(v is None or v > 0 for v in tl["save_call_seconds"].values())
     assert any(t["workload"] == "trainloop" for t in targets)
 
     md = (out / "latest.md").read_text()

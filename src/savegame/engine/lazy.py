@@ -28,8 +28,9 @@ Guarantees, and how they are kept:
 
 What version counters cannot see: writes through ``tensor.data``, NumPy views (``t.numpy()``), or
 other processes/threads sharing the memory, made between the save call and the next ``step()``. Such
-code must use eager snapshots, which is why eager stays the default. CPU tensors only: CUDA tensors
-keep their (asynchronous, pinned) eager copy.
+code must use eager snapshots, which is why eager stays the default. Only CPU tensors over the
+small-tensor limit (64 KB) are deferred: small ones are still copied in one eager batch
+(:mod:`savegame.adapters.torch`), and CUDA tensors keep their (asynchronous, pinned) eager copy.
 """
 
 from __future__ import annotations
@@ -190,8 +191,8 @@ class LazySnapshot:
                 try:
                     _wait_all(group.futures)
                 except Exception as exc:
-                    self._fail(BackgroundSaveError(
-                        f"the lazy snapshot could not copy a tensor of {group.copies[0].name}...: {exc}"))  # fmt: skip
+                    self._fail(BackgroundSaveError(f"the lazy snapshot could not copy {group.copies[0].name} or "
+                                                   f"another tensor of its optimizer: {exc}"))  # fmt: skip
                     return
                 changed = [c.name for c in group.copies if int(c.src._version) != c.version]
                 if changed:
