@@ -7,7 +7,10 @@ model, the optimizer and the RNGs, for K = 1, 4, 16, under two save policies:
 * ``wait`` (the Checkpointer's default): a save requested while the previous one is still being written
   waits for it to commit;
 * ``skip``: ``if_busy="skip"`` coalesces such a request into the save in flight, and
-  ``writer_nice=10`` lowers the writer threads' priority.
+  ``writer_nice=10`` lowers the writer threads' priority;
+* ``lazy`` and ``lazy-skip``: the same two with ``snapshot="lazy"``: the model's parameters and the AdamW
+  state are copied during the next forward/backward, and only the next ``optimizer.step()`` waits for
+  that copy (:mod:`savegame.engine.lazy`).
 
 The blocks of all modes are interleaved (rotated every repetition) in one process; the result of a
 mode is the median over its blocks of the mean step time, reported as a ratio to the median of the
@@ -31,7 +34,11 @@ KS = (1, 4, 16)
 POLICIES = {
     "wait": {},
     "skip": {"if_busy": "skip", "writer_nice": 10},
+    "lazy": {"snapshot": "lazy"},
+    "lazy-skip": {"snapshot": "lazy", "if_busy": "skip", "writer_nice": 10},
 }
+COALESCING = ("skip", "lazy-skip")
+"""The policies whose saves may be coalesced (saves written per block shown)."""
 BATCH, SEQ = 4, 64
 REFERENCE = {"d": 512, "layers": 6, "vocab": 8192}
 """Scale 1: ~27M parameters, ~313 MiB of model + AdamW state (the issue's reference)."""
@@ -104,15 +111,16 @@ class Trainer:
         return n
 
 
-def _block(trainer: Trainer, mode: str, steps: int, tmp: str) -> tuple[float, int]:
-    """Mean step time of ``steps`` steps in ``mode`` and the number of saves written."""
+def _block(trainer: Trainer, mode: str, steps: int, tmp: str) -> tuple[float, int, list[float]]:
+    """Mean step time of ``steps`` steps in ``mode``, the number of saves written and how long each
+    ``ckpt.step`` call that saved blocked (seconds)."""
     import savegame
 
     if mode == "none":
         t0 = time.perf_counter()
         for _ in range(steps):
             trainer.step()
-        return (time.perf_counter() - t0) / steps, 0
+        return (time.perf_counter() - t0) / steps, 0, []
     policy, k = mode.rsplit("-k", 1)
     d = os.path.join(tmp, f"trainloop-{mode}")
     shutil.rmtree(d, ignore_errors=True)
@@ -120,19 +128,23 @@ def _block(trainer: Trainer, mode: str, steps: int, tmp: str) -> tuple[float, in
                                  **POLICIES[policy])  # type: ignore[arg-type]
     state = {"model": trainer.model, "optimizer": trainer.opt}
     written = 0
+    calls: list[float] = []
     try:
         ckpt.save(state, step=0)  # not timed: a long-lived Checkpointer's first-save costs (index, lock, writer)
         ckpt.wait()
         t0 = time.perf_counter()
         for i in range(1, steps + 1):
             trainer.step()
+            c0 = time.perf_counter()
             result = ckpt.step(state, step=i, epoch_end=False)
-            written += result is not None and not result.skipped
+            if result is not None and not result.skipped:
+                written += 1
+                calls.append(time.perf_counter() - c0)
         elapsed = time.perf_counter() - t0
     finally:
         ckpt.close()  # not timed: the last write must not spill into the next block
         shutil.rmtree(d, ignore_errors=True)
-    return elapsed / steps, written
+    return elapsed / steps, written, calls
 
 
 def run(*, tmp: str, scale: float, quick: bool, reps: int, steps: int, log: Any) -> dict[str, Any]:
@@ -143,15 +155,18 @@ def run(*, tmp: str, scale: float, quick: bool, reps: int, steps: int, log: Any)
     modes = ["none"] + [f"{p}-k{k}" for p in POLICIES for k in KS]
     samples: dict[str, list[float]] = {m: [] for m in modes}
     written: dict[str, list[int]] = {m: [] for m in modes}
+    calls: dict[str, list[float]] = {m: [] for m in modes if m != "none"}
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     _block(trainer, "none", max(2, steps // 4), tmp)  # warm-up: allocator, threads
     for rep in range(reps):
         order = modes[rep % len(modes):] + modes[: rep % len(modes)]
         for mode in order:
-            mean, n = _block(trainer, mode, steps, tmp)
+            mean, n, blocked = _block(trainer, mode, steps, tmp)
             samples[mode].append(mean)
             written[mode].append(n)
+            if mode != "none":
+                calls[mode] += blocked
         log(f"  trainloop rep {rep + 1}/{reps} done ({time.perf_counter() - t0:.0f} s)")
     median = {m: statistics.median(v) for m, v in samples.items()}
     base = median["none"]
@@ -167,6 +182,7 @@ def run(*, tmp: str, scale: float, quick: bool, reps: int, steps: int, log: Any)
         "seconds": round(time.perf_counter() - t0, 1),
         "samples": samples,
         "saves_written": written,
+        "save_call_seconds": {m: statistics.median(v) if v else None for m, v in calls.items()},
         "median_step_seconds": median,
         "overhead": {m: median[m] / base - 1.0 for m in modes if m != "none"},
     }
@@ -184,19 +200,33 @@ def markdown(tl: dict[str, Any]) -> list[str]:
         f"load average {lb[0]:.1f} before, {la[0]:.1f} after. Overhead = median block step time / median "
         f"without checkpointing - 1. `wait`: the default (the next save waits for the one in flight); "
         f"`skip`: `if_busy=\"skip\", writer_nice=10` (saves requested while one is written are coalesced "
-        f"into it: saves written per block shown).",
+        f"into it: saves written per block shown); `lazy`, `lazy-skip`: the same with `snapshot=\"lazy\"` "
+        f"(parameters and optimizer state copied during the next forward/backward, the next "
+        f"`optimizer.step()` waits for the copy).",
         "",
         f"Step time without checkpointing: {tl['median_step_seconds']['none'] * 1000:.1f} ms (median).",
         "",
-        "| every K steps | overhead, wait | overhead, skip | saves written per block, skip |",
-        "|---:|---:|---:|---:|",
     ]
+    policies = [p for p in POLICIES if any(m.startswith(f"{p}-k") for m in tl["overhead"])]
+    coalescing = [p for p in COALESCING if p in policies]
+    lines.append("| every K steps | " + " | ".join(f"overhead, {p}" for p in policies) + " | "
+                 + " | ".join(f"saves written per block, {p}" for p in coalescing) + " |")
+    lines.append("|---:|" + "---:|" * (len(policies) + len(coalescing)))
     for k in KS:
-        w = tl["overhead"].get(f"wait-k{k}")
-        s = tl["overhead"].get(f"skip-k{k}")
-        n = tl["saves_written"].get(f"skip-k{k}", [])
-        lines.append(f"| {k} | {_pct(w)} | {_pct(s)} | {statistics.median(n) if n else '—'} "
-                     f"of {cfg['steps_per_block'] // k} |")
+        cells = [_pct(tl["overhead"].get(f"{p}-k{k}")) for p in policies]
+        for p in coalescing:
+            n = tl["saves_written"].get(f"{p}-k{k}", [])
+            cells.append(f"{statistics.median(n) if n else '—'} of {cfg['steps_per_block'] // k}")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    blocked = tl.get("save_call_seconds")
+    if blocked:
+        lines += ["", "Median time a `ckpt.step` call that saved blocked the loop (ms; for `wait` policies it "
+                  "includes waiting for the previous save; for `lazy` ones the copy of parameters and "
+                  "optimizer state is not in it: the next `optimizer.step()` waits for it instead):", "",
+                  "| every K steps | " + " | ".join(policies) + " |", "|---:|" + "---:|" * len(policies)]
+        for k in KS:
+            vals = [blocked.get(f"{p}-k{k}") for p in policies]
+            lines.append(f"| {k} | " + " | ".join("—" if v is None else f"{v * 1000:.1f}" for v in vals) + " |")
     lines.append("")
     return lines
 

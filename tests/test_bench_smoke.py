@@ -64,14 +64,18 @@ def test_quick_bench_writes_complete_reports(tmp_path: Path) -> None:
 
     tl = data["trainloop"]  # the training loop with a background checkpoint every K steps
     assert tl["config"]["quick"] is True and tl["state_bytes"] > 0
-    modes = {"none"} | {f"{p}-k{k}" for p in ("wait", "skip") for k in (1, 4, 16)}
+    modes = {"none"} | {f"{p}-k{k}" for p in ("wait", "skip", "lazy", "lazy-skip") for k in (1, 4, 16)}
     assert set(tl["samples"]) == modes and all(len(v) == tl["config"]["reps"] for v in tl["samples"].values())
     assert all(x > 0 for v in tl["samples"].values() for x in v)
     steps = tl["config"]["steps_per_block"]
     for k in (1, 4, 16):
-        assert tl["saves_written"][f"wait-k{k}"] == [steps // k] * tl["config"]["reps"]  # every save written
-        assert all(1 <= n <= steps // k for n in tl["saves_written"][f"skip-k{k}"])  # coalesced, never more
+        for policy in ("wait", "lazy"):  # every save written
+            assert tl["saves_written"][f"{policy}-k{k}"] == [steps // k] * tl["config"]["reps"]
+        for policy in ("skip", "lazy-skip"):  # coalesced, never more
+            assert all(1 <= n <= steps // k for n in tl["saves_written"][f"{policy}-k{k}"])
     assert set(tl["overhead"]) == modes - {"none"}
+    assert set(tl["save_call_seconds"]) == modes - {"none"}  # how long a saving ckpt.step call blocked
+    assert all(v is None or v > 0 for v in tl["save_call_seconds"].values())
     assert any(t["workload"] == "trainloop" for t in targets)
 
     ft = data["finetune"]  # the frozen-backbone fine-tune, incremental against full checkpoints

@@ -22,6 +22,7 @@ from savegame.adapters import framework_decode_tags, torch_available, zero_copy_
 from savegame.engine import verifier
 from savegame.engine.capture import LoadReport, restore_items
 from savegame.engine.incremental import Base, Incremental
+from savegame.engine.lazy import SnapshotMode, check_snapshot_mode
 from savegame.engine.verifier import check_array_node as check_array_node  # re-exported: moved to verifier.py
 from savegame.engine.verifier import check_item as check_item
 from savegame.engine.verifier import checked
@@ -53,6 +54,7 @@ def save(
     progress: Mapping[str, Any] | None = None,
     overwrite: bool = True,
     background: bool = False,
+    snapshot: SnapshotMode = "eager",
     storage_options: Mapping[str, Any] | None = None,
     base: PathLike | None = None,
 ) -> Any:
@@ -77,6 +79,11 @@ def save(
     and returns the manifest (or raises :class:`BackgroundSaveError`). At most one background save is in
     flight: the next one first waits for it (and raises the error of a failed one nobody collected with
     ``result()``). A save not waited for is finished at interpreter exit (or its failure printed on stderr).
+    ``snapshot`` (background saves): ``"eager"`` (the default) copies the whole state before returning;
+    ``"lazy"`` copies parameters and optimizer state during the next forward/backward instead, and the
+    next ``optimizer.step()`` waits for that copy; the save commits after that step (or ``result()``).
+    Code that changes parameters outside ``optimizer.step()`` before then must stay eager: see
+    :mod:`savegame.engine.lazy` (a change torch counts fails the save with :class:`TornSnapshotError`).
     ``path`` may be an fsspec URL (``s3://bucket/run/NAME``; ``storage_options`` go to fsspec): the data
     is uploaded first and the manifest last as the commit marker (see :mod:`savegame.storage.remote`).
 
@@ -92,6 +99,7 @@ def save(
     and whatever was there before is unchanged.
     """
     incremental = _incremental_base(base, storage_options=storage_options) if base is not None else None
+    mode = check_snapshot_mode(snapshot, background=background, where="save")
     if background:
         from savegame.engine.background import default_writer
 
@@ -99,7 +107,7 @@ def save(
         storage.check_target(name, overwrite=overwrite)  # raised here, not only by the handle later
         return save_in_background(
             default_writer(), storage, name, state, metadata=metadata, progress=progress, overwrite=overwrite,
-            incremental=incremental,
+            incremental=incremental, snapshot=mode,
         )  # fmt: skip
     with gc_paused():
         storage, name = locate(path, storage_options=storage_options)  # a local directory or an fsspec URL
@@ -358,6 +366,11 @@ def load(
     ``verify``: check each file's content hash before using it (XXH3, ~20 GB/s); large files are hashed
     on worker threads while the structure is rebuilt, and a mismatch raises :class:`HashMismatchError`
     before anything is returned.
+    ``snapshot`` (background saves): ``"eager"`` (the default) copies the whole state before returning;
+    ``"lazy"`` copies parameters and optimizer state during the next forward/backward instead, and the
+    next ``optimizer.step()`` waits for that copy; the save commits after that step (or ``result()``).
+    Code that changes parameters outside ``optimizer.step()`` before then must stay eager: see
+    :mod:`savegame.engine.lazy` (a change torch counts fails the save with :class:`TornSnapshotError`).
     ``path`` may be an fsspec URL (``s3://bucket/run/NAME``, ``storage_options`` go to fsspec): each file
     is then downloaded into memory with parallel ranged reads and its hash checked on that buffer (the
     tensors are views of that private buffer unless ``copy=True``).

@@ -35,6 +35,7 @@ __all__ = [
     "SourceFormatError",
     "StateMismatchError",
     "StorageError",
+    "TornSnapshotError",
     "TruncatedFileError",
     "UnknownSourceFormatError",
     "UnsafePickleError",
@@ -127,6 +128,12 @@ class LockedError(CheckpointError):
 
 class BackgroundSaveError(CheckpointError):
     """A save running in the background failed; raised at the next call that can report it."""
+
+
+class TornSnapshotError(BackgroundSaveError):
+    """A lazy snapshot (``snapshot="lazy"``) saw a tensor it had not finished copying change in place
+    outside ``optimizer.step()``: its copy may mix old and new values, so that save is not committed
+    (earlier checkpoints are unchanged). The message names the tensor."""
 
 
 class ConfigError(CheckpointError, ValueError):

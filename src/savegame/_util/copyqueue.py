@@ -9,7 +9,7 @@ only when every copy is done (the save call returns after it, so the live tensor
 
 from __future__ import annotations
 
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from savegame._util.workers import LazyPool
@@ -19,6 +19,12 @@ _BATCH_BYTES = 8 << 20
 _BATCH_COUNT = 256
 
 _copier = LazyPool("savegame-snapshot", 1)
+
+
+def snapshot_pool() -> ThreadPoolExecutor:
+    """The one snapshot worker thread (FIFO): eager copies of a save, then its lazy ones
+    (:mod:`savegame.engine.lazy`)."""
+    return _copier.get()
 
 
 def _run(batch: list[tuple[Any, Any]]) -> None:
@@ -39,9 +45,10 @@ class CopyQueue:
         self._batch.append((dest, src))
         self._bytes += nbytes
         if self._bytes >= _BATCH_BYTES or len(self._batch) >= _BATCH_COUNT:
-            self._flush()
+            self.flush()
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Hand what is queued to the worker now (without waiting)."""
         if self._batch:
             self._futures.append(_copier.get().submit(_run, self._batch))
             self._batch = []
@@ -49,7 +56,7 @@ class CopyQueue:
 
     def wait(self) -> None:
         """Run what is still queued and wait for every copy; raise the first error, after all finished."""
-        self._flush()
+        self.flush()
         first: BaseException | None = None
         for future in self._futures:
             try:

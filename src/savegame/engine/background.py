@@ -106,9 +106,12 @@ class PendingSave:
 
     def __init__(
         self, future: Future[Any], *, path: str, blocking_seconds: float,
-        on_delivered: Callable[[BaseException], None] | None = None,
+        on_delivered: Callable[[BaseException], None] | None = None, settle: Callable[[], None] | None = None,
     ) -> None:  # fmt: skip
         self._future = future
+        self._settle = settle
+        """Called before any wait for the save (a lazy snapshot confirms its copies on the waiting thread:
+        :mod:`savegame.engine.lazy`)."""
         self.path = path
         self.blocking_seconds = blocking_seconds
         """How long the caller was blocked (the snapshot)."""
@@ -132,6 +135,8 @@ class PendingSave:
         (not done within ``timeout``) and an interrupt of the wait itself (``KeyboardInterrupt``) are
         raised as they are: the save goes on.
         """
+        if self._settle is not None:
+            self._settle()
         exc = self._future.exception(timeout)
         if exc is None:
             return self._future.result()
@@ -156,8 +161,16 @@ class PendingSave:
         if self._on_delivered is not None:
             self._on_delivered(exc)
 
+    def _settled_and_delivered(self) -> None:
+        """Wait for the save to finish and mark its error delivered: the caller raises it itself (a lazy
+        snapshot's step hook)."""
+        self._settled()
+        self.exception()
+
     def _settled(self) -> None:
         """Block until the save finished, successfully or not (raises nothing of the save's own)."""
+        if self._settle is not None:
+            self._settle()
         self._future.exception()
 
 
@@ -204,17 +217,24 @@ class BackgroundWriter:
             raise BackgroundSaveError(f"a background save of {unreported[0]} failed: {exc}") from exc
 
     def submit(
-        self, path: str, snapshot: Snapshot, job: Callable[[], Any], *, blocking_seconds: float
+        self, path: str, snapshot: Snapshot, job: Callable[[], Any], *, blocking_seconds: float,
+        settle: Callable[[], None] | None = None,
     ) -> PendingSave:
         """Start ``job`` (the persist phase) after the previous one finished; return its handle.
 
         The caller must have called :meth:`wait` before taking the snapshot (so buffers are free).
+        ``settle``: called by every wait for this save, on the waiting thread, before it blocks (see
+        :class:`PendingSave`).
         """
         if self._closed:
+            if settle is not None:
+                settle()  # no copy may still write into the buffers handed back
             snapshot.release()
             raise BackgroundSaveError("the background writer is closed")
         future: Future[Any] = Future()
-        pending = PendingSave(future, path=path, blocking_seconds=blocking_seconds, on_delivered=self._consume)
+        pending = PendingSave(
+            future, path=path, blocking_seconds=blocking_seconds, on_delivered=self._consume, settle=settle
+        )
 
         def run() -> None:
             # The buffers go back to the pool *before* the handle completes: the next save waits for the

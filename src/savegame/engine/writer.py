@@ -24,6 +24,7 @@ from savegame.adapters.registry import encode_hooks
 from savegame.engine.background import BackgroundWriter, PendingSave, Snapshot
 from savegame.engine.capture import kind_of, live_object_hook
 from savegame.engine.incremental import Incremental, prepare
+from savegame.engine.lazy import LazySnapshot, SnapshotMode, lazy_snapshot
 from savegame.engine.write_loop import (
     EncodedExtras,
     EncodedItem,
@@ -60,13 +61,15 @@ def make_encoder(
 
 @gc_paused()
 def encode_state(
-    state: Mapping[str, Any], *, copy: bool = False, allocate: Callable[[int, bool], Any] | None = None
+    state: Mapping[str, Any], *, copy: bool = False, allocate: Callable[[int, bool], Any] | None = None,
+    lazy: LazySnapshot | None = None,
 ) -> list[EncodedItem]:
     """Capture and encode every item of ``state`` (no I/O).
 
     ``copy=True`` snapshots every array into host memory (from ``allocate`` when given), so the live
     objects may change as soon as this returns (background saves). Device-to-host copies are complete
-    when this returns.
+    when this returns. ``lazy`` (with ``copy``): the tensors it owns are copied after this returns
+    instead, and their optimizers' next step waits for them (:mod:`savegame.engine.lazy`).
     """
     if not isinstance(state, Mapping):
         raise UnsupportedTypeError(
@@ -80,7 +83,8 @@ def encode_state(
         for name, value in state.items():
             if type(name) is not str or not name or len(name) > 1024:
                 raise UnsupportedTypeError(f"item names must be non-empty strings (<= 1024 chars), got {name!r}")
-            enc = make_encoder(copy=copy, allocate=allocate, copies=copies)
+            queue = copies if lazy is None or copies is None else lazy.queue(value, copies)
+            enc = make_encoder(copy=copy, allocate=allocate, copies=queue)
             skeleton = enc.encode(value, (name,))
             enc.finish()
             needs_sync = needs_sync or enc.needs_sync
@@ -89,6 +93,13 @@ def encode_state(
                 file = _file_name(name, used_files)
                 used_files.add(file)
             items.append(EncodedItem(name, kind_of(value), skeleton, enc.records, file))
+        if lazy is not None and copies is not None:
+            copies.flush()  # the eager copies go to the worker first: this call waits for them only
+            lazy.start()
+    except BaseException as exc:
+        if lazy is not None:
+            lazy.abandon(exc)
+        raise
     finally:
         if copies is not None:
             copies.wait()  # also on error: the caller may recycle the buffers only once no copy runs
@@ -119,6 +130,7 @@ def write_encoded(
     blocking_seconds: float | None = None, should_stop: Callable[[], bool] | None = None,
     next_name: NextName | None = None, side_files: Mapping[str, bytes] | None = None,
     incremental: Incremental | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> tuple[str, Manifest]:
     """Write encoded items as checkpoint ``name`` of ``storage``; commit; return its path and manifest.
 
@@ -131,15 +143,18 @@ def write_encoded(
     commit writes and fsyncs the manifest; the commit waits for all of them before it publishes. The returned
     :class:`Manifest` is the one built here, equal to what :func:`parse_manifest` reads back.
     ``side_files``: small non-tensor files committed in the same transaction (see
-    :func:`~savegame.write_loop.write_side_files`).
+    :func:`~savegame.engine.write_loop.write_side_files`).
     ``incremental``: record every array's hash and link the arrays unchanged since its base instead of
     writing them (:mod:`savegame.engine.incremental`).
+    ``before_commit``: called once everything is written, before the commit; if it raises, the
+    transaction is aborted (a lazy snapshot's confirmation: :mod:`savegame.engine.lazy`).
     """
 
     def attempt(current: str, progress: Mapping[str, Any] | None) -> tuple[str, Manifest]:
         use = extras if progress is None else extras.with_progress(progress)
         return _write_once(storage, current, items, use, overwrite=overwrite, blocking_seconds=blocking_seconds,
-                           should_stop=should_stop, side_files=side_files, incremental=incremental)  # fmt: skip
+                           should_stop=should_stop, side_files=side_files, incremental=incremental,
+                           before_commit=before_commit)  # fmt: skip
 
     return retry_on_clash(attempt, name, next_name, where=storage.path(name))
 
@@ -148,6 +163,7 @@ def _write_once(
     storage: Storage, name: str, items: list[EncodedItem], extras: EncodedExtras, *, overwrite: bool,
     blocking_seconds: float | None, should_stop: Callable[[], bool] | None,
     side_files: Mapping[str, bytes] | None = None, incremental: Incremental | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> tuple[str, Manifest]:
     """One attempt of :func:`write_encoded`: begin, the one write loop, the manifest, commit."""
     start = time.perf_counter()
@@ -164,6 +180,8 @@ def _write_once(
         files = {**written.files, **prepared.files} if prepared is not None else written.files
         entries = prepared.entries if prepared is not None else item_entries(items)
         raw, manifest = assemble_manifest(files, entries, extras, versions=library_versions())
+        if before_commit is not None:
+            before_commit()
     except BaseException:
         txn.abort()
         progress.close()
@@ -216,6 +234,7 @@ def save_in_background(
     metadata: Mapping[str, Any] | None, progress: Mapping[str, Any] | None, overwrite: bool,
     next_name: NextName | None = None, stamp: Callable[[], Mapping[str, Any]] | None = None,
     incremental: Incremental | None = None,
+    snapshot: SnapshotMode = "eager",
 ) -> PendingSave:
     """Snapshot ``state`` now (blocking only for the host copy), write and commit in the background.
 
@@ -226,24 +245,37 @@ def save_in_background(
     ``stamp``: called once the snapshot is taken, it gives the progress to record instead of
     ``progress`` (which may then say how long the save blocked the caller). ``incremental``: see
     :func:`write_encoded` (its hashing runs in the writer thread, not here).
+    ``progress`` (which may then say how long the save blocked the caller).
+    ``snapshot="lazy"``: parameters and optimizer state are copied after this returns and the next
+    ``optimizer.step()`` waits for them (:mod:`savegame.engine.lazy`); the commit follows that step.
     """
     writer.wait()
     with gc_paused():  # not while waiting above: only while this thread copies and encodes
         start = time.perf_counter()
-        snapshot = Snapshot(writer.pool)
+        buffers = Snapshot(writer.pool)
+        lazy = lazy_snapshot(state) if snapshot == "lazy" else None
         try:
-            items = encode_state(state, copy=True, allocate=snapshot.take)
+            items = encode_state(state, copy=True, allocate=buffers.take, lazy=lazy)
             extras = EncodedExtras.encode(metadata, progress if stamp is None else stamp())
-        except BaseException:
-            snapshot.release()
+        except BaseException as exc:
+            if lazy is not None:
+                lazy.abandon(exc)  # (a no-op when encode_state did it already)
+            buffers.release()
             raise
         blocking = time.perf_counter() - start
 
         def persist() -> Manifest:
+            if lazy is not None:
+                lazy.wait_copied()  # the buffers hold their bytes; whether they may be committed: below
             _, manifest = write_encoded(
                 storage, name, items, extras, overwrite=overwrite, blocking_seconds=blocking,
                 should_stop=writer.stop_requested, next_name=next_name, incremental=incremental,
+                before_commit=None if lazy is None else lazy.wait_confirmed,
             )
             return manifest
 
-        return writer.submit(storage.path(name), snapshot, persist, blocking_seconds=blocking)
+        settle = lazy.settle if lazy is not None else None
+        pending = writer.submit(storage.path(name), buffers, persist, blocking_seconds=blocking, settle=settle)
+        if lazy is not None:
+            lazy.on_failure = pending._settled_and_delivered
+        return pending

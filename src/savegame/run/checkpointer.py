@@ -49,6 +49,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from savegame.engine.background import BackgroundWriter
+from savegame.engine.lazy import SnapshotMode
 from savegame.errors import CheckpointError, ConfigError, CorruptCheckpointError, UnsupportedFormatError
 from savegame.format.manifest import Manifest
 from savegame.format.naming import NameTemplate, validate_name
@@ -160,6 +161,7 @@ class Checkpointer:
         if_busy: IfBusy = "wait",
         writer_nice: int | None = None,
         incremental: bool = False,
+        snapshot: SnapshotMode = "eager",
         restart: Restart = "auto",
         verify: bool = True,
         max_epochs: int | None = None,
@@ -205,6 +207,7 @@ class Checkpointer:
         self.if_busy: IfBusy = options.if_busy
         self.writer_nice = options.writer_nice
         self.incremental = options.incremental
+        self.snapshot: SnapshotMode = options.snapshot
         self.skipped_saves = 0
         """How many saves ``step`` wanted but coalesced into the save in flight (``if_busy="skip"``)."""
         self._writer: BackgroundWriter | None = None

@@ -30,6 +30,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
+from savegame.engine.lazy import SnapshotMode, check_snapshot_mode
 from savegame.errors import ConfigError
 from savegame.policies import KeepPolicy, Mode, SavePolicy, check_count
 from savegame.policies.autointerval import DEFAULT_MTBF_SECONDS
@@ -164,6 +165,7 @@ class CheckpointerOptions:
     if_busy: IfBusy = "wait"
     writer_nice: int | None = None
     incremental: bool = False
+    snapshot: SnapshotMode = "eager"
     restart: Restart = "auto"
     verify: bool = True
     max_epochs: int | None = None
@@ -216,6 +218,7 @@ class CheckpointerOptions:
         _check_nice(self.writer_nice)
         if not isinstance(self.incremental, bool):
             raise ConfigError(f"Checkpointer: incremental must be True or False, got {self.incremental!r}")
+        check_snapshot_mode(self.snapshot, background=self.background, where="Checkpointer")
         _check_signal_action(self.signal_action)
 
     def policies(self) -> KnobPolicies:
@@ -319,6 +322,9 @@ Background writing (``background=Background(if_busy=..., nice=...)`` says the th
   and deleting one never affects another. Pays off when much of the state is frozen (fine-tuning);
   costs one hash of the whole state per save and, for the linked files, one verification read.
   Multi-process saves (``torch.distributed``) are written in full.
+* ``snapshot`` (with ``background``): ``"eager"`` copies the whole state before the save returns;
+  ``"lazy"`` copies parameters and optimizer state during the next forward/backward, and the next
+  ``optimizer.step()`` waits for it (:mod:`savegame.engine.lazy`, which says what it cannot detect).
 
 Other options:
 

@@ -244,7 +244,7 @@ def submit(
 
     handle = save_in_background(
         ckpt._writer, ckpt.storage, name, items, metadata=metadata, progress=payload, overwrite=False,
-        next_name=naming.next, stamp=stamp, incremental=incremental_for(ckpt),
+        next_name=naming.next, stamp=stamp, incremental=incremental_for(ckpt), snapshot=ckpt.snapshot,
     )  # fmt: skip
     seconds = time.perf_counter() - started
     ckpt._in_flight = InFlight(naming, handle, progress, started, seconds)
