@@ -22,7 +22,7 @@ from savegame.adapters.report import LoadReport
 from savegame.errors import InvalidManifestError, StateMismatchError, UnsupportedTypeError
 from savegame.format.checks import check_device, check_optimizer_state, check_size
 from savegame.format.tensorfile import TensorData
-from savegame.format.tree import ArrayRecord, Encoder, Path, Where, check_array_node, format_path
+from savegame.format.tree import MAX_DEPTH, ArrayRecord, Encoder, Path, Where, check_array_node, format_path
 
 # torch dtype -> (stored code, logical name or None, trailing dimension)
 _CODES: dict[torch.dtype, tuple[str, str | None, int]] = {
@@ -550,6 +550,94 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, state: object, *, where:
         optimizer.load_state_dict(dict(state))
     except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as exc:
         raise StateMismatchError(f"{where}: optimizer state does not match this optimizer: {exc}") from None
+
+
+_BASE_STATE_DICT = torch.nn.Module.state_dict
+_BASE_SAVE = torch.nn.Module._save_to_state_dict
+_BASE_GET_EXTRA = torch.nn.Module.get_extra_state
+_STRIDED = torch.strided
+
+
+def live_state(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """What ``module.state_dict()`` holds, without its per-tensor ``detach()``: the live parameters and
+    persistent buffers under the same keys in the same order, or None when ``state_dict()`` could do
+    anything else (see :func:`_plain_save_module`). Tied tensors appear under every name, as there."""
+    out: dict[str, torch.Tensor] = {}
+    return out if _collect_live(module, "", out, 0) else None
+
+
+def _collect_live(module: torch.nn.Module, prefix: str, out: dict[str, torch.Tensor], depth: int) -> bool:
+    """``Module.state_dict``'s recursion (no de-duplication of shared submodules, like it), refusing any
+    module that is not plain; False when one is found."""
+    if depth > 200 or not _plain_save_module(module):
+        return False
+    for name, param in module._parameters.items():
+        if param is not None:
+            out[prefix + name] = param
+    skip = module._non_persistent_buffers_set
+    for name, buf in module._buffers.items():
+        if buf is not None and name not in skip:
+            out[prefix + name] = buf
+    for name, child in module._modules.items():
+        if child is not None and not _collect_live(child, f"{prefix}{name}.", out, depth + 1):
+            return False
+    return True
+
+
+def _plain_save_module(m: torch.nn.Module) -> bool:
+    """Whether ``m.state_dict()`` stores nothing but ``detach()`` of its parameters and persistent buffers:
+    its class overrides none of ``state_dict``, ``_save_to_state_dict`` and ``get_extra_state``, and it has
+    no state-dict hooks (pre or post; FSDP, user hooks)."""
+    cls = type(m)
+    return (
+        cls.state_dict is _BASE_STATE_DICT
+        and cls._save_to_state_dict is _BASE_SAVE
+        and cls.get_extra_state is _BASE_GET_EXTRA
+        and not m._state_dict_hooks
+        and not m._state_dict_pre_hooks
+    )
+
+
+def encode_module(module: torch.nn.Module, path: Path, enc: Encoder) -> dict[str, Any] | None:
+    """The skeleton of a module's state for a snapshot (``enc.copy``), built from its live tensors, or None
+    (then the caller captures ``state_dict()`` as usual).
+
+    The same skeleton and bytes as encoding :func:`capture_module`'s dict, without a ``detach()`` per
+    tensor: small CPU tensors go straight into the batched copy (:class:`_SmallCopies`, before the save
+    returns), recorded as the detached tensors ``state_dict()`` gives (no ``param``/``requires_grad``);
+    any other tensor is detached and encoded as before. Only for snapshots: a zero-copy save keeps the
+    detached tensors alive instead. None when ``state_dict()`` could differ (hooks, overrides: see
+    :func:`live_state`) or a key would need the codec's tagged dict form.
+    """
+    if not enc.copy or not enc.allow_arrays or len(path) >= MAX_DEPTH:
+        return None
+    live = live_state(module)
+    if live is None:
+        return None
+    state = plain_names(live)
+    if "$" in state:
+        return None
+    small = _small_copies(enc)
+    node: dict[str, Any] = {}
+    for key, t in state.items():
+        sub = (*path, key)
+        if type(t) in _PLAIN_TENSORS and t.is_cpu and (dtype := t.dtype) in _BATCHABLE:
+            nbytes = t.nbytes
+            if 0 < nbytes <= SMALL_TENSOR_BYTES and t.layout is _STRIDED and not t.is_nested:
+                shape = tuple(t.shape)
+                identity = ("torch", t.data_ptr(), shape, t.stride(), dtype, t.device)
+                code, logical, trailing = _CODES[dtype]
+                stored = shape if trailing == 1 else (*shape, trailing)
+                alias = enc.alias_of(identity)
+                entry: dict[str, Any] = {"$": "tensor"}
+                if logical is not None:
+                    entry["dtype"] = logical
+                    entry["shape"] = list(shape)
+                entry["key"] = alias if alias is not None else small.add(t, nbytes, sub, code, stored, identity)
+                node[key] = entry
+                continue
+        node[key] = enc.encode(t.detach(), sub)
+    return node
 
 
 def capture_module(module: torch.nn.Module) -> dict[str, Any]:
