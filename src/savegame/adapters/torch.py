@@ -22,7 +22,16 @@ from savegame.adapters.report import LoadReport
 from savegame.errors import InvalidManifestError, StateMismatchError, UnsupportedTypeError
 from savegame.format.checks import check_device, check_optimizer_state, check_size
 from savegame.format.tensorfile import TensorData
-from savegame.format.tree import MAX_DEPTH, ArrayRecord, Encoder, Path, Where, check_array_node, format_path
+from savegame.format.tree import (
+    MAX_DEPTH,
+    ArrayRecord,
+    Encoder,
+    Path,
+    Where,
+    check_array_node,
+    format_path,
+    safe_key,
+)  # fmt: skip
 
 # torch dtype -> (stored code, logical name or None, trailing dimension)
 _CODES: dict[torch.dtype, tuple[str, str | None, int]] = {
@@ -228,19 +237,19 @@ class _SmallCopies:
     ) -> str:  # fmt: skip
         """Take ``t`` (``nbytes`` of data, CPU, a batchable dtype) into its dtype's batch; return its key."""
         key = self._enc.reserve_key(path, identity)
+        self.take(t, key, code, shape, nbytes)
+        return key
+
+    def take(self, t: torch.Tensor, key: str, code: str, shape: tuple[int, ...], nbytes: int) -> None:
+        """:meth:`add` under a key already reserved (:meth:`Encoder.reserve_name`)."""
         group = (t.dtype, shape)
         batch = self._pending.get(group)
         if batch is None:
-            batch = self._pending[group] = _Batch()
+            batch = self._pending[group] = _Batch(code, nbytes)
         batch.tensors.append(t)
         batch.keys.append(key)
-        batch.codes.append(code)
-        batch.shapes.append(shape)
-        batch.sizes.append(nbytes)
-        batch.nbytes += nbytes
-        if batch.nbytes >= _SMALL_BATCH_BYTES:
+        if len(batch.keys) * nbytes >= _SMALL_BATCH_BYTES:
             self._copy(group)
-        return key
 
     def flush(self) -> None:
         for group in list(self._pending):
@@ -249,30 +258,34 @@ class _SmallCopies:
     def _copy(self, group: tuple[torch.dtype, tuple[int, ...]]) -> None:
         dtype, shape = group
         batch = self._pending.pop(group)
-        buf = self._enc.host_buffer(batch.nbytes)  # reused by the next snapshot (BufferPool)
+        count, size, code = len(batch.keys), batch.size, batch.code
+        buf = self._enc.host_buffer(count * size)  # reused by the next snapshot (BufferPool)
         with torch.no_grad():  # one copy for the group: strided or not, every tensor in row-major order
-            torch.stack(batch.tensors, out=torch.from_numpy(buf).view(dtype).view(len(batch.tensors), *shape))
-        view = memoryview(buf)  # type: ignore[arg-type]
-        records = self._enc.records
-        offset = 0
-        for nbytes, key, code, shape in zip(batch.sizes, batch.keys, batch.codes, batch.shapes):
-            end = offset + nbytes
-            records.append(ArrayRecord(TensorData(key, code, shape, view[offset:end]), buf))
-            offset = end
+            torch.stack(batch.tensors, out=torch.from_numpy(buf).view(dtype).view(count, *shape))
+        batch.tensors.clear()  # the live tensors are not kept past the copy
+        keys = batch.keys
+
+        def records() -> list[ArrayRecord]:  # the bytes are final: building them may wait (add_records_later)
+            view = memoryview(buf)  # type: ignore[arg-type]
+            return [
+                ArrayRecord(TensorData(key, code, shape, view[i * size : (i + 1) * size]), buf)
+                for i, key in enumerate(keys)
+            ]
+
+        self._enc.add_records_later(records)
 
 
 class _Batch:
-    """One dtype and shape's small tensors waiting for their copy (parallel lists: no object per tensor)."""
+    """One dtype and shape's small tensors waiting for their copy: their code and size (the same for all:
+    the dtype and shape are the batch's) and parallel lists, no object per tensor."""
 
-    __slots__ = ("codes", "keys", "nbytes", "shapes", "sizes", "tensors")
+    __slots__ = ("code", "keys", "size", "tensors")
 
-    def __init__(self) -> None:
+    def __init__(self, code: str, size: int) -> None:
+        self.code = code
+        self.size = size
         self.tensors: list[torch.Tensor] = []
         self.keys: list[str] = []
-        self.codes: list[str] = []
-        self.shapes: list[tuple[int, ...]] = []
-        self.sizes: list[int] = []
-        self.nbytes = 0
 
 
 
@@ -618,25 +631,27 @@ def encode_module(module: torch.nn.Module, path: Path, enc: Encoder) -> dict[str
     if "$" in state:
         return None
     small = _small_copies(enc)
+    prefix = ".".join(map(str, path[enc.key_skip :]))
+    prefix = f"{prefix}." if prefix else ""
+    seen = enc.alias_of
     node: dict[str, Any] = {}
     for key, t in state.items():
-        sub = (*path, key)
         if type(t) in _PLAIN_TENSORS and t.is_cpu and (dtype := t.dtype) in _BATCHABLE:
             nbytes = t.nbytes
             if 0 < nbytes <= SMALL_TENSOR_BYTES and t.layout is _STRIDED and not t.is_nested:
                 shape = tuple(t.shape)
                 identity = ("torch", t.data_ptr(), shape, t.stride(), dtype, t.device)
                 code, logical, trailing = _CODES[dtype]
-                stored = shape if trailing == 1 else (*shape, trailing)
-                alias = enc.alias_of(identity)
-                entry: dict[str, Any] = {"$": "tensor"}
-                if logical is not None:
-                    entry["dtype"] = logical
-                    entry["shape"] = list(shape)
-                entry["key"] = alias if alias is not None else small.add(t, nbytes, sub, code, stored, identity)
-                node[key] = entry
+                name = seen(identity)
+                if name is None:
+                    name = enc.reserve_name(safe_key(prefix + key), identity)
+                    small.take(t, name, code, shape if trailing == 1 else (*shape, trailing), nbytes)
+                if logical is None:
+                    node[key] = {"$": "tensor", "key": name}
+                else:
+                    node[key] = {"$": "tensor", "dtype": logical, "shape": list(shape), "key": name}
                 continue
-        node[key] = enc.encode(t.detach(), sub)
+        node[key] = enc.encode(t.detach(), (*path, key))
     return node
 
 
