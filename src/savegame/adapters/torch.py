@@ -248,7 +248,8 @@ class _SmallCopies:
             batch = self._pending[group] = _Batch(code, nbytes)
         batch.tensors.append(t)
         batch.keys.append(key)
-        if len(batch.keys) * nbytes >= _SMALL_BATCH_BYTES:
+        batch.left -= 1
+        if not batch.left:
             self._copy(group)
 
     def flush(self) -> None:
@@ -279,11 +280,12 @@ class _Batch:
     """One dtype and shape's small tensors waiting for their copy: their code and size (the same for all:
     the dtype and shape are the batch's) and parallel lists, no object per tensor."""
 
-    __slots__ = ("code", "keys", "size", "tensors")
+    __slots__ = ("code", "keys", "left", "size", "tensors")
 
     def __init__(self, code: str, size: int) -> None:
         self.code = code
         self.size = size
+        self.left = max(1, -(-_SMALL_BATCH_BYTES // size))  # tensors until the batch holds its bound's bytes
         self.tensors: list[torch.Tensor] = []
         self.keys: list[str] = []
 
@@ -633,7 +635,7 @@ def encode_module(module: torch.nn.Module, path: Path, enc: Encoder) -> dict[str
     small = _small_copies(enc)
     prefix = ".".join(map(str, path[enc.key_skip :]))
     prefix = f"{prefix}." if prefix else ""
-    seen = enc.alias_of
+    seen, reserve, take = enc.alias_of, enc.reserve_name, small.take  # (a loop of 10,000s: no lookups)
     node: dict[str, Any] = {}
     for key, t in state.items():
         if type(t) in _PLAIN_TENSORS and t.is_cpu and (dtype := t.dtype) in _BATCHABLE:
@@ -644,8 +646,8 @@ def encode_module(module: torch.nn.Module, path: Path, enc: Encoder) -> dict[str
                 code, logical, trailing = _CODES[dtype]
                 name = seen(identity)
                 if name is None:
-                    name = enc.reserve_name(safe_key(prefix + key), identity)
-                    small.take(t, name, code, shape if trailing == 1 else (*shape, trailing), nbytes)
+                    name = reserve(safe_key(prefix + key), identity)
+                    take(t, name, code, shape if trailing == 1 else (*shape, trailing), nbytes)
                 if logical is None:
                     node[key] = {"$": "tensor", "key": name}
                 else:
