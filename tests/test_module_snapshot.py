@@ -221,3 +221,14 @@ def test_a_state_dict_pre_hook_runs_on_a_background_save(tmp_path: Path) -> None
     m = _with_pre_hook(calls)
     savegame.save(tmp_path / "c", {"m": m}, background=True).result()
     assert calls == ["0."]
+
+
+def test_a_tensor_of_the_module_elsewhere_in_the_item_stays_tied() -> None:
+    """Aliases are found across the live walk and the codec's own tensor path (same view identity)."""
+    m = Mixed()
+    (fast,) = encode_state({"x": {"m": m, "w": m.lin.weight, "t": m.ints}}, copy=True)
+    (plain,) = encode_state({"x": {"m": dict(m.state_dict()), "w": m.lin.weight, "t": m.ints}}, copy=True)
+    assert fast.skeleton == plain.skeleton
+    assert fast.skeleton["w"]["key"] == fast.skeleton["m"]["lin.weight"]["key"]
+    assert fast.skeleton["t"]["key"] == fast.skeleton["m"]["ints"]["key"]
+    assert sorted(r.data.name for r in fast.records) == sorted(r.data.name for r in plain.records)

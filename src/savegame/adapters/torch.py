@@ -24,6 +24,7 @@ from savegame.format.checks import check_device, check_optimizer_state, check_si
 from savegame.format.tensorfile import TensorData
 from savegame.format.tree import (
     MAX_DEPTH,
+    MAX_KEY_CHARS,
     ArrayRecord,
     Encoder,
     Path,
@@ -169,8 +170,10 @@ def encode_hook(obj: object, path: Path, enc: Encoder) -> dict[str, Any] | None:
     identity = None
     numel = obj.numel()
     if numel > 0:
-        # the first element's address names the storage and offset in one call (the dtype is in the key)
-        identity = ("torch", obj.data_ptr(), shape, obj.stride(), dtype, device)
+        # the first element's address names the storage and offset in one call (the dtype is in the key);
+        # contiguous views of the same shape at the same address hold the same bytes whatever the strides
+        # of their size-1 dimensions (and is_contiguous() costs a third of stride())
+        identity = ("torch", obj.data_ptr(), shape, None if obj.is_contiguous() else obj.stride(), dtype, device)
         alias = enc.alias_of(identity)
         if alias is not None:
             node["key"] = alias
@@ -571,6 +574,7 @@ _BASE_STATE_DICT = torch.nn.Module.state_dict
 _BASE_SAVE = torch.nn.Module._save_to_state_dict
 _BASE_GET_EXTRA = torch.nn.Module.get_extra_state
 _STRIDED = torch.strided
+_CPU = torch.device("cpu")
 
 
 def live_state(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
@@ -642,11 +646,15 @@ def encode_module(module: torch.nn.Module, path: Path, enc: Encoder) -> dict[str
             nbytes = t.nbytes
             if 0 < nbytes <= SMALL_TENSOR_BYTES and t.layout is _STRIDED and not t.is_nested:
                 shape = tuple(t.shape)
-                identity = ("torch", t.data_ptr(), shape, t.stride(), dtype, t.device)
+                stride = None if t.is_contiguous() else t.stride()
+                identity = ("torch", t.data_ptr(), shape, stride, dtype, _CPU)  # as encode_hook's
                 code, logical, trailing = _CODES[dtype]
                 name = seen(identity)
                 if name is None:
-                    name = reserve(safe_key(prefix + key), identity)
+                    name = prefix + key
+                    if len(name) > MAX_KEY_CHARS or not name.isascii():
+                        name = safe_key(name)
+                    name = reserve(name, identity)
                     take(t, name, code, shape if trailing == 1 else (*shape, trailing), nbytes)
                 if logical is None:
                     node[key] = {"$": "tensor", "key": name}
