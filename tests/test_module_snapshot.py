@@ -232,3 +232,20 @@ def test_a_tensor_of_the_module_elsewhere_in_the_item_stays_tied() -> None:
     assert fast.skeleton["w"]["key"] == fast.skeleton["m"]["lin.weight"]["key"]
     assert fast.skeleton["t"]["key"] == fast.skeleton["m"]["ints"]["key"]
     assert sorted(r.data.name for r in fast.records) == sorted(r.data.name for r in plain.records)
+
+
+def test_records_built_on_the_writer_thread_are_the_records_built_at_once() -> None:
+    """A snapshot's small-tensor records are built when first read (the writer thread), not in the
+    save call; they are exactly those an encoder that builds them at once gives."""
+    from savegame.engine.writer import make_encoder
+
+    m = Mixed()
+    (item,) = encode_state({"m": m}, copy=True)
+    assert item._pending  # nothing built yet
+    enc = make_encoder(copy=True)
+    enc.encode(m, ("m",))
+    enc.finish()
+    assert not enc.deferred
+    want = {r.data.name: (r.data.code, r.data.shape, bytes(r.data.data)) for r in enc.records}
+    assert {r.data.name: (r.data.code, r.data.shape, bytes(r.data.data)) for r in item.records} == want
+    assert not item._pending and item.nbytes == sum(len(v[2]) for v in want.values())

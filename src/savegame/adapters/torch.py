@@ -226,8 +226,9 @@ class _SmallCopies:
     :meth:`Encoder.finish`) stacks the batch (one ``torch.stack`` of tensors of the same dtype and shape:
     models and their optimizer states repeat a few shapes) into one snapshot buffer (reused by the next
     save of the same sizes, as every snapshot buffer is) and records each entry with its slice.
-    Everything runs on the caller's thread before the save call returns, so later changes to the live
-    tensors cannot reach the snapshot.
+    The copies run on the caller's thread before the save call returns, so later changes to the live
+    tensors cannot reach the snapshot; building the records (one per tensor, over bytes already final)
+    may wait for the writer thread (:meth:`Encoder.add_records_later`).
     """
 
     def __init__(self, enc: Encoder) -> None:
