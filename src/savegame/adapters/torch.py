@@ -256,6 +256,18 @@ class _SmallCopies:
         if not batch.left:
             self._copy(group)
 
+    def batch(self, group: tuple[torch.dtype, tuple[int, ...]], code: str, size: int) -> _Batch:
+        """The pending batch of ``group`` (dtype, stored shape), opened if there is none: the caller appends
+        a tensor and its key, counts ``left`` down and calls :meth:`copy` at 0 (what :meth:`take` does)."""
+        batch = self._pending.get(group)
+        if batch is None:
+            batch = self._pending[group] = _Batch(code, size)
+        return batch
+
+    def copy(self, group: tuple[torch.dtype, tuple[int, ...]]) -> None:
+        """Copy the full batch of ``group`` now (see :meth:`batch`)."""
+        self._copy(group)
+
     def flush(self) -> None:
         for group in list(self._pending):
             self._copy(group)
@@ -640,8 +652,10 @@ def encode_module(module: torch.nn.Module, path: Path, enc: Encoder) -> dict[str
     small = _small_copies(enc)
     prefix = ".".join(map(str, path[enc.key_skip :]))
     prefix = f"{prefix}." if prefix else ""
-    seen, reserve, take = enc.alias_of, enc.reserve_name, small.take  # (a loop of 10,000s: no lookups)
+    seen, reserve = enc.alias_of, enc.reserve_name  # (a loop of 10,000s: no attribute lookups)
     node: dict[str, Any] = {}
+    last: tuple[object, ...] | None = None  # the previous tensor's dtype and shape (models repeat them)
+    batch = _Batch("", 1)
     for key, t in state.items():
         if type(t) in _PLAIN_TENSORS and t.is_cpu and (dtype := t.dtype) in _BATCHABLE:
             nbytes = t.nbytes
@@ -656,7 +670,15 @@ def encode_module(module: torch.nn.Module, path: Path, enc: Encoder) -> dict[str
                     if len(name) > MAX_KEY_CHARS or not name.isascii():
                         name = safe_key(name)
                     name = reserve(name, identity)
-                    take(t, name, code, shape if trailing == 1 else (*shape, trailing), nbytes)
+                    group = (dtype, shape if trailing == 1 else (*shape, trailing))
+                    if group != last or not batch.left:
+                        batch = small.batch(group, code, nbytes)
+                        last = group
+                    batch.tensors.append(t)
+                    batch.keys.append(name)
+                    batch.left -= 1
+                    if not batch.left:
+                        small.copy(group)
                 if logical is None:
                     node[key] = {"$": "tensor", "key": name}
                 else:
