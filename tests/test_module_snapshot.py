@@ -249,3 +249,23 @@ def test_records_built_on_the_writer_thread_are_the_records_built_at_once() -> N
     want = {r.data.name: (r.data.code, r.data.shape, bytes(r.data.data)) for r in enc.records}
     assert {r.data.name: (r.data.code, r.data.shape, bytes(r.data.data)) for r in item.records} == want
     assert not item._pending and item.nbytes == sum(len(v[2]) for v in want.values())
+
+
+def test_full_batches_are_copied_during_the_walk(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Batches reaching their bound mid-walk (here a few tensors each), with shapes interleaved and
+    repeated, store what state_dict() stores and are not torn by later changes."""
+    monkeypatch.setattr(torch_adapter, "_SMALL_BATCH_BYTES", 64)
+    m = nn.Module()
+    for i in range(60):
+        shape = [(3,), (2, 2), (5,)][i % 3] if i < 30 else (4,)
+        m.register_parameter(f"p{i}", nn.Parameter(torch.randn(*shape)))
+    m.tied = m.p3
+    assert _encode(m) == _encode_state_dict(m)
+    want = {k: v.clone() for k, v in m.state_dict().items()}
+    handle = savegame.save(tmp_path / "c", {"m": m}, background=True)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(-1)
+    handle.result()
+    got = savegame.load(tmp_path / "c")["m"]
+    assert got.keys() == want.keys() and all(got[k].equal(w) for k, w in want.items())
