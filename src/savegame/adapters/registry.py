@@ -32,7 +32,7 @@ import numpy as np
 from savegame.adapters.report import LoadReport
 from savegame.adapters.rng import capture_generator, restore_generator
 from savegame.errors import StateMismatchError, UnsupportedTypeError
-from savegame.format.tree import ArrayHook
+from savegame.format.tree import ArrayHook, Encoder, Path
 
 __all__ = [
     "Adapter", "BaseAdapter", "Stateful", "adapter_for", "adapters", "encode_hooks", "is_stateful", "register",
@@ -104,6 +104,12 @@ class BaseAdapter:
         """No values of its own for the tree codec."""
         return None
 
+    def encode_live(self, obj: object, path: Path, enc: Encoder) -> dict[str, Any] | None:
+        """No fast path: the live-object hook encodes what :meth:`capture` returns. An adapter may return
+        the skeleton of ``obj``'s state itself instead (the torch module adapter does, for snapshots); the
+        result must be what encoding ``capture(obj)`` would give."""
+        return None
+
 
 def type_mismatch(target: object, state: object, *, where: str, strict: bool, report: LoadReport) -> None:
     """The checkpoint holds something that cannot go into ``target``: raise (strict) or report it."""
@@ -137,6 +143,13 @@ class TorchModuleAdapter(BaseAdapter):
         from savegame.adapters.torch import capture_module
 
         return capture_module(obj)  # type: ignore[arg-type]
+
+    def encode_live(self, obj: object, path: Path, enc: Encoder) -> dict[str, Any] | None:
+        """A snapshot's module state from the live tensors when ``state_dict()`` would only detach them
+        (``adapters.torch.encode_module``; None falls back to :meth:`capture`)."""
+        from savegame.adapters.torch import encode_module
+
+        return encode_module(obj, path, enc)  # type: ignore[arg-type]
 
     def restore(self, target: object, state: object, *, strict: bool, where: str, report: LoadReport) -> None:
         from savegame.adapters.torch import restore_module

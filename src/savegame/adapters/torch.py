@@ -22,7 +22,17 @@ from savegame.adapters.report import LoadReport
 from savegame.errors import InvalidManifestError, StateMismatchError, UnsupportedTypeError
 from savegame.format.checks import check_device, check_optimizer_state, check_size
 from savegame.format.tensorfile import TensorData
-from savegame.format.tree import ArrayRecord, Encoder, Path, Where, check_array_node, format_path
+from savegame.format.tree import (
+    MAX_DEPTH,
+    MAX_KEY_CHARS,
+    ArrayRecord,
+    Encoder,
+    Path,
+    Where,
+    check_array_node,
+    format_path,
+    safe_key,
+)  # fmt: skip
 
 # torch dtype -> (stored code, logical name or None, trailing dimension)
 _CODES: dict[torch.dtype, tuple[str, str | None, int]] = {
@@ -160,8 +170,10 @@ def encode_hook(obj: object, path: Path, enc: Encoder) -> dict[str, Any] | None:
     identity = None
     numel = obj.numel()
     if numel > 0:
-        # the first element's address names the storage and offset in one call (the dtype is in the key)
-        identity = ("torch", obj.data_ptr(), shape, obj.stride(), dtype, device)
+        # the first element's address names the storage and offset in one call (the dtype is in the key);
+        # contiguous views of the same shape at the same address hold the same bytes whatever the strides
+        # of their size-1 dimensions (and is_contiguous() costs a third of stride())
+        identity = ("torch", obj.data_ptr(), shape, None if obj.is_contiguous() else obj.stride(), dtype, device)
         alias = enc.alias_of(identity)
         if alias is not None:
             node["key"] = alias
@@ -214,8 +226,9 @@ class _SmallCopies:
     :meth:`Encoder.finish`) stacks the batch (one ``torch.stack`` of tensors of the same dtype and shape:
     models and their optimizer states repeat a few shapes) into one snapshot buffer (reused by the next
     save of the same sizes, as every snapshot buffer is) and records each entry with its slice.
-    Everything runs on the caller's thread before the save call returns, so later changes to the live
-    tensors cannot reach the snapshot.
+    The copies run on the caller's thread before the save call returns, so later changes to the live
+    tensors cannot reach the snapshot; building the records (one per tensor, over bytes already final)
+    may wait for the writer thread (:meth:`Encoder.add_records_later`).
     """
 
     def __init__(self, enc: Encoder) -> None:
@@ -228,19 +241,32 @@ class _SmallCopies:
     ) -> str:  # fmt: skip
         """Take ``t`` (``nbytes`` of data, CPU, a batchable dtype) into its dtype's batch; return its key."""
         key = self._enc.reserve_key(path, identity)
+        self.take(t, key, code, shape, nbytes)
+        return key
+
+    def take(self, t: torch.Tensor, key: str, code: str, shape: tuple[int, ...], nbytes: int) -> None:
+        """:meth:`add` under a key already reserved (:meth:`Encoder.reserve_name`)."""
         group = (t.dtype, shape)
         batch = self._pending.get(group)
         if batch is None:
-            batch = self._pending[group] = _Batch()
+            batch = self._pending[group] = _Batch(code, nbytes)
         batch.tensors.append(t)
         batch.keys.append(key)
-        batch.codes.append(code)
-        batch.shapes.append(shape)
-        batch.sizes.append(nbytes)
-        batch.nbytes += nbytes
-        if batch.nbytes >= _SMALL_BATCH_BYTES:
+        batch.left -= 1
+        if not batch.left:
             self._copy(group)
-        return key
+
+    def batch(self, group: tuple[torch.dtype, tuple[int, ...]], code: str, size: int) -> _Batch:
+        """The pending batch of ``group`` (dtype, stored shape), opened if there is none: the caller appends
+        a tensor and its key, counts ``left`` down and calls :meth:`copy` at 0 (what :meth:`take` does)."""
+        batch = self._pending.get(group)
+        if batch is None:
+            batch = self._pending[group] = _Batch(code, size)
+        return batch
+
+    def copy(self, group: tuple[torch.dtype, tuple[int, ...]]) -> None:
+        """Copy the full batch of ``group`` now (see :meth:`batch`)."""
+        self._copy(group)
 
     def flush(self) -> None:
         for group in list(self._pending):
@@ -249,30 +275,35 @@ class _SmallCopies:
     def _copy(self, group: tuple[torch.dtype, tuple[int, ...]]) -> None:
         dtype, shape = group
         batch = self._pending.pop(group)
-        buf = self._enc.host_buffer(batch.nbytes)  # reused by the next snapshot (BufferPool)
+        count, size, code = len(batch.keys), batch.size, batch.code
+        buf = self._enc.host_buffer(count * size)  # reused by the next snapshot (BufferPool)
         with torch.no_grad():  # one copy for the group: strided or not, every tensor in row-major order
-            torch.stack(batch.tensors, out=torch.from_numpy(buf).view(dtype).view(len(batch.tensors), *shape))
-        view = memoryview(buf)  # type: ignore[arg-type]
-        records = self._enc.records
-        offset = 0
-        for nbytes, key, code, shape in zip(batch.sizes, batch.keys, batch.codes, batch.shapes):
-            end = offset + nbytes
-            records.append(ArrayRecord(TensorData(key, code, shape, view[offset:end]), buf))
-            offset = end
+            torch.stack(batch.tensors, out=torch.from_numpy(buf).view(dtype).view(count, *shape))
+        batch.tensors.clear()  # the live tensors are not kept past the copy
+        keys = batch.keys
+
+        def records() -> list[ArrayRecord]:  # the bytes are final: building them may wait (add_records_later)
+            view = memoryview(buf)  # type: ignore[arg-type]
+            return [
+                ArrayRecord(TensorData(key, code, shape, view[i * size : (i + 1) * size]), buf)
+                for i, key in enumerate(keys)
+            ]
+
+        self._enc.add_records_later(records)
 
 
 class _Batch:
-    """One dtype and shape's small tensors waiting for their copy (parallel lists: no object per tensor)."""
+    """One dtype and shape's small tensors waiting for their copy: their code and size (the same for all:
+    the dtype and shape are the batch's) and parallel lists, no object per tensor."""
 
-    __slots__ = ("codes", "keys", "nbytes", "shapes", "sizes", "tensors")
+    __slots__ = ("code", "keys", "left", "size", "tensors")
 
-    def __init__(self) -> None:
+    def __init__(self, code: str, size: int) -> None:
+        self.code = code
+        self.size = size
+        self.left = max(1, -(-_SMALL_BATCH_BYTES // size))  # tensors until the batch holds its bound's bytes
         self.tensors: list[torch.Tensor] = []
         self.keys: list[str] = []
-        self.codes: list[str] = []
-        self.shapes: list[tuple[int, ...]] = []
-        self.sizes: list[int] = []
-        self.nbytes = 0
 
 
 
@@ -550,6 +581,111 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, state: object, *, where:
         optimizer.load_state_dict(dict(state))
     except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as exc:
         raise StateMismatchError(f"{where}: optimizer state does not match this optimizer: {exc}") from None
+
+
+_BASE_STATE_DICT = torch.nn.Module.state_dict
+_BASE_SAVE = torch.nn.Module._save_to_state_dict
+_BASE_GET_EXTRA = torch.nn.Module.get_extra_state
+_STRIDED = torch.strided
+_CPU = torch.device("cpu")
+
+
+def live_state(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """What ``module.state_dict()`` holds, without its per-tensor ``detach()``: the live parameters and
+    persistent buffers under the same keys in the same order, or None when ``state_dict()`` could do
+    anything else (see :func:`_plain_save_module`). Tied tensors appear under every name, as there."""
+    out: dict[str, torch.Tensor] = {}
+    return out if _collect_live(module, "", out, 0) else None
+
+
+def _collect_live(module: torch.nn.Module, prefix: str, out: dict[str, torch.Tensor], depth: int) -> bool:
+    """``Module.state_dict``'s recursion (no de-duplication of shared submodules, like it), refusing any
+    module that is not plain; False when one is found."""
+    if depth > 200 or not _plain_save_module(module):
+        return False
+    for name, param in module._parameters.items():
+        if param is not None:
+            out[prefix + name] = param
+    skip = module._non_persistent_buffers_set
+    for name, buf in module._buffers.items():
+        if buf is not None and name not in skip:
+            out[prefix + name] = buf
+    for name, child in module._modules.items():
+        if child is not None and not _collect_live(child, f"{prefix}{name}.", out, depth + 1):
+            return False
+    return True
+
+
+def _plain_save_module(m: torch.nn.Module) -> bool:
+    """Whether ``m.state_dict()`` stores nothing but ``detach()`` of its parameters and persistent buffers:
+    its class overrides none of ``state_dict``, ``_save_to_state_dict`` and ``get_extra_state``, and it has
+    no state-dict hooks (pre or post; FSDP, user hooks)."""
+    cls = type(m)
+    return (
+        cls.state_dict is _BASE_STATE_DICT
+        and cls._save_to_state_dict is _BASE_SAVE
+        and cls.get_extra_state is _BASE_GET_EXTRA
+        and not m._state_dict_hooks
+        and not m._state_dict_pre_hooks
+    )
+
+
+def encode_module(module: torch.nn.Module, path: Path, enc: Encoder) -> dict[str, Any] | None:
+    """The skeleton of a module's state for a snapshot (``enc.copy``), built from its live tensors, or None
+    (then the caller captures ``state_dict()`` as usual).
+
+    The same skeleton and bytes as encoding :func:`capture_module`'s dict, without a ``detach()`` per
+    tensor: small CPU tensors go straight into the batched copy (:class:`_SmallCopies`, before the save
+    returns), recorded as the detached tensors ``state_dict()`` gives (no ``param``/``requires_grad``);
+    any other tensor is detached and encoded as before. Only for snapshots: a zero-copy save keeps the
+    detached tensors alive instead. None when ``state_dict()`` could differ (hooks, overrides: see
+    :func:`live_state`) or a key would need the codec's tagged dict form.
+    """
+    if not enc.copy or not enc.allow_arrays or len(path) >= MAX_DEPTH:
+        return None
+    live = live_state(module)
+    if live is None:
+        return None
+    state = plain_names(live)
+    if "$" in state:
+        return None
+    small = _small_copies(enc)
+    prefix = ".".join(map(str, path[enc.key_skip :]))
+    prefix = f"{prefix}." if prefix else ""
+    seen, reserve = enc.alias_of, enc.reserve_name  # (a loop of 10,000s: no attribute lookups)
+    node: dict[str, Any] = {}
+    last: tuple[object, ...] | None = None  # the previous tensor's dtype and shape (models repeat them)
+    batch = _Batch("", 1)
+    for key, t in state.items():
+        if type(t) in _PLAIN_TENSORS and t.is_cpu and (dtype := t.dtype) in _BATCHABLE:
+            nbytes = t.nbytes
+            if 0 < nbytes <= SMALL_TENSOR_BYTES and t.layout is _STRIDED and not t.is_nested:
+                shape = tuple(t.shape)
+                stride = None if t.is_contiguous() else t.stride()
+                identity = ("torch", t.data_ptr(), shape, stride, dtype, _CPU)  # as encode_hook's
+                code, logical, trailing = _CODES[dtype]
+                name = seen(identity)
+                if name is None:
+                    name = prefix + key
+                    if len(name) > MAX_KEY_CHARS or not name.isascii():
+                        name = safe_key(name)
+                    name = reserve(name, identity)
+                    group = (dtype, shape if trailing == 1 else (*shape, trailing))
+                    if group != last or not batch.left:
+                        batch = small.batch(group, code, nbytes)
+                        last = group
+                    batch.tensors.append(t)
+                    batch.keys.append(name)
+                    batch.left -= 1
+                    if not batch.left:
+                        small.copy(group)
+                if logical is None:
+                    node[key] = {"$": "tensor", "key": name}
+                else:
+                    node[key] = {"$": "tensor", "dtype": logical, "shape": list(shape), "key": name}
+                continue
+        node[key] = enc.encode(t.detach(), (*path, key))
+    return node
 
 
 def capture_module(module: torch.nn.Module) -> dict[str, Any]:

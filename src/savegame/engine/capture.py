@@ -32,6 +32,11 @@ def live_object_hook(obj: object, path: Path, enc: Encoder) -> dict[str, Any] | 
     adapter = adapter_for(obj)
     if adapter is None:
         return None
+    fast = getattr(adapter, "encode_live", None)  # adapters written to the protocol alone may lack it
+    if fast is not None:
+        encoded: dict[str, Any] | None = fast(obj, path, enc)
+        if encoded is not None:
+            return encoded
     state = adapter.capture(obj, format_path(path))
     if state is None:  # tensors and arrays: the codec stores them itself
         return None

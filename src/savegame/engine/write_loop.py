@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -70,19 +70,42 @@ log = logging.getLogger("savegame")
 T = TypeVar("T")
 
 
-@dataclass
 class EncodedItem:
-    """One top-level item after capture and encoding, ready to write."""
+    """One top-level item after capture and encoding, ready to write.
 
-    name: str
-    kind: str
-    skeleton: Any
-    records: list[ArrayRecord]
-    file: str | None
+    ``pending``: builders of more records (:attr:`savegame.format.tree.Encoder.deferred`), run the first
+    time :attr:`records` is read: a background snapshot's caller does not wait for them, the writer
+    thread builds them.
+    """
+
+    __slots__ = ("_pending", "_records", "file", "kind", "name", "skeleton")
+
+    def __init__(
+        self, name: str, kind: str, skeleton: Any, records: list[ArrayRecord], file: str | None, *,
+        pending: Sequence[Callable[[], list[ArrayRecord]]] = (),
+    ) -> None:  # fmt: skip
+        self.name = name
+        self.kind = kind
+        self.skeleton = skeleton
+        self._records = records
+        self.file = file
+        self._pending = list(pending)
+
+    @property
+    def records(self) -> list[ArrayRecord]:
+        """Every array record of the item (building the pending ones once, on first use)."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            for build in pending:
+                self._records += build()
+        return self._records
 
     @property
     def nbytes(self) -> int:
         return sum(len(r.data.data) for r in self.records)
+
+    def __repr__(self) -> str:
+        return f"EncodedItem(name={self.name!r}, kind={self.kind!r}, file={self.file!r})"
 
 
 _NOT_A_MAPPING = {

@@ -85,14 +85,15 @@ def encode_state(
                 raise UnsupportedTypeError(f"item names must be non-empty strings (<= 1024 chars), got {name!r}")
             queue = copies if lazy is None or copies is None else lazy.queue(value, copies)
             enc = make_encoder(copy=copy, allocate=allocate, copies=queue)
+            enc.defer_records = copy  # a snapshot's small records are built on the writer thread
             skeleton = enc.encode(value, (name,))
             enc.finish()
             needs_sync = needs_sync or enc.needs_sync
             file = None
-            if enc.records:
+            if enc.records or enc.deferred:
                 file = _file_name(name, used_files)
                 used_files.add(file)
-            items.append(EncodedItem(name, kind_of(value), skeleton, enc.records, file))
+            items.append(EncodedItem(name, kind_of(value), skeleton, enc.records, file, pending=enc.deferred))
         if lazy is not None and copies is not None:
             copies.flush()  # the eager copies go to the worker first: this call waits for them only
             lazy.start()

@@ -38,7 +38,7 @@ import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -95,7 +95,11 @@ def tensor_key(path: Path) -> str:
     :data:`~savegame.format.tensorfile.MAX_NAME_CHARS` limit, ``safetensors`` itself) accepts the header.
     Uniqueness is the caller's job (:meth:`Encoder.add_array`).
     """
-    name = ".".join(map(str, path)) or "_"
+    return safe_key(".".join(map(str, path)) or "_")
+
+
+def safe_key(name: str) -> str:
+    """:func:`tensor_key` of a path already joined with dots (``name`` non-empty)."""
     if not name.isascii():
         name = name.encode("utf-8", "backslashreplace").decode("utf-8")
     return name[:MAX_KEY_CHARS]
@@ -125,9 +129,9 @@ class Where:
         return format(format_path(self.path), spec)
 
 
-@dataclass
-class ArrayRecord:
-    """An array found while encoding: the tensor-file entry plus what keeps its memory alive."""
+class ArrayRecord(NamedTuple):
+    """An array found while encoding: the tensor-file entry plus what keeps its memory alive (a named
+    tuple: one per array, made while a snapshot's caller waits; see :class:`TensorData`)."""
 
     data: TensorData
     keepalive: object
@@ -163,6 +167,11 @@ class Encoder:
     every small tensor of a snapshot) register here and fill in their records' bytes then."""
     hook_state: dict[str, Any] = field(default_factory=dict)
     """Per-walk state of the hooks (e.g. that batch), by a name of the hook's choosing."""
+    defer_records: bool = False
+    """Let hooks build records later (:meth:`add_records_later`): the caller reads :attr:`deferred` too
+    (a background snapshot builds its many small records on the writer thread, not the caller's)."""
+    deferred: list[Callable[[], list[ArrayRecord]]] = field(default_factory=list)
+    """Builders of records not made yet (only with :attr:`defer_records`); each returns its records."""
 
     # -- array registration (used by the hooks) ----------------------------------------------------
     def alias_of(self, identity: tuple[object, ...]) -> str | None:
@@ -187,7 +196,11 @@ class Encoder:
     def reserve_key(self, path: Path, identity: tuple[object, ...] | None = None) -> str:
         """The fresh key :meth:`add_array` would give ``path`` (taken now; the hook appends the record
         itself later, e.g. once a batched copy gave it its bytes)."""
-        base = tensor_key(path[self.key_skip :])
+        return self.reserve_name(tensor_key(path[self.key_skip :]), identity)
+
+    def reserve_name(self, base: str, identity: tuple[object, ...] | None = None) -> str:
+        """:meth:`reserve_key` for a path already turned into its key (:func:`tensor_key`): hooks that
+        name many arrays under one prefix join the prefix once."""
         key = base
         n = 1
         while key in self._names or key == RESERVED_NAME:
@@ -197,6 +210,14 @@ class Encoder:
         if identity is not None:
             self._seen[identity] = key
         return key
+
+    def add_records_later(self, build: Callable[[], list[ArrayRecord]]) -> None:
+        """Records whose bytes are already final, built by ``build`` now or, with :attr:`defer_records`,
+        when the caller asks (keys must have been reserved already: the skeleton refers to them)."""
+        if self.defer_records:
+            self.deferred.append(build)
+        else:
+            self.records += build()
 
     def host_buffer(self, nbytes: int) -> np.ndarray:
         """A uint8 host buffer of ``nbytes`` for a copy (from the snapshot pool when there is one)."""
