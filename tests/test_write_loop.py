@@ -120,7 +120,6 @@ def test_the_per_rank_save_retries_a_name_taken_meanwhile_alike(tmp_path: Path) 
 
 def test_side_files_are_committed_with_the_checkpoint_or_not_at_all(tmp_path: Path) -> None:
     from savegame.engine.write_loop import EncodedExtras
-
     from savegame.engine.writer import encode_state, write_encoded
     from savegame.errors import ConfigError
 
