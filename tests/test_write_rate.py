@@ -13,6 +13,9 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -240,3 +243,36 @@ def test_bad_write_rate_raises_config_error(tmp_path: Path, kwargs: dict[str, An
     with pytest.raises(ConfigError, match="write_rate"):
         Checkpointer(tmp_path, **options)
 
+
+
+_CHILD = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    from torch import nn
+    import savegame
+
+    directory, how = sys.argv[1], sys.argv[2]
+    torch.manual_seed(0)
+    model = nn.Linear(1024, 1536)
+    state = {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1)}
+    ckpt = savegame.Checkpointer(directory, background=True, write_rate=1e-6, if_busy="skip", every_n_steps=1,
+                                 save_on_signal=True, rng=False, quiet=True)
+    first = ckpt.step(state, step=1, epoch_end=False)
+    assert first is not None and not first.pending.done()
+    print("saving", flush=True)
+    if how == "sigterm":
+        os.kill(os.getpid(), signal.SIGTERM)  # the preemption save waits for the paced one, then exits
+        ckpt.step(state, step=2, epoch_end=False)
+    # "exit": the interpreter finishes the save in flight at exit
+""")
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("how", ["exit", "sigterm"])
+def test_exit_and_sigterm_finish_a_paced_save(tmp_path: Path, how: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src")}
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path), how], capture_output=True, text=True,
+                          timeout=300, env=env)  # fmt: skip
+    assert "saving" in done.stdout, done.stderr
+    steps = [r.step for r in Checkpointer(tmp_path).list()]
+    assert steps == ([1] if how == "exit" else [1, 2]), done.stderr
