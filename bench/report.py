@@ -114,7 +114,8 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
         for k, bound in zip(trainloop.KS, (5.0, 2.0, 1.0)):
             for policy in trainloop.POLICIES:
                 v = tl["overhead"].get(f"{policy}-k{k}")
-                add(f"training loop, background checkpoint every {k} step(s), {policy}: step-time overhead",
+                add(f"training loop, background checkpoint every {k} step(s), {policy}: step-time overhead"
+                    f"{trainloop.floor_note(tl, k)}",
                     "trainloop", None if v is None else v * 100, "<=", bound, "%")
     ft = data.get("finetune")
     if ft:

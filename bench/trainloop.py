@@ -10,7 +10,17 @@ model, the optimizer and the RNGs, for K = 1, 4, 16, under two save policies:
   ``writer_nice=10`` lowers the writer threads' priority;
 * ``lazy`` and ``lazy-skip``: the same two with ``snapshot="lazy"``: the model's parameters and the AdamW
   state are copied during the next forward/backward, and only the next ``optimizer.step()`` waits for
-  that copy (:mod:`savegame.engine.lazy`).
+  that copy (:mod:`savegame.engine.lazy`);
+* ``paced``: ``lazy-skip`` with ``write_rate`` = state bytes / (K x the step time without
+  checkpointing): each save's write is spread over the interval until the next one is due
+  (:mod:`savegame.engine.pacing`).
+
+The physical floor is measured in the same run (:func:`floors`): the CPU seconds of one background
+full-state save with no training running (process CPU time, all threads), and the time to write and
+fsync the same number of bytes alone. Per K, the CPU floor is that CPU time / (K x step time x the
+cores training uses) -- the overhead no scheduling can avoid when training keeps every core busy --
+and the disk ratio is the write time / (K x step time): above 1 the disk cannot keep up with a save
+every K steps (a coalescing policy writes at most 1 in that many).
 
 The blocks of all modes are interleaved (rotated every repetition) in one process; the result of a
 mode is the median over its blocks of the mean step time, reported as a ratio to the median of the
@@ -36,8 +46,9 @@ POLICIES = {
     "skip": {"if_busy": "skip", "writer_nice": 10},
     "lazy": {"snapshot": "lazy"},
     "lazy-skip": {"snapshot": "lazy", "if_busy": "skip", "writer_nice": 10},
+    "paced": {"snapshot": "lazy", "if_busy": "skip", "writer_nice": 10},  # + write_rate per K: see paced_rates
 }
-COALESCING = ("skip", "lazy-skip")
+COALESCING = ("skip", "lazy-skip", "paced")
 """The policies whose saves may be coalesced (saves written per block shown)."""
 BATCH, SEQ = 4, 64
 REFERENCE = {"d": 512, "layers": 6, "vocab": 8192}
@@ -111,7 +122,9 @@ class Trainer:
         return n
 
 
-def _block(trainer: Trainer, mode: str, steps: int, tmp: str) -> tuple[float, int, list[float]]:
+def _block(
+    trainer: Trainer, mode: str, steps: int, tmp: str, rates: dict[int, float] | None = None
+) -> tuple[float, int, list[float]]:
     """Mean step time of ``steps`` steps in ``mode``, the number of saves written and how long each
     ``ckpt.step`` call that saved blocked (seconds)."""
     import savegame
@@ -124,8 +137,10 @@ def _block(trainer: Trainer, mode: str, steps: int, tmp: str) -> tuple[float, in
     policy, k = mode.rsplit("-k", 1)
     d = os.path.join(tmp, f"trainloop-{mode}")
     shutil.rmtree(d, ignore_errors=True)
-    ckpt = savegame.Checkpointer(d, every_n_steps=int(k), background=True, keep_last=2, quiet=True,
-                                 **POLICIES[policy])  # type: ignore[arg-type]
+    extra: dict[str, Any] = dict(POLICIES[policy])
+    if policy == "paced" and rates:
+        extra["write_rate"] = rates[int(k)]
+    ckpt = savegame.Checkpointer(d, every_n_steps=int(k), background=True, keep_last=2, quiet=True, **extra)
     state = {"model": trainer.model, "optimizer": trainer.opt}
     written = 0
     calls: list[float] = []
@@ -147,6 +162,55 @@ def _block(trainer: Trainer, mode: str, steps: int, tmp: str) -> tuple[float, in
     return elapsed / steps, written, calls
 
 
+def floors(trainer: Trainer, tmp: str, *, reps: int = 3) -> dict[str, Any]:
+    """The CPU seconds of one background full-state save with no training running, and the seconds
+    to write + fsync the same bytes alone (medians of ``reps``)."""
+    import numpy as np
+
+    import savegame
+
+    d = os.path.join(tmp, "trainloop-floor")
+    shutil.rmtree(d, ignore_errors=True)
+    state = {"model": trainer.model, "optimizer": trainer.opt}
+    cpu: list[float] = []
+    wall: list[float] = []
+    with savegame.Checkpointer(d, background=True, keep_last=1, quiet=True) as ckpt:
+        ckpt.save(state, step=0)
+        ckpt.wait()
+        for i in range(1, reps + 1):
+            c0, w0 = time.process_time(), time.perf_counter()
+            ckpt.save(state, step=i)
+            ckpt.wait()
+            cpu.append(time.process_time() - c0)
+            wall.append(time.perf_counter() - w0)
+    shutil.rmtree(d, ignore_errors=True)
+    nbytes = trainer.state_bytes()
+    buf = memoryview(np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8))
+    disk: list[float] = []
+    path = os.path.join(tmp, "trainloop-disk")
+    for _ in range(reps):
+        w0 = time.perf_counter()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            for start in range(0, nbytes, 64 << 20):
+                os.write(fd, buf[start : start + (64 << 20)])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        disk.append(time.perf_counter() - w0)
+        os.unlink(path)
+    return {"save_cpu_seconds": statistics.median(cpu), "save_wall_seconds": statistics.median(wall),
+            "disk_seconds": statistics.median(disk), "bytes": nbytes,
+            "cores": min(torch.get_num_threads(), os.cpu_count() or 1)}
+
+
+def floor_per_k(fl: dict[str, Any], step: float) -> dict[int, dict[str, float]]:
+    """Per K: the CPU floor (fraction of the training's CPU time a save every K steps takes) and the
+    disk ratio (write time / interval; > 1: the disk cannot keep up)."""
+    return {k: {"cpu": fl["save_cpu_seconds"] / (k * step * fl["cores"]), "disk": fl["disk_seconds"] / (k * step)}
+            for k in KS}
+
+
 def run(*, tmp: str, scale: float, quick: bool, reps: int, steps: int, log: Any) -> dict[str, Any]:
     """All modes, interleaved; returns medians, ratios to ``none`` and the raw samples."""
     cfg = model_config(scale, quick)
@@ -158,19 +222,24 @@ def run(*, tmp: str, scale: float, quick: bool, reps: int, steps: int, log: Any)
     calls: dict[str, list[float]] = {m: [] for m in modes if m != "none"}
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    _block(trainer, "none", max(2, steps // 4), tmp)  # warm-up: allocator, threads
+    warm, _, _ = _block(trainer, "none", max(2, steps // 4), tmp)  # warm-up: allocator, threads
+    state_bytes = trainer.state_bytes()
+    rates = {k: state_bytes / (k * warm) / 1e6 for k in KS}  # MB/s: one save spread over K steps
     for rep in range(reps):
         order = modes[rep % len(modes):] + modes[: rep % len(modes)]
         for mode in order:
-            mean, n, blocked = _block(trainer, mode, steps, tmp)
+            mean, n, blocked = _block(trainer, mode, steps, tmp, rates)
             samples[mode].append(mean)
             written[mode].append(n)
             if mode != "none":
                 calls[mode] += blocked
         log(f"  trainloop rep {rep + 1}/{reps} done ({time.perf_counter() - t0:.0f} s)")
+    fl = floors(trainer, tmp)
     median = {m: statistics.median(v) for m, v in samples.items()}
     base = median["none"]
     return {
+        "floors": {**fl, "per_k": {str(k): v for k, v in floor_per_k(fl, base).items()}},
+        "write_rate_mb_s": {str(k): v for k, v in rates.items()},
         "description": (f"GPT-like {cfg['layers']}x{cfg['d']}, vocab {cfg['vocab']}, {params / 1e6:.1f}M params "
                         f"+ AdamW, batch {BATCH}x{SEQ} tokens"),
         "config": {**cfg, "scale": scale, "quick": quick, "reps": reps, "steps_per_block": steps,
@@ -202,7 +271,8 @@ def markdown(tl: dict[str, Any]) -> list[str]:
         f"`skip`: `if_busy=\"skip\", writer_nice=10` (saves requested while one is written are coalesced "
         f"into it: saves written per block shown); `lazy`, `lazy-skip`: the same with `snapshot=\"lazy\"` "
         f"(parameters and optimizer state copied during the next forward/backward, the next "
-        f"`optimizer.step()` waits for the copy).",
+        f"`optimizer.step()` waits for the copy); `paced`: `lazy-skip` with `write_rate` = state / (K x step "
+        f"time) (each save's write spread over the interval until the next is due).",
         "",
         f"Step time without checkpointing: {tl['median_step_seconds']['none'] * 1000:.1f} ms (median).",
         "",
@@ -218,6 +288,23 @@ def markdown(tl: dict[str, Any]) -> list[str]:
             n = tl["saves_written"].get(f"{p}-k{k}", [])
             cells.append(f"{statistics.median(n) if n else '—'} of {cfg['steps_per_block'] // k}")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    fl = tl.get("floors")
+    if fl:
+        lines += ["", f"Physical floor, measured in the same run: one background full-state save with no training "
+                  f"takes {fl['save_cpu_seconds']:.3f} CPU s ({fl['save_wall_seconds']:.3f} s wall); writing + "
+                  f"fsyncing its {fl['bytes'] / 2**20:.0f} MiB alone takes {fl['disk_seconds']:.3f} s "
+                  f"({fl['bytes'] / fl['disk_seconds'] / 1e6:.0f} MB/s); training uses {fl['cores']} core(s). "
+                  "CPU floor = save CPU / (K x step time x cores): the overhead that remains when training keeps "
+                  "every core busy, whatever the scheduling. Disk = write time / (K x step time): above 1 the disk "
+                  "cannot keep up with a save every K steps (a coalescing policy writes at most 1 in that many).",
+                  "", "| every K steps | CPU floor | disk time / interval | paced write_rate (MB/s) |",
+                  "|---:|---:|---:|---:|"]
+        for k in KS:
+            f = fl["per_k"][str(k)]
+            rate = tl.get("write_rate_mb_s", {}).get(str(k))
+            lines.append(f"| {k} | {_pct(f['cpu'])} | {f['disk']:.2f}"
+                         f"{' (cannot keep up)' if f['disk'] > 1 else ''} | "
+                         f"{'—' if rate is None else f'{rate:.0f}'} |")
     blocked = tl.get("save_call_seconds")
     if blocked:
         lines += ["", "Median time a `ckpt.step` call that saved blocked the loop (ms; for `wait` policies it "
@@ -229,6 +316,16 @@ def markdown(tl: dict[str, Any]) -> list[str]:
             lines.append(f"| {k} | " + " | ".join("—" if v is None else f"{v * 1000:.1f}" for v in vals) + " |")
     lines.append("")
     return lines
+
+
+def floor_note(tl: dict[str, Any], k: int) -> str:
+    """The floor of every-K saving, for a target's row: "floor: CPU +X%, disk keeps up / 1 in N"."""
+    fl = tl.get("floors")
+    if not fl:
+        return ""
+    f = fl["per_k"][str(k)]
+    disk = "disk keeps up" if f["disk"] <= 1 else f"disk writes at most 1 in {math.ceil(f['disk'])}"
+    return f" (floor: CPU {_pct(f['cpu'])}, {disk})"
 
 
 def _pct(v: float | None) -> str:

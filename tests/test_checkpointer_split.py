@@ -14,7 +14,7 @@ CONSTRUCTOR_KEYWORDS = (
     "save", "keep", "monitor", "mode", "min_delta", "threshold", "every_n_epochs", "every_n_steps",
     "every_seconds", "every", "mtbf_seconds", "max_overhead", "save_best_only", "save_at_end",
     "skip_first_epochs", "keep_last", "keep_best", "name", "weights_only", "rng", "background", "if_busy",
-    "writer_nice", "incremental", "snapshot", "restart",
+    "writer_nice", "write_rate", "incremental", "snapshot", "restart",
     "verify", "max_epochs", "metadata", "clock", "wall_clock", "storage_options", "mirror", "mirror_options",
     "lock", "save_on_signal", "signal_action", "signal_exit_code", "group", "per_rank",
     "callbacks", "quiet", "preemption", "storage",

@@ -54,6 +54,7 @@ from typing import Any, TypeVar
 
 from savegame._util.progress import ProgressBar
 from savegame._util.workers import LazyPool
+from savegame.engine.pacing import Pacer
 from savegame.errors import BackgroundSaveError, CheckpointError, CommitError, ConfigError, StorageError
 from savegame.format import hashing
 from savegame.format.manifest import FileEntry, ItemEntry, Manifest, dump_manifest, utc_now, version_for
@@ -143,16 +144,30 @@ class EncodedExtras:
 class _CountingSink:
     """Forwards writes to a storage sink and advances a progress display."""
 
-    def __init__(self, sink: FileSink, progress: ProgressBar, should_stop: Callable[[], bool] | None = None) -> None:
+    def __init__(
+        self, sink: FileSink, progress: ProgressBar, should_stop: Callable[[], bool] | None = None,
+        pacer: Pacer | None = None,
+    ) -> None:  # fmt: skip
         self._sink = sink
         self._progress = progress
         self._should_stop = should_stop
+        self._pacer = pacer
 
     def write(self, data: bytes | bytearray | memoryview) -> object:
+        pacer = self._pacer
+        if pacer is None or pacer.hurried:
+            return self._write(data)
+        result: object = None
+        for piece in pacer.chunks(data):  # bounded chunks, each due at the pacer's rate
+            pacer.before(piece.nbytes)
+            result = self._write(piece)
+        return result
+
+    def _write(self, data: bytes | bytearray | memoryview) -> object:
         if self._should_stop is not None and self._should_stop():
             raise BackgroundSaveError(f"{self._progress.label}: aborted at interpreter exit (nothing was saved)")
         result = self._sink.write(data)
-        self._progress.advance(len(data))
+        self._progress.advance(len(data) if not isinstance(data, memoryview) else data.nbytes)
         return result
 
 
@@ -196,7 +211,7 @@ class WrittenFiles:
 
 def write_files(
     txn: Transaction, items: list[EncodedItem], progress: ProgressBar, *,
-    should_stop: Callable[[], bool] | None = None, close_each: bool = False,
+    should_stop: Callable[[], bool] | None = None, close_each: bool = False, pacer: Pacer | None = None,
 ) -> WrittenFiles:  # fmt: skip
     """Write the tensor file of every item that has arrays into ``txn``; return their entries.
 
@@ -205,7 +220,8 @@ def write_files(
     this returns: the commit waits for them. With ``close_each=True`` (a rank writing its share of another
     process's transaction) every file is closed, i.e. durable, when this returns. ``progress`` advances
     with every write; ``should_stop`` is checked before every write and raises
-    :class:`BackgroundSaveError` when it says so.
+    :class:`BackgroundSaveError` when it says so. ``pacer``: writes go out in bounded chunks at its rate
+    (:mod:`savegame.engine.pacing`).
 
     Raises :class:`StorageError` for an ``OSError`` (disk full, I/O error), only after every close still
     running finished; the caller aborts ``txn`` (see the sink contract in the module docstring).
@@ -218,7 +234,7 @@ def write_files(
                     continue
                 sink = txn.open(item.file)
                 records = order_for_alignment([r.data for r in item.records])
-                result = write_tensor_file(_CountingSink(sink, progress, should_stop), records)
+                result = write_tensor_file(_CountingSink(sink, progress, should_stop, pacer), records)
                 written.files[item.file] = FileEntry(bytes=result.bytes, hash=result.hash)
                 close = _early_close(sink)
                 if close is not None:

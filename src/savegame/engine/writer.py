@@ -25,6 +25,7 @@ from savegame.engine.background import BackgroundWriter, PendingSave, Snapshot
 from savegame.engine.capture import kind_of, live_object_hook
 from savegame.engine.incremental import Incremental, prepare
 from savegame.engine.lazy import LazySnapshot, SnapshotMode, lazy_snapshot
+from savegame.engine.pacing import Pacer
 from savegame.engine.write_loop import (
     EncodedExtras,
     EncodedItem,
@@ -131,7 +132,7 @@ def write_encoded(
     blocking_seconds: float | None = None, should_stop: Callable[[], bool] | None = None,
     next_name: NextName | None = None, side_files: Mapping[str, bytes] | None = None,
     incremental: Incremental | None = None,
-    before_commit: Callable[[], None] | None = None,
+    before_commit: Callable[[], None] | None = None, pacer: Pacer | None = None,
 ) -> tuple[str, Manifest]:
     """Write encoded items as checkpoint ``name`` of ``storage``; commit; return its path and manifest.
 
@@ -149,13 +150,14 @@ def write_encoded(
     writing them (:mod:`savegame.engine.incremental`).
     ``before_commit``: called once everything is written, before the commit; if it raises, the
     transaction is aborted (a lazy snapshot's confirmation: :mod:`savegame.engine.lazy`).
+    ``pacer``: the tensor files are written in bounded chunks at its rate (:mod:`savegame.engine.pacing`).
     """
 
     def attempt(current: str, progress: Mapping[str, Any] | None) -> tuple[str, Manifest]:
         use = extras if progress is None else extras.with_progress(progress)
         return _write_once(storage, current, items, use, overwrite=overwrite, blocking_seconds=blocking_seconds,
                            should_stop=should_stop, side_files=side_files, incremental=incremental,
-                           before_commit=before_commit)  # fmt: skip
+                           before_commit=before_commit, pacer=pacer)  # fmt: skip
 
     return retry_on_clash(attempt, name, next_name, where=storage.path(name))
 
@@ -164,7 +166,7 @@ def _write_once(
     storage: Storage, name: str, items: list[EncodedItem], extras: EncodedExtras, *, overwrite: bool,
     blocking_seconds: float | None, should_stop: Callable[[], bool] | None,
     side_files: Mapping[str, bytes] | None = None, incremental: Incremental | None = None,
-    before_commit: Callable[[], None] | None = None,
+    before_commit: Callable[[], None] | None = None, pacer: Pacer | None = None,
 ) -> tuple[str, Manifest]:
     """One attempt of :func:`write_encoded`: begin, the one write loop, the manifest, commit."""
     start = time.perf_counter()
@@ -175,7 +177,7 @@ def _write_once(
         to_write = prepared.items if prepared is not None else items
         total = sum(i.nbytes for i in to_write)
         progress = ProgressBar(f"saving {name}", total)
-        written = write_files(txn, to_write, progress, should_stop=should_stop)
+        written = write_files(txn, to_write, progress, should_stop=should_stop, pacer=pacer)
         taken = {i.file for i in items if i.file} | set(prepared.files if prepared is not None else ())
         write_side_files(txn, side_files or {}, taken=taken)
         files = {**written.files, **prepared.files} if prepared is not None else written.files
@@ -235,7 +237,7 @@ def save_in_background(
     metadata: Mapping[str, Any] | None, progress: Mapping[str, Any] | None, overwrite: bool,
     next_name: NextName | None = None, stamp: Callable[[], Mapping[str, Any]] | None = None,
     incremental: Incremental | None = None,
-    snapshot: SnapshotMode = "eager",
+    snapshot: SnapshotMode = "eager", write_rate: float | None = None,
 ) -> PendingSave:
     """Snapshot ``state`` now (blocking only for the host copy), write and commit in the background.
 
@@ -249,8 +251,11 @@ def save_in_background(
     ``progress`` (which may then say how long the save blocked the caller).
     ``snapshot="lazy"``: parameters and optimizer state are copied after this returns and the next
     ``optimizer.step()`` waits for them (:mod:`savegame.engine.lazy`); the commit follows that step.
+    ``write_rate`` (bytes/s): the tensor files are written at most this fast, in bounded chunks, until
+    anybody waits for the save (then at full speed: :mod:`savegame.engine.pacing`); None: full speed.
     """
     writer.wait()
+    pacer = Pacer(write_rate) if write_rate is not None else None
     with gc_paused():  # not while waiting above: only while this thread copies and encodes
         start = time.perf_counter()
         buffers = Snapshot(writer.pool)
@@ -271,12 +276,26 @@ def save_in_background(
             _, manifest = write_encoded(
                 storage, name, items, extras, overwrite=overwrite, blocking_seconds=blocking,
                 should_stop=writer.stop_requested, next_name=next_name, incremental=incremental,
-                before_commit=None if lazy is None else lazy.wait_confirmed,
+                before_commit=None if lazy is None else lazy.wait_confirmed, pacer=pacer,
             )
             return manifest
 
-        settle = lazy.settle if lazy is not None else None
+        settle = _settle_for(lazy, pacer)
         pending = writer.submit(storage.path(name), buffers, persist, blocking_seconds=blocking, settle=settle)
         if lazy is not None:
             lazy.on_failure = pending._settled_and_delivered
         return pending
+
+
+def _settle_for(lazy: LazySnapshot | None, pacer: Pacer | None) -> Callable[[], None] | None:
+    """What every wait for a background save runs first: the paced write goes on at full speed (nobody
+    waits for a paced save), then a lazy snapshot confirms its copies on the waiting thread."""
+    if pacer is None:
+        return lazy.settle if lazy is not None else None
+
+    def settle() -> None:
+        pacer.hurry()
+        if lazy is not None:
+            lazy.settle()
+
+    return settle

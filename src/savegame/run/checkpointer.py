@@ -160,6 +160,7 @@ class Checkpointer:
         background: bool | Background = False,
         if_busy: IfBusy = "wait",
         writer_nice: int | None = None,
+        write_rate: float | None = None,
         incremental: bool = False,
         snapshot: SnapshotMode = "eager",
         restart: Restart = "auto",
@@ -206,6 +207,7 @@ class Checkpointer:
         self.background = options.background
         self.if_busy: IfBusy = options.if_busy
         self.writer_nice = options.writer_nice
+        self.write_rate = options.write_rate
         self.incremental = options.incremental
         self.snapshot: SnapshotMode = options.snapshot
         self.skipped_saves = 0

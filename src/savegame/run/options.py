@@ -24,6 +24,7 @@ field of :class:`CheckpointerOptions`, its check in ``_check`` and its paragraph
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -51,6 +52,16 @@ def _check_if_busy(if_busy: object) -> None:
 def _check_nice(nice: object) -> None:
     if nice is not None and (isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19):
         raise ConfigError(f"Checkpointer: writer_nice must be an int from 0 to 19 or None, got {nice!r}")
+
+
+def _check_write_rate(rate: object, *, background: bool) -> None:
+    if rate is None:
+        return
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (math.isfinite(rate) and rate > 0):
+        raise ConfigError(f"Checkpointer: write_rate must be a number of MB/s > 0 or None, got {rate!r}")
+    if not background:
+        raise ConfigError("Checkpointer: write_rate needs background=True (a synchronous save is not paced: "
+                          "the caller waits for it)")
 
 
 def _check_signal_action(action: object) -> None:
@@ -164,6 +175,7 @@ class CheckpointerOptions:
     background: bool = False
     if_busy: IfBusy = "wait"
     writer_nice: int | None = None
+    write_rate: float | None = None
     incremental: bool = False
     snapshot: SnapshotMode = "eager"
     restart: Restart = "auto"
@@ -216,6 +228,7 @@ class CheckpointerOptions:
         _check_mapping("metadata", self.metadata)
         _check_if_busy(self.if_busy)
         _check_nice(self.writer_nice)
+        _check_write_rate(self.write_rate, background=self.background)
         if not isinstance(self.incremental, bool):
             raise ConfigError(f"Checkpointer: incremental must be True or False, got {self.incremental!r}")
         check_snapshot_mode(self.snapshot, background=self.background, where="Checkpointer")
@@ -316,6 +329,15 @@ Background writing (``background=Background(if_busy=..., nice=...)`` says the th
   (0-19, Linux only; None: unchanged) so that the write competes less with training for the CPUs.
   A training thread that waits for the writer (``if_busy="wait"``, ``wait()``) waits longer on a
   busy machine: pair it with ``if_busy="skip"``.
+* ``write_rate`` (with ``background``): write each background save at most this many MB/s (10**6
+  bytes), in chunks of at most 4 MiB, so the write's CPU work and disk traffic are spread over time
+  instead of bursting into the training steps (:mod:`savegame.engine.pacing`); None (default): full
+  speed. Choose about state size / the interval between saves, and pair it with ``if_busy="skip"``
+  (under ``"wait"`` the next save waits for the paced one, which then finishes at full speed). Pacing
+  never costs the last state: whenever anything waits for the save (``wait()``, ``save()``,
+  ``close()``, ``restore``, a preemption or signal save, interpreter exit) the rest is written at
+  full speed. It needs ``background`` (ConfigError otherwise: the caller waits for a sync save);
+  saves in a process group are synchronous and so not paced; ``per_rank`` items of a single-process background save are.
 * ``incremental``: each save hard-links the files of this run's previous checkpoint that hold the
   arrays whose dtype, shape and bytes did not change (every array is hashed; see
   :mod:`savegame.engine.incremental`) instead of writing them again; every checkpoint stays complete

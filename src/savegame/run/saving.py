@@ -245,6 +245,7 @@ def submit(
     handle = save_in_background(
         ckpt._writer, ckpt.storage, name, items, metadata=metadata, progress=payload, overwrite=False,
         next_name=naming.next, stamp=stamp, incremental=incremental_for(ckpt), snapshot=ckpt.snapshot,
+        write_rate=None if ckpt.write_rate is None else ckpt.write_rate * 1e6,
     )  # fmt: skip
     seconds = time.perf_counter() - started
     ckpt._in_flight = InFlight(naming, handle, progress, started, seconds)
