@@ -69,6 +69,8 @@ def test_storage_group_sets_the_mirror(tmp_path: Path) -> None:
     [
         ({"background": Background(if_busy="skip"), "if_busy": "wait"}, None),  # the default: no conflict
         ({"background": Background(if_busy="skip"), "writer_nice": 3}, "writer_nice=3 conflicts with background="),
+        ({"background": Background(snapshot="lazy"), "snapshot": "eager"}, None),  # the default: no conflict
+        ({"background": Background(write_rate=50.0), "write_rate": 10.0}, "write_rate=10.0 conflicts with background="),
         ({"preemption": Preemption(action="continue"), "signal_action": "reraise"}, "signal_action='reraise'"),
         ({"preemption": Preemption(), "save_on_signal": ["SIGUSR1"]}, "save_on_signal"),
         ({"storage": StorageOptions(mirror="/x"), "mirror": "/y"}, "mirror='/y' conflicts with storage="),
@@ -93,6 +95,8 @@ def test_agreeing_flat_keyword_is_accepted(tmp_path: Path) -> None:
     [
         (lambda: Background(if_busy="later"), "if_busy must be 'wait' or 'skip'"),  # type: ignore[arg-type]
         (lambda: Background(nice=40), "writer_nice must be an int from 0 to 19"),
+        (lambda: Background(snapshot="later"), "snapshot must be 'eager' or 'lazy'"),  # type: ignore[arg-type]
+        (lambda: Background(write_rate=0), "write_rate must be a number of MB/s > 0"),
         (lambda: Preemption(action="stop"), "signal_action must be"),  # type: ignore[arg-type]
         (lambda: Preemption(exit_code="1"), "signal_exit_code must be an int"),  # type: ignore[arg-type]
         (lambda: StorageOptions(options=["k"]), "storage_options must be a dict"),  # type: ignore[arg-type]
@@ -108,3 +112,16 @@ def test_wrong_group_type_is_refused(tmp_path: Path) -> None:
         Checkpointer(tmp_path, preemption=Background())  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="signal_action must be"):
         Checkpointer(tmp_path, signal_action="stop")  # type: ignore[arg-type]
+
+
+def test_background_group_carries_snapshot_and_write_rate(tmp_path: Path) -> None:
+    grouped = Checkpointer(tmp_path / "g", background=Background(snapshot="lazy", write_rate=200.0))
+    flat = Checkpointer(tmp_path / "f", background=True, snapshot="lazy", write_rate=200.0)
+    try:
+        assert grouped.options == flat.options
+        chosen = grouped.options
+        assert (chosen.snapshot, chosen.write_rate, chosen.background) == ("lazy", 200.0, True)
+        assert grouped.snapshot == "lazy"
+    finally:
+        grouped.close()
+        flat.close()

@@ -11,8 +11,8 @@ group's object is a :class:`ConfigError`):
 
 * ``preemption=Preemption(signals=True, action="exit", exit_code=None)``: ``save_on_signal``,
   ``signal_action``, ``signal_exit_code``;
-* ``background=Background(if_busy="wait", nice=None)``: ``background=True`` with ``if_busy`` and
-  ``writer_nice``;
+* ``background=Background(if_busy="wait", nice=None, snapshot="eager", write_rate=None)``:
+  ``background=True`` with ``if_busy``, ``writer_nice``, ``snapshot`` and ``write_rate``;
 * ``storage=StorageOptions(options=None, mirror=None, mirror_options=None)``: ``storage_options``,
   ``mirror``, ``mirror_options``.
 
@@ -97,15 +97,19 @@ class Preemption:
 
 @dataclass(frozen=True)
 class Background:
-    """Write in the background (``background=True``) with ``if_busy`` and ``writer_nice`` in one:
-    ``background=Background(if_busy="skip", nice=10)``."""
+    """Write in the background (``background=True``) with ``if_busy``, ``writer_nice``, ``snapshot`` and
+    ``write_rate`` in one: ``background=Background(if_busy="skip", nice=10, snapshot="lazy")``."""
 
     if_busy: IfBusy = "wait"
     nice: int | None = None
+    snapshot: SnapshotMode = "eager"
+    write_rate: float | None = None
 
     def __post_init__(self) -> None:
         _check_if_busy(self.if_busy)
         _check_nice(self.nice)
+        check_snapshot_mode(self.snapshot, background=True, where="Checkpointer")
+        _check_write_rate(self.write_rate, background=True)
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,10 @@ _GROUPS: dict[str, tuple[type, tuple[tuple[str, str], ...]]] = {
         Preemption,
         (("save_on_signal", "signals"), ("signal_action", "action"), ("signal_exit_code", "exit_code")),
     ),
-    "background": (Background, (("if_busy", "if_busy"), ("writer_nice", "nice"))),
+    "background": (
+        Background,
+        (("if_busy", "if_busy"), ("writer_nice", "nice"), ("snapshot", "snapshot"), ("write_rate", "write_rate")),
+    ),
     "storage": (
         StorageOptions,
         (("storage_options", "options"), ("mirror", "mirror"), ("mirror_options", "mirror_options")),
