@@ -79,3 +79,46 @@ def test_the_rule_itself() -> None:
     here = socket.gethostname()
     assert writer_is_live(host=here, pid=os.getpid(), touched=None)
     assert not writer_is_live(host=here, pid=os.getpid(), touched=None, this_process=False)
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_plain_save_removes_only_dead_writers_staging_folders_once(tmp_path: Path) -> None:
+    """A run killed mid-save (preemption, SIGKILL) leaves ``.staging-*``; the next ``savegame.save`` into
+    that root (the Lightning / transformers integrations' path) removes those of writers that are gone, and
+    nothing else: a live writer's folder, an old-version ``.trash-*`` folder and the user's files stay."""
+    import socket
+
+    import numpy as np
+
+    import savegame
+
+    host = socket.gethostname()
+    dead = tmp_path / f".staging-{host}-{_dead_pid()}-0123456789ab"
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"\x10\x00")  # cut off mid-header
+    live = tmp_path / f".staging-{host}-{os.getpid()}-0123456789ab"
+    live.mkdir()
+    trash = tmp_path / ".trash-last.ckpt-0123"
+    trash.mkdir()
+    (tmp_path / "notes.txt").write_text("mine")
+    recent_foreign = _foreign_staging(tmp_path, age=2 * HOUR)
+
+    savegame.save(tmp_path / "a.ckpt", {"w": np.arange(3)})
+    assert not dead.exists()
+    assert live.is_dir() and trash.is_dir() and (tmp_path / recent_foreign).is_dir()
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+    # once per root and process: a folder of a writer that died afterwards is the next process's to remove
+    later = tmp_path / f".staging-{host}-{_dead_pid()}-0123456789ac"
+    later.mkdir()
+    savegame.save(tmp_path / "b.ckpt", {"w": np.arange(3)}, background=True).result()
+    assert later.is_dir()
+    assert LocalStorage(str(tmp_path)).remove_dead_staging() == [later.name]

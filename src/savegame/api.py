@@ -33,8 +33,8 @@ from savegame.format.manifest import Manifest
 from savegame.format.tensorfile import TensorFileReader
 from savegame.format.tree import MAX_DEPTH, Decoder, Path, Where, format_path, numpy_from_node
 from savegame.storage import is_url, locate
-from savegame.storage.base import CheckpointReader, CheckpointRef, Location, PathLike
-from savegame.storage.local import LocalCheckpointReader, open_local_checkpoint
+from savegame.storage.base import CheckpointReader, CheckpointRef, Location, PathLike, Storage
+from savegame.storage.local import LocalCheckpointReader, LocalStorage, open_local_checkpoint, remove_dead_staging_once
 
 __all__ = ["EncodedItem", "encode_state", "load", "read_manifest", "save", "verify", "write_items"]
 
@@ -104,6 +104,7 @@ def save(
         from savegame.engine.background import default_writer
 
         storage, name = locate(path, storage_options=storage_options)
+        _tidy(storage)
         storage.check_target(name, overwrite=overwrite)  # raised here, not only by the handle later
         return save_in_background(
             default_writer(), storage, name, state, metadata=metadata, progress=progress, overwrite=overwrite,
@@ -111,9 +112,18 @@ def save(
         )  # fmt: skip
     with gc_paused():
         storage, name = locate(path, storage_options=storage_options)  # a local directory or an fsspec URL
+        _tidy(storage)
         _, manifest = save_now(storage, name, state, metadata=metadata, progress=progress, overwrite=overwrite,
                                incremental=incremental)  # fmt: skip
     return manifest
+
+
+def _tidy(storage: Storage) -> None:
+    """Before the first save into a local root: remove the unfinished saves (``.staging-*``) of writers that
+    are gone, so a run killed mid-save again and again (preemption) does not fill the disk with them. The
+    Checkpointer does more (it owns its root); a plain save only touches dead writers' staging folders."""
+    if isinstance(storage, LocalStorage):
+        remove_dead_staging_once(storage)
 
 
 def _incremental_base(base: PathLike, *, storage_options: Mapping[str, Any] | None) -> Incremental:

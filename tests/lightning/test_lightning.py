@@ -371,6 +371,8 @@ def test_sigkill_mid_training_then_resume_is_bit_identical(tmp_path: Path) -> No
     assert "Restored all states" in resumed.stderr + resumed.stdout
     assert_identical(_weights(tmp_path / "run.out"), params(straight))
     assert_no_pickle(tmp_path / "run" / "ckpts")
+    # whatever save the kill interrupted, the resumed run's first save removed its staging folder
+    assert not list((tmp_path / "run" / "ckpts").glob(".staging-*"))
 
 
 @pytest.mark.slow

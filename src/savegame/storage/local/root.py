@@ -12,6 +12,7 @@ the run index, the CLI and the mirror.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import stat
@@ -27,6 +28,8 @@ from savegame.storage.local.occupancy import check_save_target
 from savegame.storage.local.ops import FileOps, _io_error
 from savegame.storage.local.read import LocalCheckpointReader, open_local_checkpoint
 from savegame.storage.local.write import JoinedTransaction, LocalTransaction
+
+log = logging.getLogger("savegame")
 
 STALE_FOREIGN_SECONDS = FOREIGN_WRITER_GRACE_SECONDS  # the one grace period (storage.liveness)
 
@@ -154,13 +157,11 @@ class LocalStorage:
             raise _io_error(exc, f"cannot quarantine {path}") from exc
         return new
 
-    def cleanup(self) -> list[str]:
-        """Remove what crashed writers left behind; return the removed folder names.
-
-        Staging folders of live processes on this host are kept; those of dead processes are removed;
-        those of other hosts (shared filesystems) only after a day. A ``.trash-NAME-*`` folder whose
-        checkpoint NAME is missing (a crash mid-overwrite) is renamed back instead of removed.
-        """
+    def remove_dead_staging(self) -> list[str]:
+        """Remove the staging folders of writers that are gone (this host's dead processes; other hosts'
+        after a day: :func:`staging_is_live`); return their names. Only those: a folder of a live writer,
+        and everything else in the root, is left alone, so this is safe in a directory other processes
+        write to as well (what :func:`savegame.save` does before its first save into a root)."""
         removed: list[str] = []
         host = socket.gethostname()
         try:
@@ -168,12 +169,25 @@ class LocalStorage:
         except FileNotFoundError:
             return removed
         for e in entries:
-            if e.name.startswith(STAGING_PREFIX):
-                if staging_is_live(e.name[len(STAGING_PREFIX) :], host, e):
-                    continue
+            if e.name.startswith(STAGING_PREFIX) and not staging_is_live(e.name[len(STAGING_PREFIX) :], host, e):
                 self.ops.rmtree(e.path)
                 removed.append(e.name)
-            elif e.name.startswith(TRASH_PREFIX):
+        return removed
+
+    def cleanup(self) -> list[str]:
+        """Remove what crashed writers left behind; return the removed folder names.
+
+        Staging folders of live processes on this host are kept; those of dead processes are removed;
+        those of other hosts (shared filesystems) only after a day. A ``.trash-NAME-*`` folder whose
+        checkpoint NAME is missing (a crash mid-overwrite) is renamed back instead of removed.
+        """
+        removed = self.remove_dead_staging()
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return removed
+        for e in entries:
+            if e.name.startswith(TRASH_PREFIX):
                 rest = e.name[len(TRASH_PREFIX) :]
                 original = rest.rsplit("-", 1)[0]
                 if not rest.startswith("del-") and original and not os.path.lexists(os.path.join(self.root, original)):
@@ -183,6 +197,28 @@ class LocalStorage:
                 self.ops.rmtree(e.path)
                 removed.append(e.name)
         return removed
+
+
+_TIDIED: set[str] = set()
+"""Roots whose dead writers' staging folders this process already removed (once per root is enough: a
+writer that dies later is this process's own concern no more than before)."""
+
+
+def remove_dead_staging_once(storage: LocalStorage) -> list[str]:
+    """:meth:`LocalStorage.remove_dead_staging`, the first time this process saves into ``storage``'s root;
+    a failure is logged, never raised (the save it precedes does not depend on it)."""
+    root = os.path.realpath(storage.root)
+    if root in _TIDIED:
+        return []
+    _TIDIED.add(root)
+    try:
+        removed = storage.remove_dead_staging()
+    except OSError as exc:
+        log.warning("savegame: could not remove a dead writer's staging folder in %s: %s", storage.root, exc)
+        return []
+    if removed:
+        log.info("savegame: removed the unfinished saves of writers that are gone in %s: %s", storage.root, removed)
+    return removed
 
 
 def staging_is_live(tag: str, host: str, entry: os.DirEntry[str], *, now: float | None = None) -> bool:
