@@ -252,8 +252,8 @@ def test_ls_table_and_json(torch_run: Path) -> None:
     assert info["monitor"] == "val_loss" and info["mode"] == "min" and info["verified"] is False
     assert info["best"] == "epoch=004-step=000032" and info["latest"] == "epoch=006-step=000048"
     types = {"name": str, "path": str, "sequence": int, "epoch": int, "step": int, "metrics": dict, "created": str,
-             "age_seconds": float, "size": int, "files": int, "is_best": bool, "is_latest": bool, "pinned": bool,
-             "weights_only": bool, "status": str, "run": str, "blocking_seconds": float,
+             "age_seconds": float, "size": int, "linked_bytes": int, "files": int, "is_best": bool, "is_latest": bool,
+             "pinned": bool, "weights_only": bool, "status": str, "run": str, "blocking_seconds": float,
              "durable_seconds": float}  # fmt: skip
     for entry in info["checkpoints"]:
         assert set(entry) == set(types) | {"problem"}

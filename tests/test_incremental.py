@@ -230,6 +230,16 @@ def test_cli_and_prune_work_on_an_incremental_checkpoint(tmp_path: Path, capsys:
     out = capsys.readouterr().out
     described = json.loads(out[out.index("{"):])
     assert {t["key"] for t in described["tensors"] if t["item"] == "model"} == set(net.state_dict())
+    # what it shares with the checkpoint before it: the frozen backbone's file, linked, counted apart
+    manifest = savegame.read_manifest(last.path)
+    linked = {f for item in manifest.items.values() for f in item.linked}
+    assert linked and described["linked_bytes"] == sum(manifest.files[f].bytes for f in linked) > 0
+    assert 0 < described["linked_bytes"] < described["size"]
+    assert cli_main(["inspect", last.path]) == 0
+    assert "shared with earlier checkpoints" in capsys.readouterr().out
+    assert cli_main(["ls", str(tmp_path), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["checkpoints"]
+    assert [c["linked_bytes"] > 0 for c in listed] == [False, True, True]
     exported = tmp_path.parent / f"{tmp_path.name}-model.safetensors"
     assert cli_main(["export", last.path, "--to", str(exported)]) == 0
     from safetensors.torch import load_file

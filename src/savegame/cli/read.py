@@ -193,6 +193,7 @@ def describe_checkpoint(path: str, manifest: Manifest, only: str | None) -> dict
         "metadata": manifest.metadata,
         "progress": manifest.progress,
         "size": manifest.total_bytes,
+        "linked_bytes": manifest.linked_bytes,
         "files": {n: {"bytes": f.bytes, "hash": f.hash} for n, f in manifest.files.items()},
         "items": items,
         "tensors": tensors,
@@ -242,7 +243,8 @@ def cmd_inspect(args: argparse.Namespace, ctx: Context) -> int:
         ("checkpoint", display_path(path)),
         ("created", f"{iso_time(manifest.created)} ({age} ago)"),
         ("format", f"savegame v{manifest.format_version}, {manifest.hash_algorithm}; {len(manifest.files)} files, "
-                   f"{human_size(manifest.total_bytes)}" + (", all hashes verified" if args.verify else "")),
+                   f"{human_size(manifest.total_bytes)}" + _linked_note(manifest)
+                   + (", all hashes verified" if args.verify else "")),
         ("versions", ", ".join(f"{k} {v}" for k, v in manifest.versions.items())),
         *_progress_lines(manifest.progress),
         ("metadata", json.dumps(jsonable(manifest.metadata), sort_keys=True)[:300] if manifest.metadata else "-"),
@@ -336,3 +338,9 @@ def cmd_verify(args: argparse.Namespace, ctx: Context) -> int:
         ctx.note(f"error: corrupt: {', '.join(shown(e.name) for e in corrupt)}")
         return EXIT_PROBLEM
     return EXIT_OK
+
+
+def _linked_note(manifest: Manifest) -> str:
+    """For an incremental checkpoint: how much of its size it shares with earlier ones (hard links)."""
+    linked = manifest.linked_bytes
+    return f" ({human_size(linked)} of it shared with earlier checkpoints)" if linked else ""

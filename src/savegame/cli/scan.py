@@ -418,6 +418,7 @@ def entry_summary(entry: Entry) -> dict[str, Any]:
         "created": created,
         "age_seconds": round(time.time() - created.timestamp(), 3) if created is not None else None,
         "size": entry.size,
+        "linked_bytes": entry.manifest.linked_bytes if entry.manifest is not None else 0,
         "blocking_seconds": round(timing.blocked, 6) if timing is not None else None,
         "durable_seconds": round(timing.durable, 6) if timing is not None else None,
         "files": entry.files,

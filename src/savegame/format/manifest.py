@@ -128,6 +128,13 @@ class Manifest:
         """Bytes of all data files (the manifest itself not included)."""
         return sum(f.bytes for f in self.files.values())
 
+    @property
+    def linked_bytes(self) -> int:
+        """Bytes of the data files an incremental save hard-linked (or copied on the server) from an earlier
+        checkpoint instead of writing them: shared with it on disk. 0 for a full save."""
+        linked = {file for item in self.items.values() for file in item.linked}
+        return sum(self.files[file].bytes for file in linked if file in self.files)
+
 
 def utc_now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
