@@ -105,3 +105,39 @@ def test_a_damaged_remote_base_is_caught_by_verify_of_the_new_checkpoint() -> No
         savegame.verify(f"{root}/b")
     with pytest.raises(HashMismatchError):
         savegame.load(f"{root}/b")
+
+
+def test_a_mirror_copies_an_incremental_checkpoints_linked_files_on_the_server(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Local incremental checkpoints mirrored to object storage: a linked file (the frozen layer's) is a
+    server-side copy of the one the mirror uploaded with an earlier checkpoint, not a second upload; every
+    remote checkpoint verifies and loads the same bytes as the local one."""
+    root = f"memory://mirror-incremental-{uuid.uuid4().hex[:8]}"
+    net, opt = _model()
+    opened = _uploads(monkeypatch)
+    copied: list[str] = []
+    real_link = RemoteTransaction.link
+
+    def spy_link(self: RemoteTransaction, file: str, **kw: Any) -> bool:
+        done = real_link(self, file, **kw)
+        copied.append(file) if done else None
+        return done
+
+    monkeypatch.setattr(RemoteTransaction, "link", spy_link)
+    ckpt = savegame.Checkpointer(tmp_path / "local", incremental=True, mirror=root)
+    names = []
+    for epoch in range(3):
+        _step(net, opt)
+        names.append(ckpt.save({"model": net, "opt": opt}, epoch=epoch).name)
+    ckpt.close()  # waits for the uploads
+    manifests = [savegame.read_manifest(tmp_path / "local" / n) for n in names]
+    local_linked = [f for m in manifests for item in m.items.values() for f in item.linked]
+    assert [f for m in manifests for f in m.items["model"].linked] == ["model.link1.safetensors"] * 2
+    assert sorted(copied) == sorted(local_linked) and not any("link" in f for f in opened)
+    for name in names:
+        remote = savegame.verify(f"{root}/{name}")
+        assert remote.files == savegame.read_manifest(tmp_path / "local" / name).files
+    loaded = savegame.load(f"{root}/{names[-1]}")["model"]
+    for key, value in net.state_dict().items():
+        assert torch.equal(loaded[key], value), key

@@ -40,7 +40,7 @@ from typing import Any
 
 from savegame.engine.verifier import copy_checked, verify_checkpoint
 from savegame.errors import CheckpointError, CommitError, CorruptCheckpointError
-from savegame.format.manifest import Manifest, parse_manifest
+from savegame.format.manifest import FileEntry, Manifest, parse_manifest
 from savegame.storage import LocalStorage, storage_for
 from savegame.storage.base import MANIFEST, Storage
 
@@ -90,6 +90,9 @@ class Mirror:
         self.last_error: BaseException | None = None
         self._seen_local: set[str] = set(self.local.committed())
         self._remote_known: dict[str, _Known] = {}
+        self._uploaded_files: dict[tuple[str, int], tuple[str, str]] = {}
+        """(hash, bytes) of each data file this mirror uploaded -> (remote checkpoint, file name): where a
+        later incremental checkpoint's linked file already is, to be copied on the server, not uploaded."""
         self._sync_lock = threading.Lock()
         self._cond = threading.Condition()
         self._requested = 0
@@ -237,8 +240,11 @@ class Mirror:
         manifest = parse_manifest(raw, reader.file_where(MANIFEST))
         overwrite = self.remote.exists(name)
         txn = self.remote.begin(name, overwrite=overwrite)
+        linked = {file for item in manifest.items.values() for file in item.linked}
         try:
             for file, entry in manifest.files.items():
+                if file in linked and self._copy_on_server(txn, file, entry):
+                    continue
                 copy_checked(reader, file, entry, manifest.hash_chunk_bytes, txn.open(file),
                              refusal="differs from its manifest; not uploaded")  # fmt: skip
         except BaseException:
@@ -252,8 +258,30 @@ class Mirror:
                 raise
             log.info("%r: %s was uploaded by someone else meanwhile (%s)", self, name, exc)
         self._remote_known[name] = _Known(raw, manifest.created.timestamp())
+        for file, entry in manifest.files.items():
+            self._uploaded_files.setdefault((entry.hash, entry.bytes), (name, file))
         self._seen_local.add(name)
         log.info("mirrored %s to %s (%d bytes)", name, self.remote.url(name), manifest.total_bytes)
+
+    def _copy_on_server(self, txn: Any, file: str, entry: FileEntry) -> bool:
+        """Make ``file`` of ``txn`` (an incremental checkpoint's linked file: the same bytes as a file of an
+        earlier checkpoint) a server-side copy of that file where this mirror uploaded it, if it still
+        exists there (``Transaction.link``: S3 CopyObject, a hard link for a local mirror). Its bytes were
+        hashed when they were uploaded, and the new checkpoint's manifest records the same hash, so a
+        ``verify`` of the remote copy checks it. False: upload it as any other file."""
+        source = self._uploaded_files.get((entry.hash, entry.bytes))
+        link = getattr(txn, "link", None)  # optional member of the Transaction protocol
+        if source is None or link is None:
+            return False
+        checkpoint, source_file = source
+        try:
+            done = bool(link(file, source_checkpoint=checkpoint, source_file=source_file))
+        except (CheckpointError, OSError) as exc:
+            log.info("%r: server-side copy of %s failed (%s); uploading it", self, file, exc)
+            return False
+        if not done:
+            self._uploaded_files.pop((entry.hash, entry.bytes), None)
+        return done
 
     def _delete_remote(self, gone: Collection[str]) -> list[str]:
         """Delete remote checkpoints in ``gone``, each only if a newer one is committed remotely."""
