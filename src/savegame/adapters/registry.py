@@ -152,7 +152,7 @@ class TorchModuleAdapter(BaseAdapter):
         return encode_module(obj, path, enc)  # type: ignore[arg-type]
 
     def restore(self, target: object, state: object, *, strict: bool, where: str, report: LoadReport) -> None:
-        from savegame.adapters.torch import restore_module
+        from savegame.adapters.torch_restore import restore_module
 
         if not isinstance(state, Mapping):
             type_mismatch(target, state, where=where, strict=strict, report=report)
@@ -185,7 +185,7 @@ class TorchOptimizerAdapter(BaseAdapter):
         return _state_of(obj, where)
 
     def restore(self, target: object, state: object, *, strict: bool, where: str, report: LoadReport) -> None:
-        from savegame.adapters.torch import restore_optimizer
+        from savegame.adapters.torch_restore import restore_optimizer
 
         if not isinstance(state, Mapping):
             type_mismatch(target, state, where=where, strict=strict, report=report)

@@ -6,12 +6,7 @@ torch. Tensors of every dtype safetensors has a code for are stored under that c
 quantized tensors, sub-byte types (``uint1``..``uint7``, ``int1``..``int7``), sparse / nested / meta
 tensors and tensor subclasses other than ``nn.Parameter`` (DTensor is handled by the distributed module).
 
-At about 720 lines this module is over the ~600 the layout aims at. It does one job, torch <-> tensor
-files, in both directions: encoding, the snapshot's batched copies and the live module walk on one side,
-decoding and the in-place restore on the other. Both sides share the dtype table and the name rules
-(``_orig_mod``, DDP prefixes). The next split is the snapshot side (``_SmallCopies``, ``_Batch``,
-``live_state``, ``encode_module``) into a module of its own, once its tests stop reaching into this one's
-private names.
+Modules and optimizers are restored in place by :mod:`savegame.adapters.torch_restore` (re-exported here).
 """
 
 from __future__ import annotations
@@ -23,11 +18,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn.parameter import is_lazy
 
-from savegame.adapters.report import LoadReport
-from savegame.errors import InvalidManifestError, StateMismatchError, UnsupportedTypeError
-from savegame.format.checks import check_device, check_optimizer_state, check_size
+from savegame.adapters.torch_restore import _PLAIN_TENSORS, plain_names
+from savegame.adapters.torch_restore import ModuleReport as ModuleReport  # re-exported: the restore side moved
+from savegame.adapters.torch_restore import restore_module as restore_module
+from savegame.adapters.torch_restore import restore_optimizer as restore_optimizer
+from savegame.errors import InvalidManifestError, UnsupportedTypeError
+from savegame.format.checks import check_device, check_size
 from savegame.format.tensorfile import TensorData
 from savegame.format.tree import (
     MAX_DEPTH,
@@ -127,7 +124,6 @@ _NUMPY_VIEWABLE = frozenset(
      torch.bool}
 )
 """Dtypes whose ``Tensor.numpy()`` exports a plain single-character buffer format (a cheap byte view)."""
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def encode_hook(obj: object, path: Path, enc: Encoder) -> dict[str, Any] | None:
@@ -443,151 +439,6 @@ def _place(tensor: torch.Tensor, saved: object, map_location: MapLocation) -> to
         return tensor if dest == "cpu" else tensor.to(dest)
     dest_device = torch.device(map_location)
     return tensor if dest_device.type == "cpu" else tensor.to(dest_device)
-
-
-# ---------------------------------------------------------------------------------------------------
-# In-place restore of modules
-
-
-ModuleReport = LoadReport
-"""The old name of the report of a module restore: :class:`savegame.adapters.report.LoadReport`."""
-
-
-_COMPILED = "_orig_mod"
-"""The attribute ``torch.compile``'s ``OptimizedModule`` keeps the original module under: its state dict
-keys (and those of a model holding a compiled submodule) carry an extra ``_orig_mod.`` segment."""
-
-
-def _plain_name(key: str) -> str:
-    """A state-dict key without the ``_orig_mod.`` segments of ``torch.compile`` (``_orig_mod.fc.weight``
-    and ``enc._orig_mod.fc.weight`` -> ``fc.weight``, ``enc.fc.weight``)."""
-    if _COMPILED not in key:
-        return key
-    return ".".join(part for part in key.split(".") if part != _COMPILED)
-
-
-def plain_names(state: Mapping[str, Any]) -> dict[str, Any]:
-    """``state`` keyed by :func:`_plain_name` (as it would be without ``torch.compile``); unchanged when
-    that would merge two keys (a module that really has a submodule called ``_orig_mod``)."""
-    if not any(_COMPILED in k for k in state):
-        return dict(state)
-    renamed = {_plain_name(k): v for k, v in state.items()}
-    return renamed if len(renamed) == len(state) else dict(state)
-
-
-def _match_names(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> dict[str, Any]:
-    """``saved`` keyed by the names of ``expected`` (the target module's state dict) wherever they differ
-    only by ``torch.compile``'s ``_orig_mod.`` segments or DDP's ``module.`` prefix, either way round:
-    a compiled model's checkpoint loads into the plain model, a plain one into the compiled model, and
-    either into or out of DDP. Keys that match nothing keep their saved name (reported unexpected)."""
-    live = {_plain_name(k): k for k in expected}
-    if len(live) != len(expected):  # ambiguous without the segments: exact names only
-        live = {k: k for k in expected}
-    return {live.get(k, k): v for k, v in _strip_ddp_prefix(plain_names(saved), live).items()}
-
-
-def _strip_ddp_prefix(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> dict[str, Any]:
-    """Make ``module.``-prefixed (DDP) keys match a plain model and back."""
-    prefix = "module."
-    saved_has = bool(saved) and all(k.startswith(prefix) for k in saved)
-    expected_has = bool(expected) and all(k.startswith(prefix) for k in expected)
-    if saved_has and not expected_has:
-        return {k[len(prefix) :]: v for k, v in saved.items()}
-    if expected_has and not saved_has:
-        return {prefix + k: v for k, v in saved.items()}
-    return dict(saved)
-
-
-def restore_module(module: torch.nn.Module, state: object, *, strict: bool, where: str) -> ModuleReport:
-    """Load ``state`` into ``module`` in place; strict refuses any mismatch before changing anything."""
-    if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
-        raise StateMismatchError(f"{where}: checkpoint holds {type(state).__name__}, not a module state dict")
-    expected = module.state_dict(keep_vars=True)
-    saved = _match_names(state, expected)
-    report = ModuleReport()
-    report.missing_keys = [k for k in expected if k not in saved]
-    report.unexpected_keys = [k for k in saved if k not in expected]
-    usable: dict[str, Any] = {}
-    for k, v in saved.items():
-        if k not in expected:
-            continue
-        want = expected[k]
-        if (
-            isinstance(v, torch.Tensor) and isinstance(want, torch.Tensor) and not is_lazy(want)
-            and v.shape != want.shape
-        ):  # an uninitialised (lazy) parameter takes its shape from the state, as in load_state_dict
-            report.mismatched_keys.append((k, tuple(v.shape), tuple(want.shape)))
-            continue
-        usable[k] = v
-    if strict and not report.clean:
-        raise StateMismatchError(report.describe(where) + " (pass strict=False to load what matches)", report)
-    try:
-        if _plain_module_tree(module) and _plain_pairs(usable, expected):
-            with torch.no_grad():
-                for k, v in usable.items():
-                    expected[k].copy_(v)
-        else:
-            module.load_state_dict(usable, strict=False)
-    except RuntimeError as exc:
-        raise StateMismatchError(f"{where}: {exc}", report) from None
-    report.loaded = list(usable)
-    return report
-
-
-_BASE_LOAD = torch.nn.Module._load_from_state_dict
-_BASE_SET_EXTRA = torch.nn.Module.set_extra_state
-
-
-def _plain_module_tree(module: torch.nn.Module) -> bool:
-    """Whether ``load_state_dict`` would do nothing but ``param.copy_(value)`` for each key of this tree.
-
-    True when no module of the tree overrides ``_load_from_state_dict`` (BatchNorm's version upgrade,
-    quantized modules) or ``set_extra_state``, none has load-state-dict pre/post hooks (lazy modules,
-    user hooks) and torch is not set to swap tensors on load. Copying directly then has the same
-    effect without torch's per-module prefix filtering of the whole state dict (quadratic in depth).
-    """
-    if torch.__future__.get_swap_module_params_on_conversion():
-        return False
-    for m in module.modules():
-        cls = type(m)
-        if (
-            cls._load_from_state_dict is not _BASE_LOAD
-            or cls.set_extra_state is not _BASE_SET_EXTRA
-            or m._load_state_dict_pre_hooks
-            or m._load_state_dict_post_hooks
-        ):
-            return False
-    return True
-
-
-def _plain_pairs(usable: Mapping[str, Any], expected: Mapping[str, Any]) -> bool:
-    """Whether every value and its destination are plain tensors of the same shape (no meta destination,
-    whose copy torch turns into a warning; no tensor subclass with its own copy semantics)."""
-    for k, v in usable.items():
-        dest = expected[k]
-        if type(v) not in _PLAIN_TENSORS or type(dest) not in _PLAIN_TENSORS or dest.is_meta or v.shape != dest.shape:
-            return False
-    return True
-
-
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-
-
-def restore_optimizer(optimizer: torch.optim.Optimizer, state: object, *, where: str) -> None:
-    """Load an optimizer state dict, turning torch's errors into a :class:`StateMismatchError`.
-
-    A state whose ``state`` or ``param_groups`` has the wrong structure can only come from a forged or
-    damaged manifest: that is an :class:`InvalidManifestError` (see
-    :func:`savegame.format.checks.check_optimizer_state`).
-    """
-    if not isinstance(state, Mapping):
-        raise StateMismatchError(f"{where}: checkpoint holds {type(state).__name__}, not an optimizer state")
-    if "state" in state or "param_groups" in state:
-        check_optimizer_state(state, where)
-    try:
-        optimizer.load_state_dict(dict(state))
-    except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as exc:
-        raise StateMismatchError(f"{where}: optimizer state does not match this optimizer: {exc}") from None
 
 
 _BASE_STATE_DICT = torch.nn.Module.state_dict

@@ -53,18 +53,9 @@ from savegame.engine.lazy import SnapshotMode
 from savegame.errors import CheckpointError, ConfigError, CorruptCheckpointError, UnsupportedFormatError
 from savegame.format.manifest import Manifest
 from savegame.format.naming import NameTemplate, validate_name
-from savegame.policies import (
-    KeepPolicy,
-    Mode,
-    Progress,
-    SavePolicy,
-    check_position,
-)
+from savegame.policies import KeepPolicy, Mode, Progress, SavePolicy, check_position
 from savegame.policies.autointerval import DEFAULT_MTBF_SECONDS
-from savegame.policies.knob_policies import AlignedSchedule as AlignedSchedule
-from savegame.policies.knob_policies import build_keep_policy as build_keep_policy
-from savegame.policies.knob_policies import build_save_policy as build_save_policy
-from savegame.policies.knob_policies import coerce_metrics as coerce_metrics
+from savegame.policies.knob_policies import AlignedSchedule, build_keep_policy, build_save_policy, coerce_metrics
 from savegame.policies.knobs import Restart, preset_knobs
 from savegame.run.checks import UnjudgedEpochs
 from savegame.run.checks import check_run_root as check_run_root
@@ -104,17 +95,10 @@ from savegame.run.timing import RunClock
 from savegame.storage import LocalStorage, storage_for
 from savegame.storage.base import CheckpointRef
 
-__all__ = [
-    "AlignedSchedule",
-    "CheckpointRecord",
-    "Checkpointer",
-    "RestoredProgress",
-    "ResumeWarning",
-    "SaveResult",
-]
+__all__ = ["AlignedSchedule", "CheckpointRecord", "Checkpointer", "RestoredProgress", "ResumeWarning", "SaveResult",
+           "build_keep_policy", "build_save_policy", "coerce_metrics"]  # fmt: skip
 
 log = logging.getLogger("savegame.run.checkpointer")
-
 
 
 # --------------------------------------------------------------------------------------------------
