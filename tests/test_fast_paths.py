@@ -61,6 +61,30 @@ def test_fast_serializer_is_byte_identical_to_json_dumps() -> None:
         M._serialize({"a": float("nan")})
 
 
+def test_a_torch_manifest_takes_the_fast_serializer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.__version__ is a str subclass (TorchVersion): once it sent every torch save's manifest to the
+    json module's pure-Python indenting encoder (half of a small model's save time)."""
+
+    class Tag(str):
+        pass
+
+    odd = {"v": Tag("2.13.0+cpu"), "w": [Tag("x\u00e9\n")]}
+    assert M._serialize(odd) == json.dumps(odd, indent=1, ensure_ascii=True).encode() + b"\n"
+
+    real_dumps = json.dumps
+
+    def no_fallback(*args: Any, **kwargs: Any) -> str:
+        assert "indent" not in kwargs, "the manifest went to the json module's indenting encoder"
+        return real_dumps(*args, **kwargs)  # the tensor files' compact headers
+
+    monkeypatch.setattr(M.json, "dumps", no_fallback)
+    M._serialize(odd)
+    model = torch.nn.Linear(3, 2)
+    savegame.save(tmp_path / "c", {"model": model, "optimizer": torch.optim.AdamW(model.parameters())})
+    monkeypatch.undo()
+    assert savegame.read_manifest(tmp_path / "c").versions["torch"] == str(torch.__version__)
+
+
 @pytest.mark.parametrize("where", ["data", "header"])
 @pytest.mark.parametrize("target", [False, True])
 def test_worker_thread_hash_catches_a_flipped_byte(tmp_path: Path, where: str, target: bool) -> None:

@@ -45,7 +45,7 @@ def framework_versions() -> dict[str, str]:
     for name in _FRAMEWORKS:
         module = sys.modules.get(name)
         if module is not None and isinstance(getattr(module, "__version__", None), str):
-            versions[name] = module.__version__
+            versions[name] = str(module.__version__)  # an exact str: torch's is a TorchVersion subclass
     return versions
 
 

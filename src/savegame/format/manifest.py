@@ -212,6 +212,8 @@ def _scalar(v: object) -> str | None:
         if not math.isfinite(v):
             raise ValueError("Out of range float values are not JSON compliant: " + repr(v))
         return float.__repr__(v)
+    if isinstance(v, str):  # a str subclass (torch's TorchVersion): json.dumps writes it as its string
+        return _encode_str(v)
     return None
 
 
