@@ -102,7 +102,8 @@ def _check_committed(info: SaveCommittedInfo, root: Path) -> None:
     assert info.bytes == manifest.total_bytes > 0
     assert manifest.progress["epoch"] == info.epoch and manifest.progress["step"] == info.step
     assert 0 < info.durable_seconds and 0 < info.blocking_seconds
-    assert info.throughput == pytest.approx(info.bytes / info.durable_seconds)
+    assert info.linked_bytes == manifest.linked_bytes
+    assert info.throughput == pytest.approx((info.bytes - info.linked_bytes) / info.durable_seconds)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -440,3 +440,30 @@ def test_format_4_fields_in_a_version_3_manifest_are_refused(tmp_path: Path) -> 
     _forge(newer, lambda raw: raw.update(format_version=3))
     with pytest.raises(InvalidManifestError, match="format version 4"):
         savegame.read_manifest(newer)
+
+
+def test_the_committed_event_says_how_much_was_linked_and_rates_only_what_was_written(tmp_path: Path) -> None:
+    """on_save_committed of an incremental save: ``bytes`` is the checkpoint's size, ``linked_bytes`` the part
+    shared with the previous one (the frozen backbone's file), and the throughput counts written bytes."""
+    from savegame.run.events import SaveCommittedInfo
+
+    infos: list[SaveCommittedInfo] = []
+
+    class Rec:
+        def on_save_committed(self, info: SaveCommittedInfo) -> None:
+            infos.append(info)
+
+    net, opt, _ = _make(0)
+    state = {"backbone": net.backbone, "head": net.head, "optimizer": opt}
+    with Checkpointer(tmp_path, incremental=True, callbacks=[Rec()]) as ckpt:
+        for _ in range(2):
+            _train_step(net, opt)
+            ckpt.save(state)
+    first, second = infos
+    assert first.linked_bytes == 0
+    manifest = savegame.read_manifest(second.path)
+    linked = {file for item in manifest.items.values() for file in item.linked}
+    assert "backbone.link1.safetensors" in linked  # the frozen backbone's tensors were not written again
+    assert second.linked_bytes == manifest.linked_bytes == sum(manifest.files[f].bytes for f in linked) > 0
+    assert second.bytes == manifest.total_bytes > second.linked_bytes
+    assert second.throughput == pytest.approx((second.bytes - second.linked_bytes) / second.durable_seconds)

@@ -69,10 +69,14 @@ class SaveStartedInfo:
 class SaveCommittedInfo:
     """A save is committed and durable.
 
-    ``bytes``: the data files' size. ``blocking_seconds``: how long the save call blocked training
+    ``bytes``: the data files' size. ``linked_bytes``: the part of ``bytes`` an incremental save
+    (``Checkpointer(incremental=True)``) shared with an earlier checkpoint by hard link or server-side
+    copy instead of writing it (0 for a full save); ``bytes - linked_bytes`` is what this save wrote.
+    ``blocking_seconds``: how long the save call blocked training
     (for a background save: waiting for the previous save, the host snapshot). ``durable_seconds``:
     from the start of the save call until the commit was durable (for a background save: measured on
-    the writer thread). ``throughput``: ``bytes / durable_seconds`` in bytes per second.
+    the writer thread). ``throughput``: bytes written (``bytes - linked_bytes``) per second of
+    ``durable_seconds``.
     """
 
     name: str
@@ -86,6 +90,7 @@ class SaveCommittedInfo:
     throughput: float
     is_best: bool
     background: bool
+    linked_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -173,7 +178,8 @@ def _rate(bytes_per_second: float) -> str:
 def describe(info: object) -> str:
     """The log line of an event (the same data the hooks receive, one format)."""
     if isinstance(info, SaveCommittedInfo):
-        return (f"saved checkpoint {info.path}{' (best)' if info.is_best else ''}: {info.bytes} bytes, "
+        linked = f" ({info.linked_bytes} of them linked, not written)" if info.linked_bytes else ""
+        return (f"saved checkpoint {info.path}{' (best)' if info.is_best else ''}: {info.bytes} bytes{linked}, "
                 f"training blocked {info.blocking_seconds:.3f} s, durable after {info.durable_seconds:.3f} s "
                 f"({_rate(info.throughput)})")  # fmt: skip
     if isinstance(info, SaveStartedInfo):

@@ -205,12 +205,14 @@ def committed_info(
     name: str, path: str, progress: Progress, manifest: Manifest, *, blocking: float, durable: float,
     is_best: bool, background: bool,
 ) -> SaveCommittedInfo:  # fmt: skip
-    """The ``on_save_committed`` info of a save (throughput over the durable time)."""
+    """The ``on_save_committed`` info of a save (throughput: the bytes written over the durable time; the
+    files an incremental save linked were not written)."""
     size = manifest.total_bytes
+    linked = manifest.linked_bytes
     return SaveCommittedInfo(
         name=name, path=path, epoch=progress.epoch, step=progress.step, metrics=frozen_metrics(progress.metrics),
-        bytes=size, blocking_seconds=blocking, durable_seconds=durable, throughput=size / max(durable, 1e-9),
-        is_best=is_best, background=background,
+        bytes=size, blocking_seconds=blocking, durable_seconds=durable,
+        throughput=(size - linked) / max(durable, 1e-9), is_best=is_best, background=background, linked_bytes=linked,
     )  # fmt: skip
 
 
