@@ -369,6 +369,34 @@ class SafetensorsSave(Contender):
         return _timed_into(wl, run)
 
 
+class SafetensorsAtomic(SafetensorsSave):
+    """safetensors made crash-atomic the way savegame commits: the file is written and fsynced in a staging
+    directory, which is fsynced, renamed into place, and the parent fsynced. A crash at any point leaves
+    either nothing or the complete checkpoint (the plain peer above can leave a directory with a partial
+    file: its rename is not ordered after the data). The difference between the two is what atomicity
+    itself costs on this disk: a second, ordered flush."""
+
+    name = "safetensors (atomic commit)"
+    has_load = False
+    has_load_into = False
+
+    def save(self, wl: Workload, path: str) -> tuple[float, float]:
+        from safetensors.torch import save_file
+
+        start = time.perf_counter()
+        staging = f"{path}.staging"
+        os.mkdir(staging)
+        file = os.path.join(staging, "checkpoint.safetensors")
+        flat, meta = flatten_for_safetensors(wl.state_dicts())
+        save_file(flat, file, metadata=meta)
+        fsync_file(file)
+        fsync_dir(staging)
+        os.rename(staging, path)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+        t = time.perf_counter() - start
+        return t, t
+
+
 class _DCPBase(Contender):
     def unavailable(self) -> str | None:
         try:
@@ -484,6 +512,73 @@ class RawWrite(Contender):
         return _timed_into(wl, run)
 
 
+class SavegameFilesLimit(Contender):
+    """The I/O floor of savegame's own layout: the files a savegame save of the workload writes (one tensor
+    file per item plus the manifest, same names and sizes, filled with other bytes), committed with the
+    same system calls and no Python work in between: staging directory, every file written, the data
+    files fsynced on worker threads while the manifest is fsynced, the staging directory fsynced, renamed,
+    the parent fsynced. What savegame's save costs above this is its CPU work (encoding, headers, hashes,
+    the manifest). Small workloads only (it holds the files' bytes in memory)."""
+
+    name = "limit: savegame's files, syscalls only"
+    group = "limit"
+    _MAX_BYTES = 16 << 20
+
+    def __init__(self) -> None:
+        self._layout: tuple[str, list[tuple[str, bytes]]] | None = None
+        self._pool: Any = None
+
+    def _files(self, wl: Workload, path: str) -> list[tuple[str, bytes]] | None:
+        if self._layout is None or self._layout[0] != wl.name:
+            import savegame
+
+            if wl.state_bytes > self._MAX_BYTES:
+                return None
+            probe = f"{path}.probe"
+            savegame.save(probe, wl.savegame_state())
+            names = sorted(os.listdir(probe), key=lambda n: n == "manifest.json")  # the manifest last
+            files = [(n, os.urandom(os.path.getsize(os.path.join(probe, n)))) for n in names]
+            import shutil
+
+            shutil.rmtree(probe)
+            self._layout = (wl.name, files)
+        return self._layout[1]
+
+    def save(self, wl: Workload, path: str) -> tuple[float, float]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        files = self._files(wl, path)
+        if files is None:
+            return float("nan"), float("nan")
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(2)
+
+        def fsync_close(fd: int) -> None:
+            os.fsync(fd)
+            os.close(fd)
+
+        start = time.perf_counter()
+        staging = f"{path}.staging"
+        os.mkdir(staging)
+        fds = []
+        for name, data in files:
+            fd = os.open(os.path.join(staging, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.write(fd, data)
+            fds.append(fd)
+        pending = [self._pool.submit(fsync_close, fd) for fd in fds[:-1]]
+        fsync_close(fds[-1])
+        for f in pending:
+            f.result()
+        fsync_dir(staging)
+        os.rename(staging, path)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+        t = time.perf_counter() - start
+        return t, t
+
+    def reset(self) -> None:
+        self._layout = None
+
+
 class Memcpy(Contender):
     """The physical limit of a snapshot: ``torch.clone`` of every tensor (fresh memory)."""
 
@@ -530,9 +625,11 @@ def all_contenders() -> list[Contender]:
         SavegameAsync(),
         TorchSave(),
         SafetensorsSave(),
+        SafetensorsAtomic(),
         DCPSave(),
         DCPAsyncSave(),
         RawWrite(),
+        SavegameFilesLimit(),
         Memcpy(),
         MemcpyWarm(),
     ]

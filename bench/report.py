@@ -15,6 +15,8 @@ SG_SYNC = "savegame sync"
 SG_ASYNC = "savegame async"
 TORCH = "torch.save"
 ST = "safetensors"
+ST_ATOMIC = "safetensors (atomic commit)"
+SG_FILES = "limit: savegame's files, syscalls only"
 RAW = "limit: write+fsync"
 MEMCPY = "limit: memcpy (clone)"
 
@@ -101,8 +103,20 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
         add("10k-parameter MLP + AdamW: durable sync save", "mlp-10k", None if v is None else v * 1e3, "<=", 5.0,
             "ms")
         # issue 19: the same bytes, hashes and fsyncs as safetensors, at least its speed
-        add("10k-parameter MLP + AdamW: durable save, safetensors time / savegame time", "mlp-10k",
-            _div(_med(data, "mlp-10k", ST, "durable"), v), ">=", 1.0)
+        st = _med(data, "mlp-10k", ST, "durable")
+        atomic = _med(data, "mlp-10k", ST_ATOMIC, "durable")
+        files = _med(data, "mlp-10k", SG_FILES, "durable")
+        notes = []
+        if st is not None and atomic is not None and v:  # what crash atomicity costs the peer itself
+            notes.append(f"safetensors made crash-atomic as savegame is: {atomic * 1e3:.2f} ms, {st / atomic:.2f}x "
+                         f"of its plain time; savegame vs that: {atomic / v:.2f}x")
+        if files is not None and st is not None and v:  # the I/O floor of savegame's layout
+            notes.append(f"floor: savegame's {files * 1e3:.2f} ms of system calls for its files leave "
+                         f"{max(st - files, 0) * 1e3:.2f} ms of safetensors' time for all its CPU work, which "
+                         f"takes {max(v - files, 0) * 1e3:.2f} ms")
+        note = f" ({'; '.join(notes)})" if notes else ""
+        add(f"10k-parameter MLP + AdamW: durable save, safetensors time / savegame time{note}", "mlp-10k",
+            _div(st, v), ">=", 1.0)
     if "10k-tiny" in present:
         add("10,000 tiny tensors: torch.save time / savegame time", "10k-tiny",
             _div(_med(data, "10k-tiny", TORCH, "durable"), _med(data, "10k-tiny", SG_SYNC, "durable")), ">=", 1.0)
