@@ -76,3 +76,29 @@ def test_best_is_an_ordinary_name_where_no_run_root_is_its_parent(tmp_path: Path
     assert (tmp_path / "experiments" / "best" / "epoch=001").is_dir()
     with Checkpointer(tmp_path / "experiments" / "best") as ckpt:  # and reopening it works
         assert ckpt.latest is not None and ckpt.latest.name == "epoch=001"
+
+
+@pytest.mark.parametrize("bad", [5, None, b"run", ["run"], 2.5])
+def test_a_path_of_the_wrong_type_is_a_config_error_everywhere(tmp_path: Path, bad: object,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """save/load/read_manifest/verify/base=/Checkpointer given an int, None, bytes or a list: a ConfigError
+    that says what was given (once a TypeError or AttributeError from deep inside), nothing written."""
+    import savegame
+
+    monkeypatch.chdir(tmp_path)
+    model = torch.nn.Linear(2, 2)
+    savegame.save("good", {"model": model})
+    before = tree(tmp_path)
+    calls = [
+        lambda: savegame.save(bad, {"model": model}),  # type: ignore[arg-type]
+        lambda: savegame.load(bad),  # type: ignore[arg-type]
+        lambda: savegame.read_manifest(bad),  # type: ignore[arg-type]
+        lambda: savegame.verify(bad),  # type: ignore[arg-type]
+        lambda: Checkpointer(bad),  # type: ignore[arg-type]
+    ]
+    if bad is not None:  # base=None is the default: a full save
+        calls.append(lambda: savegame.save("new", {"model": model}, base=bad))  # type: ignore[arg-type]
+    for call in calls:
+        with pytest.raises(ConfigError, match=type(bad).__name__):
+            call()
+    assert tree(tmp_path) == before

@@ -32,7 +32,7 @@ from savegame.format.checks import check_item_value
 from savegame.format.manifest import Manifest
 from savegame.format.tensorfile import TensorFileReader
 from savegame.format.tree import MAX_DEPTH, Decoder, Path, Where, format_path, numpy_from_node
-from savegame.storage import is_url, locate
+from savegame.storage import is_url, locate, path_text
 from savegame.storage.base import CheckpointReader, CheckpointRef, Location, PathLike, Storage
 from savegame.storage.local import LocalCheckpointReader, LocalStorage, open_local_checkpoint, remove_dead_staging_once
 
@@ -159,6 +159,8 @@ def open_checkpoint(
     if isinstance(path, CheckpointRef):
         return path.storage.reader(path.name)
     if not isinstance(path, (str, os.PathLike)):
+        if not hasattr(path, "manifest_bytes"):  # not an opened CheckpointReader either
+            path_text(path)  # raises ConfigError saying what was given
         return path
     if is_url(path):
         storage, name = locate(path, storage_options=storage_options)

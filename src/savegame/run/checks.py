@@ -12,7 +12,7 @@ import warnings
 
 from savegame.errors import ConfigError
 from savegame.run.index import ALIASES
-from savegame.storage import LocalStorage, is_url
+from savegame.storage import LocalStorage, is_url, path_text
 from savegame.storage.base import MANIFEST
 
 __all__ = ["UnjudgedEpochs", "check_run_root"]
@@ -28,7 +28,7 @@ def check_run_root(directory: str | os.PathLike[str]) -> None:
     """
     if isinstance(directory, str) and is_url(directory):
         return
-    path = os.path.abspath(os.fspath(directory))
+    path = os.path.abspath(path_text(directory, "Checkpointer: the checkpoint directory"))
     parent, base = os.path.split(path)
     if os.path.isfile(os.path.join(path, MANIFEST)):
         raise ConfigError(

@@ -37,6 +37,7 @@ __all__ = [
     "is_url",
     "locate",
     "open_local_checkpoint",
+    "path_text",
     "storage_for",
 ]
 
@@ -49,8 +50,20 @@ def is_url(path: str | os.PathLike[str]) -> bool:
     return bool(scheme) and scheme.lower() not in ("file", "local") and all(c.isalnum() or c in "+-.:" for c in scheme)
 
 
+def path_text(path: object, what: str = "path") -> str:
+    """``os.fspath(path)`` for a str or ``os.PathLike`` of str; :class:`ConfigError` for anything else
+    (an int, None, bytes, a list), naming what was given, instead of a TypeError from deep inside."""
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if not isinstance(text, str):
+        raise ConfigError(
+            f"{what} must be a local path (str or os.PathLike) or a URL like s3://bucket/run/NAME, "
+            f"got {type(path).__name__} {str(path)[:80]!r}"
+        )
+    return text
+
+
 def _local_path(path: str | os.PathLike[str]) -> str:
-    text = os.fspath(path)
+    text = path_text(path)
     for prefix in ("file://", "local://"):
         if text.startswith(prefix):
             return text[len(prefix) :]
@@ -62,6 +75,7 @@ def storage_for(
 ) -> Storage:
     """The storage for a root of checkpoints: :class:`LocalStorage` for a path (created if missing),
     :class:`RemoteStorage` for a URL, with ``storage_options`` passed to fsspec."""
+    path_text(url_or_path, "the checkpoint directory")
     if is_url(url_or_path):
         return RemoteStorage(os.fspath(url_or_path), storage_options=storage_options)
     if storage_options:
