@@ -339,6 +339,23 @@ def test_map_location(tmp_path: Path) -> None:
     assert savegame.load(tmp_path / "c", map_location={"cpu": "cpu"})["x"]["t"].device.type == "cpu"
 
 
+@pytest.mark.parametrize("where", ["gpu", "cuda:99", {"cpu": "cuda:99"}, 5.5])
+def test_a_map_location_this_machine_lacks_is_a_config_error_and_changes_nothing(tmp_path: Path, where: Any) -> None:
+    """An unknown device string, a GPU this machine does not have (a CPU-only torch: no CUDA at all): a
+    ConfigError naming map_location (once torch's AssertionError or RuntimeError), the live model untouched."""
+    if torch.cuda.device_count() > 99:
+        pytest.skip("this machine has a cuda:99")
+    model = nn.Linear(3, 2)
+    savegame.save(tmp_path / "c", {"model": model})
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    before = copy.deepcopy(model.state_dict())
+    for target in (None, {"model": model}):
+        with pytest.raises(savegame.ConfigError, match="map_location"):
+            savegame.load(tmp_path / "c", target, map_location=where)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 def test_loaded_tensors_are_writable_and_independent_of_the_file(tmp_path: Path) -> None:
     savegame.save(tmp_path / "c", {"x": {"t": torch.zeros(4)}})
     t = savegame.load(tmp_path / "c")["x"]["t"]

@@ -371,7 +371,8 @@ def load(
 
     ``map_location``: like ``torch.load``: a device (``"cpu"``, ``"cuda:1"``), a dict from saved to new
     device, or ``fn(tensor, saved_device) -> tensor``. ``None`` puts tensors back on the device they were
-    saved from when it exists (CPU otherwise, with a warning).
+    saved from when it exists (CPU otherwise, with a warning); a device this machine lacks (or a
+    device string torch does not know) raises :class:`ConfigError` before anything is restored.
     ``strict``: refuse to load into a target when keys are missing, unexpected, shaped differently or
     of another type (:class:`StateMismatchError`, raised before anything is changed); ``strict=False``
     loads what matches and lists the rest in the report.

@@ -23,7 +23,7 @@ from savegame.adapters.torch_restore import _PLAIN_TENSORS, plain_names
 from savegame.adapters.torch_restore import ModuleReport as ModuleReport  # re-exported: the restore side moved
 from savegame.adapters.torch_restore import restore_module as restore_module
 from savegame.adapters.torch_restore import restore_optimizer as restore_optimizer
-from savegame.errors import InvalidManifestError, UnsupportedTypeError
+from savegame.errors import ConfigError, InvalidManifestError, UnsupportedTypeError
 from savegame.format.checks import check_device, check_size
 from savegame.format.tensorfile import TensorData
 from savegame.format.tree import (
@@ -434,11 +434,16 @@ def _place(tensor: torch.Tensor, saved: object, map_location: MapLocation) -> to
             return tensor
     if callable(map_location):
         return map_location(tensor, saved_device)
-    if isinstance(map_location, Mapping):
-        dest = map_location.get(saved_device, saved_device)
-        return tensor if dest == "cpu" else tensor.to(dest)
-    dest_device = torch.device(map_location)
-    return tensor if dest_device.type == "cpu" else tensor.to(dest_device)
+    dest = map_location.get(saved_device, saved_device) if isinstance(map_location, Mapping) else map_location
+    try:
+        dest_device = torch.device(dest)
+        return tensor if dest_device.type == "cpu" else tensor.to(dest_device)
+    except (RuntimeError, AssertionError, TypeError) as exc:  # a bad device string, no CUDA build, no such GPU
+        raise ConfigError(
+            f"map_location={map_location!r}: cannot place a tensor saved on {saved_device} on {dest!r} here "
+            f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}); pass a device this machine "
+            "has, e.g. map_location='cpu'"
+        ) from exc
 
 
 _BASE_STATE_DICT = torch.nn.Module.state_dict
