@@ -50,8 +50,15 @@ class CopyQueue:
 
     def run(self, job: Callable[[], None]) -> None:
         """Run ``job`` (a copy of many tensors in one call, e.g. a ``torch.stack`` into a snapshot buffer)
-        on the worker, after what is queued; what it reads and writes may not be used until :meth:`wait`
-        returned."""
+        on the worker if it has finished everything handed to it so far, else here and now; what ``job``
+        reads and writes may not be used until :meth:`wait` returned.
+
+        A worker still busy is one that did not get a CPU or the GIL (it takes the GIL to start and to
+        end each job, and waits up to the interpreter's switch interval for it while the caller runs
+        Python): handing it more would only make :meth:`wait` wait for a longer backlog at the end."""
+        if self._futures and not self._futures[-1].done():
+            job()
+            return
         self.flush()
         self._futures.append(_copier.get().submit(job))
 
