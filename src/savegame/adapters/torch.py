@@ -278,17 +278,19 @@ class _SmallCopies:
         self._copy(group)
 
     def flush(self) -> None:
+        """Copy every batch not full yet, on this thread: the walk is over, so the caller would only wait
+        for the worker (which may still be copying full batches meanwhile)."""
         for group in list(self._pending):
-            self._copy(group)
+            self._copy(group, here=True)
 
-    def _copy(self, group: tuple[torch.dtype, tuple[int, ...]]) -> None:
+    def _copy(self, group: tuple[torch.dtype, tuple[int, ...]], *, here: bool = False) -> None:
         dtype, shape = group
         batch = self._pending.pop(group)
         count, size, code = len(batch.keys), batch.size, batch.code
         buf = self._enc.host_buffer(count * size)  # reused by the next snapshot (BufferPool)
         out = torch.from_numpy(buf).view(dtype).view(count, *shape)
         copies = self._enc.copies
-        if copies is None:
+        if copies is None or here:
             _stack(batch.tensors, out)
         else:  # on the snapshot worker while the walk goes on (the save call returns after it: CopyQueue.wait)
             copies.run(functools.partial(_stack, batch.tensors, out))
