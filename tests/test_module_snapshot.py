@@ -294,6 +294,17 @@ def test_a_tensor_of_an_untied_module_later_in_the_item_is_an_alias() -> None:
         assert len(fast.records) == len(plain.records) == 40
 
 
+def test_two_modules_of_one_item_sharing_a_submodule_store_it_once() -> None:
+    """The second module's walk sees the first one's noted identities (its shared tensors are aliases)."""
+    first = _blob(9)
+    second = nn.Sequential(nn.Linear(2, 2), first.params)  # first's parameters again, under other names
+    (fast,) = encode_state({"x": {"a": first, "b": second}}, copy=True)
+    (plain,) = encode_state({"x": {"a": dict(first.state_dict()), "b": dict(second.state_dict())}}, copy=True)
+    assert fast.skeleton == plain.skeleton
+    assert fast.skeleton["b"]["1.3"]["key"] == fast.skeleton["a"]["params.3"]["key"] == "a.params.3"
+    assert len(fast.records) == len(plain.records) == 9 + 2
+
+
 def test_views_at_one_address_are_aliases_only_when_identical() -> None:
     """A small tensor whose first element repeats an earlier one's address is looked up: an identical
     view is stored once, a different view of the same start (shorter, strided) is stored as itself."""
