@@ -383,3 +383,22 @@ def test_copies_on_the_snapshot_worker_are_done_before_save_returns(
     assert list(got) == list(want)
     for k, w in want.items():
         assert got[k].equal(w), k
+
+
+def test_a_background_save_inside_inference_mode(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Tensors made and saved under ``torch.inference_mode`` (an evaluation loop): the snapshot worker, a
+    thread outside inference mode, writes into buffers wrapped as normal tensors (torch refuses an
+    in-place write to an inference tensor there), small batches and large tensors alike."""
+    monkeypatch.setattr(torch_adapter, "_SMALL_BATCH_BYTES", 200)  # full batches go to the worker
+    with torch.inference_mode():
+        m = nn.Module()
+        for i in range(30):
+            m.register_buffer(f"b{i}", torch.randn(8))
+        m.register_buffer("big", torch.randn(100_000))  # over the small limit: CopyQueue.add's path
+        want = {k: v.clone() for k, v in m.state_dict().items()}
+        handle = savegame.save(tmp_path / "c", {"m": m}, background=True)
+        for v in m.state_dict().values():
+            v.add_(1)
+        handle.result()
+    got = savegame.load(tmp_path / "c")["m"]
+    assert list(got) == list(want) and all(got[k].equal(w) for k, w in want.items())

@@ -288,7 +288,8 @@ class _SmallCopies:
         batch = self._pending.pop(group)
         count, size, code = len(batch.keys), batch.size, batch.code
         buf = self._enc.host_buffer(count * size)  # reused by the next snapshot (BufferPool)
-        out = torch.from_numpy(buf).view(dtype).view(count, *shape)
+        with _normal_tensors():
+            out = torch.from_numpy(buf).view(dtype).view(count, *shape)
         copies = self._enc.copies
         if copies is None or here:
             _stack(batch.tensors, out)
@@ -304,6 +305,13 @@ class _SmallCopies:
             ]
 
         self._enc.add_records_later(records)
+
+
+def _normal_tensors() -> torch.inference_mode:
+    """Where snapshot buffers are wrapped as tensors: outside ``torch.inference_mode`` even when the save is
+    called inside it, so that the snapshot worker (a thread of its own, never in inference mode) may write
+    into them (torch refuses an in-place write to an inference tensor outside inference mode)."""
+    return torch.inference_mode(False)
 
 
 def _stack(tensors: list[torch.Tensor], out: torch.Tensor) -> None:
@@ -349,10 +357,11 @@ def _host_tensor(t: torch.Tensor, enc: Encoder) -> tuple[torch.Tensor, np.ndarra
         return t.to("cpu").contiguous(), None
     buf = enc.host_buffer(nbytes)
     same = _NUMPY_SAME_DTYPE.get(t.dtype)
-    if same is not None:  # NumPy views cost a fraction of torch's view/reshape calls
-        dest = torch.from_numpy(buf.view(same).reshape(t.shape))
-    else:
-        dest = torch.from_numpy(buf).view(t.dtype).reshape(t.shape)
+    with _normal_tensors():
+        if same is not None:  # NumPy views cost a fraction of torch's view/reshape calls
+            dest = torch.from_numpy(buf.view(same).reshape(t.shape))
+        else:
+            dest = torch.from_numpy(buf).view(t.dtype).reshape(t.shape)
     if enc.copies is not None:
         enc.copies.add(dest, t, nbytes)  # copied on the snapshot worker while the walk goes on
     else:
