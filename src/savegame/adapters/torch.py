@@ -288,8 +288,7 @@ class _SmallCopies:
         batch = self._pending.pop(group)
         count, size, code = len(batch.keys), batch.size, batch.code
         buf = self._enc.host_buffer(count * size)  # reused by the next snapshot (BufferPool)
-        with _normal_tensors():
-            out = torch.from_numpy(buf).view(dtype).view(count, *shape)
+        out = _buffer_tensor(buf, dtype, (count, *shape))
         copies = self._enc.copies
         if copies is None or here:
             _stack(batch.tensors, out)
@@ -307,11 +306,19 @@ class _SmallCopies:
         self._enc.add_records_later(records)
 
 
-def _normal_tensors() -> torch.inference_mode:
-    """Where snapshot buffers are wrapped as tensors: outside ``torch.inference_mode`` even when the save is
-    called inside it, so that the snapshot worker (a thread of its own, never in inference mode) may write
-    into them (torch refuses an in-place write to an inference tensor outside inference mode)."""
-    return torch.inference_mode(False)
+def _buffer_tensor(buf: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """The uint8 snapshot buffer ``buf`` as a tensor of ``dtype`` and ``shape`` (no copy).
+
+    Always a normal tensor, also when the save is called inside ``torch.inference_mode``: the snapshot
+    worker (a thread of its own, never in inference mode) writes into it, and torch refuses an in-place
+    write to an inference tensor outside inference mode."""
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False):
+            return _buffer_tensor(buf, dtype, shape)
+    same = _NUMPY_SAME_DTYPE.get(dtype)
+    if same is not None:  # NumPy views cost a fraction of torch's view/reshape calls
+        return torch.from_numpy(buf.view(same).reshape(shape))
+    return torch.from_numpy(buf).view(dtype).reshape(shape)
 
 
 def _stack(tensors: list[torch.Tensor], out: torch.Tensor) -> None:
@@ -356,12 +363,7 @@ def _host_tensor(t: torch.Tensor, enc: Encoder) -> tuple[torch.Tensor, np.ndarra
     if not on_cpu:
         return t.to("cpu").contiguous(), None
     buf = enc.host_buffer(nbytes)
-    same = _NUMPY_SAME_DTYPE.get(t.dtype)
-    with _normal_tensors():
-        if same is not None:  # NumPy views cost a fraction of torch's view/reshape calls
-            dest = torch.from_numpy(buf.view(same).reshape(t.shape))
-        else:
-            dest = torch.from_numpy(buf).view(t.dtype).reshape(t.shape)
+    dest = _buffer_tensor(buf, t.dtype, t.shape)
     if enc.copies is not None:
         enc.copies.add(dest, t, nbytes)  # copied on the snapshot worker while the walk goes on
     else:
