@@ -269,3 +269,136 @@ def test_full_batches_are_copied_during_the_walk(monkeypatch: pytest.MonkeyPatch
     handle.result()
     got = savegame.load(tmp_path / "c")["m"]
     assert got.keys() == want.keys() and all(got[k].equal(w) for k, w in want.items())
+
+
+# --- the walk's fast paths: names taken as they are, identities noted, copies on the snapshot worker ---------
+
+
+def _blob(n: int = 40) -> nn.Module:
+    """Many small parameters, no two sharing memory (the walk notes their identities without a lookup)."""
+    torch.manual_seed(3)
+    m = nn.Module()
+    m.params = nn.ParameterList([nn.Parameter(torch.randn(*[(8,), (2, 3), (5,)][i % 3])) for i in range(n)])
+    return m
+
+
+def test_a_tensor_of_an_untied_module_later_in_the_item_is_an_alias() -> None:
+    """The identities the walk only noted are found by a later lookup of the same item (both orders)."""
+    m = _blob()
+    for order in (("m", "w"), ("w", "m")):
+        value = {k: m if k == "m" else m.params[4] for k in order}
+        (fast,) = encode_state({"x": value}, copy=True)
+        (plain,) = encode_state({"x": {k: dict(m.state_dict()) if k == "m" else m.params[4] for k in order}}, copy=True)
+        assert fast.skeleton == plain.skeleton
+        assert fast.skeleton["w"]["key"] == fast.skeleton["m"]["params.4"]["key"]
+        assert len(fast.records) == len(plain.records) == 40
+
+
+def test_two_modules_of_one_item_sharing_a_submodule_store_it_once() -> None:
+    """The second module's walk sees the first one's noted identities (its shared tensors are aliases)."""
+    first = _blob(9)
+    second = nn.Sequential(nn.Linear(2, 2), first.params)  # first's parameters again, under other names
+    (fast,) = encode_state({"x": {"a": first, "b": second}}, copy=True)
+    (plain,) = encode_state({"x": {"a": dict(first.state_dict()), "b": dict(second.state_dict())}}, copy=True)
+    assert fast.skeleton == plain.skeleton
+    assert fast.skeleton["b"]["1.3"]["key"] == fast.skeleton["a"]["params.3"]["key"] == "a.params.3"
+    assert len(fast.records) == len(plain.records) == 9 + 2
+
+
+def test_views_at_one_address_are_aliases_only_when_identical() -> None:
+    """A small tensor whose first element repeats an earlier one's address is looked up: an identical
+    view is stored once, a different view of the same start (shorter, strided) is stored as itself."""
+    m = _blob(6)
+    base = torch.arange(12.0)
+    m.register_buffer("a", base)
+    m.register_buffer("head", base[:4])  # same address, other shape
+    m.register_buffer("again", base.view(12))  # the same view: an alias of "a"
+    m.register_buffer("every_other", base[::2])  # same address, strided
+    m.register_buffer("after", torch.ones(3))  # after the walk turned to lookups
+    skeleton, records = _encode(m)
+    assert (skeleton, records) == _encode_state_dict(m)
+    assert skeleton["again"]["key"] == skeleton["a"]["key"]
+    assert len({skeleton[k]["key"] for k in ("a", "head", "every_other", "after")}) == 4
+
+
+def test_names_already_taken_in_the_item_get_the_codec_suffixes() -> None:
+    """When a module's names are not free (an earlier key of the item, the format's reserved name), each
+    goes through reserve_name in order and gets the suffix the codec's own path gives it."""
+    m = _blob(4)
+    taken = torch.zeros(2)
+    (fast,) = encode_state({"x": {"m.params.1": taken, "m": m}}, copy=True)
+    (plain,) = encode_state({"x": {"m.params.1": taken, "m": dict(m.state_dict())}}, copy=True)
+    assert fast.skeleton == plain.skeleton
+    assert fast.skeleton["m"]["params.1"]["key"] == "m.params.1#2"
+    reserved = nn.Module()
+    reserved.register_parameter("__metadata__", nn.Parameter(torch.ones(2)))
+    reserved.register_buffer("b", torch.zeros(3))
+    skeleton, records = _encode(reserved)
+    assert (skeleton, records) == _encode_state_dict(reserved)
+    assert skeleton["__metadata__"]["key"] == "__metadata__#2"
+
+
+def _changed_after_return(m: nn.Module) -> None:
+    """Every way of changing a parameter behind the snapshot's back: in place, through ``.data``, through a
+    NumPy view, and by swapping its memory (``.data =``: the old memory may then be freed and reused)."""
+    params = list(m.parameters())
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            kind = i % 4
+            if kind == 0:
+                p.mul_(-2).add_(1)
+            elif kind == 1:
+                p.data.fill_(7.0)
+            elif kind == 2:
+                p.detach().numpy()[...] = -5.0
+            else:
+                p.data = torch.full_like(p, 9.0)
+
+
+@pytest.mark.parametrize("snapshot", ["eager", "lazy"])
+def test_copies_on_the_snapshot_worker_are_done_before_save_returns(
+    snapshot: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The batched copies of small tensors run on the snapshot worker, here late (each one waits first): a
+    save that returned before they finished would store the changes made right after it returned. Lazy
+    snapshots copy small tensors eagerly too (their ``.data`` and NumPy writes are invisible to version
+    counters)."""
+    import time
+
+    real = torch_adapter._stack
+
+    def late(tensors: list[torch.Tensor], out: torch.Tensor) -> None:
+        time.sleep(0.05)
+        real(tensors, out)
+
+    monkeypatch.setattr(torch_adapter, "_stack", late)
+    monkeypatch.setattr(torch_adapter, "_SMALL_BATCH_BYTES", 200)  # several batches, interleaved shapes
+    m = _blob()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    want = {k: v.clone() for k, v in m.state_dict().items()}
+    handle = savegame.save(tmp_path / "c", {"m": m, "opt": opt}, background=True, snapshot=snapshot)
+    _changed_after_return(m)
+    handle.result()
+    got = savegame.load(tmp_path / "c")["m"]
+    assert list(got) == list(want)
+    for k, w in want.items():
+        assert got[k].equal(w), k
+
+
+def test_a_background_save_inside_inference_mode(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Tensors made and saved under ``torch.inference_mode`` (an evaluation loop): the snapshot worker, a
+    thread outside inference mode, writes into buffers wrapped as normal tensors (torch refuses an
+    in-place write to an inference tensor there), small batches and large tensors alike."""
+    monkeypatch.setattr(torch_adapter, "_SMALL_BATCH_BYTES", 200)  # full batches go to the worker
+    with torch.inference_mode():
+        m = nn.Module()
+        for i in range(30):
+            m.register_buffer(f"b{i}", torch.randn(8))
+        m.register_buffer("big", torch.randn(100_000))  # over the small limit: CopyQueue.add's path
+        want = {k: v.clone() for k, v in m.state_dict().items()}
+        handle = savegame.save(tmp_path / "c", {"m": m}, background=True)
+        for v in m.state_dict().values():
+            v.add_(1)
+        handle.result()
+    got = savegame.load(tmp_path / "c")["m"]
+    assert list(got) == list(want) and all(got[k].equal(w) for k, w in want.items())

@@ -9,6 +9,7 @@ only when every copy is done (the save call returns after it, so the live tensor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -46,6 +47,20 @@ class CopyQueue:
         self._bytes += nbytes
         if self._bytes >= _BATCH_BYTES or len(self._batch) >= _BATCH_COUNT:
             self.flush()
+
+    def run(self, job: Callable[[], None]) -> None:
+        """Run ``job`` (a copy of many tensors in one call, e.g. a ``torch.stack`` into a snapshot buffer)
+        on the worker if it has finished everything handed to it so far, else here and now; what ``job``
+        reads and writes may not be used until :meth:`wait` returned.
+
+        A worker still busy is one that did not get a CPU or the GIL (it takes the GIL to start and to
+        end each job, and waits up to the interpreter's switch interval for it while the caller runs
+        Python): handing it more would only make :meth:`wait` wait for a longer backlog at the end."""
+        if self._futures and not self._futures[-1].done():
+            job()
+            return
+        self.flush()
+        self._futures.append(_copier.get().submit(job))
 
     def flush(self) -> None:
         """Hand what is queued to the worker now (without waiting)."""

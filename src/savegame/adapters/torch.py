@@ -11,6 +11,7 @@ Modules and optimizers are restored in place by :mod:`savegame.adapters.torch_re
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 from collections.abc import Callable, Mapping
@@ -28,7 +29,6 @@ from savegame.format.checks import check_device, check_size
 from savegame.format.tensorfile import TensorData
 from savegame.format.tree import (
     MAX_DEPTH,
-    MAX_KEY_CHARS,
     ArrayRecord,
     Encoder,
     Path,
@@ -209,6 +209,10 @@ _SMALL_BATCH_BYTES = 16 << 20
 _BATCHABLE = frozenset(d for d in _CODES if not d.is_complex)
 """Dtypes copied in batches: complex tensors may carry lazy conjugate/negative bits, which must be
 resolved first; they keep the per-tensor path."""
+_SMALL_SPECS: dict[torch.dtype, tuple[str, str | None]] = {
+    d: (code, logical) for d, (code, logical, trailing) in _CODES.items() if d in _BATCHABLE and trailing == 1
+}
+"""Stored code and logical name of each batchable dtype (stored with the tensor's own shape)."""
 
 
 def _small_copies(enc: Encoder) -> _SmallCopies:
@@ -229,9 +233,11 @@ class _SmallCopies:
     :meth:`Encoder.finish`) stacks the batch (one ``torch.stack`` of tensors of the same dtype and shape:
     models and their optimizer states repeat a few shapes) into one snapshot buffer (reused by the next
     save of the same sizes, as every snapshot buffer is) and records each entry with its slice.
-    The copies run on the caller's thread before the save call returns, so later changes to the live
-    tensors cannot reach the snapshot; building the records (one per tensor, over bytes already final)
-    may wait for the writer thread (:meth:`Encoder.add_records_later`).
+    In a background save the copies run on the snapshot worker while the walk goes on (``torch.stack``
+    releases the GIL), and the save call returns only once they are done (:meth:`CopyQueue.wait
+    <savegame._util.copyqueue.CopyQueue.wait>`), so later changes to the live tensors cannot reach the
+    snapshot; without a copy queue they run at once. Building the records (one per tensor, over bytes
+    already final) may wait for the writer thread (:meth:`Encoder.add_records_later`).
     """
 
     def __init__(self, enc: Encoder) -> None:
@@ -272,17 +278,22 @@ class _SmallCopies:
         self._copy(group)
 
     def flush(self) -> None:
+        """Copy every batch not full yet, on this thread: the walk is over, so the caller would only wait
+        for the worker (which may still be copying full batches meanwhile)."""
         for group in list(self._pending):
-            self._copy(group)
+            self._copy(group, here=True)
 
-    def _copy(self, group: tuple[torch.dtype, tuple[int, ...]]) -> None:
+    def _copy(self, group: tuple[torch.dtype, tuple[int, ...]], *, here: bool = False) -> None:
         dtype, shape = group
         batch = self._pending.pop(group)
         count, size, code = len(batch.keys), batch.size, batch.code
         buf = self._enc.host_buffer(count * size)  # reused by the next snapshot (BufferPool)
-        with torch.no_grad():  # one copy for the group: strided or not, every tensor in row-major order
-            torch.stack(batch.tensors, out=torch.from_numpy(buf).view(dtype).view(count, *shape))
-        batch.tensors.clear()  # the live tensors are not kept past the copy
+        out = _buffer_tensor(buf, dtype, (count, *shape))
+        copies = self._enc.copies
+        if copies is None or here:
+            _stack(batch.tensors, out)
+        else:  # on the snapshot worker while the walk goes on (the save call returns after it: CopyQueue.wait)
+            copies.run(functools.partial(_stack, batch.tensors, out))
         keys = batch.keys
 
         def records() -> list[ArrayRecord]:  # the bytes are final: building them may wait (add_records_later)
@@ -293,6 +304,28 @@ class _SmallCopies:
             ]
 
         self._enc.add_records_later(records)
+
+
+def _buffer_tensor(buf: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """The uint8 snapshot buffer ``buf`` as a tensor of ``dtype`` and ``shape`` (no copy).
+
+    Always a normal tensor, also when the save is called inside ``torch.inference_mode``: the snapshot
+    worker (a thread of its own, never in inference mode) writes into it, and torch refuses an in-place
+    write to an inference tensor outside inference mode."""
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False):
+            return _buffer_tensor(buf, dtype, shape)
+    same = _NUMPY_SAME_DTYPE.get(dtype)
+    if same is not None:  # NumPy views cost a fraction of torch's view/reshape calls
+        return torch.from_numpy(buf.view(same).reshape(shape))
+    return torch.from_numpy(buf).view(dtype).reshape(shape)
+
+
+def _stack(tensors: list[torch.Tensor], out: torch.Tensor) -> None:
+    """Copy ``tensors`` (one dtype and shape) into the rows of ``out``: one C++ call for the group, strided
+    or not, every tensor in row-major order, bit for bit (a copy within one dtype converts nothing)."""
+    with torch.no_grad():  # (grad mode is per thread: set here, where the copy runs)
+        torch.stack(tensors, out=out)
 
 
 class _Batch:
@@ -330,11 +363,7 @@ def _host_tensor(t: torch.Tensor, enc: Encoder) -> tuple[torch.Tensor, np.ndarra
     if not on_cpu:
         return t.to("cpu").contiguous(), None
     buf = enc.host_buffer(nbytes)
-    same = _NUMPY_SAME_DTYPE.get(t.dtype)
-    if same is not None:  # NumPy views cost a fraction of torch's view/reshape calls
-        dest = torch.from_numpy(buf.view(same).reshape(t.shape))
-    else:
-        dest = torch.from_numpy(buf).view(t.dtype).reshape(t.shape)
+    dest = _buffer_tensor(buf, t.dtype, t.shape)
     if enc.copies is not None:
         enc.copies.add(dest, t, nbytes)  # copied on the snapshot worker while the walk goes on
     else:
@@ -512,43 +541,91 @@ def encode_module(module: torch.nn.Module, path: Path, enc: Encoder) -> dict[str
     state = plain_names(live)
     if "$" in state:
         return None
-    small = _small_copies(enc)
     prefix = ".".join(map(str, path[enc.key_skip :]))
     prefix = f"{prefix}." if prefix else ""
-    seen, reserve = enc.alias_of, enc.reserve_name  # (a loop of 10,000s: no attribute lookups)
+    names = [prefix + key for key in state] if prefix else list(state)
+    as_is = enc.names_free(names)  # the common case: every small tensor is stored under its own name
     node: dict[str, Any] = {}
+    _walk_small(state, names, as_is, path, enc, node)
+    return node
+
+
+def _walk_small(
+    state: dict[str, Any], names: list[str], as_is: bool, path: Path, enc: Encoder, node: dict[str, Any]
+) -> None:
+    """:func:`encode_module`'s loop: fill ``node`` (the skeleton, in ``state``'s order) and hand each
+    small CPU tensor to the batched copy (:class:`_SmallCopies`); any other tensor goes through the codec.
+
+    Keys: with ``as_is`` (:meth:`Encoder.names_free` said so for ``names``) a new small tensor's key is its
+    name, claimed after the loop (the only keys reserved meanwhile are those of this state's other tensors,
+    encoded by the codec under their own, different names); otherwise each name goes through
+    :meth:`Encoder.reserve_name` in order, as the codec's path does.
+
+    Aliases (tied weights): an alias has the same first-element address as what it aliases, so while no
+    small tensor's address repeats one seen before (this walk's or the encoder's table's), each is new and
+    its identity is only noted (:meth:`Encoder.note_identities`: no hashing of identity tuples); from the
+    first repeat on, every identity is looked up in the encoder's table, exactly as the codec does.
+    One loop over 10,000s of tensors: no attribute lookups or calls in it that are not needed.
+    """
+    small = _small_copies(enc)
+    seen = enc.alias_table()
+    addresses = {i[1] for i in seen if i[0] == "torch"}  # (an alias of these has one of their addresses)
+    exact = not as_is  # look every identity up (after an address repeated, or when names need reserving)
+    reserve, encode, address_seen, known = enc.reserve_name, enc.encode, addresses.add, addresses.__contains__
+    specs, plain, strided, cpu = _SMALL_SPECS, _PLAIN_TENSORS, _STRIDED, _CPU
+    fresh: list[str] = []  # the names used as they are (with as_is)
+    identities: list[tuple[object, ...]] = []  # fresh[i]'s identity, until the walk turns exact
+    used, noted = fresh.append, identities.append
     last: tuple[object, ...] | None = None  # the previous tensor's dtype and shape (models repeat them)
     batch = _Batch("", 1)
-    for key, t in state.items():
-        if type(t) in _PLAIN_TENSORS and t.is_cpu and (dtype := t.dtype) in _BATCHABLE:
+    add_tensor, add_key = batch.tensors.append, batch.keys.append
+    for (key, t), name in zip(state.items(), names):
+        if type(t) in plain and t.is_cpu and (spec := specs.get(dtype := t.dtype)) is not None:
             nbytes = t.nbytes
-            if 0 < nbytes <= SMALL_TENSOR_BYTES and t.layout is _STRIDED and not t.is_nested:
-                shape = tuple(t.shape)
-                stride = None if t.is_contiguous() else t.stride()
-                identity = ("torch", t.data_ptr(), shape, stride, dtype, _CPU)  # as encode_hook's
-                code, logical, trailing = _CODES[dtype]
-                name = seen(identity)
-                if name is None:
-                    name = prefix + key
-                    if len(name) > MAX_KEY_CHARS or not name.isascii():
-                        name = safe_key(name)
-                    name = reserve(name, identity)
-                    group = (dtype, shape if trailing == 1 else (*shape, trailing))
+            if 0 < nbytes <= SMALL_TENSOR_BYTES and t.layout is strided and not t.is_nested:
+                shape = t.shape  # a torch.Size: a tuple, equal to and hashed as encode_hook's tuple(shape)
+                address = t.data_ptr()
+                identity = ("torch", address, shape, None if t.is_contiguous() else t.stride(), dtype, cpu)
+                if not exact and known(address):  # maybe an alias: from here on, look every identity up
+                    seen.update(zip(identities, fresh))
+                    exact = True
+                if not exact:
+                    address_seen(address)
+                    noted(identity)
+                    used(name)
+                    new = True
+                elif as_is:
+                    taken = seen.setdefault(identity, name)
+                    new = taken is name
+                    if new:
+                        used(name)
+                    else:
+                        name = taken
+                else:
+                    found = seen.get(identity)
+                    new = found is None
+                    name = reserve(safe_key(name), identity) if found is None else found
+                if new:
+                    group = (dtype, shape)
                     if group != last or not batch.left:
-                        batch = small.batch(group, code, nbytes)
+                        batch = small.batch(group, spec[0], nbytes)
+                        add_tensor, add_key = batch.tensors.append, batch.keys.append
                         last = group
-                    batch.tensors.append(t)
-                    batch.keys.append(name)
+                    add_tensor(t)
+                    add_key(name)
                     batch.left -= 1
                     if not batch.left:
                         small.copy(group)
-                if logical is None:
+                if spec[1] is None:
                     node[key] = {"$": "tensor", "key": name}
                 else:
-                    node[key] = {"$": "tensor", "dtype": logical, "shape": list(shape), "key": name}
+                    node[key] = {"$": "tensor", "dtype": spec[1], "shape": list(shape), "key": name}
                 continue
-        node[key] = enc.encode(t.detach(), (*path, key))
-    return node
+        node[key] = encode(t.detach(), (*path, key))
+    if not exact:
+        enc.note_identities(identities, fresh)
+    if as_is:
+        enc.claim_names(fresh)
 
 
 def capture_module(module: torch.nn.Module) -> dict[str, Any]:

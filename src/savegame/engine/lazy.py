@@ -292,6 +292,9 @@ class _DeferringQueue(CopyQueue):
         if not self._lazy.defer(dest, src, nbytes):
             self._eager.add(dest, src, nbytes)
 
+    def run(self, job: Callable[[], None]) -> None:
+        self._eager.run(job)  # (batched copies of small tensors: eager, awaited with the save's own queue)
+
     def wait(self) -> None:
         self._eager.wait()
 

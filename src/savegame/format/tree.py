@@ -36,7 +36,7 @@ import re
 import struct
 import sys
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -162,6 +162,8 @@ class Encoder:
     records: list[ArrayRecord] = field(default_factory=list)
     _names: set[str] = field(default_factory=set)
     _seen: dict[tuple[object, ...], str] = field(default_factory=dict)
+    _unseen: list[tuple[list[tuple[object, ...]], list[str]]] = field(default_factory=list)
+    """Identities taken with :meth:`note_identities`, entered into ``_seen`` when it is next read."""
     finishers: list[Callable[[], None]] = field(default_factory=list)
     """Run by :meth:`finish` once the walk is done: hooks that batch work over many arrays (one copy of
     every small tensor of a snapshot) register here and fill in their records' bytes then."""
@@ -176,6 +178,8 @@ class Encoder:
     # -- array registration (used by the hooks) ----------------------------------------------------
     def alias_of(self, identity: tuple[object, ...]) -> str | None:
         """The key already stored for an identical view of the same memory (tied weights), if any."""
+        if self._unseen:
+            self._enter_unseen()
         return self._seen.get(identity)
 
     def add_array(
@@ -208,8 +212,47 @@ class Encoder:
             key = f"{base}#{n}"
         self._names.add(key)
         if identity is not None:
+            if self._unseen:
+                self._enter_unseen()
             self._seen[identity] = key
         return key
+
+    def alias_table(self) -> dict[tuple[object, ...], str]:
+        """The table behind :meth:`alias_of` (identity -> key), for a hook that names 10,000s of arrays in
+        one loop: a dict lookup and store per array instead of two method calls (it must store an
+        identity whenever it takes a key for it, as :meth:`reserve_name` does)."""
+        if self._unseen:
+            self._enter_unseen()
+        return self._seen
+
+    def note_identities(self, identities: list[tuple[object, ...]], keys: list[str]) -> None:
+        """Record that ``identities[i]`` is stored under ``keys[i]``, as :meth:`reserve_name` does, without
+        building the table entries unless the walk asks :meth:`alias_of` (or :meth:`alias_table`) again:
+        most items are one module whose walk found no alias among its own tensors (hashing 10,000 identity
+        tuples nobody looks up costs as much as the rest of that walk). The caller guarantees that none of
+        ``identities`` is in the table yet and that they are distinct; the lists are owned from now on."""
+        if identities:
+            self._unseen.append((identities, keys))
+
+    def _enter_unseen(self) -> None:
+        pending, self._unseen = self._unseen, []
+        for identities, keys in pending:
+            for identity, key in zip(identities, keys):
+                self._seen.setdefault(identity, key)
+
+    def names_free(self, names: Collection[str]) -> bool:
+        """Whether :meth:`reserve_name` would give each of ``names`` (distinct) exactly itself: none is
+        empty, taken already or the format's reserved name, and each is what :func:`safe_key` makes of it
+        (ASCII, at most :data:`MAX_KEY_CHARS`). A hook that checked this for the names of its arrays (one
+        set operation) may then use them as they are and :meth:`claim_names` the ones it used, provided
+        nothing it reserves in between can take one of them (its other arrays have other names)."""
+        if RESERVED_NAME in names or "" in names or not self._names.isdisjoint(names):
+            return False
+        return "".join(names).isascii() and max(map(len, names), default=0) <= MAX_KEY_CHARS
+
+    def claim_names(self, names: Iterable[str]) -> None:
+        """Take ``names`` (checked with :meth:`names_free`) for arrays that use them as they are."""
+        self._names.update(names)
 
     def add_records_later(self, build: Callable[[], list[ArrayRecord]]) -> None:
         """Records whose bytes are already final, built by ``build`` now or, with :attr:`defer_records`,
