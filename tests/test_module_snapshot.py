@@ -1,4 +1,4 @@
-"""Background snapshots of modules from their live tensors (adapters/torch.py ``encode_module``).
+"""Background snapshots of modules from their live tensors (adapters/torch_modules.py ``encode_module``).
 
 A snapshot of a plain module skips ``state_dict()`` (one ``detach()`` per tensor) and reads the
 parameters and persistent buffers directly. It must store exactly what encoding ``state_dict()``
@@ -19,6 +19,7 @@ from torch import nn
 
 import savegame
 from savegame.adapters import torch as torch_adapter
+from savegame.adapters import torch_modules
 from savegame.engine.writer import encode_state
 
 
@@ -60,7 +61,7 @@ def _encode_state_dict(module: nn.Module) -> tuple[Any, dict[str, tuple[str, tup
 
 def test_a_plain_module_is_read_from_its_live_tensors() -> None:
     m = Mixed()
-    live = torch_adapter.live_state(m)
+    live = torch_modules.live_state(m)
     assert live is not None
     assert list(live) == list(m.state_dict())  # same keys, same order
     assert all(live[k] is v for k, v in m.state_dict(keep_vars=True).items())  # the live tensors, no detach
@@ -173,7 +174,7 @@ FALLBACKS = {
 
 @pytest.mark.parametrize("make", FALLBACKS.values(), ids=list(FALLBACKS))
 def test_modules_whose_state_dict_does_more_are_not_read_live(make: Any) -> None:
-    assert torch_adapter.live_state(make()) is None
+    assert torch_modules.live_state(make()) is None
 
 
 @pytest.mark.parametrize("make", FALLBACKS.values(), ids=list(FALLBACKS))

@@ -140,14 +140,14 @@ class TorchModuleAdapter(BaseAdapter):
         return "torch.nn.Module"
 
     def capture(self, obj: object, where: str) -> object:
-        from savegame.adapters.torch import capture_module
+        from savegame.adapters.torch_modules import capture_module
 
         return capture_module(obj)  # type: ignore[arg-type]
 
     def encode_live(self, obj: object, path: Path, enc: Encoder) -> dict[str, Any] | None:
         """A snapshot's module state from the live tensors when ``state_dict()`` would only detach them
-        (``adapters.torch.encode_module``; None falls back to :meth:`capture`)."""
-        from savegame.adapters.torch import encode_module
+        (``adapters.torch_modules.encode_module``; None falls back to :meth:`capture`)."""
+        from savegame.adapters.torch_modules import encode_module
 
         return encode_module(obj, path, enc)  # type: ignore[arg-type]
 
