@@ -52,6 +52,8 @@ def _match_names(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> dict[
     only by ``torch.compile``'s ``_orig_mod.`` segments or DDP's ``module.`` prefix, either way round:
     a compiled model's checkpoint loads into the plain model, a plain one into the compiled model, and
     either into or out of DDP. Keys that match nothing keep their saved name (reported unexpected)."""
+    if saved.keys() == expected.keys():  # the usual case: nothing to rename (the walk below would agree)
+        return dict(saved)
     live = {_plain_name(k): k for k in expected}
     if len(live) != len(expected):  # ambiguous without the segments: exact names only
         live = {k: k for k in expected}
@@ -74,7 +76,11 @@ def restore_module(module: torch.nn.Module, state: object, *, strict: bool, wher
     """Load ``state`` into ``module`` in place; strict refuses any mismatch before changing anything."""
     if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
         raise StateMismatchError(f"{where}: checkpoint holds {type(state).__name__}, not a module state dict")
-    expected = module.state_dict(keep_vars=True)
+    from savegame.adapters.torch import live_state  # imported here: that module imports this one
+
+    expected = live_state(module)  # state_dict(keep_vars=True) without its bookkeeping, when they agree
+    if expected is None:
+        expected = module.state_dict(keep_vars=True)
     saved = _match_names(state, expected)
     report = ModuleReport()
     report.missing_keys = [k for k in expected if k not in saved]
