@@ -274,3 +274,24 @@ def _loaded_into_optimizer(path: Path) -> dict[str, Any]:
     model, opt = _model_and_optimizer()
     savegame.load(path, {"model": model, "optimizer": opt})
     return opt.state_dict()
+
+
+def test_opening_without_a_stat_first_keeps_every_error(tmp_path: Path) -> None:
+    """open_local_checkpoint opens the directory straight away (no lexists first); each way a path can
+    fail to be a checkpoint still raises the same error, and a refused staging directory is closed."""
+    from savegame.errors import CheckpointNotFoundError, NotACheckpointError
+    from savegame.storage.base import STAGING_PREFIX
+
+    (tmp_path / "file").write_bytes(b"x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for missing in ("nowhere", "file/ckpt", "dangling", f"{STAGING_PREFIX}gone"):
+        with pytest.raises(CheckpointNotFoundError):
+            open_local_checkpoint(tmp_path / missing)
+    with pytest.raises(NotACheckpointError, match="not a directory"):
+        open_local_checkpoint(tmp_path / "file")
+    savegame.save(tmp_path / "c", {"x": 1})
+    os.rename(tmp_path / "c", tmp_path / f"{STAGING_PREFIX}c")
+    before = _open_fds()
+    with pytest.raises(NotACheckpointError, match="unfinished save"):
+        open_local_checkpoint(tmp_path / f"{STAGING_PREFIX}c")
+    assert _open_fds() == before

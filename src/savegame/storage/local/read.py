@@ -39,19 +39,20 @@ def open_local_checkpoint(path: str | os.PathLike[str]) -> LocalCheckpointReader
     directory, a staging directory, or no manifest that is a regular file).
     """
     full = os.path.abspath(os.fspath(path))
-    if not os.path.lexists(full):
-        raise CheckpointNotFoundError(f"{full}: no such checkpoint")
-    if os.path.basename(full).startswith(STAGING_PREFIX):
-        raise NotACheckpointError(f"{full}: an unfinished save (staging directory), not a checkpoint")
     reader = LocalCheckpointReader(full)
     try:
-        reader.dir_fd()
+        reader.dir_fd()  # nothing there (a dangling symlink included) raises FileNotFoundError: no stat first
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{full}: no such checkpoint") from None
     except NotADirectoryError:
+        if not os.path.lexists(full):  # a path through a file ("a.txt/ckpt"): nothing there
+            raise CheckpointNotFoundError(f"{full}: no such checkpoint") from None
         raise NotACheckpointError(f"{full}: not a directory (a savegame checkpoint is a directory)") from None
     except OSError as exc:
         raise StorageError(exc.errno, f"{full}: cannot open the checkpoint: {exc.strerror or exc}") from exc
+    if os.path.basename(full).startswith(STAGING_PREFIX):
+        reader.close()
+        raise NotACheckpointError(f"{full}: an unfinished save (staging directory), not a checkpoint")
     try:
         st = os.stat(MANIFEST, dir_fd=reader.dir_fd(), follow_symlinks=False)
     except FileNotFoundError:
