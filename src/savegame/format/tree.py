@@ -357,7 +357,10 @@ class Decoder:
             raise InvalidManifestError(too_deep(f"{format_path(path[:20])}...", "skeleton"))
         t = type(node)
         if t is dict and "$" in node:  # the most common node passed here (leaves mostly take _plain_leaf)
-            return self._decode_tagged(node["$"], node, path)
+            tag = node["$"]
+            if (tag == "tensor" or tag == "ndarray") and self.resolve is not None and type(node.get("key")) is str:
+                return self.resolve(node, path)  # an array with a valid key: what _decode_tagged would do
+            return self._decode_tagged(tag, node, path)
         if node is None or t is bool or t is int or t is float:
             return node
         if t is str:
