@@ -83,7 +83,7 @@ def _read_aligned(fd: int, size: int, where: str) -> memoryview:
     """All ``size`` bytes of ``fd`` in fresh, writable memory starting on a 64-byte boundary (the alignment
     a framework's own allocations have, so tensors can be views of it; see ``api._zero_copy_for``)."""
     block = np.empty(size + 63, dtype=np.uint8)
-    start = -block.ctypes.data % 64
+    start = -block.__array_interface__["data"][0] % 64  # not .ctypes: a Python helper object per call
     view = block[start : start + size].data  # a memoryview of the aligned part
     done = 0
     while done < size:
