@@ -295,3 +295,26 @@ def test_opening_without_a_stat_first_keeps_every_error(tmp_path: Path) -> None:
     with pytest.raises(NotACheckpointError, match="unfinished save"):
         open_local_checkpoint(tmp_path / f"{STAGING_PREFIX}c")
     assert _open_fds() == before
+
+
+def test_checked_block_runs_every_check_and_reports_a_mismatch_first() -> None:
+    """verifier.checked (a plain context manager now): every deferred check runs when the block ends, also
+    when the block fails; a mismatch found then is what is raised, with the block's error as context."""
+    from savegame.engine.verifier import checked
+
+    ran: list[int] = []
+
+    def mismatch() -> None:
+        ran.append(0)
+        raise HashMismatchError("damaged")
+
+    with checked([lambda: ran.append(1)]):
+        pass
+    with pytest.raises(ValueError), checked([lambda: ran.append(2)]):
+        raise ValueError("decode failed")
+    with pytest.raises(HashMismatchError) as info, checked([mismatch, lambda: ran.append(3)]):
+        raise ValueError("decode failed")
+    assert isinstance(info.value.__context__, ValueError)
+    with pytest.raises(HashMismatchError), checked([mismatch]):
+        pass
+    assert ran == [1, 2, 0, 3, 0]
