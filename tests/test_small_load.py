@@ -318,3 +318,11 @@ def test_checked_block_runs_every_check_and_reports_a_mismatch_first() -> None:
     with pytest.raises(HashMismatchError), checked([mismatch]):
         pass
     assert ran == [1, 2, 0, 3, 0]
+
+
+@pytest.mark.parametrize("directory", ["/", "/a/b", "/a/b/"])
+@pytest.mark.parametrize("file", ["model.safetensors", "/abs", ""])
+def test_file_where_is_os_path_join(directory: str, file: str) -> None:
+    from savegame.storage.local.read import LocalCheckpointReader
+
+    assert LocalCheckpointReader(directory).file_where(file) == os.path.join(directory, file)

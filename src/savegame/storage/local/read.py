@@ -250,7 +250,12 @@ class LocalCheckpointReader:
             os.close(fd)
 
     def file_where(self, file: str) -> str:
-        return os.path.join(self.where, file)
+        """``os.path.join(self.where, file)`` (asked several times per file of every load: the plain case
+        without the call)."""
+        where = self.where
+        if where and where[-1] != "/" and file[:1] != "/":
+            return f"{where}/{file}"
+        return os.path.join(where, file)
 
     def file_size(self, file: str) -> int:
         """Size of a regular file (a symlink or anything else counts as missing)."""
