@@ -76,11 +76,7 @@ def restore_module(module: torch.nn.Module, state: object, *, strict: bool, wher
     """Load ``state`` into ``module`` in place; strict refuses any mismatch before changing anything."""
     if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
         raise StateMismatchError(f"{where}: checkpoint holds {type(state).__name__}, not a module state dict")
-    from savegame.adapters.torch import live_state  # imported here: that module imports this one
-
-    expected = live_state(module)  # state_dict(keep_vars=True) without its bookkeeping, when they agree
-    if expected is None:
-        expected = module.state_dict(keep_vars=True)
+    expected = module.state_dict(keep_vars=True)
     saved = _match_names(state, expected)
     report = ModuleReport()
     report.missing_keys = [k for k in expected if k not in saved]
