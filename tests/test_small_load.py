@@ -1,5 +1,6 @@
 """The small-checkpoint load path (issue 19 item 2): the local reader's prefetch (data files opened once,
-their reads started together), the skeleton decoder's leaf fast path, and that both keep every check."""
+their reads started together), the skeleton decoder's leaf fast path, the shortcut for tensor nodes of
+just a tag and a key, 0-d values shared instead of copied, and that all of them keep every check."""
 
 from __future__ import annotations
 
@@ -207,3 +208,121 @@ def test_prefetch_of_the_whole_directory_keeps_every_check(tmp_path: Path) -> No
     data.write_bytes(bytes(raw))
     with pytest.raises(HashMismatchError):
         savegame.load(path)
+
+
+def _forge_model_node(path: Path, resign: Any, **fields: object) -> None:
+    def mutate(body: dict[str, Any]) -> None:
+        body["items"]["model"]["skeleton"]["0.weight"].update(fields)
+
+    resign(path, mutate)
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [({"device": "meta"}, "meta"), ({"param": "yes"}, "param"), ({"device": "cuda:x"}, "device"),
+     ({"dtype": "nonsense"}, "logical dtype"), ({"key": 5}, "key")],
+)
+def test_a_tensor_node_with_more_fields_still_gets_every_check(
+    saved: tuple[Path, nn.Module, Any], resign: Any, fields: dict[str, object], match: str,
+) -> None:  # fmt: skip
+    """Nodes of just a tag and a key take the adapter's shortcut (plain_tensor); any other field sends the
+    node through every check, in a plain load and in a load into a model."""
+    path, _, _ = saved
+    _forge_model_node(path, resign, **fields)
+    with pytest.raises(InvalidManifestError, match=match):
+        savegame.load(path)
+    with pytest.raises(InvalidManifestError, match=match):
+        savegame.load(path, {"model": _model_and_optimizer()[0]})
+
+
+def test_a_tensor_node_with_flags_is_built_with_them(saved: tuple[Path, nn.Module, Any], resign: Any) -> None:
+    path, model, _ = saved
+    _forge_model_node(path, resign, param=True, requires_grad=False)
+    weight = savegame.load(path)["model"]["0.weight"]
+    assert isinstance(weight, nn.Parameter) and not weight.requires_grad
+    assert torch.equal(weight, model.state_dict()["0.weight"])
+    _forge_model_node(path, resign, param=False, requires_grad=True)
+    assert savegame.load(path)["model"]["0.weight"].requires_grad
+
+
+def test_single_values_are_shared_unaligned_arrays_copied(saved: tuple[Path, nn.Module, Any]) -> None:
+    """The 0-d ``step`` tensors of an optimizer sit back to back at the end of its file, only the first
+    64-byte aligned: an "aligned" load shares them all (one value has no alignment-dependent kernel),
+    exactly as saved, and a write to one never reaches the file or the others."""
+    path, _, opt = saved
+    (file,) = [p for p in _data_files(path) if p.name.startswith("optimizer")]
+    before = file.read_bytes()
+    for state in (savegame.load(path)["optimizer"], _loaded_into_optimizer(path)):
+        steps = [state["state"][i]["step"] for i in sorted(state["state"])]
+        assert all(s.dim() == 0 for s in steps)
+        addresses = [s.data_ptr() for s in steps]
+        assert addresses == [addresses[0] + 4 * i for i in range(len(steps))]  # views of one buffer
+        for i, s in enumerate(steps):
+            assert torch.equal(s, opt.state_dict()["state"][i]["step"])
+        steps[1] += 1
+        assert steps[2] == opt.state_dict()["state"][2]["step"]
+    assert file.read_bytes() == before
+    saved_x = {"a": torch.tensor(1.0), "b": torch.arange(7.0)}
+    savegame.save(path.parent / "odd", {"x": saved_x})  # "b" (not 0-d) starts at byte 4 of the data
+    loaded = savegame.load(path.parent / "odd")["x"]
+    assert loaded["a"].data_ptr() % 64 == 0  # the first tensor: a view either way
+    assert loaded["b"].data_ptr() != loaded["a"].data_ptr() + 4  # not a view: copied ...
+    assert loaded["b"].data_ptr() % 64 == 0 and torch.equal(loaded["b"], saved_x["b"])  # ... into aligned memory
+
+
+def _loaded_into_optimizer(path: Path) -> dict[str, Any]:
+    model, opt = _model_and_optimizer()
+    savegame.load(path, {"model": model, "optimizer": opt})
+    return opt.state_dict()
+
+
+def test_opening_without_a_stat_first_keeps_every_error(tmp_path: Path) -> None:
+    """open_local_checkpoint opens the directory straight away (no lexists first); each way a path can
+    fail to be a checkpoint still raises the same error, and a refused staging directory is closed."""
+    from savegame.errors import CheckpointNotFoundError, NotACheckpointError
+    from savegame.storage.base import STAGING_PREFIX
+
+    (tmp_path / "file").write_bytes(b"x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for missing in ("nowhere", "file/ckpt", "dangling", f"{STAGING_PREFIX}gone"):
+        with pytest.raises(CheckpointNotFoundError):
+            open_local_checkpoint(tmp_path / missing)
+    with pytest.raises(NotACheckpointError, match="not a directory"):
+        open_local_checkpoint(tmp_path / "file")
+    savegame.save(tmp_path / "c", {"x": 1})
+    os.rename(tmp_path / "c", tmp_path / f"{STAGING_PREFIX}c")
+    before = _open_fds()
+    with pytest.raises(NotACheckpointError, match="unfinished save"):
+        open_local_checkpoint(tmp_path / f"{STAGING_PREFIX}c")
+    assert _open_fds() == before
+
+
+def test_checked_block_runs_every_check_and_reports_a_mismatch_first() -> None:
+    """verifier.checked (a plain context manager now): every deferred check runs when the block ends, also
+    when the block fails; a mismatch found then is what is raised, with the block's error as context."""
+    from savegame.engine.verifier import checked
+
+    ran: list[int] = []
+
+    def mismatch() -> None:
+        ran.append(0)
+        raise HashMismatchError("damaged")
+
+    with checked([lambda: ran.append(1)]):
+        pass
+    with pytest.raises(ValueError), checked([lambda: ran.append(2)]):
+        raise ValueError("decode failed")
+    with pytest.raises(HashMismatchError) as info, checked([mismatch, lambda: ran.append(3)]):
+        raise ValueError("decode failed")
+    assert isinstance(info.value.__context__, ValueError)
+    with pytest.raises(HashMismatchError), checked([mismatch]):
+        pass
+    assert ran == [1, 2, 0, 3, 0]
+
+
+@pytest.mark.parametrize("directory", ["/", "/a/b", "/a/b/"])
+@pytest.mark.parametrize("file", ["model.safetensors", "/abs", ""])
+def test_file_where_is_os_path_join(directory: str, file: str) -> None:
+    from savegame.storage.local.read import LocalCheckpointReader
+
+    assert LocalCheckpointReader(directory).file_where(file) == os.path.join(directory, file)

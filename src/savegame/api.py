@@ -30,7 +30,7 @@ from savegame.engine.writer import EncodedItem, encode_state, save_in_background
 from savegame.errors import ConfigError, InvalidManifestError, StateMismatchError
 from savegame.format.checks import check_item_value
 from savegame.format.manifest import Manifest
-from savegame.format.tensorfile import TensorFileReader
+from savegame.format.tensorfile import TensorFileReader, TensorInfo
 from savegame.format.tree import MAX_DEPTH, Decoder, Path, Where, format_path, numpy_from_node
 from savegame.storage import is_url, locate, path_text
 from savegame.storage.base import CheckpointReader, CheckpointRef, Location, PathLike, Storage
@@ -216,7 +216,8 @@ def open_item(checkpoint: Location, manifest: Manifest, name: str, *, verify: bo
 ZeroCopy = bool | Literal["aligned"]
 """Whether decoded arrays may be views of the file's buffer: never (``False``: fresh memory), always
 (``True``: the consumer copies them anyway, e.g. into a module's parameters), or ``"aligned"``: views where
-they are 64-byte aligned in memory (what a fresh allocation would give), copies elsewhere."""
+they are 64-byte aligned in memory (what a fresh allocation would give) and of single (0-d) values aligned
+to their size, copies elsewhere."""
 
 
 class _ItemDecoder:
@@ -233,10 +234,13 @@ class _ItemDecoder:
         self.zero_copy = zero_copy
         self.cache: dict[tuple[str, str], object] = {}
         self.make_tensor: Callable[..., object] | None = None
+        self.plain_tensor: Callable[[Any, str, tuple[int, ...]], object] | None = None
         if not as_numpy:
-            from savegame.adapters.torch import tensor_from_bytes
+            from savegame.adapters.torch import plain_tensor, tensor_from_bytes
 
             self.make_tensor = tensor_from_bytes
+            if map_location is None:  # nodes of just a tag and a key: the adapter's shortcut
+                self.plain_tensor = plain_tensor
 
     def __call__(self, node: dict[str, Any], path: Path) -> object:
         tag, key = node["$"], node["key"]
@@ -248,15 +252,30 @@ class _ItemDecoder:
             raise InvalidManifestError(f"{format_path(path)}: array {key!r} is not in the item's tensor file")
         raw = self.reader.raw(key)
         zero_copy = self.zero_copy
-        if zero_copy is not True and not (zero_copy == "aligned" and self.reader.aligned(key)):
+        if zero_copy is not True and not (zero_copy == "aligned" and self._may_share(key, info)):
             raw = _aligned_copy(raw, torch_memory=tag == "tensor" and not self.as_numpy)
-        value: object
-        if tag == "tensor" and self.make_tensor is not None:
-            value = self.make_tensor(node, raw, info.code, info.shape, Where(path), self.map_location)
-        else:
-            value = numpy_from_node(node, raw, info.code, info.shape, Where(path))
+        value: object = None
+        if tag == "tensor" and self.plain_tensor is not None and len(node) == 2:  # {"$": "tensor", "key": key}
+            value = self.plain_tensor(raw, info.code, info.shape)
+        if value is None:
+            value = self._build(node, tag, raw, info, path)
         self.cache[(tag, key)] = value
         return value
+
+    def _may_share(self, key: str, info: TensorInfo) -> bool:
+        """Whether an ``"aligned"`` load may return a view of the file's buffer for tensor ``key``: it starts
+        64-byte aligned, or it is a single value (0-d, e.g. an optimizer's ``step``) aligned to its own size,
+        where no kernel splits the work differently by alignment."""
+        assert self.reader is not None
+        if self.reader.aligned(key):
+            return True
+        return not info.shape and info.nbytes > 0 and self.reader.aligned(key, info.nbytes)
+
+    def _build(self, node: dict[str, Any], tag: str, raw: Any, info: TensorInfo, path: Path) -> object:
+        """The array of ``node`` with every check of its fields (the torch adapter's or NumPy's decoder)."""
+        if tag == "tensor" and self.make_tensor is not None:
+            return self.make_tensor(node, raw, info.code, info.shape, Where(path), self.map_location)
+        return numpy_from_node(node, raw, info.code, info.shape, Where(path))
 
 
 def _aligned_copy(raw: Any, *, torch_memory: bool) -> Any:
@@ -343,18 +362,19 @@ def load(
     """Load a checkpoint.
 
     Without ``target``: return the nested state, ``{item: value}``. Tensors saved from torch come back as
-    torch tensors when torch is installed (NumPy arrays otherwise). For a local checkpoint they are views
-    of a private (copy-on-write) mapping of its committed tensor files, so nothing is copied: writing to a
-    tensor gives the process its own copy of that page and never reaches the file, and the checkpoint
-    may be deleted (e.g. by retention) while its tensors are alive (the mapping keeps the data). Tensors
-    that do not start 64-byte aligned in the file, and every tensor of a file of at most 256 KiB (read
-    whole, which is faster than mapping it), are in fresh memory. ``copy=True``: every tensor in freshly
-    allocated memory that does not depend on the files. The trade-off: mapped memory is paged in lazily
-    (on a cold cache, first touches read the disk) and counts as file-backed memory (page cache) until
-    written, and a deleted checkpoint's disk space is only freed when its last tensor dies; owned memory
-    is read and copied up front and counts as the process's own. Either way, with ``verify`` every byte
-    returned was hashed before ``load`` returns. savegame never modifies a committed file; a program
-    that rewrote one in place would change mapped tensors (use ``copy=True`` if that can happen).
+    torch tensors when torch is installed (NumPy arrays otherwise). For a local checkpoint they are views of
+    a private (copy-on-write) mapping of its committed tensor files, so nothing is copied: writing to a
+    tensor gives the process its own copy of that page and never reaches the file, and the checkpoint may be
+    deleted (e.g. by retention) while its tensors are alive (the mapping keeps the data). Tensors that do
+    not start 64-byte aligned in the file (a 0-d value only needs its own size's alignment), and every
+    tensor of a file of at most 256 KiB (read whole, which is faster than mapping it), are in fresh memory.
+    ``copy=True``: every tensor in freshly allocated memory that does not depend on the files. The
+    trade-off: mapped memory is paged in lazily (on a cold cache, first touches read the disk) and counts as
+    file-backed memory (page cache) until written, and a deleted checkpoint's disk space is only freed when
+    its last tensor dies; owned memory is read and copied up front and counts as the process's own. Either
+    way, with ``verify`` every byte returned was hashed before ``load`` returns. savegame never modifies a
+    committed file; a program that rewrote one in place would change mapped tensors (use ``copy=True`` if
+    that can happen).
 
     With ``target`` (a dict of items, e.g. ``{"model": model, "optimizer": opt, "epoch": 0}``): restore
     each in place and return a :class:`LoadReport`. The target is updated the way
@@ -478,7 +498,8 @@ def _target_zero_copy(target: object, *, copy: bool) -> ZeroCopy:
 PLAIN_ZERO_COPY: ZeroCopy = "aligned"
 """How a plain ``load(path)`` shares the files' memory: views of the copy-on-write mapping where a tensor
 starts 64-byte aligned (as a fresh allocation would; every tensor of a savegame file whose size is a
-multiple of 64 bytes does), a copy of just that tensor elsewhere (``copy=True`` copies all of them)."""
+multiple of 64 bytes does) or is a single (0-d) value aligned to its size, a copy of just that tensor
+elsewhere (``copy=True`` copies all of them)."""
 
 
 def _load_plain(

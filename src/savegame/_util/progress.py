@@ -34,7 +34,7 @@ class ProgressBar:
         self.total = max(total, 1)
         self.done = 0
         self._stream = stream or sys.stderr
-        self._enabled = _enabled(self._stream)
+        self._enabled: bool | None = None  # asked on the first advance past show_after: most bars never get there
         self._start = time.monotonic()
         self._last_draw = 0.0
         self._drawn = False
@@ -42,11 +42,15 @@ class ProgressBar:
 
     def advance(self, nbytes: int) -> None:
         self.done += nbytes
-        if not self._enabled:
+        if self._enabled is False:
             return
         now = time.monotonic()
         if now - self._start < self._show_after or now - self._last_draw < _MIN_INTERVAL:
             return
+        if self._enabled is None:
+            self._enabled = _enabled(self._stream)
+            if not self._enabled:
+                return
         self._last_draw = now
         self._draw(now)
 

@@ -400,6 +400,20 @@ def _make_decode_tags() -> dict[str, Callable[[Any], object]]:
     return {"torch.dtype": dtype, "torch.Size": size, "torch.device": device}
 
 
+def plain_tensor(raw: np.ndarray, code: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """What :func:`tensor_from_bytes` builds for a ``tensor`` node with no field but its tag and key (a
+    CPU tensor of a stored dtype NumPy shares, without flags) loaded without ``map_location``, skipping
+    the checks of the fields such a node does not have; None when it is not that simple case (another
+    dtype, read-only bytes, bytes that do not hold ``shape``): the caller then asks tensor_from_bytes."""
+    same = _NUMPY_SAME.get(code)
+    if same is None or not raw.flags.writeable:
+        return None
+    try:
+        return torch.from_numpy(raw.view(same).reshape(shape))
+    except ValueError:  # tensor_from_bytes names the problem
+        return None
+
+
 def tensor_from_bytes(
     node: Mapping[str, Any], raw: np.ndarray, code: str, shape: tuple[int, ...], where: str | Where,
     map_location: MapLocation,

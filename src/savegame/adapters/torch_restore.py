@@ -52,6 +52,8 @@ def _match_names(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> dict[
     only by ``torch.compile``'s ``_orig_mod.`` segments or DDP's ``module.`` prefix, either way round:
     a compiled model's checkpoint loads into the plain model, a plain one into the compiled model, and
     either into or out of DDP. Keys that match nothing keep their saved name (reported unexpected)."""
+    if saved.keys() == expected.keys():  # the usual case: nothing to rename (the walk below would agree)
+        return dict(saved)
     live = {_plain_name(k): k for k in expected}
     if len(live) != len(expected):  # ambiguous without the segments: exact names only
         live = {k: k for k in expected}

@@ -79,6 +79,10 @@ def restore_items(
     mutable = isinstance(target, MutableMapping)
     for name, value in values.items():
         current = target[name]
+        adapter = adapter_for(current)
+        if adapter is not None:  # a live object (the usual item): its adapter, asked once, restores it
+            adapter.restore(current, value, strict=strict, where=format_path((name,)), report=report)
+            continue
         if not replaceable(current):
             restore(current, value, strict=strict, path=(name,), report=report, updates=updates)
         else:

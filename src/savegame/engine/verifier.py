@@ -20,8 +20,7 @@ refs and calls in.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from savegame._util.gcpause import gc_paused
@@ -131,16 +130,25 @@ def open_file(
     return TensorFileReader.from_buffer(buffer, where=where)
 
 
-@contextlib.contextmanager
-def checked(checks: list[Callable[[], None]]) -> Iterator[None]:
+class _Checked:
+    """The block of :func:`checked` (a plain context manager: entered on every load, small ones too)."""
+
+    __slots__ = ("checks",)
+
+    def __init__(self, checks: list[Callable[[], None]]) -> None:
+        self.checks = checks
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        run_checks(self.checks)  # raising here replaces the block's own error (which stays its __context__)
+
+
+def checked(checks: list[Callable[[], None]]) -> _Checked:
     """Run every deferred hash check when the block ends, before its results are used; when the block
     fails, a hash mismatch found meanwhile is what is reported (the damage explains the failure)."""
-    try:
-        yield
-    except BaseException:
-        run_checks(checks)
-        raise
-    run_checks(checks)
+    return _Checked(checks)
 
 
 def run_checks(checks: list[Callable[[], None]]) -> None:

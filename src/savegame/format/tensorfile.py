@@ -446,7 +446,8 @@ class TensorFileReader:
         self.tensors = {i.name: i for i in infos}
         # One uint8 view of the whole buffer, sliced per tensor (cheaper than a np.frombuffer each).
         self._bytes = np.frombuffer(buffer, dtype=np.uint8) if buffer is not None else np.empty(0, dtype=np.uint8)
-        self._address = int(self._bytes.ctypes.data) if buffer is not None else 0
+        # The address via __array_interface__ (C) rather than .ctypes (a Python helper object per call).
+        self._address = int(self._bytes.__array_interface__["data"][0]) if buffer is not None else 0
 
     def aligned(self, name: str, alignment: int = ALIGNMENT) -> bool:
         """Whether tensor ``name``'s bytes start at a multiple of ``alignment`` in memory."""

@@ -399,6 +399,11 @@ class Decoder:
         if len(path) > MAX_DEPTH:
             raise InvalidManifestError(too_deep(f"{format_path(path[:20])}...", "skeleton"))
         t = type(node)
+        if t is dict and "$" in node:  # the most common node passed here (leaves mostly take _plain_leaf)
+            tag = node["$"]
+            if (tag == "tensor" or tag == "ndarray") and self.resolve is not None and type(node.get("key")) is str:
+                return self.resolve(node, path)  # an array with a valid key: what _decode_tagged would do
+            return self._decode_tagged(tag, node, path)
         if node is None or t is bool or t is int or t is float:
             return node
         if t is str:
@@ -416,15 +421,13 @@ class Decoder:
             return items
         if t is not dict:
             raise InvalidManifestError(f"{format_path(path)}: unexpected skeleton node {t.__name__}")
-        if "$" not in node:
-            leaves_ok = len(path) < MAX_DEPTH
-            out = {}
-            for k, v in node.items():
-                if len(k) > MAX_STRING:
-                    raise InvalidManifestError(f"{format_path(path)}: dict key longer than {MAX_STRING}")
-                out[k] = v if leaves_ok and self._plain_leaf(v) else self.decode(v, (*path, k))
-            return out
-        return self._decode_tagged(node["$"], node, path)
+        leaves_ok = len(path) < MAX_DEPTH  # a plain dict (tagged ones were handled above)
+        out = {}
+        for k, v in node.items():
+            if len(k) > MAX_STRING:
+                raise InvalidManifestError(f"{format_path(path)}: dict key longer than {MAX_STRING}")
+            out[k] = v if leaves_ok and self._plain_leaf(v) else self.decode(v, (*path, k))
+        return out
 
     def _plain_leaf(self, v: object) -> bool:
         """Whether child ``v`` is a leaf :meth:`decode` would return as it is (None, bool, int, float, a
@@ -438,12 +441,13 @@ class Decoder:
         return False
 
     def _decode_tagged(self, tag: object, node: dict[str, Any], path: Path) -> Any:
-        where = Where(path)
         if tag == "tensor" or tag == "ndarray" or tag == "npscalar":  # the most common tagged nodes first
             if self.resolve is None:
-                raise InvalidManifestError(f"{where}: arrays are not allowed here")
-            _field(node, "key", str, where)
+                raise InvalidManifestError(f"{Where(path)}: arrays are not allowed here")
+            if type(node.get("key")) is not str:
+                _field(node, "key", str, Where(path))  # raises, naming the field
             return self.resolve(node, path)
+        where = Where(path)
         if tag == "tuple":
             return tuple(self.decode(v, (*path, i)) for i, v in enumerate(_field(node, "v", list, where)))
         if tag in ("dict", "odict"):

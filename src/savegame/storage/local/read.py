@@ -39,19 +39,20 @@ def open_local_checkpoint(path: str | os.PathLike[str]) -> LocalCheckpointReader
     directory, a staging directory, or no manifest that is a regular file).
     """
     full = os.path.abspath(os.fspath(path))
-    if not os.path.lexists(full):
-        raise CheckpointNotFoundError(f"{full}: no such checkpoint")
-    if os.path.basename(full).startswith(STAGING_PREFIX):
-        raise NotACheckpointError(f"{full}: an unfinished save (staging directory), not a checkpoint")
     reader = LocalCheckpointReader(full)
     try:
-        reader.dir_fd()
+        reader.dir_fd()  # nothing there (a dangling symlink included) raises FileNotFoundError: no stat first
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{full}: no such checkpoint") from None
     except NotADirectoryError:
+        if not os.path.lexists(full):  # a path through a file ("a.txt/ckpt"): nothing there
+            raise CheckpointNotFoundError(f"{full}: no such checkpoint") from None
         raise NotACheckpointError(f"{full}: not a directory (a savegame checkpoint is a directory)") from None
     except OSError as exc:
         raise StorageError(exc.errno, f"{full}: cannot open the checkpoint: {exc.strerror or exc}") from exc
+    if os.path.basename(full).startswith(STAGING_PREFIX):
+        reader.close()
+        raise NotACheckpointError(f"{full}: an unfinished save (staging directory), not a checkpoint")
     try:
         st = os.stat(MANIFEST, dir_fd=reader.dir_fd(), follow_symlinks=False)
     except FileNotFoundError:
@@ -82,7 +83,7 @@ def _read_aligned(fd: int, size: int, where: str) -> memoryview:
     """All ``size`` bytes of ``fd`` in fresh, writable memory starting on a 64-byte boundary (the alignment
     a framework's own allocations have, so tensors can be views of it; see ``api._zero_copy_for``)."""
     block = np.empty(size + 63, dtype=np.uint8)
-    start = -block.ctypes.data % 64
+    start = -block.__array_interface__["data"][0] % 64  # not .ctypes: a Python helper object per call
     view = block[start : start + size].data  # a memoryview of the aligned part
     done = 0
     while done < size:
@@ -249,7 +250,12 @@ class LocalCheckpointReader:
             os.close(fd)
 
     def file_where(self, file: str) -> str:
-        return os.path.join(self.where, file)
+        """``os.path.join(self.where, file)`` (asked several times per file of every load: the plain case
+        without the call)."""
+        where = self.where
+        if where and where[-1] != "/" and file[:1] != "/":
+            return f"{where}/{file}"
+        return os.path.join(where, file)
 
     def file_size(self, file: str) -> int:
         """Size of a regular file (a symlink or anything else counts as missing)."""
