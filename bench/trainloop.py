@@ -22,6 +22,10 @@ cores training uses) -- the overhead no scheduling can avoid when training keeps
 and the disk ratio is the write time / (K x step time): above 1 the disk cannot keep up with a save
 every K steps (a coalescing policy writes at most 1 in that many).
 
+Measured, not only computed: ``burn-kK`` blocks run the same loop with no savegame at all while, every K
+steps, a thread spends the save's CPU seconds on memory copies (:func:`_burn_block`); their overhead is
+what that much background CPU work costs this loop, whoever does it.
+
 The blocks of all modes are interleaved (rotated every repetition) in one process; the result of a
 mode is the median over its blocks of the mean step time, reported as a ratio to the median of the
 blocks without checkpointing (the overhead), with the machine's load average, and for ``skip`` the
@@ -123,10 +127,11 @@ class Trainer:
 
 
 def _block(
-    trainer: Trainer, mode: str, steps: int, tmp: str, rates: dict[int, float] | None = None
+    trainer: Trainer, mode: str, steps: int, tmp: str, rates: dict[int, float] | None = None,
+    burn_seconds: float | None = None,
 ) -> tuple[float, int, list[float]]:
     """Mean step time of ``steps`` steps in ``mode``, the number of saves written and how long each
-    ``ckpt.step`` call that saved blocked (seconds)."""
+    ``ckpt.step`` call that saved blocked (seconds). ``burn-kK`` modes: see :func:`_burn_block`."""
     import savegame
 
     if mode == "none":
@@ -135,6 +140,8 @@ def _block(
             trainer.step()
         return (time.perf_counter() - t0) / steps, 0, []
     policy, k = mode.rsplit("-k", 1)
+    if policy == "burn":
+        return _burn_block(trainer, int(k), steps, burn_seconds or 0.0)
     d = os.path.join(tmp, f"trainloop-{mode}")
     shutil.rmtree(d, ignore_errors=True)
     extra: dict[str, Any] = dict(POLICIES[policy])
@@ -160,6 +167,41 @@ def _block(
         ckpt.close()  # not timed: the last write must not spill into the next block
         shutil.rmtree(d, ignore_errors=True)
     return elapsed / steps, written, calls
+
+
+def _burn(cpu_seconds: float, src: Any, dst: Any) -> None:
+    """Memory copies (NumPy, GIL released) until this thread has used ``cpu_seconds`` of CPU."""
+    import numpy as np
+
+    end = time.thread_time() + cpu_seconds
+    while time.thread_time() < end:
+        np.copyto(dst, src)
+
+
+def _burn_block(trainer: Trainer, k: int, steps: int, cpu_seconds: float) -> tuple[float, int, list[float]]:
+    """No savegame, no disk: every ``k`` steps a thread starts (after the previous one finished, as the
+    ``wait`` policy does) that spends ``cpu_seconds`` of CPU on memory copies, the CPU a background save
+    takes (:func:`floors`). The overhead it causes is what that much background CPU work costs this
+    training loop, whoever does it: the measured floor of a background save every ``k`` steps."""
+    import threading
+
+    import numpy as np
+
+    src = np.ones(32 << 20, dtype=np.uint8)
+    dst = np.empty_like(src)
+    worker: threading.Thread | None = None
+    t0 = time.perf_counter()
+    for i in range(1, steps + 1):
+        trainer.step()
+        if i % k == 0:
+            if worker is not None:
+                worker.join()
+            worker = threading.Thread(target=_burn, args=(cpu_seconds, src, dst), daemon=True)
+            worker.start()
+    elapsed = time.perf_counter() - t0
+    if worker is not None:
+        worker.join()  # not timed, as a Checkpointer's close() is not
+    return elapsed / steps, steps // k, []
 
 
 def floors(trainer: Trainer, tmp: str, *, reps: int = 3) -> dict[str, Any]:
@@ -216,25 +258,25 @@ def run(*, tmp: str, scale: float, quick: bool, reps: int, steps: int, log: Any)
     cfg = model_config(scale, quick)
     trainer = Trainer(cfg)
     params = sum(p.numel() for p in trainer.model.parameters())
-    modes = ["none"] + [f"{p}-k{k}" for p in POLICIES for k in KS]
+    modes = ["none"] + [f"{p}-k{k}" for p in POLICIES for k in KS] + [f"burn-k{k}" for k in KS]
     samples: dict[str, list[float]] = {m: [] for m in modes}
     written: dict[str, list[int]] = {m: [] for m in modes}
-    calls: dict[str, list[float]] = {m: [] for m in modes if m != "none"}
+    calls: dict[str, list[float]] = {m: [] for m in modes if m != "none" and not m.startswith("burn-")}
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     warm, _, _ = _block(trainer, "none", max(2, steps // 4), tmp)  # warm-up: allocator, threads
+    fl = floors(trainer, tmp)  # first: the burn blocks spend the CPU it measures
     state_bytes = trainer.state_bytes()
     rates = {k: state_bytes / (k * warm) / 1e6 for k in KS}  # MB/s: one save spread over K steps
     for rep in range(reps):
         order = modes[rep % len(modes):] + modes[: rep % len(modes)]
         for mode in order:
-            mean, n, blocked = _block(trainer, mode, steps, tmp, rates)
+            mean, n, blocked = _block(trainer, mode, steps, tmp, rates, fl["save_cpu_seconds"])
             samples[mode].append(mean)
             written[mode].append(n)
-            if mode != "none":
+            if mode in calls:
                 calls[mode] += blocked
         log(f"  trainloop rep {rep + 1}/{reps} done ({time.perf_counter() - t0:.0f} s)")
-    fl = floors(trainer, tmp)
     median = {m: statistics.median(v) for m, v in samples.items()}
     base = median["none"]
     return {
@@ -297,12 +339,17 @@ def markdown(tl: dict[str, Any]) -> list[str]:
                   "CPU floor = save CPU / (K x step time x cores): the overhead that remains when training keeps "
                   "every core busy, whatever the scheduling. Disk = write time / (K x step time): above 1 the disk "
                   "cannot keep up with a save every K steps (a coalescing policy writes at most 1 in that many).",
-                  "", "| every K steps | CPU floor | disk time / interval | paced write_rate (MB/s) |",
-                  "|---:|---:|---:|---:|"]
+                  "", "Measured floor: blocks in which, every K steps, a thread (no savegame, no disk) spends the "
+                  "same CPU seconds on memory copies, after the previous one finished: what that much "
+                  "background CPU work costs this loop, whoever does it (training's intra-op threads wait for "
+                  "each other, so CPU taken from one core delays the whole step).",
+                  "", "| every K steps | CPU floor | measured floor (same CPU in a thread) | disk time / interval "
+                  "| paced write_rate (MB/s) |",
+                  "|---:|---:|---:|---:|---:|"]
         for k in KS:
             f = fl["per_k"][str(k)]
             rate = tl.get("write_rate_mb_s", {}).get(str(k))
-            lines.append(f"| {k} | {_pct(f['cpu'])} | {f['disk']:.2f}"
+            lines.append(f"| {k} | {_pct(f['cpu'])} | {_pct(tl['overhead'].get(f'burn-k{k}'))} | {f['disk']:.2f}"
                          f"{' (cannot keep up)' if f['disk'] > 1 else ''} | "
                          f"{'—' if rate is None else f'{rate:.0f}'} |")
     blocked = tl.get("save_call_seconds")
@@ -325,7 +372,9 @@ def floor_note(tl: dict[str, Any], k: int) -> str:
         return ""
     f = fl["per_k"][str(k)]
     disk = "disk keeps up" if f["disk"] <= 1 else f"disk writes at most 1 in {math.ceil(f['disk'])}"
-    return f" (floor: CPU {_pct(f['cpu'])}, {disk})"
+    burn = tl.get("overhead", {}).get(f"burn-k{k}")
+    measured = f", measured {_pct(burn)} for the same CPU work in a thread" if burn is not None else ""
+    return f" (floor: CPU {_pct(f['cpu'])}{measured}, {disk})"
 
 
 def _pct(v: float | None) -> str:
