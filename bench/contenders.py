@@ -335,15 +335,20 @@ class SafetensorsSave(Contender):
             return f"safetensors not installed ({exc})"
         return None
 
-    def save(self, wl: Workload, path: str) -> tuple[float, float]:
+    @staticmethod
+    def write_fsynced(wl: Workload, directory: str) -> None:
+        """Make ``directory`` and write the state into it as one fsynced safetensors file."""
         from safetensors.torch import save_file
 
-        start = time.perf_counter()
-        os.mkdir(path)
-        file = os.path.join(path, "checkpoint.safetensors")
+        os.mkdir(directory)
+        file = os.path.join(directory, "checkpoint.safetensors")
         flat, meta = flatten_for_safetensors(wl.state_dicts())
         save_file(flat, file, metadata=meta)
         fsync_file(file)
+
+    def save(self, wl: Workload, path: str) -> tuple[float, float]:
+        start = time.perf_counter()
+        self.write_fsynced(wl, path)
         make_durable_dir(path)
         t = time.perf_counter() - start
         return t, t
@@ -381,15 +386,9 @@ class SafetensorsAtomic(SafetensorsSave):
     has_load_into = False
 
     def save(self, wl: Workload, path: str) -> tuple[float, float]:
-        from safetensors.torch import save_file
-
         start = time.perf_counter()
         staging = f"{path}.staging"
-        os.mkdir(staging)
-        file = os.path.join(staging, "checkpoint.safetensors")
-        flat, meta = flatten_for_safetensors(wl.state_dicts())
-        save_file(flat, file, metadata=meta)
-        fsync_file(file)
+        self.write_fsynced(wl, staging)
         fsync_dir(staging)
         os.rename(staging, path)
         fsync_dir(os.path.dirname(os.path.abspath(path)))
