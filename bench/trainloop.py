@@ -24,7 +24,11 @@ every K steps (a coalescing policy writes at most 1 in that many).
 
 Measured, not only computed: ``burn-kK`` blocks run the same loop with no savegame at all while, every K
 steps, a thread spends the save's CPU seconds on memory copies (:func:`_burn_block`); their overhead is
-what that much background CPU work costs this loop, whoever does it.
+what that much background CPU work costs this loop, whoever does it. ``plain-kK`` blocks are the
+simplest background checkpoint there is (:func:`_plain_block`): every K steps the state is copied into
+reused buffers on the training thread and a thread writes those bytes to one file and fsyncs it, no
+format, no hashes, no manifest: what writing this state every K steps costs this machine (the kernel's
+page-cache and writeback work included, which a process's CPU seconds do not show).
 
 The blocks of all modes are interleaved (rotated every repetition) in one process; the result of a
 mode is the median over its blocks of the mean step time, reported as a ratio to the median of the
@@ -34,6 +38,7 @@ saves actually written per block.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -52,6 +57,8 @@ POLICIES = {
     "lazy-skip": {"snapshot": "lazy", "if_busy": "skip", "writer_nice": 10},
     "paced": {"snapshot": "lazy", "if_busy": "skip", "writer_nice": 10},  # + write_rate per K: see paced_rates
 }
+FLOORS = ("burn", "plain")
+"""The measured floors' modes (no savegame): :func:`_burn_block`, :func:`_plain_block`."""
 COALESCING = ("skip", "lazy-skip", "paced")
 """The policies whose saves may be coalesced (saves written per block shown)."""
 BATCH, SEQ = 4, 64
@@ -131,7 +138,8 @@ def _block(
     burn_seconds: float | None = None,
 ) -> tuple[float, int, list[float]]:
     """Mean step time of ``steps`` steps in ``mode``, the number of saves written and how long each
-    ``ckpt.step`` call that saved blocked (seconds). ``burn-kK`` modes: see :func:`_burn_block`."""
+    ``ckpt.step`` call that saved blocked (seconds). ``burn-kK`` modes: see :func:`_burn_block`,
+    ``plain-kK``: :func:`_plain_block`."""
     import savegame
 
     if mode == "none":
@@ -142,6 +150,8 @@ def _block(
     policy, k = mode.rsplit("-k", 1)
     if policy == "burn":
         return _burn_block(trainer, int(k), steps, burn_seconds or 0.0)
+    if policy == "plain":
+        return _plain_block(trainer, int(k), steps, tmp)
     d = os.path.join(tmp, f"trainloop-{mode}")
     shutil.rmtree(d, ignore_errors=True)
     extra: dict[str, Any] = dict(POLICIES[policy])
@@ -204,6 +214,54 @@ def _burn_block(trainer: Trainer, k: int, steps: int, cpu_seconds: float) -> tup
     return elapsed / steps, steps // k, []
 
 
+def _state_tensors(trainer: Trainer) -> list[torch.Tensor]:
+    """Every tensor of the model's and the optimizer's state (what a full-state checkpoint holds)."""
+    out = [t.detach() for t in trainer.model.state_dict().values()]
+    for per_param in trainer.opt.state.values():
+        out += [v for v in per_param.values() if isinstance(v, torch.Tensor)]
+    return out
+
+
+def _write_fsync(path: str, buffers: list[torch.Tensor]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for b in buffers:
+            os.write(fd, b.reshape(-1).numpy().data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _plain_block(trainer: Trainer, k: int, steps: int, tmp: str) -> tuple[float, int, list[float]]:
+    """No savegame: every ``k`` steps the state is copied into reused buffers on the training thread,
+    then a thread (started after the previous one finished, as the ``wait`` policy does) writes the copy
+    to one file and fsyncs it (two files in turn, as ``keep_last=2`` keeps two checkpoints). The
+    overhead is what the bytes of a checkpoint every ``k`` steps cost this loop with nothing else done:
+    no format, hashes or manifest."""
+    import threading
+
+    buffers = [torch.empty_like(t) for t in _state_tensors(trainer)]
+    worker: threading.Thread | None = None
+    t0 = time.perf_counter()
+    for i in range(1, steps + 1):
+        trainer.step()
+        if i % k == 0:
+            if worker is not None:
+                worker.join()
+            for b, t in zip(buffers, _state_tensors(trainer)):
+                b.copy_(t)
+            path = os.path.join(tmp, f"trainloop-plain-{i // k % 2}")
+            worker = threading.Thread(target=_write_fsync, args=(path, buffers), daemon=True)
+            worker.start()
+    elapsed = time.perf_counter() - t0
+    if worker is not None:
+        worker.join()  # not timed, as a Checkpointer's close() is not
+    for n in range(2):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(tmp, f"trainloop-plain-{n}"))
+    return elapsed / steps, steps // k, []
+
+
 def floors(trainer: Trainer, tmp: str, *, reps: int = 3) -> dict[str, Any]:
     """The CPU seconds of one background full-state save with no training running, and the seconds
     to write + fsync the same bytes alone (medians of ``reps``)."""
@@ -258,10 +316,10 @@ def run(*, tmp: str, scale: float, quick: bool, reps: int, steps: int, log: Any)
     cfg = model_config(scale, quick)
     trainer = Trainer(cfg)
     params = sum(p.numel() for p in trainer.model.parameters())
-    modes = ["none"] + [f"{p}-k{k}" for p in POLICIES for k in KS] + [f"burn-k{k}" for k in KS]
+    modes = ["none"] + [f"{p}-k{k}" for p in POLICIES for k in KS] + [f"{f}-k{k}" for f in FLOORS for k in KS]
     samples: dict[str, list[float]] = {m: [] for m in modes}
     written: dict[str, list[int]] = {m: [] for m in modes}
-    calls: dict[str, list[float]] = {m: [] for m in modes if m != "none" and not m.startswith("burn-")}
+    calls: dict[str, list[float]] = {m: [] for m in modes if m.split("-k")[0] in POLICIES}
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     warm, _, _ = _block(trainer, "none", max(2, steps // 4), tmp)  # warm-up: allocator, threads
@@ -342,14 +400,18 @@ def markdown(tl: dict[str, Any]) -> list[str]:
                   "", "Measured floor: blocks in which, every K steps, a thread (no savegame, no disk) spends the "
                   "same CPU seconds on memory copies, after the previous one finished: what that much "
                   "background CPU work costs this loop, whoever does it (training's intra-op threads wait for "
-                  "each other, so CPU taken from one core delays the whole step).",
-                  "", "| every K steps | CPU floor | measured floor (same CPU in a thread) | disk time / interval "
-                  "| paced write_rate (MB/s) |",
-                  "|---:|---:|---:|---:|---:|"]
+                  "each other, so CPU taken from one core delays the whole step). Plain write: blocks in which, "
+                  "every K steps, the state is copied into reused buffers and a thread writes the copy to one "
+                  "file and fsyncs it (no savegame: no format, hashes or manifest): what the bytes of a "
+                  "checkpoint every K steps cost this loop, the kernel's page-cache and writeback work included.",
+                  "", "| every K steps | CPU floor | measured floor (same CPU in a thread) | plain write "
+                  "(copy + write + fsync in a thread) | disk time / interval | paced write_rate (MB/s) |",
+                  "|---:|---:|---:|---:|---:|---:|"]
         for k in KS:
             f = fl["per_k"][str(k)]
             rate = tl.get("write_rate_mb_s", {}).get(str(k))
-            lines.append(f"| {k} | {_pct(f['cpu'])} | {_pct(tl['overhead'].get(f'burn-k{k}'))} | {f['disk']:.2f}"
+            lines.append(f"| {k} | {_pct(f['cpu'])} | {_pct(tl['overhead'].get(f'burn-k{k}'))} | "
+                         f"{_pct(tl['overhead'].get(f'plain-k{k}'))} | {f['disk']:.2f}"
                          f"{' (cannot keep up)' if f['disk'] > 1 else ''} | "
                          f"{'—' if rate is None else f'{rate:.0f}'} |")
     blocked = tl.get("save_call_seconds")
@@ -374,7 +436,9 @@ def floor_note(tl: dict[str, Any], k: int) -> str:
     disk = "disk keeps up" if f["disk"] <= 1 else f"disk writes at most 1 in {math.ceil(f['disk'])}"
     burn = tl.get("overhead", {}).get(f"burn-k{k}")
     measured = f", measured {_pct(burn)} for the same CPU work in a thread" if burn is not None else ""
-    return f" (floor: CPU {_pct(f['cpu'])}{measured}, {disk})"
+    plain = tl.get("overhead", {}).get(f"plain-k{k}")
+    written = f", {_pct(plain)} for a plain copy + write + fsync of the state in a thread" if plain is not None else ""
+    return f" (floor: CPU {_pct(f['cpu'])}{measured}{written}, {disk})"
 
 
 def _pct(v: float | None) -> str:

@@ -66,7 +66,8 @@ def test_quick_bench_writes_complete_reports(tmp_path: Path) -> None:
     assert tl["config"]["quick"] is True and tl["state_bytes"] > 0
     saving = {f"{p}-k{k}" for p in ("wait", "skip", "lazy", "lazy-skip", "paced") for k in (1, 4, 16)}
     burning = {f"burn-k{k}" for k in (1, 4, 16)}  # the measured floor: the save's CPU spent by a plain thread
-    modes = {"none"} | saving | burning
+    plain = {f"plain-k{k}" for k in (1, 4, 16)}  # the measured floor: copy + write + fsync, no savegame
+    modes = {"none"} | saving | burning | plain
     assert set(tl["samples"]) == modes and all(len(v) == tl["config"]["reps"] for v in tl["samples"].values())
     assert all(x > 0 for v in tl["samples"].values() for x in v)
     steps = tl["config"]["steps_per_block"]
@@ -85,6 +86,7 @@ def test_quick_bench_writes_complete_reports(tmp_path: Path) -> None:
     assert all(r > 0 for r in tl["write_rate_mb_s"].values())
     assert any("floor: CPU" in t["target"] for t in targets if t["workload"] == "trainloop")
     assert all("for the same CPU work in a thread" in t["target"] for t in targets if t["workload"] == "trainloop")
+    assert all("plain copy + write + fsync" in t["target"] for t in targets if t["workload"] == "trainloop")
 
     ft = data["finetune"]  # the frozen-backbone fine-tune, incremental against full checkpoints
     assert set(ft["samples"]) == {"full", "incremental"} and all(x > 0 for v in ft["samples"].values() for x in v)
@@ -95,6 +97,7 @@ def test_quick_bench_writes_complete_reports(tmp_path: Path) -> None:
     md = (out / "latest.md").read_text()
     assert "## Frozen-backbone fine-tune: incremental checkpoints" in md
     assert "## Training loop: background checkpoint every K steps" in md
+    assert "| plain write (copy + write + fsync in a thread) |" in md
     assert "## Targets" in md and "| savegame sync |" in md and "Machine:" in md
     png = out / "latest.png"
     assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
