@@ -39,11 +39,14 @@ saves actually written per block.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import shutil
 import statistics
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -126,11 +129,15 @@ class Trainer:
         loss.backward()
         self.opt.step()
 
-    def state_bytes(self) -> int:
-        n = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the model's and the optimizer's state (what a full-state checkpoint holds)."""
+        out = [t.detach() for t in self.model.state_dict().values()]
         for per_param in self.opt.state.values():
-            n += sum(v.numel() * v.element_size() for v in per_param.values() if isinstance(v, torch.Tensor))
-        return n
+            out += [v for v in per_param.values() if isinstance(v, torch.Tensor)]
+        return out
+
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state_tensors())
 
 
 def _block(
@@ -188,17 +195,12 @@ def _burn(cpu_seconds: float, src: Any, dst: Any) -> None:
         np.copyto(dst, src)
 
 
-def _burn_block(trainer: Trainer, k: int, steps: int, cpu_seconds: float) -> tuple[float, int, list[float]]:
-    """No savegame, no disk: every ``k`` steps a thread starts (after the previous one finished, as the
-    ``wait`` policy does) that spends ``cpu_seconds`` of CPU on memory copies, the CPU a background save
-    takes (:func:`floors`). The overhead it causes is what that much background CPU work costs this
-    training loop, whoever does it: the measured floor of a background save every ``k`` steps."""
-    import threading
-
-    import numpy as np
-
-    src = np.ones(32 << 20, dtype=np.uint8)
-    dst = np.empty_like(src)
+def _every_k_in_thread(
+    trainer: Trainer, k: int, steps: int, start: Callable[[int], Callable[[], None]]
+) -> tuple[float, int, list[float]]:
+    """``steps`` training steps; after every ``k``-th step ``i``, once the previous thread finished (as
+    the ``wait`` policy waits for the save in flight), ``start(i)`` runs on the training thread and the
+    function it returns runs on a new thread. The mean step time, the threads started, no call times."""
     worker: threading.Thread | None = None
     t0 = time.perf_counter()
     for i in range(1, steps + 1):
@@ -206,7 +208,7 @@ def _burn_block(trainer: Trainer, k: int, steps: int, cpu_seconds: float) -> tup
         if i % k == 0:
             if worker is not None:
                 worker.join()
-            worker = threading.Thread(target=_burn, args=(cpu_seconds, src, dst), daemon=True)
+            worker = threading.Thread(target=start(i), daemon=True)
             worker.start()
     elapsed = time.perf_counter() - t0
     if worker is not None:
@@ -214,12 +216,16 @@ def _burn_block(trainer: Trainer, k: int, steps: int, cpu_seconds: float) -> tup
     return elapsed / steps, steps // k, []
 
 
-def _state_tensors(trainer: Trainer) -> list[torch.Tensor]:
-    """Every tensor of the model's and the optimizer's state (what a full-state checkpoint holds)."""
-    out = [t.detach() for t in trainer.model.state_dict().values()]
-    for per_param in trainer.opt.state.values():
-        out += [v for v in per_param.values() if isinstance(v, torch.Tensor)]
-    return out
+def _burn_block(trainer: Trainer, k: int, steps: int, cpu_seconds: float) -> tuple[float, int, list[float]]:
+    """No savegame, no disk: every ``k`` steps a thread starts (after the previous one finished, as the
+    ``wait`` policy does) that spends ``cpu_seconds`` of CPU on memory copies, the CPU a background save
+    takes (:func:`floors`). The overhead it causes is what that much background CPU work costs this
+    training loop, whoever does it: the measured floor of a background save every ``k`` steps."""
+    import numpy as np
+
+    src = np.ones(32 << 20, dtype=np.uint8)
+    dst = np.empty_like(src)
+    return _every_k_in_thread(trainer, k, steps, lambda i: functools.partial(_burn, cpu_seconds, src, dst))
 
 
 def _write_fsync(path: str, buffers: list[torch.Tensor]) -> None:
@@ -238,28 +244,20 @@ def _plain_block(trainer: Trainer, k: int, steps: int, tmp: str) -> tuple[float,
     to one file and fsyncs it (two files in turn, as ``keep_last=2`` keeps two checkpoints). The
     overhead is what the bytes of a checkpoint every ``k`` steps cost this loop with nothing else done:
     no format, hashes or manifest."""
-    import threading
+    buffers = [torch.empty_like(t) for t in trainer.state_tensors()]
+    paths = [os.path.join(tmp, f"trainloop-plain-{n}") for n in range(2)]
 
-    buffers = [torch.empty_like(t) for t in _state_tensors(trainer)]
-    worker: threading.Thread | None = None
-    t0 = time.perf_counter()
-    for i in range(1, steps + 1):
-        trainer.step()
-        if i % k == 0:
-            if worker is not None:
-                worker.join()
-            for b, t in zip(buffers, _state_tensors(trainer)):
-                b.copy_(t)
-            path = os.path.join(tmp, f"trainloop-plain-{i // k % 2}")
-            worker = threading.Thread(target=_write_fsync, args=(path, buffers), daemon=True)
-            worker.start()
-    elapsed = time.perf_counter() - t0
-    if worker is not None:
-        worker.join()  # not timed, as a Checkpointer's close() is not
-    for n in range(2):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(tmp, f"trainloop-plain-{n}"))
-    return elapsed / steps, steps // k, []
+    def start(i: int) -> Callable[[], None]:
+        for b, t in zip(buffers, trainer.state_tensors()):
+            b.copy_(t)
+        return functools.partial(_write_fsync, paths[i // k % 2], buffers)
+
+    try:
+        return _every_k_in_thread(trainer, k, steps, start)
+    finally:
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 def floors(trainer: Trainer, tmp: str, *, reps: int = 3) -> dict[str, Any]:
