@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import signal
+import sys
 
 import torch
 from accelerate import Accelerator
@@ -70,8 +71,12 @@ def main() -> None:
     else:
         names = sorted(os.listdir(args.root), key=lambda n: int(n.split("-")[1])) if os.path.isdir(args.root) else []
         resumed = sga.load_state(acc, os.path.join(args.root, names[-1])) if names else sga.Resumed()
-    print(json.dumps({"resumed": resumed.path, "epoch": resumed.epoch, "batches_seen": resumed.batches_seen,
-                      "step": resumed.step, "quarantined": list(resumed.quarantined)}), flush=True)
+    line = json.dumps({"resumed": resumed.path, "epoch": resumed.epoch, "batches_seen": resumed.batches_seen,
+                       "step": resumed.step, "quarantined": list(resumed.quarantined)}) + "\n"
+    # One write(2) of the whole line: under torchrun both ranks share the pipe, and print() writes the text and
+    # its newline separately, so two ranks' lines could interleave; a pipe write under PIPE_BUF bytes is atomic.
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), line.encode())
     step = resumed.step or 0
 
     def save(epoch: int, seen: int) -> None:
