@@ -4,6 +4,7 @@ loads the same bytes as a full save, and survives the deletion of its base."""
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from typing import Any
 
@@ -139,5 +140,36 @@ def test_a_mirror_copies_an_incremental_checkpoints_linked_files_on_the_server(
         remote = savegame.verify(f"{root}/{name}")
         assert remote.files == savegame.read_manifest(tmp_path / "local" / name).files
     loaded = savegame.load(f"{root}/{names[-1]}")["model"]
+    for key, value in net.state_dict().items():
+        assert torch.equal(loaded[key], value), key
+
+
+def test_a_mirror_never_copies_from_a_remote_file_that_changed_since_it_uploaded_it(tmp_path: Any) -> None:
+    """The mirror remembers where it uploaded each file, to copy a later linked file from there on the
+    server. Once that remote checkpoint is deleted and a new one of the same name (a model of the same
+    shape: files of the same sizes) is uploaded, that place holds other bytes: a server-side copy from it
+    would give the new remote checkpoint a file that fails its own hash. It is uploaded instead."""
+    from savegame.engine.mirror import Mirror
+
+    local, root = tmp_path / "local", f"memory://mirror-stale-{uuid.uuid4().hex[:8]}"
+    net, _ = _model()
+    mirror = Mirror(local, root)
+    savegame.save(local / "a", {"model": net})
+    mirror.upload("a")
+    net[1].weight.data += 1.0
+    savegame.save(local / "b", {"model": net}, base=local / "a")  # links a's file (the frozen layer)
+    mirror.upload("b")
+    shutil.rmtree(local / "a")  # pruned on both sides, then the name is used again
+    mirror.remote.delete("a")
+    other, _ = _model()
+    other[0].weight.data += 1.0
+    savegame.save(local / "a", {"model": other})
+    mirror.upload("a")
+    net[1].weight.data += 1.0
+    savegame.save(local / "c", {"model": net}, base=local / "b")
+    assert savegame.read_manifest(local / "c").items["model"].linked
+    mirror.upload("c")
+    savegame.verify(f"{root}/c")
+    loaded = savegame.load(f"{root}/c")["model"]
     for key, value in net.state_dict().items():
         assert torch.equal(loaded[key], value), key

@@ -268,12 +268,17 @@ class Mirror:
         earlier checkpoint) a server-side copy of that file where this mirror uploaded it, if it still
         exists there (``Transaction.link``: S3 CopyObject, a hard link for a local mirror). Its bytes were
         hashed when they were uploaded, and the new checkpoint's manifest records the same hash, so a
-        ``verify`` of the remote copy checks it. False: upload it as any other file."""
+        ``verify`` of the remote copy checks it. The source is used only while the remote manifest of its
+        checkpoint still lists it with that hash (the checkpoint may have been deleted and its name used
+        again since, or overwritten: other bytes in the same place). False: upload it as any other file."""
         source = self._uploaded_files.get((entry.hash, entry.bytes))
         link = getattr(txn, "link", None)  # optional member of the Transaction protocol
         if source is None or link is None:
             return False
         checkpoint, source_file = source
+        if not self._still_holds(checkpoint, source_file, entry):
+            self._uploaded_files.pop((entry.hash, entry.bytes), None)
+            return False
         try:
             done = bool(link(file, source_checkpoint=checkpoint, source_file=source_file))
         except (CheckpointError, OSError) as exc:
@@ -282,6 +287,16 @@ class Mirror:
         if not done:
             self._uploaded_files.pop((entry.hash, entry.bytes), None)
         return done
+
+    def _still_holds(self, checkpoint: str, file: str, entry: FileEntry) -> bool:
+        """Whether remote ``checkpoint`` is committed now with ``file`` as ``entry`` (its manifest read again)."""
+        try:
+            raw = self._remote_manifest(checkpoint, refresh=True).manifest
+            listed = parse_manifest(raw, self.remote.path(checkpoint)).files.get(file)
+        except (CheckpointError, OSError) as exc:
+            log.info("%r: %s is not usable for a server-side copy (%s)", self, checkpoint, exc)
+            return False
+        return listed == entry
 
     def _delete_remote(self, gone: Collection[str]) -> list[str]:
         """Delete remote checkpoints in ``gone``, each only if a newer one is committed remotely."""
