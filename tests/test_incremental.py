@@ -467,3 +467,39 @@ def test_the_committed_event_says_how_much_was_linked_and_rates_only_what_was_wr
     assert second.linked_bytes == manifest.linked_bytes == sum(manifest.files[f].bytes for f in linked) > 0
     assert second.bytes == manifest.total_bytes > second.linked_bytes
     assert second.throughput == pytest.approx((second.bytes - second.linked_bytes) / second.durable_seconds)
+
+
+def _data_bytes_on_disk(root: Path) -> int:
+    """Bytes of the distinct data files (inodes) under ``root``: what deleting checkpoints can free."""
+    sizes = {}
+    for path in root.glob("*/*.safetensors"):
+        st = os.stat(path)
+        sizes[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(sizes.values())
+
+
+def test_prune_reports_the_bytes_it_frees_not_the_ones_kept_checkpoints_still_link(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The frozen backbone's file is shared by every checkpoint of the run: deleting the older ones frees
+    only what the kept one does not link (their own files), and prune (and its dry run) says so."""
+    from savegame.cli.common import human_size
+
+    net, opt, _ = _make(11)
+    with Checkpointer(tmp_path, incremental=True, keep_last=10) as ckpt:
+        for epoch in range(3):
+            _train_step(net, opt)
+            ckpt.save({"model": net, "opt": opt}, epoch=epoch)
+    before = _data_bytes_on_disk(tmp_path)
+    capsys.readouterr()
+    assert cli_main(["prune", str(tmp_path), "--keep-last", "1", "--dry-run"]) == 0
+    planned = capsys.readouterr().out
+    doomed = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))[:-1]
+    listed = sum(savegame.read_manifest(tmp_path / name).total_bytes for name in doomed)
+    assert cli_main(["prune", str(tmp_path), "--keep-last", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["deleted"] == doomed
+    freed = before - _data_bytes_on_disk(tmp_path)
+    assert 0 < freed < listed / 2
+    assert out["bytes_freed"] == freed
+    assert f"(frees {human_size(freed)})" in planned, planned

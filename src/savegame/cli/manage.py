@@ -65,6 +65,7 @@ def cmd_prune(args: argparse.Namespace, ctx: Context) -> int:
         raise UsageError("--keep-best needs --monitor METRIC (no monitored metric is recorded in the checkpoints)")
     check_monitor_recorded(scan)  # a misspelt --monitor would rank nothing and let the real best go
     doomed = doomed_by_retention(scan, keep_last=args.keep_last, keep_best=args.keep_best)
+    frees = _bytes_freed(scan.readable, doomed, local=not scan.source.remote)  # before anything is deleted
     deleted: list[str] = []
     failed: list[str] = []
     if not args.dry_run and doomed and not scan.source.remote:
@@ -89,7 +90,7 @@ def cmd_prune(args: argparse.Namespace, ctx: Context) -> int:
                 deleted.append(e.name)
     names = {e.name for e in doomed} if args.dry_run else set(deleted)
     kept = [e for e in scan.readable if e.name not in names]
-    freed = sum(e.size for e in doomed if e.name in names)
+    freed = sum(size for name, size in frees.items() if name in names)
     if args.json:
         print_json({
             "root": root, "dry_run": bool(args.dry_run), "monitor": scan.monitor, "mode": scan.mode,
@@ -119,12 +120,40 @@ def cmd_prune(args: argparse.Namespace, ctx: Context) -> int:
         ctx.print(f"{'keep'.ljust(12)}  {shown(e.name).ljust(width)}  {describe}{note}".rstrip())
     if args.dry_run:
         ctx.print(f"dry run: would delete {len(doomed)} of {len(scan.readable)} checkpoints "
-                  f"({human_size(sum(e.size for e in doomed))}); nothing was deleted")  # fmt: skip
+                  f"(frees {human_size(freed)}); nothing was deleted")  # fmt: skip
     else:
         ctx.print(f"deleted {len(deleted)} of {len(scan.readable)} checkpoints, freed {human_size(freed)}")
     for name in failed:
         ctx.warn(f"{name} was not deleted (changed meanwhile, or deletion failed)")
     return EXIT_OK
+
+
+def _bytes_freed(entries: list[Entry], doomed: list[Entry], *, local: bool) -> dict[str, int]:
+    """How many bytes deleting each of ``doomed`` frees, by name. Locally, a data file that is a hard link
+    of one a kept checkpoint also has (an incremental checkpoint's linked file) frees nothing, and one
+    inode shared by several doomed checkpoints is counted once; a remote checkpoint's files are its own."""
+    if not local:
+        return {e.name: e.size for e in doomed}
+    doomed_names = {e.name for e in doomed}
+    kept: set[tuple[int, int]] = set()
+    counted: set[tuple[int, int]] = set()
+    frees: dict[str, int] = {}
+    for e in sorted(entries, key=lambda e: e.name in doomed_names):  # the kept ones first
+        total = 0
+        for file in e.manifest.files if e.manifest is not None else ():
+            try:
+                st = os.stat(os.path.join(e.path, file), follow_symlinks=False)
+            except OSError:
+                continue  # missing: frees nothing
+            inode = (st.st_dev, st.st_ino)
+            if e.name not in doomed_names:
+                kept.add(inode)
+            elif inode not in kept and inode not in counted:
+                counted.add(inode)
+                total += st.st_size
+        if e.name in doomed_names:
+            frees[e.name] = total
+    return frees
 
 
 # --------------------------------------------------------------------------------------------------
