@@ -503,3 +503,38 @@ def test_prune_reports_the_bytes_it_frees_not_the_ones_kept_checkpoints_still_li
     assert 0 < freed < listed / 2
     assert out["bytes_freed"] == freed
     assert f"(frees {human_size(freed)})" in planned, planned
+
+
+def test_a_base_hashed_in_other_chunks_is_not_linked_with_its_recorded_hash(tmp_path: Path) -> None:
+    """A file's hash depends on the manifest's ``hash_chunk_bytes`` (formats 1 and 2: whole files; a format-3
+    manifest may say any power of two). A linked file carries the base's recorded hash into a manifest that
+    says this savegame's chunk size: for a file longer than either chunk, that hash is not the one verify
+    computes, so such a file is written again instead, and the new checkpoint verifies."""
+    from savegame.format.hashing import hash_buffer
+
+    state = {"frozen": torch.randn(1024, 1024), "head": torch.zeros(10)}  # a 4 MiB file
+    savegame.save(tmp_path / "a", {"model": state})
+    raw = json.loads((tmp_path / "a" / "manifest.json").read_bytes())
+    raw.pop("manifest_hash")
+    raw["hash_chunk_bytes"] = 1 << 20
+    for name, entry in raw["files"].items():
+        data = (tmp_path / "a" / name).read_bytes()
+        entry["hash"] = hash_buffer(data, len(data), 1 << 20)
+    (tmp_path / "a" / "manifest.json").write_bytes(sign_manifest(raw))
+    savegame.verify(tmp_path / "a")
+    state["head"] += 1.0
+    savegame.save(tmp_path / "b", {"model": state}, base=tmp_path / "a")
+    savegame.verify(tmp_path / "b")
+    loaded = savegame.load(tmp_path / "b")["model"]
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    # small files hash the same under any chunk size: they are still linked
+    small = {"frozen": torch.randn(64, 64), "head": torch.zeros(10)}
+    savegame.save(tmp_path / "c", {"model": small})
+    raw = json.loads((tmp_path / "c" / "manifest.json").read_bytes())
+    raw.pop("manifest_hash")
+    raw["hash_chunk_bytes"] = 1 << 20
+    (tmp_path / "c" / "manifest.json").write_bytes(sign_manifest(raw))
+    small["head"] += 1.0
+    manifest = savegame.save(tmp_path / "d", {"model": small}, base=tmp_path / "c")
+    assert manifest.items["model"].linked
+    savegame.verify(tmp_path / "d")

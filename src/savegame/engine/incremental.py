@@ -20,7 +20,10 @@ Before a file is linked, the previous checkpoint must still be committed with th
 that file, and a local file is verified (size, content hash, header; each linked key with the dtype and
 shape the new array has), so what the new checkpoint refers to is exactly the bytes the new state holds. A
 remote file is copied on the server (``RemoteTransaction.link``) without being downloaded: the recorded
-hash goes into the new manifest, so ``verify`` or ``load`` of the new checkpoint checks it. Where a
+hash goes into the new manifest, so ``verify`` or ``load`` of the new checkpoint checks it. That hash is
+only the one the new manifest's ``hash_chunk_bytes`` gives if the base hashed in the same chunks or the
+file fits in one chunk: other files of a base of format 1 or 2 (whole-file hashes) or of other chunks are
+not linked. Where a
 file cannot be linked (another filesystem, a storage without links, any ``OSError``) or fails that check,
 its arrays are written into the item's own file as in a full save: an incremental save never fails, nor
 writes different bytes, because of its base.
@@ -35,7 +38,7 @@ from dataclasses import dataclass, field
 from savegame.engine.verifier import manifest_of, open_file
 from savegame.engine.write_loop import EncodedItem
 from savegame.errors import CheckpointError
-from savegame.format.hashing import array_hash
+from savegame.format.hashing import HASH_CHUNK_BYTES, array_hash
 from savegame.format.manifest import FileEntry, ItemEntry, Manifest
 from savegame.format.tensorfile import TensorData, TensorFileReader
 from savegame.format.tree import ArrayRecord
@@ -125,6 +128,10 @@ class _Linker:
         current = self._base_now()
         recorded = self.base.manifest.files.get(file)
         usable = current is not None and recorded is not None and current.files.get(file) == recorded
+        if usable and recorded is not None and not _same_hash_rule(self.base.manifest.hash_chunk_bytes, recorded.bytes):
+            log.info("incremental save: %s of base %s was hashed in other chunks (%s); writing its arrays again",
+                     file, self.base.name, self.base.manifest.hash_chunk_bytes)  # fmt: skip
+            usable = False
         if usable and current is not None and not isinstance(self.base.storage, LocalStorage):
             self.usable[file] = True
             return True
@@ -188,6 +195,16 @@ class _Linker:
         info = reader.tensors.get(data.name)
         return info is not None and info.code == data.code and info.shape == data.shape \
             and info.nbytes == len(data.data)  # fmt: skip
+
+
+def _same_hash_rule(chunk_bytes: int | None, size: int) -> bool:
+    """Whether a file of ``size`` bytes whose hash a manifest with ``hash_chunk_bytes = chunk_bytes`` records
+    (None: formats 1 and 2, whole files) has that same hash in the manifest this save writes (chunks of
+    :data:`~savegame.format.hashing.HASH_CHUNK_BYTES`): the same chunk size, or the file fits in one chunk
+    of both (one chunk's hash is the plain hash of the file)."""
+    if chunk_bytes == HASH_CHUNK_BYTES:
+        return True
+    return size <= min(HASH_CHUNK_BYTES, chunk_bytes if chunk_bytes is not None else HASH_CHUNK_BYTES)
 
 
 def _free_name(stem: str, used: set[str]) -> str:
