@@ -538,3 +538,30 @@ def test_a_base_hashed_in_other_chunks_is_not_linked_with_its_recorded_hash(tmp_
     manifest = savegame.save(tmp_path / "d", {"model": small}, base=tmp_path / "c")
     assert manifest.items["model"].linked
     savegame.verify(tmp_path / "d")
+
+
+def test_a_base_overwritten_between_its_check_and_the_link_is_not_linked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The base is verified through the directory version it opened, then linked by name: when another
+    process overwrites it in between, that name holds other bytes. The link is checked to be the very file
+    verified; here it is not, so the arrays are written and the new checkpoint verifies and loads its state."""
+    from savegame.storage.local.write import LocalTransaction
+
+    state = {"frozen": torch.randn(300, 300), "head": torch.zeros(10)}
+    savegame.save(tmp_path / "a", {"model": state})
+    real = LocalTransaction.link
+
+    def overwritten_first(self: LocalTransaction, file: str, **kwargs: Any) -> bool:
+        other = {"frozen": torch.randn(300, 300), "head": torch.ones(10)}
+        savegame.save(tmp_path / "a", {"model": other}, overwrite=True)  # the other process's save
+        return real(self, file, **kwargs)
+
+    monkeypatch.setattr(LocalTransaction, "link", overwritten_first)
+    state["head"] += 1.0
+    manifest = savegame.save(tmp_path / "b", {"model": state}, base=tmp_path / "a")
+    assert not manifest.items["model"].linked
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["manifest.json", "model.safetensors"]
+    savegame.verify(tmp_path / "b")
+    loaded = savegame.load(tmp_path / "b")["model"]
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())

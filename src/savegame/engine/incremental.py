@@ -18,8 +18,9 @@ thread for a background save), never in the training thread of a background save
 
 Before a file is linked, the previous checkpoint must still be committed with the same manifest entry for
 that file, and a local file is verified (size, content hash, header; each linked key with the dtype and
-shape the new array has), so what the new checkpoint refers to is exactly the bytes the new state holds. A
-remote file is copied on the server (``RemoteTransaction.link``) without being downloaded: the recorded
+shape the new array has) and the link must be that very file (its inode: a base overwritten between the
+check and the link gives another one), so what the new checkpoint refers to is exactly the bytes the new
+state holds. A remote file is copied on the server (``RemoteTransaction.link``) without being downloaded: the recorded
 hash goes into the new manifest, so ``verify`` or ``load`` of the new checkpoint checks it. That hash is
 only the one the new manifest's ``hash_chunk_bytes`` gives if the base hashed in the same chunks or the
 file fits in one chunk: other files of a base of format 1 or 2 (whole-file hashes) or of other chunks are
@@ -32,6 +33,7 @@ writes different bytes, because of its base.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -44,6 +46,7 @@ from savegame.format.tensorfile import TensorData, TensorFileReader
 from savegame.format.tree import ArrayRecord
 from savegame.storage.base import Storage, Transaction
 from savegame.storage.local import LocalStorage
+from savegame.storage.local.read import LocalCheckpointReader
 
 __all__ = ["MAX_LINKED_PER_ITEM", "Base", "Incremental", "Prepared", "prepare"]
 
@@ -101,6 +104,7 @@ class _Linker:
         self.used = used
         self.linked: dict[str, str] = {}  # base file -> its name in the new checkpoint
         self.readers: dict[str, TensorFileReader] = {}  # verified local base files
+        self.identities: dict[str, tuple[int, int]] = {}  # their (st_dev, st_ino): the very files linked
         self.usable: dict[str, bool] = {}  # base files checked: may be linked
         self._current: Manifest | None = None
         self._read = False  # whether _current was read (None then: the base is gone or unreadable)
@@ -140,6 +144,9 @@ class _Linker:
                 checkpoint = self.base.storage.reader(self.base.name)
                 try:
                     reader = open_file(checkpoint, current, file, verify=True)
+                    if isinstance(checkpoint, LocalCheckpointReader):
+                        st = os.stat(file, dir_fd=checkpoint.dir_fd(), follow_symlinks=False)
+                        self.identities[file] = (st.st_dev, st.st_ino)  # in the directory version verified
                 finally:
                     checkpoint.close()
             except (CheckpointError, OSError) as exc:
@@ -159,8 +166,10 @@ class _Linker:
             return None
         name = _free_name(stem, self.used)
         link = getattr(self.txn, "link", None)  # optional member of the Transaction protocol
+        identity = self.identities.get(file)  # local: link only the very file verified
+        extra = {"identity": identity} if identity is not None else {}
         try:
-            done = link is not None and bool(link(name, source_checkpoint=self.base.name, source_file=file))
+            done = link is not None and bool(link(name, source_checkpoint=self.base.name, source_file=file, **extra))
         except OSError as exc:
             log.info("incremental save: linking %s of %s failed (%s); writing its arrays", file, self.base.name, exc)
             done = False

@@ -131,11 +131,16 @@ class LocalTransaction(_StagingFiles):
     _sinks: list[LocalFileSink] = field(default_factory=list)
     _done: bool = False
 
-    def link(self, file: str, *, source_checkpoint: str, source_file: str) -> bool:
+    def link(
+        self, file: str, *, source_checkpoint: str, source_file: str, identity: tuple[int, int] | None = None
+    ) -> bool:
         """Hard-link data file ``source_file`` of committed checkpoint ``source_checkpoint`` as ``file``
         (the commit's fsync of the staging directory makes the new entry durable; the data already is).
         False when the system refuses (another filesystem, no hard links, too many links...): the caller
-        writes the bytes instead. Only a regular file inside a checkpoint of this root is linked."""
+        writes the bytes instead. Only a regular file inside a checkpoint of this root is linked.
+        ``identity``: the ``(st_dev, st_ino)`` of the file the caller verified; if the link is another
+        file (the checkpoint was overwritten meanwhile: the name now holds other bytes), it is removed
+        again and False returned."""
         check_checkpoint_name(file)
         check_checkpoint_name(source_checkpoint)
         check_checkpoint_name(source_file)
@@ -145,7 +150,14 @@ class LocalTransaction(_StagingFiles):
         try:
             if not stat.S_ISREG(os.lstat(source).st_mode):
                 return False
-            self.storage.ops.link(source, os.path.join(self.staging, file))
+            dest = os.path.join(self.staging, file)
+            self.storage.ops.link(source, dest)
+            if identity is not None:
+                st = os.lstat(dest)
+                if (st.st_dev, st.st_ino) != identity:
+                    os.unlink(dest)
+                    log.info("%s changed since it was verified (overwritten?); writing it instead", source)
+                    return False
         except OSError as exc:
             log.info("cannot hard-link %s into %s (%s); writing it instead", source, self.staging, exc)
             return False
