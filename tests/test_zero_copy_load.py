@@ -265,3 +265,41 @@ def test_copy_true_into_an_optimizer_keeps_no_view_of_the_file(tmp_path: Path) -
         assert any(in_file) if not copy else not any(in_file), copy
         saved = [s[k] for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq")]
         assert len(moments) == len(saved) and all(torch.equal(a, b) for a, b in zip(moments, saved))
+
+
+_MANY_LOADS = """
+import resource, sys
+import savegame
+from savegame.errors import StorageError
+
+path = sys.argv[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+kept = [savegame.load(path, copy=True) for _ in range(200)]  # owned memory: no descriptor per load
+try:
+    kept += [savegame.load(path) for _ in range(200)]
+except StorageError as exc:
+    assert "copy=True" in str(exc) and "ulimit -n" in str(exc), exc
+    print("refused", exc)
+else:
+    print("loaded")
+"""
+
+
+def test_loads_past_the_descriptor_limit_give_a_storage_error_or_none(
+    saved: tuple[Path, dict[str, dict[str, torch.Tensor]]], tmp_path: Path
+) -> None:
+    """A mapped file may hold a descriptor while its tensors live (Python < 3.13's mmap duplicates it): a
+    program keeping the tensors of many loads alive (a model soup over a run) reaches the process's limit.
+    Where it does, the load raises a StorageError saying what to do, never a bare OSError; ``copy=True``
+    loads hold none."""
+    import subprocess
+
+    path, _ = saved
+    script = tmp_path / "many_loads.py"
+    script.write_text(_MANY_LOADS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, env=env,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected = "loaded" if sys.version_info >= (3, 13) else "refused"
+    assert done.stdout.startswith(expected), done.stdout

@@ -371,7 +371,9 @@ def load(
     ``copy=True``: every tensor in freshly allocated memory that does not depend on the files. The
     trade-off: mapped memory is paged in lazily (on a cold cache, first touches read the disk) and counts as
     file-backed memory (page cache) until written, and a deleted checkpoint's disk space is only freed when
-    its last tensor dies; owned memory is read and copied up front and counts as the process's own. Either
+    its last tensor dies (and before Python 3.13 each mapped file holds a descriptor until then: keeping
+    the tensors of hundreds of loads alive can reach the process's limit, a :class:`StorageError` saying
+    so); owned memory is read and copied up front and counts as the process's own. Either
     way, with ``verify`` every byte returned was hashed before ``load`` returns. savegame never modifies a
     committed file; a program that rewrote one in place would change mapped tensors (use ``copy=True`` if
     that can happen).

@@ -13,12 +13,14 @@ import errno
 import mmap
 import os
 import stat
+import sys
 import weakref
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
 from savegame.errors import (
+    CheckpointError,
     CheckpointNotFoundError,
     InvalidManifestError,
     NotACheckpointError,
@@ -297,7 +299,12 @@ class LocalCheckpointReader:
         file), or for a file of at most :data:`SMALL_FILE_BYTES` a 64-byte aligned copy read at once
         (cheaper than mapping, faulting in and unmapping a few pages)."""
         where = self.file_where(file)
-        fd, actual = self._take(file)
+        try:
+            fd, actual = self._take(file)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise _read_error(exc, where) from exc
         try:
             if actual != size:
                 raise TruncatedFileError(f"{where}: {actual} bytes, expected {size} (changed while reading)")
@@ -306,6 +313,24 @@ class LocalCheckpointReader:
             if size <= SMALL_FILE_BYTES:
                 return _read_aligned(fd, size, where)
             check_allocated(fd, size, where)  # a sparse file is not mapped (its holes would cost memory)
-            return mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+            return mmap.mmap(fd, size, access=mmap.ACCESS_COPY, **_UNTRACKED)
+        except (CheckpointError, FileNotFoundError):
+            raise
+        except OSError as exc:
+            raise _read_error(exc, where) from exc
         finally:
             os.close(fd)
+
+
+_UNTRACKED: dict[str, bool] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+"""Python 3.13+: a mapping keeps no duplicate of the file's descriptor (before, every mapped file of a
+loaded checkpoint holds one for as long as its tensors live)."""
+
+
+def _read_error(exc: OSError, where: str) -> StorageError:
+    """A :class:`StorageError` for a data file that could not be opened, read or mapped."""
+    hint = ""
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        hint = ("; each mapped file of a loaded checkpoint holds a descriptor while its tensors live (Python "
+                "before 3.13): load with copy=True to keep owned memory instead, or raise the limit (ulimit -n)")
+    return StorageError(exc.errno, f"{where}: cannot read: {exc.strerror or exc}{hint}")
