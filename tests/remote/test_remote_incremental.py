@@ -173,3 +173,29 @@ def test_a_mirror_never_copies_from_a_remote_file_that_changed_since_it_uploaded
     loaded = savegame.load(f"{root}/c")["model"]
     for key, value in net.state_dict().items():
         assert torch.equal(loaded[key], value), key
+
+
+def test_a_remote_base_overwritten_before_the_server_side_copy_is_not_copied(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The base's manifest is read before the copy, which takes the version committed at that time: when
+    another process overwrote the base in between, that version holds other bytes. The copy is made only
+    from a version whose manifest lists the recorded hash; here it does not, so the file is uploaded."""
+    root = f"memory://incremental-race-{uuid.uuid4().hex[:8]}"
+    net, _ = _model()
+    savegame.save(f"{root}/a0", {"model": net})
+    savegame.save(f"{root}/a", {"model": net}, base=f"{root}/a0")  # records the array hashes
+    real = RemoteTransaction.link
+
+    def overwritten_first(self: RemoteTransaction, file: str, **kwargs: Any) -> bool:
+        other, _ = _model()
+        other[0].weight.data += 1.0
+        savegame.save(f"{root}/a", {"model": other}, overwrite=True)  # the other process's save
+        return real(self, file, **kwargs)
+
+    monkeypatch.setattr(RemoteTransaction, "link", overwritten_first)
+    net[1].weight.data += 1.0
+    manifest = savegame.save(f"{root}/b", {"model": net}, base=f"{root}/a")
+    assert not manifest.items["model"].linked
+    savegame.verify(f"{root}/b")
+    loaded = savegame.load(f"{root}/b")["model"]
+    for key, value in net.state_dict().items():
+        assert torch.equal(loaded[key], value), key

@@ -167,7 +167,10 @@ class _Linker:
         name = _free_name(stem, self.used)
         link = getattr(self.txn, "link", None)  # optional member of the Transaction protocol
         identity = self.identities.get(file)  # local: link only the very file verified
-        extra = {"identity": identity} if identity is not None else {}
+        recorded = self.base.manifest.files[file]
+        extra: dict[str, object] = {"identity": identity} if identity is not None else {}
+        if not isinstance(self.base.storage, LocalStorage):
+            extra = {"expect_hash": recorded.hash}  # remote: copy only from a version listing that hash
         try:
             done = link is not None and bool(link(name, source_checkpoint=self.base.name, source_file=file, **extra))
         except OSError as exc:

@@ -123,11 +123,14 @@ class RemoteTransaction:
         self._sinks.append(sink)
         return sink
 
-    def link(self, file: str, *, source_checkpoint: str, source_file: str) -> bool:
+    def link(self, file: str, *, source_checkpoint: str, source_file: str, expect_hash: str | None = None) -> bool:
         """Copy data file ``source_file`` of committed checkpoint ``source_checkpoint`` into this version as
         ``file`` on the server (fsspec ``copy``: S3 CopyObject, no bytes through this process); the copy's
         size is checked against the source's. False when the source is gone or the copy fails: the caller
-        then uploads the bytes (incremental saves, :mod:`savegame.engine.incremental`)."""
+        then uploads the bytes (incremental saves, :mod:`savegame.engine.incremental`). ``expect_hash``: the
+        hash the caller's manifest records for the file; False too when the committed version copied from
+        lists another (the checkpoint was overwritten since the caller read its manifest)."""
+        from savegame.format.manifest import parse_manifest
         from savegame.storage.remote.read import RemoteCheckpointReader
 
         check_checkpoint_name(file)
@@ -140,9 +143,16 @@ class RemoteTransaction:
         st = self.storage
         dest = f"{self.prefix}/{file}"
         try:
-            version, sizes = RemoteCheckpointReader(st, source_checkpoint).resolve()
+            reader = RemoteCheckpointReader(st, source_checkpoint)
+            version, sizes = reader.resolve()
             if source_file not in sizes:
                 return False
+            if expect_hash is not None:
+                listed = parse_manifest(reader.manifest_bytes(), reader.file_where(MANIFEST)).files.get(source_file)
+                if listed is None or listed.hash != expect_hash:
+                    log.info("%s/%s changed since its manifest was read (overwritten?); uploading it instead",
+                             source_checkpoint, source_file)  # fmt: skip
+                    return False
             source = st._key(source_checkpoint, version, source_file)
             st._ensure_parent(dest)
             st._call(f"copying {st._where(source)} to {st._where(dest)}", st.fs.copy, source, dest)
