@@ -253,6 +253,26 @@ def test_round_trip_with_adamw_and_sgd_momentum(tmp_path: Path) -> None:
     assert _equal(expected["sgd"], _clone(fresh_opts[1].state_dict()))
 
 
+def test_an_accelerate_wrapped_optimizer_hooks_the_optimizer_it_wraps(tmp_path: Path) -> None:
+    """accelerate's ``AcceleratedOptimizer`` subclasses ``Optimizer`` without initialising it: it has no
+    step hooks of its own (registering one raised ``AttributeError``), and its ``step`` calls the wrapped
+    optimizer's, which is the one whose next step must wait."""
+    accelerate = pytest.importorskip("accelerate")
+    model, (opt_a, opt_b), _, x = _setup()
+    accelerator = accelerate.Accelerator(cpu=True)
+    wrapped_a, wrapped_b = accelerator.prepare(opt_a, opt_b)
+    state = {"model": model, "adamw": wrapped_a, "sgd": wrapped_b, "epoch": 3}
+    expected = _expected(state)
+    handle = savegame.save(tmp_path / "c", state, background=True, snapshot="lazy")
+    assert _hooks(opt_a) == 1 and _hooks(opt_b) == 1
+    _train(model, [wrapped_a, wrapped_b], x)
+    handle.result()
+    loaded = savegame.load(tmp_path / "c")
+    assert _equal(expected["model"], loaded["model"])
+    assert _equal(expected["adamw"], loaded["adamw"]) and _equal(expected["sgd"], loaded["sgd"])
+    assert _hooks(opt_a) == 0 and _hooks(opt_b) == 0
+
+
 def test_only_module_and_optimizer_items_are_deferred() -> None:
     model, _, state, _ = _setup()
     state = {**state, "bare": model[4].weight, "nested": {"w": model[4].weight.detach()}}
