@@ -278,7 +278,7 @@ def test_an_error_of_a_paced_save_propagates_and_nothing_is_committed(
 
 @pytest.mark.parametrize("kwargs", [
     {"write_rate": 0}, {"write_rate": -1.0}, {"write_rate": "fast"}, {"write_rate": True},
-    {"write_rate": float("nan")}, {"write_rate": float("inf")},
+    {"write_rate": float("nan")}, {"write_rate": float("inf")}, {"write_rate": 10**400},
     {"write_rate": 10.0, "background": False},
 ])  # fmt: skip
 def test_bad_write_rate_raises_config_error(tmp_path: Path, kwargs: dict[str, Any]) -> None:
