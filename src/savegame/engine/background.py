@@ -264,10 +264,20 @@ class BackgroundWriter:
 
         _finish_at_exit(self)
         self._stop.clear()
-        self._current = pending
+        previous, self._current = self._current, pending
         started = threading.Event()
-        threading.Thread(target=run, name=self._name, daemon=True).start()
-        started.set()
+        try:
+            threading.Thread(target=run, name=self._name, daemon=True).start()
+        except Exception as exc:  # no thread was started (e.g. the process may start no more): nothing in flight
+            self._current = previous
+            if settle is not None:
+                settle()  # no copy may still write into the buffers handed back
+            snapshot.release()
+            raise BackgroundSaveError(f"could not start the background writer for {path}: {exc}") from exc
+        finally:
+            # Also when an interrupt (Ctrl-C) lands in start() or just after it: the thread runs, and must
+            # not wait for this event forever (every later wait, the one at exit included, would hang).
+            started.set()
         return pending
 
     def _consume(self, exc: BaseException) -> None:
