@@ -180,6 +180,27 @@ def test_an_in_place_change_outside_step_fails_the_save_at_the_next_step(
     assert not [p.name for p in tmp_path.iterdir() if "staging" in p.name]
 
 
+def test_the_final_save_is_eager_so_loading_the_best_weights_afterwards_keeps_it(
+    tmp_path: Path, gate: threading.Event
+) -> None:
+    """No ``optimizer.step()`` follows the final save, and the end of a run often changes the model in place
+    (loading the best weights back): under a lazy snapshot that failed the last checkpoint at close()."""
+    model, opts, state, _ = _setup()
+    best = _clone(model.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    expected = _expected(state)
+    ckpt = savegame.Checkpointer(tmp_path, background=True, snapshot="lazy", rng=False)
+    result = ckpt.step(state, epoch=0, step=7, epoch_end=True, final=True)
+    assert result is not None and all(_hooks(o) == 0 for o in opts)  # nothing deferred
+    model.load_state_dict(best)
+    gate.set()
+    ckpt.close()
+    loaded = savegame.load(result.path)
+    assert _equal(expected["model"], loaded["model"]) and _equal(expected["adamw"], loaded["adamw"])
+
+
 def test_a_copy_error_surfaces_at_the_next_step_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(batch: Any) -> None:
         raise RuntimeError("copy failed (injected)")

@@ -375,6 +375,8 @@ Background writing (``background=Background(if_busy=..., nice=...)`` says the th
 * ``snapshot`` (with ``background``): ``"eager"`` copies the whole state before the save returns;
   ``"lazy"`` copies parameters and optimizer state during the next forward/backward, and the next
   ``optimizer.step()`` waits for it (:mod:`savegame.engine.lazy`, which says what it cannot detect).
+  The final save (``step(final=True)``) is always eager: no step follows it, and what the end of a run
+  does to the model (loading the best weights back) would otherwise fail it.
 
 Other options:
 

@@ -246,7 +246,8 @@ def submit(
 
     handle = save_in_background(
         ckpt._writer, ckpt.storage, name, items, metadata=metadata, progress=payload, overwrite=False,
-        next_name=naming.next, stamp=stamp, incremental=incremental_for(ckpt), snapshot=ckpt.snapshot,
+        next_name=naming.next, stamp=stamp, incremental=incremental_for(ckpt),
+        snapshot="eager" if progress.final else ckpt.snapshot,  # no step follows the final save
         write_rate=None if ckpt.write_rate is None else ckpt.write_rate * 1e6,
     )  # fmt: skip
     seconds = time.perf_counter() - started
