@@ -39,8 +39,9 @@ class Owned:
 
 
 def tensor_key(t: object) -> OwnedKey | None:
-    """The :data:`OwnedKey` of a non-empty CPU tensor, else None (never copied lazily)."""
-    if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.numel() == 0:
+    """The :data:`OwnedKey` of a non-empty strided CPU tensor, else None (never copied lazily: a sparse
+    tensor has no single data pointer, and the eager encoder says it cannot be stored)."""
+    if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.layout != torch.strided or t.numel() == 0:
         return None
     return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
