@@ -201,6 +201,21 @@ def test_the_final_save_is_eager_so_loading_the_best_weights_afterwards_keeps_it
     assert _equal(expected["model"], loaded["model"]) and _equal(expected["adamw"], loaded["adamw"])
 
 
+def test_result_with_a_timeout_does_not_wait_longer_for_the_copies(tmp_path: Path, gate: threading.Event) -> None:
+    """``result(timeout)`` waited for the lazy copies without a limit (as long as they took) before it
+    looked at the timeout; it raises ``TimeoutError`` and the save goes on."""
+    model, opts, state, x = _setup()
+    expected = _expected(state)
+    handle = savegame.save(tmp_path / "c", state, background=True, snapshot="lazy")
+    with pytest.raises(TimeoutError):
+        handle.result(timeout=0.05)  # the gate holds the copies: they cannot be done
+    assert all(_hooks(o) == 1 for o in opts)  # nothing confirmed nor failed
+    gate.set()
+    _train(model, opts, x)
+    handle.result()
+    assert _equal(expected["model"], savegame.load(tmp_path / "c")["model"])
+
+
 def test_a_copy_error_surfaces_at_the_next_step_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(batch: Any) -> None:
         raise RuntimeError("copy failed (injected)")

@@ -101,12 +101,17 @@ class Snapshot:
         self.buffers = []
 
 
+Settle = Callable[[float | None], None]
+"""What every wait for a background save calls first, on the waiting thread, with the wait's timeout (None:
+no limit); it raises ``TimeoutError`` if it could not do its part within it (:class:`PendingSave`)."""
+
+
 class PendingSave:
     """Handle of a background save: ``result()`` waits for the durable commit and returns its value."""
 
     def __init__(
         self, future: Future[Any], *, path: str, blocking_seconds: float,
-        on_delivered: Callable[[BaseException], None] | None = None, settle: Callable[[], None] | None = None,
+        on_delivered: Callable[[BaseException], None] | None = None, settle: Settle | None = None,
     ) -> None:  # fmt: skip
         self._future = future
         self._settle = settle
@@ -136,7 +141,7 @@ class PendingSave:
         raised as they are: the save goes on.
         """
         if self._settle is not None:
-            self._settle()
+            self._settle(timeout)
         exc = self._future.exception(timeout)
         if exc is None:
             return self._future.result()
@@ -170,7 +175,7 @@ class PendingSave:
     def _settled(self) -> None:
         """Block until the save finished, successfully or not (raises nothing of the save's own)."""
         if self._settle is not None:
-            self._settle()
+            self._settle(None)
         self._future.exception()
 
 
@@ -218,7 +223,7 @@ class BackgroundWriter:
 
     def submit(
         self, path: str, snapshot: Snapshot, job: Callable[[], Any], *, blocking_seconds: float,
-        settle: Callable[[], None] | None = None,
+        settle: Settle | None = None,
     ) -> PendingSave:
         """Start ``job`` (the persist phase) after the previous one finished; return its handle.
 
@@ -228,7 +233,7 @@ class BackgroundWriter:
         """
         if self._closed:
             if settle is not None:
-                settle()  # no copy may still write into the buffers handed back
+                settle(None)  # no copy may still write into the buffers handed back
             snapshot.release()
             raise BackgroundSaveError("the background writer is closed")
         future: Future[Any] = Future()
@@ -271,7 +276,7 @@ class BackgroundWriter:
         except Exception as exc:  # no thread was started (e.g. the process may start no more): nothing in flight
             self._current = previous
             if settle is not None:
-                settle()  # no copy may still write into the buffers handed back
+                settle(None)  # no copy may still write into the buffers handed back
             snapshot.release()
             raise BackgroundSaveError(f"could not start the background writer for {path}: {exc}") from exc
         finally:

@@ -39,6 +39,7 @@ import os
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -176,8 +177,15 @@ class LazySnapshot:
             self._stepping = None
         self._raise_failure()
 
-    def settle(self) -> None:
-        """Wait for every copy and confirm it (call on the training thread: before waiting for the save)."""
+    def settle(self, timeout: float | None = None) -> None:
+        """Wait for every copy and confirm it (call on the training thread: before waiting for the save).
+
+        ``timeout``: raise ``TimeoutError`` if the copies are not all done within it (nothing is confirmed
+        or failed then: a later call or step does it)."""
+        if timeout is not None:
+            pending = [f for g in list(self._groups.values()) for f in list(g.futures)]
+            if wait_futures(pending, timeout).not_done:
+                raise TimeoutError(f"the lazy snapshot's copies were not done within {timeout} s")
         self._confirm(lambda g: True)
         sweep_hooks()
 
