@@ -470,3 +470,62 @@ def test_a_lazy_save_never_waited_for_is_committed_at_exit(tmp_path: Path) -> No
     savegame.verify(target)
     expected = torch.load(target + ".expected.pt", weights_only=True)
     assert _equal(dict(expected), savegame.load(target)["model"])
+
+
+def _until(ckpt: savegame.Checkpointer, state: dict[str, Any], step: list[int], done: Any) -> Any:
+    """Call ``ckpt.step`` (one step further each time) until ``done(result)``; fail instead of looping forever."""
+    import time
+
+    deadline = time.monotonic() + 120
+    while True:
+        step[0] += 1
+        result = ckpt.step(state, step=step[0], epoch_end=False)
+        if done(result):
+            return result
+        assert time.monotonic() < deadline, "every save was skipped: the lazy save in flight never finished"
+        time.sleep(0.005)
+
+
+def test_a_lazy_save_is_committed_by_the_next_step_calls_without_an_optimizer_step(tmp_path: Path) -> None:
+    """``if_busy="skip"`` polls the save in flight: one whose copies are done is confirmed there, so it
+    commits (and the next save is made) even while no ``optimizer.step()`` runs (evaluation, a phase
+    where only other parts train). Before, each such call was skipped until the next step or a wait."""
+    _, _, state, _ = _setup()
+    expected = _expected(state)
+    ckpt = savegame.Checkpointer(tmp_path, background=True, snapshot="lazy", if_busy="skip", every_n_steps=1,
+                                 rng=False)  # fmt: skip
+    step = [1]
+    first = ckpt.step(state, step=1, epoch_end=False)
+    assert first is not None and not first.skipped
+    second = _until(ckpt, state, step, lambda r: r is not None and not r.skipped)
+    assert _equal(expected["model"], savegame.load(first.path)["model"])
+    assert second.pending is not None
+    ckpt.close()
+    assert [r.step for r in savegame.Checkpointer(tmp_path).list()] == [1, step[0]]
+
+
+def test_a_save_whose_optimizer_was_replaced_fails_at_a_later_step_instead_of_skipping_every_save(
+    tmp_path: Path,
+) -> None:
+    """A new optimizer over the same parameters (a second training phase) steps them without waiting for
+    the copy: the save made with the old one can never be confirmed by a step. It was "in flight" until
+    close(), and ``if_busy="skip"`` silently skipped every save of the run meanwhile."""
+    model, opts, state, x = _setup()
+    ckpt = savegame.Checkpointer(tmp_path, background=True, snapshot="lazy", if_busy="skip", every_n_steps=1,
+                                 rng=False)  # fmt: skip
+    ckpt.step(state, step=1, epoch_end=False)
+    phase2 = torch.optim.SGD(model.parameters(), lr=1e-2)
+    state = {"model": model, "sgd": phase2}
+    _train(model, [phase2], x)  # not hooked: changes the parameters whose copy is not confirmed
+
+    def torn(result: Any) -> bool:
+        _train(model, [phase2], x)
+        return False
+
+    step = [1]
+    with pytest.raises(TornSnapshotError, match=r"model\.\d\.(weight|bias).*another optimizer"):
+        _until(ckpt, state, step, torn)
+    later = _until(ckpt, state, step, lambda r: r is not None and not r.skipped)  # saving goes on
+    ckpt.close()
+    assert [r.step for r in savegame.Checkpointer(tmp_path).list()] == [later.step]
+    assert _hooks(opts[0]) == 0 and _hooks(opts[1]) == 0

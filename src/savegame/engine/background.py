@@ -112,8 +112,11 @@ class PendingSave:
     def __init__(
         self, future: Future[Any], *, path: str, blocking_seconds: float,
         on_delivered: Callable[[BaseException], None] | None = None, settle: Settle | None = None,
+        poll: Callable[[], None] | None = None,
     ) -> None:  # fmt: skip
         self._future = future
+        self._poll = poll
+        """Called by :meth:`poll` (a lazy snapshot confirms copies that are done)."""
         self._settle = settle
         """Called before any wait for the save (a lazy snapshot confirms its copies on the waiting thread:
         :mod:`savegame.engine.lazy`)."""
@@ -132,6 +135,14 @@ class PendingSave:
 
     def done(self) -> bool:
         return self._future.done()
+
+    def poll(self) -> bool:
+        """:meth:`done`, after letting the save move on without waiting: a lazy snapshot whose copies are
+        done is confirmed on the calling thread (the training thread; see :mod:`savegame.engine.lazy`).
+        Unlike a wait, it does not hurry a paced write."""
+        if self._poll is not None:
+            self._poll()
+        return self.done()
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the save to be committed; raise :class:`BackgroundSaveError` if it failed.
@@ -223,13 +234,13 @@ class BackgroundWriter:
 
     def submit(
         self, path: str, snapshot: Snapshot, job: Callable[[], Any], *, blocking_seconds: float,
-        settle: Settle | None = None,
+        settle: Settle | None = None, poll: Callable[[], None] | None = None,
     ) -> PendingSave:
         """Start ``job`` (the persist phase) after the previous one finished; return its handle.
 
         The caller must have called :meth:`wait` before taking the snapshot (so buffers are free).
         ``settle``: called by every wait for this save, on the waiting thread, before it blocks (see
-        :class:`PendingSave`).
+        :class:`PendingSave`). ``poll``: called by the handle's :meth:`~PendingSave.poll`.
         """
         if self._closed:
             if settle is not None:
@@ -238,7 +249,8 @@ class BackgroundWriter:
             raise BackgroundSaveError("the background writer is closed")
         future: Future[Any] = Future()
         pending = PendingSave(
-            future, path=path, blocking_seconds=blocking_seconds, on_delivered=self._consume, settle=settle
+            future, path=path, blocking_seconds=blocking_seconds, on_delivered=self._consume, settle=settle,
+            poll=poll,
         )
 
         def run() -> None:

@@ -189,6 +189,17 @@ class LazySnapshot:
         self._confirm(lambda g: True)
         sweep_hooks()
 
+    def confirm_if_copied(self) -> None:
+        """Confirm the copies now if every one is done, else do nothing (no wait; training thread).
+
+        What polls a save (a Checkpointer's next ``step``) calls this: a save whose optimizer never steps
+        again (a new optimizer took over its parameters) would otherwise stay unconfirmed, uncommitted
+        and "in flight" until a wait, and ``if_busy="skip"`` skipped every save meanwhile."""
+        if self._done.is_set() or not all(f.done() for g in list(self._groups.values()) for f in list(g.futures)):
+            return
+        self._confirm(lambda g: True)
+        sweep_hooks()
+
     def _confirm(self, which: Callable[[_Group], bool]) -> None:
         with self._lock:
             if self._done.is_set():
@@ -321,10 +332,10 @@ def _wait_all(futures: list[Future[None]]) -> None:
 def _torn_message(changed: list[str]) -> str:
     shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
     return (
-        f"lazy snapshot torn: {shown} changed in place outside optimizer.step() before its copy was confirmed, "
-        "so the copy may mix old and new values; this save was not committed (earlier checkpoints are "
-        "unchanged). Do not modify parameters or optimizer state between the save and the next "
-        "optimizer.step(), or use snapshot='eager'"
+        f"lazy snapshot torn: {shown} changed in place outside optimizer.step() (of the optimizers in the saved "
+        "state) before its copy was confirmed, so the copy may mix old and new values; this save was not "
+        "committed (earlier checkpoints are unchanged). Do not modify parameters or optimizer state between the "
+        "save and the next optimizer.step(), nor step another optimizer over them, or use snapshot='eager'"
     )
 
 

@@ -281,7 +281,8 @@ def save_in_background(
             return manifest
 
         settle = _settle_for(lazy, pacer)
-        pending = writer.submit(storage.path(name), buffers, persist, blocking_seconds=blocking, settle=settle)
+        pending = writer.submit(storage.path(name), buffers, persist, blocking_seconds=blocking, settle=settle,
+                                poll=None if lazy is None else lazy.confirm_if_copied)  # fmt: skip
         if lazy is not None:
             lazy.on_failure = pending._settled_and_delivered
         return pending

@@ -266,9 +266,10 @@ def submit(
     )  # fmt: skip
 
 def busy(ckpt: Checkpointer) -> bool:
-    """Whether a background save is still being written (submitted, its commit not done yet)."""
+    """Whether a background save is still being written (submitted, its commit not done yet); a lazy
+    snapshot whose copies are done is confirmed first (:meth:`PendingSave.poll`)."""
     in_flight = ckpt._in_flight
-    return in_flight is not None and not in_flight.handle.done()
+    return in_flight is not None and not in_flight.handle.poll()
 
 
 def skipped(ckpt: Checkpointer, progress: Progress) -> SaveResult:
