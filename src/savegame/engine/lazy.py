@@ -15,8 +15,9 @@ Guarantees, and how they are kept:
   change them. The hooks are removed as soon as the copies are confirmed, when the save fails, at
   ``wait()``/``close()``/interpreter exit, and in a forked child (which has no copy thread).
 * **Never a torn checkpoint.** The ``_version`` counter of every lazily copied tensor is read at the save
-  call; it is compared again on the training thread, once the copy is done (in the step pre-hook, or in
-  ``result()``/``wait()``/``close()``): every in-place change the training thread made through torch
+  call; it is compared again on the training thread, once the copy is done (in the step pre-hook, in
+  ``result()``/``wait()``/``close()``, or in a Checkpointer's next ``step()`` when the copies are done by
+  then: :meth:`LazySnapshot.confirm_if_copied`): every in-place change the training thread made through torch
   before that point has been counted. If a counter moved, the copy may mix old and new values: the save
   fails with :class:`~savegame.errors.TornSnapshotError` naming the tensor, and is never committed.
   The persist phase writes the copied bytes as soon as the copies are done but waits for that
