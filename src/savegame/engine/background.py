@@ -151,9 +151,10 @@ class PendingSave:
         (not done within ``timeout``) and an interrupt of the wait itself (``KeyboardInterrupt``) are
         raised as they are: the save goes on.
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
         if self._settle is not None:
             self._settle(timeout)
-        exc = self._future.exception(timeout)
+        exc = self._future.exception(None if deadline is None else max(0.0, deadline - time.monotonic()))
         if exc is None:
             return self._future.result()
         self._delivered(exc)
