@@ -275,6 +275,33 @@ def test_a_user_hook_registered_after_the_save_still_runs(tmp_path: Path) -> Non
     user.remove()
 
 
+def test_a_user_pre_hook_that_changes_the_parameters_runs_after_the_copy(tmp_path: Path) -> None:
+    """A step pre-hook is part of the step and may change the parameters (here a weight clip). One
+    registered before the save ran before the lazy hook, so the copy was always reported torn."""
+    model, opts, state, x = _setup()
+
+    calls: list[int] = []
+
+    def clip(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        calls.append(1)
+        with torch.no_grad():
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    p.clamp_(-0.05, 0.05)
+
+    users = [opt.register_step_pre_hook(clip) for opt in opts]
+    expected = _expected(state)
+    handle = savegame.save(tmp_path / "c", state, background=True, snapshot="lazy")
+    _train(model, opts, x)
+    handle.result()
+    loaded = savegame.load(tmp_path / "c")
+    assert _equal(expected["model"], loaded["model"]) and _equal(expected["sgd"], loaded["sgd"])
+    assert calls == [1, 1]  # the user's hooks ran
+    assert all(_hooks(o) == 1 for o in opts)  # only theirs is left
+    for user in users:
+        user.remove()
+
+
 def test_round_trip_with_adamw_and_sgd_momentum(tmp_path: Path) -> None:
     model, opts, state, x = _setup()
     expected = _expected(state)

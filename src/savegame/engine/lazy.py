@@ -161,7 +161,7 @@ class LazySnapshot:
             for group in self._groups.values():
                 for opt in group.optimizers:
                     if id(opt) not in self._hooks:
-                        self._hooks[id(opt)] = (opt, opt.register_step_pre_hook(self._before_step))
+                        self._hooks[id(opt)] = (opt, _register_first(opt, self._before_step))
             _live.add(self)
 
     def abandon(self, reason: BaseException) -> None:
@@ -317,6 +317,18 @@ class _DeferringQueue(CopyQueue):
 
     def wait(self) -> None:
         self._eager.wait()
+
+
+def _register_first(optimizer: Any, hook: Callable[[Any, Any, Any], None]) -> Any:
+    """Register ``hook`` as ``optimizer``'s first step pre-hook; return its handle. A pre-hook is part of
+    the step and may change the parameters (a weight clip): the copies must be waited for before any of
+    them runs (else every lazy save of such an optimizer was torn)."""
+    handle = optimizer.register_step_pre_hook(hook)
+    hooks = optimizer._optimizer_step_pre_hooks
+    key = getattr(handle, "id", None)
+    if hasattr(hooks, "move_to_end") and key in hooks:  # an OrderedDict (torch >= 2.0)
+        hooks.move_to_end(key, last=False)
+    return handle
 
 
 def _wait_all(futures: list[Future[None]]) -> None:
