@@ -241,3 +241,63 @@ def test_snapshot_that_fails_midway_waits_for_its_copies(tmp_path: Path) -> None
     assert len(pool.taken) == 20
     for i, buf in enumerate(pool.taken):
         assert np.array_equal(buf.view(np.float32), np.full(1 << 20, float(i), np.float32))
+
+
+def _ends(action: object, seconds: float = 60) -> None:
+    """Run ``action`` on a thread; fail (instead of hanging the suite) if it does not return."""
+    t = threading.Thread(target=action, daemon=True)  # type: ignore[arg-type]
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), "the wait for the background save never returned"
+
+
+def test_ctrl_c_landing_in_the_writer_thread_start_does_not_wedge_the_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A KeyboardInterrupt raised as ``Thread.start()`` returns (the thread runs): the persist job used to
+    wait forever for the go-ahead that the interrupted call never gave, so ``wait()`` (and the wait at
+    interpreter exit) hung. The save must go on and commit."""
+    import savegame.engine.background as background
+
+    class Interrupted(threading.Thread):
+        def start(self) -> None:
+            super().start()
+            if self.name == "interrupted-writer":  # (the pools' threads start as usual)
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(background.threading, "Thread", Interrupted)
+    writer = BackgroundWriter(name="interrupted-writer")
+    with pytest.raises(KeyboardInterrupt):
+        save_in_background(writer, LocalStorage(tmp_path), "a", {"x": np.ones(1000)}, metadata=None,
+                           progress=None, overwrite=False)  # fmt: skip
+    monkeypatch.undo()
+    _ends(writer.wait)
+    writer.close()
+    assert LocalStorage(tmp_path).committed() == ["a"]
+
+
+def test_a_writer_thread_that_cannot_start_is_a_background_save_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Thread.start()`` failing (a process allowed no more threads) raised a bare RuntimeError and left a
+    save "in flight" that would never finish: the next save, ``wait()`` and the exit hung."""
+    import savegame.engine.background as background
+
+    class NoThreads(threading.Thread):
+        def start(self) -> None:
+            if self.name == "threadless-writer":  # (the pools' threads start as usual)
+                raise RuntimeError("can't start new thread")
+            super().start()
+
+    monkeypatch.setattr(background.threading, "Thread", NoThreads)
+    writer = BackgroundWriter(name="threadless-writer")
+    with pytest.raises(BackgroundSaveError, match=r"could not start the background writer.*can't start new thread"):
+        save_in_background(writer, LocalStorage(tmp_path), "a", {"x": np.ones(1000)}, metadata=None,
+                           progress=None, overwrite=False)  # fmt: skip
+    monkeypatch.undo()
+    _ends(writer.wait)
+    pending = save_in_background(writer, LocalStorage(tmp_path), "b", {"x": np.ones(1000)}, metadata=None,
+                                 progress=None, overwrite=False)  # fmt: skip
+    assert isinstance(pending.result(timeout=60), savegame.Manifest)
+    writer.close()
+    assert LocalStorage(tmp_path).committed() == ["b"]

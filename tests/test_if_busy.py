@@ -125,6 +125,29 @@ def test_bad_options_raise_config_error(tmp_path: Path, kwargs: dict[str, Any]) 
         savegame.Checkpointer(tmp_path, **kwargs)
 
 
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"if_busy": "skip"}, "if_busy='skip' needs background=True"),
+    ({"writer_nice": 10}, "writer_nice needs background=True"),
+    ({"background": "false"}, "background must be True, False or a savegame.Background"),
+    ({"background": 1}, "background must be True, False"),
+])  # fmt: skip
+def test_background_options_without_a_background_save_raise_config_error(
+    tmp_path: Path, kwargs: dict[str, Any], match: str
+) -> None:
+    """Each of these was accepted and did nothing (a sync save is never skipped nor reniced; any truthy
+    ``background``, the string "false" too, meant True)."""
+    with pytest.raises(ConfigError, match=match):
+        savegame.Checkpointer(tmp_path, **kwargs)
+    with savegame.Checkpointer(tmp_path, background=True, if_busy="skip", writer_nice=10) as ckpt:
+        assert ckpt.background and ckpt.if_busy == "skip" and ckpt.writer_nice == 10
+
+
+def test_save_background_must_be_a_bool(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="background must be True or False"):
+        savegame.save(tmp_path / "c", {"x": 1}, background="false")
+    assert not (tmp_path / "c").exists()
+
+
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
 
 

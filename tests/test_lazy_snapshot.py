@@ -180,6 +180,42 @@ def test_an_in_place_change_outside_step_fails_the_save_at_the_next_step(
     assert not [p.name for p in tmp_path.iterdir() if "staging" in p.name]
 
 
+def test_the_final_save_is_eager_so_loading_the_best_weights_afterwards_keeps_it(
+    tmp_path: Path, gate: threading.Event
+) -> None:
+    """No ``optimizer.step()`` follows the final save, and the end of a run often changes the model in place
+    (loading the best weights back): under a lazy snapshot that failed the last checkpoint at close()."""
+    model, opts, state, _ = _setup()
+    best = _clone(model.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    expected = _expected(state)
+    ckpt = savegame.Checkpointer(tmp_path, background=True, snapshot="lazy", rng=False)
+    result = ckpt.step(state, epoch=0, step=7, epoch_end=True, final=True)
+    assert result is not None and all(_hooks(o) == 0 for o in opts)  # nothing deferred
+    model.load_state_dict(best)
+    gate.set()
+    ckpt.close()
+    loaded = savegame.load(result.path)
+    assert _equal(expected["model"], loaded["model"]) and _equal(expected["adamw"], loaded["adamw"])
+
+
+def test_result_with_a_timeout_does_not_wait_longer_for_the_copies(tmp_path: Path, gate: threading.Event) -> None:
+    """``result(timeout)`` waited for the lazy copies without a limit (as long as they took) before it
+    looked at the timeout; it raises ``TimeoutError`` and the save goes on."""
+    model, opts, state, x = _setup()
+    expected = _expected(state)
+    handle = savegame.save(tmp_path / "c", state, background=True, snapshot="lazy")
+    with pytest.raises(TimeoutError):
+        handle.result(timeout=0.05)  # the gate holds the copies: they cannot be done
+    assert all(_hooks(o) == 1 for o in opts)  # nothing confirmed nor failed
+    gate.set()
+    _train(model, opts, x)
+    handle.result()
+    assert _equal(expected["model"], savegame.load(tmp_path / "c")["model"])
+
+
 def test_a_copy_error_surfaces_at_the_next_step_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(batch: Any) -> None:
         raise RuntimeError("copy failed (injected)")
@@ -239,6 +275,33 @@ def test_a_user_hook_registered_after_the_save_still_runs(tmp_path: Path) -> Non
     user.remove()
 
 
+def test_a_user_pre_hook_that_changes_the_parameters_runs_after_the_copy(tmp_path: Path) -> None:
+    """A step pre-hook is part of the step and may change the parameters (here a weight clip). One
+    registered before the save ran before the lazy hook, so the copy was always reported torn."""
+    model, opts, state, x = _setup()
+
+    calls: list[int] = []
+
+    def clip(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        calls.append(1)
+        with torch.no_grad():
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    p.clamp_(-0.05, 0.05)
+
+    users = [opt.register_step_pre_hook(clip) for opt in opts]
+    expected = _expected(state)
+    handle = savegame.save(tmp_path / "c", state, background=True, snapshot="lazy")
+    _train(model, opts, x)
+    handle.result()
+    loaded = savegame.load(tmp_path / "c")
+    assert _equal(expected["model"], loaded["model"]) and _equal(expected["sgd"], loaded["sgd"])
+    assert calls == [1, 1]  # the user's hooks ran
+    assert all(_hooks(o) == 1 for o in opts)  # only theirs is left
+    for user in users:
+        user.remove()
+
+
 def test_round_trip_with_adamw_and_sgd_momentum(tmp_path: Path) -> None:
     model, opts, state, x = _setup()
     expected = _expected(state)
@@ -251,6 +314,43 @@ def test_round_trip_with_adamw_and_sgd_momentum(tmp_path: Path) -> None:
     assert _equal(expected["model"], _clone(fresh_model.state_dict()))
     assert _equal(expected["adamw"], _clone(fresh_opts[0].state_dict()))
     assert _equal(expected["sgd"], _clone(fresh_opts[1].state_dict()))
+
+
+def test_an_accelerate_wrapped_optimizer_hooks_the_optimizer_it_wraps(tmp_path: Path) -> None:
+    """accelerate's ``AcceleratedOptimizer`` subclasses ``Optimizer`` without initialising it: it has no
+    step hooks of its own (registering one raised ``AttributeError``), and its ``step`` calls the wrapped
+    optimizer's, which is the one whose next step must wait."""
+    accelerate = pytest.importorskip("accelerate")
+    model, (opt_a, opt_b), _, x = _setup()
+    accelerator = accelerate.Accelerator(cpu=True)
+    wrapped_a, wrapped_b = accelerator.prepare(opt_a, opt_b)
+    state = {"model": model, "adamw": wrapped_a, "sgd": wrapped_b, "epoch": 3}
+    expected = _expected(state)
+    handle = savegame.save(tmp_path / "c", state, background=True, snapshot="lazy")
+    assert _hooks(opt_a) == 1 and _hooks(opt_b) == 1
+    _train(model, [wrapped_a, wrapped_b], x)
+    handle.result()
+    loaded = savegame.load(tmp_path / "c")
+    assert _equal(expected["model"], loaded["model"])
+    assert _equal(expected["adamw"], loaded["adamw"]) and _equal(expected["sgd"], loaded["sgd"])
+    assert _hooks(opt_a) == 0 and _hooks(opt_b) == 0
+
+
+def test_a_sparse_parameter_gets_the_same_error_as_an_eager_save(tmp_path: Path) -> None:
+    """A sparse parameter has no single data pointer: finding the lazily copied tensors raised a bare
+    RuntimeError ("Cannot access data pointer of Tensor that doesn't have storage")."""
+    indices = torch.tensor([[0, 1], [1, 0]])
+    param = nn.Parameter(torch.sparse_coo_tensor(indices, torch.ones(2), (100, 100)))
+    sgd = torch.optim.SGD([param], lr=0.1)
+    for snapshot in ("eager", "lazy"):
+        with pytest.raises(savegame.UnsupportedTypeError, match="sparse_coo tensor"):
+            savegame.save(tmp_path / snapshot, {"sgd": sgd, "weights": {"w": param}}, background=True,
+                          snapshot=snapshot)  # fmt: skip
+        assert not (tmp_path / snapshot).exists()
+        handle = savegame.save(tmp_path / snapshot, {"model": nn.Linear(128, 256), "sgd": sgd}, background=True,
+                               snapshot=snapshot)  # fmt: skip
+        handle.result()  # (the optimizer's state dict refers to its parameters by index)
+        assert _hooks(sgd) == 0
 
 
 def test_only_module_and_optimizer_items_are_deferred() -> None:
@@ -397,3 +497,62 @@ def test_a_lazy_save_never_waited_for_is_committed_at_exit(tmp_path: Path) -> No
     savegame.verify(target)
     expected = torch.load(target + ".expected.pt", weights_only=True)
     assert _equal(dict(expected), savegame.load(target)["model"])
+
+
+def _until(ckpt: savegame.Checkpointer, state: dict[str, Any], step: list[int], done: Any) -> Any:
+    """Call ``ckpt.step`` (one step further each time) until ``done(result)``; fail instead of looping forever."""
+    import time
+
+    deadline = time.monotonic() + 120
+    while True:
+        step[0] += 1
+        result = ckpt.step(state, step=step[0], epoch_end=False)
+        if done(result):
+            return result
+        assert time.monotonic() < deadline, "every save was skipped: the lazy save in flight never finished"
+        time.sleep(0.005)
+
+
+def test_a_lazy_save_is_committed_by_the_next_step_calls_without_an_optimizer_step(tmp_path: Path) -> None:
+    """``if_busy="skip"`` polls the save in flight: one whose copies are done is confirmed there, so it
+    commits (and the next save is made) even while no ``optimizer.step()`` runs (evaluation, a phase
+    where only other parts train). Before, each such call was skipped until the next step or a wait."""
+    _, _, state, _ = _setup()
+    expected = _expected(state)
+    ckpt = savegame.Checkpointer(tmp_path, background=True, snapshot="lazy", if_busy="skip", every_n_steps=1,
+                                 rng=False)  # fmt: skip
+    step = [1]
+    first = ckpt.step(state, step=1, epoch_end=False)
+    assert first is not None and not first.skipped
+    second = _until(ckpt, state, step, lambda r: r is not None and not r.skipped)
+    assert _equal(expected["model"], savegame.load(first.path)["model"])
+    assert second.pending is not None
+    ckpt.close()
+    assert [r.step for r in savegame.Checkpointer(tmp_path).list()] == [1, step[0]]
+
+
+def test_a_save_whose_optimizer_was_replaced_fails_at_a_later_step_instead_of_skipping_every_save(
+    tmp_path: Path,
+) -> None:
+    """A new optimizer over the same parameters (a second training phase) steps them without waiting for
+    the copy: the save made with the old one can never be confirmed by a step. It was "in flight" until
+    close(), and ``if_busy="skip"`` silently skipped every save of the run meanwhile."""
+    model, opts, state, x = _setup()
+    ckpt = savegame.Checkpointer(tmp_path, background=True, snapshot="lazy", if_busy="skip", every_n_steps=1,
+                                 rng=False)  # fmt: skip
+    ckpt.step(state, step=1, epoch_end=False)
+    phase2 = torch.optim.SGD(model.parameters(), lr=1e-2)
+    state = {"model": model, "sgd": phase2}
+    _train(model, [phase2], x)  # not hooked: changes the parameters whose copy is not confirmed
+
+    def torn(result: Any) -> bool:
+        _train(model, [phase2], x)
+        return False
+
+    step = [1]
+    with pytest.raises(TornSnapshotError, match=r"model\.\d\.(weight|bias).*another optimizer"):
+        _until(ckpt, state, step, torn)
+    later = _until(ckpt, state, step, lambda r: r is not None and not r.skipped)  # saving goes on
+    ckpt.close()
+    assert [r.step for r in savegame.Checkpointer(tmp_path).list()] == [later.step]
+    assert _hooks(opts[0]) == 0 and _hooks(opts[1]) == 0

@@ -30,7 +30,7 @@ from torch import nn
 import savegame
 import savegame.storage.local.ops as local_ops
 from savegame import BackgroundSaveError, Checkpointer, ConfigError
-from savegame.engine.pacing import CHUNK_BYTES, Pacer
+from savegame.engine.pacing import CHUNK_BYTES, MAX_SLEEP, Pacer
 from savegame.storage.local import FileOps
 
 CRAWL = 1e-6
@@ -87,6 +87,49 @@ def test_pacer_stops_sleeping_when_hurried_mid_sleep() -> None:
     pacer.before(10)  # due at 10 s: the sleep is cut short by hurry()
     pacer.before(10)  # and nothing sleeps any more
     assert clock.sleeps == [10.0]
+
+
+def test_a_very_low_rate_sleeps_in_bounded_waits() -> None:
+    """A rate so low that one chunk is due in more seconds than a timeout can express (the save failed
+    with "timestamp out of range for platform time_t") sleeps in waits of at most ``MAX_SLEEP``."""
+    clock = FakeClock()
+
+    def sleep(seconds: float) -> bool:
+        clock.sleep(seconds)
+        return len(clock.sleeps) == 3  # hurried during the third wait
+
+    pacer = Pacer(1e-294, clock=clock, sleep=sleep)
+    pacer.before(CHUNK_BYTES)
+    pacer.before(CHUNK_BYTES)  # due in ~4e300 s
+    assert clock.sleeps == [MAX_SLEEP] * 3 and MAX_SLEEP <= threading.TIMEOUT_MAX
+    pacer = Pacer(1.0, clock=clock, sleep=clock.sleep)
+    clock.sleeps.clear()
+    pacer.before(int(2.5 * MAX_SLEEP))
+    pacer.before(1)  # due 2.5 * MAX_SLEEP later: three waits that end exactly then
+    assert clock.sleeps == [MAX_SLEEP, MAX_SLEEP, 0.5 * MAX_SLEEP]
+    assert pacer.slept == pytest.approx(2.5 * MAX_SLEEP)
+
+
+def test_a_save_paced_at_a_tiny_rate_commits_when_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pacers: list[Pacer] = []
+    real = Pacer.__init__
+
+    def recording(self: Pacer, *args: Any, **kwargs: Any) -> None:
+        real(self, *args, **kwargs)
+        pacers.append(self)
+
+    monkeypatch.setattr(Pacer, "__init__", recording)
+    state = _state()
+    expected = state["model"].weight.detach().clone()
+    ckpt = Checkpointer(tmp_path, background=True, write_rate=1e-300, every_n_steps=1, rng=False, quiet=True)
+    result = ckpt.step(state, step=1, epoch_end=False)
+    assert result is not None and result.pending is not None
+    deadline = time.monotonic() + 120
+    while not pacers[0].slept and not result.pending.done():  # the second chunk is due in ~1e306 s
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    _ends(ckpt.close)
+    assert torch.equal(_weights(result.path)["weight"], expected)
 
 
 def test_pacer_chunks_are_bounded_views_of_the_same_bytes() -> None:
@@ -235,7 +278,7 @@ def test_an_error_of_a_paced_save_propagates_and_nothing_is_committed(
 
 @pytest.mark.parametrize("kwargs", [
     {"write_rate": 0}, {"write_rate": -1.0}, {"write_rate": "fast"}, {"write_rate": True},
-    {"write_rate": float("nan")}, {"write_rate": float("inf")},
+    {"write_rate": float("nan")}, {"write_rate": float("inf")}, {"write_rate": 10**400},
     {"write_rate": 10.0, "background": False},
 ])  # fmt: skip
 def test_bad_write_rate_raises_config_error(tmp_path: Path, kwargs: dict[str, Any]) -> None:

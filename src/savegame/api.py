@@ -98,6 +98,8 @@ def save(
     were fsynced) and a power loss cannot take it back. If it fails, nothing new is visible at ``path``
     and whatever was there before is unchanged.
     """
+    if not isinstance(background, bool):  # a string such as "false" would be true
+        raise ConfigError(f"save: background must be True or False, got {background!r}")
     incremental = _incremental_base(base, storage_options=storage_options) if base is not None else None
     mode = check_snapshot_mode(snapshot, background=background, where="save")
     if background:

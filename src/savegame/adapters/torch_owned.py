@@ -8,7 +8,10 @@ until the copy is done. The rule, kept deliberately narrow so that everything el
   of the saved state, or a tensor of that optimizer's per-parameter ``state`` (moments, momentum);
 * only the items that are a module or an optimizer are walked lazily (:func:`lazy_item`): the same memory
   reached through a bare tensor item, a dict or a list is copied eagerly;
-* CPU tensors only (a CUDA tensor's device-to-host copy is already asynchronous and eager).
+* CPU tensors only (a CUDA tensor's device-to-host copy is already asynchronous and eager);
+* the optimizer whose ``step()`` waits is the one that runs step hooks (:func:`stepping_optimizer`): a
+  wrapper that subclasses ``Optimizer`` without initialising it (accelerate's ``AcceleratedOptimizer``)
+  has none, so its wrapped optimizer is hooked; where none is found its tensors are copied eagerly.
 
 Module buffers (BatchNorm running stats change in forward), frozen parameters, the RNG state and plain
 values are not owned and are captured before the save call returns.
@@ -36,8 +39,9 @@ class Owned:
 
 
 def tensor_key(t: object) -> OwnedKey | None:
-    """The :data:`OwnedKey` of a non-empty CPU tensor, else None (never copied lazily)."""
-    if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.numel() == 0:
+    """The :data:`OwnedKey` of a non-empty strided CPU tensor, else None (never copied lazily: a sparse
+    tensor has no single data pointer, and the eager encoder says it cannot be stored)."""
+    if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.layout != torch.strided or t.numel() == 0:
         return None
     return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
@@ -46,6 +50,20 @@ def lazy_item(value: object) -> bool:
     """Whether a state item may hold lazily copied tensors: a module or an optimizer (not a bare tensor,
     dict or list, whose tensors are copied eagerly)."""
     return isinstance(value, (torch.nn.Module, torch.optim.Optimizer))
+
+
+def stepping_optimizer(value: torch.optim.Optimizer) -> torch.optim.Optimizer | None:
+    """The optimizer whose ``step()`` runs the step pre-hooks for ``value``: ``value`` itself when
+    ``Optimizer.__init__`` set it up, else the optimizer it wraps (``.optimizer``, as accelerate's
+    ``AcceleratedOptimizer``, whose own ``step`` runs no hooks and calls the wrapped one's), else None."""
+    seen: set[int] = set()
+    current: object = value
+    while isinstance(current, torch.optim.Optimizer) and id(current) not in seen:
+        if "_optimizer_step_pre_hooks" in vars(current):
+            return current
+        seen.add(id(current))
+        current = getattr(current, "optimizer", None)
+    return None
 
 
 def optimizer_owned(state: Mapping[str, Any]) -> dict[OwnedKey, Owned]:
@@ -63,14 +81,17 @@ def optimizer_owned(state: Mapping[str, Any]) -> dict[OwnedKey, Owned]:
     for item, value in state.items():
         if not isinstance(value, torch.optim.Optimizer):
             continue
+        stepping = stepping_optimizer(value)
+        if stepping is None:  # no step hook can hold its next step: its tensors are copied eagerly
+            continue
         index = 0
         for group in value.param_groups:
             for p in group["params"]:
                 pname = names.get(id(p), f"{item}: parameter {index}")
                 index += 1
-                _own(owned, p, pname, value)
+                _own(owned, p, pname, stepping)
                 for key, t in value.state.get(p, {}).items():
-                    _own(owned, t, f"{item}: {key} of {pname}", value)
+                    _own(owned, t, f"{item}: {key} of {pname}", stepping)
     return owned
 
 

@@ -101,14 +101,22 @@ class Snapshot:
         self.buffers = []
 
 
+Settle = Callable[[float | None], None]
+"""What every wait for a background save calls first, on the waiting thread, with the wait's timeout (None:
+no limit); it raises ``TimeoutError`` if it could not do its part within it (:class:`PendingSave`)."""
+
+
 class PendingSave:
     """Handle of a background save: ``result()`` waits for the durable commit and returns its value."""
 
     def __init__(
         self, future: Future[Any], *, path: str, blocking_seconds: float,
-        on_delivered: Callable[[BaseException], None] | None = None, settle: Callable[[], None] | None = None,
+        on_delivered: Callable[[BaseException], None] | None = None, settle: Settle | None = None,
+        poll: Callable[[], None] | None = None,
     ) -> None:  # fmt: skip
         self._future = future
+        self._poll = poll
+        """Called by :meth:`poll` (a lazy snapshot confirms copies that are done)."""
         self._settle = settle
         """Called before any wait for the save (a lazy snapshot confirms its copies on the waiting thread:
         :mod:`savegame.engine.lazy`)."""
@@ -128,6 +136,14 @@ class PendingSave:
     def done(self) -> bool:
         return self._future.done()
 
+    def poll(self) -> bool:
+        """:meth:`done`, after letting the save move on without waiting: a lazy snapshot whose copies are
+        done is confirmed on the calling thread (the training thread; see :mod:`savegame.engine.lazy`).
+        Unlike a wait, it does not hurry a paced write."""
+        if self._poll is not None:
+            self._poll()
+        return self.done()
+
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the save to be committed; raise :class:`BackgroundSaveError` if it failed.
 
@@ -135,9 +151,10 @@ class PendingSave:
         (not done within ``timeout``) and an interrupt of the wait itself (``KeyboardInterrupt``) are
         raised as they are: the save goes on.
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
         if self._settle is not None:
-            self._settle()
-        exc = self._future.exception(timeout)
+            self._settle(timeout)
+        exc = self._future.exception(None if deadline is None else max(0.0, deadline - time.monotonic()))
         if exc is None:
             return self._future.result()
         self._delivered(exc)
@@ -170,7 +187,7 @@ class PendingSave:
     def _settled(self) -> None:
         """Block until the save finished, successfully or not (raises nothing of the save's own)."""
         if self._settle is not None:
-            self._settle()
+            self._settle(None)
         self._future.exception()
 
 
@@ -218,22 +235,23 @@ class BackgroundWriter:
 
     def submit(
         self, path: str, snapshot: Snapshot, job: Callable[[], Any], *, blocking_seconds: float,
-        settle: Callable[[], None] | None = None,
+        settle: Settle | None = None, poll: Callable[[], None] | None = None,
     ) -> PendingSave:
         """Start ``job`` (the persist phase) after the previous one finished; return its handle.
 
         The caller must have called :meth:`wait` before taking the snapshot (so buffers are free).
         ``settle``: called by every wait for this save, on the waiting thread, before it blocks (see
-        :class:`PendingSave`).
+        :class:`PendingSave`). ``poll``: called by the handle's :meth:`~PendingSave.poll`.
         """
         if self._closed:
             if settle is not None:
-                settle()  # no copy may still write into the buffers handed back
+                settle(None)  # no copy may still write into the buffers handed back
             snapshot.release()
             raise BackgroundSaveError("the background writer is closed")
         future: Future[Any] = Future()
         pending = PendingSave(
-            future, path=path, blocking_seconds=blocking_seconds, on_delivered=self._consume, settle=settle
+            future, path=path, blocking_seconds=blocking_seconds, on_delivered=self._consume, settle=settle,
+            poll=poll,
         )
 
         def run() -> None:
@@ -264,10 +282,20 @@ class BackgroundWriter:
 
         _finish_at_exit(self)
         self._stop.clear()
-        self._current = pending
+        previous, self._current = self._current, pending
         started = threading.Event()
-        threading.Thread(target=run, name=self._name, daemon=True).start()
-        started.set()
+        try:
+            threading.Thread(target=run, name=self._name, daemon=True).start()
+        except Exception as exc:  # no thread was started (e.g. the process may start no more): nothing in flight
+            self._current = previous
+            if settle is not None:
+                settle(None)  # no copy may still write into the buffers handed back
+            snapshot.release()
+            raise BackgroundSaveError(f"could not start the background writer for {path}: {exc}") from exc
+        finally:
+            # Also when an interrupt (Ctrl-C) lands in start() or just after it: the thread runs, and must
+            # not wait for this event forever (every later wait, the one at exit included, would hang).
+            started.set()
         return pending
 
     def _consume(self, exc: BaseException) -> None:

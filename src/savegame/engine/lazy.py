@@ -15,8 +15,9 @@ Guarantees, and how they are kept:
   change them. The hooks are removed as soon as the copies are confirmed, when the save fails, at
   ``wait()``/``close()``/interpreter exit, and in a forked child (which has no copy thread).
 * **Never a torn checkpoint.** The ``_version`` counter of every lazily copied tensor is read at the save
-  call; it is compared again on the training thread, once the copy is done (in the step pre-hook, or in
-  ``result()``/``wait()``/``close()``): every in-place change the training thread made through torch
+  call; it is compared again on the training thread, once the copy is done (in the step pre-hook, in
+  ``result()``/``wait()``/``close()``, or in a Checkpointer's next ``step()`` when the copies are done by
+  then: :meth:`LazySnapshot.confirm_if_copied`): every in-place change the training thread made through torch
   before that point has been counted. If a counter moved, the copy may mix old and new values: the save
   fails with :class:`~savegame.errors.TornSnapshotError` naming the tensor, and is never committed.
   The persist phase writes the copied bytes as soon as the copies are done but waits for that
@@ -39,6 +40,7 @@ import os
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -159,7 +161,7 @@ class LazySnapshot:
             for group in self._groups.values():
                 for opt in group.optimizers:
                     if id(opt) not in self._hooks:
-                        self._hooks[id(opt)] = (opt, opt.register_step_pre_hook(self._before_step))
+                        self._hooks[id(opt)] = (opt, _register_first(opt, self._before_step))
             _live.add(self)
 
     def abandon(self, reason: BaseException) -> None:
@@ -176,8 +178,26 @@ class LazySnapshot:
             self._stepping = None
         self._raise_failure()
 
-    def settle(self) -> None:
-        """Wait for every copy and confirm it (call on the training thread: before waiting for the save)."""
+    def settle(self, timeout: float | None = None) -> None:
+        """Wait for every copy and confirm it (call on the training thread: before waiting for the save).
+
+        ``timeout``: raise ``TimeoutError`` if the copies are not all done within it (nothing is confirmed
+        or failed then: a later call or step does it)."""
+        if timeout is not None:
+            pending = [f for g in list(self._groups.values()) for f in list(g.futures)]
+            if wait_futures(pending, timeout).not_done:
+                raise TimeoutError(f"the lazy snapshot's copies were not done within {timeout} s")
+        self._confirm(lambda g: True)
+        sweep_hooks()
+
+    def confirm_if_copied(self) -> None:
+        """Confirm the copies now if every one is done, else do nothing (no wait; training thread).
+
+        What polls a save (a Checkpointer's next ``step``) calls this: a save whose optimizer never steps
+        again (a new optimizer took over its parameters) would otherwise stay unconfirmed, uncommitted
+        and "in flight" until a wait, and ``if_busy="skip"`` skipped every save meanwhile."""
+        if self._done.is_set() or not all(f.done() for g in list(self._groups.values()) for f in list(g.futures)):
+            return
         self._confirm(lambda g: True)
         sweep_hooks()
 
@@ -299,6 +319,18 @@ class _DeferringQueue(CopyQueue):
         self._eager.wait()
 
 
+def _register_first(optimizer: Any, hook: Callable[[Any, Any, Any], None]) -> Any:
+    """Register ``hook`` as ``optimizer``'s first step pre-hook; return its handle. A pre-hook is part of
+    the step and may change the parameters (a weight clip): the copies must be waited for before any of
+    them runs (else every lazy save of such an optimizer was torn)."""
+    handle = optimizer.register_step_pre_hook(hook)
+    hooks = optimizer._optimizer_step_pre_hooks
+    key = getattr(handle, "id", None)
+    if hasattr(hooks, "move_to_end") and key in hooks:  # an OrderedDict (torch >= 2.0)
+        hooks.move_to_end(key, last=False)
+    return handle
+
+
 def _wait_all(futures: list[Future[None]]) -> None:
     first: BaseException | None = None
     for future in futures:
@@ -313,10 +345,10 @@ def _wait_all(futures: list[Future[None]]) -> None:
 def _torn_message(changed: list[str]) -> str:
     shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
     return (
-        f"lazy snapshot torn: {shown} changed in place outside optimizer.step() before its copy was confirmed, "
-        "so the copy may mix old and new values; this save was not committed (earlier checkpoints are "
-        "unchanged). Do not modify parameters or optimizer state between the save and the next "
-        "optimizer.step(), or use snapshot='eager'"
+        f"lazy snapshot torn: {shown} changed in place outside optimizer.step() (of the optimizers in the saved "
+        "state) before its copy was confirmed, so the copy may mix old and new values; this save was not "
+        "committed (earlier checkpoints are unchanged). Do not modify parameters or optimizer state between the "
+        "save and the next optimizer.step(), nor step another optimizer over them, or use snapshot='eager'"
     )
 
 

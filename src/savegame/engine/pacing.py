@@ -21,6 +21,10 @@ from collections.abc import Callable
 CHUNK_BYTES = 4 << 20
 """The largest write a paced save issues at once (the 64 MiB slices of large tensors are split)."""
 
+MAX_SLEEP = 3600.0
+"""The longest single sleep of a pacer, in seconds: a longer one is made of several. (A very low rate
+would otherwise ask for a wait longer than the platform's timeouts can express, and the save failed.)"""
+
 
 class Pacer:
     """Paces the writes of one save at ``rate`` bytes per second until :meth:`hurry` is called.
@@ -60,8 +64,10 @@ class Pacer:
         due = now if self._next is None else self._next
         if due > now:
             self.slept += due - now
-            if self._sleep(due - now):
-                return  # hurried while sleeping
+            while due > now:  # in sleeps of at most MAX_SLEEP
+                if self._sleep(min(due - now, MAX_SLEEP)):
+                    return  # hurried while sleeping
+                now = self._clock()
             now = due
         self._next = max(due, now) + nbytes / self.rate
 

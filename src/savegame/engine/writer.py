@@ -21,7 +21,7 @@ from savegame._util.progress import ProgressBar
 from savegame._version import __version__
 from savegame.adapters import framework_versions
 from savegame.adapters.registry import encode_hooks
-from savegame.engine.background import BackgroundWriter, PendingSave, Snapshot
+from savegame.engine.background import BackgroundWriter, PendingSave, Settle, Snapshot
 from savegame.engine.capture import kind_of, live_object_hook
 from savegame.engine.incremental import Incremental, prepare
 from savegame.engine.lazy import LazySnapshot, SnapshotMode, lazy_snapshot
@@ -281,21 +281,22 @@ def save_in_background(
             return manifest
 
         settle = _settle_for(lazy, pacer)
-        pending = writer.submit(storage.path(name), buffers, persist, blocking_seconds=blocking, settle=settle)
+        pending = writer.submit(storage.path(name), buffers, persist, blocking_seconds=blocking, settle=settle,
+                                poll=None if lazy is None else lazy.confirm_if_copied)  # fmt: skip
         if lazy is not None:
             lazy.on_failure = pending._settled_and_delivered
         return pending
 
 
-def _settle_for(lazy: LazySnapshot | None, pacer: Pacer | None) -> Callable[[], None] | None:
+def _settle_for(lazy: LazySnapshot | None, pacer: Pacer | None) -> Settle | None:
     """What every wait for a background save runs first: the paced write goes on at full speed (nobody
     waits for a paced save), then a lazy snapshot confirms its copies on the waiting thread."""
     if pacer is None:
         return lazy.settle if lazy is not None else None
 
-    def settle() -> None:
+    def settle(timeout: float | None = None) -> None:
         pacer.hurry()
         if lazy is not None:
-            lazy.settle()
+            lazy.settle(timeout)
 
     return settle

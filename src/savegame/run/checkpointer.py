@@ -391,7 +391,7 @@ class Checkpointer:
         A save that fails raises and leaves every existing checkpoint as it was.
         """
         self._check_open()
-        if self._in_flight is not None and self._in_flight.handle.done():
+        if self._in_flight is not None and self._in_flight.handle.poll():
             settle(self)
         said_epoch_end = epoch_end is not None and bool(epoch_end)
         epoch_end = True if epoch_end is None else bool(epoch_end)

@@ -44,20 +44,40 @@ SignalAction = Literal["exit", "reraise", "continue"]
 IfBusy = Literal["wait", "skip"]
 
 
-def _check_if_busy(if_busy: object) -> None:
+def _check_background(value: object) -> bool:
+    """``background=`` given as a flag (a :class:`Background` is spread by the caller): True or False.
+    Anything else is a :class:`ConfigError` (a string such as ``"false"`` would otherwise be true)."""
+    if value is None:  # not given
+        return False
+    if not isinstance(value, bool):
+        raise ConfigError(f"Checkpointer: background must be True, False or a savegame.Background(...), got {value!r}")
+    return value
+
+
+def _check_if_busy(if_busy: object, *, background: bool = True) -> None:
     if if_busy not in ("wait", "skip"):
         raise ConfigError(f"Checkpointer: if_busy must be 'wait' or 'skip', got {if_busy!r}")
+    if if_busy == "skip" and not background:
+        raise ConfigError("Checkpointer: if_busy='skip' needs background=True (a synchronous save is never in "
+                          "flight when the next one is wanted, so nothing would be skipped)")  # fmt: skip
 
 
-def _check_nice(nice: object) -> None:
+def _check_nice(nice: object, *, background: bool = True) -> None:
     if nice is not None and (isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19):
         raise ConfigError(f"Checkpointer: writer_nice must be an int from 0 to 19 or None, got {nice!r}")
+    if nice is not None and not background:
+        raise ConfigError("Checkpointer: writer_nice needs background=True (a synchronous save is written by the "
+                          "calling thread, whose priority savegame leaves alone)")  # fmt: skip
 
 
 def _check_write_rate(rate: object, *, background: bool) -> None:
     if rate is None:
         return
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (math.isfinite(rate) and rate > 0):
+    try:
+        valid = not isinstance(rate, bool) and isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0
+    except OverflowError:  # an int too large for a float
+        valid = False
+    if not valid:
         raise ConfigError(f"Checkpointer: write_rate must be a number of MB/s > 0 or None, got {rate!r}")
     if not background:
         raise ConfigError("Checkpointer: write_rate needs background=True (a synchronous save is not paced: "
@@ -211,7 +231,7 @@ class CheckpointerOptions:
         for group, (kind, pairs) in _GROUPS.items():
             given = flat.pop(group, None)
             if group == "background" and not isinstance(given, Background):
-                flat["background"] = bool(given)
+                flat["background"] = _check_background(given)
                 continue
             if given is None:
                 continue
@@ -233,8 +253,8 @@ class CheckpointerOptions:
             raise ConfigError(f"Checkpointer: mode must be 'auto', 'min' or 'max', got {self.mode!r}")
         check_count("Checkpointer", "max_epochs", self.max_epochs, minimum=1)
         _check_mapping("metadata", self.metadata)
-        _check_if_busy(self.if_busy)
-        _check_nice(self.writer_nice)
+        _check_if_busy(self.if_busy, background=self.background)
+        _check_nice(self.writer_nice, background=self.background)
         _check_write_rate(self.write_rate, background=self.background)
         if not isinstance(self.incremental, bool):
             raise ConfigError(f"Checkpointer: incremental must be True or False, got {self.incremental!r}")
@@ -323,17 +343,18 @@ Background writing (``background=Background(if_busy=..., nice=...)`` says the th
   background save runs once it is committed, at that call. Call ``close()`` (or use ``with``) so the
   last save is integrated and retention applied; a save still in flight when the process ends is
   finished at exit all the same (:mod:`savegame.engine.background`).
-* ``if_busy``: what a save that ``step`` wants does while the previous background save is still
-  being written. ``"wait"`` (the default): it waits for that one to commit, then snapshots and
-  writes. ``"skip"`` (for saving every step or every few steps): it is coalesced into the save in
-  flight and returns at once: nothing is written for that call, ``SaveResult.skipped`` is True (its
-  ``name``, ``path`` and ``pending`` are those of the save in flight), and the policy still counts
-  from the last save that was written, so the next ``step`` after that one committed saves the
-  state as it is then. Never a queue: at most one save in flight, at most one snapshot in memory.
-  ``save()``, a final ``step(final=True)``, preemption saves and sync saves always wait, so after
-  ``close()`` the state of the last call that was not reported skipped is durable.
-* ``writer_nice``: lower the scheduling priority of the background writer threads by this much
-  (0-19, Linux only; None: unchanged) so that the write competes less with training for the CPUs.
+* ``if_busy`` (``"skip"`` needs ``background``): what a save that ``step`` wants does while the
+  previous background save is still being written. ``"wait"`` (the default): it waits for that one
+  to commit, then snapshots and writes. ``"skip"`` (for saving every step or every few steps): it is
+  coalesced into the save in flight and returns at once: nothing is written for that call,
+  ``SaveResult.skipped`` is True (its ``name``, ``path`` and ``pending`` are those of the save in
+  flight), and the policy still counts from the last save that was written, so the next ``step``
+  after that one committed saves the state as it is then. Never a queue: at most one save in flight,
+  at most one snapshot in memory. ``save()``, a final ``step(final=True)``, preemption saves and
+  sync saves always wait, so after ``close()`` the state of the last call that was not reported
+  skipped is durable.
+* ``writer_nice`` (with ``background``): lower the scheduling priority of the background writer
+  threads by this much (0-19, Linux only; None: unchanged) so that the write competes less with training for the CPUs.
   A training thread that waits for the writer (``if_busy="wait"``, ``wait()``) waits longer on a
   busy machine: pair it with ``if_busy="skip"``.
 * ``write_rate`` (with ``background``): write each background save at most this many MB/s (10**6
@@ -354,6 +375,8 @@ Background writing (``background=Background(if_busy=..., nice=...)`` says the th
 * ``snapshot`` (with ``background``): ``"eager"`` copies the whole state before the save returns;
   ``"lazy"`` copies parameters and optimizer state during the next forward/backward, and the next
   ``optimizer.step()`` waits for it (:mod:`savegame.engine.lazy`, which says what it cannot detect).
+  The final save (``step(final=True)``) is always eager: no step follows it, and what the end of a run
+  does to the model (loading the best weights back) would otherwise fail it.
 
 Other options:
 

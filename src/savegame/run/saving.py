@@ -246,7 +246,8 @@ def submit(
 
     handle = save_in_background(
         ckpt._writer, ckpt.storage, name, items, metadata=metadata, progress=payload, overwrite=False,
-        next_name=naming.next, stamp=stamp, incremental=incremental_for(ckpt), snapshot=ckpt.snapshot,
+        next_name=naming.next, stamp=stamp, incremental=incremental_for(ckpt),
+        snapshot="eager" if progress.final else ckpt.snapshot,  # no step follows the final save
         write_rate=None if ckpt.write_rate is None else ckpt.write_rate * 1e6,
     )  # fmt: skip
     seconds = time.perf_counter() - started
@@ -265,9 +266,10 @@ def submit(
     )  # fmt: skip
 
 def busy(ckpt: Checkpointer) -> bool:
-    """Whether a background save is still being written (submitted, its commit not done yet)."""
+    """Whether a background save is still being written (submitted, its commit not done yet); a lazy
+    snapshot whose copies are done is confirmed first (:meth:`PendingSave.poll`)."""
     in_flight = ckpt._in_flight
-    return in_flight is not None and not in_flight.handle.done()
+    return in_flight is not None and not in_flight.handle.poll()
 
 
 def skipped(ckpt: Checkpointer, progress: Progress) -> SaveResult:
