@@ -30,6 +30,10 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+import torch
+
+from savegame.adapters.registry import adapter_for
 from savegame.adapters.rng import RNGState
 from savegame.api import load, read_manifest, save
 from savegame.errors import (
@@ -61,6 +65,7 @@ FORMAT = 1
 RNG_ITEM = "savegame_rng"
 """The item holding the process RNG states (:class:`savegame.RNGState`), next to Lightning's keys."""
 _MAPPINGS = {f"{AttributeDict.__module__}:{AttributeDict.__qualname__}": AttributeDict}
+_MAX_DEPTH = 200  # deeper nesting is refused by the tree codec
 _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch's zip container, a bare pickle (protocol >= 2)
 
 
@@ -171,6 +176,7 @@ def encode_checkpoint(checkpoint: Mapping[str, Any], *, rng: bool) -> tuple[dict
         if key == RNG_ITEM:
             raise UnsupportedTypeError(f"checkpoint key {key!r} is reserved by savegame.lightning for the RNG states")
         state[key], records = to_plain(value, mappings=tuple(_MAPPINGS.values()))
+        _refuse_live_objects(state[key], (key,), 0)  # after to_plain: inside dataclasses and Namespaces too
         if records:
             types[key] = records
     if rng:
@@ -178,6 +184,32 @@ def encode_checkpoint(checkpoint: Mapping[str, Any], *, rng: bool) -> tuple[dict
     section = {"format": FORMAT, "types": types, "rng": rng,
                "epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")}  # fmt: skip
     return state, {"integration": INTEGRATION, INTEGRATION: _plain_json(section)}
+
+
+def _refuse_live_objects(value: Any, path: tuple[Any, ...], depth: int) -> None:
+    """Raise :class:`UnsupportedTypeError` for a live object (module, optimizer, generator, Stateful...)
+    anywhere in ``value``: savegame would store its state, and it would load back as a plain dict."""
+    if depth > _MAX_DEPTH:  # the tree codec refuses such nesting with its own message
+        return
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _refuse_live_objects(v, (*path, k), depth + 1)
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _refuse_live_objects(v, (*path, i), depth + 1)
+        return
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return
+    adapter = adapter_for(value)
+    if adapter is not None:
+        where = ".".join(map(str, path))
+        raise UnsupportedTypeError(
+            f"{where}: cannot store a {adapter.kind(value)} ({type(value).__name__}) in a Lightning checkpoint: it "
+            "would be saved as its state and load back as a plain dict, not as the object. Store its state "
+            "yourself (obj.state_dict(), generator.get_state()) and restore it in on_load_checkpoint; for a "
+            "hyper-parameter, leave it out with self.save_hyperparameters(ignore=[...])"
+        )
 
 
 def _progress(checkpoint: Mapping[str, Any]) -> dict[str, int]:

@@ -10,6 +10,7 @@ import argparse
 import os
 import pathlib
 import pickle
+import random
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from _lithelp import (
     assert_no_pickle,
     data,
     fit,
+    model_checkpoint,
     params,
     run_script,
     script_env,
@@ -162,6 +164,39 @@ def test_an_arbitrary_object_is_refused_naming_its_key(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedTypeError, match=r"hyper_parameters\.model.*save_hyperparameters\(ignore"):
         sl.SavegameIO().save_checkpoint({"hyper_parameters": {"lr": 1, "model": Opaque()}}, tmp_path / "x.ckpt")
     assert not (tmp_path / "x.ckpt").exists() and not os.listdir(tmp_path)
+
+
+class _GeneratorInCheckpoint(LitMLP):
+    """Keeps a torch.Generator of its own in the checkpoint dict (``on_save_checkpoint``)."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["sampler_generator"] = torch.Generator().manual_seed(7)
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "where"),
+    [
+        ({"hyper_parameters": {"lr": 1, "backbone": torch.nn.Linear(2, 2)}}, r"hyper_parameters\.backbone"),
+        ({"extra": [random.Random(3)]}, r"extra\.0"),
+        ({"ema": {"opt": torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)}}, r"ema\.opt"),
+    ],
+)
+def test_a_live_object_is_refused_not_stored_as_its_state_dict(
+    tmp_path: Path, checkpoint: dict[str, Any], where: str
+) -> None:
+    """A module, optimizer or generator in Lightning's dict came back as a plain dict of its state (a
+    backbone hyper-parameter as a dict, a Random as a dict): now it is refused, naming its key."""
+    with pytest.raises(UnsupportedTypeError, match=where + r".*(state_dict|get_state)"):
+        sl.SavegameIO().save_checkpoint(checkpoint, tmp_path / "x.ckpt")
+    assert not os.listdir(tmp_path)
+
+
+def test_a_generator_added_by_on_save_checkpoint_is_refused_by_fit(tmp_path: Path) -> None:
+    pl.seed_everything(0, verbose=False)
+    t = trainer(tmp_path, epochs=1, callbacks=[model_checkpoint(tmp_path, save_last=True)])
+    with pytest.raises(UnsupportedTypeError, match=r"sampler_generator.*get_state"):
+        t.fit(_GeneratorInCheckpoint(), *data())
+    assert not (tmp_path / "ckpts" / "last.ckpt").exists()
 
 
 def test_a_dataclass_whose_module_is_not_imported_is_not_imported(tmp_path: Path) -> None:
