@@ -32,6 +32,7 @@ from savegame.errors import (  # noqa: E402
     CorruptCheckpointError,
     ForeignCheckpointError,
     HashMismatchError,
+    MissingFileError,
     StateMismatchError,
 )
 
@@ -217,6 +218,20 @@ def test_damaged_side_file_is_found(tmp_path: Path) -> None:
     with pytest.raises(CorruptCheckpointError, match=r"every checkpoint is damaged"), warnings.catch_warnings():
         warnings.simplefilter("ignore", savegame.ResumeWarning)
         sgt.last_checkpoint(out)
+
+
+def test_a_folder_in_place_of_a_side_file_is_damage_and_resume_falls_back(tmp_path: Path) -> None:
+    """A folder where ``config.json`` should be escaped as a bare IsADirectoryError (and aborted
+    ``resume_from_checkpoint=True`` instead of falling back to the older checkpoint)."""
+    out = tmp_path / "out"
+    train(out, max_steps=4)
+    config = out / "checkpoint-4" / "config.json"
+    config.unlink()
+    config.mkdir()
+    with pytest.raises(MissingFileError, match=r"config\.json.*not a regular file"):
+        sgt.check_checkpoint(out / "checkpoint-4")
+    with pytest.warns(savegame.ResumeWarning, match=r"checkpoint-4"):
+        assert sgt.last_checkpoint(out) == str(out / "checkpoint-2")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -226,8 +226,10 @@ def _check_side_files(path: str, manifest: Manifest) -> None:
         try:
             with open(full, "rb") as handle:
                 data = handle.read()
-        except FileNotFoundError:
-            raise MissingFileError(f"{full}: listed in the checkpoint's metadata but missing") from None
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise MissingFileError(
+                f"{full}: listed in the checkpoint's metadata but missing (or not a regular file)"
+            ) from None
         if len(data) != entry.get("bytes"):
             raise TruncatedFileError(f"{full}: {len(data)} bytes, the checkpoint's metadata says {entry.get('bytes')}")
         if hash_bytes(data) != entry.get("hash"):
