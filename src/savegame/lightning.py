@@ -126,11 +126,15 @@ class SavegameIO(CheckpointIO):  # type: ignore[misc]
 
         A file or folder that is not such a checkpoint is never deleted (:class:`NotACheckpointError` /
         :class:`ForeignCheckpointError`); a symbolic link to one (``save_last="link"``) loses the link
-        only; a damaged one is quarantined (renamed aside), as savegame's retention does."""
+        only, and so does a dangling link (its target already removed); a damaged one is quarantined
+        (renamed aside), as savegame's retention does."""
         self._settle()
         where = os.fspath(path)
         if not is_url(where):
             if os.path.islink(where):
+                if not os.path.exists(where):  # dangling (its target was removed, e.g. by save_top_k): the link goes
+                    os.unlink(where)
+                    return
                 _checked_lightning(read_manifest(os.path.realpath(where)), where, "delete")
                 os.unlink(where)
                 return

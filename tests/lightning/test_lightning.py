@@ -136,6 +136,20 @@ def test_save_last_link_resumes_through_the_link(tmp_path: Path) -> None:
         savegame.verify(tmp_path / "ckpts" / name)
 
 
+def test_a_templated_last_link_whose_target_top_k_removed_is_dropped(tmp_path: Path) -> None:
+    """``save_last="link"`` with a templated last name and ``save_top_k=1``: top-k deletes the old best,
+    leaving the previous last link dangling; removing that link raised CheckpointNotFoundError and
+    stopped ``fit`` (Lightning's own plugin skips it). Now the dangling link is deleted."""
+    checkpoint = model_checkpoint(tmp_path, save_last="link", save_top_k=1, monitor="val_loss")
+    checkpoint.CHECKPOINT_NAME_LAST = "last-{epoch}"
+    pl.seed_everything(0, verbose=False)
+    t = trainer(tmp_path, epochs=3, callbacks=[checkpoint])
+    t.fit(LitMLP(val_schedule=[3.0, 2.0, 1.0]), *data())
+    assert _ckpts(tmp_path) == ["epoch=2-step=12.ckpt", "last-epoch=2.ckpt"]
+    assert os.readlink(tmp_path / "ckpts" / "last-epoch=2.ckpt") == "epoch=2-step=12.ckpt"
+    savegame.verify(tmp_path / "ckpts" / "last-epoch=2.ckpt")
+
+
 # -- checkpoint dict contents ------------------------------------------------------------------------------
 
 
