@@ -527,3 +527,28 @@ def test_run_directory_becomes_a_run_root(tmp_path: Path, capsys: pytest.Capture
         savegame.convert(runs, tmp_path / "root2", template=template)
     assert not canary.exists() and not (tmp_path / "root2").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "root"]
+
+
+def test_keras_datasets_with_no_exact_form_are_left_out_not_a_crash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A weights file with datasets the codec cannot store (byte strings, text, records) imports the numeric
+    ones and names each left-out dataset; a file of nothing else is a source that cannot be imported
+    (exit status 2, nothing written), not a failed save."""
+    import h5py
+
+    mixed = tmp_path / "mixed.weights.h5"
+    with h5py.File(mixed, "w") as f:
+        f["layers/dense/vars/0"] = np.arange(4, dtype="f4")
+        f["layers/dense/vars/1"] = np.array([b"abc", b"de"])
+        f.create_dataset("layers/dense/vars/2", data=np.array(["x", "y"], dtype=object), dtype=h5py.string_dtype())
+    code, _, err = _cli(str(mixed), str(tmp_path / "out"), capsys=capsys)
+    assert code == 0, err
+    assert "layers/dense/vars/1" in err and "layers/dense/vars/2" in err
+    assert list(savegame.load(tmp_path / "out")["model"]) == ["layers/dense/vars/0"]
+    strings = tmp_path / "strings.weights.h5"
+    with h5py.File(strings, "w") as f:
+        f["layers/dense/vars/0"] = np.zeros(3, dtype=[("a", "i4"), ("b", "f8")])
+    code, _, err = _cli(str(strings), str(tmp_path / "out-strings"), capsys=capsys)
+    assert code == 2 and str(strings) in err, err
+    assert not (tmp_path / "out-strings").exists()
