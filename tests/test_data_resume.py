@@ -465,3 +465,17 @@ def test_an_epoch_end_save_resumes_later_epochs_in_the_uninterrupted_order(tmp_p
         assert restored is not None and restored.epoch == 1
         after = loop(loader, epochs=range(1, epochs))
     assert before + after == expected
+
+
+def test_a_damaged_generator_state_is_refused_at_restore(tmp_path: Path) -> None:
+    """A generator state that is not one (wrong size, not bytes) is a StateMismatchError when the state is
+    loaded, mid-epoch or between epochs, not a bare RuntimeError/TypeError from torch later in the loop."""
+    loader = resumable(VARIANTS["generator"](Indices(30)))
+    for batches in (0, 2):
+        for bad in ("abc", [1, 2, 3], torch.zeros(5, dtype=torch.uint8)):
+            state = {"version": 1, "epochs_completed": 1, "batches": batches, "length": 8,
+                     "start": {"generators": {"loader": bad, "global": torch.get_rng_state()}, "samplers": {}}}
+            if batches == 0:
+                del state["start"]["generators"]["global"]
+            with pytest.raises(savegame.StateMismatchError, match="loader generator"):
+                loader.load_state_dict(state)

@@ -394,6 +394,16 @@ def _check_generators(
             f"{sorted(set(saved) | set(samplers))}; build the loader as the interrupted run did (same sampler, "
             "shuffle and generator= arguments)"
         )
+    for role, generator in _generators(loader).items():
+        if role not in saved:
+            continue
+        try:
+            state = torch.as_tensor(saved[role], dtype=torch.uint8)
+        except (TypeError, ValueError, RuntimeError):
+            state = None
+        if state is None or state.shape != generator.get_state().shape:
+            raise StateMismatchError(f"{where}: invalid data loader state (the {role} generator's state is not one "
+                                     f"of a {generator.device} torch.Generator)")  # fmt: skip
 
 
 def _parse(state: Mapping[str, Any], where: str) -> tuple[int, int, int | None, Mapping[str, Any]]:
