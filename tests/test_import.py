@@ -552,3 +552,22 @@ def test_keras_datasets_with_no_exact_form_are_left_out_not_a_crash(
     code, _, err = _cli(str(strings), str(tmp_path / "out-strings"), capsys=capsys)
     assert code == 2 and str(strings) in err, err
     assert not (tmp_path / "out-strings").exists()
+
+
+def test_lightning_keys_never_overwrite_the_model_item_and_odd_keys_are_left_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Lightning checkpoint that also holds a top-level ``model`` (or ``optimizer``) key keeps both under the
+    file's names, as a torch dict does: the LightningModule's weights were silently replaced by that value.
+    A top-level key that cannot be an item name (not a string, empty) is left out and named, not a failed save."""
+    weights = {"w": torch.arange(3.0)}
+    src = tmp_path / "odd.ckpt"
+    optimizer_states = [{"state": {}, "param_groups": []}]
+    torch.save({"state_dict": weights, "pytorch-lightning_version": "2.0", "model": 1,
+                "optimizer_states": optimizer_states, "optimizer": "sgd", 5: 2, "": 3}, src)  # fmt: skip
+    code, _, err = _cli(str(src), str(tmp_path / "out"), capsys=capsys)
+    assert code == 0, err
+    loaded = savegame.load(tmp_path / "out")
+    assert torch.equal(loaded["state_dict"]["w"], weights["w"]) and loaded["model"] == 1
+    assert loaded["optimizer"] == "sgd" and loaded["optimizer_states"] == [{"state": {}, "param_groups": []}]
+    assert "top-level key 5" in err and "top-level key ''" in err
