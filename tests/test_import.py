@@ -571,3 +571,16 @@ def test_lightning_keys_never_overwrite_the_model_item_and_odd_keys_are_left_out
     assert torch.equal(loaded["state_dict"]["w"], weights["w"]) and loaded["model"] == 1
     assert loaded["optimizer"] == "sgd" and loaded["optimizer_states"] == [{"state": {}, "param_groups": []}]
     assert "top-level key 5" in err and "top-level key ''" in err
+
+
+def test_two_keys_that_rename_to_one_item_both_keep_their_names(tmp_path: Path) -> None:
+    """``model_state_dict`` and ``state_dict`` both rename to ``model``: the second silently replaced the first
+    (one state dict lost, exit 0). When a rename is not unique, every key keeps the file's name."""
+    torch.save({"model_state_dict": {"a": torch.ones(2)}, "state_dict": {"b": torch.ones(3)},
+                "optimizer_state_dict": {"state": {}, "param_groups": []}, "epoch": 1},
+               tmp_path / "two.pt")  # fmt: skip
+    report = savegame.convert(tmp_path / "two.pt", tmp_path / "out")
+    loaded = savegame.load(tmp_path / "out")
+    assert {i.name for i in report.items} == {"model_state_dict", "state_dict", "optimizer", "epoch"}
+    assert torch.equal(loaded["model_state_dict"]["a"], torch.ones(2))
+    assert torch.equal(loaded["state_dict"]["b"], torch.ones(3))

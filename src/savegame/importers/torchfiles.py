@@ -63,11 +63,12 @@ def split_state(loaded: Any, found: Found, plain: Plain) -> None:
     elif _is_tensor_dict(loaded):
         _add(found, plain, "model", loaded, "the whole file (a state dict)")
     else:
+        targets = [RENAMES.get(key, key) for key in loaded]
         for key, value in loaded.items():
             key = str(key)
             name = RENAMES.get(key, key)
-            if name != key and name in loaded:
-                name = key  # both spellings present: keep the file's names
+            if name != key and (name in loaded or targets.count(name) > 1):
+                name = key  # both spellings, or two keys of one meaning, present: keep the file's names
             _add(found, plain, name, value, key)
             if name != key:
                 found.converted.append(f"{key} -> item {name!r}")
