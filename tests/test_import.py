@@ -584,3 +584,19 @@ def test_two_keys_that_rename_to_one_item_both_keep_their_names(tmp_path: Path) 
     assert {i.name for i in report.items} == {"model_state_dict", "state_dict", "optimizer", "epoch"}
     assert torch.equal(loaded["model_state_dict"]["a"], torch.ones(2))
     assert torch.equal(loaded["state_dict"]["b"], torch.ones(3))
+
+
+def test_a_keras_dataset_named_optimizer_is_a_model_weight_not_an_internal_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only datasets *under* the ``optimizer`` group are the optimizer's: a top-level dataset called
+    ``optimizer`` made the raw reader fail with 'internal error: IndexError'."""
+    import h5py
+
+    src = tmp_path / "opt.weights.h5"
+    with h5py.File(src, "w") as f:
+        f["optimizer"] = np.ones(2, "f4")
+        f["layers/dense/vars/0"] = np.arange(3, dtype="f4")
+    code, _, err = _cli(str(src), str(tmp_path / "out"), capsys=capsys)
+    assert code == 0, err
+    assert sorted(savegame.load(tmp_path / "out")["model"]) == ["layers/dense/vars/0", "optimizer"]

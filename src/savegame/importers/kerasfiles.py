@@ -130,7 +130,7 @@ def _raw(weights: str, names: list[str], source: str, found: Found) -> None:
         with h5py.File(weights, "r") as f:
             for name in names:
                 dataset = f[name]
-                item = "optimizer" if name.split("/")[0] == "optimizer" else "model"
+                item = "optimizer" if name.startswith("optimizer/") else "model"  # the optimizer group's datasets
                 key = name.split("/", 1)[1] if item == "optimizer" else name
                 keep, value = plain.value(np.array(dataset[()], copy=True), name)
                 if keep:
