@@ -531,6 +531,29 @@ def test_gc_removes_dead_writers_leftovers_and_old_quarantine(run_copy: Path) ->
     assert "nothing to clean" in run("gc", run_copy).stdout
 
 
+def test_gc_removes_symlinked_leftovers_themselves_and_never_restores_one(tmp_path: Path) -> None:
+    """A ``.trash-*`` or ``.staging-*`` entry that is a symlink (it could point out of the root) is removed as
+    a link: gc neither reported it removed while leaving it there, nor put a symlink back as a checkpoint,
+    and its target is never touched."""
+    import numpy as np
+
+    root, outside = tmp_path / "run", tmp_path / "outside"
+    savegame.save(root / "c1", {"m": np.ones(2)})
+    outside.mkdir()
+    (outside / "manifest.json").write_text("{}")
+    (outside / "data").write_text("keep me")
+    links = [root / ".trash-c2-abcd1234", root / ".trash-del-c3-abcd1234", root / ".staging-otherhost-1-0123456789ab"]
+    for link in links:
+        link.symlink_to(outside, target_is_directory=True)
+    os.utime(links[2], (0, 0), follow_symlinks=False)  # another host's, untouched for long: a dead writer's
+    done = run("gc", root, "--json")
+    assert done.returncode == 0, done.stderr
+    assert sorted(a["name"] for a in as_json(done)["actions"]) == sorted(link.name for link in links)
+    assert all(a["action"] == "remove" for a in as_json(done)["actions"])
+    assert not any(os.path.lexists(link) for link in links) and not os.path.lexists(root / "c2")
+    assert (outside / "data").read_text() == "keep me" and (outside / "manifest.json").exists()
+
+
 def test_prune_and_gc_refuse_a_root_that_a_training_run_is_writing(run_copy: Path) -> None:
     with Checkpointer(run_copy, monitor="val_loss", restart="off"):  # holds the root's writer lock
         prune, gc, dry_prune, dry_gc = run_all([

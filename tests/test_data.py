@@ -117,3 +117,16 @@ def test_invalid_arguments_and_states() -> None:
         sampler.load_state_dict({**sampler.state_dict(), "position": 9})
     sampler.set_position(99)
     assert sampler.position == 3
+
+
+def test_a_seed_beyond_64_bits_still_gives_a_reproducible_order() -> None:
+    """Any int seed >= 0 is accepted, so every epoch of one must be drawable: ``seed + epoch`` past 2**64
+    made the private generator's manual_seed raise a bare ValueError in the middle of the training loop."""
+    for seed in (2**64 - 1, 2**64, 10**30):
+        sampler = ResumableRandomSampler(range(7), seed=seed)
+        sampler.set_epoch(3)
+        first = list(sampler)
+        assert sorted(first) == list(range(7))
+        again = ResumableRandomSampler(range(7), seed=seed)
+        again.load_state_dict({**sampler.state_dict(), "epoch": 3, "position": 0})
+        assert list(again) == first

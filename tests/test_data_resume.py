@@ -444,3 +444,38 @@ def test_a_dropped_wrapper_is_freed_at_once_and_stops_its_persistent_workers() -
     for worker in workers:
         worker.join(timeout=10)
         assert not worker.is_alive()
+
+
+@pytest.mark.parametrize("variant", ["generator", "sampler-own-generator", "batch-sampler", "resumable-sampler"])
+def test_an_epoch_end_save_resumes_later_epochs_in_the_uninterrupted_order(tmp_path: Path, variant: str) -> None:
+    """A save after an epoch's last batch (``epoch_end=True``, 0 batches into the next epoch) restores the
+    private generators and stateful samplers the next epochs draw their order from, as a mid-epoch one does:
+    without them a fresh process drew every later epoch from the generators' initial states."""
+    make, epochs = VARIANTS[variant], 3
+    expected = uninterrupted(make, size=30, epochs=epochs)
+    torch.manual_seed(11)
+    loader = resumable(make(Indices(30)))
+    with savegame.Checkpointer(tmp_path / "run") as ckpt:
+        before = loop(loader, epochs=range(1))
+        ckpt.save({"loader": loader}, epoch=1, step=len(before))
+    torch.manual_seed(99)  # another process, its objects built afresh
+    loader = resumable(make(Indices(30)))
+    with savegame.Checkpointer(tmp_path / "run") as ckpt:
+        restored = ckpt.restore({"loader": loader})
+        assert restored is not None and restored.epoch == 1
+        after = loop(loader, epochs=range(1, epochs))
+    assert before + after == expected
+
+
+def test_a_damaged_generator_state_is_refused_at_restore(tmp_path: Path) -> None:
+    """A generator state that is not one (wrong size, not bytes) is a StateMismatchError when the state is
+    loaded, mid-epoch or between epochs, not a bare RuntimeError/TypeError from torch later in the loop."""
+    loader = resumable(VARIANTS["generator"](Indices(30)))
+    for batches in (0, 2):
+        for bad in ("abc", [1, 2, 3], torch.zeros(5, dtype=torch.uint8)):
+            state = {"version": 1, "epochs_completed": 1, "batches": batches, "length": 8,
+                     "start": {"generators": {"loader": bad, "global": torch.get_rng_state()}, "samplers": {}}}
+            if batches == 0:
+                del state["start"]["generators"]["global"]
+            with pytest.raises(savegame.StateMismatchError, match="loader generator"):
+                loader.load_state_dict(state)

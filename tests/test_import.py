@@ -527,3 +527,76 @@ def test_run_directory_becomes_a_run_root(tmp_path: Path, capsys: pytest.Capture
         savegame.convert(runs, tmp_path / "root2", template=template)
     assert not canary.exists() and not (tmp_path / "root2").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "root"]
+
+
+def test_keras_datasets_with_no_exact_form_are_left_out_not_a_crash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A weights file with datasets the codec cannot store (byte strings, text, records) imports the numeric
+    ones and names each left-out dataset; a file of nothing else is a source that cannot be imported
+    (exit status 2, nothing written), not a failed save."""
+    import h5py
+
+    mixed = tmp_path / "mixed.weights.h5"
+    with h5py.File(mixed, "w") as f:
+        f["layers/dense/vars/0"] = np.arange(4, dtype="f4")
+        f["layers/dense/vars/1"] = np.array([b"abc", b"de"])
+        f.create_dataset("layers/dense/vars/2", data=np.array(["x", "y"], dtype=object), dtype=h5py.string_dtype())
+    code, _, err = _cli(str(mixed), str(tmp_path / "out"), capsys=capsys)
+    assert code == 0, err
+    assert "layers/dense/vars/1" in err and "layers/dense/vars/2" in err
+    assert list(savegame.load(tmp_path / "out")["model"]) == ["layers/dense/vars/0"]
+    strings = tmp_path / "strings.weights.h5"
+    with h5py.File(strings, "w") as f:
+        f["layers/dense/vars/0"] = np.zeros(3, dtype=[("a", "i4"), ("b", "f8")])
+    code, _, err = _cli(str(strings), str(tmp_path / "out-strings"), capsys=capsys)
+    assert code == 2 and str(strings) in err, err
+    assert not (tmp_path / "out-strings").exists()
+
+
+def test_lightning_keys_never_overwrite_the_model_item_and_odd_keys_are_left_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Lightning checkpoint that also holds a top-level ``model`` (or ``optimizer``) key keeps both under the
+    file's names, as a torch dict does: the LightningModule's weights were silently replaced by that value.
+    A top-level key that cannot be an item name (not a string, empty) is left out and named, not a failed save."""
+    weights = {"w": torch.arange(3.0)}
+    src = tmp_path / "odd.ckpt"
+    optimizer_states = [{"state": {}, "param_groups": []}]
+    torch.save({"state_dict": weights, "pytorch-lightning_version": "2.0", "model": 1,
+                "optimizer_states": optimizer_states, "optimizer": "sgd", 5: 2, "": 3}, src)  # fmt: skip
+    code, _, err = _cli(str(src), str(tmp_path / "out"), capsys=capsys)
+    assert code == 0, err
+    loaded = savegame.load(tmp_path / "out")
+    assert torch.equal(loaded["state_dict"]["w"], weights["w"]) and loaded["model"] == 1
+    assert loaded["optimizer"] == "sgd" and loaded["optimizer_states"] == [{"state": {}, "param_groups": []}]
+    assert "top-level key 5" in err and "top-level key ''" in err
+
+
+def test_two_keys_that_rename_to_one_item_both_keep_their_names(tmp_path: Path) -> None:
+    """``model_state_dict`` and ``state_dict`` both rename to ``model``: the second silently replaced the first
+    (one state dict lost, exit 0). When a rename is not unique, every key keeps the file's name."""
+    torch.save({"model_state_dict": {"a": torch.ones(2)}, "state_dict": {"b": torch.ones(3)},
+                "optimizer_state_dict": {"state": {}, "param_groups": []}, "epoch": 1},
+               tmp_path / "two.pt")  # fmt: skip
+    report = savegame.convert(tmp_path / "two.pt", tmp_path / "out")
+    loaded = savegame.load(tmp_path / "out")
+    assert {i.name for i in report.items} == {"model_state_dict", "state_dict", "optimizer", "epoch"}
+    assert torch.equal(loaded["model_state_dict"]["a"], torch.ones(2))
+    assert torch.equal(loaded["state_dict"]["b"], torch.ones(3))
+
+
+def test_a_keras_dataset_named_optimizer_is_a_model_weight_not_an_internal_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only datasets *under* the ``optimizer`` group are the optimizer's: a top-level dataset called
+    ``optimizer`` made the raw reader fail with 'internal error: IndexError'."""
+    import h5py
+
+    src = tmp_path / "opt.weights.h5"
+    with h5py.File(src, "w") as f:
+        f["optimizer"] = np.ones(2, "f4")
+        f["layers/dense/vars/0"] = np.arange(3, dtype="f4")
+    code, _, err = _cli(str(src), str(tmp_path / "out"), capsys=capsys)
+    assert code == 0, err
+    assert sorted(savegame.load(tmp_path / "out")["model"]) == ["layers/dense/vars/0", "optimizer"]

@@ -97,7 +97,7 @@ class ResumableRandomSampler(Sampler[int]):
     Args:
         data_source: the dataset (anything with ``len``); only its length is used.
         seed: base seed of the shuffle. Epoch ``e`` uses the permutation drawn by a private
-            ``torch.Generator`` seeded with ``seed + e``, so the order never depends on the global
+            ``torch.Generator`` seeded with ``seed + e`` (modulo 2**64), so the order never depends on the global
             RNG or on how many epochs this process has run.
         shuffle: False gives ``0, 1, ..., n-1`` every epoch (still resumable mid-epoch).
 
@@ -123,7 +123,7 @@ class ResumableRandomSampler(Sampler[int]):
         if not self.shuffle:
             return list(range(self._size))
         generator = torch.Generator()
-        generator.manual_seed(self.seed + epoch)
+        generator.manual_seed((self.seed + epoch) % (1 << 64))  # the generator takes 64 bits; any int seed works
         return [int(i) for i in torch.randperm(self._size, generator=generator)]
 
     def set_epoch(self, epoch: int) -> None:

@@ -190,11 +190,14 @@ class ResumableLoader:
         return indices
 
     def state_dict(self) -> dict[str, Any]:
-        """Completed epochs, batches received in the current one, batches per epoch, and (mid-epoch)
-        the generator and sampler states of the current epoch's first draw."""
-        start = self._start if self.batches and self._start is not None else {}
+        """Completed epochs, batches received in the current one, batches per epoch, and the generator
+        and sampler states of the current epoch's first draw (mid-epoch), or between epochs those the next
+        epoch's order will draw from (the loader's and samplers' own generators, Stateful samplers)."""
+        start: Mapping[str, Any] = self._start if self.batches and self._start is not None else {}
         if self._pending is not None:  # restored, not iterated yet: the restored position, unchanged
             start = dict(self._pending.start)
+        elif not self.batches and not self._iterable:  # between epochs: what the next epoch draws from
+            start = _private(self._start if self._start is not None else _snapshot(self.loader))
         return {
             "version": _STATE_VERSION,
             "epochs_completed": self.epochs_completed,
@@ -218,6 +221,9 @@ class ResumableLoader:
         self.epochs_completed, self.batches, self._start = epochs, batches, None
         self._pending = None
         if batches == 0:
+            if start and not self._iterable:  # the next epoch's private generators and samplers (none before 0.1)
+                _check_generators(self.loader, start, where, include_global=False)
+                _put_back(self.loader, start, include_global=False)
             return
         problem = self._why_not_exact()
         if problem is not None:
@@ -352,22 +358,35 @@ def _snapshot(loader: DataLoader[Any]) -> dict[str, Any]:
     return {"generators": generators, "samplers": samplers}
 
 
-def _put_back(loader: DataLoader[Any], start: Mapping[str, Any]) -> None:
-    """Give the generators and Stateful samplers the states they had at the interrupted epoch's first pull."""
+def _private(snapshot: Mapping[str, Any]) -> dict[str, Any]:
+    """A :func:`_snapshot` without the global generator: what the state holds between epochs (the global
+    generator is the checkpoint's RNG state's to restore, as the loop's dropout draws from it too)."""
+    generators = {role: state for role, state in snapshot["generators"].items() if role != _GLOBAL}
+    return {"generators": generators, "samplers": dict(snapshot["samplers"])}
+
+
+def _put_back(loader: DataLoader[Any], start: Mapping[str, Any], *, include_global: bool = True) -> None:
+    """Give the generators and Stateful samplers the states they had at the interrupted epoch's first pull
+    (``include_global=False``: all but the global generator)."""
     for role, generator in _generators(loader).items():
+        if role == _GLOBAL and not include_global:
+            continue
         generator.set_state(torch.as_tensor(start["generators"][role], dtype=torch.uint8).cpu())
     for path, sampler in _samplers(loader):
         if is_stateful(sampler):
             sampler.load_state_dict(start["samplers"][path])
 
 
-def _check_generators(loader: DataLoader[Any], start: Mapping[str, Any], where: str) -> None:
-    """The saved snapshot covers exactly the generators and Stateful samplers this loader has."""
+def _check_generators(
+    loader: DataLoader[Any], start: Mapping[str, Any], where: str, *, include_global: bool = True
+) -> None:
+    """The saved snapshot covers exactly the generators and Stateful samplers this loader has (all but the
+    global generator with ``include_global=False``)."""
     saved = start.get("generators")
     samplers = start.get("samplers")
     if not isinstance(saved, Mapping) or not isinstance(samplers, Mapping):
         raise StateMismatchError(f"{where}: invalid data loader state (no generator states for the epoch's order)")
-    live = set(_generators(loader))
+    live = set(_generators(loader)) - (set() if include_global else {_GLOBAL})
     stateful = {path for path, s in _samplers(loader) if is_stateful(s)}
     if set(saved) != live or set(samplers) != stateful:
         raise StateMismatchError(
@@ -375,6 +394,16 @@ def _check_generators(loader: DataLoader[Any], start: Mapping[str, Any], where: 
             f"{sorted(set(saved) | set(samplers))}; build the loader as the interrupted run did (same sampler, "
             "shuffle and generator= arguments)"
         )
+    for role, generator in _generators(loader).items():
+        if role not in saved:
+            continue
+        try:
+            state = torch.as_tensor(saved[role], dtype=torch.uint8)
+        except (TypeError, ValueError, RuntimeError):
+            state = None
+        if state is None or state.shape != generator.get_state().shape:
+            raise StateMismatchError(f"{where}: invalid data loader state (the {role} generator's state is not one "
+                                     f"of a {generator.device} torch.Generator)")  # fmt: skip
 
 
 def _parse(state: Mapping[str, Any], where: str) -> tuple[int, int, int | None, Mapping[str, Any]]:

@@ -197,7 +197,7 @@ def gc_plan(root: str, *, older_than: float, now: float | None = None) -> list[d
         elif e.name.startswith(TRASH_PREFIX):
             rest = e.name[len(TRASH_PREFIX) :]
             original = rest.rsplit("-", 1)[0]
-            restore = (not rest.startswith("del-") and bool(original)
+            restore = (not rest.startswith("del-") and bool(original) and not e.is_symlink()
                        and not os.path.lexists(os.path.join(root, original))
                        and os.path.isfile(os.path.join(e.path, "manifest.json")))  # fmt: skip
             plan.append({"name": e.name, "kind": "trash", "action": f"restore as {original}" if restore else "remove",

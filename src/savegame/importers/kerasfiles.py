@@ -33,6 +33,7 @@ import numpy as np
 from savegame.errors import DamagedSourceError
 from savegame.importers.archive import MAX_RATIO, check_archive, open_archive, read_member
 from savegame.importers.needs import need
+from savegame.importers.plain import Plain
 from savegame.importers.report import Found
 
 __all__ = ["MAX_DATASETS", "MAX_KERAS_BYTES", "read_keras"]
@@ -119,17 +120,21 @@ def _datasets(weights: str, source: str) -> list[str]:
 
 
 def _raw(weights: str, names: list[str], source: str, found: Found) -> None:
-    """Every dataset of the weights file, by path, into the items ``model`` and ``optimizer``."""
+    """Every dataset of the weights file, by path, into the items ``model`` and ``optimizer``; one that
+    cannot be stored exactly (strings, records) is left out and named in ``found.skipped``."""
     h5py = need("h5py", "reading Keras weights files")
 
     arrays: dict[str, dict[str, np.ndarray]] = {"model": {}, "optimizer": {}}
+    plain = Plain(source)
     try:
         with h5py.File(weights, "r") as f:
             for name in names:
                 dataset = f[name]
-                item = "optimizer" if name.split("/")[0] == "optimizer" else "model"
+                item = "optimizer" if name.startswith("optimizer/") else "model"  # the optimizer group's datasets
                 key = name.split("/", 1)[1] if item == "optimizer" else name
-                arrays[item][key] = np.array(dataset[()], copy=True)
+                keep, value = plain.value(np.array(dataset[()], copy=True), name)
+                if keep:
+                    arrays[item][key] = value
     except (OSError, ValueError, KeyError) as exc:
         raise DamagedSourceError(
             f"{source}: not a readable HDF5 weights file ({exc}); it is truncated or damaged"
@@ -138,6 +143,8 @@ def _raw(weights: str, names: list[str], source: str, found: Found) -> None:
         if values:
             found.items[item] = values
             found.sources[item] = f"{os.path.basename(source)} (h5 paths)"
+    found.skipped += plain.skipped
+    found.converted += plain.converted
     found.converted.append(
         "weights keyed by their path in the file (layers/NAME/vars/N); pass keras_model= (--keras-model) to "
         "store them by variable path as a KerasState instead"

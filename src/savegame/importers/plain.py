@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from savegame.errors import DamagedSourceError
+from savegame.format.dtypes import numpy_code
 from savegame.format.tree import MAX_DEPTH
 
 __all__ = ["MAX_NODES", "Plain", "array_stats"]
@@ -79,11 +80,14 @@ class Plain:
         return out
 
     def _array(self, obj: Any, path: str) -> tuple[bool, Any]:
+        try:  # the codec's own test: objects, records, byte and text strings, longdouble have no exact form
+            numpy_code(obj.dtype)
+        except KeyError:
+            self.skipped.append(f"{path}: a NumPy value of dtype {obj.dtype} (objects, records, strings or "
+                                "extended precision: no exact pickle-free form)")  # fmt: skip
+            return False, None
         if isinstance(obj, np.generic):
             return True, obj
-        if obj.dtype.hasobject or obj.dtype.names is not None:
-            self.skipped.append(f"{path}: a NumPy array of dtype {obj.dtype} (objects or records)")
-            return False, None
         if type(obj) is not np.ndarray:
             self.converted.append(f"{path}: {type(obj).__name__} stored as a NumPy array")
             obj = np.asarray(obj)

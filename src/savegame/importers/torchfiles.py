@@ -38,6 +38,12 @@ RENAMES: dict[str, str] = {
 
 _STEP_KEYS = ("global_step", "step", "iteration", "iter")
 _LIGHTNING_VERSION = "pytorch-lightning_version"
+_MAX_ITEM_NAME = 1024  # what savegame.save takes as an item name
+
+
+def _is_item_name(key: Any) -> bool:
+    """Whether a top-level key can be an item name as it is (a non-empty string of at most 1024 characters)."""
+    return type(key) is str and 0 < len(key) <= _MAX_ITEM_NAME
 
 
 def read_torch(path: str) -> Found:
@@ -52,16 +58,17 @@ def read_torch(path: str) -> Found:
 
 def split_state(loaded: Any, found: Found, plain: Plain) -> None:
     """Fill ``found`` with the items (and progress) of an object read from a torch file."""
-    if not isinstance(loaded, Mapping) or not loaded or not all(isinstance(k, str) and k for k in loaded):
+    if not isinstance(loaded, Mapping) or not loaded or not all(_is_item_name(k) for k in loaded):
         _add(found, plain, "state", loaded, "the whole file")
     elif _is_tensor_dict(loaded):
         _add(found, plain, "model", loaded, "the whole file (a state dict)")
     else:
+        targets = [RENAMES.get(key, key) for key in loaded]
         for key, value in loaded.items():
             key = str(key)
             name = RENAMES.get(key, key)
-            if name != key and name in loaded:
-                name = key  # both spellings present: keep the file's names
+            if name != key and (name in loaded or targets.count(name) > 1):
+                name = key  # both spellings, or two keys of one meaning, present: keep the file's names
             _add(found, plain, name, value, key)
             if name != key:
                 found.converted.append(f"{key} -> item {name!r}")
@@ -125,15 +132,19 @@ def _lightning(loaded: Mapping[str, Any], path: str) -> Found:
     for key, value in loaded.items():
         if key == _LIGHTNING_VERSION:
             continue
-        if key == "state_dict":
+        if not _is_item_name(key):
+            shown = repr(key) if len(repr(key)) <= 100 else repr(key)[:100] + "..."
+            found.skipped.append(f"top-level key {shown}: not an item name (a non-empty string of at most "
+                                 f"{_MAX_ITEM_NAME} characters)")  # fmt: skip
+        elif key == "state_dict" and "model" not in loaded:  # a key 'model' of the file's own keeps its name
             _add(found, plain, "model", value, key)
             found.converted.append("state_dict -> item 'model' (the LightningModule's state_dict)")
-        elif key in plural and isinstance(value, list):
+        elif key in plural and isinstance(value, list) and value and plural[key][len(value) > 1] not in loaded:
             one, many = plural[key]
             if len(value) == 1:
                 _add(found, plain, one, value[0], f"{key}[0]")
                 found.converted.append(f"{key}[0] -> item {one!r}")
-            elif value:
+            else:
                 _add(found, plain, many, value, key)
                 found.converted.append(f"{key} -> item {many!r} (a list, in the order of configure_optimizers)")
         else:

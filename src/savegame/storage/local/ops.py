@@ -10,6 +10,7 @@ swap it by setting ``savegame.storage.local.ops.DEFAULT_OPS``). Also here: the `
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -58,6 +59,11 @@ class FileOps:
             os.close(fd)
 
     def rmtree(self, path: str) -> None:
+        """Remove the folder ``path``, best effort; a symlink is removed itself, never what it points to."""
+        if os.path.islink(path):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            return
         shutil.rmtree(path, ignore_errors=True)
 
 

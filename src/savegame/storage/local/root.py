@@ -191,7 +191,7 @@ class LocalStorage:
                 rest = e.name[len(TRASH_PREFIX) :]
                 original = rest.rsplit("-", 1)[0]
                 if not rest.startswith("del-") and original and not os.path.lexists(os.path.join(self.root, original)):
-                    if os.path.isfile(os.path.join(e.path, MANIFEST)):
+                    if not e.is_symlink() and os.path.isfile(os.path.join(e.path, MANIFEST)):  # a link: not ours
                         self.ops.rename(e.path, os.path.join(self.root, original))
                         continue
                 self.ops.rmtree(e.path)
