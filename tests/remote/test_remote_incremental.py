@@ -199,3 +199,36 @@ def test_a_remote_base_overwritten_before_the_server_side_copy_is_not_copied(mon
     loaded = savegame.load(f"{root}/b")["model"]
     for key, value in net.state_dict().items():
         assert torch.equal(loaded[key], value), key
+
+
+def test_a_mirror_reads_a_source_checkpoints_remote_manifest_once_per_upload(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every linked file of an upload is checked against its source checkpoint's remote manifest, but that
+    manifest is fetched once per upload and source, not once per linked file (one GET each)."""
+    from savegame.engine.mirror import Mirror
+
+    local, root = tmp_path / "local", f"memory://mirror-memo-{uuid.uuid4().hex[:8]}"
+    nets = [_model()[0] for _ in range(3)]
+    state = {f"m{i}": n for i, n in enumerate(nets)}
+    mirror = Mirror(local, root)
+    savegame.save(local / "a", state)
+    mirror.upload("a")
+    for net in nets:
+        net[1].weight.data += 1.0
+    savegame.save(local / "b", state, base=local / "a")
+    manifest = savegame.read_manifest(local / "b")
+    assert sum(len(i.linked) for i in manifest.items.values()) >= 3
+    reads: list[str] = []
+    real = Mirror._remote_manifest
+
+    def spy(self: Mirror, name: str, *, refresh: bool = False) -> Any:
+        reads.append(name)
+        return real(self, name, refresh=refresh)
+
+    monkeypatch.setattr(Mirror, "_remote_manifest", spy)
+    opened = _uploads(monkeypatch)
+    mirror.upload("b")
+    assert reads.count("a") == 1, reads
+    assert not any(f in opened for i in manifest.items.values() for f in i.linked), opened
+    savegame.verify(f"{root}/b")

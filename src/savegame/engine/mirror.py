@@ -241,9 +241,10 @@ class Mirror:
         overwrite = self.remote.exists(name)
         txn = self.remote.begin(name, overwrite=overwrite)
         linked = {file for item in manifest.items.values() for file in item.linked}
+        held: dict[str, Mapping[str, FileEntry] | None] = {}  # remote manifests read for this upload's copies
         try:
             for file, entry in manifest.files.items():
-                if file in linked and self._copy_on_server(txn, file, entry):
+                if file in linked and self._copy_on_server(txn, file, entry, held):
                     continue
                 copy_checked(reader, file, entry, manifest.hash_chunk_bytes, txn.open(file),
                              refusal="differs from its manifest; not uploaded")  # fmt: skip
@@ -263,20 +264,24 @@ class Mirror:
         self._seen_local.add(name)
         log.info("mirrored %s to %s (%d bytes)", name, self.remote.url(name), manifest.total_bytes)
 
-    def _copy_on_server(self, txn: Any, file: str, entry: FileEntry) -> bool:
+    def _copy_on_server(
+        self, txn: Any, file: str, entry: FileEntry, held: dict[str, Mapping[str, FileEntry] | None]
+    ) -> bool:
         """Make ``file`` of ``txn`` (an incremental checkpoint's linked file: the same bytes as a file of an
         earlier checkpoint) a server-side copy of that file where this mirror uploaded it, if it still
         exists there (``Transaction.link``: S3 CopyObject, a hard link for a local mirror). Its bytes were
         hashed when they were uploaded, and the new checkpoint's manifest records the same hash, so a
         ``verify`` of the remote copy checks it. The source is used only while the remote manifest of its
         checkpoint still lists it with that hash (the checkpoint may have been deleted and its name used
-        again since, or overwritten: other bytes in the same place). False: upload it as any other file."""
+        again since, or overwritten: other bytes in the same place); ``held`` memoizes, per upload, the files
+        each source checkpoint's remote manifest lists (one read per source checkpoint, not per file).
+        False: upload it as any other file."""
         source = self._uploaded_files.get((entry.hash, entry.bytes))
         link = getattr(txn, "link", None)  # optional member of the Transaction protocol
         if source is None or link is None:
             return False
         checkpoint, source_file = source
-        if not self._still_holds(checkpoint, source_file, entry):
+        if not self._still_holds(checkpoint, source_file, entry, held):
             self._uploaded_files.pop((entry.hash, entry.bytes), None)
             return False
         try:
@@ -288,15 +293,20 @@ class Mirror:
             self._uploaded_files.pop((entry.hash, entry.bytes), None)
         return done
 
-    def _still_holds(self, checkpoint: str, file: str, entry: FileEntry) -> bool:
-        """Whether remote ``checkpoint`` is committed now with ``file`` as ``entry`` (its manifest read again)."""
-        try:
-            raw = self._remote_manifest(checkpoint, refresh=True).manifest
-            listed = parse_manifest(raw, self.remote.path(checkpoint)).files.get(file)
-        except (CheckpointError, OSError) as exc:
-            log.info("%r: %s is not usable for a server-side copy (%s)", self, checkpoint, exc)
-            return False
-        return listed == entry
+    def _still_holds(
+        self, checkpoint: str, file: str, entry: FileEntry, held: dict[str, Mapping[str, FileEntry] | None]
+    ) -> bool:
+        """Whether remote ``checkpoint`` is committed now with ``file`` as ``entry`` (its manifest read again,
+        once per upload: ``held``; None there means it is not usable)."""
+        if checkpoint not in held:
+            try:
+                raw = self._remote_manifest(checkpoint, refresh=True).manifest
+                held[checkpoint] = parse_manifest(raw, self.remote.path(checkpoint)).files
+            except (CheckpointError, OSError) as exc:
+                log.info("%r: %s is not usable for a server-side copy (%s)", self, checkpoint, exc)
+                held[checkpoint] = None
+        files = held[checkpoint]
+        return files is not None and files.get(file) == entry
 
     def _delete_remote(self, gone: Collection[str]) -> list[str]:
         """Delete remote checkpoints in ``gone``, each only if a newer one is committed remotely."""
