@@ -348,3 +348,28 @@ def test_backup_deleted_after_completed_fit_and_initial_epoch_reset(tmp_path: Pa
     assert len(history.history["loss"]) == 2
     assert not (tmp_path / "backup").exists()
     assert not getattr(model, "_initial_epoch", None)
+
+
+class _NaNAtFirstEpoch(keras.callbacks.Callback):  # type: ignore[misc]
+    """Makes ``val_loss`` NaN at the first epoch end (a diverged first validation), as later callbacks see it."""
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if epoch == 0 and logs is not None:
+            logs["val_loss"] = float("nan")
+
+
+def test_a_nan_monitor_is_never_the_best_with_save_best_only(tmp_path: Path) -> None:
+    """Keras records a NaN first value as the best; nothing compares better than NaN, so every later
+    epoch would be skipped and the run would end with no checkpoint at all. savegame warns and skips the
+    NaN epoch; the later, finite epochs are saved as usual."""
+    x, y, xv, yv = iris()
+    model = dense_model()
+    ckpt = sk.ModelCheckpoint(str(tmp_path / "best"), monitor="val_loss", save_best_only=True,
+                              save_weights_only=True)
+    with pytest.warns(UserWarning, match=r"val_loss is NaN at epoch 1"):
+        model.fit(x, y, epochs=3, validation_data=(xv, yv), callbacks=[_NaNAtFirstEpoch(), ckpt], verbose=0)
+    records = ckpt.checkpointer.list() if ckpt.checkpointer else []
+    assert records, "no epoch was saved after the NaN"
+    assert all(r.epoch != 1 for r in records)
+    assert ckpt.best is not None and math.isfinite(ckpt.best)
+    assert sk.load_weights(dense_model(), tmp_path / "best") is not None

@@ -4,6 +4,7 @@ checkpoints (or Keras-native files, atomically, for native suffixes).
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Iterable, Mapping
@@ -52,7 +53,9 @@ class ModelCheckpoint(SavegameCallback):
     or a ``.weights.h5``/``.keras``/``.h5`` path for a Keras-native file). ``monitor``, ``mode``
     (``"auto"`` resolves like Keras: ``*loss`` minimised, otherwise the compiled metric's direction),
     ``verbose``, ``save_best_only`` (save only when ``monitor`` improves strictly on the best so far,
-    starting from ``initial_value_threshold``), ``save_weights_only`` (weights only; otherwise the full
+    starting from ``initial_value_threshold``; unlike Keras, a NaN ``monitor`` is never an improvement:
+    it warns and does not save, so a NaN at the first epoch does not block every later save),
+    ``save_weights_only`` (weights only; otherwise the full
     training state), ``save_freq`` (``"epoch"`` or every N batches, counted like Keras).
 
     savegame's options (keyword-only):
@@ -259,6 +262,15 @@ class ModelCheckpoint(SavegameCallback):
             # batch-level comparison before it; resolve it now instead.
             self._set_monitor_op()
         best_str = "None" if self.best is None else f"{self.best:.5f}"
+        if math.isnan(value):
+            # Keras takes a first NaN as the best, and then no later epoch compares better: every later
+            # checkpoint is silently skipped. A NaN is never an improvement here.
+            warnings.warn(
+                f"ModelCheckpoint: {self.monitor} is NaN at epoch {epoch + 1}; not saving {where} (a NaN "
+                f"is never an improvement; the best stays {best_str})",
+                stacklevel=3,
+            )
+            return False
         if self._is_improvement(float(value), self.best):
             if self.verbose > 0:
                 print(
