@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -421,6 +422,19 @@ def test_a_checkpoint_of_other_items_says_it_was_not_written_by_report(tmp_path:
     savegame.save(tmp_path / "c", {"weights": _fresh_state()["model"]})  # e.g. another integration's layout
     with pytest.raises(StateMismatchError, match=r"not written by savegame\.ray\.report.*\['weights'\]"):
         savegame.ray.restore(_fresh_state(), checkpoint=train.Checkpoint.from_directory(str(tmp_path / "c")))
+
+
+@pytest.mark.parametrize(
+    ("metrics", "state", "metadata", "named"),
+    [(["loss"], {}, None, "metrics must be a dict, not list"), (None, {}, None, "metrics must be a dict, not NoneType"),
+     (0.5, {}, None, "metrics must be a dict, not float"), ({"loss": 0.5}, [1], None, "state must be a dict, not list"),
+     ({"loss": 0.5}, {}, ["x"], "metadata must be a dict"), ({1: 0.5}, {}, None, "keys must be str")],
+)
+def test_report_refuses_arguments_that_are_not_mappings(metrics: Any, state: Any, metadata: Any, named: str) -> None:
+    # checked on every rank before Ray is asked anything (no worker context needed): a ConfigError naming the
+    # argument, not an AttributeError / TypeError from deep inside
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        savegame.ray.report(metrics, state, metadata=metadata)
 
 
 def test_a_report_without_the_score_attribute_is_refused() -> None:

@@ -131,6 +131,7 @@ def report(
     checks read the run's configuration from Ray Train's internal worker context and are skipped where
     it is not reachable.
     """
+    _check_report_arguments(metrics, state, metadata)
     train = _ray_train()
     if train.get_context().get_world_rank() != 0:
         train.report(dict(metrics), checkpoint=None, checkpoint_dir_name=checkpoint_dir_name)
@@ -144,6 +145,22 @@ def report(
         _save(path, state, metadata={**(metadata or {}), **stored})
         checkpoint = train.Checkpoint.from_directory(path)
         train.report(dict(metrics), checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name)
+
+
+def _check_report_arguments(metrics: object, state: object, metadata: object) -> None:
+    """A :class:`savegame.ConfigError` naming the argument of :func:`report` that is not a mapping (every
+    rank checks, before anything is reported or saved; a list or None used to fail as an AttributeError)."""
+    for name, value, allow_none in (("metrics", metrics, False), ("state", state, False), ("metadata", metadata, True)):
+        if isinstance(value, Mapping) or (allow_none and value is None):
+            continue
+        raise ConfigError(
+            f"savegame.ray.report: {name} must be a dict, not {type(value).__name__}"
+            + (" (e.g. report({'loss': loss}, {'model': model, 'optimizer': optimizer}))" if name != "metadata" else
+               " of JSON-like values, or None")
+        )
+    bad = next((k for k in metrics if not isinstance(k, str)), None)  # type: ignore[attr-defined]
+    if bad is not None:
+        raise ConfigError(f"savegame.ray.report: metrics keys must be str (Ray Train's rule), not {bad!r}")
 
 
 def _internal_context() -> Any:
