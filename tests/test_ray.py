@@ -539,6 +539,25 @@ def test_no_intact_checkpoint_fails_naming_every_one_tried(tmp_path: Path, monke
     assert all(torch.equal(before[k], v) for k, v in state["model"].state_dict().items()) and state["epoch"] == 0
 
 
+def test_a_foreign_older_checkpoint_is_skipped_and_named_like_a_damaged_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ray also keeps a checkpoint an earlier version of the training function wrote without savegame: the
+    # fallback tries it last (it has no manifest to date it) and names it with the others, rather than
+    # stopping at it with an error about that one checkpoint only
+    paths = _saved_checkpoints(tmp_path, 2)
+    foreign = tmp_path / "checkpoint_foreign"
+    foreign.mkdir()
+    (foreign / "model.pt").write_bytes(b"not ours")
+    for p in paths:
+        _flip(p)
+    _as_in_a_worker(monkeypatch, paths[-1], [paths[0], foreign, paths[1]])
+    with pytest.raises(HashMismatchError, match="no intact savegame checkpoint to resume from among the 3") as caught:
+        savegame.ray.restore(_fresh_state())
+    assert all(str(p) in str(caught.value) for p in [*paths, foreign])
+    assert "not a savegame checkpoint" in str(caught.value)
+
+
 def test_a_fresh_run_restores_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(train, "get_checkpoint", lambda: None)
     assert savegame.ray.restore(_fresh_state()) is None

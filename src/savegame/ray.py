@@ -351,7 +351,7 @@ def _fall_back(train: Any, newest: Any, damage: CorruptCheckpointError, state: M
         try:
             restored = _restore_one(candidate, state, strict=strict, map_location=map_location,
                                     skipped=tuple(skipped))  # fmt: skip
-        except CorruptCheckpointError as exc:
+        except (CorruptCheckpointError, ForeignCheckpointError) as exc:  # damaged, or no manifest at all
             skipped.append((str(candidate.path), str(exc)))
             continue
         warnings.warn(_fallback_message(restored), ResumeWarning, stacklevel=3)
