@@ -56,6 +56,7 @@ keras-tests: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.remote_upload --mib 1024
+	$(BIN)/python -m bench.direct_io
 
 crashtest: $(STAMP)
 	SAVEGAME_CRASH_TRIALS=500 $(BIN)/python -m pytest tests/crash -q

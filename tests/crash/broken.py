@@ -100,6 +100,12 @@ class SkippingOps(FileOps):
     def write(self, fd: int, data: memoryview) -> int:
         return self.base.write(fd, data)
 
+    def set_direct(self, fd: int, on: bool) -> bool:
+        return self.base.set_direct(fd, on)
+
+    def truncate(self, fd: int, size: int) -> None:
+        self.base.truncate(fd, size)
+
     def fsync(self, fd: int) -> None:
         if self.kind != "no-fsync":
             self.base.fsync(fd)

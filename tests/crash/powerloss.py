@@ -64,6 +64,13 @@ class RecordingOps(FileOps):
         self.log.append(("write", self._ids[fd], bytes(data[:n])))
         return n
 
+    def set_direct(self, fd: int, on: bool) -> bool:
+        return self.base.set_direct(fd, on)  # changes how bytes travel, not which: nothing to record
+
+    def truncate(self, fd: int, size: int) -> None:
+        self.base.truncate(fd, size)
+        self.log.append(("truncate", self._ids[fd], size))
+
     def fsync(self, fd: int) -> None:
         self.base.fsync(fd)
         self.log.append(("fsync", self._ids[fd]))
@@ -150,6 +157,10 @@ class FsModel:
             node = self.nodes[self.files[op[1]]]
             assert isinstance(node, _File)
             node.data += op[2]
+        elif kind == "truncate":  # a direct file's padded last block cut back (not durable before fsync)
+            node = self.nodes[self.files[op[1]]]
+            assert isinstance(node, _File)
+            del node.data[op[2] :]
         elif kind == "fsync":
             ino = self.files[op[1]]
             node = self.nodes[ino]

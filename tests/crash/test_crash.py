@@ -64,6 +64,26 @@ def test_power_loss_after_any_call_loses_nothing(tmp_path: Path) -> None:
     assert report.crash_points > 50 and report.checkpoints_verified > 50
 
 
+def test_power_loss_with_direct_io_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same replay with every data file past its first 8 KiB written direct through 4 KiB staging
+    buffers (savegame.storage.local.direct): padded last blocks, truncates and all."""
+    from savegame.storage.local import FileOps, direct
+
+    monkeypatch.setattr(direct, "DIRECT_FROM_BYTES", 8 << 10)
+    monkeypatch.setattr(direct, "STAGE_BYTES", 4 << 10)
+    monkeypatch.setattr(FileOps, "direct_io", True)
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        monkeypatch.setattr(direct, "FILESYSTEMS", direct.FILESYSTEMS | {direct.filesystem_type(fd)})
+    finally:
+        os.close(fd)
+    recorder = run_scenario(str(tmp_path / "root"))
+    assert any(op[0] == "truncate" for op in recorder.log), "no file went direct: the test proves nothing"
+    report = replay(recorder, str(tmp_path))
+    assert report.problems == [], "\n".join(report.problems[:20])
+    assert report.crash_points > 50 and report.checkpoints_verified > 50
+
+
 @pytest.mark.parametrize("broken", ["no-fsync", "no-dirsync"])
 def test_power_loss_replay_catches_missing_fsyncs(tmp_path: Path, broken: str) -> None:
     """Dropping file fsyncs tears committed checkpoints; dropping directory fsyncs loses them."""

@@ -1,10 +1,10 @@
 """Content hashes for checkpoint files.
 
 We use XXH3-128 (the ``xxhash`` package): it detects accidental corruption (bit flips, torn or
-truncated writes, swapped files) with a 2**-128 collision chance and hashes at ~26 GB/s on one core
-of the development machine, against ~4-5 GB/s for BLAKE3 and ~1 GB/s for SHA-256 (measured with
-``python bench/hash_speed.py``). It is not a defence against a forger who can also rewrite the
-manifest; nothing that stores its own hash next to the data can be.
+truncated writes, swapped files) with a 2**-128 collision chance and hashes at ~26-29 GB/s on one core
+of the development machine, against ~1.8 GB/s for ``hashlib.sha256`` (one-shot hashes of a 256 MiB
+buffer; BLAKE3 is published at ~4-5 GB/s per core). It is not a defence against a forger who can also
+rewrite the manifest; nothing that stores its own hash next to the data can be.
 
 Since format 3 a file longer than the manifest's ``hash_chunk_bytes`` (64 MiB when written) is hashed in
 chunks: its hash is the XXH3-128 of the 16-byte digests of its consecutive chunks, so the chunks of one

@@ -4,7 +4,8 @@ The commit protocol, step by step (each step's failure leaves older checkpoints 
 
 1. create ``ROOT/.staging-<host>-<pid>-<uuid>/`` (invisible to readers: names starting with ``.`` are
    never checkpoints);
-2. write each data file there and ``fsync`` it (the writer does this on worker threads, overlapped);
+2. write each data file there and ``fsync`` it (the writer does this on worker threads, overlapped); a
+   large data file's bytes bypass the page cache (``O_DIRECT``, :mod:`~savegame.storage.local.direct`);
 3. write ``manifest.json`` and ``fsync`` it (overlapping the data files' fsyncs still running: nothing in
    a staging directory is ever read), wait until every file is durable, then ``fsync`` the staging
    directory;
@@ -22,6 +23,8 @@ goes through a :class:`FileOps` object so tests can inject ENOSPC / EIO at any s
 
 The package, one job per module (each imports only those above it in this list):
 
+- :mod:`~savegame.storage.local.direct`: direct I/O for large data files (aligned staging buffers,
+  written on a worker while the next fills; buffered fallback);
 - :mod:`~savegame.storage.local.ops`: the :class:`FileOps` seam (every system call) and the
   ``OSError`` -> :class:`StorageError` translation;
 - :mod:`~savegame.storage.local.occupancy`: what is at a save path and whether a save may replace it;

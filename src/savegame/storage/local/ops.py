@@ -18,6 +18,7 @@ import os
 import shutil
 
 from savegame.errors import StorageError
+from savegame.storage.local import direct
 
 _RENAME_EXCHANGE = 2
 
@@ -25,11 +26,30 @@ _RENAME_EXCHANGE = 2
 class FileOps:
     """The system calls the commit protocol makes; subclass to inject faults in tests."""
 
+    direct_io: bool = direct.ENABLED
+    """Whether large data files may bypass the page cache (:mod:`savegame.storage.local.direct`)."""
+
     def open_new(self, path: str) -> int:
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
 
     def write(self, fd: int, data: memoryview) -> int:
         return os.write(fd, data)
+
+    def set_direct(self, fd: int, on: bool) -> bool:
+        """Turn ``O_DIRECT`` on or off for ``fd``; False where the OS or the filesystem refuses."""
+        if not direct.O_DIRECT:
+            return False
+        import fcntl  # POSIX only, as O_DIRECT is
+
+        try:
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | direct.O_DIRECT if on else flags & ~direct.O_DIRECT)
+        except OSError:
+            return False
+        return True
+
+    def truncate(self, fd: int, size: int) -> None:
+        os.ftruncate(fd, size)
 
     def fsync(self, fd: int) -> None:
         os.fsync(fd)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from savegame.errors import CommitError, InvalidNameError, OccupiedPathError
 from savegame.format.naming import check_checkpoint_name
 from savegame.storage.base import MANIFEST, TRASH_PREFIX
+from savegame.storage.local import direct
 from savegame.storage.local.occupancy import CHECKPOINT, check_save_target, occupant, occupied_error
 from savegame.storage.local.ops import FileOps, _io_error
 
@@ -36,6 +37,9 @@ log = logging.getLogger("savegame")
 class LocalFileSink:
     """An unbuffered file written with large ``write`` calls and made durable by ``close``.
 
+    Once :data:`~savegame.storage.local.direct.DIRECT_FROM_BYTES` went to it (and ``ops.direct_io``), the
+    rest bypasses the page cache (:mod:`savegame.storage.local.direct`).
+
     ``close`` may be called from several threads (the writer fsyncs finished files on a worker while the
     commit waits for them): the first call fsyncs and closes, every later one waits for it to finish and
     raises its error, if any (a failed fsync is never retried: its data may be lost).
@@ -46,6 +50,8 @@ class LocalFileSink:
         self._ops = ops
         self._fd: int | None = ops.open_new(path)
         self.bytes_written = 0
+        self._direct: direct.DirectStager | None = None
+        self._may_go_direct = ops.direct_io
         self._close_lock = threading.Lock()
         self._closed = False
         self._close_error: BaseException | None = None
@@ -54,14 +60,38 @@ class LocalFileSink:
         assert self._fd is not None, "write after close"
         view = memoryview(data).cast("B") if not isinstance(data, memoryview) or data.format != "B" else data
         total = len(view)
-        done = 0
+        if self._direct is None and self._may_go_direct and self.bytes_written + total >= direct.DIRECT_FROM_BYTES:
+            view = self._go_direct(view)
+        if self._direct is not None:
+            self._direct.write(view)
+        else:
+            self._write_all(view)
+        self.bytes_written += total
+        return total
+
+    def _write_all(self, view: memoryview) -> None:
+        assert self._fd is not None
+        done, total = 0, len(view)
         while done < total:
             n = self._ops.write(self._fd, view[done:])
             if n <= 0:
                 raise OSError(errno.EIO, "write returned 0", self.path)
             done += n
-        self.bytes_written += total
-        return total
+
+    def _go_direct(self, view: memoryview) -> memoryview:
+        """Write the head of ``view`` that aligns the file position, turn direct I/O on; return the rest
+        (written buffered by the caller when the filesystem is not suited or refuses direct I/O)."""
+        assert self._fd is not None
+        self._may_go_direct = False
+        head = -self.bytes_written % direct.BLOCK
+        if head >= len(view):
+            self._may_go_direct = True  # not aligned yet: try again with the next write
+            return view
+        if head:
+            self._write_all(view[:head])
+        if direct.suits(self._fd) and self._ops.set_direct(self._fd, True):
+            self._direct = direct.DirectStager(self._fd, self._ops, self.path)
+        return view[head:]
 
     def close(self) -> None:
         with self._close_lock:
@@ -75,6 +105,9 @@ class LocalFileSink:
                 return
             try:
                 try:
+                    if self._direct is not None:
+                        stager, self._direct = self._direct, None
+                        stager.finish(self.bytes_written)
                     self._ops.fsync(fd)
                 finally:
                     self._ops.close(fd)
@@ -86,6 +119,9 @@ class LocalFileSink:
         """Close without fsync (after an error); a close running on another thread is waited for."""
         with self._close_lock:
             self._closed = True
+            if self._direct is not None:
+                stager, self._direct = self._direct, None
+                stager.abandon()
             if self._fd is not None:
                 fd, self._fd = self._fd, None
                 try:
