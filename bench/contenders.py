@@ -223,6 +223,7 @@ class Contender:
     group = "peer"  # "savegame" | "peer" | "limit"
     has_load = False
     has_load_into = False
+    restores = True  # its load_into puts the saved state back (checked once per workload); False: reads only
 
     def unavailable(self) -> str | None:
         """Why this contender cannot run here (None when it can)."""
@@ -517,10 +518,16 @@ class SavegameFilesLimit(Contender):
     same system calls and no Python work in between: staging directory, every file written, the data
     files fsynced on worker threads while the manifest is fsynced, the staging directory fsynced, renamed,
     the parent fsynced. What savegame's save costs above this is its CPU work (encoding, headers, hashes,
-    the manifest). Small workloads only (it holds the files' bytes in memory)."""
+    the manifest). Small workloads only (it holds the files' bytes in memory).
+
+    Its load into the model is the read floor of the same layout: every file opened, the kernel asked to
+    read them all ahead (``POSIX_FADV_WILLNEED``, as savegame's reader does) and each read whole into
+    memory, with nothing decoded or restored. What savegame's load costs above this is its CPU work."""
 
     name = "limit: savegame's files, syscalls only"
     group = "limit"
+    has_load_into = True
+    restores = False
     _MAX_BYTES = 16 << 20
 
     def __init__(self) -> None:
@@ -573,6 +580,26 @@ class SavegameFilesLimit(Contender):
         fsync_dir(os.path.dirname(os.path.abspath(path)))
         t = time.perf_counter() - start
         return t, t
+
+    def load_into(self, wl: Workload, path: str) -> float | None:
+        files = self._files(wl, path)
+        if files is None or not os.path.isdir(path):
+            return float("nan")
+        names = [name for name, _ in reversed(files)]  # the manifest first, as savegame reads it
+
+        def run() -> None:
+            fds = [os.open(os.path.join(path, name), os.O_RDONLY) for name in names]
+            try:
+                for fd in fds:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                for fd in fds:
+                    while os.read(fd, 1 << 20):
+                        pass
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+        return _timed(run)
 
     def reset(self) -> None:
         self._layout = None

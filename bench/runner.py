@@ -288,6 +288,7 @@ def _one(c: C.Contender, wl: Any, path: str, entry: dict[str, Any], cache: Cache
     s["durable"].append(durable)
     if os.path.isdir(path):
         entry["bytes_on_disk"] = C.bytes_on_disk(path)
+        entry["files"] = len(C.files_under(path))
     if c.has_load:
         cache.evict(path)
         gc.collect()
@@ -295,6 +296,7 @@ def _one(c: C.Contender, wl: Any, path: str, entry: dict[str, Any], cache: Cache
         gc.collect()
         s["load_warm"].append(c.load(wl, path))
     if c.has_load_into:
+        verify = verify and c.restores
         if verify:
             zero_state(wl)
         cache.evict(path)

@@ -47,7 +47,7 @@ def test_quick_bench_writes_complete_reports(tmp_path: Path) -> None:
                 continue
             assert len(entry["samples"]["blocking"]) == reps
             assert all(x >= 0 for x in entry["samples"]["blocking"])
-            if entry["samples"]["into_cold"]:
+            if entry["samples"]["into_cold"] and name != "limit: savegame's files, syscalls only":  # reads only
                 assert entry.get("verified") is True, (wl_name, name)  # load_into restored the exact bytes
         sync = contenders["savegame sync"]
         assert sync["bytes_on_disk"] >= wl["state_bytes"]
