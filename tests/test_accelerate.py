@@ -251,7 +251,8 @@ def test_round_trip_restores_every_part(tmp_path: Path, no_pickle: None) -> None
     acc.scaler.update(new_scale=512.0)
     _train(saved, 5)
     loader.iteration = 2
-    manifest = sga.save_state(acc, tmp_path / "ckpt", epoch=2, batches_seen=5, step=25, metadata={"note": "x"})
+    with pytest.warns(ResumeWarning, match="middle of a gradient accumulation"):  # 5 batches, accumulating 2
+        manifest = sga.save_state(acc, tmp_path / "ckpt", epoch=2, batches_seen=5, step=25, metadata={"note": "x"})
     assert manifest.metadata["savegame.integration"] == "accelerate" and manifest.metadata["note"] == "x"
     assert acc.save_iteration == 1
 
@@ -434,3 +435,218 @@ def test_run_root_retention_keeps_the_best_and_what_it_did_not_write(tmp_path: P
     assert (root / "mine" / "notes.txt").read_text() == "keep me"
     best = sga.Checkpoints(acc, root, monitor="loss").resume("best")
     assert (best.epoch, best.step) == (2, 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attack-pass regressions: bad arguments, positions that cannot resume, half-restores, lost orders
+
+
+def test_something_else_than_an_accelerator_is_a_config_error(tmp_path: Path) -> None:
+    acc, model, *_ = build(seed=0)
+    sga.save_state(acc, tmp_path / "ok")
+    with pytest.raises(savegame.ConfigError, match=r"must be the accelerate\.Accelerator.*got Sequential"):
+        sga.save_state(model, tmp_path / "model")
+    with pytest.raises(savegame.ConfigError, match=r"must be the accelerate\.Accelerator.*got str"):
+        sga.save_state(str(tmp_path / "swapped"), acc)  # type: ignore[arg-type]
+    with pytest.raises(savegame.ConfigError, match=r"must be the accelerate\.Accelerator.*got str"):
+        sga.load_state(str(tmp_path / "ok"), acc)  # type: ignore[arg-type]
+    with pytest.raises(savegame.ConfigError, match=r"must be the accelerate\.Accelerator"):
+        sga.Checkpoints(model, tmp_path / "run")
+    with pytest.raises(savegame.ConfigError, match="root must be a directory path"):
+        sga.Checkpoints(acc, None)  # type: ignore[arg-type]
+    assert sorted(os.listdir(tmp_path)) == ["ok"]
+
+
+def test_bad_metadata_and_overwrite_are_config_errors(tmp_path: Path) -> None:
+    acc, *_ = build(seed=0)
+    with pytest.raises(savegame.ConfigError, match="metadata must be a dict"):
+        sga.save_state(acc, tmp_path / "a", metadata="note")  # type: ignore[arg-type]
+    sga.save_state(acc, tmp_path / "b", epoch=1)
+    with pytest.raises(savegame.ConfigError, match="overwrite must be True or False"):
+        sga.save_state(acc, tmp_path / "b", epoch=2, overwrite="no")  # type: ignore[arg-type]
+    assert not (tmp_path / "a").exists() and sga.load_state(acc, tmp_path / "b").epoch == 1
+    assert acc.save_iteration == 1  # the refused saves did not count
+
+
+def test_a_position_that_cannot_resume_is_refused(tmp_path: Path) -> None:
+    """epoch=None or batches_seen=None used to save a checkpoint whose load raised a bare TypeError (after
+    restoring everything); now the save refuses it, and such a checkpoint is refused before any change."""
+    acc, *_ = build(seed=0)
+    for position in ({"epoch": None}, {"batches_seen": None}):
+        with pytest.raises(savegame.ConfigError, match="must be an int >= 0, got None"):
+            sga.save_state(acc, tmp_path / "none", **position)  # type: ignore[arg-type]
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(savegame.ConfigError, match="epoch must be an int"):
+        sga.Checkpoints(acc, tmp_path / "run").save(epoch=None)  # type: ignore[arg-type]
+    # a checkpoint holding such a position (written before the check existed)
+    bad = {**sga.accelerator_state(acc), "position": {"epoch": None, "batches_seen": 0, "step": None}}
+    sga._dist.save(tmp_path / "legacy", bad, metadata=sga._metadata(acc, None))
+    acc.step = 42
+    with pytest.raises(IntegrationMismatchError, match="cannot say where to resume"):
+        sga.load_state(acc, tmp_path / "legacy")
+    assert acc.step == 42
+
+
+def _two_models(hidden: int, *, groups: bool = False, seed: int = 0) -> tuple[Any, torch.nn.Module, torch.nn.Module]:
+    """An accelerator with two prepared models (the second of width ``hidden``), one SGD optimizer and a
+    prepared dataloader."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(seed)
+    acc = Accelerator(cpu=True)
+    first, second = torch.nn.Linear(4, 4), torch.nn.Linear(4, hidden)
+    params: Any = (
+        [{"params": first.parameters()}, {"params": second.parameters()}]
+        if groups
+        else [*first.parameters(), *second.parameters()]
+    )
+    opt = torch.optim.SGD(params, lr=0.1)
+    loader = torch.utils.data.DataLoader(list(range(8)), batch_size=2)
+    acc.prepare(first, second, opt, loader)
+    return acc, first, second
+
+
+@pytest.mark.parametrize("case", ["first model's shapes", "second model's shapes", "optimizer groups"])
+def test_a_strict_mismatch_changes_nothing(tmp_path: Path, case: str) -> None:
+    """A model or optimizer that does not match raised only once the items saved before it were restored:
+    ``accelerator.step``, ``save_iteration``, the loader position, even the first model had changed."""
+    acc, *_ = _two_models(3)
+    acc.step = 5
+    acc._dataloaders[0].iteration = 3
+    sga.save_state(acc, tmp_path / "ckpt", epoch=3)
+    if case == "first model's shapes":
+        from accelerate import Accelerator
+
+        other = Accelerator(cpu=True)
+        first, second = torch.nn.Linear(4, 6), torch.nn.Linear(4, 3)
+        opt = torch.optim.SGD([*first.parameters(), *second.parameters()], lr=0.1)
+        other.prepare(first, second, opt, torch.utils.data.DataLoader(list(range(8)), batch_size=2))
+    else:
+        other, first, _ = _two_models(5 if case == "second model's shapes" else 3, groups=case == "optimizer groups",
+                                      seed=1)  # fmt: skip
+    before = first.weight.detach().clone()
+    with pytest.raises(StateMismatchError, match=r"shape|groups"):
+        sga.load_state(other, tmp_path / "ckpt")
+    assert (other.step, other.save_iteration, other._dataloaders[0].iteration) == (0, 0, 0)
+    assert torch.equal(first.weight, before)
+
+
+@pytest.mark.parametrize("kind", ["subset", "weighted"])
+def test_other_random_samplers_warn_on_a_mid_epoch_save(tmp_path: Path, kind: str) -> None:
+    """``use_seedable_sampler`` replaces only a RandomSampler: a SubsetRandomSampler or WeightedRandomSampler
+    still draws its order when the epoch starts, so a mid-epoch resume silently used another order."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    acc = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    sampler: Any = (
+        torch.utils.data.SubsetRandomSampler(list(range(8)))
+        if kind == "subset"
+        else torch.utils.data.WeightedRandomSampler([1.0] * 8, 8)
+    )
+    acc.prepare(torch.utils.data.DataLoader(list(range(8)), batch_size=2, sampler=sampler))
+    with pytest.warns(ResumeWarning, match="RandomSampler"):
+        sga.save_state(acc, tmp_path / "mid", epoch=0, batches_seen=2)
+
+
+def test_checkpoints_honours_rng_false_and_refuses_weights_only(tmp_path: Path) -> None:
+    acc, *_ = build(seed=0)
+    ckpts = sga.Checkpoints(acc, tmp_path / "run", rng=False)
+    saved = ckpts.save(epoch=1, step=3)
+    ckpts.close()
+    assert not any(name.startswith("rng") for name in savegame.read_manifest(saved.path).items)
+    state = torch.get_rng_state()
+    resumed = sga.Checkpoints(acc, tmp_path / "run", rng=False, quiet=True).resume()
+    assert (resumed.epoch, resumed.step) == (1, 3) and torch.equal(torch.get_rng_state(), state)
+    with pytest.raises(savegame.ConfigError, match="weights_only"):
+        sga.Checkpoints(acc, tmp_path / "weights", weights_only=True)
+    assert not (tmp_path / "weights").exists()
+
+
+def test_checkpoint_at_the_last_batch_of_an_epoch_resumes_the_next_orders(tmp_path: Path) -> None:
+    """A save inside the loop at an epoch's last batch (``batches_seen == len(loader)``): the resumed epoch
+    skips every batch, and accelerate's loader then ends without counting the epoch, so every later epoch
+    replayed the previous one's order."""
+    _, _, _, _, loader, _ = build(seed=0)
+    orders = [[x.sum().item() for x, _ in loader] for _ in range(3)]
+    acc2, _, _, _, loader2, _ = build(seed=0)
+    resumed = sga.Resumed(epoch=0, batches_seen=len(loader2))
+    got = [[x.sum().item() for x, _ in resumed.dataloader(acc2, loader2, epoch)] for epoch in range(3)]
+    assert got == [[], orders[1], orders[2]]
+    assert loader2.iteration == 3
+
+
+@pytest.mark.parametrize("which", ["latest", "best", "epoch=001"])
+def test_run_root_resume_of_another_setup_changes_nothing(tmp_path: Path, which: str) -> None:
+    acc, *_ = _two_models(3)
+    ckpts = sga.Checkpoints(acc, tmp_path / "run", monitor="loss", quiet=True)
+    ckpts.save(epoch=1, metrics={"loss": 0.5})
+    ckpts.close()
+    other, first, _ = _two_models(5, seed=1)
+    before = first.weight.detach().clone()
+    with pytest.raises(StateMismatchError, match="model_1: weight has shape"):
+        sga.Checkpoints(other, tmp_path / "run", monitor="loss", quiet=True).resume(which)
+    assert torch.equal(first.weight, before)
+
+
+def test_a_save_in_the_middle_of_a_gradient_accumulation_warns(tmp_path: Path) -> None:
+    """The accumulated ``.grad`` is in no checkpoint (accelerate's neither): a resume from a save between two
+    synchronisation steps silently stepped with part of the gradients."""
+    parts = build(seed=0)  # gradient_accumulation_steps=2
+    acc = parts[0]
+    _train(parts, 1)
+    assert not acc.sync_gradients
+    with pytest.warns(ResumeWarning, match="middle of a gradient accumulation"):
+        sga.save_state(acc, tmp_path / "mid", epoch=0, batches_seen=1)
+    _train(parts, 1)
+    assert acc.sync_gradients
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sga.save_state(acc, tmp_path / "synced", epoch=0, batches_seen=2)
+
+
+def test_mid_epoch_checkpoint_of_a_seedable_sampler_into_a_plain_one_warns(tmp_path: Path) -> None:
+    """The sampler's epoch, seed and generator of the checkpoint have nowhere to go: the resumed epoch would
+    skip batches of another order without a word."""
+    from accelerate import Accelerator
+
+    acc, *_ = build(seed=0)  # use_seedable_sampler=True
+    sga.save_state(acc, tmp_path / "mid", epoch=1, batches_seen=2)
+    sga.save_state(acc, tmp_path / "end", epoch=1, batches_seen=0)
+    plain = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(16, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    plain.prepare(model, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=3))
+    plain.prepare(torch.utils.data.DataLoader(list(range(40)), batch_size=4, shuffle=True))
+    plain.register_for_checkpointing(Counter())
+    with pytest.warns(ResumeWarning, match="SeedableRandomSampler.*different order"):
+        sga.load_state(plain, tmp_path / "mid")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sga.load_state(plain, tmp_path / "end")  # at an epoch end the order is the next epoch's anyway
+
+
+def test_save_and_load_state_hooks_are_not_skipped_silently(tmp_path: Path) -> None:
+    """diffusers-style training scripts save an EMA model in a register_save_state_pre_hook hook: only
+    Accelerator.save_state runs it, so a savegame checkpoint silently lacked it."""
+    acc, *_ = build(seed=0)
+    acc.register_save_state_pre_hook(lambda models, weights, output_dir: None)
+    with pytest.warns(ResumeWarning, match="register_save_state_pre_hook.*register_for_checkpointing"):
+        sga.save_state(acc, tmp_path / "ckpt")
+    acc.register_load_state_pre_hook(lambda models, input_dir: None)
+    with pytest.warns(ResumeWarning, match="register_load_state_pre_hook"):
+        sga.load_state(acc, tmp_path / "ckpt")
+    with pytest.warns(ResumeWarning, match=r"register_(save|load)_state_pre_hook"):
+        sga.Checkpoints(acc, tmp_path / "run").close()
+
+
+def test_mid_epoch_resume_into_a_fresh_seedable_loader_does_not_warn(tmp_path: Path) -> None:
+    """A fresh SeedableRandomSampler has no generator until its first pass (it reseeds it every pass): that
+    is no lost order."""
+    parts = build(seed=0)
+    _train(parts, 4)
+    sga.save_state(parts[0], tmp_path / "mid", epoch=0, batches_seen=4)
+    acc2, *_ = build(seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sga.load_state(acc2, tmp_path / "mid").batches_seen == 4

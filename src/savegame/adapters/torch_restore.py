@@ -60,6 +60,11 @@ def _match_names(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> dict[
     return {live.get(k, k): v for k, v in _strip_ddp_prefix(plain_names(saved), live).items()}
 
 
+match_names = _match_names
+"""The public name of :func:`_match_names`, for integrations that check a checkpoint's keys against a
+model before restoring anything (``savegame.accelerate``)."""
+
+
 def _strip_ddp_prefix(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> dict[str, Any]:
     """Make ``module.``-prefixed (DDP) keys match a plain model and back."""
     prefix = "module."

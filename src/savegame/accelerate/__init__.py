@@ -38,8 +38,7 @@ rank 0 writes the replicated items, every rank its own ``rng``, and one checkpoi
 from __future__ import annotations
 
 import os
-import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,23 +48,34 @@ from savegame.errors import (
     ForeignCheckpointError,
     IntegrationMismatchError,
     MissingExtraError,
-    StateMismatchError,
 )
 
 try:
     import accelerate as _accelerate  # type: ignore[import-untyped]
-    from accelerate.data_loader import SeedableRandomSampler, get_sampler  # type: ignore[import-untyped]
+
+    # (imported here so that a missing or broken accelerate is this error, not one from the submodules)
+    import accelerate.data_loader  # type: ignore[import-untyped]
 except ImportError as exc:  # pragma: no cover - exercised by a subprocess test with accelerate hidden
     raise MissingExtraError(
         f"savegame.accelerate needs Hugging Face accelerate ({exc}): pip install 'savegame[accelerate]'"
     ) from exc
 
-import torch
-
 from savegame import distributed as _dist
+from savegame.accelerate._checks import POSITION as _POSITION
+from savegame.accelerate._checks import check_accelerator, check_items, check_structure, check_supported
+from savegame.accelerate._position import (
+    Counters,
+    LoaderPosition,
+    SkippingEpoch,
+    apply_deferred,
+    warn_if_generators_lost,
+    warn_if_hooks_skipped,
+    warn_if_order_lost,
+)
 from savegame.adapters.rng import RNGState
 from savegame.api import read_manifest
 from savegame.format.manifest import Manifest
+from savegame.format.tree import decode_plain
 from savegame.run.checkpointer import Checkpointer, SaveResult
 from savegame.run.resume import ResumeWarning
 from savegame.storage.base import SavedAt
@@ -75,6 +85,7 @@ __all__ = [
     "Checkpoints",
     "ForeignCheckpointError",
     "IntegrationMismatchError",
+    "ResumeWarning",
     "Resumed",
     "accelerator_state",
     "load_state",
@@ -84,9 +95,7 @@ __all__ = [
 INTEGRATION = "accelerate"
 """The value of ``metadata["savegame.integration"]`` in the manifests this module writes."""
 _MARK = "savegame.integration"
-_FORMAT = 1
 _COUNTERS = "accelerate"
-_POSITION = "position"
 
 STOCK_FILES = (
     "optimizer.bin", "scheduler.bin", "pytorch_model.bin", "random_states_0.pkl", "scaler.pt",
@@ -104,72 +113,6 @@ def _numbered(base: str, index: int) -> str:
     return base if index == 0 else f"{base}_{index}"
 
 
-class _Counters:
-    """``accelerator.step`` (the gradient-accumulation counter) and ``save_iteration``, as a Stateful."""
-
-    def __init__(self, accelerator: Any) -> None:
-        self.accelerator = accelerator
-
-    def state_dict(self) -> dict[str, Any]:
-        acc = self.accelerator
-        return {
-            "format": _FORMAT,
-            "step": int(acc.step),
-            # the value after this save, as Accelerator.save_state leaves it (it counts saves made)
-            "save_iteration": int(acc.project_configuration.iteration) + 1,
-            "num_processes": int(acc.num_processes),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.accelerator.step = int(state["step"])
-        self.accelerator.project_configuration.iteration = int(state["save_iteration"])
-
-
-class _LoaderPosition:
-    """A prepared dataloader's position and the generators that decide its order, as a Stateful.
-
-    ``iteration`` is ``DataLoaderShard.iteration`` (the epoch it is in, which it passes to
-    ``set_epoch``); ``Accelerator.save_state`` does not save it, so a stock resume replays epoch 0's
-    order. The generators are the sampler's, the synchronised one (several processes) and the
-    ``DataLoader(generator=...)`` one; ``sampler_epoch``/``initial_seed`` a ``SeedableRandomSampler``'s.
-    """
-
-    def __init__(self, dataloader: Any) -> None:
-        self.dataloader = dataloader
-
-    def _generators(self) -> dict[str, Any]:
-        dl = self.dataloader
-        sampler = get_sampler(dl)
-        return {
-            "sampler": getattr(sampler, "generator", None),
-            "synchronized": getattr(dl, "synchronized_generator", None),
-            "loader": getattr(dl, "generator", None),
-        }
-
-    def state_dict(self) -> dict[str, Any]:
-        sampler = get_sampler(self.dataloader)
-        state: dict[str, Any] = {"iteration": int(getattr(self.dataloader, "iteration", 0))}
-        if isinstance(sampler, SeedableRandomSampler):
-            state["sampler_epoch"] = int(sampler.epoch)
-            state["initial_seed"] = int(sampler.initial_seed)
-        gens = self._generators().items()
-        state["generators"] = {k: g.get_state() for k, g in gens if isinstance(g, torch.Generator)}
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        dl = self.dataloader
-        if hasattr(dl, "iteration"):
-            dl.iteration = int(state["iteration"])
-        sampler = get_sampler(dl)
-        if isinstance(sampler, SeedableRandomSampler) and "sampler_epoch" in state:
-            sampler.epoch = int(state["sampler_epoch"])
-            sampler.initial_seed = int(state["initial_seed"])
-        saved = state.get("generators", {})
-        for key, gen in self._generators().items():
-            if isinstance(gen, torch.Generator) and key in saved:
-                gen.set_state(saved[key])
-
-
 def accelerator_state(accelerator: Any) -> dict[str, Any]:
     """The savegame items (name -> live object) of everything ``Accelerator.save_state`` saves.
 
@@ -178,8 +121,9 @@ def accelerator_state(accelerator: Any) -> dict[str, Any]:
     accelerate's wrappers. Shared by :func:`save_state`, :func:`load_state` and :class:`Checkpoints`;
     other integrations built on an ``Accelerator`` may reuse it (it has no side effects).
     """
-    _check_supported(accelerator)
-    items: dict[str, Any] = {_COUNTERS: _Counters(accelerator)}
+    check_accelerator(accelerator)
+    check_supported(accelerator)
+    items: dict[str, Any] = {_COUNTERS: Counters(accelerator)}
     for i, model in enumerate(accelerator._models):
         items[_numbered("model", i)] = accelerator.unwrap_model(model)
     for i, opt in enumerate(accelerator._optimizers):
@@ -187,26 +131,13 @@ def accelerator_state(accelerator: Any) -> dict[str, Any]:
     for i, sched in enumerate(accelerator._schedulers):
         items[_numbered("scheduler", i)] = getattr(sched, "scheduler", sched)
     for i, loader in enumerate(accelerator._dataloaders):
-        items[_numbered("dataloader", i)] = _LoaderPosition(loader)
+        items[_numbered("dataloader", i)] = LoaderPosition(loader)
     for i, obj in enumerate(accelerator._custom_objects):
         items[f"custom_{i}"] = obj
     if accelerator.scaler is not None:
         items["scaler"] = accelerator.scaler
     items["rng"] = RNGState()
     return items
-
-
-_ENGINES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
-"""Distributed types whose engines shard or own the model and optimizer state (not covered here)."""
-
-
-def _check_supported(accelerator: Any) -> None:
-    kind = str(getattr(accelerator.distributed_type, "name", accelerator.distributed_type))
-    if kind in _ENGINES:
-        raise ConfigError(
-            f"savegame.accelerate does not cover distributed_type={kind} (its engine writes its own sharded "
-            "files); use Accelerator.save_state for it, or savegame.distributed for FSDP2 models"
-        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -233,71 +164,35 @@ class Resumed:
         """The loader to iterate in epoch ``epoch``: the resumed epoch skips ``batches_seen`` batches
         (``accelerator.skip_first_batches``), every other epoch gets ``dataloader`` itself.
 
-        The skipping loader hands its epoch counter back to ``dataloader`` when it is exhausted, so the
-        next epoch draws the next order (``skip_first_batches`` alone leaves the original one behind and
-        replays the resumed epoch's order).
+        When the skipping loader is exhausted, ``dataloader``'s epoch counter moves past the resumed epoch,
+        so the next epoch draws the next order (``skip_first_batches`` alone leaves the original one behind
+        and replays the resumed epoch's order), also when every batch was skipped (``batches_seen`` =
+        ``len(dataloader)``: a checkpoint taken at the last batch of an epoch).
         """
         if epoch != self.epoch or self.batches_seen == 0:
             return dataloader
-        return _SkippingEpoch(dataloader, accelerator.skip_first_batches(dataloader, self.batches_seen))
-
-
-_END = object()
-
-
-class _SkippingEpoch:
-    """One pass over a ``skip_first_batches`` loader that then advances the original's ``iteration``."""
-
-    def __init__(self, original: Any, skipping: Any) -> None:
-        self.original = original
-        self.skipping = skipping
-
-    def __len__(self) -> int:
-        return len(self.skipping)
-
-    def __iter__(self) -> Iterator[Any]:
-        # Starting an epoch draws from the generators (the DataLoader's worker base seed, a plain
-        # RandomSampler's seed). The interrupted run made those draws before the checkpoint was taken,
-        # so the restored generators are already past them: undo the second draw, or every later random
-        # number (dropout...) would be shifted by one.
-        before = torch.get_rng_state(), _LoaderPosition(self.original).state_dict()
-        batches = iter(self.skipping)
-        first = next(batches, _END)
-        torch.set_rng_state(before[0])
-        _LoaderPosition(self.original).load_state_dict(before[1])
-        if first is not _END:
-            yield first
-            yield from batches
-        if hasattr(self.original, "iteration"):
-            self.original.iteration = self.skipping.iteration
+        check_accelerator(accelerator)
+        return SkippingEpoch(dataloader, accelerator.skip_first_batches(dataloader, self.batches_seen))
 
 
 def _position(epoch: int, batches_seen: int, step: int | None) -> dict[str, Any]:
-    for name, value in (("epoch", epoch), ("batches_seen", batches_seen), ("step", step)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ConfigError(f"savegame.accelerate: {name} must be an int >= 0, got {value!r}")
+    """The ``position`` item; ``epoch`` and ``batches_seen`` must be ints (a None would save a checkpoint
+    that no resume can continue from), ``step`` may be None."""
+    for name, value, optional in (("epoch", epoch, False), ("batches_seen", batches_seen, False),
+                                  ("step", step, True)):  # fmt: skip
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            also = " or None" if optional else ""
+            raise ConfigError(f"savegame.accelerate: {name} must be an int >= 0{also}, got {value!r}")
     return {"epoch": epoch, "batches_seen": batches_seen, "step": step}
 
 
-def _warn_if_order_lost(accelerator: Any, batches_seen: int) -> None:
-    """A mid-epoch save of a plain shuffled loader cannot reproduce that epoch's order on resume: say so."""
-    if batches_seen == 0:
-        return
-    for i, loader in enumerate(accelerator._dataloaders):
-        sampler = get_sampler(loader)
-        if isinstance(sampler, torch.utils.data.RandomSampler) and not isinstance(sampler, SeedableRandomSampler):
-            warnings.warn(
-                f"savegame.accelerate: dataloader {i} shuffles with a plain RandomSampler, whose order for the "
-                f"current epoch cannot be rebuilt after a mid-epoch save (batches_seen={batches_seen}): a resume "
-                "skips the right number of batches of a different order. Use "
-                "Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True)) for an exact "
-                "mid-epoch resume, or save at epoch ends (batches_seen=0).",
-                ResumeWarning,
-                stacklevel=3,
-            )
-
-
 def _metadata(accelerator: Any, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    if extra is not None and not isinstance(extra, Mapping):
+        raise ConfigError(
+            f"savegame.accelerate: metadata must be a dict of JSON-like values (or None), got {type(extra).__name__}"
+        )
     meta = dict(extra or {})
     meta[_MARK] = INTEGRATION
     meta["accelerate_version"] = _accelerate.__version__
@@ -331,10 +226,14 @@ def save_state(
     accelerate does.
     """
     position = _position(epoch, batches_seen, step)
-    _warn_if_order_lost(accelerator, batches_seen)
+    if not isinstance(overwrite, bool):  # "no" would be true: an existing checkpoint replaced against the wish
+        raise ConfigError(f"savegame.accelerate: overwrite must be True or False, got {overwrite!r}")
     state = {**accelerator_state(accelerator), _POSITION: position}
+    meta = _metadata(accelerator, metadata)
+    warn_if_order_lost(accelerator, batches_seen)
+    warn_if_hooks_skipped(accelerator, "save")
     manifest = _dist.save(
-        output_dir, state, metadata=_metadata(accelerator, metadata), progress=position, overwrite=overwrite,
+        output_dir, state, metadata=meta, progress=position, overwrite=overwrite,
         storage_options=storage_options,
     )  # fmt: skip
     accelerator.project_configuration.iteration += 1
@@ -360,35 +259,39 @@ def load_state(
     anything is changed. A directory of ``Accelerator.save_state`` raises :class:`ForeignCheckpointError`;
     a savegame checkpoint written otherwise :class:`IntegrationMismatchError`.
     """
+    state = accelerator_state(accelerator)
+    warn_if_hooks_skipped(accelerator, "load")
     check_loadable(input_dir, storage_options=storage_options)
     manifest = read_manifest(input_dir, storage_options=storage_options)
-    state = accelerator_state(accelerator)
-    _check_items(manifest, state, where=str(input_dir), strict=strict)
-    report = _dist.restore(input_dir, {**state, _POSITION: None}, strict=strict, verify=verify,
-                           map_location=map_location, storage_options=storage_options)  # fmt: skip
-    return _resumed(report.state.get(_POSITION), path=str(input_dir))
+    check_items(manifest, state, where=str(input_dir), strict=strict)
+    resumed = _resumed(_saved_position(manifest), path=str(input_dir))  # a bad position: refused before any change
+    if strict:
+        check_structure(input_dir, manifest, state, storage_options=storage_options)
+    _dist.restore(input_dir, {**state, _POSITION: None}, strict=strict, verify=verify,
+                  map_location=map_location, storage_options=storage_options)  # fmt: skip
+    apply_deferred(state)
+    warn_if_generators_lost(state, batches_seen=resumed.batches_seen, path=resumed.path)
+    return resumed
+
+
+def _saved_position(manifest: Manifest) -> Any:
+    """The ``position`` item as saved (plain data in the manifest), or None."""
+    entry = manifest.items.get(_POSITION)
+    return None if entry is None else decode_plain(entry.skeleton)
 
 
 def _resumed(position: Any, *, path: str, quarantined: tuple[str, ...] = ()) -> Resumed:
     if not isinstance(position, Mapping):
         raise IntegrationMismatchError(f"{path}: the checkpoint has no {_POSITION!r} item of savegame.accelerate")
-    step = position.get("step")
-    return Resumed(path=path, epoch=int(position["epoch"]), batches_seen=int(position["batches_seen"]),
-                   step=None if step is None else int(step), quarantined=quarantined)  # fmt: skip
-
-
-def _check_items(manifest: Manifest, state: Mapping[str, Any], *, where: str, strict: bool) -> None:
-    """The checkpoint must hold this accelerator's items: a second model or a registered object too many
-    or too few would otherwise be skipped without a word."""
-    saved = _dist.item_names(manifest) - {_POSITION}
-    wanted = set(state) - {_POSITION}
-    if saved == wanted or (not strict and wanted <= saved):
-        return
-    raise StateMismatchError(
-        f"{where}: the checkpoint holds {sorted(saved)} but this accelerator has {sorted(wanted)}; prepare the "
-        "same models, optimizers, schedulers and dataloaders (and register the same objects with "
-        "register_for_checkpointing) as the run that saved it"
-    )
+    try:
+        epoch, seen, step = position["epoch"], position["batches_seen"], position.get("step")
+        _position(epoch, seen, step)
+    except (KeyError, ConfigError) as exc:
+        raise IntegrationMismatchError(
+            f"{path}: the {_POSITION!r} item {dict(position)!r} is not a position of savegame.accelerate.save_state "
+            f"({exc}); it cannot say where to resume"
+        ) from None
+    return Resumed(path=path, epoch=epoch, batches_seen=seen, step=step, quarantined=quarantined)
 
 
 def check_loadable(path: SavedAt, *, storage_options: Mapping[str, Any] | None = None) -> None:
@@ -419,12 +322,17 @@ def check_loadable(path: SavedAt, *, storage_options: Mapping[str, Any] | None =
         )
 
 
-def _precheck(path: str, state: Mapping[str, Any], *, strict: bool) -> None:
-    """Refuse the newest checkpoint of a run root before loading if another writer or another accelerator
-    setup wrote it; damage is left to the Checkpointer's resume, which falls back past it."""
+def _precheck(path: str, state: Mapping[str, Any], *, strict: bool, ignored: Collection[str] = ()) -> None:
+    """Refuse the checkpoint a run-root resume tries first (the newest, the best or the one named) before
+    loading if another writer or another accelerator setup wrote it (or its position is unusable); damage
+    is left to the Checkpointer's resume, which falls back past it."""
     try:
         check_loadable(path)
-        _check_items(read_manifest(path), state, where=path, strict=strict)
+        manifest = read_manifest(path)
+        check_items(manifest, state, where=path, strict=strict, ignored=ignored)
+        _resumed(_saved_position(manifest), path=path)
+        if strict:
+            check_structure(path, manifest, state)
     except CorruptCheckpointError:
         return
 
@@ -462,12 +370,26 @@ class Checkpoints:
     """
 
     def __init__(self, accelerator: Any, root: str | os.PathLike[str], **options: Any) -> None:
+        check_accelerator(accelerator)
+        if not isinstance(root, (str, os.PathLike)):
+            raise ConfigError(f"savegame.accelerate.Checkpoints: root must be a directory path, got {root!r}")
+        if options.get("weights_only"):
+            raise ConfigError(
+                "savegame.accelerate.Checkpoints saves the whole training state to resume from; weights_only=True "
+                "would save the models alone, which no resume can continue from. For weights, use "
+                "accelerator.save_model(model, dir) or savegame.save(dir, {'model': accelerator.unwrap_model(model)})"
+            )
+        warn_if_hooks_skipped(accelerator, "save")
+        warn_if_hooks_skipped(accelerator, "load")
         self.accelerator = accelerator
         self.root = os.fspath(root)
         self.checkpointer = Checkpointer(self.root, **options)
 
     def _state(self, position: Mapping[str, Any] | None) -> dict[str, Any]:
-        return {**accelerator_state(self.accelerator), _POSITION: position}
+        state = {**accelerator_state(self.accelerator), _POSITION: position}
+        if not self.checkpointer.rng:  # Checkpointer(rng=False): the RNGs are neither saved nor restored
+            del state["rng"]
+        return state
 
     def save(
         self, *, epoch: int, batches_seen: int = 0, step: int | None = None,
@@ -475,7 +397,7 @@ class Checkpoints:
     ) -> SaveResult:  # fmt: skip
         """Save now (same position arguments as :func:`save_state`; ``metrics`` for ``monitor``)."""
         position = _position(epoch, batches_seen, step)
-        _warn_if_order_lost(self.accelerator, batches_seen)
+        warn_if_order_lost(self.accelerator, batches_seen)
         result = self.checkpointer.save(
             self._state(position), epoch=epoch, step=step, metrics=metrics, epoch_end=batches_seen == 0,
             metadata=_metadata(self.accelerator, metadata),
@@ -494,21 +416,36 @@ class Checkpoints:
             final=final, metadata=_metadata(self.accelerator, None),
         )  # fmt: skip
         if result is not None:
-            _warn_if_order_lost(self.accelerator, batches_seen)
+            warn_if_order_lost(self.accelerator, batches_seen)
             self.accelerator.project_configuration.iteration += 1
         return result
 
     def resume(self, which: str = "latest", *, strict: bool = True, map_location: Any = None) -> Resumed:
         """Restore the newest loadable checkpoint (or ``"best"``, or a name); ``Resumed()`` if there is none."""
-        latest = self.checkpointer.latest if which == "latest" else None
+        chosen = self._chosen(which)
         state = self._state(None)
-        if latest is not None:
-            _precheck(latest.path, state, strict=strict)
+        ignored = set() if self.checkpointer.rng else {"rng"}
+        if chosen is not None:
+            _precheck(chosen, state, strict=strict, ignored=ignored)
         restored = self.checkpointer.restore(state, which, strict=strict, map_location=map_location)
         if restored is None:
             self._refuse_stock_only()
             return Resumed()
-        return _resumed(restored.data.get(_POSITION), path=restored.path, quarantined=restored.quarantined)
+        apply_deferred(state)
+        resumed = _resumed(restored.data.get(_POSITION), path=restored.path, quarantined=restored.quarantined)
+        warn_if_generators_lost(state, batches_seen=resumed.batches_seen, path=resumed.path)
+        return resumed
+
+    def _chosen(self, which: str) -> str | None:
+        """The path of the checkpoint ``resume(which)`` tries first (None if there is none): the newest, the
+        best or the one named, each checked by :func:`_precheck` before anything is restored."""
+        if which == "latest":
+            record = self.checkpointer.latest
+        elif which == "best":
+            record = self.checkpointer.best
+        else:
+            record = next((r for r in self.checkpointer.list() if r.name == which), None)
+        return None if record is None else record.path
 
     def _refuse_stock_only(self) -> None:
         """Nothing to resume: make sure the root does not hold accelerate's own checkpoints instead."""
