@@ -372,7 +372,9 @@ def markdown(tl: dict[str, Any]) -> list[str]:
         f"`optimizer.step()` waits for the copy); `paced`: `lazy-skip` with `write_rate` = state / (K x step "
         f"time) (each save's write spread over the interval until the next is due).",
         "",
-        f"Step time without checkpointing: {tl['median_step_seconds']['none'] * 1000:.1f} ms (median).",
+        f"Step time without checkpointing: {tl['median_step_seconds']['none'] * 1000:.1f} ms (median)"
+        + (f"; its blocks varied by ±{noise * 100:.1f}% (half their range), so overheads within that are noise."
+           if (noise := baseline_noise(tl)) is not None else "."),
         "",
     ]
     policies = [p for p in POLICIES if any(m.startswith(f"{p}-k") for m in tl["overhead"])]
@@ -423,6 +425,16 @@ def markdown(tl: dict[str, Any]) -> list[str]:
             lines.append(f"| {k} | " + " | ".join("—" if v is None else f"{v * 1000:.1f}" for v in vals) + " |")
     lines.append("")
     return lines
+
+
+def baseline_noise(tl: dict[str, Any]) -> float | None:
+    """How much the blocks without checkpointing varied in this run: half their range over their median
+    (None with fewer than two blocks). An overhead smaller than this cannot be told from noise."""
+    blocks = tl.get("samples", {}).get("none") or []
+    if len(blocks) < 2:
+        return None
+    mid = statistics.median(blocks)
+    return (max(blocks) - min(blocks)) / 2 / mid if mid > 0 else None
 
 
 def floor_note(tl: dict[str, Any], k: int) -> str:
