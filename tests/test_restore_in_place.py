@@ -206,3 +206,41 @@ def test_a_none_item_is_a_placeholder_filled_if_saved(tmp_path: Path) -> None:
     assert without["meta"] is None and torch.equal(without["model"].weight, model.weight)
     with pytest.raises(StateMismatchError, match="meta"):
         Checkpointer(tmp_path / "b").restore({"model": torch.nn.Linear(2, 2), "meta": {}})
+
+
+def _pair(hidden: int, *, groups: int = 1, seed: int = 0) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:
+    """A model, a second model of width ``hidden`` and an AdamW over both (after one step: state to restore)."""
+    torch.manual_seed(seed)
+    first, second = nn.Linear(4, 4), nn.Linear(4, hidden)
+    params: Any = [*first.parameters(), *second.parameters()]
+    if groups == 2:
+        params = [{"params": list(first.parameters())}, {"params": list(second.parameters())}]
+    opt = torch.optim.AdamW(params, lr=0.1)
+    for p in [*first.parameters(), *second.parameters()]:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return first, second, opt
+
+
+@pytest.mark.parametrize("case", ["later model's shapes", "optimizer's parameter groups", "later model's keys"])
+def test_a_strict_mismatch_in_a_later_item_leaves_the_earlier_ones_unchanged(tmp_path: Path, case: str) -> None:
+    """The first item is restored first: a later model that does not fit, or an optimizer over other
+    parameter groups, used to raise only after the first model had been overwritten."""
+    first, second, opt = _pair(3)
+    savegame.save(tmp_path / "ckpt", {"model": first, "ema": second, "optimizer": opt})
+    if case == "later model's shapes":
+        other_first, other_second, other_opt = _pair(5, seed=1)
+    elif case == "optimizer's parameter groups":
+        other_first, other_second, other_opt = _pair(3, groups=2, seed=1)
+    else:
+        other_first, _, other_opt = _pair(3, seed=1)
+        other_second = nn.Sequential(nn.Linear(4, 3))  # keys 0.weight, 0.bias instead of weight, bias
+    before = {k: v.clone() for k, v in other_first.state_dict().items()}
+    opt_before = [t.clone() for s in other_opt.state.values() for t in s.values()]
+    with pytest.raises(StateMismatchError, match=r"shape|parameter groups|missing"):
+        savegame.load(tmp_path / "ckpt", {"model": other_first, "ema": other_second, "optimizer": other_opt})
+    assert all(torch.equal(other_first.state_dict()[k], v) for k, v in before.items())
+    assert all(torch.equal(a, b) for a, b in zip([t for s in other_opt.state.values() for t in s.values()],
+                                                   opt_before))  # fmt: skip
+    savegame.load(tmp_path / "ckpt", {"model": other_first}, strict=False)  # what matches still loads
+    assert torch.equal(other_first.weight, first.weight)

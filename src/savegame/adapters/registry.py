@@ -110,6 +110,12 @@ class BaseAdapter:
         result must be what encoding ``capture(obj)`` would give."""
         return None
 
+    def check(self, target: object, state: object, *, where: str) -> None:
+        """Raise the :class:`StateMismatchError` a strict :meth:`restore` of ``state`` into ``target`` would
+        raise, changing nothing; nothing to check by default. Optional (an adapter without it is not
+        checked): a strict load asks it for every item after the first before restoring any, so that a
+        mismatch in a later item does not leave the earlier ones restored."""
+
 
 def type_mismatch(target: object, state: object, *, where: str, strict: bool, report: LoadReport) -> None:
     """The checkpoint holds something that cannot go into ``target``: raise (strict) or report it."""
@@ -163,6 +169,13 @@ class TorchModuleAdapter(BaseAdapter):
         report.mismatched_keys += [(f"{where}.{k}", a, b) for k, a, b in mod.mismatched_keys]
         report.loaded.append(where)
 
+    def check(self, target: object, state: object, *, where: str) -> None:
+        from savegame.adapters.torch_restore import check_module
+
+        if not isinstance(state, Mapping):
+            type_mismatch(target, state, where=where, strict=True, report=LoadReport())
+        check_module(target, state, where=where)  # type: ignore[arg-type]
+
     def zero_copy(self, target: object) -> ZeroCopy:
         """A module copies the values into its own parameters: views of the file, no copy on our side."""
         return True
@@ -192,6 +205,13 @@ class TorchOptimizerAdapter(BaseAdapter):
             return
         restore_optimizer(target, state, where=where)  # type: ignore[arg-type]
         report.loaded.append(where)
+
+    def check(self, target: object, state: object, *, where: str) -> None:
+        from savegame.adapters.torch_restore import check_optimizer
+
+        if not isinstance(state, Mapping):
+            type_mismatch(target, state, where=where, strict=True, report=LoadReport())
+        check_optimizer(target, state, where=where)  # type: ignore[arg-type]
 
     def zero_copy(self, target: object) -> ZeroCopy:
         """An optimizer keeps the state tensors it is given (``load_state_dict`` only casts them): aligned

@@ -77,8 +77,37 @@ def _strip_ddp_prefix(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> 
     return dict(saved)
 
 
+def check_module(module: torch.nn.Module, state: object, *, where: str) -> None:
+    """Raise the :class:`StateMismatchError` a strict :func:`restore_module` of ``state`` would raise, without
+    changing anything (asked for the items after the first, before any is restored)."""
+    report, _, _ = _module_report(module, state, where)
+    if not report.clean:
+        raise StateMismatchError(report.describe(where) + " (pass strict=False to load what matches)", report)
+
+
 def restore_module(module: torch.nn.Module, state: object, *, strict: bool, where: str) -> ModuleReport:
     """Load ``state`` into ``module`` in place; strict refuses any mismatch before changing anything."""
+    report, usable, expected = _module_report(module, state, where)
+    if strict and not report.clean:
+        raise StateMismatchError(report.describe(where) + " (pass strict=False to load what matches)", report)
+    try:
+        if _plain_module_tree(module) and _plain_pairs(usable, expected):
+            with torch.no_grad():
+                for k, v in usable.items():
+                    expected[k].copy_(v)
+        else:
+            module.load_state_dict(usable, strict=False)
+    except RuntimeError as exc:
+        raise StateMismatchError(f"{where}: {exc}", report) from None
+    report.loaded = list(usable)
+    return report
+
+
+def _module_report(
+    module: torch.nn.Module, state: object, where: str
+) -> tuple[ModuleReport, dict[str, Any], dict[str, Any]]:
+    """What loading ``state`` into ``module`` would do: the report (missing, unexpected and mismatched keys),
+    the values that can be loaded, and the module's own state dict (its live tensors)."""
     if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
         raise StateMismatchError(f"{where}: checkpoint holds {type(state).__name__}, not a module state dict")
     expected = module.state_dict(keep_vars=True)
@@ -98,19 +127,7 @@ def restore_module(module: torch.nn.Module, state: object, *, strict: bool, wher
             report.mismatched_keys.append((k, tuple(v.shape), tuple(want.shape)))
             continue
         usable[k] = v
-    if strict and not report.clean:
-        raise StateMismatchError(report.describe(where) + " (pass strict=False to load what matches)", report)
-    try:
-        if _plain_module_tree(module) and _plain_pairs(usable, expected):
-            with torch.no_grad():
-                for k, v in usable.items():
-                    expected[k].copy_(v)
-        else:
-            module.load_state_dict(usable, strict=False)
-    except RuntimeError as exc:
-        raise StateMismatchError(f"{where}: {exc}", report) from None
-    report.loaded = list(usable)
-    return report
+    return report, usable, expected
 
 
 _BASE_LOAD = torch.nn.Module._load_from_state_dict
@@ -149,6 +166,25 @@ def _plain_pairs(usable: Mapping[str, Any], expected: Mapping[str, Any]) -> bool
     return True
 
 
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer, state: object, *, where: str) -> None:
+    """Raise the :class:`StateMismatchError` that :func:`restore_optimizer` would raise for parameter groups
+    of other sizes (torch's ``load_state_dict`` refuses them), without changing anything."""
+    if not isinstance(state, Mapping):
+        raise StateMismatchError(f"{where}: checkpoint holds {type(state).__name__}, not an optimizer state")
+    if "state" in state or "param_groups" in state:
+        check_optimizer_state(state, where)
+    groups = state.get("param_groups")
+    if not isinstance(groups, list):
+        return  # (an optimizer with a state_dict of its own: left to its load_state_dict)
+    saved = [len(g["params"]) if isinstance(g, Mapping) and isinstance(g.get("params"), list) else None for g in groups]
+    live = [len(g["params"]) for g in optimizer.param_groups]
+    if saved != live:
+        raise StateMismatchError(
+            f"{where}: the checkpoint's optimizer has parameter groups of sizes {saved}, this one {live}: build the "
+            "optimizer over the same parameters as the run that saved it"
+        )
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, state: object, *, where: str) -> None:

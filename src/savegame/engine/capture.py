@@ -72,11 +72,16 @@ def restore_items(
     A type mismatch (a dict or a live object in the target, something else in the checkpoint) raises
     :class:`StateMismatchError` when ``strict``, else is listed in ``report.mismatched_types`` and left
     alone. Plain values are replaced only once the walk is over and, when ``strict``, the whole state
-    matched: a strict load that fails never changes them (live objects restored before the mismatch
-    was found keep their new state, as before). Plain items also go to ``report.state``.
+    matched: a strict load that fails never changes them. Before a strict load restores anything, the adapter
+    of every live item after the first checks its state (``check``: a module's keys and shapes, an
+    optimizer's parameter groups), so such a mismatch leaves every item as it was; an object whose own
+    ``load_state_dict`` raises part-way is the one case where items restored before it keep their new
+    state. Plain items also go to ``report.state``.
     """
     updates: Updates = []
     mutable = isinstance(target, MutableMapping)
+    if strict:
+        _check_later_items(target, values)
     for name, value in values.items():
         current = target[name]
         adapter = adapter_for(current)
@@ -94,6 +99,24 @@ def restore_items(
     if strict and not report.clean:
         raise StateMismatchError(f"{where}: state does not match the target: {report}", report)
     apply_updates(updates)
+
+
+def _check_later_items(target: Mapping[str, Any], values: Mapping[str, Any]) -> None:
+    """Ask the adapter of every live item after the first whether a strict restore would refuse its state
+    (:meth:`BaseAdapter.check`), before any item is restored: the first item's own restore refuses before
+    changing it, but a later model whose shapes differ, or an optimizer with other parameter groups, would
+    otherwise be found only after the earlier items were restored."""
+    first = True
+    for name, value in values.items():
+        current = target[name]
+        adapter = adapter_for(current)
+        if adapter is None:
+            continue
+        if not first:
+            check = getattr(adapter, "check", None)
+            if check is not None:
+                check(current, value, where=format_path((name,)))
+        first = False
 
 
 def apply_updates(updates: Updates) -> None:
