@@ -171,3 +171,84 @@ def test_distributed_single_process_save_uses_the_same_guard(tmp_path: Path) -> 
         distributed.write_state(LocalStorage(tmp_path), "mydata", STATE, overwrite=True,
                                 context=distributed.RankContext())  # fmt: skip
     assert _tree(data) == before and _debris(tmp_path) == []
+
+
+def _with_user_files(checkpoint: Path) -> None:
+    (checkpoint / "notes.txt").write_text("lr 3e-4 diverged at step 900\n")
+    (checkpoint / "plots").mkdir()
+    (checkpoint / "plots" / "loss.png").write_bytes(os.urandom(64))
+
+
+@pytest.mark.parametrize("background", [False, True])
+@pytest.mark.parametrize("damaged", [False, True], ids=["intact", "damaged-manifest"])
+def test_overwriting_a_checkpoint_that_holds_user_files_is_refused(
+    tmp_path: Path, background: bool, damaged: bool
+) -> None:
+    """A file or folder a user put into a checkpoint folder would be deleted with the old version: the
+    overwrite is refused at once, names what is in the way and changes nothing (also when the old
+    manifest no longer parses and its file list is unknown)."""
+    savegame.save(tmp_path / "c", STATE)
+    _with_user_files(tmp_path / "c")
+    if damaged:
+        manifest = tmp_path / "c" / "manifest.json"
+        manifest.write_bytes(manifest.read_bytes()[:200])
+    before = _tree(tmp_path)
+    with pytest.raises(OccupiedPathError, match=r"2 entries savegame did not write \('notes\.txt', 'plots'\)"):
+        savegame.save(tmp_path / "c", {"w": np.ones(2), "epoch": 4}, background=background)
+    assert _tree(tmp_path) == before and _debris(tmp_path) == []
+    savegame.engine.background.default_writer().wait()
+
+
+def test_a_checkpoint_without_user_files_is_still_overwritten_with_its_side_files(tmp_path: Path) -> None:
+    """What savegame wrote is not in the way: data files, the manifest and the side files an integration
+    records in its metadata (a Hugging Face checkpoint's config.json)."""
+    from savegame.engine.writer import EncodedExtras, encode_state, write_encoded
+
+    files = {"config.json": b'{"n_layer": 2}', "trainer_state.json": b"{}"}
+    metadata = {"savegame.example": {"files": {name: {"bytes": len(data)} for name, data in files.items()}}}
+    for epoch in (1, 2):
+        write_encoded(LocalStorage(tmp_path), "c", encode_state({**STATE, "epoch": epoch}),
+                      EncodedExtras.encode(metadata, None), overwrite=True, side_files=files)  # fmt: skip
+    assert savegame.load(tmp_path / "c")["epoch"] == 2
+    (tmp_path / "c" / "vocab.txt").write_text("not recorded\n")  # the same name, unrecorded: refused
+    with pytest.raises(OccupiedPathError, match=r"vocab\.txt"):
+        write_encoded(LocalStorage(tmp_path), "c", encode_state(STATE), EncodedExtras.encode(metadata, None),
+                      overwrite=True, side_files=files)  # fmt: skip
+    assert savegame.load(tmp_path / "c")["epoch"] == 2
+
+
+class AddUserFile(FileOps):
+    """Between the commit's check and its swap, a user writes a note into the checkpoint at ``target``."""
+
+    def __init__(self, target: Path, *, exchange: bool) -> None:
+        self.target = target
+        self.use_exchange = exchange
+        self.fired = False
+
+    def _add(self) -> None:
+        if not self.fired:
+            self.fired = True
+            (self.target / "notes.txt").write_text("precious\n")
+
+    def exchange(self, a: str, b: str) -> bool:
+        if b == str(self.target):
+            self._add()
+        return super().exchange(a, b) if self.use_exchange else False
+
+    def rename(self, src: str, dst: str) -> None:
+        if src == str(self.target):
+            self._add()
+        super().rename(src, dst)
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename-fallback"])
+def test_a_user_file_added_during_the_commit_puts_the_old_checkpoint_back(tmp_path: Path, exchange: bool) -> None:
+    savegame.save(tmp_path / "c", STATE)
+    ops = AddUserFile(tmp_path / "c", exchange=exchange)
+    with pytest.raises(OccupiedPathError, match=r"notes\.txt"):
+        savegame.api.write_items(LocalStorage(tmp_path, ops=ops), "c", savegame.api.encode_state({"epoch": 9}),
+                                 metadata=None, progress=None, overwrite=True)  # fmt: skip
+    assert ops.fired
+    assert (tmp_path / "c" / "notes.txt").read_text() == "precious\n"
+    assert savegame.load(tmp_path / "c")["epoch"] == 3
+    assert _debris(tmp_path) == []

@@ -72,7 +72,8 @@ def save(
     ``overwrite``: replace an existing savegame checkpoint at ``path`` (atomically: the old one stays
     complete until the new one is committed); with False an existing checkpoint raises :class:`CommitError`.
     Anything else at ``path`` (a file, a symbolic link, a non-empty folder that is not a savegame
-    checkpoint) is never replaced: :class:`OccupiedPathError`, and it is left untouched. An empty folder
+    checkpoint, a checkpoint folder that also holds files savegame did not write, such as a user's
+    ``notes.txt``) is never replaced: :class:`OccupiedPathError`, and it is left untouched. An empty folder
     may be saved into.
     ``background``: return as soon as the state is copied to host memory and write it in a background
     thread; returns a :class:`~savegame.engine.background.PendingSave` whose ``result()`` waits for the commit

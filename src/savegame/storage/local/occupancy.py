@@ -1,7 +1,9 @@
 """What is at a save path, and whether a save may replace it: the occupied-path rule.
 
 A save replaces only nothing, an empty directory or (asked to overwrite) a committed savegame
-checkpoint; anything else (a file, a symlink, another program's directory) raises
+checkpoint holding only what savegame wrote into it (:func:`unaccounted`: a note or a plot a user put
+into a checkpoint folder would be deleted with the old version, so such a folder is refused too);
+anything else (a file, a symlink, another program's directory) raises
 :class:`OccupiedPathError` and is left untouched. :class:`~savegame.storage.local.write.LocalTransaction`
 asks before and after its swap, :meth:`~savegame.storage.local.root.LocalStorage.check_target` before
 anything is written, and :mod:`savegame.storage.remote` uses :func:`starts_like_manifest` for the same
@@ -14,8 +16,10 @@ import errno
 import os
 import re
 import stat
+from collections.abc import Mapping
 
-from savegame.errors import CommitError, OccupiedPathError
+from savegame.errors import CheckpointError, CommitError, OccupiedPathError
+from savegame.format.manifest import MAX_MANIFEST_BYTES, parse_manifest
 from savegame.storage.base import MANIFEST
 
 ABSENT = "absent"
@@ -76,8 +80,61 @@ def check_save_target(path: str, *, overwrite: bool) -> str:
     if kind == CHECKPOINT:
         if not overwrite:
             raise CommitError(errno.EEXIST, f"{path} already exists")
+        foreign = unaccounted(path)
+        if foreign:
+            raise foreign_files_error(path, foreign)
         return kind
     raise occupied_error(path, kind)
+
+
+_DATA_SUFFIX = ".safetensors"
+_SIDE_FILES_PREFIX = "savegame."
+
+
+def unaccounted(path: str) -> list[str]:
+    """The entries of the checkpoint folder ``path`` its manifest does not account for, sorted.
+
+    Savegame writes regular files only: ``manifest.json``, the data files the manifest lists and the
+    side files an integration records in the metadata (``metadata["savegame.<integration>"]["files"]``,
+    e.g. a Hugging Face checkpoint's ``config.json``). Anything else (a subfolder, a link, ``notes.txt``)
+    was put there by someone else and would be lost with the old version, so an overwrite refuses it.
+    When the manifest does not parse (a damaged checkpoint), only ``manifest.json`` and ``*.safetensors``
+    are taken as savegame's.
+    """
+    ours = _accounted(path)
+
+    def is_ours(name: str) -> bool:
+        return name in ours if ours is not None else name == MANIFEST or name.endswith(_DATA_SUFFIX)
+
+    with os.scandir(path) as entries:
+        return sorted(e.name for e in entries if not (e.is_file(follow_symlinks=False) and is_ours(e.name)))
+
+
+def _accounted(path: str) -> set[str] | None:
+    """The names the manifest of checkpoint ``path`` accounts for, or None when it cannot be read."""
+    try:
+        with open(os.path.join(path, MANIFEST), "rb") as handle:
+            data = handle.read(MAX_MANIFEST_BYTES + 1)
+        manifest = parse_manifest(data, os.path.join(path, MANIFEST))
+    except (OSError, CheckpointError):
+        return None
+    names = {MANIFEST, *manifest.files}
+    for key, value in manifest.metadata.items():
+        side = value.get("files") if key.startswith(_SIDE_FILES_PREFIX) and isinstance(value, Mapping) else None
+        if isinstance(side, Mapping):
+            names.update(name for name in side if isinstance(name, str))
+    return names
+
+
+def foreign_files_error(path: str, foreign: list[str]) -> OccupiedPathError:
+    """The error for an overwrite refused because the checkpoint ``path`` holds ``foreign`` entries."""
+    shown = ", ".join(ascii(name) for name in foreign[:3]) + (f" and {len(foreign) - 3} more" * (len(foreign) > 3))
+    return OccupiedPathError(
+        errno.EEXIST,
+        f"{path} is a savegame checkpoint that also holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} "
+        f"savegame did not write ({shown}): replacing it would delete them, so nothing was saved and it was left "
+        "untouched; move them out of the checkpoint folder, or save to another path",
+    )
 
 
 def occupied_error(path: str, kind: str) -> OccupiedPathError:

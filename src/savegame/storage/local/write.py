@@ -25,7 +25,14 @@ from savegame.errors import CommitError, InvalidNameError, OccupiedPathError
 from savegame.format.naming import check_checkpoint_name
 from savegame.storage.base import MANIFEST, TRASH_PREFIX
 from savegame.storage.local import direct
-from savegame.storage.local.occupancy import CHECKPOINT, check_save_target, occupant, occupied_error
+from savegame.storage.local.occupancy import (
+    CHECKPOINT,
+    check_save_target,
+    foreign_files_error,
+    occupant,
+    occupied_error,
+    unaccounted,
+)
 from savegame.storage.local.ops import FileOps, _io_error
 
 if TYPE_CHECKING:
@@ -261,15 +268,15 @@ class LocalTransaction(_StagingFiles):
             ops.rename(self.staging, final)
             return None
         if ops.exchange(self.staging, final):
-            swapped = occupant(self.staging)
-            if swapped != CHECKPOINT:  # replaced between the check and the swap: put it back as it was
-                self._put_back(self.staging, final, swapped, exchange=True)
+            refusal = _refusal(self.staging, final)
+            if refusal is not None:  # replaced or added to between the check and the swap: put it back
+                self._put_back(self.staging, final, refusal, exchange=True)
             return self.staging  # now holds the old checkpoint
         trash = os.path.join(self.storage.root, f"{TRASH_PREFIX}{self.name}-{uuid.uuid4().hex[:8]}")
         ops.rename(final, trash)
-        moved = occupant(trash)
-        if moved != CHECKPOINT:
-            self._put_back(trash, final, moved, exchange=False)
+        refusal = _refusal(trash, final)
+        if refusal is not None:
+            self._put_back(trash, final, refusal, exchange=False)
         try:
             ops.rename(self.staging, final)
         except BaseException:
@@ -277,8 +284,9 @@ class LocalTransaction(_StagingFiles):
             raise
         return trash
 
-    def _put_back(self, moved: str, final: str, kind: str, *, exchange: bool) -> None:
-        """Undo a swap (or move aside) of ``final`` that found ``kind``, not a checkpoint, there; raise.
+    def _put_back(self, moved: str, final: str, refusal: OccupiedPathError, *, exchange: bool) -> None:
+        """Undo a swap (or move aside) of ``final`` that found what a save must not replace there; raise
+        ``refusal``.
 
         Should the undo fail, the transaction is marked done first so that no abort removes ``moved``
         (it may hold what the user had at ``final``), and the error says where it is.
@@ -294,10 +302,10 @@ class LocalTransaction(_StagingFiles):
             self._done = True
             raise CommitError(
                 exc.errno or errno.EIO,
-                f"saving {final}: {kind} appeared there during the commit and moving it back failed "
-                f"({exc.strerror or exc}); it is now at {moved}: move it back by hand",
+                f"saving {final}: what appeared there during the commit ({refusal.strerror}) could not be moved "
+                f"back ({exc.strerror or exc}); it is now at {moved}: move it back by hand",
             ) from exc
-        raise occupied_error(final, kind)
+        raise refusal
 
     def _unpublish(self, final: str, old: str | None, exc: OSError | None) -> CommitError:
         """Undo :meth:`_publish` after the root fsync failed; return the error that says what is visible."""
@@ -385,3 +393,13 @@ class JoinedTransaction(_StagingFiles):
     def finish(self) -> None:
         """Nothing to release (each file was made durable by its sink's ``close``)."""
         return None
+
+
+def _refusal(moved: str, final: str) -> OccupiedPathError | None:
+    """Why what was just moved from ``final`` to ``moved`` must not be replaced (it is not a checkpoint, or
+    holds entries savegame did not write: :func:`unaccounted`), or None when it may."""
+    kind = occupant(moved)
+    if kind != CHECKPOINT:
+        return occupied_error(final, kind)
+    foreign = unaccounted(moved)
+    return foreign_files_error(final, foreign) if foreign else None
