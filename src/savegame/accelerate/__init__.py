@@ -265,8 +265,8 @@ def load_state(
     manifest = read_manifest(input_dir, storage_options=storage_options)
     check_items(manifest, state, where=str(input_dir), strict=strict)
     resumed = _resumed(_saved_position(manifest), path=str(input_dir))  # a bad position: refused before any change
-    if strict:
-        check_structure(input_dir, manifest, state, storage_options=storage_options)
+    # keys, shapes and parameter groups of every item: checked by the core's strict load before it restores
+    # any (savegame.engine.capture.restore_items), from the one read of each file
     _dist.restore(input_dir, {**state, _POSITION: None}, strict=strict, verify=verify,
                   map_location=map_location, storage_options=storage_options)  # fmt: skip
     apply_deferred(state)
