@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -122,36 +123,41 @@ def test_checkpointer_storage_refuses_a_user_folder_under_its_root(tmp_path: Pat
     assert _tree(data) == before and _debris(tmp_path) == []
 
 
-class SwapInUserData(FileOps):
-    """Between the commit's check and its swap, the checkpoint at ``target`` is replaced by user data."""
+class AtTheSwap(FileOps):
+    """Between the commit's check and its swap, ``change`` is made to the checkpoint at ``target`` (once)."""
 
-    def __init__(self, target: Path, *, exchange: bool) -> None:
+    def __init__(self, target: Path, change: Callable[[Path], None], *, exchange: bool) -> None:
         self.target = target
+        self.change = change
         self.use_exchange = exchange
         self.fired = False
 
-    def _replace(self) -> None:
+    def _fire(self) -> None:
         if not self.fired:
             self.fired = True
-            shutil.rmtree(self.target)
-            (self.target / "sub").mkdir(parents=True)
-            (self.target / "train.csv").write_text("precious\n")
+            self.change(self.target)
 
     def exchange(self, a: str, b: str) -> bool:
         if b == str(self.target):
-            self._replace()
+            self._fire()
         return super().exchange(a, b) if self.use_exchange else False
 
     def rename(self, src: str, dst: str) -> None:
         if src == str(self.target):
-            self._replace()
+            self._fire()
         super().rename(src, dst)
+
+
+def _replace_with_user_data(target: Path) -> None:
+    shutil.rmtree(target)
+    (target / "sub").mkdir(parents=True)
+    (target / "train.csv").write_text("precious\n")
 
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename-fallback"])
 def test_user_data_that_appears_during_the_commit_is_put_back_untouched(tmp_path: Path, exchange: bool) -> None:
     savegame.save(tmp_path / "c", STATE)
-    ops = SwapInUserData(tmp_path / "c", exchange=exchange)
+    ops = AtTheSwap(tmp_path / "c", _replace_with_user_data, exchange=exchange)
     storage = LocalStorage(tmp_path, ops=ops)
     with pytest.raises(OccupiedPathError):
         savegame.api.write_items(storage, "c", savegame.api.encode_state(STATE), metadata=None, progress=None,
@@ -217,34 +223,10 @@ def test_a_checkpoint_without_user_files_is_still_overwritten_with_its_side_file
     assert savegame.load(tmp_path / "c")["epoch"] == 2
 
 
-class AddUserFile(FileOps):
-    """Between the commit's check and its swap, a user writes a note into the checkpoint at ``target``."""
-
-    def __init__(self, target: Path, *, exchange: bool) -> None:
-        self.target = target
-        self.use_exchange = exchange
-        self.fired = False
-
-    def _add(self) -> None:
-        if not self.fired:
-            self.fired = True
-            (self.target / "notes.txt").write_text("precious\n")
-
-    def exchange(self, a: str, b: str) -> bool:
-        if b == str(self.target):
-            self._add()
-        return super().exchange(a, b) if self.use_exchange else False
-
-    def rename(self, src: str, dst: str) -> None:
-        if src == str(self.target):
-            self._add()
-        super().rename(src, dst)
-
-
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename-fallback"])
 def test_a_user_file_added_during_the_commit_puts_the_old_checkpoint_back(tmp_path: Path, exchange: bool) -> None:
     savegame.save(tmp_path / "c", STATE)
-    ops = AddUserFile(tmp_path / "c", exchange=exchange)
+    ops = AtTheSwap(tmp_path / "c", lambda c: (c / "notes.txt").write_text("precious\n"), exchange=exchange)
     with pytest.raises(OccupiedPathError, match=r"notes\.txt"):
         savegame.api.write_items(LocalStorage(tmp_path, ops=ops), "c", savegame.api.encode_state({"epoch": 9}),
                                  metadata=None, progress=None, overwrite=True)  # fmt: skip
