@@ -238,3 +238,32 @@ def test_gc_shows_hostile_leftover_names_escaped(tmp_path: Path, hostile_root: P
     out = assert_terminal_safe(result.stdout, color=True)
     assert_terminal_safe(result.stderr, color=True)
     assert escape_controls(f".trash-del-evil{EVIL}") in out and escape_controls(f".quarantine-q{EVIL}") in out, out
+
+
+def test_the_load_progress_bar_and_log_line_escape_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``load`` accepts any folder name (``save`` refuses such names, a rename does not): the progress bar
+    and the ``loaded ...`` log line printed it raw, so a folder name retitled the terminal or cleared it."""
+    import io
+    import logging
+
+    import savegame
+    from savegame._util import progress
+
+    folder = tmp_path / ("c" + CLEAR + TITLE + BIDI)
+    savegame.save(tmp_path / "c", {"w": torch.ones(4)})
+    (tmp_path / "c").rename(folder)
+    stream = io.StringIO()
+    stream.isatty = lambda: True  # type: ignore[method-assign]
+    monkeypatch.setattr(progress, "SHOW_AFTER_SECONDS", 0.0)
+    monkeypatch.setattr(progress.sys, "stderr", stream)
+    monkeypatch.setenv("SAVEGAME_PROGRESS", "1")
+    with caplog.at_level(logging.INFO, logger="savegame"):
+        savegame.load(folder)
+    drawn = stream.getvalue()
+    assert "loading" in drawn and escape_controls(str(folder)) in drawn
+    assert not {"\x1b", "\x07", BIDI} & set(drawn)
+    logged = [r.getMessage() for r in caplog.records if "loaded" in r.getMessage()]
+    assert logged and escape_controls(str(folder)) in logged[0]
+    assert not {"\x1b", "\x07", BIDI} & set(logged[0])

@@ -103,6 +103,37 @@ def test_copy_must_be_a_bool(saved: tuple[Path, dict[str, dict[str, torch.Tensor
         savegame.load(saved[0], copy="yes")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("option", ["verify", "strict"])
+@pytest.mark.parametrize("value", [None, 0, "", "yes"])
+def test_verify_and_strict_must_be_bools(
+    saved: tuple[Path, dict[str, dict[str, torch.Tensor]]], option: str, value: object
+) -> None:
+    """``verify=None`` or ``""`` silently skipped every hash check (and returned a tampered file's bytes)."""
+    with pytest.raises(ConfigError, match=f"{option} must be True or False"):
+        savegame.load(saved[0], **{option: value})  # type: ignore[arg-type]
+
+
+def test_a_map_location_callable_never_sees_unverified_bytes(tmp_path: Path) -> None:
+    """A file over the size hashed on a worker while it is decoded: a ``map_location`` callable (user code)
+    was handed the tampered tensors before the load raised; it now runs only on verified bytes."""
+    path = tmp_path / "c"
+    savegame.save(path, {"model": {"w": torch.zeros(1 << 19)}})  # 2 MiB: its hash is deferred by default
+    file = _data_file(path)
+    data = bytearray(file.read_bytes())
+    data[-4:] = np.float32(123.0).tobytes()
+    file.write_bytes(bytes(data))
+    seen: list[float] = []
+
+    def place(tensor: torch.Tensor, device: str) -> torch.Tensor:
+        seen.append(float(tensor.max()))
+        return tensor
+
+    for target in (None, {"model": {"w": torch.zeros(1 << 19)}}):
+        with pytest.raises(HashMismatchError):
+            savegame.load(path, target, map_location=place)
+    assert seen == []
+
+
 def test_a_write_to_a_loaded_tensor_never_reaches_the_file(
     saved: tuple[Path, dict[str, dict[str, torch.Tensor]]],
 ) -> None:

@@ -9,7 +9,6 @@ live objects in place.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import time
@@ -17,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 from savegame._util.gcpause import gc_paused
+from savegame._util.logs import get_logger
 from savegame._util.progress import ProgressBar
 from savegame.adapters import framework_decode_tags, torch_available, zero_copy_for
 from savegame.engine import verifier
@@ -38,7 +38,7 @@ from savegame.storage.local import LocalCheckpointReader, LocalStorage, open_loc
 
 __all__ = ["EncodedItem", "encode_state", "load", "read_manifest", "save", "verify", "write_items"]
 
-log = logging.getLogger("savegame")
+log = get_logger("savegame")
 _SAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
@@ -236,6 +236,9 @@ class _ItemDecoder:
         self.as_numpy = as_numpy
         self.zero_copy = zero_copy
         self.cache: dict[tuple[str, str], object] = {}
+        self.first_nodes: dict[tuple[str, str], dict[str, Any]] = {}
+        """The node each cached array was built for: a later node of the same key with other fields (a
+        Parameter's ``param`` flag, another device) is an alias in memory, not the same object."""
         self.make_tensor: Callable[..., object] | None = None
         self.plain_tensor: Callable[[Any, str, tuple[int, ...]], object] | None = None
         if not as_numpy:
@@ -249,7 +252,13 @@ class _ItemDecoder:
         tag, key = node["$"], node["key"]
         cached = self.cache.get((tag, key))
         if cached is not None:
-            return cached
+            first = self.first_nodes[(tag, key)]
+            if node is first or node == first:
+                return cached
+            if tag == "tensor" and self.make_tensor is not None and _same_but_grad(node, first):
+                from savegame.adapters.torch import grad_variant
+
+                return grad_variant(cached, node)  # e.g. a Parameter and a detached tensor of it: one memory
         info = self.tensors.get(key)
         if info is None or self.reader is None:
             raise InvalidManifestError(f"{format_path(path)}: array {key!r} is not in the item's tensor file")
@@ -262,7 +271,9 @@ class _ItemDecoder:
             value = self.plain_tensor(raw, info.code, info.shape)
         if value is None:
             value = self._build(node, tag, raw, info, path)
-        self.cache[(tag, key)] = value
+        if cached is None:
+            self.cache[(tag, key)] = value
+            self.first_nodes[(tag, key)] = node
         return value
 
     def _may_share(self, key: str, info: TensorInfo) -> bool:
@@ -279,6 +290,15 @@ class _ItemDecoder:
         if tag == "tensor" and self.make_tensor is not None:
             return self.make_tensor(node, raw, info.code, info.shape, Where(path), self.map_location)
         return numpy_from_node(node, raw, info.code, info.shape, Where(path))
+
+
+_GRAD_FIELDS = ("param", "requires_grad")
+
+
+def _same_but_grad(node: Mapping[str, Any], other: Mapping[str, Any]) -> bool:
+    """Whether two array nodes differ in nothing but whether they are a Parameter and require grad."""
+    keys = (node.keys() | other.keys()) - set(_GRAD_FIELDS)
+    return all(node.get(k) == other.get(k) for k in keys)
 
 
 def _aligned_copy(raw: Any, *, torch_memory: bool) -> Any:
@@ -417,8 +437,9 @@ def load(
     state an optimizer keeps is then copied into fresh memory too instead of sharing aligned views of
     the mapping (modules copy into their own parameters either way).
     """
-    if not isinstance(copy, bool):
-        raise ConfigError(f"copy must be True or False, not {type(copy).__name__}")
+    for option, value in (("copy", copy), ("verify", verify), ("strict", strict)):
+        if not isinstance(value, bool):  # verify=None or "" would silently skip every hash check
+            raise ConfigError(f"load: {option} must be True or False, not {type(value).__name__} {value!r:.40}")
     directory = open_checkpoint(path, storage_options=storage_options)
     try:
         return _load(directory, target, map_location=map_location, strict=strict, verify=verify, copy=copy)
@@ -478,7 +499,8 @@ def _load_items(
         readers: dict[str, TensorFileReader] = {}
         verifier.prefetch(directory, sorted(files))
         for data_file in sorted(files):
-            readers[data_file] = open_file(directory, manifest, data_file, verify=verify, deferred=checks)
+            readers[data_file] = open_file(directory, manifest, data_file, verify=verify,
+                                           deferred=_overlapped(checks, map_location))  # fmt: skip
             progress.advance(manifest.files[data_file].bytes)
         for name in needed:
             values[name] = decode_opened(
@@ -492,6 +514,13 @@ def _load_items(
             report.state[name] = values.pop(name)
     restore_items(target, values, strict=strict, report=report, where=directory.where)
     return report
+
+
+def _overlapped(checks: list[Callable[[], None]], map_location: Any) -> list[Callable[[], None]] | None:
+    """Where the hash checks of large files go while the state is decoded (``checks``, run before anything is
+    returned), or None to hash each file before decoding it: a ``map_location`` callable is user code, and
+    it is given the decoded tensors, so it must only ever see verified bytes."""
+    return None if callable(map_location) else checks
 
 
 def _target_zero_copy(target: object, *, copy: bool) -> ZeroCopy:
@@ -522,7 +551,8 @@ def _load_plain(
         for name, item in manifest.items.items():
             for file in item.files:
                 if file not in readers:
-                    readers[file] = open_file(directory, manifest, file, verify=verify, deferred=checks)
+                    readers[file] = open_file(directory, manifest, file, verify=verify,
+                                              deferred=_overlapped(checks, map_location))  # fmt: skip
                     progress.advance(manifest.files[file].bytes)
             opened = verifier.item_reader(item, readers)
             state[name] = decode_opened(opened, manifest, name, map_location=map_location, zero_copy=zero_copy)

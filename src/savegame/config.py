@@ -65,12 +65,12 @@ from __future__ import annotations
 import argparse
 import ast
 import configparser
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from savegame._util.logs import get_logger
 from savegame.errors import ConfigError
 from savegame.policies import Mode
 from savegame.policies.knobs import PRESETS as _PRESETS
@@ -89,7 +89,7 @@ __all__ = [
     "read_parameter_file",
 ]
 
-log = logging.getLogger("savegame.config")
+log = get_logger("savegame.config")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ import sys
 import time
 from typing import TextIO
 
+from savegame._util.safetext import escape_controls
+
 SHOW_AFTER_SECONDS = 2.0
 _MIN_INTERVAL = 0.1
 
@@ -30,7 +32,7 @@ class ProgressBar:
     def __init__(
         self, label: str, total: int, *, stream: TextIO | None = None, show_after: float | None = None
     ) -> None:
-        self.label = label
+        self.label = escape_controls(label)  # a path from anywhere: shown, never acted on by the terminal
         self.total = max(total, 1)
         self.done = 0
         self._stream = stream or sys.stderr

@@ -170,6 +170,10 @@ def encode_hook(obj: object, path: Path, enc: Encoder) -> dict[str, Any] | None:
         node["requires_grad"] = True
     if device_type != "cpu":
         node["device"] = str(device)
+    if obj.is_neg() or (dtype.is_complex and obj.is_conj()):
+        # a lazy negative or conjugate view (x.conj(), x.conj().imag): its bytes are not its values, and it has
+        # the address, shape and strides of x, so as it is it would pass for an alias of x; its values are stored
+        obj = obj.detach().resolve_conj().resolve_neg()
     identity = None
     numel = obj.numel()
     if numel > 0:
@@ -181,14 +185,13 @@ def encode_hook(obj: object, path: Path, enc: Encoder) -> dict[str, Any] | None:
         if alias is not None:
             node["key"] = alias
             return node
+        enc.holds.append(obj)  # its address stays its own while the walk may look it up (Encoder.holds)
         nbytes = numel * dtype.itemsize
         if enc.copy and nbytes <= SMALL_TENSOR_BYTES and device_type == "cpu" and dtype in _BATCHABLE:
             stored = shape if trailing == 1 else (*shape, trailing)
             node["key"] = _small_copies(enc).add(obj, nbytes, path, code, stored, identity)
             return node
     src = obj.detach()
-    if dtype.is_complex:  # lazy conjugate/negative views: their bytes are not their values
-        src = src.resolve_conj().resolve_neg()
     t, raw = _host_tensor(src, enc)
     if numel == 0:
         data = memoryview(b"")
@@ -412,6 +415,19 @@ def plain_tensor(raw: np.ndarray, code: str, shape: tuple[int, ...]) -> torch.Te
         return torch.from_numpy(raw.view(same).reshape(shape))
     except ValueError:  # tensor_from_bytes names the problem
         return None
+
+
+def grad_variant(tensor: object, node: Mapping[str, Any]) -> object:
+    """``tensor``'s memory as the node says it was saved: a Parameter (``param``) or a plain tensor, with
+    its ``requires_grad`` (what two views of one memory with other flags, ``p`` and ``p.detach()``, load as)."""
+    if not isinstance(tensor, torch.Tensor):
+        return tensor
+    base = tensor.detach()
+    if node.get("param"):
+        return torch.nn.Parameter(base, requires_grad=bool(node.get("requires_grad", True)))
+    if node.get("requires_grad") and base.is_floating_point():
+        base.requires_grad_(True)
+    return base
 
 
 def tensor_from_bytes(

@@ -111,6 +111,7 @@ def _walk_small(
     """
     small = _small_copies(enc)
     seen = enc.alias_table()
+    enc.holds.append(state)  # its tensors' addresses stay theirs while the walk may look them up
     addresses = {i[1] for i in seen if i[0] == "torch"}  # (an alias of these has one of their addresses)
     exact = not as_is  # look every identity up (after an address repeated, or when names need reserving)
     reserve, encode, address_seen, known = enc.reserve_name, enc.encode, addresses.add, addresses.__contains__

@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TextIO
 
+from savegame._util.logs import get_logger
 from savegame.cli.common import (
     EXIT_OK,
     EXIT_PROBLEM,
@@ -412,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctx = Context(out=sys.stdout, err=sys.stderr, style=style_for(sys.stdout, color),
                   err_style=style_for(sys.stderr, color), debug=debug)  # fmt: skip
     handler = _LogHandler(ctx, debug)
-    logger = logging.getLogger("savegame")
+    logger = get_logger("savegame")
     logger.addHandler(handler)
     old_level = logger.level
     if debug:

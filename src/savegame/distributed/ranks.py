@@ -5,7 +5,6 @@ layout constants every multi-process checkpoint shares. No pickle: lengths and b
 from __future__ import annotations
 
 import json
-import logging
 import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -16,12 +15,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from savegame._util.logs import get_logger
 from savegame.errors import (
     CheckpointError,
     CorruptCheckpointError,
 )
 
-log = logging.getLogger("savegame.distributed")
+log = get_logger("savegame.distributed")
 
 LAYOUT_ITEM = "savegame.distributed"
 """Plain item of every multi-process checkpoint: world size and which items are per-rank or sharded."""

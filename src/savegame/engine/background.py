@@ -31,7 +31,6 @@ that such a thread starts inherit its priority (Linux threads inherit the nice v
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import threading
@@ -45,9 +44,10 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from savegame._util.logs import get_logger
 from savegame.errors import BackgroundSaveError
 
-log = logging.getLogger("savegame")
+log = get_logger("savegame")
 
 
 class BufferPool:

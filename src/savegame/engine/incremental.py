@@ -32,11 +32,11 @@ writes different bytes, because of its base.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from savegame._util.logs import get_logger
 from savegame.engine.verifier import manifest_of, open_file
 from savegame.engine.write_loop import EncodedItem
 from savegame.errors import CheckpointError
@@ -50,7 +50,7 @@ from savegame.storage.local.read import LocalCheckpointReader
 
 __all__ = ["MAX_LINKED_PER_ITEM", "Base", "Incremental", "Prepared", "prepare"]
 
-log = logging.getLogger("savegame")
+log = get_logger("savegame")
 
 MAX_LINKED_PER_ITEM = 8
 """Most previous files one item links; the arrays of any further ones are written again (bounded fan-out)."""

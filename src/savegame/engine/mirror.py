@@ -30,7 +30,6 @@ Usage::
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
@@ -38,13 +37,14 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from savegame._util.logs import get_logger
 from savegame.engine.verifier import copy_checked, verify_checkpoint
 from savegame.errors import CheckpointError, CommitError, CorruptCheckpointError
 from savegame.format.manifest import FileEntry, Manifest, parse_manifest
 from savegame.storage import LocalStorage, storage_for
 from savegame.storage.base import MANIFEST, Storage
 
-log = logging.getLogger("savegame")
+log = get_logger("savegame")
 
 @dataclass
 class SyncReport:

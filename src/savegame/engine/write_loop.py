@@ -46,12 +46,12 @@ storage, progress).
 from __future__ import annotations
 
 import errno
-import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from savegame._util.logs import get_logger
 from savegame._util.progress import ProgressBar
 from savegame._util.workers import LazyPool
 from savegame.engine.pacing import Pacer
@@ -67,7 +67,7 @@ __all__ = [
     "retry_on_clash", "write_files", "write_side_files",
 ]
 
-log = logging.getLogger("savegame")
+log = get_logger("savegame")
 T = TypeVar("T")
 
 

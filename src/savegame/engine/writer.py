@@ -9,7 +9,6 @@ Every save logs (logger ``savegame``, level INFO) its size, blocking time and th
 
 from __future__ import annotations
 
-import logging
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -17,6 +16,7 @@ from typing import Any
 
 from savegame._util.copyqueue import CopyQueue
 from savegame._util.gcpause import gc_paused
+from savegame._util.logs import get_logger
 from savegame._util.progress import ProgressBar
 from savegame._version import __version__
 from savegame.adapters import framework_versions
@@ -46,7 +46,7 @@ __all__ = [
     "save_now", "write_encoded", "write_items",
 ]  # EncodedItem and EncodedExtras live in write_loop.py; re-exported here, where callers import them
 
-log = logging.getLogger("savegame")
+log = get_logger("savegame")
 _SAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
 
 

@@ -162,6 +162,13 @@ class Encoder:
     records: list[ArrayRecord] = field(default_factory=list)
     _names: set[str] = field(default_factory=set)
     _seen: dict[tuple[object, ...], str] = field(default_factory=dict)
+    holds: list[object] = field(default_factory=list)
+    """What owns the memory of the identities in the alias table (the arrays, or the dict holding them),
+    kept alive until :meth:`finish`: an identity is an address, and a tensor a ``state_dict()`` made on
+    the fly and that was freed once copied would leave its address to the next one of the same shape,
+    which would then be taken for an alias of it and stored as the first one's bytes. A hook that puts
+    an identity in the table (:meth:`reserve_name`, :meth:`note_identities`, :meth:`alias_table`) appends
+    its owner here."""
     _unseen: list[tuple[list[tuple[object, ...]], list[str]]] = field(default_factory=list)
     """Identities taken with :meth:`note_identities`, entered into ``_seen`` when it is next read."""
     finishers: list[Callable[[], None]] = field(default_factory=list)
@@ -284,6 +291,7 @@ class Encoder:
                 done()
         finally:
             self.hook_state.clear()  # the hooks' objects refer back to the encoder: no cycle left behind
+            self.holds.clear()  # the walk is over: no identity is looked up any more
 
     # -- the walk -------------------------------------------------------------------------------------
     def encode(self, obj: object, path: Path = ()) -> Any:
@@ -352,6 +360,7 @@ class Encoder:
             if alias is not None:
                 node["key"] = alias
                 return _numpy_node_extras(node, arr, logical)
+            self.holds.append(obj)  # its address stays its own while the walk may look it up
         if arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         elif self.copy or not arr.flags.c_contiguous:

@@ -10,18 +10,18 @@ and :meth:`savegame.Checkpointer.preset` (a preset's knobs). Before, the Checkpo
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from savegame._util.logs import get_logger
 from savegame.errors import ConfigError
 from savegame.policies import KeepExponential, KeepLast, KeepPolicy, KeepUnion, Mode
 
 __all__ = ["PRESETS", "KeepMode", "Knobs", "Restart", "check_preset", "preset_knobs"]
 
-log = logging.getLogger("savegame.config")
+log = get_logger("savegame.config")
 
 KeepMode = Literal["linear", "exponential", "all"]
 Restart = Literal["auto", "required", "off"]

@@ -39,7 +39,6 @@ The constructor's keywords are checked, resolved and documented in :mod:`savegam
 from __future__ import annotations
 
 import builtins
-import logging
 import os
 import textwrap
 import time
@@ -48,6 +47,7 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, Literal
 
+from savegame._util.logs import get_logger
 from savegame.engine.background import BackgroundWriter
 from savegame.engine.lazy import SnapshotMode
 from savegame.errors import CheckpointError, ConfigError, CorruptCheckpointError, UnsupportedFormatError
@@ -98,7 +98,7 @@ from savegame.storage.base import CheckpointRef
 __all__ = ["AlignedSchedule", "CheckpointRecord", "Checkpointer", "RestoredProgress", "ResumeWarning", "SaveResult",
            "build_keep_policy", "build_save_policy", "coerce_metrics"]  # fmt: skip
 
-log = logging.getLogger("savegame.run.checkpointer")
+log = get_logger("savegame.run.checkpointer")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from savegame._util.logs import get_logger
 from savegame.errors import ConfigError
 
 __all__ = [
@@ -48,9 +49,9 @@ __all__ = [
     "frozen_metrics",
 ]
 
-log = logging.getLogger("savegame.run.checkpointer")
+log = get_logger("savegame.run.checkpointer")
 """The logger of the event lines (the Checkpointer's own)."""
-callback_log = logging.getLogger("savegame.events")
+callback_log = get_logger("savegame.events")
 """The logger of failing callbacks."""
 
 

@@ -30,7 +30,6 @@ with :meth:`RunIndex.note_committed` / :meth:`RunIndex.note_gone`); ``savegame l
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -41,6 +40,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from savegame import api
+from savegame._util.logs import get_logger
 from savegame.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from savegame.format.manifest import Manifest
 from savegame.policies import (
@@ -66,7 +66,7 @@ __all__ = [
     "recorded_best_names",
 ]
 
-log = logging.getLogger("savegame.run.index")
+log = get_logger("savegame.run.index")
 
 PROGRESS_VERSION = 1
 """Version of the ``progress`` layout the Checkpointer writes (``progress["checkpointer"]``)."""

@@ -35,7 +35,6 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import json
-import logging
 import os
 import socket
 import sys
@@ -46,6 +45,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from savegame._util.logs import get_logger
 from savegame._util.processes import pid_alive
 from savegame._util.safetext import escape_controls
 from savegame.errors import LockedError, StorageError
@@ -57,7 +57,7 @@ except ImportError:  # Windows: no flock; every lock is an exclusive lock record
 
 __all__ = ["LOCK_FILE", "LockHolder", "ProcessShare", "WriterLock", "read_lock_holder"]
 
-log = logging.getLogger("savegame.run.lock")
+log = get_logger("savegame.run.lock")
 
 LOCK_FILE = ".lock"
 """Name of the lock file inside the checkpoint root (hidden: never listed as a checkpoint)."""

@@ -7,12 +7,12 @@ exit codes) lives in :mod:`savegame.run.signals`; moved here verbatim from the C
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
+from savegame._util.logs import get_logger
 from savegame.policies import Progress
 from savegame.run.events import PreemptionInfo
 from savegame.run.records import SaveResult
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = ["immediate_saves", "install_preemption", "save_for_preemption"]
 
-log = logging.getLogger("savegame.run.checkpointer")
+log = get_logger("savegame.run.checkpointer")
 
 
 def install_preemption(

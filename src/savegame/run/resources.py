@@ -10,10 +10,10 @@ serve, like the other modules of the run layer.
 
 from __future__ import annotations
 
-import logging
 import threading
 from typing import TYPE_CHECKING
 
+from savegame._util.logs import get_logger
 from savegame.errors import CheckpointError, ConfigError
 from savegame.run.lock import ProcessShare
 from savegame.run.preemption import install_preemption
@@ -21,7 +21,7 @@ from savegame.run.preemption import install_preemption
 if TYPE_CHECKING:
     from savegame.run.checkpointer import Checkpointer
 
-log = logging.getLogger("savegame.run.checkpointer")
+log = get_logger("savegame.run.checkpointer")
 
 
 def acquire(ckpt: Checkpointer) -> None:

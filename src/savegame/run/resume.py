@@ -18,7 +18,6 @@ from the Checkpointer's methods; ``ResumeWarning`` stays importable from :mod:`s
 from __future__ import annotations
 
 import builtins
-import logging
 import sys
 import time
 import warnings
@@ -27,6 +26,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from savegame import api
+from savegame._util.logs import get_logger
 from savegame._util.safetext import escape_controls
 from savegame.adapters import torch_if_imported
 from savegame.adapters.rng import RNGState
@@ -62,7 +62,7 @@ __all__ = [
     "resume_latest",
 ]
 
-log = logging.getLogger("savegame.run.checkpointer")
+log = get_logger("savegame.run.checkpointer")
 
 RNG_ITEM = "rng"
 """Item name under which the global RNG state is added to full-state checkpoints."""

@@ -16,10 +16,10 @@ instead).
 from __future__ import annotations
 
 import builtins
-import logging
 import warnings
 from typing import TYPE_CHECKING
 
+from savegame._util.logs import get_logger
 from savegame.errors import CheckpointError
 from savegame.run.events import DeletedInfo
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["apply_retention", "doomed_names", "retain"]
 
-log = logging.getLogger("savegame.run.checkpointer")
+log = get_logger("savegame.run.checkpointer")
 
 
 def doomed_names(ckpt: Checkpointer, *, all_runs: bool = False) -> builtins.list[str]:

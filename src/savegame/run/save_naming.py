@@ -8,13 +8,13 @@ only decides which name a Checkpointer save gets.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import replace as _replace
 from typing import Any
 
+from savegame._util.logs import get_logger
 from savegame.errors import InvalidNameError
 from savegame.format.naming import NameTemplate, unique_name
 from savegame.policies import Progress
@@ -22,7 +22,7 @@ from savegame.run.index import RecordedBest
 
 __all__ = ["SaveNaming", "default_name", "name_for", "renamed"]
 
-log = logging.getLogger("savegame.run.checkpointer")
+log = get_logger("savegame.run.checkpointer")
 
 
 @dataclass

@@ -14,7 +14,6 @@ verbatim from its methods.
 from __future__ import annotations
 
 import builtins
-import logging
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from savegame import api
+from savegame._util.logs import get_logger
 from savegame.adapters import is_model_weights
 from savegame.adapters.rng import RNGState
 from savegame.engine.background import BackgroundWriter, PendingSave, close_at_exit
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = ["InFlight", "already_saved", "busy", "save_state", "settle", "skipped"]
 
-log = logging.getLogger("savegame.run.checkpointer")
+log = get_logger("savegame.run.checkpointer")
 
 
 @dataclass(frozen=True)

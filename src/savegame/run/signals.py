@@ -39,7 +39,6 @@ second signal during the save is counted and otherwise ignored: the save is not 
 
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 import threading
@@ -49,11 +48,12 @@ from contextlib import contextmanager
 from types import FrameType, TracebackType
 from typing import Any, Literal
 
+from savegame._util.logs import get_logger
 from savegame.errors import CheckpointError, ConfigError
 
 __all__ = ["DEFAULT_SIGNALS", "PreemptionError", "PreemptionHandler", "parse_signal"]
 
-log = logging.getLogger("savegame.run.signals")
+log = get_logger("savegame.run.signals")
 
 Action = Literal["exit", "reraise", "continue"]
 SaveCallback = Callable[[int], object]

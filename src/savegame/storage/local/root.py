@@ -12,7 +12,6 @@ the run index, the CLI and the mirror.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import socket
 import stat
@@ -20,6 +19,7 @@ import time
 import uuid
 
 import savegame.storage.local.ops as local_ops
+from savegame._util.logs import get_logger
 from savegame.errors import InvalidNameError, StorageError
 from savegame.format.naming import check_checkpoint_name, validate_name
 from savegame.storage.base import MANIFEST, QUARANTINE_PREFIX, STAGING_PREFIX, TRASH_PREFIX, CheckpointRef
@@ -29,7 +29,7 @@ from savegame.storage.local.ops import FileOps, _io_error
 from savegame.storage.local.read import LocalCheckpointReader, open_local_checkpoint
 from savegame.storage.local.write import JoinedTransaction, LocalTransaction
 
-log = logging.getLogger("savegame")
+log = get_logger("savegame")
 
 STALE_FOREIGN_SECONDS = FOREIGN_WRITER_GRACE_SECONDS  # the one grace period (storage.liveness)
 

@@ -13,7 +13,6 @@ their sinks.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import stat
 import threading
@@ -21,6 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from savegame._util.logs import get_logger
 from savegame.errors import CommitError, InvalidNameError, OccupiedPathError
 from savegame.format.naming import check_checkpoint_name
 from savegame.storage.base import MANIFEST, TRASH_PREFIX
@@ -38,7 +38,7 @@ from savegame.storage.local.ops import FileOps, _io_error
 if TYPE_CHECKING:
     from savegame.storage.local.root import LocalStorage
 
-log = logging.getLogger("savegame")
+log = get_logger("savegame")
 
 
 class LocalFileSink:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import inspect
-import logging
 import os
 import random
 import re
@@ -27,11 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from savegame._util.logs import get_logger
 from savegame.errors import CheckpointError, ConfigError, StorageError, TruncatedFileError
 from savegame.format.naming import check_checkpoint_name
 from savegame.storage.base import MANIFEST
 
-log = logging.getLogger("savegame")
+log = get_logger("savegame")
 
 MIN_PART_SIZE = 5 << 20  # the S3 minimum for every part but the last
 DEFAULT_PART_SIZE = 8 << 20

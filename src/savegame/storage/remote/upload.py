@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import errno
 import io
-import logging
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+from savegame._util.logs import get_logger
 from savegame.errors import StorageError
 
 if TYPE_CHECKING:
     from savegame.storage.remote.write import RemoteTransaction
 
-log = logging.getLogger("savegame")
+log = get_logger("savegame")
 
 _MAX_PARTS = 10_000
 

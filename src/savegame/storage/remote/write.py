@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 import socket
 import threading
@@ -24,6 +23,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from savegame._util.logs import get_logger
 from savegame.errors import CheckpointError, CommitError, InvalidNameError, StorageError
 from savegame.format.naming import check_checkpoint_name
 from savegame.storage.base import MANIFEST
@@ -33,7 +33,7 @@ from savegame.storage.remote.upload import _MultipartSink, _Sink, _StreamSink
 if TYPE_CHECKING:
     from savegame.storage.remote.root import RemoteStorage
 
-log = logging.getLogger("savegame")
+log = get_logger("savegame")
 
 _LIVE_OWNERS: set[str] = set()
 """Owner ids of the transactions running in this process (their version folders are never cleaned)."""
