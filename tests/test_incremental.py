@@ -500,7 +500,11 @@ def test_prune_reports_the_bytes_it_frees_not_the_ones_kept_checkpoints_still_li
     out = json.loads(capsys.readouterr().out)
     assert out["deleted"] == doomed
     freed = before - _data_bytes_on_disk(tmp_path)
-    assert 0 < freed < listed / 2
+    (survivor,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    kept = savegame.read_manifest(survivor)
+    shared = sum(kept.files[f].bytes for entry in kept.items.values() for f in entry.linked)
+    assert shared > 0
+    assert 0 < freed <= listed - len(doomed) * shared  # each doomed checkpoint listed the file the kept one links
     assert out["bytes_freed"] == freed
     assert f"(frees {human_size(freed)})" in planned, planned
 
@@ -565,3 +569,82 @@ def test_a_base_overwritten_between_its_check_and_the_link_is_not_linked(
     savegame.verify(tmp_path / "b")
     loaded = savegame.load(tmp_path / "b")["model"]
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def _distinct_bytes(root: Path) -> int:
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for file in root.rglob("*"):
+        st = file.lstat()
+        if file.is_file() and (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_size
+    return total
+
+
+def test_a_mostly_stale_file_is_not_linked(tmp_path: Path) -> None:
+    """Small layers frozen one after another next to a large head that keeps training: each frozen layer
+    was served by linking the whole older file that holds it, stale head included, and the one checkpoint
+    kept took 9x the disk of a full one. A file is linked only while at least half of it is still used."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"head": torch.nn.Linear(1024, 1024),
+                                 **{f"l{i}": torch.nn.Linear(16, 16) for i in range(8)}})  # fmt: skip
+    sizes = {}
+    for incremental_on in (False, True):
+        root = tmp_path / f"incremental={incremental_on}"
+        ckpt = Checkpointer(root, incremental=incremental_on, keep_last=1)
+        for epoch in range(10):
+            with torch.no_grad():
+                model["head"].weight.add_(0.01)
+                for i in range(epoch, 8):  # layer i is frozen from epoch i on
+                    model[f"l{i}"].weight.add_(0.01)
+            ckpt.save({"model": model}, epoch=epoch)
+        ckpt.close()
+        sizes[incremental_on] = _distinct_bytes(root)
+        (kept,) = [p for p in root.iterdir() if not p.name.startswith(".") and p.is_dir()]
+        loaded = savegame.load(kept)["model"]
+        assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+    assert sizes[True] <= 1.2 * sizes[False], sizes
+
+
+def test_a_half_used_file_is_linked(tmp_path: Path) -> None:
+    """The frozen backbone (most of the file) is still linked when the small head changes."""
+    big, small = torch.randn(256, 1024), torch.randn(16)
+    savegame.save(tmp_path / "a", {"m": {"backbone": big, "head": small}})
+    savegame.save(tmp_path / "b", {"m": {"backbone": big, "head": small + 1}}, base=tmp_path / "a")
+    assert savegame.read_manifest(tmp_path / "b").items["m"].linked
+
+
+@pytest.mark.parametrize("base", ["manifest", 123, ""])
+def test_a_bad_base_is_named_as_the_base(tmp_path: Path, base: Any) -> None:
+    """A Manifest (what save() returns), a number or "" were reported as a bad ``path`` (or "" silently
+    meant the current directory)."""
+    from savegame.errors import ConfigError
+
+    manifest = savegame.save(tmp_path / "a", {"w": np.ones(3)})
+    with pytest.raises(ConfigError, match="base"):
+        savegame.save(tmp_path / "b", {"w": np.ones(3)}, base=manifest if base == "manifest" else base)
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_local_base_of_a_remote_save_gives_a_full_save(tmp_path: Path) -> None:
+    """The path's storage_options went to a local base too, which refused them and failed the save."""
+    pytest.importorskip("fsspec")
+    savegame.save(tmp_path / "a", {"w": np.ones(3)})
+    url = "memory://savegame-incremental-test/run/b"
+    savegame.save(url, {"w": np.ones(3)}, base=tmp_path / "a", storage_options={"skip_instance_cache": True})
+    assert savegame.read_manifest(url).items["w"].linked == {}
+
+
+def test_ls_counts_a_file_shared_by_incremental_checkpoints_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    frozen = torch.randn(256, 1024)  # 1 MiB, linked by every later checkpoint
+    ckpt = Checkpointer(tmp_path / "run", incremental=True)
+    for epoch in range(5):
+        ckpt.save({"m": {"frozen": frozen, "head": torch.full((4,), float(epoch))}}, epoch=epoch)
+    ckpt.close()
+    capsys.readouterr()
+    assert cli_main(["ls", str(tmp_path / "run"), "--color", "never"]) == 0
+    out = capsys.readouterr().out
+    assert "5 checkpoints, 1.0 MiB" in out, out

@@ -130,8 +130,22 @@ def _tidy(storage: Storage) -> None:
 
 
 def _incremental_base(base: PathLike, *, storage_options: Mapping[str, Any] | None) -> Incremental:
-    """``save(base=...)``: the committed checkpoint ``base`` (its manifest read and validated now)."""
-    storage, name = locate(base, storage_options=storage_options)
+    """``save(base=...)``: the committed checkpoint ``base`` (its manifest read and validated now).
+
+    ``storage_options`` are the ones given for ``path``: they go to ``base`` only if it is a URL too (a local
+    base of a remote save is in another storage, so the save is a full one)."""
+    if not isinstance(base, (str, os.PathLike)):
+        hint = ": save() returns the Manifest, pass the path it saved to" if isinstance(base, Manifest) else ""
+        raise ConfigError(
+            f"save: base must be the path (or URL) of a committed checkpoint, the one to save incrementally "
+            f"from, not {type(base).__name__}{hint}"
+        )
+    if not os.fspath(base):
+        raise ConfigError("save: base is empty; pass the path of the checkpoint to save incrementally from")
+    try:
+        storage, name = locate(base, storage_options=storage_options if is_url(base) else None)
+    except ConfigError as exc:
+        raise ConfigError(f"save: base: {exc}") from None
     reader = storage.reader(name)
     try:
         manifest = verifier.manifest_of(reader)

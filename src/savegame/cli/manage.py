@@ -31,7 +31,14 @@ from savegame.cli.common import (
     print_json,
     shown,
 )
-from savegame.cli.scan import Entry, Root, check_monitor_recorded, doomed_by_retention, scan_root
+from savegame.cli.scan import (
+    Entry,
+    Root,
+    check_monitor_recorded,
+    doomed_by_retention,
+    scan_root,
+    stored_files,
+)
 from savegame.errors import CheckpointError
 from savegame.run.index import recorded_best_names
 from savegame.storage import is_url
@@ -140,17 +147,12 @@ def _bytes_freed(entries: list[Entry], doomed: list[Entry], *, local: bool) -> d
     frees: dict[str, int] = {}
     for e in sorted(entries, key=lambda e: e.name in doomed_names):  # the kept ones first
         total = 0
-        for file in e.manifest.files if e.manifest is not None else ():
-            try:
-                st = os.stat(os.path.join(e.path, file), follow_symlinks=False)
-            except OSError:
-                continue  # missing: frees nothing
-            inode = (st.st_dev, st.st_ino)
+        for inode, size in stored_files(e):
             if e.name not in doomed_names:
                 kept.add(inode)
             elif inode not in kept and inode not in counted:
                 counted.add(inode)
-                total += st.st_size
+                total += size
         if e.name in doomed_names:
             frees[e.name] = total
     return frees

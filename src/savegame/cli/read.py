@@ -30,6 +30,7 @@ from savegame.cli.scan import (
     Entry,
     Root,
     classify,
+    distinct_bytes,
     entry_summary,
     resolve_checkpoint,
     scan_root,
@@ -127,7 +128,7 @@ def cmd_ls(args: argparse.Namespace, ctx: Context) -> int:
     right = {1, 2, *range(3, 3 + len(metrics)), *range(4 + len(metrics), 8 + len(metrics))}
     ctx.print(render_table(header, rows, right=sorted(right), style=st))
     summary = [f"{len(scan.entries)} checkpoint{'s' if len(scan.entries) != 1 else ''}, "
-               f"{human_size(sum(e.size for e in scan.entries))}"]  # fmt: skip
+               f"{human_size(distinct_bytes(scan.entries, local=not scan.source.remote))}"]  # fmt: skip
     if scan.best is not None and scan.monitor is not None:
         summary.append(f"best by {shown(scan.monitor)} ({scan.mode}): {shown(scan.best.name)}")
     elif scan.monitor is None:

@@ -169,6 +169,34 @@ class Entry:
         return (self.sequence if self.sequence is not None else -1, self.timestamp, self.name)
 
 
+def stored_files(entry: Entry) -> list[tuple[tuple[int, int], int]]:
+    """``((st_dev, st_ino), bytes)`` of each data file of the local checkpoint ``entry`` that is there: the
+    files of incremental checkpoints are hard links of earlier ones, so one inode can be in several."""
+    out: list[tuple[tuple[int, int], int]] = []
+    for file in entry.manifest.files if entry.manifest is not None else ():
+        try:
+            st = os.stat(os.path.join(entry.path, file), follow_symlinks=False)
+        except OSError:
+            continue  # missing: nothing stored
+        out.append(((st.st_dev, st.st_ino), st.st_size))
+    return out
+
+
+def distinct_bytes(entries: list[Entry], *, local: bool) -> int:
+    """Bytes the data files of ``entries`` take: locally each inode once (a file linked by several
+    incremental checkpoints is stored once); a remote checkpoint's files are its own."""
+    if not local:
+        return sum(e.size for e in entries)
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for entry in entries:
+        for inode, size in stored_files(entry):
+            if inode not in seen:
+                seen.add(inode)
+                total += size
+    return total
+
+
 @dataclass
 class Scan:
     """What a root holds: committed checkpoints (readable ones in order, unreadable ones last),

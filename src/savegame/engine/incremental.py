@@ -8,7 +8,8 @@ with the hash recorded when it was written, and named in the item's ``linked`` f
 serves (:class:`~savegame.format.manifest.ItemEntry`). So ``verify``, ``load``, ``export``, the CLI,
 retention, quarantine and the mirror see a complete checkpoint, and deleting one checkpoint never deletes
 data another one uses. A linked file is always one that holds the bytes itself (the previous checkpoint's
-own file or one it linked in turn), so chains never grow.
+own file or one it linked in turn), so chains never grow, and only one the item still uses at least half
+of (:data:`MIN_LINKED_SHARE`), so stale bytes kept alive never outgrow the used ones.
 
 "Unchanged" is decided by content: every array's XXH3-128 over its dtype, shape and bytes
 (:func:`~savegame.format.hashing.array_hash`), compared with the hash the previous checkpoint recorded for
@@ -54,6 +55,12 @@ log = get_logger("savegame")
 
 MAX_LINKED_PER_ITEM = 8
 """Most previous files one item links; the arrays of any further ones are written again (bounded fan-out)."""
+MIN_LINKED_SHARE = 0.5
+"""Least share of a previous file's bytes an item must still use for the file to be linked; the unchanged
+arrays of a file that is mostly stale (a small frozen layer next to a large head that kept training) are
+written again instead, so the files a checkpoint links hold at most as many stale bytes as used ones and
+an incremental checkpoint never takes more than twice the room of a full one (linking every holder took
+9x the disk of a full save with layers frozen one after another)."""
 
 
 @dataclass(frozen=True)
@@ -183,6 +190,10 @@ class _Linker:
         self.linked[file] = name
         return name
 
+    def file_bytes(self, file: str) -> int:
+        """The size of the base's ``file`` as its manifest records it."""
+        return self.base.manifest.files[file].bytes
+
     def hashes_of(self, prev: ItemEntry) -> dict[str, str]:
         """The array hashes of a base item that recorded none (a base saved without ``incremental``),
         computed from its verified files; empty when one of them is not usable."""
@@ -272,7 +283,9 @@ def _link_unchanged(
             holder = _holder(prev, key)
             if holder is not None:
                 groups.setdefault(holder, []).append(index)
-    by_size = sorted(groups, key=lambda f: -sum(len(item.records[i].data.data) for i in groups[f]))
+    used = {f: sum(len(item.records[i].data.data) for i in indices) for f, indices in groups.items()}
+    worth = [f for f in groups if used[f] >= MIN_LINKED_SHARE * linker.file_bytes(f)]
+    by_size = sorted(worth, key=lambda f: -used[f])
     stem = item.file.removesuffix(".safetensors")
     linked_at: set[int] = set()
     linked: dict[str, list[str]] = {}
