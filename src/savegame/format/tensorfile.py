@@ -359,7 +359,9 @@ def check_allocated(fd: int, size: int, where: str) -> None:
         return
     raise TruncatedFileError(
         f"{where}: only {allocated * 512} of its {size} bytes are stored (a sparse file; savegame writes every "
-        "byte, so the file was not written by it): refusing to read holes as data"
+        "byte, so the file was not written by it): refusing to read holes as data. A copy made with rsync -S, "
+        "cp --sparse=always or tar -S turns runs of zeros into holes: copy the checkpoint again without that "
+        "option (cp --sparse=never) to load it"
     )
 
 
