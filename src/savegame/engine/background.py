@@ -203,6 +203,7 @@ class BackgroundWriter:
         self.nice = nice
         """Added to the nice value of each persist thread (None or 0: unchanged); see the module docstring."""
         self._current: PendingSave | None = None
+        self._thread: threading.Thread | None = None  # the thread of the latest save
         self._unreported: tuple[str, BaseException] | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -260,12 +261,18 @@ class BackgroundWriter:
             # memory) rather than race the release and allocate fresh ones.
             # Wait (GIL released) until the caller is back from Thread.start(): it then returns from the
             # save at once instead of waiting a switch interval (5 ms or more) for this job's Python work.
+            # The job (and the encoded items, tensors included, it holds) is dropped here before the handle
+            # completes: freed by this daemon thread after that, while the interpreter shuts down (the caller
+            # returned from result() and exited), a torch tensor's deallocator takes the GIL during
+            # finalization and the process aborts (SIGABRT, "terminate called without an active exception").
+            nonlocal job
             started.wait()
             start = time.perf_counter()
             lower_thread_priority(self.nice)
             try:
                 result = job()
             except BaseException as exc:
+                job = _done_job
                 snapshot.release()
                 if self._stop.is_set():  # aborted on request at exit: finish_at_exit says so
                     log.info("background save of %s aborted: %s", path, exc)
@@ -275,6 +282,7 @@ class BackgroundWriter:
                     self._unreported = (path, exc)
                 future.set_exception(exc)
             else:
+                job = _done_job
                 pending.finished_at = time.perf_counter()
                 snapshot.release()
                 log.debug("background save of %s committed in %.3f s", path, time.perf_counter() - start)
@@ -285,7 +293,9 @@ class BackgroundWriter:
         previous, self._current = self._current, pending
         started = threading.Event()
         try:
-            threading.Thread(target=run, name=self._name, daemon=True).start()
+            thread = threading.Thread(target=run, name=self._name, daemon=True)
+            thread.start()
+            self._thread = thread
         except Exception as exc:  # no thread was started (e.g. the process may start no more): nothing in flight
             self._current = previous
             if settle is not None:
@@ -330,11 +340,23 @@ class BackgroundWriter:
                 if current.exception() is not None:
                     _say(stream, f"savegame: aborted the background save of {current.path}: nothing was saved "
                                  "there (earlier checkpoints are unchanged)")  # fmt: skip
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=_EXIT_JOIN_SECONDS)  # its last references go before the interpreter does
         with self._lock:
             unreported, self._unreported = self._unreported, None
         if unreported is not None:
             path, exc = unreported
             _say(stream, f"savegame: the background save of {path} failed, nothing was saved there: {exc}")
+
+    def _forget_in_child(self) -> None:
+        """After ``fork``: the child has no writer thread, so the parent's save in flight never completes
+        here; forget it (a later save in the child would wait for it forever) and any lock its thread held."""
+        self._lock = threading.Lock()
+        self._current = None
+        self._unreported = None
+        self._thread = None
+        self._stop = threading.Event()
 
 
 def lower_thread_priority(nice: int | None) -> bool:
@@ -409,9 +431,20 @@ def _install_exit_hook() -> None:
 
 
 def _forget_writers_after_fork() -> None:
-    """A forked child has none of its parent's writer threads: never wait for their saves at its exit."""
+    """A forked child has none of its parent's writer threads: never wait for their saves (at its exit,
+    or before its own first save)."""
     global _writers
+    for writer in list(_writers):
+        writer._forget_in_child()
     _writers = weakref.WeakSet()
+
+
+def _done_job() -> None:
+    """What a finished save's thread keeps in place of its job (whose items it must not free itself)."""
+
+
+_EXIT_JOIN_SECONDS = 10.0
+"""How long the exit hook waits for a finished save's thread to end once its handle completed."""
 
 
 if hasattr(os, "register_at_fork"):

@@ -27,8 +27,14 @@ Guarantees, and how they are kept:
   ``optimizer.step()`` (through the hook; the step does not run), else by ``result()``, the next save,
   ``wait()`` or ``close()``, and only once.
 
+Global step pre-hooks (``torch.optim.optimizer.register_optimizer_step_pre_hook``), which torch runs
+before an optimizer's own, are preceded by one of savegame's while any is registered.
+
 What version counters cannot see: writes through ``tensor.data``, NumPy views (``t.numpy()``), or
-other processes/threads sharing the memory, made between the save call and the next ``step()``. Such
+other processes/threads sharing the memory, made between the save call and the next ``step()``. What they
+see too much of: parameters that are views of one flat buffer share its counter, so an optimizer stepping
+some of them fails a save whose other ones another optimizer has not stepped yet (a false alarm, never a
+torn commit: step every optimizer over one buffer before the next save, or stay eager). Such
 code must use eager snapshots, which is why eager stays the default. Only CPU tensors over the
 small-tensor limit (64 KB) are deferred: small ones are still copied in one eager batch
 (:mod:`savegame.adapters.torch`), and CUDA tensors keep their (asynchronous, pinned) eager copy.
@@ -163,6 +169,7 @@ class LazySnapshot:
                     if id(opt) not in self._hooks:
                         self._hooks[id(opt)] = (opt, _register_first(opt, self._before_step))
             _live.add(self)
+            _run_before_global_hooks()
 
     def abandon(self, reason: BaseException) -> None:
         """The save failed before it was handed over: wait for any copy started, drop the hooks."""
@@ -329,6 +336,35 @@ def _register_first(optimizer: Any, hook: Callable[[Any, Any, Any], None]) -> An
     if hasattr(hooks, "move_to_end") and key in hooks:  # an OrderedDict (torch >= 2.0)
         hooks.move_to_end(key, last=False)
     return handle
+
+
+_global_handle: Any = None
+"""The handle of :func:`_before_any_step` among torch's global step pre-hooks, once registered."""
+
+
+def _run_before_global_hooks() -> None:
+    """torch runs the global step pre-hooks (``torch.optim.optimizer.register_optimizer_step_pre_hook``)
+    before an optimizer's own, so a global weight clip ran before the copies were waited for and every
+    lazy save failed as torn: while any global pre-hook is registered, :func:`_before_any_step` runs first
+    among them (registered once, moved to the front at each lazy save; a no-op for optimizers no lazy
+    save waits for)."""
+    global _global_handle
+    from torch.optim import optimizer as optim
+
+    hooks = getattr(optim, "_global_optimizer_pre_hooks", None)
+    if not hooks or not hasattr(hooks, "move_to_end"):
+        return  # no global pre-hook (or a torch without them): the optimizers' own first hooks suffice
+    if _global_handle is None or _global_handle.id not in hooks:
+        _global_handle = optim.register_optimizer_step_pre_hook(_before_any_step)
+    if next(iter(hooks)) != _global_handle.id:
+        hooks.move_to_end(_global_handle.id, last=False)
+
+
+def _before_any_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+    """Global step pre-hook: what the optimizer's own savegame hook does, before the other global hooks."""
+    for snapshot in list(_live):
+        if id(optimizer) in snapshot._hooks:
+            snapshot._before_step(optimizer, args, kwargs)
 
 
 def _wait_all(futures: list[Future[None]]) -> None:
