@@ -275,12 +275,8 @@ def test_a_user_hook_registered_after_the_save_still_runs(tmp_path: Path) -> Non
     user.remove()
 
 
-def test_a_user_pre_hook_that_changes_the_parameters_runs_after_the_copy(tmp_path: Path) -> None:
-    """A step pre-hook is part of the step and may change the parameters (here a weight clip). One
-    registered before the save ran before the lazy hook, so the copy was always reported torn."""
-    model, opts, state, x = _setup()
-
-    calls: list[int] = []
+def _weight_clip(calls: list[int]) -> Any:
+    """A step pre-hook that changes the parameters (clamps them), counting its calls in ``calls``."""
 
     def clip(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         calls.append(1)
@@ -289,6 +285,15 @@ def test_a_user_pre_hook_that_changes_the_parameters_runs_after_the_copy(tmp_pat
                 for p in group["params"]:
                     p.clamp_(-0.05, 0.05)
 
+    return clip
+
+
+def test_a_user_pre_hook_that_changes_the_parameters_runs_after_the_copy(tmp_path: Path) -> None:
+    """A step pre-hook is part of the step and may change the parameters (here a weight clip). One
+    registered before the save ran before the lazy hook, so the copy was always reported torn."""
+    model, opts, state, x = _setup()
+    calls: list[int] = []
+    clip = _weight_clip(calls)
     users = [opt.register_step_pre_hook(clip) for opt in opts]
     expected = _expected(state)
     handle = savegame.save(tmp_path / "c", state, background=True, snapshot="lazy")
@@ -565,15 +570,7 @@ def test_a_global_step_pre_hook_that_changes_the_parameters_runs_after_the_copy(
 
     model, opts, state, x = _setup()
     calls: list[int] = []
-
-    def clip(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        calls.append(1)
-        with torch.no_grad():
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    p.clamp_(-0.05, 0.05)
-
-    user = register_optimizer_step_pre_hook(clip)
+    user = register_optimizer_step_pre_hook(_weight_clip(calls))
     try:
         for round_ in range(2):
             expected = _expected(state)
