@@ -920,3 +920,30 @@ def test_background_failure_is_raised_at_the_next_call(tmp_path: Path, trainer: 
     ckpt.close()
     assert second.is_best and names(ckpt) == ["epoch=001", "epoch=003"]
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("older", [False, True], ids=["only-one", "with-older"])
+def test_a_checkpoint_of_a_newer_savegame_stops_the_resume(tmp_path: Path, older: bool) -> None:
+    """The newest checkpoint, written by a newer savegame (a signed manifest of a format this one does not
+    read), is not damage: restore() returned None (training started over) or quietly resumed an older
+    one, with a log line only. It now raises UnsupportedFormatError and changes nothing."""
+    import json
+
+    from savegame.errors import UnsupportedFormatError
+    from savegame.format.manifest import sign_manifest
+
+    model = nn.Linear(2, 2)
+    with Checkpointer(tmp_path, name="e{epoch:02d}") as ckpt:
+        for epoch in ((1, 2) if older else (2,)):
+            ckpt.save({"model": model}, epoch=epoch)
+    manifest = tmp_path / "e02" / "manifest.json"
+    body = json.loads(manifest.read_bytes())
+    body["format_version"] = 99
+    manifest.write_bytes(sign_manifest(body))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    target = nn.Linear(2, 2)
+    weight = target.weight.detach().clone()
+    with Checkpointer(tmp_path, name="e{epoch:02d}") as ckpt, pytest.raises(UnsupportedFormatError, match="upgrade"):
+        ckpt.restore({"model": target})
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing quarantined
+    assert torch.equal(target.weight, weight)

@@ -104,3 +104,24 @@ def test_api_prune_by_another_metric_keeps_the_recorded_best(run_root: Path, tmp
         deleted = ckpt.prune(dry_run=False)
     assert names(run_root) == [BEST, "epoch=005-step=000050"]
     assert sorted(deleted) == ["epoch=001-step=000010", "epoch=002-step=000020", "epoch=004-step=000040"]
+
+
+@pytest.mark.parametrize("composed", [False, True], ids=["KeepBest", "KeepUnion"])
+def test_a_misspelled_keep_best_monitor_deletes_nothing(tmp_path: Path, composed: bool) -> None:
+    """``keep=KeepBest(3, "val_los")`` (a typo of the recorded ``val_loss``) ranked nothing, so retention
+    after each commit and prune() deleted the real best ones without a word. Now retention deletes
+    nothing and warns once, and prune() raises ConfigError naming the recorded metrics."""
+    from savegame.policies import KeepBest, KeepLast, KeepUnion
+
+    keep = KeepUnion(KeepLast(1), KeepBest(3, "val_los")) if composed else KeepBest(3, "val_los")
+    ckpt = Checkpointer(tmp_path, monitor="val_loss", keep=keep, name="e{epoch:02d}")
+    model = torch.nn.Linear(2, 2)
+    with pytest.warns(UserWarning, match="retention deletes nothing.*'val_los'.*'val_loss'") as caught:
+        for epoch, loss in enumerate([0.1, 0.9, 0.8, 0.3, 0.2, 0.7], start=1):
+            ckpt.save({"model": model}, epoch=epoch, metrics={"val_loss": loss})
+    assert len([w for w in caught if "retention deletes nothing" in str(w.message)]) == 1
+    assert names(tmp_path) == [f"e{i:02d}" for i in range(1, 7)]
+    with pytest.raises(ConfigError, match="'val_los'"):
+        ckpt.prune()
+    assert names(tmp_path) == [f"e{i:02d}" for i in range(1, 7)]
+    ckpt.close()

@@ -266,6 +266,15 @@ class KeepUnion:
         return kept
 
 
+def monitors_of(policy: object) -> list[str]:
+    """The metrics the :class:`KeepBest` parts of ``policy`` rank by (through :class:`KeepUnion`s), in order."""
+    if isinstance(policy, KeepBest):
+        return [policy.monitor]
+    if isinstance(policy, KeepUnion):
+        return [m for part in policy.policies for m in monitors_of(part) if m]
+    return []
+
+
 def select_for_deletion(
     checkpoints: Sequence[CheckpointInfo], policy: KeepPolicy, *, now: float, best_name: str | None
 ) -> list[CheckpointInfo]:

@@ -39,6 +39,7 @@ from savegame.errors import (
     ResumeWarning,
     StateMismatchError,
     StorageError,
+    UnsupportedFormatError,
 )
 from savegame.format.manifest import Manifest
 from savegame.policies import Progress
@@ -97,6 +98,7 @@ def pick_for_resume(ckpt: Checkpointer) -> dict[str, Any]:
     """Rank 0's choice of the checkpoint all ranks resume from: the newest that verifies (broken
     ones quarantined on the way). JSON, as it is broadcast: ``{"name": ..., "quarantined": [...]}``."""
     fetch_from_mirror(ckpt)
+    refuse_newer_formats(ckpt)
     quarantined: builtins.list[str] = []
     for name, exc in builtins.list(ckpt._index.unreadable.items()):
         if isinstance(exc, CorruptCheckpointError):
@@ -113,6 +115,22 @@ def pick_for_resume(ckpt: Checkpointer) -> dict[str, Any]:
     return {"name": None, "quarantined": quarantined}
 
 
+def refuse_newer_formats(ckpt: Checkpointer) -> None:
+    """Raise :class:`UnsupportedFormatError` when a checkpoint of the root was written by a newer savegame:
+    it is not damaged (nothing is quarantined), and resuming an older checkpoint instead, or starting over
+    when there is none, would quietly lose the training since."""
+    newer = sorted(name for name, exc in ckpt._index.unreadable.items() if isinstance(exc, UnsupportedFormatError))
+    if newer:
+        exc = ckpt._index.unreadable[newer[0]]
+        raise UnsupportedFormatError(
+            f"{ckpt.directory}: checkpoint {newer[0]!r}"
+            + (f" (and {len(newer) - 1} more)" if len(newer) > 1 else "")
+            + f" cannot be read by this savegame ({exc}); nothing was restored, so that training does not go "
+            "back to an older checkpoint or start over: upgrade savegame to resume, or move the checkpoint "
+            "out of the directory to resume from the older ones"
+        )
+
+
 def resume_latest(
     ckpt: Checkpointer, state: Mapping[str, Any], *, strict: bool, map_location: Any
 ) -> RestoredProgress | None:
@@ -123,6 +141,7 @@ def resume_latest(
     if ckpt._coord.distributed:
         return resume_together(ckpt, state, strict=strict, map_location=map_location)
     fetch_from_mirror(ckpt)
+    refuse_newer_formats(ckpt)
     quarantined: builtins.list[str] = []
     for name, exc in builtins.list(ckpt._index.unreadable.items()):
         if isinstance(exc, CorruptCheckpointError):

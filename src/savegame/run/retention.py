@@ -8,19 +8,22 @@ moved here verbatim from its methods.
 
 Guarantees: a checkpoint is deleted only after a newer one was committed; the newest committed
 checkpoint, the best one, the best recorded by any run's manifests and pinned ones are never deleted
-by retention; checkpoints the Checkpointer did not write (no ``progress.checkpointer``) or another run
-wrote are never deleted; an existing name is never overwritten (``-v1``, ``-v2``, ... are appended
-instead).
+by retention, nor anything while a ``KeepBest`` of the keep policy ranks by a metric no checkpoint
+recorded (a typo: :func:`prune` raises, retention after a commit warns once); checkpoints the
+Checkpointer did not write (no ``progress.checkpointer``) or another run wrote are never deleted; an
+existing name is never overwritten (``-v1``, ``-v2``, ... are appended instead).
 """
 
 from __future__ import annotations
 
 import builtins
 import warnings
+import weakref
 from typing import TYPE_CHECKING
 
 from savegame._util.logs import get_logger
-from savegame.errors import CheckpointError
+from savegame.errors import CheckpointError, ConfigError
+from savegame.policies.keep import monitors_of
 from savegame.run.events import DeletedInfo
 
 if TYPE_CHECKING:
@@ -29,6 +32,8 @@ if TYPE_CHECKING:
 __all__ = ["apply_retention", "doomed_names", "retain"]
 
 log = get_logger("savegame.run.checkpointer")
+_warned: weakref.WeakKeyDictionary[Checkpointer, set[str]] = weakref.WeakKeyDictionary()
+"""The unrecorded keep-policy metrics each Checkpointer warned about (once each)."""
 
 
 def doomed_names(ckpt: Checkpointer, *, all_runs: bool = False) -> builtins.list[str]:
@@ -39,7 +44,31 @@ def doomed_names(ckpt: Checkpointer, *, all_runs: bool = False) -> builtins.list
                               monitor=ckpt.monitor, mode=ckpt.mode, now=ckpt._wall_clock())  # fmt: skip
 
 
+def unrecorded_keep_monitors(ckpt: Checkpointer, *, all_runs: bool = False) -> builtins.list[ConfigError]:
+    """The error for each metric a ``KeepBest`` of the keep policy ranks by that none of the checkpoints
+    retention looks at recorded (a typo such as ``KeepBest(3, "val_los")``, or a metric not reported yet):
+    ranking by it keeps nothing, and the policy's other parts would delete the real best."""
+    errors = []
+    for monitor in dict.fromkeys(monitors_of(ckpt.keep_policy)):
+        try:
+            ckpt._index.check_monitor_recorded(monitor, run=None if all_runs else ckpt.run_id,
+                                               where=f"Checkpointer({ckpt.directory!r}) keep policy")  # fmt: skip
+        except ConfigError as exc:
+            errors.append(exc)
+    return errors
+
+
 def apply_retention(ckpt: Checkpointer, *, dry_run: bool, all_runs: bool = False) -> builtins.list[str]:
+    unrecorded = unrecorded_keep_monitors(ckpt, all_runs=all_runs)
+    if unrecorded:  # nothing is deleted by a ranking that cannot rank (after each commit: say so once)
+        said = _warned.setdefault(ckpt, set())
+        for exc in unrecorded:
+            if str(exc) not in said:
+                said.add(str(exc))
+                message = f"retention deletes nothing until the metric is recorded: {exc}"
+                log.warning(message)
+                warnings.warn(message, stacklevel=3)
+        return []
     doomed = doomed_names(ckpt, all_runs=all_runs)
     if dry_run:
         return doomed
@@ -74,6 +103,9 @@ def prune(ckpt: Checkpointer, *, dry_run: bool, all_runs: bool) -> list[str]:
     index what went."""
     ckpt._index.check_monitor_recorded(ckpt.monitor, run=None if all_runs else ckpt.run_id,
                                        where=f"Checkpointer({ckpt.directory!r})")  # fmt: skip
+    unrecorded = unrecorded_keep_monitors(ckpt, all_runs=all_runs)
+    if unrecorded:
+        raise unrecorded[0]
     names: list[str] = ckpt._coord.on_coordinator(lambda: apply_retention(ckpt, dry_run=dry_run, all_runs=all_runs))
     if not dry_run:
         for name in names:
