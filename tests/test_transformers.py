@@ -293,6 +293,14 @@ def test_stock_transformers_checkpoint_is_refused_with_what_to_do(tmp_path: Path
         trainer.train(resume_from_checkpoint=True)
 
 
+@pytest.mark.parametrize("value", [123, 1.5, ["checkpoint-2"]])
+def test_a_resume_from_checkpoint_of_the_wrong_type_is_a_config_error(tmp_path: Path, value: object) -> None:
+    """It raised a bare TypeError from os.fspath."""
+    trainer = hf.build_trainer(str(tmp_path))
+    with pytest.raises(savegame.ConfigError, match="resume_from_checkpoint must be True"):
+        trainer.train(resume_from_checkpoint=value)  # type: ignore[arg-type]
+
+
 def test_other_integrations_checkpoint_and_missing_ones_are_refused(tmp_path: Path) -> None:
     savegame.save(str(tmp_path / "checkpoint-5"), {"model": hf.tiny_model(), "epoch": 1})
     trainer = hf.build_trainer(str(tmp_path))

@@ -37,6 +37,7 @@ from savegame.adapters.registry import adapter_for
 from savegame.adapters.rng import RNGState
 from savegame.api import load, read_manifest, save
 from savegame.errors import (
+    CheckpointError,
     ConfigError,
     CorruptCheckpointError,
     ForeignCheckpointError,
@@ -93,11 +94,18 @@ class SavegameIO(CheckpointIO):  # type: ignore[misc]
         """Commit ``checkpoint`` (Lightning's dict) as the savegame checkpoint directory ``path``.
 
         An existing savegame checkpoint at ``path`` (``last.ckpt``) is replaced atomically; a file or
-        folder savegame did not write is never replaced (:class:`~savegame.errors.OccupiedPathError`)."""
+        folder savegame did not write is never replaced (:class:`~savegame.errors.OccupiedPathError`). A
+        symbolic link to a checkpoint of this plugin (``save_last="link"``: after a resume Lightning saves a
+        real ``last.ckpt`` where its link is) loses the link only, and the checkpoint is saved in its place;
+        the linked checkpoint is left as it is."""
         self._settle()
         state, metadata = encode_checkpoint(checkpoint, rng=self.rng)
         if storage_options is not None and not isinstance(storage_options, Mapping):
             raise ConfigError(f"storage_options must be a dict for fsspec, not {type(storage_options)}")
+        if isinstance(path, (str, os.PathLike)):
+            where = os.fspath(path)
+            if not is_url(where) and os.path.islink(where) and _links_to_own_checkpoint(where):
+                os.unlink(where)
         try:
             result = save(path, state, metadata=metadata, progress=_progress(checkpoint), background=self.background,
                           storage_options=storage_options)  # fmt: skip
@@ -126,8 +134,8 @@ class SavegameIO(CheckpointIO):  # type: ignore[misc]
 
         A file or folder that is not such a checkpoint is never deleted (:class:`NotACheckpointError` /
         :class:`ForeignCheckpointError`); a symbolic link to one (``save_last="link"``) loses the link
-        only, and so does a dangling link (its target already removed); a damaged one is quarantined
-        (renamed aside), as savegame's retention does."""
+        only, and so does a dangling link (its target already removed); one whose manifest is damaged is
+        quarantined (renamed aside) instead (its data files are not hashed first: deleting needs no read)."""
         self._settle()
         where = os.fspath(path)
         if not is_url(where):
@@ -245,6 +253,15 @@ def read_checkpoint(
         raise InvalidManifestError(f"{os.fspath(path)}: metadata.lightning.types must be a dict")
     checkpoint = {k: from_plain(v, types.get(k), mappings=_MAPPINGS, where=k) for k, v in state.items()}
     return checkpoint, rng
+
+
+def _links_to_own_checkpoint(link: str) -> bool:
+    """Whether the symbolic link ``link`` points at a committed checkpoint this plugin wrote."""
+    try:
+        _checked_lightning(read_manifest(os.path.realpath(link)), link, "replace")
+    except (CheckpointError, OSError):
+        return False
+    return True
 
 
 def _checked_lightning(manifest: Any, where: str, action: str) -> dict[str, Any]:

@@ -355,6 +355,11 @@ class SavegameTrainerMixin(transformers.Trainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_checkpoint(self.args.output_dir or ".")
         elif resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+            if not isinstance(resume_from_checkpoint, (str, os.PathLike)):
+                raise ConfigError(
+                    "Trainer.train: resume_from_checkpoint must be True, a checkpoint folder's path or None, not "
+                    f"{type(resume_from_checkpoint).__name__} {resume_from_checkpoint!r:.60}"
+                )
             resume_from_checkpoint = os.fspath(resume_from_checkpoint)
             check_checkpoint(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint or None, trial=trial,

@@ -136,6 +136,25 @@ def test_save_last_link_resumes_through_the_link(tmp_path: Path) -> None:
         savegame.verify(tmp_path / "ckpts" / name)
 
 
+def test_a_resume_with_a_last_link_and_a_best_that_stays_goes_on(tmp_path: Path) -> None:
+    """``save_last="link"`` + ``save_top_k=1`` + ``ckpt_path="last"``: the first epoch after the resume that
+    is not a new best makes Lightning save a real checkpoint where its ``last.ckpt`` link is; SavegameIO
+    refused the link (OccupiedPathError) and fit died. The link goes, the linked best stays intact."""
+    schedule = {"val_schedule": [0.5, 0.1, 0.9, 0.8, 0.7]}
+    fit(tmp_path, epochs=3, model_kwargs=schedule, monitor="val_loss", save_top_k=1, save_last="link")
+    last = tmp_path / "ckpts" / "last.ckpt"
+    assert last.is_symlink()
+    best = tmp_path / "ckpts" / "epoch=1-step=8.ckpt"
+    before = {p.name: p.read_bytes() for p in best.iterdir()}
+    _, t = fit(tmp_path, epochs=5, ckpt_path="last", model_kwargs=schedule, monitor="val_loss", save_top_k=1,
+               save_last="link")  # fmt: skip
+    assert t.global_step == 20
+    assert {p.name: p.read_bytes() for p in best.iterdir()} == before
+    checkpoint, _ = sl.read_checkpoint(last)
+    assert checkpoint["global_step"] == 20
+    savegame.verify(best)
+
+
 def test_a_templated_last_link_whose_target_top_k_removed_is_dropped(tmp_path: Path) -> None:
     """``save_last="link"`` with a templated last name and ``save_top_k=1``: top-k deletes the old best,
     leaving the previous last link dangling; removing that link raised CheckpointNotFoundError and
