@@ -72,3 +72,18 @@ def test_an_existing_checkpoint_with_such_a_name_still_loads(tmp_path: Path) -> 
     os.rename(tmp_path / "ok", tmp_path / "a:b")
     np.testing.assert_array_equal(savegame.load(tmp_path / "a:b")["w"], np.arange(4))
     savegame.verify(tmp_path / "a:b")
+
+
+@pytest.mark.parametrize("alias", ["best", "latest"])
+def test_a_checkpoint_cannot_take_the_name_of_an_alias(tmp_path: Path, alias: str) -> None:
+    """``name="best"`` made a checkpoint folder ``best`` that hides the alias: ``savegame inspect ROOT/best``
+    and ``load(ROOT/best)`` then read that folder (the worst epoch), not the best checkpoint."""
+    from savegame import Checkpointer
+
+    with pytest.raises(InvalidNameError, match="reserved"):
+        Checkpointer(tmp_path / "a", name=alias)
+    with Checkpointer(tmp_path / "b") as ckpt:
+        with pytest.raises(InvalidNameError, match="reserved"):
+            ckpt.save({"x": np.ones(2)}, epoch=1, name=alias)
+        ckpt.save({"x": np.ones(2)}, epoch=2)
+    assert not (tmp_path / "b" / alias).exists()

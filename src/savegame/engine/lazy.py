@@ -42,6 +42,7 @@ small-tensor limit (64 KB) are deferred: small ones are still copied in one eage
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -349,10 +350,12 @@ def _run_before_global_hooks() -> None:
     among them (registered once, moved to the front at each lazy save; a no-op for optimizers no lazy
     save waits for)."""
     global _global_handle
-    from torch.optim import optimizer as optim
-
+    torch = torch_if_imported()
+    if torch is None:
+        return
+    optim = inspect.getmodule(torch.optim.Optimizer)  # torch.optim.optimizer (not an attribute of torch.optim)
     hooks = getattr(optim, "_global_optimizer_pre_hooks", None)
-    if not hooks or not hasattr(hooks, "move_to_end"):
+    if optim is None or not hooks or not hasattr(hooks, "move_to_end"):
         return  # no global pre-hook (or a torch without them): the optimizers' own first hooks suffice
     if _global_handle is None or _global_handle.id not in hooks:
         _global_handle = optim.register_optimizer_step_pre_hook(_before_any_step)

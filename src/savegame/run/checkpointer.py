@@ -89,6 +89,7 @@ from savegame.run.resume import RNG_ITEM as RNG_ITEM
 from savegame.run.resume import ResumeWarning as ResumeWarning
 from savegame.run.resume import announce_restore, restore_named, resume_latest
 from savegame.run.retention import prune
+from savegame.run.save_naming import check_not_alias
 from savegame.run.saving import InFlight, busy, policy_wants_save, save_state, settle, skipped
 from savegame.run.signals import PreemptionHandler
 from savegame.run.timing import RunClock
@@ -182,6 +183,8 @@ class Checkpointer:
         self.threshold = chosen.threshold
         self.save_policy: SavePolicy = chosen.save_policy
         self.keep_policy: KeepPolicy = chosen.keep_policy
+        if isinstance(options.name, str):
+            check_not_alias(options.name, f"Checkpointer(name={options.name!r})")
         self.template = NameTemplate(options.name) if options.name is not None else None
         self.weights_only = bool(options.weights_only)
         self.rng = bool(options.rng)

@@ -18,7 +18,7 @@ from savegame._util.logs import get_logger
 from savegame.errors import InvalidNameError
 from savegame.format.naming import NameTemplate, unique_name
 from savegame.policies import Progress
-from savegame.run.index import RecordedBest
+from savegame.run.index import ALIASES, RecordedBest
 
 __all__ = ["SaveNaming", "default_name", "name_for", "renamed"]
 
@@ -56,6 +56,16 @@ def renamed(best: RecordedBest | None, old: str, new: str) -> RecordedBest | Non
     return best
 
 
+def check_not_alias(name: str, what: str) -> None:
+    """:class:`InvalidNameError` for a checkpoint name that is one of the root's aliases (``best``,
+    ``latest``): a folder of that name hides the alias, so ``ROOT/best`` would be that checkpoint."""
+    if name in ALIASES:
+        raise InvalidNameError(
+            f"{what} gives the checkpoint name {name!r}, which is reserved: ROOT/{name} means the {name} checkpoint "
+            "of the run (savegame inspect ROOT/best, load('ROOT/latest')); choose another name"
+        )
+
+
 def default_name(epoch: int | None, step: int | None, sequence: int) -> str:
     """``epoch=004-step=001200``; the parts that are unknown are left out (``save-000007`` if both)."""
     parts = []
@@ -70,10 +80,13 @@ def name_for(template: NameTemplate | None, progress: Progress, sequence: int, e
     """The checkpoint name before de-duplication: ``explicit``, else the template filled in (the default
     name, with a warning, when the save lacks a value the template needs), else the default name."""
     if explicit is not None:
+        check_not_alias(explicit, "save(name=...)")
         return explicit
     if template is not None:
         try:
-            return template.format(epoch=progress.epoch, step=progress.step, metrics=progress.metrics)
+            name = template.format(epoch=progress.epoch, step=progress.step, metrics=progress.metrics)
+            check_not_alias(name, "the name template")
+            return name
         except InvalidNameError as exc:
             message = f"{exc}; using the default name for this checkpoint"
             log.warning(message)
