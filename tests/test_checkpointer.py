@@ -947,3 +947,19 @@ def test_a_checkpoint_of_a_newer_savegame_stops_the_resume(tmp_path: Path, older
         ckpt.restore({"model": target})
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing quarantined
     assert torch.equal(target.weight, weight)
+
+
+def test_a_checkpoint_whose_manifest_was_deleted_is_not_passed_over_in_silence(tmp_path: Path) -> None:
+    """Every other damage to a manifest quarantines the checkpoint with a warning; a deleted one made the
+    folder "not a checkpoint" and the resume fell back to the older one without a word."""
+    model = nn.Linear(2, 2)
+    with Checkpointer(tmp_path, name="e{epoch:02d}") as ckpt:
+        for epoch in (1, 2):
+            ckpt.save({"model": model}, epoch=epoch)
+    (tmp_path / "e02" / "manifest.json").unlink()
+    (tmp_path / "notes").mkdir()  # a user's folder without data files: not mentioned
+    with Checkpointer(tmp_path, name="e{epoch:02d}") as ckpt:
+        with pytest.warns(savegame.ResumeWarning, match=r"e02: holds savegame data files but no manifest\.json"):
+            restored = ckpt.restore({"model": nn.Linear(2, 2)})
+    assert restored is not None and restored.epoch == 1
+    assert (tmp_path / "e02" / "model.safetensors").exists()  # left where it was

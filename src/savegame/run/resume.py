@@ -18,6 +18,7 @@ from the Checkpointer's methods; ``ResumeWarning`` stays importable from :mod:`s
 from __future__ import annotations
 
 import builtins
+import os
 import sys
 import time
 import warnings
@@ -48,6 +49,7 @@ from savegame.run.index import IndexEntry, entry_from_manifest
 from savegame.run.lock import process_holds
 from savegame.run.records import RestoredProgress, Resumed
 from savegame.storage.base import CheckpointRef
+from savegame.storage.local import LocalStorage
 
 if TYPE_CHECKING:
     from savegame.run.checkpointer import Checkpointer
@@ -99,6 +101,7 @@ def pick_for_resume(ckpt: Checkpointer) -> dict[str, Any]:
     ones quarantined on the way). JSON, as it is broadcast: ``{"name": ..., "quarantined": [...]}``."""
     fetch_from_mirror(ckpt)
     refuse_newer_formats(ckpt)
+    warn_manifestless(ckpt)
     quarantined: builtins.list[str] = []
     for name, exc in builtins.list(ckpt._index.unreadable.items()):
         if isinstance(exc, CorruptCheckpointError):
@@ -131,6 +134,34 @@ def refuse_newer_formats(ckpt: Checkpointer) -> None:
         )
 
 
+def warn_manifestless(ckpt: Checkpointer) -> None:
+    """Warn about folders of a local root that hold data files (``*.safetensors``) but no ``manifest.json``:
+    a checkpoint whose manifest was deleted is not a checkpoint any more and the resume passes over it, which
+    should not go unsaid (it is left where it is: without its manifest nothing says what it was)."""
+    if not isinstance(ckpt.storage, LocalStorage):
+        return
+    root = ckpt.storage.root
+    try:
+        with os.scandir(root) as entries:
+            folders = [e.path for e in entries if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]
+    except OSError:
+        return
+    for folder in sorted(folders):
+        name = os.path.basename(folder)
+        if name in ckpt._index.entries or name in ckpt._index.unreadable or os.path.lexists(f"{folder}/manifest.json"):
+            continue
+        try:
+            with os.scandir(folder) as files:
+                data = any(f.name.endswith(".safetensors") for f in files)
+        except OSError:
+            continue
+        if data:
+            message = (f"{folder}: holds savegame data files but no manifest.json (deleted?), so it is not a "
+                       "checkpoint and the resume passes over it; it was left as it is")  # fmt: skip
+            log.warning(message)
+            warnings.warn(message, ResumeWarning, stacklevel=4)
+
+
 def resume_latest(
     ckpt: Checkpointer, state: Mapping[str, Any], *, strict: bool, map_location: Any
 ) -> RestoredProgress | None:
@@ -142,6 +173,7 @@ def resume_latest(
         return resume_together(ckpt, state, strict=strict, map_location=map_location)
     fetch_from_mirror(ckpt)
     refuse_newer_formats(ckpt)
+    warn_manifestless(ckpt)
     quarantined: builtins.list[str] = []
     for name, exc in builtins.list(ckpt._index.unreadable.items()):
         if isinstance(exc, CorruptCheckpointError):
