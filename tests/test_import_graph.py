@@ -207,7 +207,7 @@ def test_the_scan_sees_the_package() -> None:
     """Sanity: the walker finds the modules and both kinds of import (a broken walker would pass all)."""
     assert {"savegame", "savegame.api", "savegame.engine.writer", "savegame.storage.local"} <= MODULES.keys()
     assert "savegame.engine.writer" in MODULES["savegame.api"].top
-    assert "savegame.adapters.torch" in MODULES["savegame.api"].lazy
+    assert "savegame.adapters.torch" in MODULES["savegame.engine.item_decoder"].lazy
     assert MODULES["savegame.distributed.dcp"].torch_top and MODULES["savegame.adapters.rng"].torch_probes
 
 

@@ -13,25 +13,27 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
+from typing import Any
 
 from savegame._util.gcpause import gc_paused
 from savegame._util.logs import get_logger
 from savegame._util.progress import ProgressBar
 from savegame.adapters import framework_decode_tags, torch_available, zero_copy_for
+from savegame.adapters.registry import ZeroCopy
 from savegame.engine import verifier
 from savegame.engine.capture import LoadReport, restore_items
 from savegame.engine.incremental import Base, Incremental
+from savegame.engine.item_decoder import ItemDecoder
 from savegame.engine.lazy import SnapshotMode, check_snapshot_mode
 from savegame.engine.verifier import check_array_node as check_array_node  # re-exported: moved to verifier.py
 from savegame.engine.verifier import check_item as check_item
 from savegame.engine.verifier import checked
 from savegame.engine.writer import EncodedItem, encode_state, save_in_background, save_now, write_items
-from savegame.errors import ConfigError, InvalidManifestError, StateMismatchError
+from savegame.errors import ConfigError, StateMismatchError
 from savegame.format.checks import check_item_value
 from savegame.format.manifest import Manifest
-from savegame.format.tensorfile import TensorFileReader, TensorInfo
-from savegame.format.tree import MAX_DEPTH, Decoder, Path, Where, format_path, numpy_from_node
+from savegame.format.tensorfile import TensorFileReader
+from savegame.format.tree import MAX_DEPTH, Decoder
 from savegame.storage import is_url, locate, path_text
 from savegame.storage.base import CheckpointReader, CheckpointRef, Location, PathLike, Storage
 from savegame.storage.local import LocalCheckpointReader, LocalStorage, open_local_checkpoint, remove_dead_staging_once
@@ -230,108 +232,6 @@ def open_item(checkpoint: Location, manifest: Manifest, name: str, *, verify: bo
     return verifier.item_reader(entry, opened)
 
 
-ZeroCopy = bool | Literal["aligned"]
-"""Whether decoded arrays may be views of the file's buffer: never (``False``: fresh memory), always
-(``True``: the consumer copies them anyway, e.g. into a module's parameters), or ``"aligned"``: views where
-they are 64-byte aligned in memory (what a fresh allocation would give) and of single (0-d) values aligned
-to their size, copies elsewhere."""
-
-
-class _ItemDecoder:
-    """Resolves array nodes of one item against its tensor file; identical keys give the same object."""
-
-    def __init__(
-        self, reader: TensorFileReader | None, item: str, *, map_location: Any, as_numpy: bool, zero_copy: ZeroCopy
-    ) -> None:
-        self.reader = reader
-        self.tensors = reader.tensors if reader is not None else {}
-        self.item = item
-        self.map_location = map_location
-        self.as_numpy = as_numpy
-        self.zero_copy = zero_copy
-        self.cache: dict[tuple[str, str], object] = {}
-        self.first_nodes: dict[tuple[str, str], dict[str, Any]] = {}
-        """The node each cached array was built for: a later node of the same key with other fields (a
-        Parameter's ``param`` flag, another device) is an alias in memory, not the same object."""
-        self.make_tensor: Callable[..., object] | None = None
-        self.plain_tensor: Callable[[Any, str, tuple[int, ...]], object] | None = None
-        if not as_numpy:
-            from savegame.adapters.torch import plain_tensor, tensor_from_bytes
-
-            self.make_tensor = tensor_from_bytes
-            if map_location is None:  # nodes of just a tag and a key: the adapter's shortcut
-                self.plain_tensor = plain_tensor
-
-    def __call__(self, node: dict[str, Any], path: Path) -> object:
-        tag, key = node["$"], node["key"]
-        cached = self.cache.get((tag, key))
-        if cached is not None:
-            first = self.first_nodes[(tag, key)]
-            if node is first or node == first:
-                return cached
-            if tag == "tensor" and self.make_tensor is not None and _same_but_grad(node, first):
-                from savegame.adapters.torch import grad_variant
-
-                return grad_variant(cached, node)  # e.g. a Parameter and a detached tensor of it: one memory
-        info = self.tensors.get(key)
-        if info is None or self.reader is None:
-            raise InvalidManifestError(f"{format_path(path)}: array {key!r} is not in the item's tensor file")
-        raw = self.reader.raw(key)
-        zero_copy = self.zero_copy
-        if zero_copy is not True and not (zero_copy == "aligned" and self._may_share(key, info)):
-            raw = _aligned_copy(raw, torch_memory=tag == "tensor" and not self.as_numpy)
-        value: object = None
-        if tag == "tensor" and self.plain_tensor is not None and len(node) == 2:  # {"$": "tensor", "key": key}
-            value = self.plain_tensor(raw, info.code, info.shape)
-        if value is None:
-            value = self._build(node, tag, raw, info, path)
-        if cached is None:
-            self.cache[(tag, key)] = value
-            self.first_nodes[(tag, key)] = node
-        return value
-
-    def _may_share(self, key: str, info: TensorInfo) -> bool:
-        """Whether an ``"aligned"`` load may return a view of the file's buffer for tensor ``key``: it starts
-        64-byte aligned, or it is a single value (0-d, e.g. an optimizer's ``step``) aligned to its own size,
-        where no kernel splits the work differently by alignment."""
-        assert self.reader is not None
-        if self.reader.aligned(key):
-            return True
-        return not info.shape and info.nbytes > 0 and self.reader.aligned(key, info.nbytes)
-
-    def _build(self, node: dict[str, Any], tag: str, raw: Any, info: TensorInfo, path: Path) -> object:
-        """The array of ``node`` with every check of its fields (the torch adapter's or NumPy's decoder)."""
-        if tag == "tensor" and self.make_tensor is not None:
-            return self.make_tensor(node, raw, info.code, info.shape, Where(path), self.map_location)
-        return numpy_from_node(node, raw, info.code, info.shape, Where(path))
-
-
-_GRAD_FIELDS = ("param", "requires_grad")
-
-
-def _same_but_grad(node: Mapping[str, Any], other: Mapping[str, Any]) -> bool:
-    """Whether two array nodes differ in nothing but whether they are a Parameter and require grad."""
-    keys = (node.keys() | other.keys()) - set(_GRAD_FIELDS)
-    return all(node.get(k) == other.get(k) for k in keys)
-
-
-def _aligned_copy(raw: Any, *, torch_memory: bool) -> Any:
-    """Copy mapped bytes into freshly allocated memory.
-
-    Views of the file mapping are only aligned to their element size; vectorised kernels (dot products,
-    reductions) can round differently on memory with another alignment, which would break bit-exact
-    resume. Fresh allocations have the alignment the framework's own tensors have (64 bytes in torch).
-    """
-    if torch_memory:
-        from savegame.adapters.torch import fresh_bytes
-
-        dest = fresh_bytes(raw.size)
-    else:
-        import numpy as np
-
-        dest = np.empty(raw.size, dtype=np.uint8)
-    dest[...] = raw
-    return dest
 
 
 @gc_paused()
@@ -364,7 +264,7 @@ def decode_opened(
     has_tensors = entry.kind.startswith("torch.") or _has_torch_node(entry.skeleton, 0)
     numpy_only = as_numpy if as_numpy is not None else not (has_tensors and torch_available())
     tags = {} if numpy_only else framework_decode_tags()
-    resolver = _ItemDecoder(reader, name, map_location=map_location, as_numpy=numpy_only, zero_copy=zero_copy)
+    resolver = ItemDecoder(reader, name, map_location=map_location, as_numpy=numpy_only, zero_copy=zero_copy)
     decoder = Decoder(resolve=resolver, extra_tags=tags)
     value = decoder.decode(entry.skeleton, (name,))
     check_item_value(entry.kind, value, name)

@@ -511,7 +511,7 @@ def _place(tensor: torch.Tensor, saved: object, map_location: MapLocation) -> to
 
 def fresh_bytes(nbytes: int) -> np.ndarray:
     """``nbytes`` of freshly allocated torch memory as a uint8 NumPy array (torch's own alignment, 64
-    bytes: what a loaded tensor must sit on for bit-exact kernels, see ``api._aligned_copy``)."""
+    bytes: what a loaded tensor must sit on for bit-exact kernels, see :mod:`savegame.engine.item_decoder`)."""
     out: np.ndarray = torch.empty(nbytes, dtype=torch.uint8).numpy()
     return out
 
