@@ -177,7 +177,7 @@ def test_usage_errors_exit_2_with_one_line(tmp_path: Path, torch_run: Path, caps
         ("inspect", str(tmp_path / "missing")): "no such checkpoint",
         ("prune", str(torch_run)): "needs --keep-last N and/or --keep-best K",
         ("prune", str(torch_run), "--keep-last", "0"): "at least 1",
-        ("plot", str(torch_run), "--metric", "nope", "-o", str(tmp_path / "p.png")): "available: val_loss, val_mae",
+        ("plot", str(torch_run), "--metric", "nope", "-o", str(tmp_path / "p.png")): "'val_loss', 'val_mae'",
         ("export", str(torch_run / "latest"), "--to", str(tmp_path / "w.bin")): "unknown export format",
         ("export", str(torch_run / "latest"), "--item", "nope", "--to", str(tmp_path / "w.npz")): "no item 'nope'",
         ("gc", str(torch_run), "--older-than", "soon"): "invalid duration",

@@ -137,10 +137,30 @@ def test_resolve_mode_auto_max(monitor: str) -> None:
 @pytest.mark.parametrize(
     "monitor",
     ["loss", "val_loss", "mse", "val_mae", "mean_squared_error", "perplexity", "wer", "fid",
-     "dice_loss", "accuracy_loss", "categorical_crossentropy", "lr", "something_unknown"],
+     "dice_loss", "accuracy_loss", "categorical_crossentropy"],
 )  # fmt: skip
 def test_resolve_mode_auto_min(monitor: str) -> None:
     assert resolve_mode(monitor, "auto") == "min"
+
+
+@pytest.mark.parametrize("monitor", ["lr", "something_unknown", "val_exact_match", "win_rate", "val_top_1"])
+def test_resolve_mode_auto_refuses_a_name_it_cannot_tell(monitor: str) -> None:
+    """Keras 2 minimised these and HF's Trainer maximises them: a guess keeps the worst checkpoint as
+    the best, so ``auto`` refuses (as Keras 3 does) and says which modes to pass; explicit modes work."""
+    with pytest.raises(ConfigError, match=r"pass mode='min' or mode='max'") as caught:
+        resolve_mode(monitor, "auto")
+    assert repr(monitor) in str(caught.value)
+    assert resolve_mode(monitor, "max") == "max" and resolve_mode(monitor, "min") == "min"
+
+
+def test_policies_that_rank_by_an_undecidable_name_fail_when_built() -> None:
+    """The error comes when the policy is configured, not at the first prune or save (after a commit)."""
+    with pytest.raises(ConfigError, match=r"KeepBest.*'val_exact_match'"):
+        KeepBest(2, "val_exact_match")
+    with pytest.raises(ConfigError, match=r"OnImprovement.*'val_exact_match'"):
+        OnImprovement("val_exact_match")
+    runs = [info(seq, metrics={"val_exact_match": v}) for seq, v in ((1, 0.2), (2, 0.9), (3, 0.5))]
+    assert KeepBest(2, "val_exact_match", mode="max").keep(runs, now=0.0) == {"ckpt-2", "ckpt-3"}
 
 
 def test_resolve_mode_explicit_and_default() -> None:
@@ -535,7 +555,7 @@ def test_keep_best_min_max_ties_and_nan() -> None:
     assert KeepBest(10, "val_loss").keep(cps, now=0) == {"ckpt-1", "ckpt-4", "ckpt-5"}
     assert KeepBest(1, "val_acc").keep(cps, now=0) == {"ckpt-1"}  # tie at 0.9 -> older
     assert KeepBest(1, "val_acc", mode="min").keep(cps, now=0) == {"ckpt-4"}
-    assert KeepBest(1, "absent").keep(cps, now=0) == set()
+    assert KeepBest(1, "absent_loss").keep(cps, now=0) == set()
 
 
 def test_keep_every() -> None:

@@ -113,7 +113,10 @@ def test_a_misspelled_keep_best_monitor_deletes_nothing(tmp_path: Path, composed
     nothing and warns once, and prune() raises ConfigError naming the recorded metrics."""
     from savegame.policies import KeepBest, KeepLast, KeepUnion
 
-    keep = KeepUnion(KeepLast(1), KeepBest(3, "val_los")) if composed else KeepBest(3, "val_los")
+    with pytest.raises(ConfigError, match=r"KeepBest.*'val_los'.*pass mode='min' or mode='max'"):
+        KeepBest(3, "val_los")  # mode="auto" cannot rank by a name it does not know: refused when built
+    best = KeepBest(3, "val_los", mode="min")
+    keep = KeepUnion(KeepLast(1), best) if composed else best
     ckpt = Checkpointer(tmp_path, monitor="val_loss", keep=keep, name="e{epoch:02d}")
     model = torch.nn.Linear(2, 2)
     with pytest.warns(UserWarning, match="retention deletes nothing.*'val_los'.*'val_loss'") as caught:

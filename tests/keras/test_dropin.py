@@ -91,6 +91,42 @@ def test_keep_best_still_needs_the_monitor(tmp_path: Path) -> None:
         dense_model().fit(x, y, epochs=1, verbose=0, callbacks=[ckpt])
 
 
+def _agreement_model() -> Any:
+    """The dense model compiled with a custom metric whose name tells no direction (``agreement``)."""
+    model = dense_model()
+
+    def agreement(y_true: Any, y_pred: Any) -> Any:
+        hit = keras.ops.equal(keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"),
+                              keras.ops.cast(keras.ops.argmax(y_pred, axis=-1), "int32"))  # fmt: skip
+        return keras.ops.cast(hit, "float32")
+
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=[keras.metrics.MeanMetricWrapper(agreement, name="agreement")])  # fmt: skip
+    return model
+
+
+def test_keep_best_by_a_custom_metric_honours_mode_and_refuses_to_guess(tmp_path: Path) -> None:
+    """keep_best with ``monitor="val_agreement"`` (a name that tells no direction): ``mode="max"`` keeps the
+    highest; ``mode="auto"`` raises ConfigError asking for a mode instead of ranking it as a loss (which
+    kept the worst epoch as the best and let retention delete the real one)."""
+    keras.utils.set_random_seed(3)
+    x, y, xv, yv = iris()
+    ckpt = sk.ModelCheckpoint(str(tmp_path / "m_{epoch}"), monitor="val_agreement", mode="max", keep_best=1,
+                              keep_last=1)  # fmt: skip
+    seen = EpochRecorder()
+    _agreement_model().fit(x, y, batch_size=16, epochs=5, validation_data=(xv, yv), callbacks=[ckpt, seen],
+                           verbose=0)  # fmt: skip
+    values = [logs["val_agreement"] for logs in seen.logs]
+    best_epoch = int(np.argmax(values)) + 1
+    assert ckpt.checkpointer is not None and ckpt.checkpointer.best is not None
+    assert ckpt.checkpointer.best.epoch == best_epoch
+    assert f"m_{best_epoch}" in [r.name for r in ckpt.checkpointer.list()]
+    guess = sk.ModelCheckpoint(str(tmp_path / "g_{epoch}"), monitor="val_agreement", keep_best=1)
+    with pytest.raises(ConfigError, match=r"'val_agreement'.*pass mode='min' or mode='max'"):
+        _agreement_model().fit(x, y, epochs=1, validation_data=(xv, yv), callbacks=[guess], verbose=0)
+
+
 @pytest.mark.parametrize("fixed_root", [True, False], ids=["fixed-root", "template"])
 def test_monitor_without_save_best_only_records_the_best(tmp_path: Path, fixed_root: bool) -> None:
     keras.utils.set_random_seed(5)

@@ -163,7 +163,9 @@ class ModelCheckpoint(SavegameCallback):
         if keep is not None and (keep_last is not None or keep_best is not None):
             raise ConfigError("ModelCheckpoint: pass either keep= or keep_last/keep_best, not both")
         if keep_best is not None:
-            build_keep_policy(monitor=monitor, mode="auto", keep_last=keep_last, keep_best=keep_best)  # validates
+            # validates k and monitor; an "auto" direction may come from the compiled metrics, known later
+            build_keep_policy(monitor=monitor, mode="max" if mode == "max" else "min", keep_last=keep_last,
+                              keep_best=keep_best)  # fmt: skip
         if keep is None and keep_last is None and keep_best is None and not self.template.templated:
             keep_last = 1
         if keep is None and keep_last is not None:

@@ -29,7 +29,9 @@ only names, so it decides from the name, lower-cased and split into alphanumeric
 2. ``"acc"`` anywhere in the name, or a name starting with ``fmeasure`` (the Keras rule) -> ``"max"``;
 3. a token in :data:`MAX_METRIC_TOKENS` (``auc``, ``precision``, ``recall``, ``f1``, ``iou``, ``map``,
    ``score``, ``bleu``, ``psnr``, ``reward``, ...) -> ``"max"``;
-4. anything else -> ``"min"`` (Keras 2's default). Pass ``mode="max"`` explicitly when in doubt.
+4. anything else raises :class:`~savegame.errors.ConfigError` when the policy is built: pass ``mode="min"``
+   or ``mode="max"``. (Keras 2 minimised such names and HF's Trainer maximises them; Keras 3 raises, as
+   savegame does: a wrong guess keeps the worst checkpoints and lets retention delete the best.)
 """
 
 from __future__ import annotations

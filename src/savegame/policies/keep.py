@@ -14,7 +14,6 @@ from savegame.errors import ConfigError
 from savegame.policies.values import (
     CheckpointInfo,
     Mode,
-    check_mode,
     check_monitor,
     check_positive_int,
     check_seconds,
@@ -74,7 +73,7 @@ class KeepBest:
     def __post_init__(self) -> None:
         check_positive_int("KeepBest", "k", self.k)
         check_monitor("KeepBest", self.monitor)
-        check_mode("KeepBest", self.mode)
+        resolve_mode(self.monitor, self.mode, owner="KeepBest")  # fails now, not at the first prune
 
     def keep(self, checkpoints: Sequence[CheckpointInfo], *, now: float) -> set[str]:
         """See the class docstring."""

@@ -284,7 +284,8 @@ def policies_from_knobs(
     keep_policy = keep if keep is not None else build_keep_policy(
         monitor=monitor, mode=mode, keep_last=keep_last, keep_best=keep_best
     )
+    resolved = resolve_mode(monitor, mode, owner=f"monitor={monitor!r}") if monitor else None
     return KnobPolicies(
-        monitor=monitor, mode=resolve_mode(monitor, mode) if monitor else None, min_delta=float(min_delta),
+        monitor=monitor, mode=resolved, min_delta=float(min_delta),
         threshold=threshold, save_policy=save_policy, keep_policy=keep_policy,
     )  # fmt: skip

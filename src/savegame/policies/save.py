@@ -15,7 +15,6 @@ from savegame.policies.values import (
     SaveContext,
     check_count,
     check_min_delta,
-    check_mode,
     check_monitor,
     check_positive_int,
     check_seconds,
@@ -134,7 +133,7 @@ class OnImprovement:
 
     def __post_init__(self) -> None:
         check_monitor("OnImprovement", self.monitor)
-        check_mode("OnImprovement", self.mode)
+        resolve_mode(self.monitor, self.mode, owner="OnImprovement")  # fails now, not at the first save
         check_min_delta("OnImprovement", self.min_delta)
         check_threshold("OnImprovement", "threshold", self.threshold)
 

@@ -189,19 +189,21 @@ class CheckpointInfo:
 # Metric direction and improvement
 
 
-def resolve_mode(monitor: str, mode: str = "auto") -> Direction:
+def resolve_mode(monitor: str, mode: str = "auto", *, owner: str = "resolve_mode") -> Direction:
     """The direction (``"min"`` or ``"max"``) in which ``monitor`` improves.
 
     ``mode`` ``"min"``/``"max"`` is returned as is; ``"auto"`` decides from the metric name with the
-    rules in the module docstring (Keras's ``"acc"``/``"fmeasure"`` rule plus documented token lists).
-    Anything else raises :class:`ConfigError`.
+    rules in the module docstring (Keras's ``"acc"``/``"fmeasure"`` rule plus documented token lists). A
+    name no rule decides raises :class:`ConfigError` (as Keras 3 does) rather than guessing: a wrong guess
+    makes best-tracking keep the worst checkpoint and retention delete the best. Any other ``mode`` raises
+    too. ``owner`` names the caller in the error (the policy or option being configured).
     """
-    check_mode("resolve_mode", mode)
+    check_mode(owner, mode)
     if mode == "min":
         return "min"
     if mode == "max":
         return "max"
-    check_monitor("resolve_mode", monitor)
+    check_monitor(owner, monitor)
     name = monitor.lower()
     tokens = _TOKEN.findall(name)
     candidates = set(tokens) | {t.rstrip("0123456789") for t in tokens}
@@ -212,7 +214,12 @@ def resolve_mode(monitor: str, mode: str = "auto") -> Direction:
         return "max"
     if candidates & MAX_METRIC_TOKENS:
         return "max"
-    return "min"
+    raise ConfigError(
+        f"{owner}: mode='auto' cannot tell from its name whether monitor={monitor!r} improves by going down "
+        "(a loss or error) or up (an accuracy or score): the name contains none of the known words "
+        "(savegame.policies.MIN_METRIC_TOKENS, MAX_METRIC_TOKENS). Guessing would keep or save the worst "
+        "checkpoints; pass mode='min' or mode='max'."
+    )
 
 
 def is_better(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:

@@ -419,11 +419,25 @@ class RunIndex:
         return None
 
     def monitor_for(self, monitor: str | None, mode: str = "auto") -> tuple[str | None, Literal["min", "max"] | None]:
-        """The monitor and mode that rank the best: ``monitor`` (mode resolved from its name when
-        ``"auto"``), else the recorded one (:meth:`recorded_monitor`; ``mode`` overrides its mode)."""
-        if monitor is not None:
-            return monitor, resolve_mode(monitor, mode)
+        """The monitor and mode that rank the best: ``monitor``, else the recorded one
+        (:meth:`recorded_monitor`). ``mode`` ``"min"``/``"max"`` decides; ``"auto"`` takes the mode recorded
+        for that monitor, else the one its name tells (:func:`resolve_mode`, ConfigError when it cannot)."""
         found = self.recorded_monitor()
+        if monitor is not None:
+            if mode == "auto" and found is not None and found[0] == monitor:
+                return found
+            try:
+                return monitor, resolve_mode(monitor, mode, owner=f"best by monitor={monitor!r}")
+            except ConfigError:
+                ours = [e for e in self.ordered() if e.ours]
+                recorded = recorded_metrics((e.metrics for e in ours), (e.best for e in ours))
+                if ours and monitor not in recorded:  # more likely a typo: say so, with the recorded names
+                    known = ", ".join(repr(n) for n in sorted(recorded)) or "none"
+                    raise ConfigError(
+                        f"{self.root}: no checkpoint recorded the metric {monitor!r} (recorded metrics: {known}); "
+                        "check its spelling"
+                    ) from None
+                raise
         if found is None:
             return None, None
         return found[0], found[1] if mode == "auto" else resolve_mode(found[0], mode)
