@@ -267,3 +267,39 @@ def test_the_load_progress_bar_and_log_line_escape_the_path(
     logged = [r.getMessage() for r in caplog.records if "loaded" in r.getMessage()]
     assert logged and escape_controls(str(folder)) in logged[0]
     assert not {"\x1b", "\x07", BIDI} & set(logged[0])
+
+
+def test_resume_warnings_escape_the_names_they_quote(tmp_path: Path) -> None:
+    """A damaged checkpoint folder with escape sequences in its name: the ResumeWarning saying it was
+    quarantined quoted the name raw, and Python's warning display writes a warning's text as it is.
+    Every savegame warning goes through ``savegame._util.logs.warn``, which escapes it."""
+    import shutil
+    import warnings
+
+    from savegame.errors import ResumeWarning
+
+    model = torch.nn.Linear(2, 2)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save({"model": model}, step=1)
+    evil = tmp_path / ("step=000009" + CLEAR + TITLE + BIDI)
+    shutil.copytree(tmp_path / "step=000001", evil)
+    data = evil / "model.safetensors"
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 1
+    data.write_bytes(bytes(raw))
+    with warnings.catch_warnings(record=True) as caught, Checkpointer(tmp_path) as ckpt:
+        warnings.simplefilter("always")
+        ckpt.restore({"model": model})
+    texts = [str(w.message) for w in caught if issubclass(w.category, ResumeWarning)]
+    assert texts and any("quarantine" in t for t in texts), texts
+    for text in texts:
+        assert not {"\x1b", "\x07", BIDI} & set(text), text
+        assert escape_controls("step=000009" + CLEAR) in text
+
+
+def test_no_module_calls_warnings_warn_directly() -> None:
+    """The escaping above holds only while every warning goes through ``savegame._util.logs.warn``."""
+    package = Path(SRC) / "savegame"
+    direct = [str(p.relative_to(package)) for p in package.rglob("*.py")
+              if "warnings.warn(" in p.read_text() and p != package / "_util" / "logs.py"]  # fmt: skip
+    assert direct == []

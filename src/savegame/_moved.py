@@ -14,9 +14,10 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
-import warnings
 from collections.abc import Sequence
 from types import ModuleType
+
+from savegame._util.logs import warn
 
 MOVED: dict[str, str] = {
     "savegame.safetext": "savegame._util.safetext",
@@ -81,7 +82,7 @@ class MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def exec_module(self, module: ModuleType) -> None:
         old = module.__name__
         new = MOVED[old]
-        warnings.warn(
+        warn(
             f"{old} moved to {new}; the old import path works until the next release. Import {new} "
             "(or the public name from savegame) instead.",
             DeprecationWarning,

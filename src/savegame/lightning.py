@@ -26,13 +26,13 @@ importing this module raises :class:`~savegame.errors.MissingExtraError` with th
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
+from savegame._util.logs import warn
 from savegame.adapters.registry import adapter_for
 from savegame.adapters.rng import RNGState
 from savegame.api import load, read_manifest, save
@@ -160,7 +160,7 @@ class SavegameIO(CheckpointIO):  # type: ignore[misc]
             manifest = read_manifest(storage.ref(name))
         except CorruptCheckpointError as exc:
             moved = storage.quarantine(name)
-            warnings.warn(f"{where} is damaged ({exc}): moved aside as {moved} instead of deleting it", stacklevel=2)
+            warn(f"{where} is damaged ({exc}): moved aside as {moved} instead of deleting it", stacklevel=2)
             return
         _checked_lightning(manifest, where, "delete")
         storage.delete(name)

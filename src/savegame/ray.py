@@ -42,12 +42,12 @@ import math
 import numbers
 import os
 import tempfile
-import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from savegame._util.logs import warn
 from savegame.api import load as _load
 from savegame.api import save as _save
 from savegame.engine.capture import LoadReport
@@ -354,7 +354,7 @@ def _fall_back(train: Any, newest: Any, damage: CorruptCheckpointError, state: M
         except (CorruptCheckpointError, ForeignCheckpointError) as exc:  # damaged, or no manifest at all
             skipped.append((str(candidate.path), str(exc)))
             continue
-        warnings.warn(_fallback_message(restored), ResumeWarning, stacklevel=3)
+        warn(_fallback_message(restored), ResumeWarning, stacklevel=3)
         return restored
     tried = "\n".join(f"  {path}: {reason}" for path, reason in skipped)
     message = (

@@ -45,7 +45,6 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -60,6 +59,7 @@ except ImportError as _missing:  # pragma: no cover - exercised in a subprocess 
     ) from _missing
 
 from savegame._util.gcpause import gc_paused
+from savegame._util.logs import warn
 from savegame.adapters.rng import RNGState
 from savegame.api import load, read_manifest, verify
 from savegame.engine.write_loop import EncodedExtras
@@ -279,12 +279,12 @@ def last_checkpoint(run_dir: str | os.PathLike[str]) -> str:
             check_checkpoint(path)
         except CorruptCheckpointError as exc:
             damaged.append(path)
-            warnings.warn(f"skipping damaged checkpoint {path}: {exc}; trying the next older one", ResumeWarning,
+            warn(f"skipping damaged checkpoint {path}: {exc}; trying the next older one", ResumeWarning,
                           stacklevel=2)  # fmt: skip
             continue
         except (NotACheckpointError, StateMismatchError) as exc:
             foreign.append(exc)
-            warnings.warn(f"skipping {path}: {exc}", ResumeWarning, stacklevel=2)
+            warn(f"skipping {path}: {exc}", ResumeWarning, stacklevel=2)
             continue
         return path
     if foreign and not damaged:

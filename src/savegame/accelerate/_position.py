@@ -9,13 +9,13 @@ order mid-epoch, gradients mid-accumulation, accelerate's own save/load hooks).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from accelerate.data_loader import SeedableRandomSampler, get_sampler  # type: ignore[import-untyped]
 
+from savegame._util.logs import warn
 from savegame.run.resume import ResumeWarning
 
 FORMAT = 1
@@ -136,7 +136,7 @@ def warn_if_generators_lost(state: Mapping[str, Any], *, batches_seen: int, path
         return
     for name, obj in state.items():
         if isinstance(obj, LoaderPosition) and obj.lost:
-            warnings.warn(
+            warn(
                 f"savegame.accelerate: {path}: {name} was saved mid-epoch (batches_seen="
                 f"{batches_seen}) with {', '.join(obj.lost)}, which this accelerator's dataloader does "
                 "not have: the resumed epoch skips the right number of batches of a different order. Prepare the "
@@ -192,7 +192,7 @@ def warn_if_order_lost(accelerator: Any, batches_seen: int) -> None:
     So for a save between two gradient-synchronisation steps: the gradients accumulated so far live in
     ``.grad``, which no checkpoint holds, and the resumed run would step with part of them."""
     if accelerator.gradient_accumulation_steps > 1 and not accelerator.sync_gradients:
-        warnings.warn(
+        warn(
             f"savegame.accelerate: saving in the middle of a gradient accumulation (step {accelerator.step}, "
             f"gradient_accumulation_steps={accelerator.gradient_accumulation_steps}): the gradients accumulated "
             "since the last optimizer step are not saved, so a resume from this checkpoint steps with part of "
@@ -205,7 +205,7 @@ def warn_if_order_lost(accelerator: Any, batches_seen: int) -> None:
     for i, loader in enumerate(accelerator._dataloaders):
         sampler = get_sampler(loader)
         if isinstance(sampler, RANDOM_SAMPLERS) and not isinstance(sampler, SeedableRandomSampler):
-            warnings.warn(
+            warn(
                 f"savegame.accelerate: dataloader {i} shuffles with a plain {type(sampler).__name__}, whose order "
                 f"for the current epoch cannot be rebuilt after a mid-epoch save (batches_seen={batches_seen}): a "
                 "resume skips the right number of batches of a different order. Use "
@@ -223,7 +223,7 @@ def warn_if_hooks_skipped(accelerator: Any, which: str) -> None:
     without it."""
     hooks = getattr(accelerator, f"_{which}_model_state_pre_hook", None)
     if hooks:
-        warnings.warn(
+        warn(
             f"savegame.accelerate: this accelerator has {len(hooks)} register_{which}_state_pre_hook hook(s), which "
             f"only Accelerator.{which}_state runs: savegame.accelerate does not call them, so whatever they "
             f"{'save' if which == 'save' else 'load'} beyond the prepared models (an EMA model, files of their "

@@ -36,7 +36,6 @@ way). A checkpoint taken inside the loop's body counts the batch in hand as cons
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ from torch.utils.data import (
 )
 from torch.utils.data.distributed import DistributedSampler
 
+from savegame._util.logs import warn
 from savegame.adapters.registry import is_stateful
 from savegame.errors import ConfigError, ResumeWarning, StateMismatchError
 
@@ -256,7 +256,7 @@ class ResumableLoader:
         if self._warned:
             return
         self._warned = True
-        warnings.warn(
+        warn(
             f"{where}: the data loader's position ({batches} batches into the epoch) cannot be restored exactly: "
             f"{problem}",
             ResumeWarning,

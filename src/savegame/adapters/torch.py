@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from savegame._util.logs import warn
 from savegame.adapters.torch_restore import _PLAIN_TENSORS
 from savegame.adapters.torch_restore import ModuleReport as ModuleReport  # re-exported: the restore side moved
 from savegame.adapters.torch_restore import restore_module as restore_module
@@ -485,7 +486,7 @@ def _place(tensor: torch.Tensor, saved: object, map_location: MapLocation) -> to
         try:
             return tensor.to(saved_device)
         except (RuntimeError, AssertionError) as exc:
-            warnings.warn(
+            warn(
                 f"tensor was saved on {saved_device}, which is not available here ({exc}); loading it on the "
                 "CPU (pass map_location to choose)",
                 stacklevel=4,

@@ -6,7 +6,6 @@ checkpoint into plain tensors in a single process.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 
 from savegame import api
+from savegame._util.logs import warn
 from savegame.distributed.dcp import (
     PathKey,
     SavegameStorageReader,
@@ -217,7 +217,7 @@ def _load_local(
             else:
                 message = (f"{directory}: no {mine} (saved by {layout.world_size if layout else 1} ranks); "
                            f"{name} of rank {ctx.rank} was left as it is")  # fmt: skip
-                warnings.warn(message, DistributedWarning, stacklevel=4)
+                warn(message, DistributedWarning, stacklevel=4)
                 log.warning(message)
         elif isinstance(obj, (int, float, str, bytes, tuple, type(None))):
             if name in manifest.items:  # a plain value: returned, not loaded in place (like the Checkpointer)

@@ -5,12 +5,12 @@ variables and metrics, and skipping the batches of an interrupted epoch on resum
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import keras
 
+from savegame._util.logs import warn
 from savegame.adapters.keras import (
     KerasState,
     assign_variables,
@@ -264,10 +264,10 @@ def _restore_metrics(model: Any, batch: Any, saved: Mapping[str, Any]) -> None:
         try:
             model._symbolic_build(data_batch=batch)
         except Exception as exc:  # private Keras API: degrade to a warning, never break the run
-            warnings.warn(f"savegame: could not build the metrics to restore them ({exc})", stacklevel=2)
+            warn(f"savegame: could not build the metrics to restore them ({exc})", stacklevel=2)
         live = _variables_in_order(model.metrics_variables)
     if len(live) != len(saved):
-        warnings.warn(
+        warn(
             "savegame: the metrics of the resumed epoch could not be restored (the model has "
             f"{len(live)} metric variables, the checkpoint {len(saved)}); epoch logs cover the remaining batches",
             stacklevel=2,

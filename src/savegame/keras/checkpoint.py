@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import keras
 import numpy as np
 
+from savegame._util.logs import warn
 from savegame.adapters.keras import (
     KerasState,
 )
@@ -115,7 +115,7 @@ class ModelCheckpoint(SavegameCallback):
         self.strict_monitor = bool(strict_monitor)
         self.filepath = os.fspath(filepath)
         if mode not in ("auto", "min", "max"):
-            warnings.warn(f"ModelCheckpoint mode '{mode}' is unknown, fallback to auto mode.", stacklevel=2)
+            warn(f"ModelCheckpoint mode '{mode}' is unknown, fallback to auto mode.", stacklevel=2)
             mode = "auto"
         if save_freq != "epoch" and (isinstance(save_freq, bool) or not isinstance(save_freq, int)):
             raise ConfigError(
@@ -249,11 +249,11 @@ class ModelCheckpoint(SavegameCallback):
             return True
         current = logs.get(self.monitor)
         if current is None:
-            warnings.warn(f"Can save best model only with {self.monitor} available.", stacklevel=3)
+            warn(f"Can save best model only with {self.monitor} available.", stacklevel=3)
             return True
         value = plain_value(current)
         if not isinstance(value, (int, float)):
-            warnings.warn(
+            warn(
                 f"Can save best model only when `monitor` is a scalar value. Received: {current}. "
                 "Falling back to `save_best_only=False`.",
                 stacklevel=3,
@@ -267,7 +267,7 @@ class ModelCheckpoint(SavegameCallback):
         if math.isnan(value):
             # Keras takes a first NaN as the best, and then no later epoch compares better: every later
             # checkpoint is silently skipped. A NaN is never an improvement here.
-            warnings.warn(
+            warn(
                 f"ModelCheckpoint: {self.monitor} is NaN at epoch {epoch + 1}; not saving {where} (a NaN "
                 f"is never an improvement; the best stays {best_str})",
                 stacklevel=3,

@@ -8,8 +8,8 @@ re-exports ``check_run_root``.
 from __future__ import annotations
 
 import os
-import warnings
 
+from savegame._util.logs import warn
 from savegame.errors import ConfigError
 from savegame.run.index import ALIASES
 from savegame.storage import LocalStorage, is_url, path_text
@@ -64,7 +64,7 @@ class UnjudgedEpochs:
         if epoch != self._epoch:
             if self._epoch is not None and not self._judged and not self._first and not self._warned:
                 self._warned = True
-                warnings.warn(
+                warn(
                     f"Checkpointer.step: no call with epoch={self._epoch} passed metrics= with {monitor!r}, so "
                     f"improvement of monitor={monitor!r} was not judged for that epoch (calls without metrics= "
                     "count as per-batch calls); pass metrics={...} at the end of each epoch",

@@ -403,8 +403,9 @@ Other options:
   (:mod:`savegame.events`: the protocol, TensorBoard / MLflow / W&B loggers). Hooks run on the
   calling thread; one that raises is logged and ignored (``callback_failures``).
 * ``quiet``: do not print the one line on stderr saying what ``restore`` resumed from.
-* ``clock``: monotonic seconds for ``every_seconds``; ``wall_clock``: unix seconds for time-based
-  retention (``KeepPerInterval``). Injectable for tests.
+* ``clock``: monotonic seconds for ``every_seconds``; ``wall_clock``: unix seconds of "now" for
+  time-based retention (``KeepPerInterval``, ``KeepWithin``), whose checkpoint ages come from the creation
+  times their manifests record (the real clock's). Injectable for tests.
 
 Where checkpoints live (``storage=StorageOptions(options=..., mirror=..., mirror_options=...)`` says
 ``storage_options``, ``mirror`` and ``mirror_options`` in one):

@@ -21,13 +21,12 @@ import builtins
 import os
 import sys
 import time
-import warnings
 from collections.abc import Mapping, MutableMapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from savegame import api
-from savegame._util.logs import get_logger
+from savegame._util.logs import get_logger, warn
 from savegame._util.safetext import escape_controls
 from savegame.adapters import torch_if_imported
 from savegame.adapters.rng import RNGState
@@ -159,7 +158,7 @@ def warn_manifestless(ckpt: Checkpointer) -> None:
             message = (f"{folder}: holds savegame data files but no manifest.json (deleted?), so it is not a "
                        "checkpoint and the resume passes over it; it was left as it is")  # fmt: skip
             log.warning(message)
-            warnings.warn(message, ResumeWarning, stacklevel=4)
+            warn(message, ResumeWarning, stacklevel=4)
 
 
 def resume_latest(
@@ -268,7 +267,7 @@ def quarantine(ckpt: Checkpointer, name: str, exc: Exception) -> str:
         message = (f"checkpoint {name} in {ckpt.directory} is damaged and was skipped (left in place: "
                    f"this Checkpointer has lock=False and does not own the directory): {exc}")  # fmt: skip
         log.warning(message)
-        warnings.warn(message, ResumeWarning, stacklevel=4)
+        warn(message, ResumeWarning, stacklevel=4)
         ckpt._index.note_gone(name)
         ckpt._events.emit("on_quarantined", QuarantinedInfo(name, None, str(exc)), log_line=False)
         return name
@@ -279,7 +278,7 @@ def quarantine(ckpt: Checkpointer, name: str, exc: Exception) -> str:
         moved = f"(could not quarantine: {err})"
     message = f"checkpoint {name} in {ckpt.directory} is damaged and was moved to {moved}: {exc}"
     log.warning(message)
-    warnings.warn(message, ResumeWarning, stacklevel=4)
+    warn(message, ResumeWarning, stacklevel=4)
     ckpt._index.note_gone(name)
     ckpt._events.emit("on_quarantined", QuarantinedInfo(name, moved_to, str(exc)), log_line=False)
     return name
@@ -316,7 +315,7 @@ def load_entry(
     if absent and (entry.weights_only or not strict):
         message = f"checkpoint {entry.name} has no items {absent}; they were not restored"
         log.warning(message)
-        warnings.warn(message, ResumeWarning, stacklevel=4)
+        warn(message, ResumeWarning, stacklevel=4)
         target = {k: v for k, v in target.items() if k in saved}
     elif absent:
         raise StateMismatchError(
@@ -455,7 +454,7 @@ def warn_if_data_position_lost(
         "resume at the next unseen batch; if the loop skips the consumed batches itself, ignore this warning"
     )
     log.warning(message)
-    warnings.warn(message, ResumeWarning, stacklevel=4)
+    warn(message, ResumeWarning, stacklevel=4)
 
 
 def _records_position(values: Mapping[str, Any]) -> bool:

@@ -17,11 +17,10 @@ existing name is never overwritten (``-v1``, ``-v2``, ... are appended instead).
 from __future__ import annotations
 
 import builtins
-import warnings
 import weakref
 from typing import TYPE_CHECKING
 
-from savegame._util.logs import get_logger
+from savegame._util.logs import get_logger, warn
 from savegame.errors import CheckpointError, ConfigError
 from savegame.policies.keep import monitors_of
 from savegame.run.events import DeletedInfo
@@ -67,7 +66,7 @@ def apply_retention(ckpt: Checkpointer, *, dry_run: bool, all_runs: bool = False
                 said.add(str(exc))
                 message = f"retention deletes nothing until the metric is recorded: {exc}"
                 log.warning(message)
-                warnings.warn(message, stacklevel=3)
+                warn(message, stacklevel=3)
         return []
     doomed = doomed_names(ckpt, all_runs=all_runs)
     if dry_run:
@@ -79,7 +78,7 @@ def apply_retention(ckpt: Checkpointer, *, dry_run: bool, all_runs: bool = False
         except (CheckpointError, OSError) as exc:
             message = f"retention could not delete checkpoint {name}: {exc}"
             log.warning(message)
-            warnings.warn(message, stacklevel=3)
+            warn(message, stacklevel=3)
             continue
         ckpt._index.note_gone(name)
         deleted.append(name)

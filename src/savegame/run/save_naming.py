@@ -8,13 +8,12 @@ only decides which name a Checkpointer save gets.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import replace as _replace
 from typing import Any
 
-from savegame._util.logs import get_logger
+from savegame._util.logs import get_logger, warn
 from savegame.errors import InvalidNameError
 from savegame.format.naming import NameTemplate, unique_name
 from savegame.policies import Progress
@@ -90,5 +89,5 @@ def name_for(template: NameTemplate | None, progress: Progress, sequence: int, e
         except InvalidNameError as exc:
             message = f"{exc}; using the default name for this checkpoint"
             log.warning(message)
-            warnings.warn(message, stacklevel=4)
+            warn(message, stacklevel=4)
     return default_name(progress.epoch, progress.step, sequence)
