@@ -184,3 +184,19 @@ def test_restore_falls_back_to_the_older_checkpoint(tmp_path: Path, case: str) -
     assert fresh_opt.state_dict()["state"][0]["exp_avg"].abs().sum() > 0
     assert not newest.exists()  # quarantined (renamed, kept), never deleted
     assert [p for p in tmp_path.iterdir() if p.name.startswith(".quarantine")]
+
+
+def test_an_integer_tensor_forged_to_require_grad_is_an_invalid_manifest(tmp_path: Path) -> None:
+    """``"param": true`` on an int64 tensor's node: torch raised a bare RuntimeError ("Only Tensors of
+    floating point and complex dtype can require gradients") out of a plain load."""
+    savegame.save(tmp_path / "c", {"m": {"steps": torch.arange(4), "w": torch.ones(2, requires_grad=True)}})
+
+    def edit(body: Body) -> None:
+        _skeleton(body, "m")["steps"]["param"] = True
+
+    forge(tmp_path / "c", edit)
+    with pytest.raises(InvalidManifestError, match=r"m\.steps: a tensor of dtype int64 cannot require gradients"):
+        savegame.load(tmp_path / "c")
+    forge(tmp_path / "c", lambda body: _skeleton(body, "m")["steps"].update(param=False, requires_grad=True))
+    with pytest.raises(InvalidManifestError, match=r"m\.steps: a tensor of dtype int64"):
+        savegame.load(tmp_path / "c")

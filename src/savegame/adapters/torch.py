@@ -423,12 +423,25 @@ def grad_variant(tensor: object, node: Mapping[str, Any]) -> object:
     its ``requires_grad`` (what two views of one memory with other flags, ``p`` and ``p.detach()``, load as)."""
     if not isinstance(tensor, torch.Tensor):
         return tensor
-    base = tensor.detach()
-    if node.get("param"):
-        return torch.nn.Parameter(base, requires_grad=bool(node.get("requires_grad", True)))
-    if node.get("requires_grad") and base.is_floating_point():
-        base.requires_grad_(True)
-    return base
+    return _with_grad_flags(tensor.detach(), node, "a tensor")
+
+
+def _with_grad_flags(tensor: torch.Tensor, node: Mapping[str, Any], where: str | Where) -> torch.Tensor:
+    """``tensor`` as a Parameter when the node says ``param``, requiring grad as it says. Only floating
+    point and complex tensors can require grad: a node that says an integer one does is forged or
+    damaged (InvalidManifestError, not torch's bare RuntimeError)."""
+    param = bool(node.get("param"))
+    wants_grad = bool(node.get("requires_grad", param))
+    if wants_grad and not (tensor.is_floating_point() or tensor.is_complex()):
+        raise InvalidManifestError(
+            f"{where}: a tensor of dtype {str(tensor.dtype).removeprefix('torch.')} cannot require gradients, but its "
+            "manifest entry says it does (param/requires_grad): the manifest is damaged or forged"
+        )
+    if param:
+        return torch.nn.Parameter(tensor, requires_grad=wants_grad)
+    if wants_grad:
+        tensor.requires_grad_(True)
+    return tensor
 
 
 def tensor_from_bytes(
@@ -450,10 +463,8 @@ def tensor_from_bytes(
     saved_device = node.get("device")
     if saved_device is not None or map_location is not None:  # else: a CPU tensor staying on the CPU
         tensor = _place(tensor, saved_device, map_location)
-    if node.get("param"):
-        return torch.nn.Parameter(tensor, requires_grad=bool(node.get("requires_grad", True)))
-    if node.get("requires_grad") and tensor.is_floating_point():
-        tensor.requires_grad_(True)
+    if "param" in node or "requires_grad" in node:
+        return _with_grad_flags(tensor, node, where)
     return tensor
 
 
