@@ -137,13 +137,15 @@ def test_resolve_mode_auto_max(monitor: str) -> None:
 @pytest.mark.parametrize(
     "monitor",
     ["loss", "val_loss", "mse", "val_mae", "mean_squared_error", "perplexity", "wer", "fid",
-     "dice_loss", "accuracy_loss", "categorical_crossentropy"],
+     "dice_loss", "accuracy_loss", "categorical_crossentropy", "val_inaccuracy", "val_accuracy_gap",
+     "val_acc_drop"],
 )  # fmt: skip
 def test_resolve_mode_auto_min(monitor: str) -> None:
     assert resolve_mode(monitor, "auto") == "min"
 
 
-@pytest.mark.parametrize("monitor", ["lr", "something_unknown", "val_exact_match", "win_rate", "val_top_1"])
+@pytest.mark.parametrize("monitor", ["lr", "something_unknown", "val_exact_match", "win_rate", "val_top_1",
+                                     "neg_log_loss", "neg_mean_squared_error", "val_negative_log_likelihood"])
 def test_resolve_mode_auto_refuses_a_name_it_cannot_tell(monitor: str) -> None:
     """Keras 2 minimised these and HF's Trainer maximises them: a guess keeps the worst checkpoint as
     the best, so ``auto`` refuses (as Keras 3 does) and says which modes to pass; explicit modes work."""
@@ -196,9 +198,9 @@ def test_is_better_basics() -> None:
     assert not is_better(0.625, 0.5, "max", 0.125)
     assert is_better(0.25, 0.5, "min", 0.125)
     assert not is_better(0.375, 0.5, "min", 0.125)
-    assert is_better(INF, 1.0, "max")
+    assert not is_better(INF, 1.0, "max")  # infinities never improve (test_infinite_metrics_are_never_the_best)
     assert not is_better(INF, INF, "max")
-    assert is_better(-INF, 1.0, "min")
+    assert not is_better(-INF, 1.0, "min")
     assert not is_better(-INF, -INF, "min")
 
 
@@ -754,3 +756,15 @@ def test_keep_exponential_keeps_log_many_and_both_ends(positions: set[int], base
     kept_seq = KeepExponential(base=base).keep(by_sequence, now=0)
     assert len(kept_seq) <= 2 * math.log(len(positions), base) + 3
     assert {by_sequence[0].name, by_sequence[-1].name} <= kept_seq
+
+
+def test_infinite_metrics_are_never_the_best() -> None:
+    """A diverged loss of ``-inf`` (or an accuracy of ``inf``) was an improvement: it became the best, and
+    retention deleted the real one. Infinities are treated as NaN is: never better, never kept as best."""
+    inf = math.inf
+    assert not is_better(-inf, 0.1, "min") and not is_better(inf, 0.9, "max")
+    assert is_better(0.5, -inf, "min") and is_better(0.5, None, "max")  # a finite value replaces a bad best
+    cps = [info(1, metrics={"val_loss": 0.5}), info(2, metrics={"val_loss": 0.1}), info(3, metrics={"val_loss": -inf})]
+    assert KeepBest(1, "val_loss").keep(cps, now=0) == {"ckpt-2"}
+    cps = [info(1, metrics={"val_acc": 0.5}), info(2, metrics={"val_acc": inf})]
+    assert KeepBest(1, "val_acc").keep(cps, now=0) == {"ckpt-1"}

@@ -128,3 +128,43 @@ def test_a_misspelled_keep_best_monitor_deletes_nothing(tmp_path: Path, composed
         ckpt.prune()
     assert names(tmp_path) == [f"e{i:02d}" for i in range(1, 7)]
     ckpt.close()
+
+
+def test_save_with_metrics_that_lack_the_monitor_raises_and_keeps_the_best(tmp_path: Path) -> None:
+    """``monitor="val_los"`` (a typo) with ``keep_last=1``: each explicit ``save`` at an epoch end tracked no
+    best, so retention deleted the real best (0.1) with no word. ``step`` raised for the same typo; now
+    ``save`` does too, before writing anything. Saves without metrics or inside an epoch are not judged."""
+    model = torch.nn.Linear(2, 2)
+    with Checkpointer(tmp_path, monitor="val_los", mode="min", keep_last=1, name="e{epoch:02d}") as ckpt:
+        with pytest.raises(ConfigError, match=r"'val_los' is not in metrics= \(available: val_loss\)"):
+            ckpt.save({"model": model}, epoch=1, metrics={"val_loss": 0.5})
+        assert names(tmp_path) == []
+        ckpt.save({"model": model}, epoch=1)  # no metrics: nothing to judge
+        ckpt.save({"model": model}, epoch=1, step=3, metrics={"train_loss": 0.2}, epoch_end=False, name="mid")
+    assert names(tmp_path) == ["mid"]
+
+
+def test_contradicting_or_meaningless_ranking_options_are_refused(tmp_path: Path) -> None:
+    """Accepted silently, each of these kept the wrong checkpoints or did nothing: a KeepBest or
+    OnImprovement that ranks the monitor in the other direction than the Checkpointer's best tracking
+    (the second best deleted, the two worst kept), a policy class instead of an instance (every save
+    then failed its retention), and mode/min_delta/threshold without a monitor (ignored)."""
+    from savegame.policies import KeepBest, KeepLast, KeepUnion, Never, OnImprovement
+
+    with pytest.raises(ConfigError, match=r"KeepBest\('val_score'\) ranks it by 'min'.*by 'max'"):
+        Checkpointer(tmp_path, monitor="val_score", mode="max", keep=KeepBest(2, "val_score", mode="min"))
+    with pytest.raises(ConfigError, match=r"OnImprovement\('val_loss'\) ranks it by 'max'"):
+        Checkpointer(tmp_path, monitor="val_loss", save=OnImprovement("val_loss", mode="max"))
+    with pytest.raises(ConfigError, match=r"must be a keep policy \(an instance\)"):
+        Checkpointer(tmp_path, keep=KeepLast)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="the class KeepUnion: pass an instance"):
+        KeepUnion(KeepLast(1), KeepUnion)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="an instance"):
+        Checkpointer(tmp_path, save=Never)  # type: ignore[arg-type]
+    for knob in ({"mode": "max"}, {"min_delta": 0.5}, {"threshold": 0.5}):
+        with pytest.raises(ConfigError, match="pass monitor= too"):
+            Checkpointer(tmp_path, **knob)  # type: ignore[arg-type]
+    # the same direction, said twice or inferred, is fine
+    Checkpointer(tmp_path, monitor="val_score", mode="max", keep=KeepBest(2, "val_score", mode="max")).close()
+    Checkpointer(tmp_path, monitor="val_loss", keep=KeepUnion(KeepLast(1), KeepBest(2, "val_loss"))).close()
+    assert names(tmp_path) == []

@@ -115,7 +115,8 @@ def _write_root(
     """Save each matched file of ``src`` into the new run root ``root``; return the best's name."""
     from savegame.run.checkpointer import Checkpointer
 
-    ckpt = Checkpointer(root, monitor=monitor, mode=mode, rng=False, restart="off",  # type: ignore[arg-type]
+    ckpt = Checkpointer(root, monitor=monitor, mode=mode if monitor else "auto", rng=False,  # type: ignore[arg-type]
+                        restart="off",
                         metadata={"imported_from": os.path.abspath(src)})  # fmt: skip
     try:
         for fields, name in matched:

@@ -25,6 +25,8 @@ names containing ``"acc"`` or starting with ``"fmeasure"`` and minimised everyth
 only names, so it decides from the name, lower-cased and split into alphanumeric tokens (``val/mAP@50``
 -> ``val``, ``map``, ``50``; a token's trailing digits are also tried, so ``ap50`` matches ``ap``):
 
+0. a ``neg`` or ``negative`` token raises :class:`~savegame.errors.ConfigError` (scikit-learn maximises
+   ``neg_log_loss``; a negative log-likelihood is minimised);
 1. a token in :data:`MIN_METRIC_TOKENS` (``loss``, ``error``, ``mse``, ``perplexity``, ...) -> ``"min"``;
 2. ``"acc"`` anywhere in the name, or a name starting with ``fmeasure`` (the Keras rule) -> ``"max"``;
 3. a token in :data:`MAX_METRIC_TOKENS` (``auc``, ``precision``, ``recall``, ``f1``, ``iou``, ``map``,

@@ -61,8 +61,9 @@ class KeepLast:
 class KeepBest:
     """Keep the ``k`` checkpoints with the best ``monitor`` value (direction from ``mode``).
 
-    Checkpoints lacking the metric, or where it is NaN or not a number, are never among the best. Ties go to the older
-    checkpoint (smaller sequence), as for best tracking: a later equal value is not an improvement.
+    Checkpoints lacking the metric, or where it is NaN, infinite or not a number, are never among the best.
+    Ties go to the older checkpoint (smaller sequence), as for best tracking: a later equal value is not an
+    improvement.
     """
 
     k: int
@@ -87,8 +88,8 @@ class KeepBest:
                 value = float(raw)
             except (TypeError, ValueError):
                 continue  # not a number: never among the best
-            if math.isnan(value):
-                continue
+            if not math.isfinite(value):
+                continue  # NaN or infinite (diverged): never among the best, as never an improvement
             scored.append((sign * value, c.sequence, c.name))
         scored.sort()
         return {name for _, _, name in scored[: self.k]}
@@ -237,6 +238,8 @@ class KeepExponential:
 
 def _check_keep_policy(owner: str, policy: object) -> None:
     """Raise :class:`ConfigError` unless ``policy`` has a ``keep`` method."""
+    if isinstance(policy, type):  # the Protocol check is true for the class itself: KeepLast, not KeepLast(3)
+        raise ConfigError(f"{owner}: expected a keep policy, got the class {policy.__name__}: pass an instance")
     if not isinstance(policy, KeepPolicy):
         raise ConfigError(f"{owner}: expected a keep policy (with keep), got {policy!r}")
 

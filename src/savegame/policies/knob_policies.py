@@ -80,28 +80,14 @@ def coerce_metrics(metrics: Mapping[str, object] | None) -> dict[str, float]:
 
 def find_improvement(policy: SavePolicy) -> OnImprovement | None:
     """The first :class:`OnImprovement` inside a (composed) save policy, to infer ``monitor``."""
-    if isinstance(policy, OnImprovement):
-        return policy
-    if isinstance(policy, SkipFirstEpochs):
-        return find_improvement(policy.policy)
-    if isinstance(policy, AnyOf):
-        for sub in policy.policies:
-            found = find_improvement(sub)
-            if found is not None:
-                return found
-    return None
+    found = _improvements(policy)
+    return found[0] if found else None
 
 
 def find_keep_best(policy: KeepPolicy) -> KeepBest | None:
     """The first :class:`KeepBest` inside a (composed) keep policy, to infer ``monitor``."""
-    if isinstance(policy, KeepBest):
-        return policy
-    if isinstance(policy, KeepUnion):
-        for sub in policy.policies:
-            found = find_keep_best(sub)
-            if found is not None:
-                return found
-    return None
+    found = _keep_bests(policy)
+    return found[0] if found else None
 
 
 @dataclass(frozen=True)
@@ -256,10 +242,10 @@ def policies_from_knobs(
         )
     if keep is not None and (keep_last is not None or keep_best is not None):
         raise ConfigError("Checkpointer: pass either keep= (a policy) or keep_last/keep_best, not both")
-    if save is not None and not isinstance(save, SavePolicy):
-        raise ConfigError(f"Checkpointer: save= must be a save policy, got {save!r}")
-    if keep is not None and not isinstance(keep, KeepPolicy):
-        raise ConfigError(f"Checkpointer: keep= must be a keep policy, got {keep!r}")
+    if save is not None and (isinstance(save, type) or not isinstance(save, SavePolicy)):
+        raise ConfigError(f"Checkpointer: save= must be a save policy (an instance), got {save!r}")
+    if keep is not None and (isinstance(keep, type) or not isinstance(keep, KeepPolicy)):
+        raise ConfigError(f"Checkpointer: keep= must be a keep policy (an instance), got {keep!r}")
 
     if monitor is None and save is not None:
         found = find_improvement(save)
@@ -285,7 +271,48 @@ def policies_from_knobs(
         monitor=monitor, mode=mode, keep_last=keep_last, keep_best=keep_best
     )
     resolved = resolve_mode(monitor, mode, owner=f"monitor={monitor!r}") if monitor else None
+    if monitor is None and (mode != "auto" or min_delta != 0 or threshold is not None):
+        raise ConfigError("Checkpointer: mode=, min_delta= and threshold= apply to the monitored metric; pass "
+                          "monitor= too (or leave them at their defaults)")  # fmt: skip
+    _check_same_direction(monitor, resolved, save_policy, keep_policy)
     return KnobPolicies(
         monitor=monitor, mode=resolved, min_delta=float(min_delta),
         threshold=threshold, save_policy=save_policy, keep_policy=keep_policy,
     )  # fmt: skip
+
+
+def _check_same_direction(
+    monitor: str | None, mode: Literal["min", "max"] | None, save: SavePolicy, keep: KeepPolicy
+) -> None:
+    """:class:`ConfigError` when a ``KeepBest`` or ``OnImprovement`` of ``monitor`` ranks it in the other
+    direction than the Checkpointer's best tracking: one of the two would keep the worst checkpoints."""
+    if monitor is None or mode is None:
+        return
+    ranked: list[tuple[str, str, str]] = [(p.monitor, p.mode, "KeepBest") for p in _keep_bests(keep)]
+    ranked += [(p.monitor, p.mode, "OnImprovement") for p in _improvements(save)]
+    for name, its_mode, kind in ranked:
+        if name == monitor and resolve_mode(name, its_mode, owner=kind) != mode:
+            raise ConfigError(
+                f"Checkpointer: {kind}({name!r}) ranks it by {resolve_mode(name, its_mode)!r} while the "
+                f"Checkpointer tracks its best by {mode!r}; give both the same mode"
+            )
+
+
+def _keep_bests(policy: KeepPolicy) -> list[KeepBest]:
+    """Every :class:`KeepBest` inside a (composed) keep policy."""
+    if isinstance(policy, KeepBest):
+        return [policy]
+    if isinstance(policy, KeepUnion):
+        return [found for sub in policy.policies for found in _keep_bests(sub)]
+    return []
+
+
+def _improvements(policy: SavePolicy) -> list[OnImprovement]:
+    """Every :class:`OnImprovement` inside a (composed) save policy."""
+    if isinstance(policy, OnImprovement):
+        return [policy]
+    if isinstance(policy, SkipFirstEpochs):
+        return _improvements(policy.policy)
+    if isinstance(policy, AnyOf):
+        return [found for sub in policy.policies for found in _improvements(sub)]
+    return []

@@ -181,6 +181,8 @@ class Never:
 
 def _check_save_policy(owner: str, policy: object) -> None:
     """Raise :class:`ConfigError` unless ``policy`` has a ``should_save`` method."""
+    if isinstance(policy, type):  # the Protocol check is true for the class itself: Never, not Never()
+        raise ConfigError(f"{owner}: expected a save policy, got the class {policy.__name__}: pass an instance")
     if not isinstance(policy, SavePolicy):
         raise ConfigError(f"{owner}: expected a save policy (with should_save), got {policy!r}")
 

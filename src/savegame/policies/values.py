@@ -25,7 +25,7 @@ MIN_METRIC_TOKENS: frozenset[str] = frozenset(
         "loss", "error", "err", "mse", "mae", "rmse", "msle", "rmsle", "mape", "smape", "nll",
         "crossentropy", "logloss", "hinge", "kld", "divergence", "perplexity", "ppl", "wer",
         "cer", "ter", "fid", "kid", "lpips", "distance", "dist", "regret", "eer", "fpr", "fnr",
-        "brier", "ece", "cost", "penalty",
+        "brier", "ece", "cost", "penalty", "inaccuracy", "gap", "drop", "degradation",
     }
 )  # fmt: skip
 """Name tokens that mark a metric to minimise under ``mode="auto"`` (checked first)."""
@@ -207,6 +207,12 @@ def resolve_mode(monitor: str, mode: str = "auto", *, owner: str = "resolve_mode
     name = monitor.lower()
     tokens = _TOKEN.findall(name)
     candidates = set(tokens) | {t.rstrip("0123456789") for t in tokens}
+    if candidates & {"neg", "negative"}:  # scikit-learn maximises neg_log_loss; a negative log-likelihood
+        raise ConfigError(  # is minimised: the name cannot tell
+            f"{owner}: mode='auto' cannot tell whether monitor={monitor!r} improves by going down or up (a "
+            "negated metric: scikit-learn maximises its neg_* scores, a negative log-likelihood is minimised); "
+            "pass mode='min' or mode='max'."
+        )
     if candidates & MIN_METRIC_TOKENS:
         return "min"
     bare = name.removeprefix("val_").removeprefix("val/")
@@ -227,16 +233,17 @@ def is_better(value: float, best: float | None, mode: str, min_delta: float = 0.
 
     ``mode`` must be resolved (``"min"`` or ``"max"``, see :func:`resolve_mode`). The improvement is
     ``value - best`` for ``"max"`` and ``best - value`` for ``"min"``; it must be strictly greater than
-    ``min_delta`` (Keras semantics, where an equal value is not an improvement). NaN is never an
-    improvement; with no ``best`` (None or NaN) any non-NaN value is.
+    ``min_delta`` (Keras semantics, where an equal value is not an improvement). NaN and infinities are
+    never an improvement (a diverged loss of ``-inf`` must not become the best and let retention delete
+    the real one); with no ``best`` (None, NaN or infinite) any finite value is.
     """
     if mode not in ("min", "max"):
         raise ConfigError(f"is_better: mode must be 'min' or 'max' (resolve 'auto' first), got {mode!r}")
     check_min_delta("is_better", min_delta)
     value = float(value)
-    if math.isnan(value):
+    if not math.isfinite(value):
         return False
-    if best is None or math.isnan(best):
+    if best is None or not math.isfinite(best):
         return True
     gain = value - best if mode == "max" else best - value
     return gain > min_delta  # NaN (inf - inf) compares False: not an improvement

@@ -90,7 +90,7 @@ from savegame.run.resume import ResumeWarning as ResumeWarning
 from savegame.run.resume import announce_restore, restore_named, resume_latest
 from savegame.run.retention import prune
 from savegame.run.save_naming import check_not_alias
-from savegame.run.saving import InFlight, busy, policy_wants_save, save_state, settle, skipped
+from savegame.run.saving import InFlight, busy, check_monitor_passed, policy_wants_save, save_state, settle, skipped
 from savegame.run.signals import PreemptionHandler
 from savegame.run.timing import RunClock
 from savegame.storage import LocalStorage, storage_for
@@ -464,6 +464,7 @@ class Checkpointer:
         if name is not None:
             validate_name(name)
         progress = self._progress(epoch, step, metrics, epoch_end=epoch_end, final=False)
+        check_monitor_passed(self.monitor, progress)
         return save_state(self, state, progress, name=name, metadata=metadata, pin=pin)
 
     def wait(self) -> builtins.list[str]:

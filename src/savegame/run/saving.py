@@ -371,6 +371,14 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_unsettled_after_fork)
 
 
+def check_monitor_passed(monitor: str | None, progress: Progress) -> None:
+    """:class:`ConfigError` for an explicit ``save`` at an epoch end whose ``metrics`` lack the monitored
+    one: a typo in ``monitor`` (or in the key) would track no best, and retention would delete the real
+    one (``step`` raises the same). A save without metrics, or inside an epoch, is not judged."""
+    if monitor is not None and progress.epoch_end and progress.metrics and monitor not in progress.metrics:
+        raise ConfigError("Checkpointer.save: " + missing_monitor_message(monitor, progress.metrics))
+
+
 def policy_wants_save(ckpt: Checkpointer, progress: Progress, *, said_epoch_end: bool) -> bool:
     """Whether ``step`` saves at ``progress``: the save policy's answer (not twice for the final call).
 
