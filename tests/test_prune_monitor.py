@@ -168,3 +168,21 @@ def test_contradicting_or_meaningless_ranking_options_are_refused(tmp_path: Path
     Checkpointer(tmp_path, monitor="val_score", mode="max", keep=KeepBest(2, "val_score", mode="max")).close()
     Checkpointer(tmp_path, monitor="val_loss", keep=KeepUnion(KeepLast(1), KeepBest(2, "val_loss"))).close()
     assert names(tmp_path) == []
+
+
+@pytest.mark.parametrize(("monitor", "mode"), [("val_acc", "auto"), ("val_loss", "max")])
+def test_a_resume_ranking_by_another_monitor_or_mode_keeps_the_earlier_best(
+    tmp_path: Path, monitor: str, mode: str
+) -> None:
+    """Only the best named by a run's newest manifest was protected: once the resumed run's first manifest
+    recorded a best by its new monitor (or the other mode), the first ranking's best was deleted."""
+    model = torch.nn.Linear(2, 2)
+    with Checkpointer(tmp_path, monitor="val_loss", keep_last=1, name="e{epoch:02d}") as ckpt:
+        for epoch, loss in enumerate([0.9, 0.1, 0.5], start=1):
+            ckpt.step({"model": model}, epoch=epoch, metrics={"val_loss": loss, "val_acc": 0.5 + epoch / 100})
+    assert names(tmp_path) == ["e02", "e03"]
+    with Checkpointer(tmp_path, monitor=monitor, mode=mode, keep_last=1, name="e{epoch:02d}") as ckpt:  # type: ignore[arg-type]
+        ckpt.restore({"model": model})
+        ckpt.step({"model": model}, epoch=4, metrics={"val_loss": 0.6, "val_acc": 0.9})
+        ckpt.step({"model": model}, epoch=5, metrics={"val_loss": 0.7, "val_acc": 0.6})
+    assert "e02" in names(tmp_path) and "e05" in names(tmp_path)

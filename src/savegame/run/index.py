@@ -210,12 +210,14 @@ def entry_from_manifest(name: str, manifest: Manifest) -> IndexEntry:
 
 def recorded_best_names(bests: Iterable[tuple[str | None, RecordedBest | None]]) -> set[str]:
     """The checkpoints that the manifests record as best: per run (``(run, best)`` pairs, oldest
-    first), the best named by its newest manifest that names one. Retention never deletes these,
-    whatever monitor or keep policy it was given."""
-    latest: dict[str | None, str] = {}
+    first) and per monitor and mode it was ranked by, the best named by the newest manifest that names
+    one. Retention never deletes these, whatever monitor or keep policy it was given: a run resumed with
+    another monitor (or the other mode) records bests of its own, and the one the earlier ranking found
+    stays too."""
+    latest: dict[tuple[str | None, str, str], str] = {}
     for run, best in bests:
         if best is not None:
-            latest[run] = best.name
+            latest[(run, best.monitor, best.mode)] = best.name
     return set(latest.values())
 
 
