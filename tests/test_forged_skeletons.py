@@ -200,3 +200,25 @@ def test_an_integer_tensor_forged_to_require_grad_is_an_invalid_manifest(tmp_pat
     forge(tmp_path / "c", lambda body: _skeleton(body, "m")["steps"].update(param=False, requires_grad=True))
     with pytest.raises(InvalidManifestError, match=r"m\.steps: a tensor of dtype int64"):
         savegame.load(tmp_path / "c")
+
+
+def test_many_nodes_of_one_array_cannot_make_a_load_allocate_without_bound(tmp_path: Path) -> None:
+    """Nodes of one key that differ in a field (here an unknown one) are each built again: 200 of them
+    over a 4 MiB big-endian array made a load allocate 800 MiB. Past the item's stored bytes plus 64 MiB
+    of such copies the load is an InvalidManifestError; a few views of one key still load."""
+    import numpy as np
+
+    from savegame.engine.item_decoder import REBUILD_SLACK
+
+    savegame.save(tmp_path / "c", {"m": {"w": np.zeros(1 << 20, dtype=">f4")}})
+    node = json.loads((tmp_path / "c" / "manifest.json").read_bytes())["items"]["m"]["skeleton"]["w"]
+    copies = (REBUILD_SLACK >> 22) + 4  # 4 MiB each: past the allowance
+
+    def many(body: Body) -> None:
+        body["items"]["m"]["skeleton"] = [{**node, "junk": i} for i in range(copies)]
+
+    forge(tmp_path / "c", many)
+    with pytest.raises(InvalidManifestError, match=r"array 'w' is built again .* forged or damaged"):
+        savegame.load(tmp_path / "c")
+    forge(tmp_path / "c", lambda body: body["items"]["m"].update(skeleton=[{**node, "junk": i} for i in range(3)]))
+    assert len(savegame.load(tmp_path / "c")["m"]) == 3

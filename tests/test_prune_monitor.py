@@ -186,3 +186,23 @@ def test_a_resume_ranking_by_another_monitor_or_mode_keeps_the_earlier_best(
         ckpt.step({"model": model}, epoch=4, metrics={"val_loss": 0.6, "val_acc": 0.9})
         ckpt.step({"model": model}, epoch=5, metrics={"val_loss": 0.7, "val_acc": 0.6})
     assert "e02" in names(tmp_path) and "e05" in names(tmp_path)
+
+
+def test_a_copy_of_a_checkpoint_in_the_root_is_never_deleted(tmp_path: Path) -> None:
+    """``cp -r epoch=002 keep_me_forever`` inside the root: the copy's manifest is the original's, so
+    retention took it for a checkpoint of the run and deleted it at the next save. A run never has two
+    checkpoints with one sequence number: both folders are kept (and still load)."""
+    import shutil
+
+    import savegame
+
+    model = torch.nn.Linear(2, 2)
+    with Checkpointer(tmp_path, monitor="val_loss", keep_last=1, name="e{epoch:02d}") as ckpt:
+        ckpt.step({"model": model}, epoch=1, metrics={"val_loss": 0.5})
+        ckpt.step({"model": model}, epoch=2, metrics={"val_loss": 0.1})
+        shutil.copytree(tmp_path / "e02", tmp_path / "keep_me_forever")
+        for epoch in (3, 4):
+            ckpt.step({"model": model}, epoch=epoch, metrics={"val_loss": 0.1 * epoch})
+        assert sorted(ckpt.prune(dry_run=False)) == []
+    assert names(tmp_path) == ["e02", "e04", "keep_me_forever"]
+    savegame.load(tmp_path / "keep_me_forever")

@@ -356,6 +356,34 @@ def test_a_map_location_this_machine_lacks_is_a_config_error_and_changes_nothing
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+def _boom(t: torch.Tensor, saved: str) -> torch.Tensor:
+    raise ValueError("boom")
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        (lambda t, saved: None, r"m\.w: the map_location callable returned NoneType"),
+        (lambda t, saved: "x", r"m\.w: the map_location callable returned str"),
+        (lambda t, saved: t[:1], r"m\.w: the map_location callable returned a tensor of shape \[1\]"),
+        (lambda t, saved: t.to("meta"), r"returned a tensor of shape \[3\] on meta"),
+        (_boom, r"m\.w: the map_location callable failed .*ValueError: boom"),
+        (lambda t: t, r"m\.w: the map_location callable failed .*TypeError"),
+        ("meta", r"m\.w: map_location='meta' places it on the 'meta' device, which holds no data"),
+    ],
+)  # fmt: skip
+def test_a_map_location_that_cannot_place_a_tensor_is_a_config_error(tmp_path: Path, where: Any, message: str) -> None:
+    """A callable returning None, a string or a tensor of another shape was accepted (a state of Nones);
+    one that raised escaped bare, naming no tensor; ``"meta"`` gave tensors without data (into a live
+    model: torch's bare NotImplementedError). Each is a ConfigError naming the tensor; the model is kept."""
+    savegame.save(tmp_path / "c", {"m": {"w": torch.ones(3)}})
+    live = {"m": {"w": torch.zeros(3)}}
+    for target in (None, live):
+        with pytest.raises(savegame.ConfigError, match=message):
+            savegame.load(tmp_path / "c", target, map_location=where)
+    assert torch.equal(live["m"]["w"], torch.zeros(3))
+
+
 def test_loaded_tensors_are_writable_and_independent_of_the_file(tmp_path: Path) -> None:
     savegame.save(tmp_path / "c", {"x": {"t": torch.zeros(4)}})
     t = savegame.load(tmp_path / "c")["x"]["t"]

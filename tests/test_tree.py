@@ -145,3 +145,23 @@ def test_contains_walks_dicts_lists_and_tuples_to_the_depth_limit() -> None:
         deep = [deep]
     assert contains(deep, is_seven)  # found at the deepest level a saved state can have
     assert not contains([deep, 1], is_seven)  # one level deeper is not looked at
+
+
+def test_numpy_subclasses_are_refused_not_flattened(tmp_path: Path) -> None:
+    """A MaskedArray came back as a plain array without its mask (its mean went from 2.0 to -331.7) and an
+    np.matrix as an ndarray: every ndarray subclass is refused by name; an np.memmap is plain data."""
+    import numpy as np
+
+    import savegame
+    from savegame.errors import UnsupportedTypeError
+
+    masked = np.ma.masked_array([1.0, -999.0, 3.0], mask=[False, True, False])
+    for value in (masked, np.matrix([[1, 2]])):
+        with pytest.raises(UnsupportedTypeError, match=r"x: cannot store .*subclass of numpy.ndarray"):
+            savegame.save(tmp_path / "c", {"x": value})
+        assert not (tmp_path / "c").exists()
+    mapped = np.memmap(tmp_path / "m.bin", dtype=np.float32, mode="w+", shape=(3,))
+    mapped[:] = [1, 2, 3]
+    savegame.save(tmp_path / "ok", {"x": mapped})
+    back = savegame.load(tmp_path / "ok")["x"]
+    assert type(back) is np.ndarray and back.tolist() == [1.0, 2.0, 3.0]

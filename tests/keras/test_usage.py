@@ -344,3 +344,15 @@ def test_fit_holds_the_writer_lock_of_its_directory(tmp_path: Path) -> None:
     assert read_lock_holder(free) is None  # released at the end of training
     with WriterLock(free):  # and free for anyone
         pass
+
+
+def test_load_weights_into_an_uncompiled_model_skips_the_optimizer(tmp_path: Path) -> None:
+    """The docs say the optimizer variables are restored "when the checkpoint has them and the model is
+    compiled"; an uncompiled model got StateMismatchError naming them. Its weights now load."""
+    x, y, _, _ = iris()
+    model = dense_model()
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[sk.ModelCheckpoint(str(tmp_path / "ck"))])
+    fresh = keras.Sequential([keras.Input((4,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3)])
+    report = sk.load_weights(fresh, tmp_path / "ck")
+    assert report is not None and not report.missing and not report.unexpected
+    assert all(np.array_equal(a, b) for a, b in zip(arrays(fresh.weights), arrays(model.weights)))

@@ -354,7 +354,7 @@ class Checkpoints:
     """The checkpoints of one run directory for an ``Accelerator``, through :class:`savegame.Checkpointer`.
 
     ``options`` are the Checkpointer's (``keep_last=3``, ``monitor="val_loss"``, ``every_n_steps=500``,
-    ``name_template``...)::
+    ``name="step{step}"``...)::
 
         ckpts = savegame.accelerate.Checkpoints(accelerator, "runs/exp", keep_last=2)
         resumed = ckpts.resume()                         # Resumed(path=None) on a fresh start

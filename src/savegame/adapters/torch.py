@@ -462,7 +462,7 @@ def tensor_from_bytes(
         tensor = _tensor_from_raw(node, raw, code, shape, where)
     saved_device = node.get("device")
     if saved_device is not None or map_location is not None:  # else: a CPU tensor staying on the CPU
-        tensor = _place(tensor, saved_device, map_location)
+        tensor = _place(tensor, saved_device, map_location, where)
     if "param" in node or "requires_grad" in node:
         return _with_grad_flags(tensor, node, where)
     return tensor
@@ -489,7 +489,10 @@ def _tensor_from_raw(
     return base.view(dtype).reshape(target_shape)
 
 
-def _place(tensor: torch.Tensor, saved: object, map_location: MapLocation) -> torch.Tensor:
+def _place(tensor: torch.Tensor, saved: object, map_location: MapLocation, where: str | Where) -> torch.Tensor:
+    """``tensor`` (saved on ``saved``) where ``map_location`` says; ConfigError naming the tensor for a
+    device this machine lacks, the ``meta`` device (no data) or a callable that fails or returns something
+    else than a tensor of the same shape."""
     saved_device = saved if isinstance(saved, str) else "cpu"
     if map_location is None:
         if saved_device == "cpu":
@@ -504,10 +507,13 @@ def _place(tensor: torch.Tensor, saved: object, map_location: MapLocation) -> to
             )
             return tensor
     if callable(map_location):
-        return map_location(tensor, saved_device)
+        return _placed_by(map_location, tensor, saved_device, where)
     dest = map_location.get(saved_device, saved_device) if isinstance(map_location, Mapping) else map_location
     try:
         dest_device = torch.device(dest)
+        if dest_device.type == "meta":
+            raise ConfigError(f"{where}: map_location={map_location!r} places it on the 'meta' device, which holds "
+                              "no data; pass a real device, e.g. map_location='cpu'")  # fmt: skip
         return tensor if dest_device.type == "cpu" else tensor.to(dest_device)
     except (RuntimeError, AssertionError, TypeError) as exc:  # a bad device string, no CUDA build, no such GPU
         raise ConfigError(
@@ -515,6 +521,28 @@ def _place(tensor: torch.Tensor, saved: object, map_location: MapLocation) -> to
             f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}); pass a device this machine "
             "has, e.g. map_location='cpu'"
         ) from exc
+
+
+def _placed_by(place: Callable[..., Any], tensor: torch.Tensor, saved_device: str, where: str | Where) -> torch.Tensor:
+    """What a ``map_location`` callable makes of ``tensor``: it must return a tensor of the same shape
+    (any device, any dtype) holding data; anything else, or an exception, is a ConfigError naming the tensor."""
+    try:
+        placed = place(tensor, saved_device)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(
+            f"{where}: the map_location callable failed for a tensor saved on {saved_device} "
+            f"({type(exc).__name__}: {str(exc)[:200]}); it is called as map_location(tensor, saved_device)"
+        ) from exc
+    if not isinstance(placed, torch.Tensor) or placed.shape != tensor.shape or placed.device.type == "meta":
+        got = f"a tensor of shape {list(placed.shape)} on {placed.device}" if isinstance(placed, torch.Tensor) \
+            else type(placed).__name__  # fmt: skip
+        raise ConfigError(
+            f"{where}: the map_location callable returned {got} for a tensor of shape {list(tensor.shape)} "
+            f"saved on {saved_device}; it must return that tensor on a device with data (e.g. tensor.to(device))"
+        )
+    return placed
 
 
 # --------------------------------------------------------------------------------------------------

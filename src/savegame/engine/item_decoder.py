@@ -15,7 +15,10 @@ from savegame.errors import InvalidManifestError
 from savegame.format.tensorfile import TensorFileReader, TensorInfo
 from savegame.format.tree import Path, Where, format_path, numpy_from_node
 
-__all__ = ["ItemDecoder"]
+__all__ = ["REBUILD_SLACK", "ItemDecoder"]
+
+REBUILD_SLACK = 64 << 20
+"""Bytes of arrays built a second time for one key, beyond the item's stored bytes, that a load allows."""
 
 
 class ItemDecoder:
@@ -34,6 +37,11 @@ class ItemDecoder:
         self.first_nodes: dict[tuple[str, str], dict[str, Any]] = {}
         """The node each cached array was built for: a later node of the same key with other fields (a
         Parameter's ``param`` flag, another device) is an alias in memory, not the same object."""
+        self.rebuilt_bytes = 0
+        """Bytes of arrays built again for a key already built (a node of it with other fields): bounded by
+        :meth:`_count_rebuild`, so a forged manifest naming one tensor many times cannot make a load
+        allocate without bound."""
+        self.stored_bytes: int | None = None  # the item's tensor bytes, counted at the first rebuild
         self.make_tensor: Callable[..., object] | None = None
         self.plain_tensor: Callable[[Any, str, tuple[int, ...]], object] | None = None
         if not as_numpy:
@@ -57,6 +65,8 @@ class ItemDecoder:
         info = self.tensors.get(key)
         if info is None or self.reader is None:
             raise InvalidManifestError(f"{format_path(path)}: array {key!r} is not in the item's tensor file")
+        if cached is not None:
+            self._count_rebuild(key, info.nbytes, path)
         raw = self.reader.raw(key)
         zero_copy = self.zero_copy
         if zero_copy is not True and not (zero_copy == "aligned" and self._may_share(key, info)):
@@ -70,6 +80,21 @@ class ItemDecoder:
             self.cache[(tag, key)] = value
             self.first_nodes[(tag, key)] = node
         return value
+
+    def _count_rebuild(self, key: str, nbytes: int, path: Path) -> None:
+        """InvalidManifestError once arrays built a second time (or more) for a key add up to more than
+        the item's stored bytes plus :data:`REBUILD_SLACK`: savegame writes another node of one key only
+        for another view of it (a byte order, a device), never many."""
+        self.rebuilt_bytes += nbytes
+        if self.stored_bytes is None:
+            self.stored_bytes = sum(t.nbytes for t in self.tensors.values())
+        stored = self.stored_bytes
+        if self.rebuilt_bytes > stored + REBUILD_SLACK:
+            raise InvalidManifestError(
+                f"{format_path(path)}: array {key!r} is built again from nodes with other fields, past "
+                f"{stored + REBUILD_SLACK} bytes for an item of {stored} stored bytes: the manifest is forged or "
+                "damaged (it would make this load allocate far more than the checkpoint holds)"
+            )
 
     def _may_share(self, key: str, info: TensorInfo) -> bool:
         """Whether an ``"aligned"`` load may return a view of the file's buffer for tensor ``key``: it starts

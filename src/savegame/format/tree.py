@@ -344,6 +344,13 @@ class Encoder:
     def _encode_numpy(self, obj: np.ndarray | np.generic, path: Path) -> Any:
         if not self.allow_arrays:
             raise UnsupportedTypeError(f"{format_path(path)}: arrays are not allowed here (metadata is JSON-like)")
+        if isinstance(obj, np.ndarray) and type(obj) is not np.ndarray and not isinstance(obj, np.memmap):
+            # a MaskedArray would come back without its mask, an np.matrix as an ndarray: refused, as other
+            # subclasses are. (An np.memmap is plain data: it comes back as an ndarray with the same bytes.)
+            raise UnsupportedTypeError(
+                f"{format_path(path)}: cannot store {type(obj)!r} (a subclass of numpy.ndarray: what it adds, "
+                "such as a mask, would be lost); store np.asarray(x) and what else it holds (x.mask) explicitly"
+            )
         arr = np.asarray(obj)
         try:
             code, logical = numpy_code(arr.dtype)

@@ -330,6 +330,9 @@ class ModelCheckpoint(SavegameCallback):
                     threshold=self.initial_value_threshold if ranked else None,
                     rng=False, verify=self.verify, metadata=metadata, lock=False, **self._events,
                 )  # fmt: skip
+                # logs without the monitor (no validation data) save as Keras does; the callback itself
+                # raises where Keras would not cope (keep_best, strict_monitor)
+                self.checkpointer._judge_saves = False
             except ConfigError:
                 # mode could not be guessed from the name: track nothing rather than guess wrong
                 self.checkpointer = Checkpointer(

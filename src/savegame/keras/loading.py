@@ -70,7 +70,11 @@ def load_weights(
     state = dict(raw[STATE_ITEM])
     state.pop("rng", None)
     state.pop("seed_generators", None)
-    target = KerasState(model, include_optimizer=include_optimizer and "optimizer" in state, include_rng=False)
+    compiled = getattr(model, "optimizer", None) is not None
+    with_optimizer = include_optimizer and compiled and "optimizer" in state
+    if not with_optimizer:
+        state.pop("optimizer", None)  # an uncompiled model has no optimizer variables to restore
+    target = KerasState(model, include_optimizer=with_optimizer, include_rng=False)
     return target.load_state_dict(state, strict=strict)
 
 

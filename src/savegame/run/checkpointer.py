@@ -204,6 +204,7 @@ class Checkpointer:
         self.metadata: dict[str, Any] = dict(options.metadata or {})
         self._clock = options.clock
         self._wall_clock = options.wall_clock
+        self._judge_saves = True  # False: save() takes metrics without the monitor (Keras callbacks: Keras's rules)
         self.storage = storage_for(directory, storage_options=options.storage_options)
         self.directory: str = self.storage.root
         self.local = isinstance(self.storage, LocalStorage)
@@ -464,7 +465,7 @@ class Checkpointer:
         if name is not None:
             validate_name(name)
         progress = self._progress(epoch, step, metrics, epoch_end=epoch_end, final=False)
-        check_monitor_passed(self.monitor, progress)
+        check_monitor_passed(self.monitor if self._judge_saves else None, progress)
         return save_state(self, state, progress, name=name, metadata=metadata, pin=pin)
 
     def wait(self) -> builtins.list[str]:

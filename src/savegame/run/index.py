@@ -34,6 +34,7 @@ import math
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -480,7 +481,8 @@ class RunIndex:
         ``run``: apply ``keep`` to that run's checkpoints (retention after a save), or None: to each
         run separately, each run's best by ``monitor`` kept too (``savegame prune``,
         ``Checkpointer.prune(all_runs=True)``). Only unpinned Checkpointer checkpoints are candidates;
-        the newest checkpoint, ``best`` and the bests the manifests record are always kept.
+        the newest checkpoint, ``best``, the bests the manifests record and copies of a checkpoint (two
+        folders with the same run and sequence) are always kept.
         """
         entries = self.ordered()
         protected = recorded_best_names((e.run, e.best) for e in entries if e.ours)
@@ -488,9 +490,13 @@ class RunIndex:
             protected.add(best)
         if entries:
             protected.add(entries[-1].name)
+        # A Checkpointer never writes two checkpoints of one run with one sequence number: two such folders
+        # are a copy the user made (cp -r of the best, to keep it) and the original. Neither is deleted.
+        seen = Counter((e.run, e.sequence) for e in entries if e.ours)
         groups: dict[str | None, list[CheckpointInfo]] = {}
         for e in entries:
-            if e.ours and not e.pinned and e.sequence is not None and (run is None or e.run == run):
+            if e.ours and not e.pinned and e.sequence is not None and (run is None or e.run == run) \
+                    and seen[(e.run, e.sequence)] == 1:  # fmt: skip
                 groups.setdefault(e.run, []).append(e.info())
         return plan_deletions(groups, keep, now=time.time() if now is None else now, protected=protected,
                               monitor=monitor if run is None else None, mode=mode)  # fmt: skip

@@ -257,13 +257,18 @@ def resume_together(
                       quarantined=tuple(quarantined), verify=False)  # fmt: skip
 
 
+def _owns(ckpt: Checkpointer) -> bool:
+    """Whether ``ckpt`` may move damaged checkpoints aside: it (or this process) holds the writer lock."""
+    return ckpt._owner or (ckpt.local and process_holds(ckpt.directory))
+
+
 def quarantine(ckpt: Checkpointer, name: str, exc: Exception) -> str:
     """Move a damaged checkpoint aside (never delete it), warn and log; return its old name.
 
     A Checkpointer without the writer lock (``lock=False``, in a process that does not hold the lock
     otherwise) does not own the directory and leaves the checkpoint where it is: it only warns and
     skips it."""
-    if not (ckpt._owner or (ckpt.local and process_holds(ckpt.directory))):
+    if not _owns(ckpt):
         message = (f"checkpoint {name} in {ckpt.directory} is damaged and was skipped (left in place: "
                    f"this Checkpointer has lock=False and does not own the directory): {exc}")  # fmt: skip
         log.warning(message)
@@ -358,7 +363,8 @@ def announce_restore(ckpt: Checkpointer, restored: RestoredProgress, seconds: fl
              if value is not None]  # fmt: skip
     line = f"savegame: resumed from {escape_controls(restored.name)}" + (f" ({', '.join(where)})" if where else "")
     if restored.quarantined:
-        line += f"; {len(restored.quarantined)} damaged checkpoint(s) quarantined"
+        done = "quarantined" if _owns(ckpt) else "skipped (left in place: lock=False)"
+        line += f"; {len(restored.quarantined)} damaged checkpoint(s) {done}"
     try:
         print(line, file=sys.stderr, flush=True)
     except (OSError, ValueError):  # stderr closed: the log line above still says it

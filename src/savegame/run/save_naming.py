@@ -61,7 +61,7 @@ def check_not_alias(name: str, what: str) -> None:
     if name in ALIASES:
         raise InvalidNameError(
             f"{what} gives the checkpoint name {name!r}, which is reserved: ROOT/{name} means the {name} checkpoint "
-            "of the run (savegame inspect ROOT/best, load('ROOT/latest')); choose another name"
+            "of the run (savegame inspect ROOT/best, Checkpointer(ROOT).restore(state, 'latest')); choose another name"
         )
 
 
