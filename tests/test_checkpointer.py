@@ -242,6 +242,11 @@ def test_metrics_accept_tensors_and_numpy(tmp_path: Path, trainer: Trainer) -> N
     assert result is not None and result.metrics == {"val_loss": 0.5, "acc": 0.25}
     with pytest.raises(ConfigError):
         ckpt.step(trainer.state, epoch=2, metrics={"val_loss": "low"})
+    # a bare OverflowError; booleans and one-element arrays passed as numbers (np.array([0.3]) was refused)
+    for bad in (10**400, np.bool_(True), torch.tensor(True), torch.tensor([0.2]), np.array([0.3])):
+        with pytest.raises(ConfigError, match="'val_loss' must be a number"):
+            ckpt.step(trainer.state, epoch=2, metrics={"val_loss": bad})
+    assert len(ckpt.list()) == 1
 
 
 @pytest.mark.parametrize(

@@ -206,3 +206,22 @@ def test_a_copy_of_a_checkpoint_in_the_root_is_never_deleted(tmp_path: Path) -> 
         assert sorted(ckpt.prune(dry_run=False)) == []
     assert names(tmp_path) == ["e02", "e04", "keep_me_forever"]
     savegame.load(tmp_path / "keep_me_forever")
+
+
+def test_which_best_refuses_a_damaged_best_instead_of_serving_the_runner_up(tmp_path: Path) -> None:
+    """The best's manifest damaged: ``restore(which="best")`` loaded the second best without a warning,
+    while the surviving manifests still named the damaged one. Now the lookup says the best is damaged."""
+    from savegame.errors import CorruptCheckpointError
+    from savegame.run.index import RunIndex
+
+    model = torch.nn.Linear(2, 2)
+    with Checkpointer(tmp_path, monitor="val_loss", name="e{epoch:02d}") as ckpt:
+        for epoch, loss in enumerate([0.5, 0.1, 0.3], start=1):
+            ckpt.step({"model": model}, epoch=epoch, metrics={"val_loss": loss})
+    manifest = tmp_path / "e02" / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes().replace(b'"', b"'", 1))
+    with pytest.raises(CorruptCheckpointError, match=r"the best checkpoint e02 \(by val_loss, min\) is damaged"):
+        RunIndex.open(str(tmp_path)).resolve("best")
+    assert RunIndex.open(str(tmp_path)).resolve("e03") == "e03"
+    with Checkpointer(tmp_path, monitor="val_loss") as ckpt, pytest.raises(CorruptCheckpointError, match="e02"):
+        ckpt.restore({"model": model}, "best")

@@ -69,13 +69,25 @@ def coerce_metrics(metrics: Mapping[str, object] | None) -> dict[str, float]:
     for key, raw in metrics.items():
         if not isinstance(key, str) or not key:
             raise ConfigError(f"metric names must be non-empty strings, got {key!r}")
-        if isinstance(raw, (bool, str, bytes)):
-            raise ConfigError(f"metric {key!r} must be a number, got {raw!r}")
+        if isinstance(raw, (bool, str, bytes)) or _is_bool(raw) or _not_scalar(raw):
+            raise ConfigError(f"metric {key!r} must be a number (or 0-d tensor), got {str(raw)[:80]!r}")
         try:
             out[key] = float(raw)  # type: ignore[arg-type]
-        except (TypeError, ValueError, RuntimeError):
-            raise ConfigError(f"metric {key!r} must be a number (or 0-d tensor), got {raw!r}") from None
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            raise ConfigError(f"metric {key!r} must be a number (or 0-d tensor), got {str(raw)[:80]!r}") from None
     return out
+
+
+def _is_bool(value: object) -> bool:
+    """A NumPy or torch boolean (``np.bool_(True)``, ``torch.tensor(True)``): not a metric, like ``True``."""
+    return str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
+
+
+def _not_scalar(value: object) -> bool:
+    """Whether ``value`` is an array or tensor with dimensions (``torch.tensor([0.2])``: ``float()`` takes a
+    one-element one, NumPy refuses it; a metric is one number, so both are refused)."""
+    shape = getattr(value, "shape", None)
+    return shape is not None and len(shape) > 0
 
 
 def find_improvement(policy: SavePolicy) -> OnImprovement | None:

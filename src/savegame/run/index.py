@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 from savegame import api
 from savegame._util.logs import get_logger
-from savegame.errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from savegame.errors import CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from savegame.format.manifest import Manifest
 from savegame.policies import (
     CheckpointInfo,
@@ -514,6 +514,21 @@ class RunIndex:
     # ----------------------------------------------------------------------------------------------
     # Resolving
 
+    def check_best_readable(
+        self, monitor: str | None, mode: str | None, *, entries: list[IndexEntry] | None = None
+    ) -> None:
+        """:class:`CorruptCheckpointError` when the newest manifest of the run (``entries``, default the
+        newest run's) names as best by ``monitor`` and ``mode`` a checkpoint whose manifest is damaged:
+        a lookup of the best must say so, not serve the runner-up in silence."""
+        run = self.newest_run() if entries is None else entries
+        recorded = run[-1].best if run else None
+        if recorded is not None and (recorded.monitor, recorded.mode) == (monitor, mode) \
+                and recorded.name in self.unreadable:  # fmt: skip
+            raise CorruptCheckpointError(
+                f"{self.root}: the best checkpoint {recorded.name} (by {monitor}, {mode}) is damaged: "
+                f"{self.unreadable[recorded.name]}; pass its name or another one instead of 'best'"
+            )
+
     def resolve(self, which: str, *, monitor: str | None = None, mode: str = "auto") -> str:
         """The name of the checkpoint ``which`` means: ``"latest"`` (the newest), ``"best"`` (the best
         of the newest run by ``monitor``, default the recorded one) or a checkpoint's name.
@@ -531,6 +546,7 @@ class RunIndex:
             return latest.name
         if which == "best":
             ranked, resolved = self.monitor_for(monitor, mode)
+            self.check_best_readable(ranked, resolved)
             best = self.best(ranked, resolved)
             if best is None:
                 raise CheckpointNotFoundError(f"{self.root}: no best checkpoint (no monitored metric was recorded)")

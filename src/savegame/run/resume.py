@@ -389,6 +389,8 @@ def entry_named(ckpt: Checkpointer, which: str) -> IndexEntry:
     """The checkpoint ``restore(state, which)`` loads for ``"best"`` (this run's best) or a name;
     :class:`CheckpointNotFoundError` saying why there is none, the verification error for a damaged one."""
     if which == "best":
+        run = ckpt._index.run_entries(ckpt.run_id, or_newest=True)
+        ckpt._index.check_best_readable(ckpt.monitor, ckpt.mode, entries=run)
         if ckpt._best is None or ckpt._best.name not in ckpt._index.entries:
             if not ckpt.monitor:
                 why = " (no monitor= was given, so nothing is ranked)"
