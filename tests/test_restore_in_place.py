@@ -244,3 +244,23 @@ def test_a_strict_mismatch_in_a_later_item_leaves_the_earlier_ones_unchanged(tmp
                                                    opt_before))  # fmt: skip
     savegame.load(tmp_path / "ckpt", {"model": other_first}, strict=False)  # what matches still loads
     assert torch.equal(other_first.weight, first.weight)
+
+
+@pytest.mark.parametrize("kind", ["expanded", "inference", "meta", "read-only array"])
+def test_a_target_that_cannot_take_its_value_in_place_changes_nothing(tmp_path: Path, kind: str) -> None:
+    """The second tensor of an item cannot be written in place: torch's (or NumPy's) bare error escaped
+    after the first had been overwritten, and a meta tensor was reported loaded with nothing in it. Every
+    tensor and array of the target is checked before anything is restored."""
+    savegame.save(tmp_path / "c", {"s": {"a": torch.arange(5.0), "b": torch.arange(5.0)},
+                                   "n": {"a": np.arange(3.0), "b": np.arange(3.0)}})  # fmt: skip
+    bad: Any = {
+        "expanded": lambda: torch.zeros(1).expand(5),
+        "inference": lambda: torch.inference_mode()(lambda: torch.zeros(5))(),
+        "meta": lambda: torch.zeros(5, device="meta"),
+        "read-only array": lambda: np.frombuffer(bytes(24)),
+    }[kind]()
+    item = "n" if kind == "read-only array" else "s"
+    first = np.zeros(3) if item == "n" else torch.zeros(5)
+    with pytest.raises(StateMismatchError, match=rf"{item}\.b: the target (tensor|array)"):
+        savegame.load(tmp_path / "c", {item: {"a": first, "b": bad}}, strict=False)
+    assert not first.any()

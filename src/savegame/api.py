@@ -313,8 +313,9 @@ def load(
     so); owned memory is read and copied up front and counts as the process's own. Either
     way, with ``verify`` every byte returned was hashed before ``load`` returns. savegame never modifies a
     committed file; a program that rewrote one in place would change mapped tensors, and one that truncated it
-    would make reading them crash the process with SIGBUS, as with any memory-mapped load (use ``copy=True``
-    if that can happen).
+    would make reading them crash the process with SIGBUS, as with any memory-mapped load (``copy=True``
+    protects the tensors once ``load`` has returned; the files are mapped while it reads and hashes them,
+    so they must not be truncated during the load itself).
 
     With ``target`` (a dict of items, e.g. ``{"model": model, "optimizer": opt, "epoch": 0}``): restore
     each in place and return a :class:`LoadReport`. The target is updated the way

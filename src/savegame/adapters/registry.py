@@ -241,6 +241,14 @@ class TorchTensorAdapter(BaseAdapter):
 
         return encode_hook
 
+    def check_writable(self, target: object, *, where: str) -> None:
+        """StateMismatchError unless ``target`` can take a value in place (``copy_``)."""
+        from savegame.adapters.torch import unwritable_reason
+
+        reason = unwritable_reason(target)
+        if reason is not None:
+            raise StateMismatchError(f"{where}: the target tensor cannot be loaded in place: {reason}", LoadReport())
+
     def restore(self, target: object, state: object, *, strict: bool, where: str, report: LoadReport) -> None:
         torch = _torch()
         if not isinstance(state, torch.Tensor):
@@ -282,6 +290,15 @@ class NumpyArrayAdapter(BaseAdapter):
 
     def capture(self, obj: object, where: str) -> None:
         return None
+
+    def check_writable(self, target: object, *, where: str) -> None:
+        """StateMismatchError for a read-only array (a view of a read-only buffer): it cannot be loaded into."""
+        assert isinstance(target, np.ndarray)
+        if not target.flags.writeable:
+            raise StateMismatchError(
+                f"{where}: the target array is read-only (flags.writeable is False), so it cannot be loaded in "
+                "place; pass a writable array (np.array(x)) or leave it out of the target", LoadReport()
+            )
 
     def restore(self, target: object, state: object, *, strict: bool, where: str, report: LoadReport) -> None:
         assert isinstance(target, np.ndarray)

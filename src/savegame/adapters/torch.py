@@ -523,6 +523,20 @@ def _place(tensor: torch.Tensor, saved: object, map_location: MapLocation, where
         ) from exc
 
 
+def unwritable_reason(tensor: object) -> str | None:
+    """Why ``tensor.copy_(value)`` would fail or load nothing, or None: a meta tensor (no data), an inference
+    tensor outside inference mode, a tensor whose elements share memory (``expand``, ``as_strided``)."""
+    if not isinstance(tensor, torch.Tensor):
+        return None
+    if tensor.device.type == "meta":
+        return "it is on the 'meta' device, which holds no data (materialise it first, e.g. module.to_empty())"
+    if tensor.is_inference() and not torch.is_inference_mode_enabled():
+        return "it is an inference tensor (made under torch.inference_mode()); pass a normal tensor"
+    if torch._debug_has_internal_overlap(tensor) == 1:  # MemOverlap.Yes
+        return "its elements share memory (an expand()ed or as_strided view); pass a tensor of its own (.clone())"
+    return None
+
+
 def _placed_by(place: Callable[..., Any], tensor: torch.Tensor, saved_device: str, where: str | Where) -> torch.Tensor:
     """What a ``map_location`` callable makes of ``tensor``: it must return a tensor of the same shape
     (any device, any dtype) holding data; anything else, or an exception, is a ConfigError naming the tensor."""

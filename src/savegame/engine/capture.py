@@ -80,6 +80,7 @@ def restore_items(
     """
     updates: Updates = []
     mutable = isinstance(target, MutableMapping)
+    _check_writable(target, values, ())
     if strict:
         _check_later_items(target, values)
     for name, value in values.items():
@@ -117,6 +118,26 @@ def _check_later_items(target: Mapping[str, Any], values: Mapping[str, Any]) -> 
             if check is not None:
                 check(current, value, where=format_path((name,)))
         first = False
+
+
+def _check_writable(target: object, value: object, path: Path) -> None:
+    """Before anything is restored: every tensor or array of the target (in its dicts and lists) that the
+    checkpoint has a value for must take it in place (:meth:`BaseAdapter.check_writable`: not an expanded
+    tensor, an inference tensor, a meta tensor or a read-only array), so one that cannot does not fail
+    with torch's bare error after the tensors before it were overwritten."""
+    adapter = adapter_for(target)
+    if adapter is not None:
+        check = getattr(adapter, "check_writable", None)
+        if check is not None:
+            check(target, where=format_path(path))
+        return
+    if isinstance(target, Mapping) and isinstance(value, Mapping):
+        for key, sub in value.items():
+            if key in target:
+                _check_writable(target[key], sub, (*path, key))
+    elif isinstance(target, list) and isinstance(value, list) and len(target) == len(value):
+        for i, (live, sub) in enumerate(zip(target, value)):
+            _check_writable(live, sub, (*path, i))
 
 
 def apply_updates(updates: Updates) -> None:
