@@ -264,3 +264,43 @@ def test_a_target_that_cannot_take_its_value_in_place_changes_nothing(tmp_path: 
     with pytest.raises(StateMismatchError, match=rf"{item}\.b: the target (tensor|array)"):
         savegame.load(tmp_path / "c", {item: {"a": first, "b": bad}}, strict=False)
     assert not first.any()
+
+
+def test_a_strict_load_that_fails_leaves_every_tensor_as_it_was(tmp_path: Path) -> None:
+    """A shape mismatch in a later tensor (or item) raised, but the tensors before it were already
+    overwritten: a half-restored state. Tensors and arrays are copied only once the whole state matched."""
+    savegame.save(tmp_path / "c", {"s": {"a": torch.ones(3), "b": torch.ones(3), "n": np.ones(2)}, "x": torch.ones(2)})
+    target = {"s": {"a": torch.zeros(3), "b": torch.zeros(4), "n": np.zeros(2)}, "x": torch.zeros(2)}
+    with pytest.raises(StateMismatchError, match=r"s\.b"):
+        savegame.load(tmp_path / "c", target)
+    assert not target["s"]["a"].any() and not target["s"]["n"].any() and not target["x"].any()
+    target["s"]["b"] = torch.zeros(3)
+    report = savegame.load(tmp_path / "c", target)
+    assert sorted(report.loaded) == ["s.a", "s.b", "s.n", "x"] and bool(target["s"]["a"].all())
+
+
+@pytest.mark.parametrize(
+    ("saved", "live"),
+    [(torch.tensor([0.4, -300.5]), torch.zeros(2, dtype=torch.int8)),
+     (torch.tensor([0.0, 2.7]), torch.zeros(2, dtype=torch.bool)),
+     (torch.tensor([1 + 1j, 2j]), torch.zeros(2)), (np.array([0.4, 2.7]), np.zeros(2, dtype=np.int64))],
+)  # fmt: skip
+def test_values_a_target_dtype_cannot_hold_are_refused(tmp_path: Path, saved: Any, live: Any) -> None:
+    """A strict load into an int8 (bool, real) target truncated and wrapped the saved floats (-300.5 became
+    -44) and reported nothing; NumPy's same_kind cast raised a bare UFuncTypeError. Narrowing the kind is a
+    StateMismatchError (strict) or a reported mismatch that leaves the target alone; widening loads."""
+    savegame.save(tmp_path / "c", {"t": {"x": saved}})
+    before = live.copy() if isinstance(live, np.ndarray) else live.clone()
+    with pytest.raises(StateMismatchError, match=r"t\.x: the checkpoint holds .* values and the target is"):
+        savegame.load(tmp_path / "c", {"t": {"x": live}})
+    report = savegame.load(tmp_path / "c", {"t": {"x": live}}, strict=False)
+    assert report.mismatched_types and report.mismatched_types[0][0] == "t.x"
+    assert (live == before).all()
+
+
+def test_a_wider_dtype_target_loads(tmp_path: Path) -> None:
+    savegame.save(tmp_path / "c", {"t": {"i": torch.arange(3), "h": torch.tensor([0.5, 1.5]), "n": np.arange(3)}})
+    target = {"t": {"i": torch.zeros(3), "h": torch.zeros(2, dtype=torch.float16), "n": np.zeros(3)}}
+    savegame.load(tmp_path / "c", target)
+    assert target["t"]["i"].tolist() == [0.0, 1.0, 2.0] and target["t"]["h"].tolist() == [0.5, 1.5]
+    assert target["t"]["n"].tolist() == [0.0, 1.0, 2.0]

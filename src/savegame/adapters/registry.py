@@ -129,6 +129,38 @@ def type_mismatch(target: object, state: object, *, where: str, strict: bool, re
     report.mismatched_types.append((where, saved, live))
 
 
+_KIND_RANK = {"b": 0, "u": 1, "i": 1, "f": 2, "c": 3}
+"""How much of a value each dtype kind holds: bool < integers < floating point < complex."""
+
+
+def dtype_fits(
+    saved: str, live: str, saved_dtype: object, live_dtype: object, *, where: str, strict: bool, report: LoadReport
+) -> bool:  # fmt: skip
+    """Whether a value of dtype kind ``saved`` may be copied into a tensor or array of kind ``live``: the
+    same kind or a wider one (an int into a float, a float16 into a float32, a float32 into a float16 as
+    ``load_state_dict`` does). A narrower kind (a float into an int, which truncates and wraps -300.5 to
+    -44 in int8; anything into a bool; a complex into a real) is raised (strict) or reported in
+    ``mismatched_types``, and nothing is copied."""
+    if saved == live or _KIND_RANK.get(saved, -1) <= _KIND_RANK.get(live, -2):
+        return True
+    saved_name, live_name = str(saved_dtype).removeprefix("torch."), str(live_dtype).removeprefix("torch.")
+    if strict:
+        raise StateMismatchError(
+            f"{where}: the checkpoint holds {saved_name} values and the target is {live_name}: copying would "
+            "truncate or wrap them; give the target the saved dtype, or pass strict=False to leave it as it is",
+            report,
+        )
+    report.mismatched_types.append((where, saved_name, live_name))
+    return False
+
+
+def _tensor_kind(tensor: Any) -> str:
+    """A torch tensor's dtype kind, in NumPy's letters (``b``, ``i``, ``f``, ``c``)."""
+    if tensor.dtype == _torch().bool:
+        return "b"
+    return "c" if tensor.is_complex() else "f" if tensor.is_floating_point() else "i"
+
+
 def _torch() -> Any:
     from savegame.adapters import torch_if_imported
 
@@ -249,17 +281,28 @@ class TorchTensorAdapter(BaseAdapter):
         if reason is not None:
             raise StateMismatchError(f"{where}: the target tensor cannot be loaded in place: {reason}", LoadReport())
 
-    def restore(self, target: object, state: object, *, strict: bool, where: str, report: LoadReport) -> None:
+    def matches(self, target: object, state: object, *, strict: bool, where: str, report: LoadReport) -> bool:
+        """Whether ``state`` can be copied into ``target``: a tensor of its shape whose values its dtype
+        holds (:func:`lossy_cast`); a mismatch is raised (strict) or reported, nothing is changed."""
         torch = _torch()
         if not isinstance(state, torch.Tensor):
             type_mismatch(target, state, where=where, strict=strict, report=report)
-            return
+            return False
         if state.shape != target.shape:  # type: ignore[attr-defined]
             report.mismatched_keys.append((where, tuple(state.shape), tuple(target.shape)))  # type: ignore[attr-defined]
-            return
-        with torch.no_grad():
+            return False
+        return dtype_fits(_tensor_kind(state), _tensor_kind(target), state.dtype, target.dtype,  # type: ignore[attr-defined]
+                          where=where, strict=strict, report=report)  # fmt: skip
+
+    def copy_into(self, target: object, state: object, *, where: str, report: LoadReport) -> None:
+        """Copy a matching ``state`` into ``target`` (after :meth:`matches`)."""
+        with _torch().no_grad():
             target.copy_(state)  # type: ignore[attr-defined]
         report.loaded.append(where)
+
+    def restore(self, target: object, state: object, *, strict: bool, where: str, report: LoadReport) -> None:
+        if self.matches(target, state, strict=strict, where=where, report=report):
+            self.copy_into(target, state, where=where, report=report)
 
 
 class GeneratorAdapter(BaseAdapter):
@@ -300,16 +343,26 @@ class NumpyArrayAdapter(BaseAdapter):
                 "place; pass a writable array (np.array(x)) or leave it out of the target", LoadReport()
             )
 
-    def restore(self, target: object, state: object, *, strict: bool, where: str, report: LoadReport) -> None:
+    def matches(self, target: object, state: object, *, strict: bool, where: str, report: LoadReport) -> bool:
+        """Whether ``state`` can be copied into ``target`` (as :meth:`TorchTensorAdapter.matches`)."""
         assert isinstance(target, np.ndarray)
         if not isinstance(state, np.ndarray):
             type_mismatch(target, state, where=where, strict=strict, report=report)
-            return
+            return False
         if state.shape != target.shape:
             report.mismatched_keys.append((where, tuple(state.shape), tuple(target.shape)))
-            return
-        np.copyto(target, state, casting="same_kind")
+            return False
+        return dtype_fits(state.dtype.kind, target.dtype.kind, state.dtype, target.dtype, where=where, strict=strict,
+                          report=report)  # fmt: skip
+
+    def copy_into(self, target: object, state: object, *, where: str, report: LoadReport) -> None:
+        """Copy a matching ``state`` into ``target`` (after :meth:`matches`)."""
+        np.copyto(target, state, casting="unsafe")  # type: ignore[arg-type]  # dtype_fits allowed it
         report.loaded.append(where)
+
+    def restore(self, target: object, state: object, *, strict: bool, where: str, report: LoadReport) -> None:
+        if self.matches(target, state, strict=strict, where=where, report=report):
+            self.copy_into(target, state, where=where, report=report)
 
 
 class PlainDataLoaderAdapter(BaseAdapter):

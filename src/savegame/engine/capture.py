@@ -87,7 +87,8 @@ def restore_items(
         current = target[name]
         adapter = adapter_for(current)
         if adapter is not None:  # a live object (the usual item): its adapter, asked once, restores it
-            adapter.restore(current, value, strict=strict, where=format_path((name,)), report=report)
+            restore_live(adapter, current, value, strict=strict, where=format_path((name,)), report=report,
+                         updates=updates)  # fmt: skip
             continue
         if not replaceable(current):
             restore(current, value, strict=strict, path=(name,), report=report, updates=updates)
@@ -140,6 +141,30 @@ def _check_writable(target: object, value: object, path: Path) -> None:
             _check_writable(live, sub, (*path, i))
 
 
+class _CopyInto:
+    """A deferred in-place copy as an :data:`Updates` entry: ``_CopyInto(...)[target] = state`` copies."""
+
+    def __init__(self, adapter: Any, where: str, report: LoadReport) -> None:
+        self.adapter, self.where, self.report = adapter, where, report
+
+    def __setitem__(self, target: object, state: object) -> None:
+        self.adapter.copy_into(target, state, where=self.where, report=self.report)
+
+
+def restore_live(
+    adapter: Any, target: object, state: object, *, strict: bool, where: str, report: LoadReport, updates: Updates
+) -> None:  # fmt: skip
+    """Restore a live object by its adapter. A tensor or array (an adapter with ``matches`` and
+    ``copy_into``) in a strict load is only checked now and copied with the plain values, once the whole
+    state matched: a mismatch found later must not leave the tensors before it overwritten."""
+    matches = getattr(adapter, "matches", None)
+    if strict and matches is not None:
+        if matches(target, state, strict=strict, where=where, report=report):
+            updates.append((_CopyInto(adapter, where, report), target, state))
+        return
+    adapter.restore(target, state, strict=strict, where=where, report=report)
+
+
 def apply_updates(updates: Updates) -> None:
     """Make the deferred assignments of a restore."""
     for container, key, value in updates:
@@ -178,7 +203,7 @@ def _restore(
 ) -> None:
     adapter = adapter_for(target)
     if adapter is not None:
-        adapter.restore(target, state, strict=strict, where=where, report=report)
+        restore_live(adapter, target, state, strict=strict, where=where, report=report, updates=updates)
         return
     if isinstance(target, MutableMapping):
         if not isinstance(state, Mapping):
