@@ -427,7 +427,9 @@ Where checkpoints live (``storage=StorageOptions(options=..., mirror=..., mirror
   directory, so it never renames or removes anything there on its own (no clean-up of dead
   writers' leftovers until its first save, no quarantine: a damaged checkpoint is skipped with a
   warning and left in place), and a checkpoint that a writer's retention deletes while it is being
-  read is not damage: ``restore`` re-lists and takes the newest again. Not used for URL roots.
+  read is not damage: ``restore`` re-lists and takes the newest again. One that saves or prunes is a
+  writer all the same (its retention deletes), without the guard against a second writer process: the
+  caller keeps others out. Not used for URL roots.
 
 Preemption (SLURM, Kubernetes: a signal, then SIGKILL some 30 s later;
 ``preemption=Preemption(signals=..., action=..., exit_code=...)`` says the three in one):
