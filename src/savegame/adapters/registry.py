@@ -120,13 +120,16 @@ class BaseAdapter:
 def type_mismatch(target: object, state: object, *, where: str, strict: bool, report: LoadReport) -> None:
     """The checkpoint holds something that cannot go into ``target``: raise (strict) or report it."""
     saved, live = type(state).__name__, type(target).__name__
+    message = (f"{where}: the checkpoint holds {saved}, the target is {live}; pass strict=False to load the rest "
+               "(and leave this one as it is)")  # fmt: skip
+    _refuse_or_report(message, (where, saved, live), strict=strict, report=report)
+
+
+def _refuse_or_report(message: str, entry: tuple[str, str, str], *, strict: bool, report: LoadReport) -> None:
+    """Raise :class:`StateMismatchError` with ``message`` (strict), else list ``entry`` in ``mismatched_types``."""
     if strict:
-        raise StateMismatchError(
-            f"{where}: the checkpoint holds {saved}, the target is {live}; pass strict=False to load the rest "
-            "(and leave this one as it is)",
-            report,
-        )
-    report.mismatched_types.append((where, saved, live))
+        raise StateMismatchError(message, report)
+    report.mismatched_types.append(entry)
 
 
 _KIND_RANK = {"b": 0, "u": 1, "i": 1, "f": 2, "c": 3}
@@ -144,13 +147,9 @@ def dtype_fits(
     if saved == live or _KIND_RANK.get(saved, -1) <= _KIND_RANK.get(live, -2):
         return True
     saved_name, live_name = str(saved_dtype).removeprefix("torch."), str(live_dtype).removeprefix("torch.")
-    if strict:
-        raise StateMismatchError(
-            f"{where}: the checkpoint holds {saved_name} values and the target is {live_name}: copying would "
-            "truncate or wrap them; give the target the saved dtype, or pass strict=False to leave it as it is",
-            report,
-        )
-    report.mismatched_types.append((where, saved_name, live_name))
+    message = (f"{where}: the checkpoint holds {saved_name} values and the target is {live_name}: copying would "
+               "truncate or wrap them; give the target the saved dtype, or pass strict=False to leave it as it is")
+    _refuse_or_report(message, (where, saved_name, live_name), strict=strict, report=report)
     return False
 
 
