@@ -96,3 +96,15 @@ def test_keep_limit_counts_the_checkpoints_of_earlier_processes(tmp_path: Path) 
 def test_interval_default_is_one_and_zero_keeps_best_and_end() -> None:
     assert CheckpointConfig().save_interval == 1  # CANDLE's parser says 0 (its ckpt module 1)
     assert "best/end saves still happen" in KEYS["ckpt_save_interval"].help
+
+
+def test_best_settings_without_save_best_are_not_an_error(tmp_path: Path) -> None:
+    """CANDLE files list every key: ``ckpt_save_best=False`` with ``ckpt_save_best_mode='min'`` and a
+    ``ckpt_best_metric_last`` builds a Checkpointer that tracks no best (mode and threshold without a
+    monitor are refused when passed to the Checkpointer directly)."""
+    from savegame.config import CheckpointConfig
+
+    config = CheckpointConfig.from_params({"ckpt_save_best": False, "ckpt_save_best_mode": "min",
+                                           "ckpt_best_metric_last": 0.5, "ckpt_directory": str(tmp_path)})  # fmt: skip
+    with config.build() as ckpt:
+        assert ckpt.monitor is None

@@ -94,8 +94,9 @@ class Knobs:
         return {
             "keep": self.keep_policy(),
             "monitor": self.save_best_metric if self.save_best else None,
-            "mode": self.save_best_mode,
-            "threshold": self.best_metric_last,
+            # CANDLE files list every key: the best's mode and threshold matter only with ckpt_save_best
+            "mode": self.save_best_mode if self.save_best else "auto",
+            "threshold": self.best_metric_last if self.save_best else None,
             "every_n_epochs": self.save_interval,
             "every_n_steps": self.save_steps or None,
             "every_seconds": self.save_seconds or None,
