@@ -303,8 +303,8 @@ INVALID: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
     "file entry not a dict": (lambda b: _files(b).update({"model.safetensors": [496, "a" * 32]}), "files["),
     "file bytes missing": (lambda b: _files(b)["model.safetensors"].pop("bytes"), "bytes"),
     "file bytes negative": (lambda b: _files(b)["model.safetensors"].update(bytes=-1), "bytes"),
-    "file bytes 2**62": (lambda b: _files(b)["model.safetensors"].update(bytes=2**62), "bytes"),
-    "file bytes 10**300": (lambda b: _files(b)["model.safetensors"].update(bytes=10**300), "bytes"),
+    "file bytes 2**62": (lambda b: _files(b)["model.safetensors"].update(bytes=2**62), "beyond 2**53"),
+    "file bytes 10**300": (lambda b: _files(b)["model.safetensors"].update(bytes=10**300), "beyond 2**53"),
     "file bytes float": (lambda b: _files(b)["model.safetensors"].update(bytes=496.0), "bytes"),
     "file bytes string": (lambda b: _files(b)["model.safetensors"].update(bytes="496"), "bytes"),
     "file bytes bool": (lambda b: _files(b)["model.safetensors"].update(bytes=True), "bytes"),
@@ -428,3 +428,35 @@ def test_nan_and_negative_zero_survive_exactly() -> None:
     m = parse_manifest(_dump(metadata=encode_plain({"x": payload, "z": -0.0}, "metadata")), WHERE)
     assert struct.pack(">d", m.metadata["x"]).hex() == "7ff8000000000123"
     assert math.copysign(1.0, m.metadata["z"]) == -1.0
+
+
+@pytest.mark.parametrize("field", ["metrics", "timing", "best", "epoch"])
+def test_a_huge_integer_anywhere_in_a_manifest_is_invalid_not_a_crash(tmp_path: Path, field: str) -> None:
+    """A re-signed manifest with ``10**400`` in its progress crashed every CLI command ("internal error:
+    OverflowError") and made Checkpointer.restore raise a bare OverflowError, so training could not resume.
+    savegame never writes a JSON integer beyond 2**53: the manifest is invalid, and resume falls back."""
+    import torch
+
+    from savegame import Checkpointer, ResumeWarning
+    from savegame.errors import InvalidManifestError
+
+    model = torch.nn.Linear(2, 2)
+    with Checkpointer(tmp_path, monitor="val_loss", name="e{epoch}") as ckpt:
+        for epoch in (1, 2):
+            ckpt.step({"model": model}, epoch=epoch, metrics={"val_loss": 1.0 / epoch})
+    path = tmp_path / "e2" / "manifest.json"
+    body = json.loads(path.read_bytes())
+    huge = 10**400
+    if field == "metrics":
+        body["progress"]["metrics"]["val_loss"] = huge
+    elif field == "timing":
+        body["progress"]["timing"]["saves"] = huge
+    elif field == "best":
+        body["progress"]["best"]["value"] = huge
+    else:
+        body["progress"]["epoch"] = huge
+    path.write_bytes(M.sign_manifest(body))
+    with pytest.raises(InvalidManifestError, match="beyond 2\\*\\*53"):
+        M.parse_manifest(path.read_bytes(), str(path))
+    with Checkpointer(tmp_path, monitor="val_loss") as ckpt, pytest.warns(ResumeWarning, match="e2"):
+        assert ckpt.restore({"model": model}).name == "e1"

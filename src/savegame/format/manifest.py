@@ -365,6 +365,17 @@ def _parse_float(text: str) -> float:
     return value
 
 
+_MAX_JSON_INT = 2**53
+"""savegame writes JSON integers only below 2**53 in magnitude (larger ones as ``{"$": "int"}`` strings)."""
+
+
+def _parse_int(text: str) -> int:
+    value = int(text)
+    if len(text) > 15 and not -_MAX_JSON_INT < value < _MAX_JSON_INT:  # 10**400 would crash float(): refused
+        raise ValueError(f"integer {text[:40]}... is beyond 2**53, which savegame never writes as a JSON number")
+    return value
+
+
 def _parse_manifest(data: bytes, where: str) -> Manifest:
     signed = _signed_bytes(data)
     try:
@@ -461,7 +472,7 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
 
 
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_parse_float)
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_parse_float, parse_int=_parse_int)
 """The manifest's JSON decoder, built once (``json.loads`` with hooks builds one per call); stateless."""
 
 
