@@ -198,6 +198,7 @@ def test_usage_errors_exit_2_with_one_line(tmp_path: Path, torch_run: Path, caps
         ("demo", "--epochs", "1"): "at least 2",
         ("demo", "--bogus"): "(see 'savegame demo --help')",
         ("diff", str(torch_run / "latest"), str(tmp_path)): "holds no readable checkpoints",
+        ("diff", str(torch_run / "latest"), str(torch_run / "best"), "--item", "modle"): "no item 'modle' in either",
     }
     for argv, message in checks.items():
         assert cli.main(list(argv)) == 2, argv

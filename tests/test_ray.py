@@ -575,3 +575,15 @@ def test_a_checkpoint_dir_name_that_exists_in_storage_is_refused(tmp_path: Path)
     savegame.ray._check_new_name(None, context)
     with pytest.raises(savegame.OccupiedPathError, match=r"checkpoint_dir_name='epoch-3' already exists.*unique"):
         savegame.ray._check_new_name("epoch-3", context)
+
+
+def test_restore_refuses_a_state_or_checkpoint_of_the_wrong_type(tmp_path: Path) -> None:
+    """A path or a str as ``checkpoint`` raised a bare AttributeError ('as_directory'); ``state=None`` one
+    after the whole checkpoint was loaded. Both are ConfigErrors saying what to pass, before any work."""
+    import savegame.ray as sray
+
+    for checkpoint in (str(tmp_path), tmp_path):
+        with pytest.raises(ConfigError, match=r"checkpoint must be a ray\.train\.Checkpoint"):
+            sray.restore({"x": torch.zeros(1)}, checkpoint=checkpoint)
+    with pytest.raises(ConfigError, match="state must be a dict"):
+        sray.restore(None, checkpoint=str(tmp_path))  # type: ignore[arg-type]

@@ -304,3 +304,32 @@ def test_a_wider_dtype_target_loads(tmp_path: Path) -> None:
     savegame.load(tmp_path / "c", target)
     assert target["t"]["i"].tolist() == [0.0, 1.0, 2.0] and target["t"]["h"].tolist() == [0.5, 1.5]
     assert target["t"]["n"].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_an_optimizer_of_another_kind_or_shape_is_refused_and_left_alone(tmp_path: Path) -> None:
+    """AdamW's state loaded into an SGD without a word (its groups got AdamW's settings and the first
+    step() raised a bare KeyError 'momentum'), and Adam state of another shape was attached to the
+    parameters (the next step() failed). Strict: StateMismatchError before anything changes; strict=False:
+    the optimizer is left as it is and reported, the model still loads."""
+    model = nn.Linear(4, 2)
+    adamw = torch.optim.AdamW(model.parameters())
+    model(torch.ones(3, 4)).sum().backward()
+    adamw.step()
+    savegame.save(tmp_path / "c", {"model": model, "optimizer": adamw})
+    fresh = nn.Linear(4, 2)
+    sgd = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    before = [p.detach().clone() for p in fresh.parameters()]
+    with pytest.raises(StateMismatchError, match=r"optimizer: the checkpoint's optimizer is of another kind.*SGD"):
+        savegame.load(tmp_path / "c", {"model": fresh, "optimizer": sgd})
+    assert all(torch.equal(a, b) for a, b in zip(before, fresh.parameters()))
+    assert sgd.param_groups[0]["momentum"] == 0.9 and "betas" not in sgd.param_groups[0]
+    report = savegame.load(tmp_path / "c", {"model": fresh, "optimizer": sgd}, strict=False)
+    assert [t[0] for t in report.mismatched_types] == ["optimizer"] and "betas" not in sgd.param_groups[0]
+    assert torch.equal(fresh.weight, model.weight)
+
+    wider = nn.Linear(4, 3)
+    adam = torch.optim.AdamW(wider.parameters())
+    shapes = r"'exp_avg' of parameter 0 has shape \[2, 4\], the parameter \[3, 4\]"
+    with pytest.raises(StateMismatchError, match=shapes):
+        savegame.load(tmp_path / "c", {"optimizer": adam})
+    assert not adam.state

@@ -277,6 +277,16 @@ def test_retention_never_deletes_what_is_not_its_own_committed_checkpoint(tmp_pa
     assert steps_of(out) == [0, 3, 5, 6, 8]
 
 
+def test_a_save_never_replaces_another_writers_savegame_checkpoint(tmp_path: Path) -> None:
+    """A ``savegame.save`` checkpoint named ``checkpoint-2`` in ``output_dir`` (which retention leaves
+    alone) was replaced by the Trainer's save at step 2. Now the save refuses, and the checkpoint stays."""
+    out = tmp_path / "out"
+    savegame.save(str(out / "checkpoint-2"), {"weights": torch.ones(2)})
+    with pytest.raises(ForeignCheckpointError, match=r"refusing to save over .*checkpoint-2"):
+        train(out, max_steps=2, eval_strategy="no")
+    assert torch.equal(savegame.load(str(out / "checkpoint-2"))["weights"], torch.ones(2))
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad input
 

@@ -49,6 +49,7 @@ from savegame.errors import (
 )
 from savegame.plain_values import from_plain, to_plain
 from savegame.storage import is_url, locate
+from savegame.storage.base import MANIFEST
 
 try:
     from lightning.fabric.utilities.data import AttributeDict
@@ -85,6 +86,9 @@ class SavegameIO(CheckpointIO):  # type: ignore[misc]
 
     def __init__(self, *, background: bool = False, rng: bool = True, restore_rng: bool = True) -> None:
         super().__init__()
+        for option, value in (("background", background), ("rng", rng), ("restore_rng", restore_rng)):
+            if not isinstance(value, bool):  # rng="false" is truthy: it saved the RNGs it was told not to
+                raise ConfigError(f"SavegameIO: {option} must be True or False, got {value!r}")
         self.background = background
         self.rng = rng
         self.restore_rng = restore_rng
@@ -93,8 +97,9 @@ class SavegameIO(CheckpointIO):  # type: ignore[misc]
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         """Commit ``checkpoint`` (Lightning's dict) as the savegame checkpoint directory ``path``.
 
-        An existing savegame checkpoint at ``path`` (``last.ckpt``) is replaced atomically; a file or
-        folder savegame did not write is never replaced (:class:`~savegame.errors.OccupiedPathError`). A
+        An existing checkpoint of this plugin at ``path`` (``last.ckpt``) is replaced atomically; a file or
+        folder savegame did not write is never replaced (:class:`~savegame.errors.OccupiedPathError`), nor is
+        another writer's savegame checkpoint (:class:`~savegame.errors.ForeignCheckpointError`). A
         symbolic link to a checkpoint of this plugin (``save_last="link"``: after a resume Lightning saves a
         real ``last.ckpt`` where its link is) loses the link only, and the checkpoint is saved in its place;
         the linked checkpoint is left as it is."""
@@ -106,6 +111,8 @@ class SavegameIO(CheckpointIO):  # type: ignore[misc]
             where = os.fspath(path)
             if not is_url(where) and os.path.islink(where) and _links_to_own_checkpoint(where):
                 os.unlink(where)
+            elif not is_url(where) and os.path.isfile(os.path.join(where, MANIFEST)):
+                _refuse_foreign(where)  # another writer's savegame checkpoint is never replaced
         try:
             result = save(path, state, metadata=metadata, progress=_progress(checkpoint), background=self.background,
                           storage_options=storage_options)  # fmt: skip
@@ -241,7 +248,10 @@ def read_checkpoint(
     wrote; every file is verified first. A pickled torch file, another integration's savegame checkpoint
     and a damaged checkpoint each raise a specific :class:`~savegame.CheckpointError` saying what to do."""
     _refuse_torch_file(path)
-    manifest = read_manifest(path, storage_options=storage_options)
+    try:
+        manifest = read_manifest(path, storage_options=storage_options)
+    except CorruptCheckpointError as exc:
+        raise type(exc)(f"{exc}\n{_fallback_hint(path)}") from exc
     section = _checked_lightning(manifest, os.fspath(path), "load")
     try:
         state = load(path, map_location=map_location, storage_options=storage_options)
@@ -280,6 +290,16 @@ def _checked_lightning(manifest: Any, where: str, action: str) -> dict[str, Any]
             f"{where}: Lightning checkpoint layout {section.get('format')!r}; this savegame reads layout {FORMAT}"
         )
     return section
+
+
+def _refuse_foreign(where: str) -> None:
+    """:class:`ForeignCheckpointError` if ``where`` holds a readable savegame checkpoint that this plugin did
+    not write (``savegame.save``, a Checkpointer, another integration): replacing it would lose it."""
+    try:
+        manifest = read_manifest(where)
+    except CorruptCheckpointError:
+        return  # a damaged one: the save's own rules (a checkpoint may be replaced) apply
+    _checked_lightning(manifest, where, "replace")
 
 
 def _refuse_torch_file(path: Any) -> None:
@@ -333,6 +353,11 @@ def load_from_checkpoint(
     from lightning.pytorch.core.saving import _load_state
     from lightning.pytorch.utilities.migration.utils import _pl_migrate_checkpoint
 
+    if not (isinstance(cls, type) and issubclass(cls, (pl.LightningModule, pl.LightningDataModule))):
+        raise ConfigError(
+            f"load_from_checkpoint: cls must be a LightningModule or LightningDataModule subclass (the class, "
+            f"not an instance), got {cls!r:.80}"
+        )
     checkpoint, _ = read_checkpoint(path, map_location=map_location or "cpu")
     checkpoint = _pl_migrate_checkpoint(checkpoint, checkpoint_path=os.fspath(path))
     checkpoint.setdefault(cls.CHECKPOINT_HYPER_PARAMS_KEY, {})  # type: ignore[attr-defined]

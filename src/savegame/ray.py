@@ -271,6 +271,15 @@ def restore(
     is loaded instead (with a :class:`savegame.ResumeWarning`); an explicit ``checkpoint`` is loaded
     or refused, never replaced. ``strict`` and ``map_location`` are :func:`savegame.load`'s.
     """
+    if not isinstance(state, Mapping):
+        raise ConfigError(f"savegame.ray.restore: state must be a dict of what to restore (e.g. "
+                          f"{{'model': model, 'optimizer': opt}}), got {type(state).__name__}")  # fmt: skip
+    if checkpoint is not None and not callable(getattr(checkpoint, "as_directory", None)):
+        raise ConfigError(
+            f"savegame.ray.restore: checkpoint must be a ray.train.Checkpoint (e.g. result.checkpoint), got "
+            f"{type(checkpoint).__name__} {checkpoint!r:.80}; for a checkpoint directory use "
+            "ray.train.Checkpoint.from_directory(path), or savegame.load(path, state)"
+        )
     train = _ray_train()
     explicit = checkpoint is not None
     if not explicit:

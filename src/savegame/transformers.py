@@ -80,6 +80,8 @@ from savegame.format.hashing import hash_bytes
 from savegame.format.manifest import Manifest
 from savegame.run.resume import ResumeWarning
 from savegame.storage import LocalStorage
+from savegame.storage.base import MANIFEST
+from savegame.storage.local.root import remove_dead_staging_once
 
 __all__ = [
     "MARKER",
@@ -176,10 +178,31 @@ def save_checkpoint(path: str, trainer: transformers.Trainer) -> Manifest:
     }
     progress = {"step": int(trainer.state.global_step), "epoch": float(trainer.state.epoch or 0.0)}
     root, name = os.path.split(os.path.abspath(path))
+    _refuse_to_replace_foreign(path)
     extras = EncodedExtras.encode(metadata, progress)
-    _, manifest = write_encoded(LocalStorage(root), name, encode_state(state), extras, overwrite=True,
+    storage = LocalStorage(root)
+    remove_dead_staging_once(storage)  # what crashed saves of dead processes left, as savegame.save does
+    _, manifest = write_encoded(storage, name, encode_state(state), extras, overwrite=True,
                                 side_files=files)  # fmt: skip
     return manifest
+
+
+def _refuse_to_replace_foreign(path: str) -> None:
+    """:class:`ForeignCheckpointError` when ``path`` holds a readable savegame checkpoint this module did not
+    write (``savegame.save``, a Checkpointer, another integration): a save there would replace it."""
+    if not os.path.isfile(os.path.join(path, MANIFEST)):
+        return
+    try:
+        manifest = read_manifest(path)
+    except CorruptCheckpointError:
+        return  # damaged: replaced by the save, as a damaged checkpoint of ours is
+    metadata = manifest.metadata if isinstance(manifest.metadata, Mapping) else {}
+    if MARKER not in metadata:
+        raise ForeignCheckpointError(
+            f"refusing to save over {path}: it is a savegame checkpoint written by something else than "
+            "savegame.transformers (savegame.save, a Checkpointer or another integration); move it out of "
+            "output_dir or choose another output_dir"
+        )
 
 
 # --------------------------------------------------------------------------------------------------

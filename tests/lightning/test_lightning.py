@@ -261,6 +261,18 @@ def test_load_from_checkpoint(tmp_path: Path) -> None:
 # -- bad input ---------------------------------------------------------------------------------------------
 
 
+def test_a_save_never_replaces_another_writers_savegame_checkpoint(tmp_path: Path) -> None:
+    """``save_checkpoint`` over a ``savegame.save`` checkpoint replaced it (``remove_checkpoint`` refuses
+    the same one): another writer's checkpoint is never replaced; the plugin's own one still is."""
+    savegame.save(tmp_path / "mine.ckpt", {"weights": torch.ones(2)})
+    with pytest.raises(ForeignCheckpointError, match="refusing to replace"):
+        sl.SavegameIO().save_checkpoint({"epoch": 1, "state_dict": {}}, tmp_path / "mine.ckpt")
+    assert torch.equal(savegame.load(tmp_path / "mine.ckpt")["weights"], torch.ones(2))
+    sl.SavegameIO().save_checkpoint({"epoch": 1, "state_dict": {}}, tmp_path / "own.ckpt")
+    sl.SavegameIO().save_checkpoint({"epoch": 2, "state_dict": {}}, tmp_path / "own.ckpt")
+    assert sl.read_checkpoint(tmp_path / "own.ckpt")[0]["epoch"] == 2
+
+
 def test_a_torch_ckpt_is_refused_and_converts_once(tmp_path: Path) -> None:
     pl.seed_everything(0, verbose=False)
     t = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
@@ -477,3 +489,27 @@ def test_the_example_runs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "identical to the uninterrupted run: True" in proc.stdout, proc.stdout
     assert_no_pickle(tmp_path / "killed" / "ckpts")
+
+
+def test_options_and_classes_of_the_wrong_type_are_config_errors(tmp_path: Path) -> None:
+    """``SavegameIO(rng="false")`` saved the RNGs (a non-empty string is true); ``load_from_checkpoint``
+    with a class that is not a LightningModule raised a bare TypeError or AttributeError after reading."""
+    for option in ("background", "rng", "restore_rng"):
+        with pytest.raises(savegame.ConfigError, match=f"SavegameIO: {option} must be True or False"):
+            sl.SavegameIO(**{option: "false"})
+    sl.SavegameIO().save_checkpoint({"epoch": 1, "state_dict": {}}, tmp_path / "c.ckpt")
+    for cls in (torch.nn.Linear, "LitMLP", LitMLP(config=None)):
+        with pytest.raises(savegame.ConfigError, match="cls must be a LightningModule or LightningDataModule"):
+            sl.load_from_checkpoint(cls, tmp_path / "c.ckpt")
+
+
+def test_a_damaged_manifest_in_ckpt_path_names_the_other_checkpoints(tmp_path: Path) -> None:
+    """A damaged data file got the documented list of other checkpoints to pass as ckpt_path; a damaged
+    manifest.json did not (it was read before the hint was added)."""
+    io = sl.SavegameIO()
+    io.save_checkpoint({"epoch": 1, "state_dict": {}}, tmp_path / "epoch=1.ckpt")
+    io.save_checkpoint({"epoch": 2, "state_dict": {}}, tmp_path / "last.ckpt")
+    manifest = tmp_path / "last.ckpt" / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes().replace(b'"epoch"', b'"epocH"', 1))
+    with pytest.raises(savegame.CorruptCheckpointError, match=r"(?s)other checkpoints in .*epoch=1\.ckpt"):
+        sl.read_checkpoint(tmp_path / "last.ckpt")

@@ -136,6 +136,26 @@ def test_restore_newest_picks_the_newest_valid_of_either_side(
     assert restore_newest(tmp_path / "nothing", f"{bucket}/other", storage_options=s3_options) is None
 
 
+def test_a_damaged_local_newest_is_taken_from_its_intact_remote_copy(
+    tmp_path: Path, bucket: str, s3_options: dict[str, Any]
+) -> None:
+    """The local copy of the newest checkpoint damaged, its uploaded copy intact: the remote copy was
+    dropped as the same checkpoint, so the resume fell back to an older one. Now the damaged local copy is
+    set aside (never deleted) and the remote one downloaded."""
+    local = tmp_path / "run"
+    remote_url = f"{bucket}/run"
+    _save(local, "c1", 1.0)
+    _save(local, "c2", 2.0)
+    Mirror(local, remote_url, storage_options=s3_options).sync()
+    data = local / "c2" / "x.safetensors"
+    raw = bytearray(data.read_bytes())
+    raw[-3] ^= 0x10
+    data.write_bytes(bytes(raw))
+    path = restore_newest(local, remote_url, storage_options=s3_options)
+    assert path == str(local / "c2") and savegame.load(path)["value"] == 2.0
+    assert [p.name for p in local.iterdir() if p.name.startswith(".quarantine-c2-")]
+
+
 def test_mirror_checks_multi_chunk_files_both_ways(
     tmp_path: Path, bucket: str, s3_options: dict[str, Any], monkeypatch: Any
 ) -> None:
@@ -159,3 +179,21 @@ def test_mirror_checks_multi_chunk_files_both_ways(
     data.write_bytes(bytes(raw))
     with pytest.raises(HashMismatchError):
         Mirror(local, f"{bucket}/run2", storage_options=s3_options).upload("big")  # a damaged file is not uploaded
+
+
+def test_the_mirror_never_shows_credentials_of_its_url(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``Mirror(..., "memory://user:pw@b/run?sig=...")`` printed the user info and the query string in its
+    repr, in every log line and in its errors (the storage and the CLI strip them)."""
+    import logging
+
+    url = "memory://user:hunter2@b/run_secret?sig=TOPSECRET"
+    _save(tmp_path / "run", "c1", 1.0)
+    mirror = Mirror(tmp_path / "run", url)
+    mirror.sync()
+    with caplog.at_level(logging.INFO, logger="savegame"):
+        damaged = tmp_path / "run" / "c1" / "x.safetensors"
+        damaged.write_bytes(damaged.read_bytes()[:-1] + b"\x00")
+        mirror.restore_newest()
+    shown = repr(mirror) + mirror.remote_url + " ".join(r.getMessage() for r in caplog.records)
+    assert "memory://b/run_secret" in repr(mirror)
+    assert "hunter2" not in shown and "TOPSECRET" not in shown

@@ -229,11 +229,18 @@ class TorchOptimizerAdapter(BaseAdapter):
         return _state_of(obj, where)
 
     def restore(self, target: object, state: object, *, strict: bool, where: str, report: LoadReport) -> None:
-        from savegame.adapters.torch_restore import restore_optimizer
+        from savegame.adapters.torch_restore import check_optimizer, restore_optimizer
 
         if not isinstance(state, Mapping):
             type_mismatch(target, state, where=where, strict=strict, report=report)
             return
+        try:  # torch's load_state_dict takes another algorithm's groups and state of other shapes silently
+            check_optimizer(target, state, where=where)  # type: ignore[arg-type]
+        except StateMismatchError as exc:
+            if strict:
+                raise
+            report.mismatched_types.append((where, "optimizer state", f"{type(target).__name__} ({exc})"))
+            return  # strict=False: left as it is, reported
         restore_optimizer(target, state, where=where)  # type: ignore[arg-type]
         report.loaded.append(where)
 

@@ -169,8 +169,10 @@ def _plain_pairs(usable: Mapping[str, Any], expected: Mapping[str, Any]) -> bool
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer, state: object, *, where: str) -> None:
-    """Raise the :class:`StateMismatchError` that :func:`restore_optimizer` would raise for parameter groups
-    of other sizes (torch's ``load_state_dict`` refuses them), without changing anything."""
+    """:class:`StateMismatchError` for an optimizer state that does not fit ``optimizer``, without changing
+    anything: parameter groups of other sizes (torch's ``load_state_dict`` refuses them), groups of another
+    algorithm (AdamW's into an SGD) and per-parameter state of other shapes (both of which torch takes
+    silently, and the next ``step()`` fails)."""
     if not isinstance(state, Mapping):
         raise StateMismatchError(f"{where}: checkpoint holds {type(state).__name__}, not an optimizer state")
     if "state" in state or "param_groups" in state:
@@ -185,6 +187,40 @@ def check_optimizer(optimizer: torch.optim.Optimizer, state: object, *, where: s
             f"{where}: the checkpoint's optimizer has parameter groups of sizes {saved}, this one {live}: build the "
             "optimizer over the same parameters as the run that saved it"
         )
+    for group, live_group in zip(groups, optimizer.param_groups):
+        extra = set(group) - set(live_group) - _GROUP_BOOKKEEPING
+        missing = set(live_group) - set(group) - _GROUP_BOOKKEEPING
+        if extra and missing:  # another torch version only adds or only lacks settings; another algorithm both
+            raise StateMismatchError(
+                f"{where}: the checkpoint's optimizer is of another kind: its parameter groups have "
+                f"{sorted(extra)} and lack {sorted(missing)}, which this {type(optimizer).__name__} has; build the "
+                "optimizer the run that saved it used (or leave it out of the target)"
+            )
+    _check_state_shapes(optimizer, groups, state.get("state"), where=where)
+
+
+def _check_state_shapes(optimizer: torch.optim.Optimizer, groups: list[Any], saved: object, *, where: str) -> None:
+    """Each saved per-parameter tensor with dimensions (Adam's ``exp_avg``...) has its parameter's shape:
+    torch loads one of another shape silently and the next ``step()`` fails in the middle of training."""
+    if not isinstance(saved, Mapping):
+        return
+    live = [p for g in optimizer.param_groups for p in g["params"]]
+    ids = [i for g in groups for i in g["params"]]
+    for saved_id, param in zip(ids, live):
+        entry = saved.get(saved_id)
+        if not isinstance(entry, Mapping):
+            continue
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                raise StateMismatchError(
+                    f"{where}: the checkpoint's optimizer state {key!r} of parameter {saved_id} has shape "
+                    f"{list(value.shape)}, the parameter {list(param.shape)}: build the model and optimizer the "
+                    "run that saved it used (or leave the optimizer out of the target)"
+                )
+
+
+_GROUP_BOOKKEEPING = frozenset({"params", "param_names", "initial_lr"})
+"""Keys of a parameter group that are not the algorithm's settings (schedulers add ``initial_lr``)."""
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, state: object, *, where: str) -> None:

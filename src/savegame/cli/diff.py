@@ -21,6 +21,7 @@ from savegame.cli.common import (
     EXIT_PROBLEM,
     Cell,
     Context,
+    UsageError,
     display_path,
     format_metric,
     format_value,
@@ -119,6 +120,9 @@ def diff_checkpoints(path_a: str, path_b: str, *, verify: bool = True, only: str
     """The differences between checkpoints ``path_a`` and ``path_b`` (directories) as JSON-ready data."""
     ma, mb = api.read_manifest(path_a), api.read_manifest(path_b)
     items_a, items_b = list(ma.items), list(mb.items)
+    if only is not None and only not in ma.items and only not in mb.items:
+        known = ", ".join(sorted(set(ma.items) | set(mb.items))[:20]) or "none"
+        raise UsageError(f"no item {only!r} in either checkpoint (items: {known})")
     if only is not None:
         items_a = [i for i in items_a if i == only]
         items_b = [i for i in items_b if i == only]

@@ -43,6 +43,7 @@ from savegame.errors import CheckpointError, CommitError, CorruptCheckpointError
 from savegame.format.manifest import FileEntry, Manifest, parse_manifest
 from savegame.storage import LocalStorage, storage_for
 from savegame.storage.base import MANIFEST, Storage
+from savegame.storage.remote import display_url
 
 log = get_logger("savegame")
 
@@ -84,7 +85,8 @@ class Mirror:
         if remote is None:
             remote = storage_for(remote_url, storage_options=storage_options)
         self.remote: Storage = remote
-        self.remote_url = str(remote_url)
+        self.remote_url = display_url(str(remote_url)) if "://" in str(remote_url) else str(remote_url)
+        """The remote root as shown in messages and logs: without user info, query or fragment (credentials)."""
         self.poll_seconds = float(poll_seconds)
         self.retention = bool(retention)
         self.last_error: BaseException | None = None
@@ -383,8 +385,9 @@ class Mirror:
 
         Candidates are ordered by manifest creation time; a local copy wins a tie. A local candidate is
         fully verified (``verify``); a remote one is verified while it downloads. A damaged remote one
-        is quarantined remotely and the next older candidate tried; a damaged local one is skipped
-        (the Checkpointer quarantines local ones). ``download=False`` returns the remote URL instead
+        is quarantined remotely and the next older candidate tried; a damaged local one whose remote copy
+        has the same manifest is quarantined locally and the remote copy taken, any other damaged local
+        one is skipped (the Checkpointer quarantines local ones). ``download=False`` returns the remote URL instead
         of downloading. None when neither side has a valid checkpoint.
 
         :attr:`verified` then holds the manifest of the local checkpoint this call fully verified (None
@@ -398,6 +401,7 @@ class Mirror:
             log.warning("%r: cannot list the remote side, using local checkpoints only: %s", self, exc)
             remote_names = []
         candidates: list[tuple[float, int, str, str]] = [(k.created, 1, "local", n) for n, k in local.items()]
+        twins: set[str] = set()  # on both sides, the same checkpoint: the remote copy is the local one's spare
         for name in remote_names:
             try:
                 known = self._remote_manifest(name, refresh=True)
@@ -408,7 +412,8 @@ class Mirror:
                 log.warning("%r: cannot read remote %s: %s", self, name, exc)
                 continue
             if name in local and local[name].manifest == known.manifest:
-                continue  # the same checkpoint: the local copy is the candidate
+                twins.add(name)  # the same checkpoint: the local copy is the candidate
+                continue
             candidates.append((known.created, 0, "remote", name))
         for _, _, side, name in sorted(candidates, reverse=True):
             if side == "local":
@@ -419,8 +424,17 @@ class Mirror:
                             self.verified = (name, verify_checkpoint(reader))
                     return path
                 except CorruptCheckpointError as exc:
-                    log.warning("%r: local %s is damaged, trying older: %s", self, name, exc)
-                    continue
+                    if name not in twins:
+                        log.warning("%r: local %s is damaged, trying older: %s", self, name, exc)
+                        continue
+                    # its remote copy is intact as far as its manifest tells: set the local one aside (never
+                    # deleted) and take the remote one, instead of resuming from an older checkpoint
+                    log.warning("%r: local %s is damaged, taking its remote copy: %s", self, name, exc)
+                    try:
+                        self.local.quarantine(name)
+                    except (CheckpointError, OSError) as err:
+                        log.warning("%r: could not set the damaged local %s aside, trying older: %s", self, name, err)
+                        continue
             if not download:
                 return self.remote.url(name)
             try:
