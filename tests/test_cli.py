@@ -875,3 +875,24 @@ def test_keras_checkpoint_ls_inspect_and_export_to_weights_h5(keras_trainer: Ker
     trainer.stdin.write("go\n")
     trainer.stdin.flush()
     assert trainer.stdout.readline().strip() == "LOADED True"  # Keras's own load_weights reads it back
+
+
+def test_gc_touches_only_what_savegame_names_and_honours_older_than_zero(tmp_path: Path) -> None:
+    """gc reported removing the files ``.staging-notes`` and ``.trash-notes`` (and left them), and deleted a
+    user's ``.trash-photos`` folder: only folders named as savegame names its own are leftovers. A
+    quarantine whose name's clock is ahead survived ``--older-than 0``, which means every one."""
+    import numpy as np
+
+    root = tmp_path / "run"
+    savegame.save(root / "c1", {"m": np.ones(2)})
+    (root / ".staging-notes").write_text("mine")
+    (root / ".trash-notes").write_text("mine")
+    (root / ".trash-photos").mkdir()
+    (root / ".trash-photos" / "a.jpg").write_text("photo")
+    ahead = root / ".quarantine-x-29991231T000000-abcdef"
+    ahead.mkdir()
+    done = run("gc", root, "--older-than", "0", "--json")
+    assert done.returncode == 0, done.stderr
+    assert [a["name"] for a in as_json(done)["actions"]] == [ahead.name]
+    assert not ahead.exists() and (root / ".trash-photos" / "a.jpg").read_text() == "photo"
+    assert (root / ".staging-notes").exists() and (root / ".trash-notes").exists()

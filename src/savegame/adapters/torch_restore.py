@@ -200,8 +200,10 @@ def check_optimizer(optimizer: torch.optim.Optimizer, state: object, *, where: s
 
 
 def _check_state_shapes(optimizer: torch.optim.Optimizer, groups: list[Any], saved: object, *, where: str) -> None:
-    """Each saved per-parameter tensor with dimensions (Adam's ``exp_avg``...) has its parameter's shape:
-    torch loads one of another shape silently and the next ``step()`` fails in the middle of training."""
+    """Each saved per-parameter buffer that torch's optimizers keep in the parameter's shape
+    (:data:`_PARAM_SHAPED`: Adam's ``exp_avg``, SGD's ``momentum_buffer``...) has it: torch loads one of
+    another shape silently and the next ``step()`` fails in the middle of training. Other state (LBFGS's
+    flat history, Adafactor's factored ``row_var``) has shapes of its own and is not compared."""
     if not isinstance(saved, Mapping):
         return
     live = [p for g in optimizer.param_groups for p in g["params"]]
@@ -211,13 +213,20 @@ def _check_state_shapes(optimizer: torch.optim.Optimizer, groups: list[Any], sav
         if not isinstance(entry, Mapping):
             continue
         for key, value in entry.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+            if key in _PARAM_SHAPED and isinstance(value, torch.Tensor) and value.dim() > 0 \
+                    and value.shape != param.shape:  # fmt: skip
                 raise StateMismatchError(
                     f"{where}: the checkpoint's optimizer state {key!r} of parameter {saved_id} has shape "
                     f"{list(value.shape)}, the parameter {list(param.shape)}: build the model and optimizer the "
                     "run that saved it used (or leave the optimizer out of the target)"
                 )
 
+
+_PARAM_SHAPED = frozenset({
+    "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "grad_avg", "acc_delta", "sum",
+    "exp_inf", "ax", "prev", "step_size",
+})  # fmt: skip
+"""Per-parameter state of torch's optimizers that has the parameter's shape."""
 
 _GROUP_BOOKKEEPING = frozenset({"params", "param_names", "initial_lr"})
 """Keys of a parameter group that are not the algorithm's settings (schedulers add ``initial_lr``)."""

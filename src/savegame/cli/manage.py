@@ -43,7 +43,7 @@ from savegame.errors import CheckpointError
 from savegame.run.index import recorded_best_names
 from savegame.storage import is_url
 from savegame.storage.base import QUARANTINE_PREFIX, STAGING_PREFIX, TRASH_PREFIX
-from savegame.storage.local import staging_is_live
+from savegame.storage.local import leftover_kind, staging_is_live
 
 __all__ = ["cmd_gc", "cmd_prune", "gc_plan"]
 
@@ -192,11 +192,12 @@ def gc_plan(root: str, *, older_than: float, now: float | None = None) -> list[d
     host = socket.gethostname()
     plan: list[dict[str, Any]] = []
     for e in sorted(os.scandir(root), key=lambda d: d.name):
-        if e.name.startswith(STAGING_PREFIX):
+        kind = leftover_kind(e)
+        if kind == "staging":
             if not staging_is_live(e.name[len(STAGING_PREFIX) :], host, e, now=now):
                 plan.append({"name": e.name, "kind": "staging", "action": "remove",
                              "reason": "unfinished save of a writer that is no longer running"})  # fmt: skip
-        elif e.name.startswith(TRASH_PREFIX):
+        elif kind == "trash":
             rest = e.name[len(TRASH_PREFIX) :]
             original = rest.rsplit("-", 1)[0]
             restore = (not rest.startswith("del-") and bool(original) and not e.is_symlink()
@@ -206,7 +207,7 @@ def gc_plan(root: str, *, older_than: float, now: float | None = None) -> list[d
                          "reason": "an interrupted overwrite's only copy" if restore else "leftover of a deletion"})
         elif e.name.startswith(QUARANTINE_PREFIX) and e.is_dir(follow_symlinks=False):
             age = now - _quarantine_time(e.name, e.path)
-            if age > older_than:
+            if older_than <= 0 or age > older_than:  # 0: every one (a name's clock may be ahead of ours)
                 plan.append({"name": e.name, "kind": "quarantined", "action": "remove",
                              "reason": f"quarantined {human_age(age)} ago"})  # fmt: skip
     return plan

@@ -28,8 +28,8 @@ from savegame.run.checkpointer import build_keep_policy
 from savegame.run.index import IndexEntry, RecordedBest, RunIndex, entry_from_manifest
 from savegame.run.timing import RecordedTiming, recorded_timing
 from savegame.storage import is_url
-from savegame.storage.base import MANIFEST, QUARANTINE_PREFIX, STAGING_PREFIX, TRASH_PREFIX
-from savegame.storage.local import LocalStorage
+from savegame.storage.base import MANIFEST, QUARANTINE_PREFIX
+from savegame.storage.local import LocalStorage, leftover_kind
 
 __all__ = ["Entry", "RecordedBest", "Root", "Scan", "check_monitor_recorded", "classify", "doomed_by_retention",
            "resolve_checkpoint", "scan_root", "verify_checkpoint"]  # fmt: skip
@@ -306,7 +306,7 @@ def _aside_names(root: str) -> tuple[list[str], list[str]]:
         if e.name.startswith(QUARANTINE_PREFIX):
             if e.is_dir(follow_symlinks=False):  # a symlink could point out of the root: never followed
                 quarantined.append(e.name)
-        elif e.name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
+        elif leftover_kind(e) is not None:
             leftovers.append(e.name)
     return sorted(quarantined), sorted(leftovers)
 

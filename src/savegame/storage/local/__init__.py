@@ -82,6 +82,7 @@ from savegame.storage.local.read import open_local_checkpoint as open_local_chec
 from savegame.storage.local.root import STALE_FOREIGN_SECONDS as STALE_FOREIGN_SECONDS
 from savegame.storage.local.root import LocalStorage as LocalStorage
 from savegame.storage.local.root import _is_regular_file as _is_regular_file
+from savegame.storage.local.root import leftover_kind as leftover_kind
 from savegame.storage.local.root import remove_dead_staging_once as remove_dead_staging_once
 from savegame.storage.local.root import staging_is_live as staging_is_live
 from savegame.storage.local.write import JoinedTransaction as JoinedTransaction
@@ -104,6 +105,7 @@ __all__ = [
     "LocalTransaction",
     "check_checkpoint_name",
     "check_save_target",
+    "leftover_kind",
     "occupant",
     "occupied_error",
     "open_local_checkpoint",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import stat
 import time
@@ -169,7 +170,7 @@ class LocalStorage:
         except FileNotFoundError:
             return removed
         for e in entries:
-            if e.name.startswith(STAGING_PREFIX) and not staging_is_live(e.name[len(STAGING_PREFIX) :], host, e):
+            if leftover_kind(e) == "staging" and not staging_is_live(e.name[len(STAGING_PREFIX) :], host, e):
                 self.ops.rmtree(e.path)
                 removed.append(e.name)
         return removed
@@ -187,7 +188,7 @@ class LocalStorage:
         except FileNotFoundError:
             return removed
         for e in entries:
-            if e.name.startswith(TRASH_PREFIX):
+            if leftover_kind(e) == "trash":
                 rest = e.name[len(TRASH_PREFIX) :]
                 original = rest.rsplit("-", 1)[0]
                 if not rest.startswith("del-") and original and not os.path.lexists(os.path.join(self.root, original)):
@@ -219,6 +220,24 @@ def remove_dead_staging_once(storage: LocalStorage) -> list[str]:
     if removed:
         log.info("savegame: removed the unfinished saves of writers that are gone in %s: %s", storage.root, removed)
     return removed
+
+
+_STAGING_NAME = re.compile(re.escape(STAGING_PREFIX) + r".+-\d+-[0-9a-f]+")
+_TRASH_NAME = re.compile(re.escape(TRASH_PREFIX) + r".+-[0-9a-f]{8}")
+
+
+def leftover_kind(entry: os.DirEntry[str]) -> str | None:
+    """``"staging"`` or ``"trash"`` for a folder named as savegame names its staging folders
+    (``.staging-HOST-PID-ID``) and trash (``.trash-NAME-XXXXXXXX``); None for anything else, which clean-up
+    never touches: a user's ``.trash-photos`` folder, a file called ``.staging-notes``. A symlink of such
+    a name counts (clean-up removes the link itself, never what it points to)."""
+    if not (entry.is_dir(follow_symlinks=False) or entry.is_symlink()):
+        return None
+    if _STAGING_NAME.fullmatch(entry.name):
+        return "staging"
+    if _TRASH_NAME.fullmatch(entry.name):
+        return "trash"
+    return None
 
 
 def staging_is_live(tag: str, host: str, entry: os.DirEntry[str], *, now: float | None = None) -> bool:
