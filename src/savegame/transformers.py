@@ -405,7 +405,15 @@ class SavegameTrainerMixin(transformers.Trainer):
             target["optimizer"] = getattr(self.optimizer, "optimizer", self.optimizer)
         if self.lr_scheduler is not None:
             target["scheduler"] = self.lr_scheduler
-        self._savegame_load(checkpoint, target)
+        try:
+            self._savegame_load(checkpoint, target)
+        except StateMismatchError as exc:  # the Trainer loads the model before it builds the optimizer
+            raise StateMismatchError(
+                f"{exc}\nThe model's weights were already loaded from {checkpoint} (the Trainer restores the model "
+                "before it builds the optimizer): resume with the optimizer settings of the run that saved it "
+                "(optim, its arguments, frozen parameters), or start again from the weights alone",
+                exc.report,
+            ) from exc
 
     def _load_scaler(self, checkpoint: str | None) -> None:
         scaler = getattr(self.accelerator, "scaler", None)
