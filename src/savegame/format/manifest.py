@@ -369,17 +369,34 @@ _MAX_JSON_INT = 2**53
 """savegame writes JSON integers only below 2**53 in magnitude (larger ones as ``{"$": "int"}`` strings)."""
 
 
+class _HugeInt(ValueError):
+    """A JSON integer beyond 2**53 (its digits in ``text``)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(f"integer {text[:40]}... beyond 2**53 (savegame never writes one as a JSON number)")
+        self.text = text
+
+
 def _parse_int(text: str) -> int:
     value = int(text)
     if len(text) > 15 and not -_MAX_JSON_INT < value < _MAX_JSON_INT:  # 10**400 would crash float(): refused
-        raise ValueError(f"integer {text[:40]}... is beyond 2**53, which savegame never writes as a JSON number")
+        raise _HugeInt(text)
     return value
+
+
+def _huge_int_field(document: str, digits: str) -> str:
+    """The key whose value is the integer ``digits`` in ``document`` (for the error), or ``"a value"``."""
+    found = re.search(r'"([^"\\]{1,100})"\s*:\s*' + re.escape(digits) + r"(?![0-9])", document)
+    return f"field {found.group(1)!r}" if found else "a value"
 
 
 def _parse_manifest(data: bytes, where: str) -> Manifest:
     signed = _signed_bytes(data)
     try:
         body = _DECODER.decode(data.decode("utf-8"))
+    except _HugeInt as exc:
+        field = _huge_int_field(data.decode("utf-8"), exc.text)
+        raise InvalidManifestError(f"{where}: {field} holds an {exc}") from None
     except RecursionError:
         raise InvalidManifestError(f"{where}: manifest JSON is nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as exc:
