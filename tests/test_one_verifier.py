@@ -140,21 +140,38 @@ def test_resume_with_a_mirror_hashes_the_newest_checkpoint_once(tmp_path: Path, 
     assert size <= counter.hashed < 1.5 * size, (counter.hashed, size)  # before: 2 x size (mirror, then load)
 
 
-def test_resume_with_a_mirror_still_quarantines_a_damaged_newest(tmp_path: Path) -> None:
+def _flip_last_byte(folder: Path) -> None:
+    data = next(p for p in folder.iterdir() if p.suffix == ".safetensors")
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 1
+    data.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("remote_damaged", [False, True])
+def test_resume_with_a_mirror_still_quarantines_a_damaged_newest(tmp_path: Path, remote_damaged: bool) -> None:
+    """A damaged local newest is set aside (never deleted) with a ResumeWarning; its intact mirror copy is
+    taken instead, and when that copy is damaged too it is quarantined and the resume falls back."""
     model = torch.nn.Linear(64, 64)
     with Checkpointer(tmp_path / "local", mirror=tmp_path / "remote", keep_last=5) as ckpt:
         ckpt.save({"model": model}, epoch=1)
         ckpt.save({"model": model}, epoch=2)
     newest = tmp_path / "local" / "epoch=002"
-    data = next(p for p in newest.iterdir() if p.suffix == ".safetensors")
-    raw = bytearray(data.read_bytes())
-    raw[-1] ^= 1
-    data.write_bytes(bytes(raw))
+    _flip_last_byte(newest)
+    if remote_damaged:
+        _flip_last_byte(tmp_path / "remote" / "epoch=002")
     fresh = torch.nn.Linear(64, 64)
-    with pytest.warns(savegame.ResumeWarning), Checkpointer(tmp_path / "local", mirror=tmp_path / "remote") as ckpt:
+    with pytest.warns(savegame.ResumeWarning, match="moved aside") as caught, Checkpointer(
+        tmp_path / "local", mirror=tmp_path / "remote"
+    ) as ckpt:
         restored = ckpt.restore({"model": fresh})
-    assert restored is not None and restored.epoch == 1
-    assert not newest.exists()
+    assert restored is not None and restored.epoch == (1 if remote_damaged else 2)
+    assert [p.name for p in (tmp_path / "local").iterdir() if p.name.startswith(".quarantine-epoch=002-")]
+    if remote_damaged:
+        assert not newest.exists() and "damaged too" in str(caught[0].message)
+        assert [p.name for p in (tmp_path / "remote").iterdir() if p.name.startswith(".quarantine-epoch=002-")]
+    else:
+        savegame.verify(newest)  # the intact copy, downloaded
+    assert torch.equal(fresh.weight, model.weight)
 
 
 @pytest.mark.parametrize(

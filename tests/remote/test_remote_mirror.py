@@ -151,7 +151,8 @@ def test_a_damaged_local_newest_is_taken_from_its_intact_remote_copy(
     raw = bytearray(data.read_bytes())
     raw[-3] ^= 0x10
     data.write_bytes(bytes(raw))
-    path = restore_newest(local, remote_url, storage_options=s3_options)
+    with pytest.warns(savegame.ResumeWarning, match=r"c2 is damaged .* moved aside .* intact copy .* taken instead"):
+        path = restore_newest(local, remote_url, storage_options=s3_options)
     assert path == str(local / "c2") and savegame.load(path)["value"] == 2.0
     assert [p.name for p in local.iterdir() if p.name.startswith(".quarantine-c2-")]
 
@@ -193,7 +194,9 @@ def test_the_mirror_never_shows_credentials_of_its_url(tmp_path: Path, caplog: p
     with caplog.at_level(logging.INFO, logger="savegame"):
         damaged = tmp_path / "run" / "c1" / "x.safetensors"
         damaged.write_bytes(damaged.read_bytes()[:-1] + b"\x00")
-        mirror.restore_newest()
+        with pytest.warns(savegame.ResumeWarning, match="moved aside") as warned:
+            mirror.restore_newest()
     shown = repr(mirror) + mirror.remote_url + " ".join(r.getMessage() for r in caplog.records)
+    shown += " ".join(str(w.message) for w in warned)
     assert "memory://b/run_secret" in repr(mirror)
     assert "hunter2" not in shown and "TOPSECRET" not in shown

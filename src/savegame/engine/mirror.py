@@ -37,9 +37,9 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from savegame._util.logs import get_logger
+from savegame._util.logs import get_logger, warn
 from savegame.engine.verifier import copy_checked, verify_checkpoint
-from savegame.errors import CheckpointError, CommitError, CorruptCheckpointError
+from savegame.errors import CheckpointError, CommitError, CorruptCheckpointError, ResumeWarning
 from savegame.format.manifest import FileEntry, Manifest, parse_manifest
 from savegame.storage import LocalStorage, storage_for
 from savegame.storage.base import MANIFEST, Storage
@@ -416,6 +416,7 @@ class Mirror:
                 continue
             candidates.append((known.created, 0, "remote", name))
         for _, _, side, name in sorted(candidates, reverse=True):
+            set_aside = ""  # why a damaged local twin was set aside for its remote copy (told in a warning)
             if side == "local":
                 path = self.local.path(name)
                 try:
@@ -429,12 +430,14 @@ class Mirror:
                         continue
                     # its remote copy is intact as far as its manifest tells: set the local one aside (never
                     # deleted) and take the remote one, instead of resuming from an older checkpoint
-                    log.warning("%r: local %s is damaged, taking its remote copy: %s", self, name, exc)
                     try:
-                        self.local.quarantine(name)
+                        aside = self.local.quarantine(name)
                     except (CheckpointError, OSError) as err:
                         log.warning("%r: could not set the damaged local %s aside, trying older: %s", self, name, err)
                         continue
+                    set_aside = f"local checkpoint {path} is damaged ({exc}); it was moved aside to " + os.path.join(
+                        self.local.root, aside
+                    )
             if not download:
                 return self.remote.url(name)
             try:
@@ -445,7 +448,11 @@ class Mirror:
                     self.remote.quarantine(name)
                 except (CheckpointError, OSError) as err:
                     log.warning("%r: could not quarantine remote %s: %s", self, name, err)
+                if set_aside:
+                    warn(f"{set_aside}; its copy at {self.remote.url(name)} is damaged too", ResumeWarning)
                 continue
+            if set_aside:
+                warn(f"{set_aside}; its intact copy at {self.remote.url(name)} was taken instead", ResumeWarning)
             self._seen_local.add(name)
             self._remote_known.pop(name, None)
             log.info("restored %s from %s", path, self.remote.url(name))
